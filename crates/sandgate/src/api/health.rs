@@ -1,0 +1,107 @@
+//! Health endpoints (seeds 002 and 003): `/health`, `/health/proxy`, `/health/sandboxes`
+//! (per-sandbox readiness: does its port accept a connection?) and `/health/auth`.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::AppState;
+use crate::backend::Upstream;
+use crate::model::Status;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/health", get(overall))
+        .route("/health/proxy", get(proxy))
+        .route("/health/sandboxes", get(sandboxes))
+        .route("/health/auth", get(auth))
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+async fn overall(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let store_ok = state.manager.store().ping().await.is_ok();
+    let backend = state.manager.backend();
+    let body = json!({
+        "status": if store_ok { "ok" } else { "degraded" },
+        "sandboxes": state.routes.len(),
+        "timestamp": now(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "backend": backend.kind(),
+        "isolation": backend.isolation(),
+        "store": if store_ok { "ok" } else { "unavailable" },
+    });
+    let code = if store_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body))
+}
+
+async fn proxy(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "in_flight": state.proxy.in_flight(),
+        "max_concurrent_requests": state.proxy.max_in_flight(),
+        "idle_upstream_connections": state.proxy.pool().idle_count(),
+        "timeout_seconds": state.config.proxy_timeout.as_secs_f64(),
+        "max_retries": state.config.max_retries,
+        "timestamp": now(),
+    }))
+}
+
+async fn auth() -> Json<Value> {
+    Json(json!({ "status": "disabled", "timestamp": now() }))
+}
+
+/// Whether something accepts connections at `upstream` right now.
+async fn port_open(upstream: Upstream) -> bool {
+    let Upstream::Tcp(addr) = upstream;
+    matches!(
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+async fn sandboxes(State(state): State<AppState>) -> Json<Value> {
+    let all = state.routes.all();
+    let backend = state.manager.backend();
+    let checks = all.iter().map(|sb| {
+        let upstream = sb.port.and_then(|p| backend.upstream(sb, p));
+        async move {
+            let ready = match (sb.status, upstream) {
+                (Status::Running, Some(u)) => port_open(u).await,
+                (Status::Running, None) => true,
+                _ => false,
+            };
+            json!({
+                "id": sb.id,
+                "path": sb.path(),
+                "status": sb.status,
+                "port": sb.port,
+                "ready": ready,
+            })
+        }
+    });
+    let items = futures_util::future::join_all(checks).await;
+    let ready = items.iter().filter(|i| i["ready"] == true).count();
+    Json(json!({
+        "status": "ok",
+        "count": items.len(),
+        "ready": ready,
+        "sandboxes": items,
+        "timestamp": now(),
+    }))
+}

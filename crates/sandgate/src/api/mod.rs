@@ -1,0 +1,72 @@
+//! The control API (axum): sandboxes and health. Each submodule exposes `router()`; this module
+//! joins them, adds the JSON 404/405 fallbacks and the body extractor that maps every rejection
+//! onto the gateway's error shape.
+
+pub mod health;
+pub mod sandboxes;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{FromRequest, Request};
+use axum::Router;
+use serde::de::DeserializeOwned;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::manager::Manager;
+use crate::proxy::Proxy;
+use crate::routes::Routes;
+
+/// Everything handlers need; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub manager: Arc<Manager>,
+    pub routes: Arc<Routes>,
+    pub proxy: Arc<Proxy>,
+    /// Base URL of this gateway as clients reach it (for `dev_server_url`).
+    pub public_base: Arc<str>,
+    pub bound_port: u16,
+    pub started: Instant,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(sandboxes::router())
+        .merge(health::router())
+        .fallback(|req: Request| async move {
+            Error::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
+        })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .with_state(state)
+}
+
+/// A JSON body, read up to the configured limit. An empty body deserialises as `T::default()`
+/// (seed 004 creates sandboxes with a bare `POST /sandboxes`).
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned + Default> FromRequest<AppState> for ApiJson<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Error> {
+        let limit = state.config.api_body_limit;
+        if let Some(ct) = req.headers().get(http::header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or("");
+            if !ct.is_empty() && !ct.starts_with("application/json") && !ct.contains("+json") {
+                return Err(Error::BadRequest(format!(
+                    "expected Content-Type: application/json, got {ct:?}"
+                )));
+            }
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| Error::PayloadTooLarge(limit))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(ApiJson(T::default()));
+        }
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}

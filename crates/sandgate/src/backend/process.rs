@@ -1,0 +1,253 @@
+//! Local-process backend: each sandbox is a supervised child process group with its own working
+//! directory and log file under the data directory, listening on its allocated port (`PORT`).
+//!
+//! Children run in their own process group with stdout/stderr written straight to a file, so
+//! they outlive a crashed gateway undisturbed; the restarted gateway re-adopts them (verified by
+//! pid and kernel start time, so a recycled pid is never mistaken for a sandbox).
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{Backend, BackendError, Exit, Started, Upstream};
+use crate::model::Sandbox;
+
+const LOG_FILE: &str = "sandbox.log";
+const WORK_DIR: &str = "work";
+
+/// The handle stored in `backend_ref`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+struct ProcRef {
+    pid: i32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    start: u64,
+}
+
+pub struct ProcessBackend {
+    root: PathBuf,
+    grace: Duration,
+    exits: UnboundedSender<Exit>,
+}
+
+impl ProcessBackend {
+    /// `root` holds one directory per sandbox; exits are reported on `exits`.
+    pub fn new(root: PathBuf, grace: Duration, exits: UnboundedSender<Exit>) -> ProcessBackend {
+        ProcessBackend { root, grace, exits }
+    }
+
+    fn dir(&self, sb: &Sandbox) -> PathBuf {
+        self.root.join(&sb.id)
+    }
+}
+
+/// The environment a sandbox starts with: nothing of the gateway's own (no secrets leak).
+fn base_env(sb: &Sandbox, work: &Path) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert(
+        "PATH".to_string(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+    );
+    env.insert("HOME".into(), work.display().to_string());
+    env.insert("LANG".into(), "C.UTF-8".into());
+    env.insert("SANDBOX_ID".into(), sb.id.clone());
+    env.extend(sb.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if let Some(port) = sb.allocated_port {
+        env.insert("PORT".into(), port.to_string());
+        env.insert("HOST".into(), "127.0.0.1".into());
+    }
+    env
+}
+
+/// Kernel start time of `pid`, or `None` if it does not exist.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // `rest` starts at field 3 (state); the start time is field 22.
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+fn is_same_process(r: ProcRef) -> bool {
+    start_time(r.pid) == Some(r.start)
+}
+
+/// Whether any process of the group led by `pgid` still exists.
+fn group_alive(pgid: i32) -> bool {
+    killpg(Pid::from_raw(pgid), None).is_ok()
+}
+
+fn parse_ref(sb: &Sandbox) -> Option<ProcRef> {
+    serde_json::from_str(sb.backend_ref.as_deref()?).ok()
+}
+
+async fn wait_group_gone(pgid: i32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(5);
+    while group_alive(pgid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+    true
+}
+
+#[async_trait]
+impl Backend for ProcessBackend {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn isolation(&self) -> &'static str {
+        "shared-host"
+    }
+
+    async fn start(&self, sb: &Sandbox) -> Result<Started, BackendError> {
+        let dir = self.dir(sb);
+        let work = dir.join(WORK_DIR);
+        tokio::fs::create_dir_all(&work).await?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(LOG_FILE))?;
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(&sb.command)
+            .current_dir(&work)
+            .env_clear()
+            .envs(base_env(sb, &work))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| BackendError::Start(format!("cannot run /bin/sh: {e}")))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| BackendError::Start("the process exited at once".into()))?
+            as i32;
+        let start = start_time(pid).unwrap_or(0);
+        let (id, generation, exits) = (sb.id.clone(), sb.generation, self.exits.clone());
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            use std::os::unix::process::ExitStatusExt;
+            let (code, signal) = match status {
+                Ok(s) => (s.code(), s.signal()),
+                Err(_) => (None, None),
+            };
+            let _ = exits.send(Exit {
+                id,
+                generation,
+                code,
+                signal,
+            });
+        });
+        let r = ProcRef { pid, start };
+        Ok(Started {
+            backend_ref: Some(
+                serde_json::to_string(&r).map_err(|e| BackendError::Start(e.to_string()))?,
+            ),
+            ip_address: Some(Ipv4Addr::LOCALHOST.to_string()),
+        })
+    }
+
+    async fn stop(&self, sb: &Sandbox) -> Result<(), BackendError> {
+        let Some(r) = parse_ref(sb) else {
+            return Ok(());
+        };
+        // The group outlives its leader only if the leader is the process we started.
+        if !is_same_process(r) && !group_alive(r.pid) {
+            return Ok(());
+        }
+        let pgid = Pid::from_raw(r.pid);
+        let _ = killpg(pgid, Signal::SIGTERM);
+        if wait_group_gone(r.pid, self.grace).await {
+            return Ok(());
+        }
+        tracing::warn!(sandbox = %sb.id, "did not stop within the grace period; killing");
+        let _ = killpg(pgid, Signal::SIGKILL);
+        if wait_group_gone(r.pid, Duration::from_secs(5)).await {
+            Ok(())
+        } else {
+            Err(BackendError::Stop(format!(
+                "process group {} survived SIGKILL",
+                r.pid
+            )))
+        }
+    }
+
+    async fn remove(&self, sb: &Sandbox) -> Result<(), BackendError> {
+        match tokio::fs::remove_dir_all(self.dir(sb)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    async fn adopt(&self, sb: &Sandbox) -> Result<bool, BackendError> {
+        let Some(r) = parse_ref(sb) else {
+            return Ok(false);
+        };
+        if !is_same_process(r) {
+            // The leader is gone; make sure nothing of its group lingers.
+            if group_alive(r.pid) {
+                let _ = killpg(Pid::from_raw(r.pid), Signal::SIGKILL);
+            }
+            return Ok(false);
+        }
+        // Not our child any more: watch it by polling until it is gone.
+        let (id, generation, exits) = (sb.id.clone(), sb.generation, self.exits.clone());
+        tokio::spawn(async move {
+            while is_same_process(r) && !exits.is_closed() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let _ = exits.send(Exit {
+                id,
+                generation,
+                code: None,
+                signal: None,
+            });
+        });
+        Ok(true)
+    }
+
+    fn upstream(&self, sb: &Sandbox, port: u16) -> Option<Upstream> {
+        let target = sb.target_port(port)?;
+        Some(Upstream::Tcp(SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            target,
+        ))))
+    }
+
+    fn log_path(&self, sb: &Sandbox) -> Option<PathBuf> {
+        Some(self.dir(sb).join(LOG_FILE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_reads_our_own_process() {
+        let me = std::process::id() as i32;
+        let t = start_time(me).expect("own start time");
+        assert!(t > 0);
+        assert!(is_same_process(ProcRef { pid: me, start: t }));
+        assert!(!is_same_process(ProcRef {
+            pid: me,
+            start: t + 1
+        }));
+        assert_eq!(start_time(i32::MAX), None);
+    }
+}

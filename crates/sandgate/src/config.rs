@@ -1,0 +1,465 @@
+//! One validated `Config`, merged from a TOML file < environment < command-line flags.
+//!
+//! The seeds' variable names are honoured (`GATEWAY_PORT`, `PORT`, `PROXY_TIMEOUT`,
+//! `MAX_CONCURRENT_REQUESTS`, `MAX_RETRIES`, `AUTH_ENABLED`, ...). Every setting is listed in the
+//! README's configuration table; keep the two in step.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Configuration errors: reported once, clearly, and the process exits with status 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Which backend runs sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Local child processes (the embedded default; nothing to install).
+    Process,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Process => "process",
+        }
+    }
+}
+
+/// `sandgate serve` flags. Every flag is optional so that file and environment values can show
+/// through; the merged, validated result is [`Config`].
+#[derive(Debug, Default, Clone, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (lowest precedence: file < environment < flags).
+    #[arg(long, env = "SANDGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "GATEWAY_HOST")]
+    pub host: Option<IpAddr>,
+    /// Port to listen on (0 picks a free port). Also read from `PORT` when `GATEWAY_PORT` is unset.
+    #[arg(long, env = "GATEWAY_PORT")]
+    pub port: Option<u16>,
+    /// Directory for the SQLite database, sandbox working directories and logs.
+    #[arg(long, env = "SANDGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL (default: `sqlite://<data-dir>/sandgate.db`).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Backend that runs sandboxes.
+    #[arg(long, env = "SANDGATE_BACKEND", value_enum)]
+    pub backend: Option<BackendKind>,
+    /// Base domain for host routing: `{port}-{id}.{domain}`.
+    #[arg(long, env = "SANDGATE_DOMAIN")]
+    pub domain: Option<String>,
+    /// Public base URL used in `dev_server_url` (default: `http://<host>:<port>`).
+    #[arg(long, env = "SANDGATE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Host ports handed to sandboxes, as `LOW-HIGH`.
+    #[arg(long, env = "SANDGATE_PORT_RANGE")]
+    pub port_range: Option<String>,
+    /// Seconds allowed to connect to a sandbox and receive its response head (never applied to a
+    /// body or WebSocket in progress).
+    #[arg(long, env = "PROXY_TIMEOUT")]
+    pub proxy_timeout: Option<f64>,
+    /// Proxied requests in flight before new ones get 503 with `Retry-After`.
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
+    /// Extra connection attempts when a sandbox port refuses a connection (it may be opening).
+    #[arg(long, env = "MAX_RETRIES")]
+    pub max_retries: Option<u32>,
+    /// Seconds a stopping sandbox gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "SANDGATE_STOP_GRACE")]
+    pub stop_grace: Option<f64>,
+    /// Largest control-API request body, in bytes.
+    #[arg(long, env = "SANDGATE_API_BODY_LIMIT")]
+    pub api_body_limit: Option<usize>,
+    /// Authentication (not available in this version: `true` is refused rather than ignored).
+    #[arg(long, env = "AUTH_ENABLED")]
+    pub auth_enabled: Option<bool>,
+    /// Validate the configuration, print it, and exit (non-zero on a bad configuration).
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// The configuration file: same settings as the flags, in snake_case, plus runtime definitions.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    host: Option<IpAddr>,
+    port: Option<u16>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    backend: Option<BackendKind>,
+    domain: Option<String>,
+    public_url: Option<String>,
+    port_range: Option<String>,
+    proxy_timeout: Option<f64>,
+    max_concurrent_requests: Option<usize>,
+    max_retries: Option<u32>,
+    stop_grace: Option<f64>,
+    api_body_limit: Option<usize>,
+    auth_enabled: Option<bool>,
+    #[serde(default)]
+    runtimes: BTreeMap<String, RuntimeConfig>,
+}
+
+/// A runtime defined (or overridden) in the configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// The program that must be installed for this runtime (checked on `PATH`).
+    pub program: String,
+    /// Default dev-server command, run with `sh -c`; `$PORT` holds the port to listen on.
+    pub command: String,
+}
+
+/// The merged, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: IpAddr,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub backend: BackendKind,
+    pub domain: String,
+    pub public_url: Option<String>,
+    pub port_range: RangeInclusive<u16>,
+    pub proxy_timeout: Duration,
+    pub max_concurrent_requests: usize,
+    pub max_retries: u32,
+    pub stop_grace: Duration,
+    pub api_body_limit: usize,
+    pub runtimes: BTreeMap<String, RuntimeConfig>,
+}
+
+pub const DEFAULT_PORT: u16 = 8070;
+pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=29999;
+
+impl Config {
+    /// Defaults for a data directory: what `sandgate serve` uses with no flags.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Config {
+        let data_dir = data_dir.into();
+        Config {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: DEFAULT_PORT,
+            database_url: sqlite_url(&data_dir),
+            data_dir,
+            backend: BackendKind::Process,
+            domain: "localhost".into(),
+            public_url: None,
+            port_range: DEFAULT_PORT_RANGE,
+            proxy_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 10_000,
+            max_retries: 3,
+            stop_grace: Duration::from_secs(5),
+            api_body_limit: 1024 * 1024,
+            runtimes: BTreeMap::new(),
+        }
+    }
+
+    /// Merges file < environment < flags (clap already merged environment and flags) and
+    /// validates the result. `env` is consulted for the variables clap cannot express (`PORT`).
+    pub fn load(
+        args: &ServeArgs,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let env_port = match env("PORT") {
+            Some(v) if !v.is_empty() => Some(v.trim().parse::<u16>().map_err(|_| {
+                ConfigError::Invalid(format!("PORT must be a port number (0-65535), got {v:?}"))
+            })?),
+            _ => None,
+        };
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("sandgate-data"));
+        let mut c = Config::for_data_dir(data_dir);
+        c.host = args.host.or(file.host).unwrap_or(c.host);
+        c.port = args.port.or(env_port).or(file.port).unwrap_or(c.port);
+        if let Some(url) = args.database_url.clone().or(file.database_url) {
+            c.database_url = url;
+        }
+        c.backend = args.backend.or(file.backend).unwrap_or(c.backend);
+        c.domain = args.domain.clone().or(file.domain).unwrap_or(c.domain);
+        c.public_url = args.public_url.clone().or(file.public_url);
+        if let Some(range) = args.port_range.as_deref().or(file.port_range.as_deref()) {
+            c.port_range = parse_port_range(range)?;
+        }
+        if let Some(secs) = args.proxy_timeout.or(file.proxy_timeout) {
+            c.proxy_timeout = seconds("PROXY_TIMEOUT", secs)?;
+        }
+        c.max_concurrent_requests = args
+            .max_concurrent_requests
+            .or(file.max_concurrent_requests)
+            .unwrap_or(c.max_concurrent_requests);
+        c.max_retries = args
+            .max_retries
+            .or(file.max_retries)
+            .unwrap_or(c.max_retries);
+        if let Some(secs) = args.stop_grace.or(file.stop_grace) {
+            c.stop_grace = seconds("SANDGATE_STOP_GRACE", secs)?;
+        }
+        c.api_body_limit = args
+            .api_body_limit
+            .or(file.api_body_limit)
+            .unwrap_or(c.api_body_limit);
+        c.runtimes = file.runtimes;
+        if args.auth_enabled.or(file.auth_enabled).unwrap_or(false) {
+            return Err(ConfigError::Invalid(
+                "AUTH_ENABLED=true: authentication is not available in this version of sandgate; \
+                 refusing to start rather than run unauthenticated"
+                    .into(),
+            ));
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks every invariant the rest of the gateway relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !valid_domain(&self.domain) {
+            return bad(format!(
+                "domain {:?} is not a valid DNS name (lowercase labels of a-z, 0-9 and '-')",
+                self.domain
+            ));
+        }
+        if self.max_concurrent_requests == 0 {
+            return bad("MAX_CONCURRENT_REQUESTS must be at least 1".into());
+        }
+        if self.max_retries > 20 {
+            return bad("MAX_RETRIES must be at most 20".into());
+        }
+        if self.api_body_limit < 1024 {
+            return bad("api_body_limit must be at least 1024 bytes".into());
+        }
+        if self.proxy_timeout.is_zero() {
+            return bad("PROXY_TIMEOUT must be greater than 0".into());
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return bad(format!(
+                    "public_url {url:?} must start with http:// or https://"
+                ));
+            }
+        }
+        if !(self.database_url.starts_with("sqlite:")) {
+            return bad(format!(
+                "database_url {:?}: only sqlite: URLs are supported in this version",
+                self.database_url
+            ));
+        }
+        if self.port_range.contains(&self.port) && self.port != 0 {
+            return bad(format!(
+                "the gateway port {} lies inside the sandbox port range {}-{}",
+                self.port,
+                self.port_range.start(),
+                self.port_range.end()
+            ));
+        }
+        for (name, rt) in &self.runtimes {
+            if !crate::model::valid_label(name) {
+                return bad(format!("runtime name {name:?} must be a lowercase label"));
+            }
+            if rt.program.trim().is_empty() || rt.command.trim().is_empty() {
+                return bad(format!("runtime {name:?} needs a program and a command"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The base URL clients use to reach this gateway.
+    pub fn public_base(&self, bound_port: u16) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => match self.host {
+                IpAddr::V6(ip) => format!("http://[{ip}]:{bound_port}"),
+                IpAddr::V4(ip) if ip.is_unspecified() => format!("http://127.0.0.1:{bound_port}"),
+                ip => format!("http://{ip}:{bound_port}"),
+            },
+        }
+    }
+}
+
+fn sqlite_url(data_dir: &Path) -> String {
+    format!("sqlite://{}", data_dir.join("sandgate.db").display())
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn seconds(name: &str, secs: f64) -> Result<Duration, ConfigError> {
+    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+        return Err(ConfigError::Invalid(format!(
+            "{name} must be a number of seconds between 0 and 86400, got {secs}"
+        )));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `LOW-HIGH` (inclusive) into a port range.
+pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, ConfigError> {
+    let err = || {
+        ConfigError::Invalid(format!(
+            "port range {s:?} must look like LOW-HIGH with 1024 <= LOW <= HIGH <= 65535"
+        ))
+    };
+    let (lo, hi) = s.trim().split_once('-').ok_or_else(err)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| err())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| err())?;
+    if lo < 1024 || lo > hi {
+        return Err(err());
+    }
+    Ok(lo..=hi)
+}
+
+fn valid_domain(d: &str) -> bool {
+    !d.is_empty() && d.len() <= 253 && d.split('.').all(crate::model::valid_label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::load(&ServeArgs::default(), no_env).unwrap();
+        assert_eq!(c.port, 8070);
+        assert_eq!(c.host.to_string(), "127.0.0.1");
+        assert_eq!(c.data_dir, PathBuf::from("sandgate-data"));
+        assert_eq!(c.database_url, "sqlite://sandgate-data/sandgate.db");
+        assert_eq!(c.backend, BackendKind::Process);
+        assert_eq!(c.proxy_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn file_is_overridden_by_env_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "port = 9000\nproxy_timeout = 5\ndomain = \"example.test\"\n\
+             [runtimes.ruby]\nprogram = \"ruby\"\ncommand = \"ruby -run -e httpd . -p $PORT\"\n",
+        )
+        .unwrap();
+        let mut args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let c = Config::load(&args, no_env).unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.domain, "example.test");
+        assert_eq!(c.proxy_timeout, Duration::from_secs(5));
+        assert_eq!(c.runtimes["ruby"].program, "ruby");
+        // PORT (seed 003) beats the file; GATEWAY_PORT/--port (clap) beat PORT.
+        let c = Config::load(&args, |k| (k == "PORT").then(|| "9100".to_string())).unwrap();
+        assert_eq!(c.port, 9100);
+        args.port = Some(9200);
+        let c = Config::load(&args, |k| (k == "PORT").then(|| "9100".to_string())).unwrap();
+        assert_eq!(c.port, 9200);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_clear_message() {
+        let cases: Vec<(ServeArgs, &str)> = vec![
+            (
+                ServeArgs {
+                    port_range: Some("30000-20000".into()),
+                    ..Default::default()
+                },
+                "port range",
+            ),
+            (
+                ServeArgs {
+                    proxy_timeout: Some(0.0),
+                    ..Default::default()
+                },
+                "PROXY_TIMEOUT",
+            ),
+            (
+                ServeArgs {
+                    max_concurrent_requests: Some(0),
+                    ..Default::default()
+                },
+                "MAX_CONCURRENT_REQUESTS",
+            ),
+            (
+                ServeArgs {
+                    domain: Some("Bad_Domain".into()),
+                    ..Default::default()
+                },
+                "domain",
+            ),
+            (
+                ServeArgs {
+                    auth_enabled: Some(true),
+                    ..Default::default()
+                },
+                "AUTH_ENABLED",
+            ),
+            (
+                ServeArgs {
+                    port: Some(20001),
+                    ..Default::default()
+                },
+                "inside the sandbox port range",
+            ),
+        ];
+        for (args, needle) in cases {
+            let err = Config::load(&args, no_env).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+        let err = Config::load(&ServeArgs::default(), |k| {
+            (k == "PORT").then(|| "http".to_string())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("PORT"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "prot = 9000\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let err = Config::load(&args, no_env).unwrap_err().to_string();
+        assert!(err.contains("prot"), "{err}");
+    }
+}

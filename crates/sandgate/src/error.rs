@@ -1,0 +1,214 @@
+//! Every gateway-made error, mapped to an HTTP status, a stable code and seed 002's body
+//! `{"error":{"code","message","details"}}` in one place. Responses carry `x-sandgate-error`
+//! so they are never confused with a sandbox app's own errors; browsers get a small HTML page.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, Response, StatusCode};
+
+/// Header naming the error code on every response the gateway itself produced.
+pub const ERROR_HEADER: &str = "x-sandgate-error";
+
+/// Errors a client can act on. Internal details are logged, never sent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no sandbox {0:?}")]
+    SandboxNotFound(String),
+    #[error("sandbox {id} is not running (status: {status})")]
+    NotRunning { id: String, status: String },
+    #[error("sandbox {id} does not expose port {port}")]
+    PortNotExposed { id: String, port: u16 },
+    #[error("nothing is listening on port {port} in sandbox {id}: {reason}")]
+    UpstreamUnreachable {
+        id: String,
+        port: u16,
+        reason: String,
+    },
+    #[error("sandbox {id} did not answer on port {port} within {timeout:?}")]
+    UpstreamTimeout {
+        id: String,
+        port: u16,
+        timeout: Duration,
+    },
+    #[error("the connection to sandbox {id} failed: {reason}")]
+    UpstreamProtocol { id: String, reason: String },
+    #[error("malformed sandbox id {0:?}")]
+    InvalidId(String),
+    #[error("invalid port {0:?}: must be a number from 1 to 65535")]
+    InvalidPort(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Validation(String),
+    #[error("request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("too many requests in flight; retry shortly")]
+    Overloaded,
+    #[error("no free port left in the sandbox port range {0}")]
+    PortsExhausted(String),
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn internal(e: impl std::fmt::Display) -> Error {
+        Error::Internal(e.to_string())
+    }
+
+    /// Status and stable machine-readable code: the single mapping for the whole gateway.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use Error::*;
+        match self {
+            SandboxNotFound(_) => (StatusCode::NOT_FOUND, "sandbox_not_found"),
+            NotRunning { .. } => (StatusCode::CONFLICT, "sandbox_not_running"),
+            PortNotExposed { .. } => (StatusCode::BAD_REQUEST, "port_not_exposed"),
+            UpstreamUnreachable { .. } => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
+            UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            UpstreamProtocol { .. } => (StatusCode::BAD_GATEWAY, "upstream_error"),
+            InvalidId(_) => (StatusCode::BAD_REQUEST, "invalid_sandbox_id"),
+            InvalidPort(_) => (StatusCode::BAD_REQUEST, "invalid_port"),
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            PortsExhausted(_) => (StatusCode::SERVICE_UNAVAILABLE, "ports_exhausted"),
+            RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    fn details(&self) -> Option<String> {
+        match self {
+            Error::NotRunning { status, .. } => Some(format!("status: {status}")),
+            Error::UpstreamUnreachable { .. } => {
+                Some("is the dev server started and listening on its port?".into())
+            }
+            _ => None,
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Error::Overloaded => Some(1),
+            Error::PortsExhausted(_) => Some(30),
+            _ => None,
+        }
+    }
+
+    /// Renders the error as a response; `html` selects the browser page over JSON.
+    pub fn to_response(&self, html: bool) -> Response<Bytes> {
+        let (status, code) = self.status_and_code();
+        if let Error::Internal(detail) = self {
+            tracing::error!(%detail, "internal error");
+        }
+        let message = self.to_string();
+        let details = self.details();
+        let (body, ctype) = if html {
+            (
+                html_page(status, &message, details.as_deref()),
+                "text/html; charset=utf-8",
+            )
+        } else {
+            let v = serde_json::json!({
+                "error": {"code": code, "message": message, "details": details}
+            });
+            (v.to_string(), "application/json")
+        };
+        let mut resp = Response::new(Bytes::from(body));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+        h.insert(ERROR_HEADER, HeaderValue::from_static(code));
+        if let Some(secs) = self.retry_after() {
+            h.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// Whether a client prefers an HTML page (a browser) over JSON.
+pub fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
+fn html_page(status: StatusCode, message: &str, details: Option<&str>) -> String {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{code} {reason}</title>\
+         <style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:4em auto;color:#222}}\
+         small{{color:#666}}</style></head><body><h1>{code} {reason}</h1><p>{msg}</p>{det}\
+         <p><small>sandgate</small></p></body></html>",
+        code = status.as_u16(),
+        reason = status.canonical_reason().unwrap_or(""),
+        msg = esc(message),
+        det = details
+            .map(|d| format!("<p>{}</p>", esc(d)))
+            .unwrap_or_default(),
+    )
+}
+
+impl axum::response::IntoResponse for Error {
+    fn into_response(self) -> axum::response::Response {
+        self.to_response(false).map(axum::body::Body::from)
+    }
+}
+
+impl From<crate::store::StoreError> for Error {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::PortsExhausted(range) => Error::PortsExhausted(range),
+            crate::store::StoreError::NameTaken(path) => {
+                Error::Conflict(format!("a sandbox named {path:?} already exists"))
+            }
+            other => Error::internal(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_body_has_the_seed_shape_and_header() {
+        let resp = Error::NotRunning {
+            id: "sb-x".into(),
+            status: "stopped".into(),
+        }
+        .to_response(false);
+        assert_eq!(resp.status(), StatusCode::CONFLICT);
+        assert_eq!(resp.headers()[ERROR_HEADER], "sandbox_not_running");
+        let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(v["error"]["code"], "sandbox_not_running");
+        assert!(v["error"]["message"].as_str().unwrap().contains("stopped"));
+        assert_eq!(v["error"]["details"], "status: stopped");
+    }
+
+    #[test]
+    fn overload_says_when_to_retry_and_html_is_escaped() {
+        let resp = Error::Overloaded.to_response(true);
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[RETRY_AFTER], "1");
+        let resp = Error::SandboxNotFound("<script>".into()).to_response(true);
+        let body = std::str::from_utf8(resp.body()).unwrap();
+        assert!(body.contains("&lt;script&gt;") && !body.contains("<script>"));
+    }
+}

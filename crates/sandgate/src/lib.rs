@@ -1,0 +1,134 @@
+//! sandgate: one secure entry point that creates sandboxes and proxies HTTP, WebSocket and
+//! streaming traffic to the ports inside them.
+//!
+//! Crate map:
+//! - [`config`]: one validated configuration from file < environment < flags.
+//! - [`model`]: the sandbox record, ids, statuses.
+//! - [`store`]: durable state (SQLite) and port allocation.
+//! - [`backend`]: what runs sandboxes (`process` today).
+//! - [`manager`]: the one place that changes sandboxes; reconciles after restarts.
+//! - [`routes`]: the in-memory route table the proxy reads.
+//! - [`routing`]: request → sandbox route, pure.
+//! - [`proxy`]: forwarding, pooling, upgrades, header rules.
+//! - [`api`]: the control API and health endpoints.
+//! - [`server`]: the listener and per-request dispatch.
+//! - [`error`]: every gateway-made error and its status, in one place.
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod manager;
+pub mod model;
+pub mod proxy;
+pub mod routes;
+pub mod routing;
+pub mod runtimes;
+pub mod server;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::AppState;
+use crate::backend::process::ProcessBackend;
+use crate::backend::Backend;
+use crate::config::{BackendKind, Config};
+use crate::manager::Manager;
+use crate::proxy::Proxy;
+use crate::routes::Routes;
+use crate::store::{SqliteStore, Store};
+
+/// Why the gateway could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("startup reconciliation failed: {0}")]
+    Reconcile(#[from] error::Error),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the gateway on an already-bound listener until `shutdown` fires; then drains
+/// connections and stops every running sandbox (records are kept, marked `stopped`).
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let data_dir = &config.data_dir;
+    let sandboxes_dir = data_dir.join("sandboxes");
+    std::fs::create_dir_all(&sandboxes_dir).map_err(|source| RunError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_url).await?);
+    let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend: Arc<dyn Backend> = match config.backend {
+        BackendKind::Process => Arc::new(ProcessBackend::new(
+            sandboxes_dir,
+            config.stop_grace,
+            exits_tx,
+        )),
+    };
+    let routes = Arc::new(Routes::default());
+    let manager = Arc::new(Manager::new(
+        config.clone(),
+        store,
+        backend.clone(),
+        routes.clone(),
+    ));
+    manager.reconcile().await?;
+    let exit_watcher = tokio::spawn(manager.clone().watch_exits(exits_rx));
+    let proxy = Arc::new(Proxy::new(
+        backend,
+        config.max_concurrent_requests,
+        config.proxy_timeout,
+        config.max_retries,
+    ));
+    let bound_port = listener.local_addr()?.port();
+    let sweeper = {
+        let pool = proxy.pool().clone();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(15));
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => pool.sweep(),
+                }
+            }
+        })
+    };
+    let state = AppState {
+        public_base: config.public_base(bound_port).into(),
+        config: config.clone(),
+        manager: manager.clone(),
+        routes,
+        proxy,
+        bound_port,
+        started: Instant::now(),
+    };
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        backend = config.backend.as_str(),
+        data_dir = %config.data_dir.display(),
+        "sandgate listening"
+    );
+    let gateway = Arc::new(server::Gateway::new(state));
+    server::serve(listener, gateway, shutdown).await;
+    manager.shutdown().await;
+    sweeper.abort();
+    exit_watcher.abort();
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! The `sandgate` command: parses flags, loads the configuration, binds the listener and runs
+//! the gateway until SIGINT or SIGTERM. Exit status 64 means a bad configuration.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sandgate::config::{Config, ServeArgs};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "sandgate",
+    version,
+    about = "A secure gateway for sandboxes: create and manage \
+    them, and reach any port inside them over HTTP, WebSocket and streams."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway: control API on /sandboxes, proxy on /sandbox/{id}/, /{owner}/{name}/
+    /// and {port}-{id}.{domain}, health on /health.
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Serve(args) = cli.command;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "sandgate=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::load(&args, |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sandgate: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    if args.check_config {
+        println!("configuration ok: {config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sandgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind((config.host, config.port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "sandgate: cannot listen on {}:{}: {e}",
+                config.host, config.port
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match listener.local_addr() {
+        // Tests and scripts read this line to learn the port when started with --port 0.
+        Ok(addr) => println!("listening on {addr}"),
+        Err(e) => {
+            eprintln!("sandgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        tracing::info!("shutting down");
+        signals.cancel();
+    });
+    match sandgate::run(config, listener, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sandgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! The sandbox manager: the one place that changes sandboxes. It validates creates, drives the
+//! backend, writes the store first and the route table second, reacts to exits, reconciles
+//! after a restart and stops everything on shutdown. Operations on one sandbox are serialised.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::backend::{Backend, Exit};
+use crate::config::Config;
+use crate::error::Error;
+use crate::model::{self, Mode, Sandbox, Status, DEFAULT_OWNER, DEFAULT_TEAM};
+use crate::routes::Routes;
+use crate::runtimes::{program_installed, Runtimes};
+use crate::store::Store;
+
+/// First path segments that belong to the gateway, so no `/{owner}/{name}/` route may use them.
+pub const RESERVED_OWNERS: &[&str] = &[
+    "sandbox",
+    "sandboxes",
+    "health",
+    "ws",
+    "api",
+    "metrics",
+    "static",
+    "favicon.ico",
+];
+
+const MAX_COMMAND: usize = 64 * 1024;
+const MAX_ENV: usize = 256;
+/// What a sandbox without a dev server runs: it stays up as an environment for commands.
+const IDLE_COMMAND: &str = "exec sleep 2147483647";
+
+/// The body of `POST /sandboxes` (and `POST /sandbox`). Unknown fields are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    pub runtime: Option<String>,
+    pub mode: Option<Mode>,
+    pub dev_server: Option<bool>,
+    pub command: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub name: Option<String>,
+    #[serde(alias = "user")]
+    pub owner: Option<String>,
+    pub port: Option<u16>,
+}
+
+pub struct Manager {
+    config: Arc<Config>,
+    store: Arc<dyn Store>,
+    backend: Arc<dyn Backend>,
+    routes: Arc<Routes>,
+    runtimes: Runtimes,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn valid_env_key(k: &str) -> bool {
+    let mut b = k.bytes();
+    matches!(b.next(), Some(c) if c.is_ascii_alphabetic() || c == b'_')
+        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
+impl Manager {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        backend: Arc<dyn Backend>,
+        routes: Arc<Routes>,
+    ) -> Manager {
+        let runtimes = Runtimes::new(&config.runtimes);
+        Manager {
+            config,
+            store,
+            backend,
+            routes,
+            runtimes,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(id.to_string()).or_default().clone()
+    }
+
+    fn forget_lock(&self, id: &str) {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.remove(id);
+    }
+
+    /// Checks a create request and turns it into a new sandbox record (not yet stored).
+    fn prepare(&self, req: CreateSandbox) -> Result<Sandbox, Error> {
+        let bad = |m: String| Err(Error::Validation(m));
+        let runtime_name = req.runtime.unwrap_or_else(|| "shell".into());
+        let Some(runtime) = self.runtimes.get(&runtime_name) else {
+            let known: Vec<_> = self.runtimes.names().collect();
+            return Err(Error::BadRequest(format!(
+                "unknown runtime {runtime_name:?}; known runtimes: {}",
+                known.join(", ")
+            )));
+        };
+        if !program_installed(&runtime.program) {
+            return Err(Error::BadRequest(format!(
+                "runtime {runtime_name:?} needs the program {:?}, which is not installed on this host",
+                runtime.program
+            )));
+        }
+        if let Some(cmd) = &req.command {
+            if cmd.trim().is_empty() || cmd.len() > MAX_COMMAND || cmd.contains('\0') {
+                return bad(format!(
+                    "command must be non-empty, at most {MAX_COMMAND} bytes, without NUL"
+                ));
+            }
+        }
+        let dev_server = req
+            .dev_server
+            .unwrap_or(req.command.is_some() || runtime.dev_server.is_some());
+        let command = match (&req.command, dev_server) {
+            (Some(c), _) => c.clone(),
+            (None, true) => match &runtime.dev_server {
+                Some(c) => c.clone(),
+                None => {
+                    return bad(format!(
+                        "runtime {runtime_name:?} has no default dev server; pass a command"
+                    ))
+                }
+            },
+            (None, false) => IDLE_COMMAND.to_string(),
+        };
+        if req.env.len() > MAX_ENV {
+            return bad(format!("at most {MAX_ENV} environment variables"));
+        }
+        for (k, v) in &req.env {
+            if !valid_env_key(k) || v.contains('\0') || v.len() > MAX_COMMAND {
+                return bad(format!("invalid environment variable {k:?}"));
+            }
+        }
+        let owner = req.owner.unwrap_or_else(|| DEFAULT_OWNER.into());
+        if !model::valid_label(&owner) || RESERVED_OWNERS.contains(&owner.as_str()) {
+            return bad(format!(
+                "owner {owner:?} must be a lowercase label (a-z, 0-9, '-') and not one of: {}",
+                RESERVED_OWNERS.join(", ")
+            ));
+        }
+        if let Some(name) = &req.name {
+            if !model::valid_label(name) {
+                return bad(format!(
+                    "name {name:?} must be a lowercase label of 1-63 characters (a-z, 0-9, '-')"
+                ));
+            }
+        }
+        if req.port == Some(0) {
+            return bad("port must be from 1 to 65535".into());
+        }
+        if !dev_server && req.port.is_some() {
+            return bad("port is only meaningful with dev_server: true".into());
+        }
+        let now = model::now();
+        Ok(Sandbox {
+            id: model::new_id(),
+            team: DEFAULT_TEAM.into(),
+            owner,
+            name: req.name,
+            runtime: runtime_name,
+            mode: req.mode.unwrap_or_default(),
+            dev_server,
+            command,
+            env: req.env,
+            port: req.port,
+            allocated_port: None,
+            status: Status::Creating,
+            status_reason: None,
+            backend_ref: None,
+            ip_address: None,
+            generation: 1,
+            created_at: now,
+            updated_at: now,
+        })
+    }
+
+    /// Writes a changed record to the store, then the route table.
+    async fn save(&self, sb: &mut Sandbox) -> Result<(), Error> {
+        sb.updated_at = model::now();
+        self.store.update(sb).await?;
+        self.routes.put(sb.clone());
+        Ok(())
+    }
+
+    pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox, Error> {
+        let mut sb = self.prepare(req)?;
+        let lock = self.lock_for(&sb.id);
+        let _guard = lock.lock().await;
+        let range = sb.dev_server.then(|| self.config.port_range.clone());
+        let probe = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        self.store.create(&mut sb, range, &probe).await?;
+        if sb.port.is_none() {
+            sb.port = sb.allocated_port;
+        }
+        self.routes.put(sb.clone());
+        match self.backend.start(&sb).await {
+            Ok(started) => {
+                sb.backend_ref = started.backend_ref;
+                sb.ip_address = started.ip_address;
+                sb.status = Status::Running;
+                self.save(&mut sb).await?;
+                tracing::info!(sandbox = %sb.id, runtime = %sb.runtime, port = ?sb.allocated_port, "created");
+                Ok(sb)
+            }
+            Err(e) => {
+                // Leave nothing behind: no record, no port, no files.
+                let _ = self.backend.remove(&sb).await;
+                self.store.delete(&sb.id).await?;
+                self.routes.remove(&sb.id);
+                Err(Error::internal(e))
+            }
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Sandbox, Error> {
+        if !model::valid_id(id) {
+            return Err(Error::InvalidId(id.to_string()));
+        }
+        self.store
+            .get(id)
+            .await?
+            .ok_or_else(|| Error::SandboxNotFound(id.to_string()))
+    }
+
+    pub async fn list(&self) -> Result<Vec<Sandbox>, Error> {
+        Ok(self.store.list().await?)
+    }
+
+    pub async fn stop(&self, id: &str) -> Result<Sandbox, Error> {
+        self.get(id).await?;
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let mut sb = self.get(id).await?;
+        self.stop_locked(&mut sb, "stopped by request").await?;
+        Ok(sb)
+    }
+
+    async fn stop_locked(&self, sb: &mut Sandbox, reason: &str) -> Result<(), Error> {
+        if !matches!(
+            sb.status,
+            Status::Running | Status::Creating | Status::Stopping
+        ) {
+            return Ok(());
+        }
+        sb.status = Status::Stopping;
+        self.save(sb).await?;
+        let result = self.backend.stop(sb).await;
+        match result {
+            Ok(()) => {
+                sb.status = Status::Stopped;
+                sb.status_reason = Some(reason.to_string());
+            }
+            Err(e) => {
+                sb.status = Status::Failed;
+                sb.status_reason = Some(e.to_string());
+            }
+        }
+        sb.backend_ref = None;
+        self.save(sb).await
+    }
+
+    pub async fn start(&self, id: &str) -> Result<Sandbox, Error> {
+        self.get(id).await?;
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let mut sb = self.get(id).await?;
+        match sb.status {
+            Status::Running => return Ok(sb),
+            Status::Stopped | Status::Failed => {}
+            other => {
+                return Err(Error::Conflict(format!(
+                    "sandbox {id} cannot be started while {other}"
+                )))
+            }
+        }
+        sb.generation += 1;
+        match self.backend.start(&sb).await {
+            Ok(started) => {
+                sb.backend_ref = started.backend_ref;
+                sb.ip_address = started.ip_address;
+                sb.status = Status::Running;
+                sb.status_reason = None;
+                self.save(&mut sb).await?;
+                Ok(sb)
+            }
+            Err(e) => {
+                sb.status = Status::Failed;
+                sb.status_reason = Some(e.to_string());
+                self.save(&mut sb).await?;
+                Err(Error::internal(e))
+            }
+        }
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), Error> {
+        self.get(id).await?;
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let mut sb = self.get(id).await?;
+        self.delete_locked(&mut sb).await?;
+        self.forget_lock(id);
+        Ok(())
+    }
+
+    async fn delete_locked(&self, sb: &mut Sandbox) -> Result<(), Error> {
+        // Record the intent first: a crash from here on is finished by `reconcile`.
+        sb.status = Status::Deleting;
+        self.save(sb).await?;
+        self.backend.stop(sb).await.map_err(Error::internal)?;
+        self.backend.remove(sb).await.map_err(Error::internal)?;
+        self.store.delete(&sb.id).await?;
+        self.routes.remove(&sb.id);
+        tracing::info!(sandbox = %sb.id, "deleted");
+        Ok(())
+    }
+
+    /// Applies an exit reported by the backend, unless it belongs to an older incarnation or
+    /// the manager itself is stopping the sandbox.
+    pub async fn on_exit(&self, exit: Exit) {
+        let lock = self.lock_for(&exit.id);
+        let _guard = lock.lock().await;
+        let Ok(Some(mut sb)) = self.store.get(&exit.id).await else {
+            return;
+        };
+        if sb.generation != exit.generation || sb.status != Status::Running {
+            return;
+        }
+        let (status, reason) = match (exit.code, exit.signal) {
+            (Some(0), _) => (Status::Stopped, "exited with code 0".to_string()),
+            (Some(c), _) => (Status::Failed, format!("exited with code {c}")),
+            (None, Some(s)) => (Status::Failed, format!("killed by signal {s}")),
+            (None, None) => (Status::Stopped, "exited".to_string()),
+        };
+        tracing::info!(sandbox = %sb.id, %reason, "sandbox process ended");
+        sb.status = status;
+        sb.status_reason = Some(reason);
+        sb.backend_ref = None;
+        if let Err(e) = self.save(&mut sb).await {
+            tracing::error!(sandbox = %sb.id, error = %e, "could not record exit");
+        }
+    }
+
+    /// Consumes backend exit reports until the channel closes.
+    pub async fn watch_exits(self: Arc<Self>, mut exits: UnboundedReceiver<Exit>) {
+        while let Some(exit) = exits.recv().await {
+            self.on_exit(exit).await;
+        }
+    }
+
+    /// After a restart: loads every record into the route table, re-adopts what still runs,
+    /// records what does not, and finishes interrupted creates and deletes.
+    pub async fn reconcile(&self) -> Result<(), Error> {
+        for mut sb in self.store.list().await? {
+            let lock = self.lock_for(&sb.id);
+            let _guard = lock.lock().await;
+            match sb.status {
+                Status::Deleting => {
+                    self.delete_locked(&mut sb).await?;
+                    continue;
+                }
+                Status::Running => match self.backend.adopt(&sb).await {
+                    Ok(true) => {
+                        tracing::info!(sandbox = %sb.id, "re-adopted running sandbox");
+                    }
+                    Ok(false) => {
+                        sb.status = Status::Stopped;
+                        sb.status_reason = Some("not running after gateway restart".into());
+                        sb.backend_ref = None;
+                    }
+                    Err(e) => {
+                        sb.status = Status::Failed;
+                        sb.status_reason = Some(e.to_string());
+                    }
+                },
+                Status::Creating | Status::Stopping => {
+                    let _ = self.backend.stop(&sb).await;
+                    sb.status = Status::Stopped;
+                    sb.status_reason = Some("interrupted by a gateway restart".into());
+                    sb.backend_ref = None;
+                }
+                Status::Stopped | Status::Failed => {}
+            }
+            self.routes.put(sb.clone());
+            self.store.update(&sb).await?;
+        }
+        Ok(())
+    }
+
+    /// Graceful shutdown: stops every running sandbox so no process outlives the gateway; the
+    /// records stay, marked `stopped`, and can be started again.
+    pub async fn shutdown(&self) {
+        let running: Vec<_> = self
+            .routes
+            .all()
+            .into_iter()
+            .filter(|s| s.status == Status::Running)
+            .collect();
+        let stops = running.iter().map(|sb| async move {
+            let lock = self.lock_for(&sb.id);
+            let _guard = lock.lock().await;
+            if let Ok(mut sb) = self.get(&sb.id).await {
+                if let Err(e) = self.stop_locked(&mut sb, "gateway shut down").await {
+                    tracing::error!(sandbox = %sb.id, error = %e, "could not stop on shutdown");
+                }
+            }
+        });
+        futures_util::future::join_all(stops).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_keys() {
+        assert!(valid_env_key("PATH"));
+        assert!(valid_env_key("_x1"));
+        assert!(!valid_env_key("1X"));
+        assert!(!valid_env_key("A-B"));
+        assert!(!valid_env_key(""));
+    }
+}

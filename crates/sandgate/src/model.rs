@@ -1,0 +1,218 @@
+//! The sandbox record and its vocabulary: ids, statuses, modes and name validation.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// The team every sandbox belongs to until authentication brings real teams.
+pub const DEFAULT_TEAM: &str = "default";
+/// The owner used by `/{owner}/{name}/` routes when a create names none (seed 003's `default`).
+pub const DEFAULT_OWNER: &str = "default";
+
+const ID_PREFIX: &str = "sb-";
+const ID_RANDOM_LEN: usize = 16;
+const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+
+/// A new unguessable, DNS-label-safe sandbox id: `sb-` and 16 base32 characters (80 bits).
+pub fn new_id() -> String {
+    let mut rng = rand::thread_rng();
+    let mut id = String::with_capacity(ID_PREFIX.len() + ID_RANDOM_LEN);
+    id.push_str(ID_PREFIX);
+    for _ in 0..ID_RANDOM_LEN {
+        id.push(BASE32[rng.gen_range(0..32)] as char);
+    }
+    id
+}
+
+/// The current time at the store's precision (milliseconds), so records round-trip exactly.
+pub fn now() -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    Utc::now().trunc_subsecs(3)
+}
+
+/// Whether `s` has the exact shape of a sandbox id.
+pub fn valid_id(s: &str) -> bool {
+    s.len() == ID_PREFIX.len() + ID_RANDOM_LEN
+        && s.starts_with(ID_PREFIX)
+        && s.as_bytes()[ID_PREFIX.len()..]
+            .iter()
+            .all(|b| BASE32.contains(b))
+}
+
+/// A DNS-label-like name: 1..=63 of `a-z`, `0-9`, `-`, not starting or ending with `-`.
+pub fn valid_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Lifecycle of a sandbox. `Creating` and `Deleting` are transient and finished by the
+/// reconciler if the gateway dies in the middle of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Creating,
+    Running,
+    Stopping,
+    Stopped,
+    /// The sandbox's process exited on its own with a failure.
+    Failed,
+    Deleting,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Creating => "creating",
+            Status::Running => "running",
+            Status::Stopping => "stopping",
+            Status::Stopped => "stopped",
+            Status::Failed => "failed",
+            Status::Deleting => "deleting",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "creating" => Status::Creating,
+            "running" => Status::Running,
+            "stopping" => Status::Stopping,
+            "stopped" => Status::Stopped,
+            "failed" => Status::Failed,
+            "deleting" => Status::Deleting,
+            other => return Err(format!("unknown status {other:?}")),
+        })
+    }
+}
+
+/// Ephemeral sandboxes are removed when idle; persistent ones are stopped and can be restarted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Ephemeral,
+    Persistent,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Ephemeral => "ephemeral",
+            Mode::Persistent => "persistent",
+        }
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ephemeral" => Ok(Mode::Ephemeral),
+            "persistent" => Ok(Mode::Persistent),
+            other => Err(format!("unknown mode {other:?}")),
+        }
+    }
+}
+
+/// One sandbox, as stored. The store is the source of truth; the route table holds copies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sandbox {
+    pub id: String,
+    pub team: String,
+    pub owner: String,
+    pub name: Option<String>,
+    pub runtime: String,
+    pub mode: Mode,
+    pub dev_server: bool,
+    /// The command that runs (the runtime's default dev-server command unless given).
+    pub command: String,
+    pub env: BTreeMap<String, String>,
+    /// The port the dev server listens on inside the sandbox, as clients name it.
+    pub port: Option<u16>,
+    /// The host port the allocator handed out (process backend: what the server binds).
+    pub allocated_port: Option<u16>,
+    pub status: Status,
+    /// Why the sandbox is in its status (exit code, error), for humans.
+    pub status_reason: Option<String>,
+    /// Backend-owned handle (process: pid and start time), opaque to everyone else.
+    pub backend_ref: Option<String>,
+    pub ip_address: Option<String>,
+    /// Bumped on every start, so a cached route never reaches an older incarnation.
+    pub generation: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Sandbox {
+    /// Whether the proxy may route to `port` of this sandbox, and the port to dial if so.
+    /// With a shared host network the logical dev-server port maps to the allocated one.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        let allocated = self.allocated_port?;
+        (Some(port) == self.port || port == allocated).then_some(allocated)
+    }
+
+    /// The path prefix for `/{owner}/{name}/` routing, when the sandbox has a name.
+    pub fn path(&self) -> Option<String> {
+        self.name.as_ref().map(|n| format!("{}/{}", self.owner, n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_dns_safe_and_validated() {
+        for _ in 0..100 {
+            let id = new_id();
+            assert!(valid_id(&id), "{id}");
+            assert!(valid_label(&id), "{id}");
+        }
+        assert!(!valid_id("sb-ABCDEFGHIJKLMNOP"));
+        assert!(!valid_id("sb-abc"));
+        assert!(!valid_id("xx-abcdefghijklmnop"));
+        assert!(!valid_id("sb-abcdefghijklmno1")); // '1' is not base32
+    }
+
+    #[test]
+    fn labels() {
+        assert!(valid_label("alice"));
+        assert!(valid_label("my-sandbox-2"));
+        assert!(!valid_label("-x"));
+        assert!(!valid_label("x-"));
+        assert!(!valid_label("Alice"));
+        assert!(!valid_label("a_b"));
+        assert!(!valid_label(""));
+        assert!(!valid_label(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for s in [
+            Status::Creating,
+            Status::Running,
+            Status::Stopping,
+            Status::Stopped,
+            Status::Failed,
+            Status::Deleting,
+        ] {
+            assert_eq!(s.as_str().parse::<Status>().unwrap(), s);
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The reverse proxy: forwards a request to one port of one sandbox over a pooled HTTP/1.1
+//! connection, streaming bodies both ways, and splices WebSocket (and other) upgrades.
+//!
+//! `PROXY_TIMEOUT` bounds connecting and waiting for the response head only; a body or an
+//! upgraded connection in progress is never cut by it.
+
+pub mod body;
+pub mod headers;
+pub mod pool;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST, LOCATION};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use crate::backend::{Backend, Upstream};
+use crate::error::Error;
+use crate::model::{Sandbox, Status};
+use body::{GatewayBody, Release};
+use pool::{Pool, PoolKey, Sender};
+
+/// Where a routed request goes.
+pub struct Target {
+    pub sandbox: Arc<Sandbox>,
+    pub port: u16,
+    /// The path prefix that routed it (`/sandbox/{id}` or `/{owner}/{name}`), stripped before
+    /// forwarding and announced in `X-Forwarded-Prefix`; `None` for host routes.
+    pub prefix: Option<Box<str>>,
+}
+
+pub struct Proxy {
+    backend: Arc<dyn Backend>,
+    pool: Arc<Pool>,
+    limit: Arc<Semaphore>,
+    max_in_flight: usize,
+    timeout: Duration,
+    retries: u32,
+}
+
+enum Dial {
+    Refused,
+    Other(std::io::Error),
+}
+
+impl Proxy {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        max_in_flight: usize,
+        timeout: Duration,
+        retries: u32,
+    ) -> Proxy {
+        Proxy {
+            backend,
+            pool: Arc::new(Pool::new(256, Duration::from_secs(60))),
+            limit: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+            timeout,
+            retries,
+        }
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Proxied requests in flight (responses still streaming included).
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.limit.available_permits()
+    }
+
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// Forwards `req` to `target`. Errors are the gateway's own and are rendered by the caller.
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        target: Target,
+    ) -> Result<Response<GatewayBody>, Error> {
+        let permit = self
+            .limit
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::Overloaded)?;
+        let sb = &target.sandbox;
+        if sb.status != Status::Running {
+            return Err(Error::NotRunning {
+                id: sb.id.clone(),
+                status: sb.status.to_string(),
+            });
+        }
+        let upstream =
+            self.backend
+                .upstream(sb, target.port)
+                .ok_or_else(|| Error::PortNotExposed {
+                    id: sb.id.clone(),
+                    port: target.port,
+                })?;
+        let key = PoolKey {
+            upstream,
+            generation: sb.generation,
+            epoch: sb.created_at.timestamp_millis(),
+        };
+
+        let upgrade = headers::is_upgrade(req.headers());
+        let client_version = req.version();
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let public_host = req.headers().get(HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let up_req = self.upstream_request(req, client, &target, upstream, public_host.as_ref())?;
+
+        let timeout = self.timeout;
+        let (resp, tx) = match tokio::time::timeout(timeout, self.send(key, up_req)).await {
+            Ok(r) => r.map_err(|e| match e {
+                Error::UpstreamProtocol { reason, .. } => Error::UpstreamProtocol {
+                    id: sb.id.clone(),
+                    reason,
+                },
+                other => other,
+            })?,
+            Err(_) => {
+                return Err(Error::UpstreamTimeout {
+                    id: sb.id.clone(),
+                    port: target.port,
+                    timeout,
+                })
+            }
+        }
+        .map_err(|e| self.dial_error(sb, target.port, e))?;
+
+        let (mut parts, body) = resp.into_parts();
+        parts.version = client_version;
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade =
+                    hyper::upgrade::on(Response::from_parts(parts.clone(), body));
+                tokio::spawn(splice(client_upgrade, upstream_upgrade, sb.id.clone()));
+                // The permit covers requests, not long-lived upgraded connections.
+                drop(permit);
+                headers::strip_hop_by_hop(&mut parts.headers, true);
+                return Ok(Response::from_parts(parts, GatewayBody::empty()));
+            }
+        }
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        if let Some(loc) = parts.headers.get(LOCATION) {
+            let origin = public_origin(public_host.as_ref());
+            let ports = [target.port, key_port(upstream)];
+            let prefix = target.prefix.as_deref().unwrap_or("");
+            if let Some(new) = headers::rewrite_location(loc, &ports, &origin, prefix) {
+                parts.headers.insert(LOCATION, new);
+            }
+        }
+        let release = Release::new(self.pool.clone(), key, tx, Some(permit));
+        Ok(Response::from_parts(
+            parts,
+            GatewayBody::upstream(body, release),
+        ))
+    }
+
+    /// Builds the request the sandbox receives: origin-form URI without the route prefix,
+    /// HTTP/1.1, no hop-by-hop fields, no gateway credentials, `X-Forwarded-*` set.
+    fn upstream_request(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        target: &Target,
+        upstream: Upstream,
+        public_host: Option<&HeaderValue>,
+    ) -> Result<Request<Incoming>, Error> {
+        let (mut parts, body) = req.into_parts();
+        let upgrade = headers::is_upgrade(&parts.headers);
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let pq = match &target.prefix {
+            None => pq,
+            Some(prefix) => {
+                let rest = &pq.as_str()[prefix.len().min(pq.as_str().len())..];
+                let rest = if rest.starts_with('/') {
+                    rest.to_string()
+                } else {
+                    format!("/{rest}")
+                };
+                PathAndQuery::from_maybe_shared(Bytes::from(rest))
+                    .map_err(|e| Error::BadRequest(format!("bad request path: {e}")))?
+            }
+        };
+        parts.uri = Uri::from(pq);
+        parts.version = Version::HTTP_11;
+        let h = &mut parts.headers;
+        headers::strip_hop_by_hop(h, upgrade);
+        headers::strip_gateway_credentials(h);
+        headers::set_forwarded(
+            h,
+            client.ip(),
+            "http",
+            public_host,
+            target.prefix.as_deref(),
+        );
+        let Upstream::Tcp(addr) = upstream;
+        let mut buf = itoa::Buffer::new();
+        let port = buf.format(addr.port());
+        let mut host = String::with_capacity(10 + port.len());
+        host.push_str("localhost:");
+        host.push_str(port);
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            h.insert(HOST, v);
+        }
+        Ok(Request::from_parts(parts, body))
+    }
+
+    /// Sends on a pooled connection, or a new one; retries only what provably was not sent.
+    async fn send(
+        &self,
+        key: PoolKey,
+        mut req: Request<Incoming>,
+    ) -> Result<Result<(Response<Incoming>, Sender), Dial>, Error> {
+        if let Some(mut tx) = self.pool.checkout(&key) {
+            if tx.ready().await.is_ok() {
+                match tx.try_send_request(req).await {
+                    Ok(resp) => return Ok(Ok((resp, tx))),
+                    Err(mut e) => match e.take_message() {
+                        // Never written: the pooled connection had died; use a fresh one.
+                        Some(r) => req = r,
+                        None => {
+                            return Err(Error::UpstreamProtocol {
+                                id: String::new(),
+                                reason: e.into_error().to_string(),
+                            })
+                        }
+                    },
+                }
+            }
+        }
+        let mut tx = match self.connect(key.upstream).await {
+            Ok(tx) => tx,
+            Err(e) => return Ok(Err(e)),
+        };
+        match tx.send_request(req).await {
+            Ok(resp) => Ok(Ok((resp, tx))),
+            Err(e) => Err(Error::UpstreamProtocol {
+                id: String::new(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Opens an upstream connection, retrying refused connections briefly (a port may be
+    /// opening just now).
+    async fn connect(&self, upstream: Upstream) -> Result<Sender, Dial> {
+        let Upstream::Tcp(addr) = upstream;
+        let mut attempt = 0;
+        let stream = loop {
+            match TcpStream::connect(addr).await {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    if attempt >= self.retries {
+                        return Err(Dial::Refused);
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(25 << attempt.min(5))).await;
+                }
+                Err(e) => return Err(Dial::Other(e)),
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Dial::Other(std::io::Error::other(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(tx)
+    }
+
+    fn dial_error(&self, sb: &Sandbox, port: u16, e: Dial) -> Error {
+        let reason = match e {
+            Dial::Refused => "connection refused".to_string(),
+            Dial::Other(e) => e.to_string(),
+        };
+        Error::UpstreamUnreachable {
+            id: sb.id.clone(),
+            port,
+            reason,
+        }
+    }
+}
+
+fn key_port(u: Upstream) -> u16 {
+    let Upstream::Tcp(addr) = u;
+    addr.port()
+}
+
+fn public_origin(host: Option<&HeaderValue>) -> String {
+    match host.and_then(|h| h.to_str().ok()) {
+        Some(h) => format!("http://{h}"),
+        None => String::new(),
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and upstream until either side closes.
+/// No timeout applies: an idle WebSocket is a healthy WebSocket.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    id: String,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(sandbox = %id, error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(sandbox = %id, error = %e, "upgraded connection ended");
+    }
+}

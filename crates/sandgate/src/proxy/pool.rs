@@ -1,0 +1,93 @@
+//! Upstream connection pool: idle HTTP/1.1 connections per (upstream, sandbox incarnation),
+//! checked out LIFO and returned when a response body ends. The lock guards only a vector
+//! push/pop and is never held across `.await`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+
+use crate::backend::Upstream;
+
+/// Identifies one incarnation of one sandbox port: a re-created or restarted sandbox never
+/// receives a connection opened to an earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub upstream: Upstream,
+    pub generation: i64,
+    /// The sandbox's creation time in milliseconds: distinguishes sandboxes that reuse a port.
+    pub epoch: i64,
+}
+
+pub type Sender = SendRequest<Incoming>;
+
+struct Idle {
+    tx: Sender,
+    since: Instant,
+}
+
+pub struct Pool {
+    idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
+    max_idle_per_key: usize,
+    idle_timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(max_idle_per_key: usize, idle_timeout: Duration) -> Pool {
+        Pool {
+            idle: Mutex::new(HashMap::new()),
+            max_idle_per_key,
+            idle_timeout,
+        }
+    }
+
+    /// The most recently used live connection for `key`, if any.
+    pub fn checkout(&self, key: &PoolKey) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(key)?;
+        while let Some(c) = list.pop() {
+            if !c.tx.is_closed() && c.since.elapsed() < self.idle_timeout {
+                return Some(c.tx);
+            }
+        }
+        None
+    }
+
+    /// Gives a connection back after its response finished.
+    pub fn checkin(&self, key: PoolKey, tx: Sender) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(key).or_default();
+        if list.len() < self.max_idle_per_key {
+            list.push(Idle {
+                tx,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Drops every idle connection to `upstream` (its sandbox stopped or went away).
+    pub fn purge(&self, upstream: Upstream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|k, _| k.upstream != upstream);
+    }
+
+    /// Idle connections held right now.
+    pub fn idle_count(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.values().map(Vec::len).sum()
+    }
+
+    /// Drops stale and closed connections; run periodically.
+    pub fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|_, list| {
+            list.retain(|c| !c.tx.is_closed() && c.since.elapsed() < self.idle_timeout);
+            !list.is_empty()
+        });
+    }
+}

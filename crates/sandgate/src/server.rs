@@ -1,0 +1,190 @@
+//! The listener: accepts HTTP/1.1 and HTTP/2 (h2c) connections, routes each request to a
+//! sandbox (host, `/sandbox/{id}/`, `/{owner}/{name}/`) or to the control API, and drains
+//! connections gracefully on shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use http::header::{HeaderValue, HOST, LOCATION};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::api::AppState;
+use crate::error::{wants_html, Error};
+use crate::model::Sandbox;
+use crate::proxy::body::GatewayBody;
+use crate::proxy::Target;
+use crate::routing::{self, Route};
+
+/// How long open connections get to finish after shutdown begins.
+const DRAIN: Duration = Duration::from_secs(10);
+
+pub struct Gateway {
+    state: AppState,
+    api: Router,
+}
+
+enum Decision {
+    Proxy(Target),
+    Api,
+    Redirect(String),
+    Fail(Error),
+}
+
+impl Gateway {
+    pub fn new(state: AppState) -> Gateway {
+        let api = crate::api::router(state.clone());
+        Gateway { state, api }
+    }
+
+    fn decide(&self, req: &Request<Incoming>) -> Decision {
+        let host = req
+            .headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().host());
+        let path = req.uri().path();
+        let routes = &self.state.routes;
+        let route = match routing::classify(host, path, &self.state.config.domain) {
+            Ok(r) => r,
+            Err(e) => return Decision::Fail(e),
+        };
+        let found = |sb: Option<Arc<Sandbox>>, id: &str| {
+            sb.ok_or_else(|| Error::SandboxNotFound(id.to_string()))
+        };
+        let dev_port = |sb: &Sandbox| {
+            sb.port.ok_or_else(|| Error::PortNotExposed {
+                id: sb.id.clone(),
+                port: 0,
+            })
+        };
+        let target = match route {
+            Route::Api => return Decision::Api,
+            Route::Host { id, port } => found(routes.get(id), id).map(|sb| Target {
+                sandbox: sb,
+                port,
+                prefix: None,
+            }),
+            Route::Id { id, prefix } => found(routes.get(id), id).and_then(|sb| {
+                Ok(Target {
+                    port: dev_port(&sb)?,
+                    sandbox: sb,
+                    prefix: Some(prefix.into()),
+                })
+            }),
+            Route::Path {
+                owner,
+                name,
+                prefix,
+            } => match routes.get_by_path(owner, name) {
+                None => return Decision::Api,
+                Some(sb) => dev_port(&sb).map(|port| Target {
+                    sandbox: sb,
+                    port,
+                    prefix: Some(prefix.into()),
+                }),
+            },
+            Route::AddSlash { id_route, path } => {
+                if !id_route {
+                    let mut segs = path[1..].splitn(2, '/');
+                    let (owner, name) = (segs.next().unwrap_or(""), segs.next().unwrap_or(""));
+                    if routes.get_by_path(owner, name).is_none() {
+                        return Decision::Api;
+                    }
+                }
+                let query = req
+                    .uri()
+                    .query()
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default();
+                return Decision::Redirect(format!("{path}/{query}"));
+            }
+        };
+        match target {
+            Ok(t) => Decision::Proxy(t),
+            Err(e) => Decision::Fail(e),
+        }
+    }
+
+    /// Handles one request; never fails (errors become responses).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<GatewayBody>, Infallible> {
+        let html = wants_html(req.headers());
+        let resp = match self.decide(&req) {
+            Decision::Proxy(target) => self.state.proxy.forward(req, peer, target).await,
+            Decision::Api => {
+                let resp = self
+                    .api
+                    .clone()
+                    .oneshot(req.map(axum::body::Body::new))
+                    .await;
+                Ok(match resp {
+                    Ok(r) => r.map(|inner| GatewayBody::Api { inner }),
+                    Err(never) => match never {},
+                })
+            }
+            Decision::Redirect(location) => {
+                let mut r = Response::new(GatewayBody::empty());
+                *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    r.headers_mut().insert(LOCATION, v);
+                }
+                Ok(r)
+            }
+            Decision::Fail(e) => Err(e),
+        };
+        Ok(resp.unwrap_or_else(|e| e.to_response(html).map(GatewayBody::full)))
+    }
+}
+
+/// Serves `listener` until `shutdown` fires, then drains open connections (bounded).
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: CancellationToken) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let gw = gateway.clone();
+        let service = hyper::service::service_fn(move |req| gw.clone().handle(req, peer));
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after {DRAIN:?}; closing them");
+    }
+}

@@ -1,0 +1,398 @@
+//! SQLite implementation of `Store` (sqlx, WAL mode), with schema migrations by `user_version`.
+
+use std::ops::RangeInclusive;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use super::{PortProbe, Store, StoreError};
+use crate::model::{Sandbox, DEFAULT_TEAM};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE teams (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+INSERT INTO teams (id, name, created_at) VALUES ('default', 'default', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));
+CREATE TABLE sandboxes (
+    id TEXT PRIMARY KEY,
+    team_id TEXT NOT NULL REFERENCES teams(id),
+    owner TEXT NOT NULL,
+    name TEXT,
+    runtime TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    dev_server INTEGER NOT NULL,
+    command TEXT NOT NULL,
+    env TEXT NOT NULL,
+    port INTEGER,
+    allocated_port INTEGER,
+    status TEXT NOT NULL,
+    status_reason TEXT,
+    backend_ref TEXT,
+    ip_address TEXT,
+    generation INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE UNIQUE INDEX sandboxes_owner_name ON sandboxes(owner, name) WHERE name IS NOT NULL;
+CREATE UNIQUE INDEX sandboxes_allocated_port ON sandboxes(allocated_port) WHERE allocated_port IS NOT NULL;
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"#];
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// Serialises allocations so two creates never race for one port.
+    alloc: tokio::sync::Mutex<()>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` and brings its schema up to date.
+    pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
+        let opts = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        let store = SqliteStore {
+            pool,
+            alloc: tokio::sync::Mutex::new(()),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *conn)
+            .await?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            sqlx::raw_sql(&format!("PRAGMA user_version = {}", i + 1))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+}
+
+fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn corrupt(id: &str, message: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        id: id.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
+    let id: String = row.try_get("id")?;
+    let time = |col: &str| -> Result<DateTime<Utc>, StoreError> {
+        let s: String = row.try_get(col)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| corrupt(&id, e))
+    };
+    let port = |col: &str| -> Result<Option<u16>, StoreError> {
+        let p: Option<i64> = row.try_get(col)?;
+        p.map(|p| u16::try_from(p).map_err(|e| corrupt(&id, e)))
+            .transpose()
+    };
+    let env: String = row.try_get("env")?;
+    let mode: String = row.try_get("mode")?;
+    let status: String = row.try_get("status")?;
+    Ok(Sandbox {
+        team: row.try_get("team_id")?,
+        owner: row.try_get("owner")?,
+        name: row.try_get("name")?,
+        runtime: row.try_get("runtime")?,
+        mode: mode.parse().map_err(|e: String| corrupt(&id, e))?,
+        dev_server: row.try_get("dev_server")?,
+        command: row.try_get("command")?,
+        env: serde_json::from_str(&env).map_err(|e| corrupt(&id, e))?,
+        port: port("port")?,
+        allocated_port: port("allocated_port")?,
+        status: status.parse().map_err(|e: String| corrupt(&id, e))?,
+        status_reason: row.try_get("status_reason")?,
+        backend_ref: row.try_get("backend_ref")?,
+        ip_address: row.try_get("ip_address")?,
+        generation: row.try_get("generation")?,
+        created_at: time("created_at")?,
+        updated_at: time("updated_at")?,
+        id,
+    })
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create(
+        &self,
+        sb: &mut Sandbox,
+        port_range: Option<RangeInclusive<u16>>,
+        probe: PortProbe<'_>,
+    ) -> Result<(), StoreError> {
+        let _guard = self.alloc.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let mut allocated = sb.allocated_port;
+        if let Some(range) = port_range {
+            let taken: Vec<i64> = sqlx::query_scalar(
+                "SELECT allocated_port FROM sandboxes WHERE allocated_port BETWEEN ? AND ?",
+            )
+            .bind(*range.start() as i64)
+            .bind(*range.end() as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+            let cursor: Option<String> =
+                sqlx::query_scalar("SELECT value FROM meta WHERE key = 'port_cursor'")
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            // Start after the last port handed out, so a just-released port is reused last.
+            let start = cursor
+                .and_then(|c| c.parse::<u16>().ok())
+                .filter(|c| range.contains(c))
+                .map_or(*range.start(), |c| {
+                    if c == *range.end() {
+                        *range.start()
+                    } else {
+                        c + 1
+                    }
+                });
+            let len = (*range.end() - *range.start()) as u32 + 1;
+            let chosen = (0..len)
+                .map(|i| {
+                    let off = (start - *range.start()) as u32 + i;
+                    *range.start() + (off % len) as u16
+                })
+                .find(|p| !taken.contains(&(*p as i64)) && probe(*p))
+                .ok_or_else(|| {
+                    StoreError::PortsExhausted(format!("{}-{}", range.start(), range.end()))
+                })?;
+            allocated = Some(chosen);
+            sqlx::query(
+                "INSERT INTO meta (key, value) VALUES ('port_cursor', ?) \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(chosen.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        let env = serde_json::to_string(&sb.env).map_err(|e| corrupt(&sb.id, e))?;
+        let team = if sb.team.is_empty() {
+            DEFAULT_TEAM
+        } else {
+            &sb.team
+        };
+        let res = sqlx::query(
+            "INSERT INTO sandboxes (id, team_id, owner, name, runtime, mode, dev_server, command, \
+             env, port, allocated_port, status, status_reason, backend_ref, ip_address, \
+             generation, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&sb.id)
+        .bind(team)
+        .bind(&sb.owner)
+        .bind(&sb.name)
+        .bind(&sb.runtime)
+        .bind(sb.mode.as_str())
+        .bind(sb.dev_server)
+        .bind(&sb.command)
+        .bind(env)
+        .bind(sb.port.map(i64::from))
+        .bind(allocated.map(i64::from))
+        .bind(sb.status.as_str())
+        .bind(&sb.status_reason)
+        .bind(&sb.backend_ref)
+        .bind(&sb.ip_address)
+        .bind(sb.generation)
+        .bind(ts(&sb.created_at))
+        .bind(ts(&sb.updated_at))
+        .execute(&mut *tx)
+        .await;
+        match res {
+            Err(e) if is_unique_violation(&e) && sb.name.is_some() => {
+                return Err(StoreError::NameTaken(sb.path().unwrap_or_default()))
+            }
+            other => other?,
+        };
+        tx.commit().await?;
+        sb.allocated_port = allocated;
+        Ok(())
+    }
+
+    async fn update(&self, sb: &Sandbox) -> Result<(), StoreError> {
+        let env = serde_json::to_string(&sb.env).map_err(|e| corrupt(&sb.id, e))?;
+        sqlx::query(
+            "UPDATE sandboxes SET command = ?, env = ?, port = ?, status = ?, status_reason = ?, \
+             backend_ref = ?, ip_address = ?, generation = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&sb.command)
+        .bind(env)
+        .bind(sb.port.map(i64::from))
+        .bind(sb.status.as_str())
+        .bind(&sb.status_reason)
+        .bind(&sb.backend_ref)
+        .bind(&sb.ip_address)
+        .bind(sb.generation)
+        .bind(ts(&sb.updated_at))
+        .bind(&sb.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Sandbox>, StoreError> {
+        sqlx::query("SELECT * FROM sandboxes WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(from_row)
+            .transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<Sandbox>, StoreError> {
+        sqlx::query("SELECT * FROM sandboxes ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(from_row)
+            .collect()
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sandboxes WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{new_id, Mode, Status};
+
+    fn sandbox(name: Option<&str>) -> Sandbox {
+        let now = crate::model::now();
+        Sandbox {
+            id: new_id(),
+            team: DEFAULT_TEAM.into(),
+            owner: "alice".into(),
+            name: name.map(str::to_string),
+            runtime: "python".into(),
+            mode: Mode::Persistent,
+            dev_server: true,
+            command: "true".into(),
+            env: [("A".to_string(), "1".to_string())].into(),
+            port: Some(3000),
+            allocated_port: None,
+            status: Status::Creating,
+            status_reason: None,
+            backend_ref: None,
+            ip_address: None,
+            generation: 0,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    async fn open(dir: &tempfile::TempDir) -> SqliteStore {
+        let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+        SqliteStore::open(&url).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn ports_are_unique_survive_reopen_and_are_released_on_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let range = Some(40000..=40002);
+        let all = |_: u16| true;
+        let mut a = sandbox(None);
+        let mut b = sandbox(None);
+        store.create(&mut a, range.clone(), &all).await.unwrap();
+        store.create(&mut b, range.clone(), &all).await.unwrap();
+        assert_ne!(a.allocated_port, b.allocated_port);
+        drop(store);
+
+        // A restart sees the same allocations and hands out the remaining port only.
+        let store = open(&dir).await;
+        let mut c = sandbox(None);
+        store.create(&mut c, range.clone(), &all).await.unwrap();
+        let mut d = sandbox(None);
+        let err = store.create(&mut d, range.clone(), &all).await.unwrap_err();
+        assert!(matches!(err, StoreError::PortsExhausted(_)), "{err}");
+        assert!(
+            store.get(&d.id).await.unwrap().is_none(),
+            "failed create left a row"
+        );
+
+        store.delete(&a.id).await.unwrap();
+        store.create(&mut d, range.clone(), &all).await.unwrap();
+        assert_eq!(d.allocated_port, a.allocated_port);
+        let listed = store.list().await.unwrap();
+        assert_eq!(listed.len(), 3);
+        assert_eq!(store.get(&b.id).await.unwrap().unwrap(), b);
+    }
+
+    #[tokio::test]
+    async fn probe_skips_busy_ports_and_names_are_unique_per_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let mut a = sandbox(Some("web"));
+        store
+            .create(&mut a, Some(40000..=40005), &|p| p != 40000)
+            .await
+            .unwrap();
+        assert_eq!(a.allocated_port, Some(40001));
+        let mut b = sandbox(Some("web"));
+        let err = store
+            .create(&mut b, Some(40000..=40005), &|_| true)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NameTaken(ref p) if p == "alice/web"));
+        b.owner = "bob".into();
+        store.create(&mut b, None, &|_| true).await.unwrap();
+        assert_eq!(b.allocated_port, None);
+    }
+
+    #[tokio::test]
+    async fn update_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let mut a = sandbox(None);
+        store.create(&mut a, None, &|_| true).await.unwrap();
+        a.status = Status::Running;
+        a.backend_ref = Some("{\"pid\":1}".into());
+        a.generation = 3;
+        store.update(&a).await.unwrap();
+        assert_eq!(store.get(&a.id).await.unwrap().unwrap(), a);
+    }
+}
