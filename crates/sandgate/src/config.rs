@@ -43,6 +43,19 @@ impl BackendKind {
     }
 }
 
+/// Whether sandboxes get namespaces of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// `netns` when the gateway has the privilege (root, CAP_SYS_ADMIN), else `none`.
+    #[default]
+    Auto,
+    /// Every sandbox in its own network (and PID) namespace; refuse to start without it.
+    Netns,
+    /// Sandboxes share the host network and listen on allocated host ports.
+    None,
+}
+
 /// `sandgate serve` flags. Every flag is optional so that file and environment values can show
 /// through; the merged, validated result is [`Config`].
 #[derive(Debug, Default, Clone, Args)]
@@ -65,6 +78,9 @@ pub struct ServeArgs {
     /// Backend that runs sandboxes.
     #[arg(long, env = "SANDGATE_BACKEND", value_enum)]
     pub backend: Option<BackendKind>,
+    /// Sandbox isolation: own network namespaces (`netns`), shared host (`none`), or `auto`.
+    #[arg(long, env = "SANDGATE_ISOLATION", value_enum)]
+    pub isolation: Option<Isolation>,
     /// Base domain for host routing: `{port}-{id}.{domain}`.
     #[arg(long, env = "SANDGATE_DOMAIN")]
     pub domain: Option<String>,
@@ -107,6 +123,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
     backend: Option<BackendKind>,
+    isolation: Option<Isolation>,
     domain: Option<String>,
     public_url: Option<String>,
     port_range: Option<String>,
@@ -138,6 +155,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub database_url: String,
     pub backend: BackendKind,
+    pub isolation: Isolation,
     pub domain: String,
     pub public_url: Option<String>,
     pub port_range: RangeInclusive<u16>,
@@ -162,6 +180,7 @@ impl Config {
             database_url: sqlite_url(&data_dir),
             data_dir,
             backend: BackendKind::Process,
+            isolation: Isolation::Auto,
             domain: "localhost".into(),
             public_url: None,
             port_range: DEFAULT_PORT_RANGE,
@@ -202,6 +221,7 @@ impl Config {
             c.database_url = url;
         }
         c.backend = args.backend.or(file.backend).unwrap_or(c.backend);
+        c.isolation = args.isolation.or(file.isolation).unwrap_or(c.isolation);
         c.domain = args.domain.clone().or(file.domain).unwrap_or(c.domain);
         c.public_url = args.public_url.clone().or(file.public_url);
         if let Some(range) = args.port_range.as_deref().or(file.port_range.as_deref()) {

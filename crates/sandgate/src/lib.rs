@@ -34,9 +34,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
-use crate::backend::process::ProcessBackend;
+use crate::backend::process::{self, ProcessBackend};
 use crate::backend::Backend;
-use crate::config::{BackendKind, Config};
+use crate::config::{BackendKind, Config, Isolation};
 use crate::manager::Manager;
 use crate::proxy::Proxy;
 use crate::routes::Routes;
@@ -54,6 +54,8 @@ pub enum RunError {
     Store(#[from] store::StoreError),
     #[error("startup reconciliation failed: {0}")]
     Reconcile(#[from] error::Error),
+    #[error("isolation = netns, but this gateway cannot create network namespaces (needs root with CAP_SYS_ADMIN and the unshare and ip programs)")]
+    NoIsolation,
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -74,11 +76,18 @@ pub async fn run(
     })?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_url).await?);
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+    let isolated = match config.isolation {
+        Isolation::None => false,
+        Isolation::Auto => process::isolation_available(),
+        Isolation::Netns if process::isolation_available() => true,
+        Isolation::Netns => return Err(RunError::NoIsolation),
+    };
     let backend: Arc<dyn Backend> = match config.backend {
         BackendKind::Process => Arc::new(ProcessBackend::new(
             sandboxes_dir,
             config.stop_grace,
             exits_tx,
+            isolated,
         )),
     };
     let routes = Arc::new(Routes::default());

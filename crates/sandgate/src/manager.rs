@@ -184,6 +184,7 @@ impl Manager {
             status_reason: None,
             backend_ref: None,
             ip_address: None,
+            netns_pid: None,
             generation: 1,
             created_at: now,
             updated_at: now,
@@ -202,17 +203,17 @@ impl Manager {
         let mut sb = self.prepare(req)?;
         let lock = self.lock_for(&sb.id);
         let _guard = lock.lock().await;
-        let range = sb.dev_server.then(|| self.config.port_range.clone());
+        let range = (sb.dev_server && self.backend.needs_host_port())
+            .then(|| self.config.port_range.clone());
         let probe = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
         self.store.create(&mut sb, range, &probe).await?;
-        if sb.port.is_none() {
-            sb.port = sb.allocated_port;
+        if sb.dev_server && sb.port.is_none() {
+            sb.port = self.backend.default_port().or(sb.allocated_port);
         }
         self.routes.put(sb.clone());
         match self.backend.start(&sb).await {
             Ok(started) => {
-                sb.backend_ref = started.backend_ref;
-                sb.ip_address = started.ip_address;
+                sb.apply(started);
                 sb.status = Status::Running;
                 self.save(&mut sb).await?;
                 tracing::info!(sandbox = %sb.id, runtime = %sb.runtime, port = ?sb.allocated_port, "created");
@@ -271,7 +272,7 @@ impl Manager {
                 sb.status_reason = Some(e.to_string());
             }
         }
-        sb.backend_ref = None;
+        sb.clear_handle();
         self.save(sb).await
     }
 
@@ -292,8 +293,7 @@ impl Manager {
         sb.generation += 1;
         match self.backend.start(&sb).await {
             Ok(started) => {
-                sb.backend_ref = started.backend_ref;
-                sb.ip_address = started.ip_address;
+                sb.apply(started);
                 sb.status = Status::Running;
                 sb.status_reason = None;
                 self.save(&mut sb).await?;
@@ -350,7 +350,7 @@ impl Manager {
         tracing::info!(sandbox = %sb.id, %reason, "sandbox process ended");
         sb.status = status;
         sb.status_reason = Some(reason);
-        sb.backend_ref = None;
+        sb.clear_handle();
         if let Err(e) = self.save(&mut sb).await {
             tracing::error!(sandbox = %sb.id, error = %e, "could not record exit");
         }
@@ -375,13 +375,14 @@ impl Manager {
                     continue;
                 }
                 Status::Running => match self.backend.adopt(&sb).await {
-                    Ok(true) => {
+                    Ok(Some(started)) => {
+                        sb.apply(started);
                         tracing::info!(sandbox = %sb.id, "re-adopted running sandbox");
                     }
-                    Ok(false) => {
+                    Ok(None) => {
                         sb.status = Status::Stopped;
                         sb.status_reason = Some("not running after gateway restart".into());
-                        sb.backend_ref = None;
+                        sb.clear_handle();
                     }
                     Err(e) => {
                         sb.status = Status::Failed;
@@ -392,7 +393,7 @@ impl Manager {
                     let _ = self.backend.stop(&sb).await;
                     sb.status = Status::Stopped;
                     sb.status_reason = Some("interrupted by a gateway restart".into());
-                    sb.backend_ref = None;
+                    sb.clear_handle();
                 }
                 Status::Stopped | Status::Failed => {}
             }

@@ -153,6 +153,8 @@ pub struct Sandbox {
     /// Backend-owned handle (process: pid and start time), opaque to everyone else.
     pub backend_ref: Option<String>,
     pub ip_address: Option<String>,
+    /// A process inside the sandbox's own network namespace (isolated processes, containers).
+    pub netns_pid: Option<i32>,
     /// Bumped on every start, so a cached route never reaches an older incarnation.
     pub generation: i64,
     pub created_at: DateTime<Utc>,
@@ -165,6 +167,19 @@ impl Sandbox {
     pub fn target_port(&self, port: u16) -> Option<u16> {
         let allocated = self.allocated_port?;
         (Some(port) == self.port || port == allocated).then_some(allocated)
+    }
+
+    /// Records what a backend start (or re-adoption) handed back.
+    pub fn apply(&mut self, started: crate::backend::Started) {
+        self.backend_ref = started.backend_ref;
+        self.ip_address = started.ip_address;
+        self.netns_pid = started.netns_pid;
+    }
+
+    /// Forgets the backend handle of a sandbox that no longer runs.
+    pub fn clear_handle(&mut self) {
+        self.backend_ref = None;
+        self.netns_pid = None;
     }
 
     /// The path prefix for `/{owner}/{name}/` routing, when the sandbox has a name.

@@ -64,13 +64,8 @@ async fn auth() -> Json<Value> {
 
 /// Whether something accepts connections at `upstream` right now.
 async fn port_open(upstream: Upstream) -> bool {
-    let Upstream::Tcp(addr) = upstream;
     matches!(
-        tokio::time::timeout(
-            Duration::from_millis(500),
-            tokio::net::TcpStream::connect(addr)
-        )
-        .await,
+        tokio::time::timeout(Duration::from_millis(500), upstream.dial()).await,
         Ok(Ok(_))
     )
 }

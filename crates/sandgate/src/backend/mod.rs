@@ -1,6 +1,7 @@
 //! The `Backend` trait: what runs sandboxes (local processes now; Docker and Kubernetes slot in
 //! behind the same trait) and how the proxy reaches a sandbox's port.
 
+pub mod netns;
 pub mod process;
 
 use std::net::SocketAddr;
@@ -26,6 +27,9 @@ pub struct Started {
     /// Backend-owned handle (process: pid and start time; Docker: container id).
     pub backend_ref: Option<String>,
     pub ip_address: Option<String>,
+    /// A process inside the sandbox's own network namespace, when it has one: the proxy
+    /// connects from inside it.
+    pub netns_pid: Option<i32>,
 }
 
 /// A sandbox's process or container ended on its own (or was stopped).
@@ -42,7 +46,30 @@ pub struct Exit {
 /// Where the proxy connects for one port of one sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Upstream {
+    /// A socket on the gateway's own network.
     Tcp(SocketAddr),
+    /// `127.0.0.1:port` inside the network namespace of process `pid`.
+    Netns { pid: i32, port: u16 },
+}
+
+impl Upstream {
+    /// The port dialed, as the sandbox sees it.
+    pub fn port(self) -> u16 {
+        match self {
+            Upstream::Tcp(addr) => addr.port(),
+            Upstream::Netns { port, .. } => port,
+        }
+    }
+
+    /// Opens a TCP connection to this upstream, with `TCP_NODELAY` set.
+    pub async fn dial(self) -> std::io::Result<tokio::net::TcpStream> {
+        let stream = match self {
+            Upstream::Tcp(addr) => tokio::net::TcpStream::connect(addr).await?,
+            Upstream::Netns { pid, port } => netns::connect(pid, port).await?,
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
 }
 
 #[async_trait]
@@ -51,6 +78,11 @@ pub trait Backend: Send + Sync {
     fn kind(&self) -> &'static str;
     /// How sandboxes are isolated from each other and the host, for `/health`.
     fn isolation(&self) -> &'static str;
+    /// Whether dev-server sandboxes need a host port from the allocator (no own namespace).
+    fn needs_host_port(&self) -> bool;
+    /// The dev-server port a sandbox gets when the create names none (`None`: the
+    /// allocated host port).
+    fn default_port(&self) -> Option<u16>;
     /// Starts the sandbox's process or container. Must leave nothing behind on error.
     async fn start(&self, sandbox: &Sandbox) -> Result<Started, BackendError>;
     /// Stops it (gracefully, then forcibly). Stopping something already gone is not an error.
@@ -58,8 +90,8 @@ pub trait Backend: Send + Sync {
     /// Removes everything the sandbox owned (files, containers). Called after `stop`.
     async fn remove(&self, sandbox: &Sandbox) -> Result<(), BackendError>;
     /// After a gateway restart: whether the recorded sandbox still runs; if so the backend
-    /// resumes watching it and will report its exit.
-    async fn adopt(&self, sandbox: &Sandbox) -> Result<bool, BackendError>;
+    /// resumes watching it, will report its exit, and returns its (refreshed) handle.
+    async fn adopt(&self, sandbox: &Sandbox) -> Result<Option<Started>, BackendError>;
     /// The socket for `port` (already checked against the sandbox's exposed ports).
     fn upstream(&self, sandbox: &Sandbox, port: u16) -> Option<Upstream>;
     /// The sandbox's captured output, if the backend keeps it in a file.

@@ -1,6 +1,13 @@
 //! Local-process backend: each sandbox is a supervised child process group with its own working
 //! directory and log file under the data directory, listening on its allocated port (`PORT`).
 //!
+//! With the privilege to do so (root with CAP_SYS_ADMIN, and `unshare` and `ip` installed),
+//! each sandbox runs in its own network, PID and mount namespaces (`isolation = netns`): it
+//! listens on its own `127.0.0.1:PORT` (default 3000), two sandboxes may bind the same port,
+//! and the proxy connects from inside the namespace, so a sandbox can reach neither another
+//! sandbox nor the host's services through it. Without the privilege (`shared-host`), each
+//! sandbox listens on an allocated host port.
+//!
 //! Children run in their own process group with stdout/stderr written straight to a file, so
 //! they outlive a crashed gateway undisturbed; the restarted gateway re-adopts them (verified by
 //! pid and kernel start time, so a recycled pid is never mistaken for a sandbox).
@@ -31,16 +38,43 @@ struct ProcRef {
     start: u64,
 }
 
+/// Dev-server port of an isolated sandbox when the create names none.
+pub const ISOLATED_DEFAULT_PORT: u16 = 3000;
+
+/// PID 1 of an isolated sandbox: brings loopback up, runs the command (`$1`), and passes
+/// SIGTERM on to everything in the namespace (the kernel would drop a signal to a PID 1
+/// without a handler, so a dev server exec'd as PID 1 could never stop gracefully).
+const ISOLATE_INIT: &str = r#"ip link set lo up || exit 97
+/bin/sh -c "$1" &
+child=$!
+trap 'kill -TERM -1 2>/dev/null' TERM INT HUP
+wait "$child"
+status=$?
+while kill -0 "$child" 2>/dev/null; do wait "$child"; status=$?; done
+exit "$status""#;
+
 pub struct ProcessBackend {
     root: PathBuf,
     grace: Duration,
     exits: UnboundedSender<Exit>,
+    isolated: bool,
 }
 
 impl ProcessBackend {
-    /// `root` holds one directory per sandbox; exits are reported on `exits`.
-    pub fn new(root: PathBuf, grace: Duration, exits: UnboundedSender<Exit>) -> ProcessBackend {
-        ProcessBackend { root, grace, exits }
+    /// `root` holds one directory per sandbox; exits are reported on `exits`; `isolated`
+    /// runs each sandbox in its own namespaces (see [`isolation_available`]).
+    pub fn new(
+        root: PathBuf,
+        grace: Duration,
+        exits: UnboundedSender<Exit>,
+        isolated: bool,
+    ) -> ProcessBackend {
+        ProcessBackend {
+            root,
+            grace,
+            exits,
+            isolated,
+        }
     }
 
     fn dir(&self, sb: &Sandbox) -> PathBuf {
@@ -48,8 +82,16 @@ impl ProcessBackend {
     }
 }
 
+/// Whether sandboxes can get namespaces of their own here: the privilege to enter a network
+/// namespace, and the `unshare` and `ip` programs.
+pub fn isolation_available() -> bool {
+    super::netns::available()
+        && crate::runtimes::program_installed("unshare")
+        && crate::runtimes::program_installed("ip")
+}
+
 /// The environment a sandbox starts with: nothing of the gateway's own (no secrets leak).
-fn base_env(sb: &Sandbox, work: &Path) -> BTreeMap<String, String> {
+fn base_env(sb: &Sandbox, work: &Path, isolated: bool) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     env.insert(
         "PATH".to_string(),
@@ -59,7 +101,8 @@ fn base_env(sb: &Sandbox, work: &Path) -> BTreeMap<String, String> {
     env.insert("LANG".into(), "C.UTF-8".into());
     env.insert("SANDBOX_ID".into(), sb.id.clone());
     env.extend(sb.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    if let Some(port) = sb.allocated_port {
+    let port = if isolated { sb.port } else { sb.allocated_port };
+    if let Some(port) = port {
         env.insert("PORT".into(), port.to_string());
         env.insert("HOST".into(), "127.0.0.1".into());
     }
@@ -101,6 +144,17 @@ async fn wait_group_gone(pgid: i32, limit: Duration) -> bool {
     true
 }
 
+impl ProcessBackend {
+    fn handle(&self, r: ProcRef) -> Started {
+        Started {
+            backend_ref: serde_json::to_string(&r).ok(),
+            ip_address: Some(Ipv4Addr::LOCALHOST.to_string()),
+            // The leader (`unshare`) lives in the sandbox's namespace itself.
+            netns_pid: self.isolated.then_some(r.pid),
+        }
+    }
+}
+
 #[async_trait]
 impl Backend for ProcessBackend {
     fn kind(&self) -> &'static str {
@@ -108,7 +162,19 @@ impl Backend for ProcessBackend {
     }
 
     fn isolation(&self) -> &'static str {
-        "shared-host"
+        if self.isolated {
+            "netns"
+        } else {
+            "shared-host"
+        }
+    }
+
+    fn needs_host_port(&self) -> bool {
+        !self.isolated
+    }
+
+    fn default_port(&self) -> Option<u16> {
+        self.isolated.then_some(ISOLATED_DEFAULT_PORT)
     }
 
     async fn start(&self, sb: &Sandbox) -> Result<Started, BackendError> {
@@ -119,12 +185,20 @@ impl Backend for ProcessBackend {
             .create(true)
             .append(true)
             .open(dir.join(LOG_FILE))?;
-        let mut cmd = tokio::process::Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(&sb.command)
-            .current_dir(&work)
+        let mut cmd = if self.isolated {
+            let mut c = tokio::process::Command::new("unshare");
+            c.args(["--net", "--pid", "--mount-proc", "--fork", "--kill-child"])
+                .args(["/bin/sh", "-c", ISOLATE_INIT, "sandgate-init"])
+                .arg(&sb.command);
+            c
+        } else {
+            let mut c = tokio::process::Command::new("/bin/sh");
+            c.arg("-c").arg(&sb.command);
+            c
+        };
+        cmd.current_dir(&work)
             .env_clear()
-            .envs(base_env(sb, &work))
+            .envs(base_env(sb, &work, self.isolated))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -132,7 +206,7 @@ impl Backend for ProcessBackend {
             .kill_on_drop(false);
         let mut child = cmd
             .spawn()
-            .map_err(|e| BackendError::Start(format!("cannot run /bin/sh: {e}")))?;
+            .map_err(|e| BackendError::Start(format!("cannot start the sandbox process: {e}")))?;
         let pid = child
             .id()
             .ok_or_else(|| BackendError::Start("the process exited at once".into()))?
@@ -153,13 +227,7 @@ impl Backend for ProcessBackend {
                 signal,
             });
         });
-        let r = ProcRef { pid, start };
-        Ok(Started {
-            backend_ref: Some(
-                serde_json::to_string(&r).map_err(|e| BackendError::Start(e.to_string()))?,
-            ),
-            ip_address: Some(Ipv4Addr::LOCALHOST.to_string()),
-        })
+        Ok(self.handle(ProcRef { pid, start }))
     }
 
     async fn stop(&self, sb: &Sandbox) -> Result<(), BackendError> {
@@ -194,16 +262,16 @@ impl Backend for ProcessBackend {
         }
     }
 
-    async fn adopt(&self, sb: &Sandbox) -> Result<bool, BackendError> {
+    async fn adopt(&self, sb: &Sandbox) -> Result<Option<Started>, BackendError> {
         let Some(r) = parse_ref(sb) else {
-            return Ok(false);
+            return Ok(None);
         };
         if !is_same_process(r) {
             // The leader is gone; make sure nothing of its group lingers.
             if group_alive(r.pid) {
                 let _ = killpg(Pid::from_raw(r.pid), Signal::SIGKILL);
             }
-            return Ok(false);
+            return Ok(None);
         }
         // Not our child any more: watch it by polling until it is gone.
         let (id, generation, exits) = (sb.id.clone(), sb.generation, self.exits.clone());
@@ -218,10 +286,17 @@ impl Backend for ProcessBackend {
                 signal: None,
             });
         });
-        Ok(true)
+        Ok(Some(Started {
+            netns_pid: sb.netns_pid,
+            ..self.handle(r)
+        }))
     }
 
     fn upstream(&self, sb: &Sandbox, port: u16) -> Option<Upstream> {
+        if let Some(pid) = sb.netns_pid {
+            // Every port of the sandbox's own namespace is the sandbox's.
+            return (port != 0).then_some(Upstream::Netns { pid, port });
+        }
         let target = sb.target_port(port)?;
         Some(Upstream::Tcp(SocketAddr::from((
             Ipv4Addr::LOCALHOST,

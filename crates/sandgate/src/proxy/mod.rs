@@ -19,7 +19,6 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use crate::backend::{Backend, Upstream};
@@ -158,7 +157,7 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut parts.headers, false);
         if let Some(loc) = parts.headers.get(LOCATION) {
             let origin = public_origin(public_host.as_ref());
-            let ports = [target.port, key_port(upstream)];
+            let ports = [target.port, upstream.port()];
             let prefix = target.prefix.as_deref().unwrap_or("");
             if let Some(new) = headers::rewrite_location(loc, &ports, &origin, prefix) {
                 parts.headers.insert(LOCATION, new);
@@ -213,9 +212,8 @@ impl Proxy {
             public_host,
             target.prefix.as_deref(),
         );
-        let Upstream::Tcp(addr) = upstream;
         let mut buf = itoa::Buffer::new();
-        let port = buf.format(addr.port());
+        let port = buf.format(upstream.port());
         let mut host = String::with_capacity(10 + port.len());
         host.push_str("localhost:");
         host.push_str(port);
@@ -264,10 +262,9 @@ impl Proxy {
     /// Opens an upstream connection, retrying refused connections briefly (a port may be
     /// opening just now).
     async fn connect(&self, upstream: Upstream) -> Result<Sender, Dial> {
-        let Upstream::Tcp(addr) = upstream;
         let mut attempt = 0;
         let stream = loop {
-            match TcpStream::connect(addr).await {
+            match upstream.dial().await {
                 Ok(s) => break s,
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     if attempt >= self.retries {
@@ -279,7 +276,6 @@ impl Proxy {
                 Err(e) => return Err(Dial::Other(e)),
             }
         };
-        let _ = stream.set_nodelay(true);
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -303,11 +299,6 @@ impl Proxy {
             reason,
         }
     }
-}
-
-fn key_port(u: Upstream) -> u16 {
-    let Upstream::Tcp(addr) = u;
-    addr.port()
 }
 
 fn public_origin(host: Option<&HeaderValue>) -> String {

@@ -36,6 +36,7 @@ CREATE TABLE sandboxes (
     status_reason TEXT,
     backend_ref TEXT,
     ip_address TEXT,
+    netns_pid INTEGER,
     generation INTEGER NOT NULL,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
@@ -134,6 +135,7 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
         status_reason: row.try_get("status_reason")?,
         backend_ref: row.try_get("backend_ref")?,
         ip_address: row.try_get("ip_address")?,
+        netns_pid: row.try_get("netns_pid")?,
         generation: row.try_get("generation")?,
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
@@ -207,8 +209,8 @@ impl Store for SqliteStore {
         let res = sqlx::query(
             "INSERT INTO sandboxes (id, team_id, owner, name, runtime, mode, dev_server, command, \
              env, port, allocated_port, status, status_reason, backend_ref, ip_address, \
-             generation, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             netns_pid, generation, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&sb.id)
         .bind(team)
@@ -225,6 +227,7 @@ impl Store for SqliteStore {
         .bind(&sb.status_reason)
         .bind(&sb.backend_ref)
         .bind(&sb.ip_address)
+        .bind(sb.netns_pid)
         .bind(sb.generation)
         .bind(ts(&sb.created_at))
         .bind(ts(&sb.updated_at))
@@ -245,7 +248,8 @@ impl Store for SqliteStore {
         let env = serde_json::to_string(&sb.env).map_err(|e| corrupt(&sb.id, e))?;
         sqlx::query(
             "UPDATE sandboxes SET command = ?, env = ?, port = ?, status = ?, status_reason = ?, \
-             backend_ref = ?, ip_address = ?, generation = ?, updated_at = ? WHERE id = ?",
+             backend_ref = ?, ip_address = ?, netns_pid = ?, generation = ?, updated_at = ? \
+             WHERE id = ?",
         )
         .bind(&sb.command)
         .bind(env)
@@ -254,6 +258,7 @@ impl Store for SqliteStore {
         .bind(&sb.status_reason)
         .bind(&sb.backend_ref)
         .bind(&sb.ip_address)
+        .bind(sb.netns_pid)
         .bind(sb.generation)
         .bind(ts(&sb.updated_at))
         .bind(&sb.id)
@@ -318,6 +323,7 @@ mod tests {
             status_reason: None,
             backend_ref: None,
             ip_address: None,
+            netns_pid: None,
             generation: 0,
             created_at: now,
             updated_at: now,
