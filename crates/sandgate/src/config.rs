@@ -33,12 +33,15 @@ pub enum ConfigError {
 pub enum BackendKind {
     /// Local child processes (the embedded default; nothing to install).
     Process,
+    /// Containers on a Docker engine (`DOCKER_HOST`, else the local socket).
+    Docker,
 }
 
 impl BackendKind {
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Process => "process",
+            BackendKind::Docker => "docker",
         }
     }
 }
@@ -135,16 +138,71 @@ struct FileConfig {
     auth_enabled: Option<bool>,
     #[serde(default)]
     runtimes: BTreeMap<String, RuntimeConfig>,
+    #[serde(default)]
+    docker: DockerConfig,
 }
 
-/// A runtime defined (or overridden) in the configuration file.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// A runtime defined (or overridden) in the configuration file. Unset fields keep the
+/// built-in runtime's values.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// The program that must be installed for this runtime (checked on `PATH`).
-    pub program: String,
+    /// The program that must be installed for this runtime (process backend; on `PATH`).
+    pub program: Option<String>,
     /// Default dev-server command, run with `sh -c`; `$PORT` holds the port to listen on.
-    pub command: String,
+    pub command: Option<String>,
+    /// The image a Docker sandbox of this runtime runs (it must exist on the engine).
+    pub image: Option<String>,
+}
+
+/// Resource limits for one sandbox (Docker backend; the process backend records them).
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// CPUs (fractions allowed).
+    pub cpus: Option<f64>,
+    /// Memory in MiB.
+    pub memory_mb: Option<u64>,
+    /// Maximum number of processes.
+    pub pids_limit: Option<i64>,
+}
+
+impl Limits {
+    /// `self`, with unset values taken from `defaults`.
+    pub fn or(self, defaults: Limits) -> Limits {
+        Limits {
+            cpus: self.cpus.or(defaults.cpus),
+            memory_mb: self.memory_mb.or(defaults.memory_mb),
+            pids_limit: self.pids_limit.or(defaults.pids_limit),
+        }
+    }
+
+    /// Checks the values are usable.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(c) = self.cpus {
+            if !(c.is_finite() && c > 0.0 && c <= 1024.0) {
+                return Err(format!("cpus must be between 0 and 1024, got {c}"));
+            }
+        }
+        if self.memory_mb.is_some_and(|m| m < 6) {
+            return Err("memory_mb must be at least 6".into());
+        }
+        if self.pids_limit.is_some_and(|p| p < 1) {
+            return Err("pids_limit must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// `[docker]` in the configuration file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DockerConfig {
+    /// Default limits for every container; a create request may set its own.
+    #[serde(flatten)]
+    pub limits: Limits,
+    /// Docker network containers join (default: the engine's default bridge).
+    pub network: Option<String>,
 }
 
 /// The merged, validated configuration.
@@ -165,6 +223,7 @@ pub struct Config {
     pub stop_grace: Duration,
     pub api_body_limit: usize,
     pub runtimes: BTreeMap<String, RuntimeConfig>,
+    pub docker: DockerConfig,
 }
 
 pub const DEFAULT_PORT: u16 = 8070;
@@ -190,6 +249,7 @@ impl Config {
             stop_grace: Duration::from_secs(5),
             api_body_limit: 1024 * 1024,
             runtimes: BTreeMap::new(),
+            docker: DockerConfig::default(),
         }
     }
 
@@ -246,6 +306,7 @@ impl Config {
             .or(file.api_body_limit)
             .unwrap_or(c.api_body_limit);
         c.runtimes = file.runtimes;
+        c.docker = file.docker;
         if args.auth_enabled.or(file.auth_enabled).unwrap_or(false) {
             return Err(ConfigError::Invalid(
                 "AUTH_ENABLED=true: authentication is not available in this version of sandgate; \
@@ -303,9 +364,15 @@ impl Config {
             if !crate::model::valid_label(name) {
                 return bad(format!("runtime name {name:?} must be a lowercase label"));
             }
-            if rt.program.trim().is_empty() || rt.command.trim().is_empty() {
-                return bad(format!("runtime {name:?} needs a program and a command"));
+            let blank = |v: &Option<String>| v.as_ref().is_some_and(|v| v.trim().is_empty());
+            if blank(&rt.program) || blank(&rt.command) || blank(&rt.image) {
+                return bad(format!(
+                    "runtime {name:?}: program, command and image must not be empty"
+                ));
             }
+        }
+        if let Err(e) = self.docker.limits.validate() {
+            return bad(format!("[docker] {e}"));
         }
         Ok(())
     }
@@ -404,7 +471,7 @@ mod tests {
         assert_eq!(c.port, 9000);
         assert_eq!(c.domain, "example.test");
         assert_eq!(c.proxy_timeout, Duration::from_secs(5));
-        assert_eq!(c.runtimes["ruby"].program, "ruby");
+        assert_eq!(c.runtimes["ruby"].program.as_deref(), Some("ruby"));
         // PORT (seed 003) beats the file; GATEWAY_PORT/--port (clap) beat PORT.
         let c = Config::load(&args, |k| (k == "PORT").then(|| "9100".to_string())).unwrap();
         assert_eq!(c.port, 9100);

@@ -56,6 +56,8 @@ pub enum RunError {
     Reconcile(#[from] error::Error),
     #[error("isolation = netns, but this gateway cannot create network namespaces (needs root with CAP_SYS_ADMIN and the unshare and ip programs)")]
     NoIsolation,
+    #[error("the docker backend is not available in this build yet")]
+    NoDocker,
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -89,6 +91,7 @@ pub async fn run(
             exits_tx,
             isolated,
         )),
+        BackendKind::Docker => return Err(RunError::NoDocker),
     };
     let routes = Arc::new(Routes::default());
     let manager = Arc::new(Manager::new(

@@ -10,10 +10,11 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::backend::{Backend, Exit};
 use crate::config::Config;
+use crate::config::Limits;
 use crate::error::Error;
 use crate::model::{self, Mode, Sandbox, Status, DEFAULT_OWNER, DEFAULT_TEAM};
 use crate::routes::Routes;
-use crate::runtimes::{program_installed, Runtimes};
+use crate::runtimes::{Runtime, Runtimes};
 use crate::store::Store;
 
 /// First path segments that belong to the gateway, so no `/{owner}/{name}/` route may use them.
@@ -47,6 +48,9 @@ pub struct CreateSandbox {
     #[serde(alias = "user")]
     pub owner: Option<String>,
     pub port: Option<u16>,
+    pub cpus: Option<f64>,
+    pub memory_mb: Option<u64>,
+    pub pids_limit: Option<i64>,
 }
 
 pub struct Manager {
@@ -101,7 +105,7 @@ impl Manager {
     }
 
     /// Checks a create request and turns it into a new sandbox record (not yet stored).
-    fn prepare(&self, req: CreateSandbox) -> Result<Sandbox, Error> {
+    fn prepare(&self, req: CreateSandbox) -> Result<(Sandbox, Runtime), Error> {
         let bad = |m: String| Err(Error::Validation(m));
         let runtime_name = req.runtime.unwrap_or_else(|| "shell".into());
         let Some(runtime) = self.runtimes.get(&runtime_name) else {
@@ -111,12 +115,6 @@ impl Manager {
                 known.join(", ")
             )));
         };
-        if !program_installed(&runtime.program) {
-            return Err(Error::BadRequest(format!(
-                "runtime {runtime_name:?} needs the program {:?}, which is not installed on this host",
-                runtime.program
-            )));
-        }
         if let Some(cmd) = &req.command {
             if cmd.trim().is_empty() || cmd.len() > MAX_COMMAND || cmd.contains('\0') {
                 return bad(format!(
@@ -167,8 +165,14 @@ impl Manager {
         if !dev_server && req.port.is_some() {
             return bad("port is only meaningful with dev_server: true".into());
         }
+        let limits = Limits {
+            cpus: req.cpus,
+            memory_mb: req.memory_mb,
+            pids_limit: req.pids_limit,
+        };
+        limits.validate().map_err(Error::Validation)?;
         let now = model::now();
-        Ok(Sandbox {
+        let sandbox = Sandbox {
             id: model::new_id(),
             team: DEFAULT_TEAM.into(),
             owner,
@@ -178,6 +182,7 @@ impl Manager {
             dev_server,
             command,
             env: req.env,
+            limits: limits.or(self.config.docker.limits),
             port: req.port,
             allocated_port: None,
             status: Status::Creating,
@@ -188,7 +193,8 @@ impl Manager {
             generation: 1,
             created_at: now,
             updated_at: now,
-        })
+        };
+        Ok((sandbox, runtime.clone()))
     }
 
     /// Writes a changed record to the store, then the route table.
@@ -200,7 +206,11 @@ impl Manager {
     }
 
     pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox, Error> {
-        let mut sb = self.prepare(req)?;
+        let (mut sb, runtime) = self.prepare(req)?;
+        self.backend
+            .check_runtime(&runtime)
+            .await
+            .map_err(Error::BadRequest)?;
         let lock = self.lock_for(&sb.id);
         let _guard = lock.lock().await;
         let range = (sb.dev_server && self.backend.needs_host_port())

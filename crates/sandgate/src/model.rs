@@ -143,6 +143,8 @@ pub struct Sandbox {
     /// The command that runs (the runtime's default dev-server command unless given).
     pub command: String,
     pub env: BTreeMap<String, String>,
+    /// CPU, memory and process limits (enforced by the Docker backend).
+    pub limits: crate::config::Limits,
     /// The port the dev server listens on inside the sandbox, as clients name it.
     pub port: Option<u16>,
     /// The host port the allocator handed out (process backend: what the server binds).

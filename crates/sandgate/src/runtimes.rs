@@ -14,6 +14,8 @@ pub struct Runtime {
     pub program: String,
     /// Default dev-server command (`sh -c`, `$PORT` set); `None` for runtimes without one.
     pub dev_server: Option<String>,
+    /// Image for the Docker backend.
+    pub image: String,
 }
 
 const NODE_SERVER: &str = r#"exec node -e 'const h=require("http"),f=require("fs"),p=require("path");h.createServer((q,s)=>{const u=decodeURIComponent(q.url.split("?")[0]);let t=p.join(process.cwd(),p.normalize(u));try{if(f.statSync(t).isDirectory())t=p.join(t,"index.html");f.createReadStream(t).on("error",()=>{s.writeHead(404);s.end("not found")}).pipe(s)}catch(e){s.writeHead(404);s.end("not found")}}).listen(process.env.PORT,"127.0.0.1")'"#;
@@ -25,6 +27,13 @@ fn builtins() -> Vec<Runtime> {
         name: name.into(),
         program: program.into(),
         dev_server: dev.map(str::to_string),
+        image: match name {
+            "python" => "python:3-slim",
+            "node" => "node:lts-slim",
+            "bun" => "oven/bun:slim",
+            _ => "busybox:latest",
+        }
+        .into(),
     };
     vec![
         rt(
@@ -58,12 +67,19 @@ impl Runtimes {
             .map(|r| (r.name.clone(), r))
             .collect();
         for (name, rc) in configured {
+            let base = by_name.remove(name).unwrap_or_else(|| Runtime {
+                name: name.clone(),
+                program: "sh".into(),
+                dev_server: None,
+                image: "busybox:latest".into(),
+            });
             by_name.insert(
                 name.clone(),
                 Runtime {
                     name: name.clone(),
-                    program: rc.program.clone(),
-                    dev_server: Some(rc.command.clone()),
+                    program: rc.program.clone().unwrap_or(base.program),
+                    dev_server: rc.command.clone().or(base.dev_server),
+                    image: rc.image.clone().unwrap_or(base.image),
                 },
             );
         }
@@ -103,15 +119,16 @@ mod tests {
         conf.insert(
             "python".to_string(),
             RuntimeConfig {
-                program: "python3".into(),
-                command: "exec python3 app.py".into(),
+                command: Some("exec python3 app.py".into()),
+                ..Default::default()
             },
         );
         conf.insert(
             "ruby".to_string(),
             RuntimeConfig {
-                program: "ruby".into(),
-                command: "exec ruby -run -e httpd".into(),
+                program: Some("ruby".into()),
+                command: Some("exec ruby -run -e httpd".into()),
+                image: Some("ruby:3".into()),
             },
         );
         let r = Runtimes::new(&conf);
@@ -119,7 +136,8 @@ mod tests {
             r.get("python").unwrap().dev_server.as_deref(),
             Some("exec python3 app.py")
         );
-        assert!(r.get("ruby").is_some());
+        assert_eq!(r.get("python").unwrap().program, "python3");
+        assert_eq!(r.get("ruby").unwrap().image, "ruby:3");
         assert!(r.get("shell").unwrap().dev_server.is_none());
         assert!(r.get("cobol").is_none());
     }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 
 use crate::model::Sandbox;
+use crate::runtimes::Runtime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -78,6 +79,9 @@ pub trait Backend: Send + Sync {
     fn kind(&self) -> &'static str;
     /// How sandboxes are isolated from each other and the host, for `/health`.
     fn isolation(&self) -> &'static str;
+    /// Whether sandboxes of `runtime` can be created here (its program is installed, its image
+    /// exists); the message says what is missing, for a 400.
+    async fn check_runtime(&self, runtime: &Runtime) -> Result<(), String>;
     /// Whether dev-server sandboxes need a host port from the allocator (no own namespace).
     fn needs_host_port(&self) -> bool;
     /// The dev-server port a sandbox gets when the create names none (`None`: the

@@ -26,6 +26,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Backend, BackendError, Exit, Started, Upstream};
 use crate::model::Sandbox;
+use crate::runtimes::Runtime;
 
 const LOG_FILE: &str = "sandbox.log";
 const WORK_DIR: &str = "work";
@@ -166,6 +167,17 @@ impl Backend for ProcessBackend {
             "netns"
         } else {
             "shared-host"
+        }
+    }
+
+    async fn check_runtime(&self, runtime: &Runtime) -> Result<(), String> {
+        if crate::runtimes::program_installed(&runtime.program) {
+            Ok(())
+        } else {
+            Err(format!(
+                "runtime {:?} needs the program {:?}, which is not installed on this host",
+                runtime.name, runtime.program
+            ))
         }
     }
 

@@ -30,6 +30,7 @@ CREATE TABLE sandboxes (
     dev_server INTEGER NOT NULL,
     command TEXT NOT NULL,
     env TEXT NOT NULL,
+    limits TEXT NOT NULL DEFAULT '{}',
     port INTEGER,
     allocated_port INTEGER,
     status TEXT NOT NULL,
@@ -118,6 +119,7 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
             .transpose()
     };
     let env: String = row.try_get("env")?;
+    let limits: String = row.try_get("limits")?;
     let mode: String = row.try_get("mode")?;
     let status: String = row.try_get("status")?;
     Ok(Sandbox {
@@ -129,6 +131,7 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
         dev_server: row.try_get("dev_server")?,
         command: row.try_get("command")?,
         env: serde_json::from_str(&env).map_err(|e| corrupt(&id, e))?,
+        limits: serde_json::from_str(&limits).map_err(|e| corrupt(&id, e))?,
         port: port("port")?,
         allocated_port: port("allocated_port")?,
         status: status.parse().map_err(|e: String| corrupt(&id, e))?,
@@ -208,9 +211,9 @@ impl Store for SqliteStore {
         };
         let res = sqlx::query(
             "INSERT INTO sandboxes (id, team_id, owner, name, runtime, mode, dev_server, command, \
-             env, port, allocated_port, status, status_reason, backend_ref, ip_address, \
+             env, limits, port, allocated_port, status, status_reason, backend_ref, ip_address, \
              netns_pid, generation, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&sb.id)
         .bind(team)
@@ -221,6 +224,7 @@ impl Store for SqliteStore {
         .bind(sb.dev_server)
         .bind(&sb.command)
         .bind(env)
+        .bind(serde_json::to_string(&sb.limits).map_err(|e| corrupt(&sb.id, e))?)
         .bind(sb.port.map(i64::from))
         .bind(allocated.map(i64::from))
         .bind(sb.status.as_str())
@@ -317,6 +321,7 @@ mod tests {
             dev_server: true,
             command: "true".into(),
             env: [("A".to_string(), "1".to_string())].into(),
+            limits: Default::default(),
             port: Some(3000),
             allocated_port: None,
             status: Status::Creating,
