@@ -106,6 +106,14 @@ pub struct ServeArgs {
     /// Seconds a stopping sandbox gets between SIGTERM and SIGKILL.
     #[arg(long, env = "SANDGATE_STOP_GRACE")]
     pub stop_grace: Option<f64>,
+    /// Seconds without use (proxied request, WebSocket traffic, API call) after which a
+    /// persistent sandbox is stopped and an ephemeral one deleted; 0 never reaps.
+    #[arg(long, env = "SANDGATE_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<f64>,
+    /// Seconds a request to a stopped persistent sandbox waits for it to start and open its
+    /// port before getting 503 with `Retry-After`.
+    #[arg(long, env = "SANDGATE_WAKE_TIMEOUT")]
+    pub wake_timeout: Option<f64>,
     /// Largest control-API request body, in bytes.
     #[arg(long, env = "SANDGATE_API_BODY_LIMIT")]
     pub api_body_limit: Option<usize>,
@@ -134,6 +142,8 @@ struct FileConfig {
     max_concurrent_requests: Option<usize>,
     max_retries: Option<u32>,
     stop_grace: Option<f64>,
+    idle_timeout: Option<f64>,
+    wake_timeout: Option<f64>,
     api_body_limit: Option<usize>,
     auth_enabled: Option<bool>,
     #[serde(default)]
@@ -221,6 +231,9 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     pub max_retries: u32,
     pub stop_grace: Duration,
+    /// `None`: never reap idle sandboxes.
+    pub idle_timeout: Option<Duration>,
+    pub wake_timeout: Duration,
     pub api_body_limit: usize,
     pub runtimes: BTreeMap<String, RuntimeConfig>,
     pub docker: DockerConfig,
@@ -247,6 +260,8 @@ impl Config {
             max_concurrent_requests: 10_000,
             max_retries: 3,
             stop_grace: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            wake_timeout: Duration::from_secs(15),
             api_body_limit: 1024 * 1024,
             runtimes: BTreeMap::new(),
             docker: DockerConfig::default(),
@@ -300,6 +315,14 @@ impl Config {
             .unwrap_or(c.max_retries);
         if let Some(secs) = args.stop_grace.or(file.stop_grace) {
             c.stop_grace = seconds("SANDGATE_STOP_GRACE", secs)?;
+        }
+        match args.idle_timeout.or(file.idle_timeout) {
+            Some(0.0) => c.idle_timeout = None,
+            Some(secs) => c.idle_timeout = Some(seconds("SANDGATE_IDLE_TIMEOUT", secs)?),
+            None => {}
+        }
+        if let Some(secs) = args.wake_timeout.or(file.wake_timeout) {
+            c.wake_timeout = seconds("SANDGATE_WAKE_TIMEOUT", secs)?;
         }
         c.api_body_limit = args
             .api_body_limit

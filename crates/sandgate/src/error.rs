@@ -46,6 +46,8 @@ pub enum Error {
     PayloadTooLarge(usize),
     #[error("{0}")]
     Conflict(String),
+    #[error("sandbox {0} is starting; retry shortly")]
+    Starting(String),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
     #[error("no free port left in the sandbox port range {0}")]
@@ -79,6 +81,7 @@ impl Error {
             Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
             PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Starting(_) => (StatusCode::SERVICE_UNAVAILABLE, "sandbox_starting"),
             Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             PortsExhausted(_) => (StatusCode::SERVICE_UNAVAILABLE, "ports_exhausted"),
             RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -100,6 +103,7 @@ impl Error {
     fn retry_after(&self) -> Option<u64> {
         match self {
             Error::Overloaded => Some(1),
+            Error::Starting(_) => Some(2),
             Error::PortsExhausted(_) => Some(30),
             _ => None,
         }
@@ -115,7 +119,7 @@ impl Error {
         let details = self.details();
         let (body, ctype) = if html {
             (
-                html_page(status, &message, details.as_deref()),
+                html_page(status, &message, details.as_deref(), self.retry_after()),
                 "text/html; charset=utf-8",
             )
         } else {
@@ -144,7 +148,12 @@ pub fn wants_html(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("text/html"))
 }
 
-fn html_page(status: StatusCode, message: &str, details: Option<&str>) -> String {
+fn html_page(
+    status: StatusCode,
+    message: &str,
+    details: Option<&str>,
+    refresh: Option<u64>,
+) -> String {
     let esc = |s: &str| {
         s.replace('&', "&amp;")
             .replace('<', "&lt;")
@@ -152,10 +161,13 @@ fn html_page(status: StatusCode, message: &str, details: Option<&str>) -> String
             .replace('"', "&quot;")
     };
     format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{code} {reason}</title>\
+        "<!doctype html><html><head><meta charset=\"utf-8\">{refresh}<title>{code} {reason}</title>\
          <style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:4em auto;color:#222}}\
          small{{color:#666}}</style></head><body><h1>{code} {reason}</h1><p>{msg}</p>{det}\
          <p><small>sandgate</small></p></body></html>",
+        refresh = refresh
+            .map(|s| format!("<meta http-equiv=\"refresh\" content=\"{s}\">"))
+            .unwrap_or_default(),
         code = status.as_u16(),
         reason = status.canonical_reason().unwrap_or(""),
         msg = esc(message),

@@ -7,6 +7,7 @@
 //! - [`store`]: durable state (SQLite) and port allocation.
 //! - [`backend`]: what runs sandboxes (`process` today).
 //! - [`manager`]: the one place that changes sandboxes; reconciles after restarts.
+//! - [`lifecycle`]: background tasks (the idle reaper).
 //! - [`routes`]: the in-memory route table the proxy reads.
 //! - [`routing`]: request → sandbox route, pure.
 //! - [`proxy`]: forwarding, pooling, upgrades, header rules.
@@ -18,6 +19,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod lifecycle;
 pub mod manager;
 pub mod model;
 pub mod proxy;
@@ -122,6 +124,14 @@ pub async fn run(
             }
         })
     };
+    let reaper = config.idle_timeout.map(|idle| {
+        tokio::spawn(lifecycle::reap_idle(
+            manager.clone(),
+            routes.clone(),
+            idle,
+            shutdown.clone(),
+        ))
+    });
     let state = AppState {
         public_base: config.public_base(bound_port).into(),
         config: config.clone(),
@@ -139,6 +149,9 @@ pub async fn run(
     );
     let gateway = Arc::new(server::Gateway::new(state));
     server::serve(listener, gateway, shutdown).await;
+    if let Some(reaper) = reaper {
+        let _ = reaper.await;
+    }
     manager.shutdown().await;
     sweeper.abort();
     exit_watcher.abort();

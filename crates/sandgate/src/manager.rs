@@ -286,6 +286,31 @@ impl Manager {
         self.save(sb).await
     }
 
+    /// Stops (persistent) or deletes (ephemeral) a running sandbox unused for `idle`,
+    /// re-checking under its lock so a request that just arrived keeps it alive.
+    pub async fn reap_if_idle(&self, id: &str, idle: std::time::Duration) -> Result<(), Error> {
+        let lock = self.lock_for(id);
+        let guard = lock.lock().await;
+        let Some(entry) = self.routes.get(id) else {
+            return Ok(());
+        };
+        if entry.status != Status::Running || entry.idle_ms() < idle.as_millis() as i64 {
+            return Ok(());
+        }
+        let mut sb = self.get(id).await?;
+        let reason = format!("idle for {}s", idle.as_secs());
+        tracing::info!(sandbox = %id, mode = sb.mode.as_str(), %reason, "reaping idle sandbox");
+        match sb.mode {
+            Mode::Persistent => self.stop_locked(&mut sb, &reason).await,
+            Mode::Ephemeral => {
+                self.delete_locked(&mut sb).await?;
+                drop(guard);
+                self.forget_lock(id);
+                Ok(())
+            }
+        }
+    }
+
     pub async fn start(&self, id: &str) -> Result<Sandbox, Error> {
         self.get(id).await?;
         let lock = self.lock_for(id);
@@ -307,6 +332,8 @@ impl Manager {
                 sb.status = Status::Running;
                 sb.status_reason = None;
                 self.save(&mut sb).await?;
+                // A start is use: the idle clock restarts.
+                self.routes.touch(&sb.id);
                 Ok(sb)
             }
             Err(e) => {

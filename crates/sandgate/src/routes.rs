@@ -1,15 +1,50 @@
 //! The in-memory route table the proxy reads on every request: sandbox id (and `owner/name`)
-//! to the current sandbox record. Written through by the manager on every change; lookups take
-//! a read lock for a hash probe and an `Arc` clone, and no lock is ever held across `.await`.
+//! to the current sandbox record and its last activity. Written through by the manager on
+//! every change; lookups take a read lock for a hash probe and an `Arc` clone, and no lock is
+//! ever held across `.await`.
 
 use std::collections::HashMap;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::model::Sandbox;
 
+/// A routed sandbox: its record plus when it was last used (ms since the Unix epoch).
+#[derive(Debug)]
+pub struct Entry {
+    sandbox: Sandbox,
+    last_active_ms: AtomicI64,
+}
+
+impl Entry {
+    /// Records use of the sandbox now (a proxied request, WebSocket traffic, API use).
+    pub fn touch(&self) {
+        self.last_active_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the sandbox was last used.
+    pub fn idle_ms(&self) -> i64 {
+        now_ms() - self.last_active_ms.load(Ordering::Relaxed)
+    }
+}
+
+impl Deref for Entry {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        &self.sandbox
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 #[derive(Default)]
 struct Table {
-    by_id: HashMap<String, Arc<Sandbox>>,
+    by_id: HashMap<String, Arc<Entry>>,
     /// owner → name → id (nested so lookups need no key allocation).
     by_path: HashMap<String, HashMap<String, String>>,
 }
@@ -20,11 +55,11 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn get(&self, id: &str) -> Option<Arc<Sandbox>> {
+    pub fn get(&self, id: &str) -> Option<Arc<Entry>> {
         self.read().by_id.get(id).cloned()
     }
 
-    pub fn get_by_path(&self, owner: &str, name: &str) -> Option<Arc<Sandbox>> {
+    pub fn get_by_path(&self, owner: &str, name: &str) -> Option<Arc<Entry>> {
         let t = self.read();
         let id = t.by_path.get(owner)?.get(name)?;
         t.by_id.get(id).cloned()
@@ -38,22 +73,39 @@ impl Routes {
         self.len() == 0
     }
 
-    pub fn all(&self) -> Vec<Arc<Sandbox>> {
+    /// Every entry, oldest sandbox first.
+    pub fn all(&self) -> Vec<Arc<Entry>> {
         let mut v: Vec<_> = self.read().by_id.values().cloned().collect();
         v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         v
     }
 
-    /// Inserts or replaces a sandbox's route.
+    /// Inserts or replaces a sandbox's route, keeping its activity (a new one counts as used
+    /// now).
     pub fn put(&self, sb: Sandbox) {
         let mut t = self.write();
+        let last = t
+            .by_id
+            .get(&sb.id)
+            .map_or_else(now_ms, |e| e.last_active_ms.load(Ordering::Relaxed));
         if let Some(name) = &sb.name {
             t.by_path
                 .entry(sb.owner.clone())
                 .or_default()
                 .insert(name.clone(), sb.id.clone());
         }
-        t.by_id.insert(sb.id.clone(), Arc::new(sb));
+        let entry = Entry {
+            last_active_ms: AtomicI64::new(last),
+            sandbox: sb,
+        };
+        t.by_id.insert(entry.id.clone(), Arc::new(entry));
+    }
+
+    /// Marks a sandbox used now, if it is known.
+    pub fn touch(&self, id: &str) {
+        if let Some(e) = self.read().by_id.get(id) {
+            e.touch();
+        }
     }
 
     pub fn remove(&self, id: &str) {

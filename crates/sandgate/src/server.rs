@@ -19,9 +19,10 @@ use tower::ServiceExt;
 
 use crate::api::AppState;
 use crate::error::{wants_html, Error};
-use crate::model::Sandbox;
+use crate::model::{Mode, Sandbox, Status};
 use crate::proxy::body::GatewayBody;
 use crate::proxy::Target;
+use crate::routes::Entry;
 use crate::routing::{self, Route};
 
 /// How long open connections get to finish after shutdown begins.
@@ -57,7 +58,7 @@ impl Gateway {
             Ok(r) => r,
             Err(e) => return Decision::Fail(e),
         };
-        let found = |sb: Option<Arc<Sandbox>>, id: &str| {
+        let found = |sb: Option<Arc<Entry>>, id: &str| {
             sb.ok_or_else(|| Error::SandboxNotFound(id.to_string()))
         };
         let dev_port = |sb: &Sandbox| {
@@ -122,7 +123,20 @@ impl Gateway {
     ) -> Result<Response<GatewayBody>, Infallible> {
         let html = wants_html(req.headers());
         let resp = match self.decide(&req) {
-            Decision::Proxy(target) => self.state.proxy.forward(req, peer, target).await,
+            Decision::Proxy(mut target) => {
+                let asleep = target.sandbox.status == Status::Stopped
+                    && target.sandbox.mode == Mode::Persistent;
+                match asleep {
+                    true => match self.wake(&target).await {
+                        Ok(entry) => {
+                            target.sandbox = entry;
+                            self.state.proxy.forward(req, peer, target).await
+                        }
+                        Err(e) => Err(e),
+                    },
+                    false => self.state.proxy.forward(req, peer, target).await,
+                }
+            }
             Decision::Api => {
                 let resp = self
                     .api
@@ -145,6 +159,36 @@ impl Gateway {
             Decision::Fail(e) => Err(e),
         };
         Ok(resp.unwrap_or_else(|e| e.to_response(html).map(GatewayBody::full)))
+    }
+}
+
+impl Gateway {
+    /// Starts a stopped persistent sandbox for the request that reached it, and waits (bounded
+    /// by `wake_timeout`) for its port to accept connections.
+    async fn wake(&self, target: &Target) -> Result<Arc<Entry>, Error> {
+        let id = &target.sandbox.id;
+        tracing::info!(sandbox = %id, "waking on request");
+        self.state.manager.start(id).await?;
+        let entry = self
+            .state
+            .routes
+            .get(id)
+            .ok_or_else(|| Error::SandboxNotFound(id.clone()))?;
+        let Some(upstream) = self.state.manager.backend().upstream(&entry, target.port) else {
+            return Ok(entry); // the proxy reports the unexposed port
+        };
+        let deadline = tokio::time::Instant::now() + self.state.config.wake_timeout;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if upstream.dial().await.is_ok() {
+                return Ok(entry);
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(Error::Starting(id.clone()));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
     }
 }
 

@@ -150,6 +150,7 @@ async fn inspect(
     Path(id): Path<String>,
 ) -> Result<Json<SandboxView>, Error> {
     let sb = state.manager.get(&id).await?;
+    state.routes.touch(&id);
     Ok(Json(SandboxView::new(&sb, &state)))
 }
 
@@ -198,6 +199,7 @@ async fn remove(
 /// The sandbox's captured stdout and stderr, streamed as plain text.
 async fn logs(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, Error> {
     let sb = state.manager.get(&id).await?;
+    state.routes.touch(&id);
     let Some(path) = state.manager.backend().log_path(&sb) else {
         return Err(Error::RouteNotFound(format!(
             "the {} backend keeps no log file",

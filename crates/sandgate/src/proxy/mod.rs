@@ -7,6 +7,7 @@
 pub mod body;
 pub mod headers;
 pub mod pool;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,12 +25,13 @@ use tokio::sync::Semaphore;
 use crate::backend::{Backend, Upstream};
 use crate::error::Error;
 use crate::model::{Sandbox, Status};
+use crate::routes::Entry;
 use body::{GatewayBody, Release};
 use pool::{Pool, PoolKey, Sender};
 
 /// Where a routed request goes.
 pub struct Target {
-    pub sandbox: Arc<Sandbox>,
+    pub sandbox: Arc<Entry>,
     pub port: u16,
     /// The path prefix that routed it (`/sandbox/{id}` or `/{owner}/{name}`), stripped before
     /// forwarding and announced in `X-Forwarded-Prefix`; `None` for host routes.
@@ -93,6 +95,7 @@ impl Proxy {
             .try_acquire_owned()
             .map_err(|_| Error::Overloaded)?;
         let sb = &target.sandbox;
+        sb.touch();
         if sb.status != Status::Running {
             return Err(Error::NotRunning {
                 id: sb.id.clone(),
@@ -147,7 +150,11 @@ impl Proxy {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade =
                     hyper::upgrade::on(Response::from_parts(parts.clone(), body));
-                tokio::spawn(splice(client_upgrade, upstream_upgrade, sb.id.clone()));
+                tokio::spawn(upgrade::splice(
+                    client_upgrade,
+                    upstream_upgrade,
+                    target.sandbox.clone(),
+                ));
                 // The permit covers requests, not long-lived upgraded connections.
                 drop(permit);
                 headers::strip_hop_by_hop(&mut parts.headers, true);
@@ -305,26 +312,5 @@ fn public_origin(host: Option<&HeaderValue>) -> String {
     match host.and_then(|h| h.to_str().ok()) {
         Some(h) => format!("http://{h}"),
         None => String::new(),
-    }
-}
-
-/// Copies bytes both ways between an upgraded client and upstream until either side closes.
-/// No timeout applies: an idle WebSocket is a healthy WebSocket.
-async fn splice(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    id: String,
-) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(sandbox = %id, error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(sandbox = %id, error = %e, "upgraded connection ended");
     }
 }
