@@ -258,11 +258,8 @@ fn sse_hold() -> Resp {
 }
 
 fn event_stream(body: UnsyncBoxBody<Bytes, Infallible>) -> Resp {
-    let resp = respond(
-        StatusCode::OK,
-        "text/event-stream",
-        FixtureBody::Stream(body),
-    );
+    let body = FixtureBody::Stream(body);
+    let resp = respond(StatusCode::OK, "text/event-stream", body);
     with(resp, header::CACHE_CONTROL, "no-cache")
 }
 
@@ -277,11 +274,13 @@ fn query_param(query: Option<&str>, name: &str) -> Option<u64> {
 /// Accepts a WebSocket upgrade and echoes messages on a task of its own.
 fn websocket(mut req: Request<Incoming>) -> Resp {
     let headers = req.headers();
-    let key = (has_token(headers, header::CONNECTION, "upgrade")
-        && has_token(headers, header::UPGRADE, "websocket"))
-    .then(|| headers.get(header::SEC_WEBSOCKET_KEY))
-    .flatten();
-    let Some(Ok(accept)) = key.map(|key| derive_accept_key(key.as_bytes()).try_into()) else {
+    let is_upgrade = has_token(headers, header::CONNECTION, "upgrade")
+        && has_token(headers, header::UPGRADE, "websocket");
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|_| is_upgrade);
+    let accept = key.map(|key| HeaderValue::try_from(derive_accept_key(key.as_bytes())));
+    let Some(Ok(accept)) = accept else {
         return text(StatusCode::BAD_REQUEST, "expected a websocket upgrade");
     };
 
