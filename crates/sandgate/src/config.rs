@@ -114,6 +114,9 @@ pub struct ServeArgs {
     /// port before getting 503 with `Retry-After`.
     #[arg(long, env = "SANDGATE_WAKE_TIMEOUT")]
     pub wake_timeout: Option<f64>,
+    /// Threads serving requests (default: 1 on machines with up to 2 cores, else one per core).
+    #[arg(long, env = "SANDGATE_WORKERS")]
+    pub workers: Option<usize>,
     /// Largest control-API request body, in bytes.
     #[arg(long, env = "SANDGATE_API_BODY_LIMIT")]
     pub api_body_limit: Option<usize>,
@@ -144,6 +147,7 @@ struct FileConfig {
     stop_grace: Option<f64>,
     idle_timeout: Option<f64>,
     wake_timeout: Option<f64>,
+    workers: Option<usize>,
     api_body_limit: Option<usize>,
     auth_enabled: Option<bool>,
     #[serde(default)]
@@ -234,6 +238,7 @@ pub struct Config {
     /// `None`: never reap idle sandboxes.
     pub idle_timeout: Option<Duration>,
     pub wake_timeout: Duration,
+    pub workers: usize,
     pub api_body_limit: usize,
     pub runtimes: BTreeMap<String, RuntimeConfig>,
     pub docker: DockerConfig,
@@ -262,6 +267,7 @@ impl Config {
             stop_grace: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(3600)),
             wake_timeout: Duration::from_secs(15),
+            workers: default_workers(),
             api_body_limit: 1024 * 1024,
             runtimes: BTreeMap::new(),
             docker: DockerConfig::default(),
@@ -324,6 +330,7 @@ impl Config {
         if let Some(secs) = args.wake_timeout.or(file.wake_timeout) {
             c.wake_timeout = seconds("SANDGATE_WAKE_TIMEOUT", secs)?;
         }
+        c.workers = args.workers.or(file.workers).unwrap_or(c.workers);
         c.api_body_limit = args
             .api_body_limit
             .or(file.api_body_limit)
@@ -352,6 +359,9 @@ impl Config {
         }
         if self.max_concurrent_requests == 0 {
             return bad("MAX_CONCURRENT_REQUESTS must be at least 1".into());
+        }
+        if !(1..=1024).contains(&self.workers) {
+            return bad(format!("workers must be from 1 to 1024, got {}", self.workers));
         }
         if self.max_retries > 20 {
             return bad("MAX_RETRIES must be at most 20".into());
@@ -410,6 +420,15 @@ impl Config {
                 ip => format!("http://{ip}:{bound_port}"),
             },
         }
+    }
+}
+
+/// One thread on small machines (the other core is left to sandboxes and clients: measured to
+/// serve more requests than two contending threads), else one per core.
+fn default_workers() -> usize {
+    match std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        n if n <= 2 => 1,
+        n => n,
     }
 }
 
