@@ -361,7 +361,10 @@ impl Config {
             return bad("MAX_CONCURRENT_REQUESTS must be at least 1".into());
         }
         if !(1..=1024).contains(&self.workers) {
-            return bad(format!("workers must be from 1 to 1024, got {}", self.workers));
+            return bad(format!(
+                "workers must be from 1 to 1024, got {}",
+                self.workers
+            ));
         }
         if self.max_retries > 20 {
             return bad("MAX_RETRIES must be at most 20".into());

@@ -5,7 +5,7 @@
 //! - [`config`]: one validated configuration from file < environment < flags.
 //! - [`model`]: the sandbox record, ids, statuses.
 //! - [`store`]: durable state (SQLite) and port allocation.
-//! - [`backend`]: what runs sandboxes (`process` today).
+//! - [`backend`]: what runs sandboxes (`process`, `docker`).
 //! - [`manager`]: the one place that changes sandboxes; reconciles after restarts.
 //! - [`lifecycle`]: background tasks (the idle reaper).
 //! - [`routes`]: the in-memory route table the proxy reads.
@@ -36,6 +36,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
+use crate::backend::docker::DockerBackend;
 use crate::backend::process::{self, ProcessBackend};
 use crate::backend::Backend;
 use crate::config::{BackendKind, Config, Isolation};
@@ -58,14 +59,46 @@ pub enum RunError {
     Reconcile(#[from] error::Error),
     #[error("isolation = netns, but this gateway cannot create network namespaces (needs root with CAP_SYS_ADMIN and the unshare and ip programs)")]
     NoIsolation,
-    #[error("the docker backend is not available in this build yet")]
-    NoDocker,
+    #[error("docker backend: {0}")]
+    Docker(String),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
 }
 
+/// Builds the configured backend.
+async fn build_backend(
+    config: &Config,
+    store: &dyn Store,
+    sandboxes_dir: std::path::PathBuf,
+    exits: tokio::sync::mpsc::UnboundedSender<backend::Exit>,
+) -> Result<Arc<dyn Backend>, RunError> {
+    Ok(match config.backend {
+        BackendKind::Process => {
+            let isolated = match config.isolation {
+                Isolation::None => false,
+                Isolation::Auto => process::isolation_available(),
+                Isolation::Netns if process::isolation_available() => true,
+                Isolation::Netns => return Err(RunError::NoIsolation),
+            };
+            Arc::new(ProcessBackend::new(
+                sandboxes_dir,
+                config.stop_grace,
+                exits,
+                isolated,
+            ))
+        }
+        BackendKind::Docker => Arc::new(
+            DockerBackend::open(config, store, exits)
+                .await
+                .map_err(RunError::Docker)?,
+        ),
+    })
+}
+
 /// Runs the gateway on an already-bound listener until `shutdown` fires; then drains
-/// connections and stops every running sandbox (records are kept, marked `stopped`).
+/// connections and, for backends whose sandboxes must not outlive the gateway (processes),
+/// stops every running sandbox (records are kept, marked `stopped`). Containers keep running
+/// and are re-adopted by the next start.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -80,21 +113,7 @@ pub async fn run(
     })?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_url).await?);
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
-    let isolated = match config.isolation {
-        Isolation::None => false,
-        Isolation::Auto => process::isolation_available(),
-        Isolation::Netns if process::isolation_available() => true,
-        Isolation::Netns => return Err(RunError::NoIsolation),
-    };
-    let backend: Arc<dyn Backend> = match config.backend {
-        BackendKind::Process => Arc::new(ProcessBackend::new(
-            sandboxes_dir,
-            config.stop_grace,
-            exits_tx,
-            isolated,
-        )),
-        BackendKind::Docker => return Err(RunError::NoDocker),
-    };
+    let backend = build_backend(&config, store.as_ref(), sandboxes_dir, exits_tx).await?;
     let routes = Arc::new(Routes::default());
     let manager = Arc::new(Manager::new(
         config.clone(),

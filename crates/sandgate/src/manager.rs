@@ -440,9 +440,13 @@ impl Manager {
         Ok(())
     }
 
-    /// Graceful shutdown: stops every running sandbox so no process outlives the gateway; the
-    /// records stay, marked `stopped`, and can be started again.
+    /// Graceful shutdown: unless the backend's sandboxes may outlive the gateway (containers),
+    /// stops every running sandbox so no process outlives it; the records stay, marked
+    /// `stopped`, and can be started again.
     pub async fn shutdown(&self) {
+        if !self.backend.stop_on_shutdown() {
+            return;
+        }
         let running: Vec<_> = self
             .routes
             .all()

@@ -1,6 +1,7 @@
 //! The `Backend` trait: what runs sandboxes (local processes now; Docker and Kubernetes slot in
 //! behind the same trait) and how the proxy reaches a sandbox's port.
 
+pub mod docker;
 pub mod netns;
 pub mod process;
 
@@ -79,6 +80,11 @@ pub trait Backend: Send + Sync {
     fn kind(&self) -> &'static str;
     /// How sandboxes are isolated from each other and the host, for `/health`.
     fn isolation(&self) -> &'static str;
+    /// Whether a clean gateway shutdown stops this backend's sandboxes (processes must not
+    /// outlive the gateway) or leaves them running for the next gateway to re-adopt.
+    fn stop_on_shutdown(&self) -> bool {
+        true
+    }
     /// Whether sandboxes of `runtime` can be created here (its program is installed, its image
     /// exists); the message says what is missing, for a 400.
     async fn check_runtime(&self, runtime: &Runtime) -> Result<(), String>;
