@@ -28,7 +28,7 @@ pub async fn reap_idle(
         let due = routes
             .all()
             .into_iter()
-            .filter(|e| e.status == Status::Running && e.idle_ms() >= idle_ms);
+            .filter(|e| e.status == Status::Running && !e.busy() && e.idle_ms() >= idle_ms);
         for entry in due {
             if let Err(e) = manager.reap_if_idle(&entry.id, idle).await {
                 tracing::warn!(sandbox = %entry.id, error = %e, "could not reap idle sandbox");

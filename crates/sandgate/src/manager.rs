@@ -294,7 +294,10 @@ impl Manager {
         let Some(entry) = self.routes.get(id) else {
             return Ok(());
         };
-        if entry.status != Status::Running || entry.idle_ms() < idle.as_millis() as i64 {
+        if entry.status != Status::Running
+            || entry.busy()
+            || entry.idle_ms() < idle.as_millis() as i64
+        {
             return Ok(());
         }
         let mut sb = self.get(id).await?;

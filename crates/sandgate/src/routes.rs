@@ -5,27 +5,61 @@
 
 use std::collections::HashMap;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::model::Sandbox;
 
-/// A routed sandbox: its record plus when it was last used (ms since the Unix epoch).
+/// How a sandbox is being used; shared by every version of its entry.
+#[derive(Debug)]
+struct Activity {
+    /// Last use, in ms since the Unix epoch.
+    last_active_ms: AtomicI64,
+    /// Proxied requests whose responses are still streaming.
+    in_flight: AtomicUsize,
+}
+
+/// A routed sandbox: its record plus its activity.
 #[derive(Debug)]
 pub struct Entry {
     sandbox: Sandbox,
-    last_active_ms: AtomicI64,
+    activity: Arc<Activity>,
 }
 
 impl Entry {
     /// Records use of the sandbox now (a proxied request, WebSocket traffic, API use).
     pub fn touch(&self) {
-        self.last_active_ms.store(now_ms(), Ordering::Relaxed);
+        self.activity
+            .last_active_ms
+            .store(now_ms(), Ordering::Relaxed);
     }
 
     /// Milliseconds since the sandbox was last used.
     pub fn idle_ms(&self) -> i64 {
-        now_ms() - self.last_active_ms.load(Ordering::Relaxed)
+        now_ms() - self.activity.last_active_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request to the sandbox is still being answered.
+    pub fn busy(&self) -> bool {
+        self.activity.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// Counts a request as in flight until the returned guard drops (its response ended).
+    pub fn in_use(self: &Arc<Self>) -> InUse {
+        self.touch();
+        self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        InUse(self.clone())
+    }
+}
+
+/// A request in flight to a sandbox: it is not idle while any exists.
+#[derive(Debug)]
+pub struct InUse(Arc<Entry>);
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
     }
 }
 
@@ -84,10 +118,15 @@ impl Routes {
     /// now).
     pub fn put(&self, sb: Sandbox) {
         let mut t = self.write();
-        let last = t
-            .by_id
-            .get(&sb.id)
-            .map_or_else(now_ms, |e| e.last_active_ms.load(Ordering::Relaxed));
+        let activity = t.by_id.get(&sb.id).map_or_else(
+            || {
+                Arc::new(Activity {
+                    last_active_ms: AtomicI64::new(now_ms()),
+                    in_flight: AtomicUsize::new(0),
+                })
+            },
+            |e| e.activity.clone(),
+        );
         if let Some(name) = &sb.name {
             t.by_path
                 .entry(sb.owner.clone())
@@ -95,7 +134,7 @@ impl Routes {
                 .insert(name.clone(), sb.id.clone());
         }
         let entry = Entry {
-            last_active_ms: AtomicI64::new(last),
+            activity,
             sandbox: sb,
         };
         t.by_id.insert(entry.id.clone(), Arc::new(entry));

@@ -59,7 +59,7 @@ pub struct SandboxView {
 
 impl SandboxView {
     pub fn new(sb: &Sandbox, state: &AppState) -> SandboxView {
-        let proxy_enabled = sb.dev_server && sb.allocated_port.is_some();
+        let proxy_enabled = sb.dev_server && sb.port.is_some();
         let base = &state.public_base;
         let host_url = match (proxy_enabled, sb.port) {
             (true, Some(port)) => Some(format!(

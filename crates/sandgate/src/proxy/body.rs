@@ -12,16 +12,18 @@ use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::pool::{Pool, PoolKey, Sender};
+use crate::routes::InUse;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Returns an upstream connection to the pool once its response body is fully read, and holds
-/// the request's concurrency permit until then.
+/// the request's concurrency permit and its sandbox's in-use mark until the body is dropped.
 pub struct Release {
     pool: Arc<Pool>,
     key: PoolKey,
     tx: Option<Sender>,
     _permit: Option<OwnedSemaphorePermit>,
+    _in_use: Option<InUse>,
 }
 
 impl Release {
@@ -30,12 +32,14 @@ impl Release {
         key: PoolKey,
         tx: Sender,
         permit: Option<OwnedSemaphorePermit>,
+        in_use: Option<InUse>,
     ) -> Release {
         Release {
             pool,
             key,
             tx: Some(tx),
             _permit: permit,
+            _in_use: in_use,
         }
     }
 

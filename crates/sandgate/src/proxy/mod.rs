@@ -95,7 +95,7 @@ impl Proxy {
             .try_acquire_owned()
             .map_err(|_| Error::Overloaded)?;
         let sb = &target.sandbox;
-        sb.touch();
+        let in_use = sb.in_use();
         if sb.status != Status::Running {
             return Err(Error::NotRunning {
                 id: sb.id.clone(),
@@ -170,7 +170,7 @@ impl Proxy {
                 parts.headers.insert(LOCATION, new);
             }
         }
-        let release = Release::new(self.pool.clone(), key, tx, Some(permit));
+        let release = Release::new(self.pool.clone(), key, tx, Some(permit), Some(in_use));
         Ok(Response::from_parts(
             parts,
             GatewayBody::upstream(body, release),

@@ -84,10 +84,10 @@ impl SqliteStore {
             .await?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            sqlx::raw_sql(sql).execute(&mut *tx).await?;
-            sqlx::raw_sql(&format!("PRAGMA user_version = {}", i + 1))
-                .execute(&mut *tx)
-                .await?;
+            // Executor::execute on &str keeps this future Send (raw_sql's is not).
+            sqlx::Executor::execute(&mut *tx, *sql).await?;
+            let pragma = format!("PRAGMA user_version = {}", i + 1);
+            sqlx::Executor::execute(&mut *tx, pragma.as_str()).await?;
             tx.commit().await?;
         }
         Ok(())
