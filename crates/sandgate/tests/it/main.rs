@@ -1,0 +1,15 @@
+//! sandgate's integration tests: one binary, real sockets on 127.0.0.1, real processes (the
+//! `sandgate-fixture` upstream as each sandbox's dev server).
+
+mod common;
+
+mod api;
+mod docker;
+mod health;
+mod idle;
+mod isolation;
+mod lifecycle;
+mod proxy;
+mod restart;
+mod streaming;
+mod websocket;

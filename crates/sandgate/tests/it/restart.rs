@@ -1,0 +1,115 @@
+//! Gateway restarts on the same data directory (the real binary): a crash leaves sandboxes
+//! running and the next gateway re-adopts them; a graceful stop stops them and they can be
+//! started again; allocated ports are never handed out twice.
+
+use std::time::Duration;
+
+use hyper::{Request, StatusCode};
+
+use crate::common::{
+    fixture_body, process_alive, send_request, wait_process_gone, Reply, SpawnedGateway,
+};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_leaves_sandboxes_running_and_restart_readopts_them() {
+    let mut gw = SpawnedGateway::start(2, &[]).await;
+    let sb = gw.create_fixture().await;
+    gw.kill().await;
+
+    // The sandbox did not notice: same process, still serving on its port.
+    assert!(process_alive(sb.pid), "the fixture died with the gateway");
+    let direct: std::net::SocketAddr = ([127, 0, 0, 1], sb.allocated_port).into();
+    let req = Request::builder()
+        .uri("/")
+        .header("host", direct.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), async {
+        Reply::read(send_request(direct, req).await?).await
+    })
+    .await
+    .expect("direct request within 10 s")
+    .expect("the fixture answers directly");
+    assert_eq!(r.status, StatusCode::OK);
+
+    gw.restart().await;
+    let v = gw
+        .get(&format!("/sandboxes/{}", sb.id))
+        .send()
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(v["status"], "running", "{v}\n{}", gw.log());
+    gw.wait_ready(&sb.id).await;
+    assert!(process_alive(sb.pid), "re-adopted, not restarted");
+
+    // The re-adopted process is still managed: deleting it stops it.
+    gw.delete_sandbox(&sb.id).await;
+    wait_process_gone(sb.pid, Duration::from_secs(5), "the re-adopted fixture").await;
+    assert!(gw.terminate().await.success(), "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_sandboxes_and_restart_can_start_them() {
+    let mut gw = SpawnedGateway::start(2, &[]).await;
+    let sb = gw.create_fixture().await;
+    let status = gw.terminate().await;
+    assert!(status.success(), "exit {status:?}\n{}", gw.log());
+    // The gateway exits only after stopping its sandboxes.
+    wait_process_gone(sb.pid, Duration::from_secs(3), "the fixture after SIGTERM").await;
+
+    gw.restart().await;
+    let v = gw
+        .get(&format!("/sandboxes/{}", sb.id))
+        .send()
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(v["status"], "stopped", "{v}");
+    gw.get(&sb.path("/"))
+        .send()
+        .await
+        .expect_error(409, "sandbox_not_running");
+
+    let r = gw.post(&format!("/sandboxes/{}/start", sb.id)).send().await;
+    r.expect(200);
+    assert_eq!(r.json()["status"], "running");
+    let new_pid = gw.leader(&sb.id, Some(sb.pid)).await;
+    gw.wait_ready(&sb.id).await;
+    gw.delete_sandbox(&sb.id).await;
+    wait_process_gone(new_pid, Duration::from_secs(5), "the restarted fixture").await;
+    assert!(gw.terminate().await.success(), "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ports_allocated_before_a_restart_are_not_handed_out_again() {
+    let mut gw = SpawnedGateway::start(3, &[]).await;
+    let (lo, hi) = gw.port_range();
+    let a = gw.create_fixture().await;
+    let b = gw.create_fixture().await;
+    assert_ne!(a.allocated_port, b.allocated_port);
+    // Graceful stop: the processes end, so the ports are free as far as the OS is concerned;
+    // only the gateway's records keep them taken.
+    assert!(gw.terminate().await.success(), "{}", gw.log());
+    gw.restart().await;
+
+    let c = gw.create_fixture().await;
+    assert!((lo..=hi).contains(&c.allocated_port));
+    assert!(
+        ![a.allocated_port, b.allocated_port].contains(&c.allocated_port),
+        "port {} handed out again after a restart (a={}, b={})",
+        c.allocated_port,
+        a.allocated_port,
+        b.allocated_port
+    );
+    gw.post("/sandboxes")
+        .json(&fixture_body())
+        .send()
+        .await
+        .expect_error(503, "ports_exhausted");
+
+    for id in [&a.id, &b.id, &c.id] {
+        gw.delete_sandbox(id).await;
+    }
+    assert!(gw.terminate().await.success(), "{}", gw.log());
+}
