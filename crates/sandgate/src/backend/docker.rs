@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ use futures_util::StreamExt;
 use rand::Rng;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Backend, BackendError, Exit, Started, Upstream};
+use super::{Backend, BackendError, Exit, Started};
 use crate::config::{Config, Isolation};
 use crate::model::Sandbox;
 use crate::runtimes::{Runtime, Runtimes};
@@ -647,18 +647,6 @@ impl Backend for DockerBackend {
         Ok(Some(started))
     }
 
-    fn upstream(&self, sb: &Sandbox, port: u16) -> Option<Upstream> {
-        if let Some(pid) = sb.netns_pid {
-            // Every port of the container's own network namespace is the sandbox's.
-            return (port != 0).then_some(Upstream::Netns { pid, port });
-        }
-        let target = sb.target_port(port)?;
-        Some(Upstream::Tcp(SocketAddr::from((
-            Ipv4Addr::LOCALHOST,
-            target,
-        ))))
-    }
-
     fn log_path(&self, _sb: &Sandbox) -> Option<PathBuf> {
         None
     }
@@ -667,6 +655,8 @@ impl Backend for DockerBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Upstream;
+    use std::net::SocketAddr;
 
     #[test]
     fn gateway_id_is_created_once_and_kept() {

@@ -102,8 +102,19 @@ pub trait Backend: Send + Sync {
     /// After a gateway restart: whether the recorded sandbox still runs; if so the backend
     /// resumes watching it, will report its exit, and returns its (refreshed) handle.
     async fn adopt(&self, sandbox: &Sandbox) -> Result<Option<Started>, BackendError>;
-    /// The socket for `port` (already checked against the sandbox's exposed ports).
-    fn upstream(&self, sandbox: &Sandbox, port: u16) -> Option<Upstream>;
+    /// Where the proxy connects for `port` of `sandbox`, or `None` if it does not expose it.
+    /// A sandbox with its own network namespace exposes every port of it; one on the host
+    /// network only its dev-server port, at its allocated host port.
+    fn upstream(&self, sb: &Sandbox, port: u16) -> Option<Upstream> {
+        if let Some(pid) = sb.netns_pid {
+            return (port != 0).then_some(Upstream::Netns { pid, port });
+        }
+        let target = sb.target_port(port)?;
+        Some(Upstream::Tcp(SocketAddr::from((
+            std::net::Ipv4Addr::LOCALHOST,
+            target,
+        ))))
+    }
     /// The sandbox's captured output, if the backend keeps it in a file.
     fn log_path(&self, sandbox: &Sandbox) -> Option<PathBuf>;
 }

@@ -13,7 +13,7 @@
 //! pid and kernel start time, so a recycled pid is never mistaken for a sandbox).
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Backend, BackendError, Exit, Started, Upstream};
+use super::{Backend, BackendError, Exit, Started};
 use crate::model::Sandbox;
 use crate::runtimes::Runtime;
 
@@ -302,18 +302,6 @@ impl Backend for ProcessBackend {
             netns_pid: sb.netns_pid,
             ..self.handle(r)
         }))
-    }
-
-    fn upstream(&self, sb: &Sandbox, port: u16) -> Option<Upstream> {
-        if let Some(pid) = sb.netns_pid {
-            // Every port of the sandbox's own namespace is the sandbox's.
-            return (port != 0).then_some(Upstream::Netns { pid, port });
-        }
-        let target = sb.target_port(port)?;
-        Some(Upstream::Tcp(SocketAddr::from((
-            Ipv4Addr::LOCALHOST,
-            target,
-        ))))
     }
 
     fn log_path(&self, sb: &Sandbox) -> Option<PathBuf> {
