@@ -18,10 +18,11 @@ pub struct Runtime {
     pub image: String,
 }
 
-const NODE_SERVER: &str = r#"exec node -e 'const h=require("http"),f=require("fs"),p=require("path");h.createServer((q,s)=>{const u=decodeURIComponent(q.url.split("?")[0]);let t=p.join(process.cwd(),p.normalize(u));try{if(f.statSync(t).isDirectory())t=p.join(t,"index.html");f.createReadStream(t).on("error",()=>{s.writeHead(404);s.end("not found")}).pipe(s)}catch(e){s.writeHead(404);s.end("not found")}}).listen(process.env.PORT,"127.0.0.1")'"#;
-const BUN_SERVER: &str = r#"exec bun -e 'Bun.serve({hostname:"127.0.0.1",port:Number(process.env.PORT),fetch(r){const u=new URL(r.url);const f=Bun.file("."+decodeURIComponent(u.pathname));return f.exists().then(e=>e?new Response(f):new Response("not found",{status:404}))}})'"#;
+const NODE_SERVER: &str = r#"exec node -e 'const h=require("http"),f=require("fs"),p=require("path");h.createServer((q,s)=>{const u=decodeURIComponent(q.url.split("?")[0]);let t=p.join(process.cwd(),p.normalize(u));try{if(f.statSync(t).isDirectory())t=p.join(t,"index.html");f.createReadStream(t).on("error",()=>{s.writeHead(404);s.end("not found")}).pipe(s)}catch(e){s.writeHead(404);s.end("not found")}}).listen(process.env.PORT,process.env.HOST||"127.0.0.1")'"#;
+const BUN_SERVER: &str = r#"exec bun -e 'Bun.serve({hostname:process.env.HOST||"127.0.0.1",port:Number(process.env.PORT),fetch(r){const u=new URL(r.url);const f=Bun.file("."+decodeURIComponent(u.pathname));return f.exists().then(e=>e?new Response(f):new Response("not found",{status:404}))}})'"#;
 
-/// The built-in runtimes.
+/// The built-in runtimes. Their servers bind `$HOST` (the gateway sets it: `127.0.0.1`, or
+/// `0.0.0.0` in a container whose port is published) and listen on `$PORT`.
 fn builtins() -> Vec<Runtime> {
     let rt = |name: &str, program: &str, dev: Option<&str>| Runtime {
         name: name.into(),
@@ -39,14 +40,14 @@ fn builtins() -> Vec<Runtime> {
         rt(
             "python",
             "python3",
-            Some(r#"exec python3 -m http.server "$PORT" --bind 127.0.0.1"#),
+            Some(r#"exec python3 -m http.server "$PORT" --bind "${HOST:-127.0.0.1}""#),
         ),
         rt("node", "node", Some(NODE_SERVER)),
         rt("bun", "bun", Some(BUN_SERVER)),
         rt(
             "busybox",
             "busybox",
-            Some(r#"exec busybox httpd -f -p "127.0.0.1:$PORT""#),
+            Some(r#"exec busybox httpd -f -p "${HOST:-127.0.0.1}:$PORT""#),
         ),
         // A plain shell: no dev server of its own; pass `command` to run one.
         rt("shell", "sh", None),
