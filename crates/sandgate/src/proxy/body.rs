@@ -92,8 +92,8 @@ impl Body for GatewayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            Proj::Upstream { inner, release } => {
-                let frame = ready!(inner.poll_frame(cx));
+            Proj::Upstream { mut inner, release } => {
+                let frame = ready!(inner.as_mut().poll_frame(cx));
                 match &frame {
                     None => {
                         if let Some(r) = release.as_mut() {
@@ -106,7 +106,15 @@ impl Body for GatewayBody {
                             r.tx = None;
                         }
                     }
-                    Some(Ok(_)) => {}
+                    // hyper stops polling a body whose exact length has been sent, so the
+                    // last frame, not a final `None`, may be all this body ever sees.
+                    Some(Ok(_)) => {
+                        if inner.is_end_stream() {
+                            if let Some(r) = release.as_mut() {
+                                r.finish();
+                            }
+                        }
+                    }
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }

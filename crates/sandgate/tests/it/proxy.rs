@@ -443,3 +443,21 @@ async fn http2_prior_knowledge_is_proxied() {
     assert_eq!(body.len(), 300000);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_connections_are_pooled_and_reused() {
+    let gw = TestGateway::start().await;
+    let sb = gw.create_fixture().await;
+    // Sequential requests with fixed-length bodies (the common case, which hyper finishes
+    // without polling the body to its end) must all reuse one upstream connection.
+    for _ in 0..5 {
+        let r = gw.get(&sb.path("/1k")).send().await;
+        r.expect(200);
+        assert_eq!(r.body.len(), 1024);
+    }
+    let r = gw.get(&sb.path("/bytes/0")).send().await;
+    r.expect(200);
+    let v = gw.get("/health/proxy").send().await.json();
+    assert_eq!(v["idle_upstream_connections"], 1, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+}
