@@ -455,9 +455,11 @@ async fn upstream_connections_are_pooled_and_reused() {
         r.expect(200);
         assert_eq!(r.body.len(), 1024);
     }
-    let r = gw.get(&sb.path("/bytes/0")).send().await;
-    r.expect(200);
     let v = gw.get("/health/proxy").send().await.json();
     assert_eq!(v["idle_upstream_connections"], 1, "{v}");
     assert_eq!(v["in_flight"], 0, "{v}");
+    // An empty body is finished before it is ever polled.
+    gw.get(&sb.path("/bytes/0")).send().await.expect(200);
+    let v = gw.get("/health/proxy").send().await.json();
+    assert_eq!(v["idle_upstream_connections"], 1, "{v}");
 }
