@@ -4,6 +4,7 @@
 mod common;
 
 mod api;
+mod cli;
 mod docker;
 mod health;
 mod idle;
