@@ -44,7 +44,8 @@ fn check_config_refuses_bad_values_with_status_64() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");
     std::fs::write(&file, "prot = 9000\n").unwrap();
-    let cases: Vec<(Vec<String>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<String>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (vec![], vec![("PROXY_TIMEOUT", "-1")], "PROXY_TIMEOUT"),
         (
             vec![],
