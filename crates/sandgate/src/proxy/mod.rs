@@ -123,7 +123,14 @@ impl Proxy {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let up_req = self.upstream_request(req, client, &target, upstream, public_host.as_ref())?;
+        let up_req = self.upstream_request(
+            req,
+            client,
+            &target,
+            upstream,
+            public_host.as_ref(),
+            upgrade,
+        )?;
 
         let timeout = self.timeout;
         let (resp, tx) = match tokio::time::timeout(timeout, self.send(key, up_req)).await {
@@ -186,9 +193,9 @@ impl Proxy {
         target: &Target,
         upstream: Upstream,
         public_host: Option<&HeaderValue>,
+        upgrade: bool,
     ) -> Result<Request<Incoming>, Error> {
         let (mut parts, body) = req.into_parts();
-        let upgrade = headers::is_upgrade(&parts.headers);
         let pq = parts
             .uri
             .path_and_query()
