@@ -200,16 +200,12 @@ async fn remove(
 async fn logs(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, Error> {
     let sb = state.manager.get(&id).await?;
     state.routes.touch(&id);
-    let Some(path) = state.manager.backend().log_path(&sb) else {
-        return Err(Error::RouteNotFound(format!(
-            "the {} backend keeps no log file",
-            state.manager.backend().kind()
-        )));
-    };
-    let body = match tokio::fs::File::open(&path).await {
-        Ok(f) => Body::from_stream(tokio_util::io::ReaderStream::new(f)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Body::empty(),
-        Err(e) => return Err(Error::internal(e)),
-    };
+    let stream = state
+        .manager
+        .backend()
+        .logs(&sb)
+        .await
+        .map_err(Error::internal)?;
+    let body = Body::from_stream(stream);
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
 }

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,15 +30,15 @@ use bollard::models::{
     RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
-    StopContainerOptionsBuilder, WaitContainerOptions,
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, WaitContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
 use rand::Rng;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Backend, BackendError, Exit, Started};
+use super::{Backend, BackendError, Exit, LogStream, Started};
 use crate::config::{Config, Isolation};
 use crate::model::Sandbox;
 use crate::runtimes::{Runtime, Runtimes};
@@ -647,8 +647,28 @@ impl Backend for DockerBackend {
         Ok(Some(started))
     }
 
-    fn log_path(&self, _sb: &Sandbox) -> Option<PathBuf> {
-        None
+    async fn logs(&self, sb: &Sandbox) -> Result<LogStream, BackendError> {
+        let options = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .build();
+        let id = sb.id.clone();
+        let stream = self
+            .docker
+            .logs(&container_name(&sb.id), Some(options))
+            .filter_map(move |item| {
+                let item = match item {
+                    Ok(out) => Some(Ok(out.into_bytes())),
+                    // A container that never started, or is gone, has no logs: an empty stream.
+                    Err(e) if is_not_found(&e) => None,
+                    Err(e) => {
+                        tracing::debug!(sandbox = %id, error = %e, "container logs ended");
+                        Some(Err(io::Error::other(e)))
+                    }
+                };
+                std::future::ready(item)
+            });
+        Ok(stream.boxed())
     }
 }
 

@@ -6,7 +6,6 @@ pub mod netns;
 pub mod process;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use async_trait::async_trait;
 
@@ -22,6 +21,9 @@ pub enum BackendError {
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
 }
+
+/// A sandbox's output, streamed.
+pub type LogStream = futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;
 
 /// What a successful start hands back, to be stored with the sandbox.
 #[derive(Debug, Clone, Default)]
@@ -115,6 +117,7 @@ pub trait Backend: Send + Sync {
             target,
         ))))
     }
-    /// The sandbox's captured output, if the backend keeps it in a file.
-    fn log_path(&self, sandbox: &Sandbox) -> Option<PathBuf>;
+    /// The sandbox's captured stdout and stderr so far, as a stream of bytes (empty if it has
+    /// printed nothing yet).
+    async fn logs(&self, sandbox: &Sandbox) -> Result<LogStream, BackendError>;
 }

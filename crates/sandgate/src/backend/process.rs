@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Backend, BackendError, Exit, Started};
+use super::{Backend, BackendError, Exit, LogStream, Started};
 use crate::model::Sandbox;
 use crate::runtimes::Runtime;
 
@@ -304,8 +304,15 @@ impl Backend for ProcessBackend {
         }))
     }
 
-    fn log_path(&self, sb: &Sandbox) -> Option<PathBuf> {
-        Some(self.dir(sb).join(LOG_FILE))
+    async fn logs(&self, sb: &Sandbox) -> Result<LogStream, BackendError> {
+        use futures_util::StreamExt;
+        match tokio::fs::File::open(self.dir(sb).join(LOG_FILE)).await {
+            Ok(f) => Ok(tokio_util::io::ReaderStream::new(f).boxed()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(futures_util::stream::empty().boxed())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

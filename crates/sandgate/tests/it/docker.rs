@@ -535,6 +535,14 @@ async fn containers_are_labelled_limited_and_reachable_on_localhost_through_ever
         !matches!(dialed, Ok(Ok(_))),
         "the fixture listens on localhost only, yet {direct} accepted a connection"
     );
+    // The container's output comes from the engine's logs API.
+    let logs = gw
+        .get(&format!("/sandboxes/{a_id}/logs"))
+        .send()
+        .await
+        .expect(200)
+        .text();
+    assert!(logs.contains("listening on"), "{logs:?}");
     let listed = gw.list().await;
     let item = listed.iter().find(|s| s["id"] == a_id.as_str()).unwrap();
     assert_eq!(item["status"], "running");
