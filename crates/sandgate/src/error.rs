@@ -56,6 +56,8 @@ pub enum Error {
     RouteNotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("{0}")]
+    StartFailed(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -86,6 +88,7 @@ impl Error {
             PortsExhausted(_) => (StatusCode::SERVICE_UNAVAILABLE, "ports_exhausted"),
             RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            StartFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "start_failed"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

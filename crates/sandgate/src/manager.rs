@@ -234,7 +234,7 @@ impl Manager {
                 let _ = self.backend.remove(&sb).await;
                 self.store.delete(&sb.id).await?;
                 self.routes.remove(&sb.id);
-                Err(Error::internal(e))
+                Err(Error::StartFailed(e.to_string()))
             }
         }
     }
@@ -343,7 +343,7 @@ impl Manager {
                 sb.status = Status::Failed;
                 sb.status_reason = Some(e.to_string());
                 self.save(&mut sb).await?;
-                Err(Error::internal(e))
+                Err(Error::StartFailed(e.to_string()))
             }
         }
     }

@@ -656,11 +656,16 @@ async fn failed_creates_leave_nothing_behind() {
 
     // A container that is created but cannot start is removed again.
     let since = unix_time();
-    gw.post("/sandboxes")
+    let message = gw
+        .post("/sandboxes")
         .json(&json!({"runtime": "unstartable", "command": "exec sleep 1000"}))
         .send()
         .await
-        .expect_error(500, "internal");
+        .expect_error(500, "start_failed");
+    assert!(
+        message.contains("start"),
+        "the client is told why: {message}"
+    );
     let actions = container_events(&docker, &gateway, since).await;
     assert!(
         actions.iter().any(|a| a == "create") && actions.iter().any(|a| a == "destroy"),
