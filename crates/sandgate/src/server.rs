@@ -78,7 +78,7 @@ impl Gateway {
                 Ok(Target {
                     port: dev_port(&sb)?,
                     sandbox: sb,
-                    prefix: Some(prefix.into()),
+                    prefix: prefix_header(prefix),
                 })
             }),
             Route::Path {
@@ -90,7 +90,7 @@ impl Gateway {
                 Some(sb) => dev_port(&sb).map(|port| Target {
                     sandbox: sb,
                     port,
-                    prefix: Some(prefix.into()),
+                    prefix: prefix_header(prefix),
                 }),
             },
             Route::AddSlash { id_route, path } => {
@@ -190,6 +190,12 @@ impl Gateway {
             pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
+}
+
+/// A route prefix as the `X-Forwarded-Prefix` value it becomes. Prefixes are built from
+/// validated ids and labels (`/`, `a-z`, `0-9`, `-`), which are always valid header values.
+fn prefix_header(prefix: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(prefix).ok()
 }
 
 /// Serves `listener` until `shutdown` fires, then drains open connections (bounded).

@@ -167,12 +167,6 @@ async fn stop(
     Path(id): Path<String>,
 ) -> Result<Json<SandboxView>, Error> {
     let sb = state.manager.stop(&id).await?;
-    if let Some(upstream) = sb
-        .port
-        .and_then(|p| state.manager.backend().upstream(&sb, p))
-    {
-        state.proxy.pool().purge(upstream);
-    }
     Ok(Json(SandboxView::new(&sb, &state)))
 }
 
@@ -180,14 +174,7 @@ async fn remove(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, Error> {
-    let sb = state.manager.get(&id).await?;
     state.manager.delete(&id).await?;
-    if let Some(upstream) = sb
-        .port
-        .and_then(|p| state.manager.backend().upstream(&sb, p))
-    {
-        state.proxy.pool().purge(upstream);
-    }
     Ok(Json(serde_json::json!({
         "id": id,
         "sandbox_id": id,

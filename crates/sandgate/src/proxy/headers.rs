@@ -115,7 +115,7 @@ pub fn set_forwarded(
     client_ip: std::net::IpAddr,
     proto: &'static str,
     host: Option<&HeaderValue>,
-    prefix: Option<&str>,
+    prefix: Option<&HeaderValue>,
 ) {
     let mut buf = BytesMut::with_capacity(64);
     if let Some(prev) = headers.get(&X_FORWARDED_FOR) {
@@ -131,9 +131,9 @@ pub fn set_forwarded(
     if let Some(h) = host {
         headers.insert(X_FORWARDED_HOST, h.clone());
     }
-    match prefix.and_then(|p| HeaderValue::from_str(p).ok()) {
+    match prefix {
         Some(p) => {
-            headers.insert(X_FORWARDED_PREFIX, p);
+            headers.insert(X_FORWARDED_PREFIX, p.clone());
         }
         None => {
             headers.remove(X_FORWARDED_PREFIX);
@@ -262,13 +262,8 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "gw.example:8070");
         assert!(h.get("x-forwarded-prefix").is_none());
-        set_forwarded(
-            &mut h,
-            "::1".parse().unwrap(),
-            "http",
-            None,
-            Some("/sandbox/sb-x"),
-        );
+        let prefix = HeaderValue::from_static("/sandbox/sb-x");
+        set_forwarded(&mut h, "::1".parse().unwrap(), "http", None, Some(&prefix));
         assert_eq!(h["x-forwarded-prefix"], "/sandbox/sb-x");
     }
 

@@ -34,8 +34,9 @@ pub struct Target {
     pub sandbox: Arc<Entry>,
     pub port: u16,
     /// The path prefix that routed it (`/sandbox/{id}` or `/{owner}/{name}`), stripped before
-    /// forwarding and announced in `X-Forwarded-Prefix`; `None` for host routes.
-    pub prefix: Option<Box<str>>,
+    /// forwarding and sent as `X-Forwarded-Prefix` (built once, as the header value it becomes);
+    /// `None` for host routes.
+    pub prefix: Option<HeaderValue>,
 }
 
 pub struct Proxy {
@@ -47,9 +48,14 @@ pub struct Proxy {
     retries: u32,
 }
 
-enum Dial {
+/// Why a request did not get a response head from the sandbox.
+enum SendError {
+    /// Nothing listens on the port (after the configured retries).
     Refused,
-    Other(std::io::Error),
+    /// Connecting failed otherwise.
+    Dial(std::io::Error),
+    /// The connection broke while the request was under way.
+    Protocol(hyper::Error),
 }
 
 impl Proxy {
@@ -134,13 +140,7 @@ impl Proxy {
 
         let timeout = self.timeout;
         let (resp, tx) = match tokio::time::timeout(timeout, self.send(key, up_req)).await {
-            Ok(r) => r.map_err(|e| match e {
-                Error::UpstreamProtocol { reason, .. } => Error::UpstreamProtocol {
-                    id: sb.id.clone(),
-                    reason,
-                },
-                other => other,
-            })?,
+            Ok(sent) => sent.map_err(|e| upstream_error(sb, target.port, e))?,
             Err(_) => {
                 return Err(Error::UpstreamTimeout {
                     id: sb.id.clone(),
@@ -148,8 +148,7 @@ impl Proxy {
                     timeout,
                 })
             }
-        }
-        .map_err(|e| self.dial_error(sb, target.port, e))?;
+        };
 
         let (mut parts, body) = resp.into_parts();
         parts.version = client_version;
@@ -172,7 +171,11 @@ impl Proxy {
         if let Some(loc) = parts.headers.get(LOCATION) {
             let origin = public_origin(public_host.as_ref());
             let ports = [target.port, upstream.port()];
-            let prefix = target.prefix.as_deref().unwrap_or("");
+            let prefix = target
+                .prefix
+                .as_ref()
+                .and_then(|p| p.to_str().ok())
+                .unwrap_or("");
             if let Some(new) = headers::rewrite_location(loc, &ports, &origin, prefix) {
                 parts.headers.insert(LOCATION, new);
             }
@@ -204,6 +207,7 @@ impl Proxy {
         let pq = match &target.prefix {
             None => pq,
             Some(prefix) => {
+                let prefix = prefix.as_bytes();
                 let rest = &pq.as_str()[prefix.len().min(pq.as_str().len())..];
                 let rest = if rest.starts_with('/') {
                     rest.to_string()
@@ -219,19 +223,13 @@ impl Proxy {
         let h = &mut parts.headers;
         headers::strip_hop_by_hop(h, upgrade);
         headers::strip_gateway_credentials(h);
-        headers::set_forwarded(
-            h,
-            client.ip(),
-            "http",
-            public_host,
-            target.prefix.as_deref(),
-        );
+        headers::set_forwarded(h, client.ip(), "http", public_host, target.prefix.as_ref());
         let mut buf = itoa::Buffer::new();
         let port = buf.format(upstream.port());
-        let mut host = String::with_capacity(10 + port.len());
-        host.push_str("localhost:");
-        host.push_str(port);
-        if let Ok(v) = HeaderValue::from_str(&host) {
+        let mut host = Vec::with_capacity(10 + port.len());
+        host.extend_from_slice(b"localhost:");
+        host.extend_from_slice(port.as_bytes());
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(host)) {
             h.insert(HOST, v);
         }
         Ok(Request::from_parts(parts, body))
@@ -242,58 +240,45 @@ impl Proxy {
         &self,
         key: PoolKey,
         mut req: Request<Incoming>,
-    ) -> Result<Result<(Response<Incoming>, Sender), Dial>, Error> {
+    ) -> Result<(Response<Incoming>, Sender), SendError> {
         if let Some(mut tx) = self.pool.checkout(&key) {
             if tx.ready().await.is_ok() {
                 match tx.try_send_request(req).await {
-                    Ok(resp) => return Ok(Ok((resp, tx))),
+                    Ok(resp) => return Ok((resp, tx)),
                     Err(mut e) => match e.take_message() {
                         // Never written: the pooled connection had died; use a fresh one.
                         Some(r) => req = r,
-                        None => {
-                            return Err(Error::UpstreamProtocol {
-                                id: String::new(),
-                                reason: e.into_error().to_string(),
-                            })
-                        }
+                        None => return Err(SendError::Protocol(e.into_error())),
                     },
                 }
             }
         }
-        let mut tx = match self.connect(key.upstream).await {
-            Ok(tx) => tx,
-            Err(e) => return Ok(Err(e)),
-        };
-        match tx.send_request(req).await {
-            Ok(resp) => Ok(Ok((resp, tx))),
-            Err(e) => Err(Error::UpstreamProtocol {
-                id: String::new(),
-                reason: e.to_string(),
-            }),
-        }
+        let mut tx = self.connect(key.upstream).await?;
+        let resp = tx.send_request(req).await.map_err(SendError::Protocol)?;
+        Ok((resp, tx))
     }
 
     /// Opens an upstream connection, retrying refused connections briefly (a port may be
     /// opening just now).
-    async fn connect(&self, upstream: Upstream) -> Result<Sender, Dial> {
+    async fn connect(&self, upstream: Upstream) -> Result<Sender, SendError> {
         let mut attempt = 0;
         let stream = loop {
             match upstream.dial().await {
                 Ok(s) => break s,
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     if attempt >= self.retries {
-                        return Err(Dial::Refused);
+                        return Err(SendError::Refused);
                     }
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(25 << attempt.min(5))).await;
                 }
-                Err(e) => return Err(Dial::Other(e)),
+                Err(e) => return Err(SendError::Dial(e)),
             }
         };
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| Dial::Other(std::io::Error::other(e)))?;
+            .map_err(SendError::Protocol)?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended");
@@ -301,17 +286,26 @@ impl Proxy {
         });
         Ok(tx)
     }
+}
 
-    fn dial_error(&self, sb: &Sandbox, port: u16, e: Dial) -> Error {
-        let reason = match e {
-            Dial::Refused => "connection refused".to_string(),
-            Dial::Other(e) => e.to_string(),
-        };
-        Error::UpstreamUnreachable {
-            id: sb.id.clone(),
+/// The gateway's error for a request the sandbox did not answer.
+fn upstream_error(sb: &Sandbox, port: u16, e: SendError) -> Error {
+    let id = sb.id.clone();
+    match e {
+        SendError::Refused => Error::UpstreamUnreachable {
+            id,
             port,
-            reason,
-        }
+            reason: "connection refused".into(),
+        },
+        SendError::Dial(e) => Error::UpstreamUnreachable {
+            id,
+            port,
+            reason: e.to_string(),
+        },
+        SendError::Protocol(e) => Error::UpstreamProtocol {
+            id,
+            reason: e.to_string(),
+        },
     }
 }
 

@@ -1,6 +1,8 @@
 //! Upstream connection pool: idle HTTP/1.1 connections per (upstream, sandbox incarnation),
 //! checked out LIFO and returned when a response body ends. The lock guards only a vector
-//! push/pop and is never held across `.await`.
+//! push/pop and is never held across `.await`. A stopped or deleted sandbox needs no purge:
+//! its key (generation, creation time) is never asked for again, its connections close with
+//! its process, and the periodic sweep drops them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -68,12 +70,6 @@ impl Pool {
                 since: Instant::now(),
             });
         }
-    }
-
-    /// Drops every idle connection to `upstream` (its sandbox stopped or went away).
-    pub fn purge(&self, upstream: Upstream) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|k, _| k.upstream != upstream);
     }
 
     /// Idle connections held right now.
