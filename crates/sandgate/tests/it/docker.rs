@@ -406,21 +406,12 @@ async fn wait_body(client: &Client, path: &str, host: Option<&str>, body: &str) 
     .await
 }
 
-async fn sandbox(client: &Client, id: &str) -> Value {
-    client
-        .get(&format!("/sandboxes/{id}"))
-        .send()
-        .await
-        .expect(200)
-        .json()
-}
-
 async fn wait_status(client: &Client, id: &str, status: &str) -> Value {
     eventually(
         CONTAINER_TIMEOUT,
         &format!("sandbox {id} is {status}"),
         || async {
-            let v = sandbox(client, id).await;
+            let v = client.sandbox(id).await;
             (v["status"] == status).then_some(v)
         },
     )
@@ -806,7 +797,7 @@ async fn a_restarted_gateway_readopts_marks_and_cleans_up_containers() {
 
     gw.restart().await;
     // a was re-adopted, not restarted.
-    let v = sandbox(&gw, &a).await;
+    let v = gw.sandbox(&a).await;
     assert_eq!(v["status"], "running", "{v}\n{}", gw.log());
     gw.wait_ready(&a).await;
     let a_after = inspect(&docker, &container_name(&a)).await.unwrap();
@@ -817,7 +808,7 @@ async fn a_restarted_gateway_readopts_marks_and_cleans_up_containers() {
         "the container was not restarted"
     );
     // b is known to be gone.
-    let v = sandbox(&gw, &b).await;
+    let v = gw.sandbox(&b).await;
     assert_eq!(v["status"], "stopped", "{v}");
     assert_eq!(
         v["status_reason"], "not running after gateway restart",
@@ -854,7 +845,7 @@ async fn a_restarted_gateway_readopts_marks_and_cleans_up_containers() {
         "a clean gateway stop leaves containers running"
     );
     gw.restart().await;
-    let v = sandbox(&gw, &b).await;
+    let v = gw.sandbox(&b).await;
     assert_eq!(v["status"], "running", "{v}");
     gw.wait_ready(&b).await;
     let again = inspect(&docker, &container_name(&b)).await.unwrap();

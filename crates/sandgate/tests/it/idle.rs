@@ -56,12 +56,7 @@ async fn a_request_wakes_a_stopped_persistent_sandbox() {
     let r = gw.get(&sb.path("/")).send().await;
     r.expect(200);
     assert_eq!(r.text(), "fixture ok");
-    let v = gw
-        .get(&format!("/sandboxes/{}", sb.id))
-        .send()
-        .await
-        .expect(200)
-        .json();
+    let v = gw.sandbox(&sb.id).await;
     assert_eq!(v["status"], "running", "{v}");
     gw.leader(&sb.id, Some(sb.pid)).await;
     gw.shutdown().await;

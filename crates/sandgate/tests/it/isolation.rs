@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::{
-    eventually, sandbox_processes, wait_process_gone, wait_sandbox_processes_gone, TestGateway,
+    eventually, sandbox_processes, wait_processes_gone, wait_sandbox_processes_gone, TestGateway,
     READY_TIMEOUT,
 };
 
@@ -135,14 +135,12 @@ async fn isolated_delete_leaves_no_process_behind() {
     })
     .await;
     gw.delete_sandbox(&sb.id).await;
-    for pid in procs {
-        wait_process_gone(
-            pid,
-            Duration::from_secs(5),
-            "a process of the deleted sandbox",
-        )
-        .await;
-    }
+    wait_processes_gone(
+        procs,
+        Duration::from_secs(5),
+        "a process of the deleted sandbox",
+    )
+    .await;
     wait_sandbox_processes_gone(&sb.id, Duration::from_secs(5)).await;
     gw.shutdown().await;
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::common::{
-    eventually, pgid_of, sandbox_processes, wait_process_gone, TestGateway, READY_TIMEOUT,
+    eventually, pgid_of, sandbox_processes, wait_process_gone, wait_processes_gone, TestGateway,
+    READY_TIMEOUT,
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -36,14 +37,12 @@ async fn delete_kills_the_whole_process_group_and_removes_the_directory() {
 
     gw.delete_sandbox(&sb.id).await;
     // The delete answered only after the group was gone; allow PID 1 a moment to reap.
-    for pid in procs {
-        wait_process_gone(
-            pid,
-            Duration::from_secs(5),
-            "a process of the deleted sandbox",
-        )
-        .await;
-    }
+    wait_processes_gone(
+        procs,
+        Duration::from_secs(5),
+        "a process of the deleted sandbox",
+    )
+    .await;
     assert_eq!(sandbox_processes(&sb.id), Vec::<i32>::new());
     assert!(!dir.exists(), "{} removed on delete", dir.display());
     gw.shutdown().await;

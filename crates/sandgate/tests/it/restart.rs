@@ -33,12 +33,7 @@ async fn sigkill_leaves_sandboxes_running_and_restart_readopts_them() {
     assert_eq!(r.status, StatusCode::OK);
 
     gw.restart().await;
-    let v = gw
-        .get(&format!("/sandboxes/{}", sb.id))
-        .send()
-        .await
-        .expect(200)
-        .json();
+    let v = gw.sandbox(&sb.id).await;
     assert_eq!(v["status"], "running", "{v}\n{}", gw.log());
     gw.wait_ready(&sb.id).await;
     assert!(process_alive(sb.pid), "re-adopted, not restarted");
@@ -59,12 +54,7 @@ async fn sigterm_stops_sandboxes_and_restart_can_start_them() {
     wait_process_gone(sb.pid, Duration::from_secs(3), "the fixture after SIGTERM").await;
 
     gw.restart().await;
-    let v = gw
-        .get(&format!("/sandboxes/{}", sb.id))
-        .send()
-        .await
-        .expect(200)
-        .json();
+    let v = gw.sandbox(&sb.id).await;
     assert_eq!(v["status"], "stopped", "{v}");
     gw.get(&sb.path("/"))
         .send()

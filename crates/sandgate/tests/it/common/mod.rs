@@ -122,6 +122,17 @@ pub async fn wait_process_gone(pid: i32, within: Duration, what: &str) {
     .await
 }
 
+/// Waits until every one of `pids` has exited.
+pub async fn wait_processes_gone(
+    pids: impl IntoIterator<Item = i32>,
+    within: Duration,
+    what: &str,
+) {
+    for pid in pids {
+        wait_process_gone(pid, within, what).await;
+    }
+}
+
 /// Process-group id of `pid` (`/proc/<pid>/stat` field 5).
 pub fn pgid_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -514,6 +525,15 @@ impl Client {
 
     pub fn delete(&self, path: &str) -> Req {
         self.req(Method::DELETE, path)
+    }
+
+    /// `GET /sandboxes/{id}`, which must answer 200.
+    pub async fn sandbox(&self, id: &str) -> Value {
+        self.get(&format!("/sandboxes/{id}"))
+            .send()
+            .await
+            .expect(200)
+            .json()
     }
 
     /// `GET /sandboxes`, checked for the `{count, sandboxes}` shape.
