@@ -11,6 +11,7 @@
 //! - [`routes`]: the in-memory route table the proxy reads.
 //! - [`routing`]: request → sandbox route, pure.
 //! - [`proxy`]: forwarding, pooling, upgrades, header rules.
+//! - [`fastlane`]: plain HTTP/1.1 proxying straight from socket buffers (the hot path).
 //! - [`api`]: the control API and health endpoints.
 //! - [`server`]: the listener and per-request dispatch.
 //! - [`error`]: every gateway-made error and its status, in one place.
@@ -19,6 +20,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod fastlane;
 pub mod lifecycle;
 pub mod manager;
 pub mod model;
@@ -131,14 +133,17 @@ pub async fn run(
     ));
     let bound_port = listener.local_addr()?.port();
     let sweeper = {
-        let pool = proxy.pool().clone();
+        let proxy = proxy.clone();
         let token = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(15));
             loop {
                 tokio::select! {
                     _ = token.cancelled() => break,
-                    _ = tick.tick() => pool.sweep(),
+                    _ = tick.tick() => {
+                        proxy.pool().sweep();
+                        proxy.raw_pool().sweep();
+                    }
                 }
             }
         })

@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::api::AppState;
@@ -27,13 +28,16 @@ use crate::routing::{self, Route};
 
 /// How long open connections get to finish after shutdown begins.
 const DRAIN: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request head, and a kept-alive connection may idle.
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Gateway {
-    state: AppState,
+    pub(crate) state: AppState,
     api: Router,
+    http: auto::Builder<TokioExecutor>,
 }
 
-enum Decision {
+pub(crate) enum Decision {
     Proxy(Target),
     Api,
     Redirect(String),
@@ -43,7 +47,11 @@ enum Decision {
 impl Gateway {
     pub fn new(state: AppState) -> Gateway {
         let api = crate::api::router(state.clone());
-        Gateway { state, api }
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT);
+        Gateway { state, api, http }
     }
 
     fn decide(&self, req: &Request<Incoming>) -> Decision {
@@ -52,7 +60,16 @@ impl Gateway {
             .get(HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().host());
-        let path = req.uri().path();
+        self.decide_parts(host, req.uri().path(), req.uri().query())
+    }
+
+    /// Where a request for `host` and `path` goes.
+    pub(crate) fn decide_parts(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        query: Option<&str>,
+    ) -> Decision {
         let routes = &self.state.routes;
         let route = match routing::classify(host, path, &self.state.config.domain) {
             Ok(r) => r,
@@ -101,11 +118,7 @@ impl Gateway {
                         return Decision::Api;
                     }
                 }
-                let query = req
-                    .uri()
-                    .query()
-                    .map(|q| format!("?{q}"))
-                    .unwrap_or_default();
+                let query = query.map(|q| format!("?{q}")).unwrap_or_default();
                 return Decision::Redirect(format!("{path}/{query}"));
             }
         };
@@ -198,14 +211,11 @@ fn prefix_header(prefix: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(prefix).ok()
 }
 
-/// Serves `listener` until `shutdown` fires, then drains open connections (bounded).
+/// Serves `listener` until `shutdown` fires, then drains open connections (bounded). Every
+/// connection starts in the HTTP/1.1 fast lane (`crate::fastlane`), which hands it to hyper
+/// for anything else.
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: CancellationToken) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let tracker = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -220,21 +230,46 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Cance
             },
         };
         let _ = stream.set_nodelay(true);
-        let gw = gateway.clone();
-        let service = hyper::service::service_fn(move |req| gw.clone().handle(req, peer));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        tracker.spawn(crate::fastlane::serve(
+            gateway.clone(),
+            stream,
+            peer,
+            shutdown.clone(),
+        ));
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    tracker.close();
+    if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
         tracing::warn!("connections still open after {DRAIN:?}; closing them");
+    }
+}
+
+impl Gateway {
+    /// Serves a connection with hyper (HTTP/1.x and h2c, the control API, upgrades), closing
+    /// it gracefully once `shutdown` fires.
+    pub(crate) async fn serve_hyper<I>(
+        self: Arc<Self>,
+        io: I,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let gw = self.clone();
+        let service = hyper::service::service_fn(move |req| gw.clone().handle(req, peer));
+        let conn = self
+            .http
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
     }
 }

@@ -51,7 +51,7 @@ async fn proxy(State(state): State<AppState>) -> Json<Value> {
         "status": "ok",
         "in_flight": state.proxy.in_flight(),
         "max_concurrent_requests": state.proxy.max_in_flight(),
-        "idle_upstream_connections": state.proxy.pool().idle_count(),
+        "idle_upstream_connections": state.proxy.idle_upstreams(),
         "timeout_seconds": state.config.proxy_timeout.as_secs_f64(),
         "max_retries": state.config.max_retries,
         "timestamp": now(),

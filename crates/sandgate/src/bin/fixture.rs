@@ -1,6 +1,8 @@
 //! `sandgate-fixture`: a small, fast HTTP/WebSocket upstream that plays the "dev server running
 //! inside a sandbox" for sandgate's integration tests and benchmark harness. Run it as
 //! `PORT=0 sandgate-fixture` (or `--port N [--host H]`); once bound it prints `listening on ADDR`.
+//! With `FIXTURE_MODE=raw` it is instead a hand-written HTTP/1.1 server whose `/raw/...` routes
+//! misbehave in scripted ways hyper never would (see `raw`), for the proxy's edge cases.
 
 use std::convert::Infallible;
 use std::error::Error;
@@ -128,6 +130,12 @@ async fn run() -> Result<(), Box<dyn Error>> {
     // `Location` of `/redirect`: an absolute URL pointing back at this server.
     let redirect = HeaderValue::try_from(format!("http://{local}/echo/after-redirect"))?;
     let redirect: &'static HeaderValue = Box::leak(Box::new(redirect));
+    if std::env::var("FIXTURE_MODE").as_deref() == Ok("raw") {
+        loop {
+            let (stream, _) = listener.accept().await?;
+            tokio::spawn(raw::serve(stream));
+        }
+    }
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -358,4 +366,122 @@ fn with(mut resp: Resp, name: impl IntoHeaderName, value: &'static str) -> Resp 
     resp.headers_mut()
         .append(name, HeaderValue::from_static(value));
     resp
+}
+
+/// The raw mode: one request after another on each connection, answered by path:
+///
+/// - `/` → `200 fixture ok` (readiness);
+/// - `/raw/echo` → `200`, the body being the exact bytes of the request received (head and
+///   body, chunked framing included);
+/// - `/raw/until-close` → `200` with no length: `part1`, then `part2`, then the connection
+///   closes;
+/// - `/raw/close-after` → `200 ok` with a length, then the connection closes without saying
+///   so (an upstream's keep-alive timeout);
+/// - `/raw/interim` → `103 Early Hints`, then `200 ok`;
+/// - `/raw/early` → `413` at once, before reading the body, then close.
+mod raw {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+        hay.get(from..)?
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|i| i + from)
+    }
+
+    async fn more(s: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    fn ok(body: &[u8]) -> Vec<u8> {
+        let mut r =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    pub async fn serve(mut s: TcpStream) {
+        let mut buf = Vec::new();
+        loop {
+            let head_end = loop {
+                if let Some(i) = find(&buf, b"\r\n\r\n", 0) {
+                    break i + 4;
+                }
+                if !more(&mut s, &mut buf).await {
+                    return;
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+            if path == "/raw/early" {
+                let _ = s
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\nconnection: close\r\n\r\nnope")
+                    .await;
+                return;
+            }
+            let body_end = if head.contains("transfer-encoding: chunked") {
+                // The last chunk (`0`), any trailer fields, then an empty line.
+                loop {
+                    let last = if buf[head_end..].starts_with(b"0\r\n") {
+                        Some(head_end)
+                    } else {
+                        find(&buf, b"\r\n0\r\n", head_end).map(|i| i + 2)
+                    };
+                    if let Some(end) = last.and_then(|l| find(&buf, b"\r\n\r\n", l + 1)) {
+                        break end + 4;
+                    }
+                    if !more(&mut s, &mut buf).await {
+                        return;
+                    }
+                }
+            } else {
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                while buf.len() < head_end + len {
+                    if !more(&mut s, &mut buf).await {
+                        return;
+                    }
+                }
+                head_end + len
+            };
+            let request: Vec<u8> = buf.drain(..body_end).collect();
+            let (reply, close) = match path.as_str() {
+                "/" => (ok(b"fixture ok"), false),
+                "/raw/echo" => (ok(&request), false),
+                "/raw/until-close" => {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\npart1")
+                        .await;
+                    let _ = s.flush().await;
+                    (b"part2".to_vec(), true)
+                }
+                "/raw/close-after" => (ok(b"ok"), true),
+                "/raw/interim" => {
+                    let mut r =
+                        b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n"
+                            .to_vec();
+                    r.extend_from_slice(&ok(b"ok"));
+                    (r, false)
+                }
+                _ => (
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec(),
+                    false,
+                ),
+            };
+            if s.write_all(&reply).await.is_err() || close {
+                return;
+            }
+        }
+    }
 }

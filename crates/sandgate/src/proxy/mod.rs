@@ -42,6 +42,10 @@ pub struct Target {
 pub struct Proxy {
     backend: Arc<dyn Backend>,
     pool: Arc<Pool>,
+    /// Idle upstream connections of the HTTP/1.1 fast lane (`crate::fastlane`).
+    raw_pool: Arc<Pool<tokio::net::TcpStream>>,
+    /// Upstream connections the fast lane keeps on client connections between requests.
+    kept: std::sync::atomic::AtomicIsize,
     limit: Arc<Semaphore>,
     max_in_flight: usize,
     timeout: Duration,
@@ -49,7 +53,7 @@ pub struct Proxy {
 }
 
 /// Why a request did not get a response head from the sandbox.
-enum SendError {
+pub(crate) enum SendError {
     /// Nothing listens on the port (after the configured retries).
     Refused,
     /// Connecting failed otherwise.
@@ -68,6 +72,8 @@ impl Proxy {
         Proxy {
             backend,
             pool: Arc::new(Pool::new(256, Duration::from_secs(60))),
+            raw_pool: Arc::new(Pool::new(256, Duration::from_secs(60))),
+            kept: std::sync::atomic::AtomicIsize::new(0),
             limit: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             timeout,
@@ -77,6 +83,40 @@ impl Proxy {
 
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
+    }
+
+    pub fn raw_pool(&self) -> &Pool<tokio::net::TcpStream> {
+        &self.raw_pool
+    }
+
+    /// Counts upstream connections kept by client connections (`+1` kept, `-1` let go).
+    pub fn kept_upstreams(&self, delta: isize) {
+        self.kept
+            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Open upstream connections waiting for a request: pooled, or kept by a client
+    /// connection for its next request.
+    pub fn idle_upstreams(&self) -> usize {
+        let kept = self.kept.load(std::sync::atomic::Ordering::Relaxed).max(0) as usize;
+        self.pool.idle_count() + self.raw_pool.idle_count() + kept
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    /// `PROXY_TIMEOUT`: how long connecting and waiting for a response head may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// A slot for one more proxied request, or `Overloaded` at `MAX_CONCURRENT_REQUESTS`.
+    pub fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        self.limit
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::Overloaded)
     }
 
     /// Proxied requests in flight (responses still streaming included).
@@ -95,11 +135,7 @@ impl Proxy {
         client: SocketAddr,
         target: Target,
     ) -> Result<Response<GatewayBody>, Error> {
-        let permit = self
-            .limit
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Error::Overloaded)?;
+        let permit = self.permit()?;
         let sb = &target.sandbox;
         let in_use = sb.in_use();
         if sb.status != Status::Running {
@@ -258,9 +294,27 @@ impl Proxy {
         Ok((resp, tx))
     }
 
-    /// Opens an upstream connection, retrying refused connections briefly (a port may be
-    /// opening just now).
+    /// Opens an upstream HTTP/1.1 connection (see `dial`).
     async fn connect(&self, upstream: Upstream) -> Result<Sender, SendError> {
+        let stream = self.dial(upstream).await?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Protocol)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// Connects to a sandbox port, retrying refused connections briefly (a port may be
+    /// opening just now).
+    pub(crate) async fn dial(
+        &self,
+        upstream: Upstream,
+    ) -> Result<tokio::net::TcpStream, SendError> {
         let mut attempt = 0;
         let stream = loop {
             match upstream.dial().await {
@@ -275,21 +329,12 @@ impl Proxy {
                 Err(e) => return Err(SendError::Dial(e)),
             }
         };
-        let (tx, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(SendError::Protocol)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        Ok(tx)
+        Ok(stream)
     }
 }
 
 /// The gateway's error for a request the sandbox did not answer.
-fn upstream_error(sb: &Sandbox, port: u16, e: SendError) -> Error {
+pub(crate) fn upstream_error(sb: &Sandbox, port: u16, e: SendError) -> Error {
     let id = sb.id.clone();
     match e {
         SendError::Refused => Error::UpstreamUnreachable {

@@ -1,15 +1,18 @@
 //! Upstream connection pool: idle HTTP/1.1 connections per (upstream, sandbox incarnation),
-//! checked out LIFO and returned when a response body ends. The lock guards only a vector
+//! checked out LIFO and returned when a response ends. Generic over the connection: hyper's
+//! `SendRequest` for the general path, a raw `TcpStream` for the fast lane. The lock guards only a vector
 //! push/pop and is never held across `.await`. A stopped or deleted sandbox needs no purge:
 //! its key (generation, creation time) is never asked for again, its connections close with
 //! its process, and the periodic sweep drops them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
+use tokio::net::TcpStream;
 
 use crate::backend::Upstream;
 
@@ -25,19 +28,46 @@ pub struct PoolKey {
 
 pub type Sender = SendRequest<Incoming>;
 
-struct Idle {
-    tx: Sender,
+/// A pooled connection: says when it can no longer carry a request.
+pub trait Reusable {
+    fn is_closed(&self) -> bool;
+}
+
+impl Reusable for Sender {
+    fn is_closed(&self) -> bool {
+        SendRequest::is_closed(self)
+    }
+}
+
+impl Reusable for TcpStream {
+    /// Without a system call when the connection is quiet: only a readiness the runtime has
+    /// already seen (the peer closed, or sent bytes nobody asked for) costs a `read`.
+    fn is_closed(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.poll_read_ready(&mut cx) {
+            Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(())) => {
+                let mut byte = [0u8; 1];
+                !matches!(self.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+struct Idle<C> {
+    conn: C,
     since: Instant,
 }
 
-pub struct Pool {
-    idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
+pub struct Pool<C = Sender> {
+    idle: Mutex<HashMap<PoolKey, Vec<Idle<C>>>>,
     max_idle_per_key: usize,
     idle_timeout: Duration,
 }
 
-impl Pool {
-    pub fn new(max_idle_per_key: usize, idle_timeout: Duration) -> Pool {
+impl<C: Reusable> Pool<C> {
+    pub fn new(max_idle_per_key: usize, idle_timeout: Duration) -> Pool<C> {
         Pool {
             idle: Mutex::new(HashMap::new()),
             max_idle_per_key,
@@ -46,27 +76,27 @@ impl Pool {
     }
 
     /// The most recently used live connection for `key`, if any.
-    pub fn checkout(&self, key: &PoolKey) -> Option<Sender> {
+    pub fn checkout(&self, key: &PoolKey) -> Option<C> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
         while let Some(c) = list.pop() {
-            if !c.tx.is_closed() && c.since.elapsed() < self.idle_timeout {
-                return Some(c.tx);
+            if !c.conn.is_closed() && c.since.elapsed() < self.idle_timeout {
+                return Some(c.conn);
             }
         }
         None
     }
 
     /// Gives a connection back after its response finished.
-    pub fn checkin(&self, key: PoolKey, tx: Sender) {
-        if tx.is_closed() {
+    pub fn checkin(&self, key: PoolKey, conn: C) {
+        if conn.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(key).or_default();
         if list.len() < self.max_idle_per_key {
             list.push(Idle {
-                tx,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -82,7 +112,7 @@ impl Pool {
     pub fn sweep(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|_, list| {
-            list.retain(|c| !c.tx.is_closed() && c.since.elapsed() < self.idle_timeout);
+            list.retain(|c| !c.conn.is_closed() && c.since.elapsed() < self.idle_timeout);
             !list.is_empty()
         });
     }

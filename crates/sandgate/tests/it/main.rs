@@ -6,6 +6,7 @@ mod common;
 mod api;
 mod cli;
 mod docker;
+mod fastlane;
 mod health;
 mod idle;
 mod isolation;

@@ -1,0 +1,722 @@
+//! Message heads for the fast lane: what a request or response head says about framing and
+//! connection reuse, and the rewritten head that is sent on, built straight from the parsed
+//! bytes into a reused buffer. The header rules are the proxy's (`proxy::headers`): no
+//! hop-by-hop fields, no gateway credentials, our own `Host` and `X-Forwarded-*`.
+
+use std::net::IpAddr;
+
+use http::HeaderValue;
+use httparse::Header;
+
+use crate::proxy::headers::{rewrite_location, GATEWAY_COOKIE_PREFIX};
+
+/// How many header fields a head may have (hyper's default too); more goes to hyper.
+pub const MAX_HEADERS: usize = 100;
+
+/// How a message body is delimited (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`, forwarded as it is.
+    Chunked,
+    /// Until the sender closes the connection (responses only).
+    UntilClose,
+}
+
+impl Framing {
+    /// Whether any body bytes follow the head.
+    pub fn has_body(self) -> bool {
+        !matches!(self, Framing::Empty | Framing::Length(0))
+    }
+}
+
+/// What the fast lane needs to know about a request head it will forward.
+#[derive(Debug)]
+pub struct RequestFacts {
+    pub framing: Framing,
+    /// The client keeps the connection open after this exchange.
+    pub keep_alive: bool,
+    pub is_head: bool,
+    /// Safe to send again on a fresh connection if a reused one closed under it.
+    pub idempotent: bool,
+    /// The client prefers HTML error pages.
+    pub html: bool,
+}
+
+/// Why a request head does not take the fast lane.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotFast {
+    /// Something hyper's general path handles (an upgrade, `Expect`, a repeated `Host`).
+    Unusual,
+    /// Framing a smuggler could use: refused with 400 and the connection closed.
+    Ambiguous(&'static str),
+}
+
+/// Reads what the fast lane needs from a parsed request head, or says why it is not for the
+/// fast lane. Ambiguous framing (RFC 9112 §6.3: both lengths, differing lengths, a coding
+/// other than `chunked`) is refused outright rather than interpreted.
+pub fn request_facts(method: &str, headers: &[Header<'_>]) -> Result<RequestFacts, NotFast> {
+    use NotFast::{Ambiguous, Unusual};
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut keep_alive = true;
+    let mut html = false;
+    let mut hosts = 0;
+    for h in headers {
+        let name = h.name;
+        match name.len() {
+            4 if name.eq_ignore_ascii_case("host") => hosts += 1,
+            6 if name.eq_ignore_ascii_case("expect") => return Err(Unusual),
+            6 if name.eq_ignore_ascii_case("accept") => {
+                html |= contains(h.value, b"text/html");
+            }
+            7 if name.eq_ignore_ascii_case("upgrade") => return Err(Unusual),
+            10 if name.eq_ignore_ascii_case("connection") => {
+                for t in tokens(h.value) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    } else if t.eq_ignore_ascii_case(b"upgrade") {
+                        return Err(Unusual);
+                    }
+                }
+            }
+            14 if name.eq_ignore_ascii_case("content-length") => {
+                let n = parse_length(h.value).ok_or(Ambiguous("invalid Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(Ambiguous("conflicting Content-Length values"));
+                }
+                length = Some(n);
+            }
+            17 if name.eq_ignore_ascii_case("transfer-encoding") => {
+                if chunked || !trim(h.value).eq_ignore_ascii_case(b"chunked") {
+                    return Err(Ambiguous("unsupported Transfer-Encoding (only chunked)"));
+                }
+                chunked = true;
+            }
+            _ => {}
+        }
+    }
+    if chunked && length.is_some() {
+        return Err(Ambiguous("both Content-Length and Transfer-Encoding"));
+    }
+    if hosts > 1 || method == "CONNECT" {
+        return Err(Unusual);
+    }
+    let framing = match (chunked, length) {
+        (true, _) => Framing::Chunked,
+        (false, None) => Framing::Empty,
+        (false, Some(n)) => Framing::Length(n),
+    };
+    Ok(RequestFacts {
+        framing,
+        keep_alive,
+        is_head: method == "HEAD",
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
+        html,
+    })
+}
+
+/// The first `Host` field's value, if it is text.
+pub fn host<'b>(headers: &[Header<'b>]) -> Option<&'b str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+}
+
+/// Whether a request target is a plain origin-form path the fast lane may route: `/` first and
+/// only the characters `http::Uri` accepts, so both lanes see the same set of paths.
+pub fn plain_target(target: &str) -> bool {
+    target.starts_with('/')
+        && target
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%[]".contains(&b))
+}
+
+/// Everything besides the parsed head that shapes the request sent to the sandbox.
+pub struct RequestRewrite<'a> {
+    pub method: &'a str,
+    /// The path (and query) the sandbox sees: the route prefix already removed.
+    pub path: &'a str,
+    pub upstream_port: u16,
+    /// The client's address as `X-Forwarded-For` text.
+    pub client_ip: &'a [u8],
+    pub prefix: Option<&'a [u8]>,
+    pub framing: Framing,
+}
+
+/// Writes the head the sandbox receives into `out` (cleared first).
+pub fn write_request(out: &mut Vec<u8>, headers: &[Header<'_>], rw: &RequestRewrite<'_>) {
+    out.clear();
+    out.extend_from_slice(rw.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(rw.path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: localhost:");
+    out.extend_from_slice(itoa::Buffer::new().format(rw.upstream_port).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let named = connection_named(headers);
+    let mut forwarded_for: Option<&[u8]> = None;
+    let mut public_host: Option<&[u8]> = None;
+    for h in headers {
+        let name = h.name;
+        let skip = match name.len() {
+            2 => name.eq_ignore_ascii_case("te"),
+            4 if name.eq_ignore_ascii_case("host") => {
+                public_host.get_or_insert(h.value);
+                true
+            }
+            6 if name.eq_ignore_ascii_case("cookie")
+                && contains(h.value, GATEWAY_COOKIE_PREFIX.as_bytes()) =>
+            {
+                write_cookie_without_ours(out, h.value);
+                true
+            }
+            7 => name.eq_ignore_ascii_case("trailer") || name.eq_ignore_ascii_case("upgrade"),
+            9 => name.eq_ignore_ascii_case("x-api-key"),
+            10 => {
+                name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("keep-alive")
+            }
+            14 => name.eq_ignore_ascii_case("content-length"),
+            15 if name.eq_ignore_ascii_case("x-forwarded-for") => {
+                forwarded_for.get_or_insert(h.value);
+                true
+            }
+            16 => {
+                name.eq_ignore_ascii_case("x-forwarded-host")
+                    || name.eq_ignore_ascii_case("proxy-connection")
+            }
+            17 => {
+                name.eq_ignore_ascii_case("transfer-encoding")
+                    || name.eq_ignore_ascii_case("x-forwarded-proto")
+            }
+            18 => {
+                name.eq_ignore_ascii_case("proxy-authenticate")
+                    || name.eq_ignore_ascii_case("x-forwarded-prefix")
+            }
+            19 => name.eq_ignore_ascii_case("proxy-authorization"),
+            _ => false,
+        } || is_named(&named, name);
+        if !skip {
+            put_field(out, name.as_bytes(), h.value);
+        }
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(prev) = forwarded_for {
+        out.extend_from_slice(prev);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(rw.client_ip);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if let Some(h) = public_host {
+        put_field(out, b"x-forwarded-host", h);
+    }
+    if let Some(p) = rw.prefix {
+        put_field(out, b"x-forwarded-prefix", p);
+    }
+    write_framing(out, rw.framing);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What the fast lane needs to know about a response head it forwards.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ResponseFacts {
+    pub framing: Framing,
+    /// The sandbox keeps its connection open after this response.
+    pub reusable: bool,
+}
+
+/// Why a response head cannot be forwarded: the sandbox broke the protocol.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BadResponse {
+    /// Conflicting `Content-Length` values, or one that is not a number.
+    Length,
+    /// A transfer coding other than `chunked`.
+    Coding,
+    /// `101 Switching Protocols` to a request that asked for no upgrade.
+    Switch,
+}
+
+/// Reads the framing of a response to a request (RFC 9112 §6.3).
+pub fn response_facts(
+    status: u16,
+    version: u8,
+    headers: &[Header<'_>],
+    is_head: bool,
+) -> Result<ResponseFacts, BadResponse> {
+    if status == 101 {
+        return Err(BadResponse::Switch);
+    }
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut reusable = version == 1;
+    for h in headers {
+        let name = h.name;
+        match name.len() {
+            10 if name.eq_ignore_ascii_case("connection") => {
+                for t in tokens(h.value) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        reusable = false;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") && version == 0 {
+                        reusable = true;
+                    }
+                }
+            }
+            14 if name.eq_ignore_ascii_case("content-length") => {
+                let n = parse_length(h.value).ok_or(BadResponse::Length)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(BadResponse::Length);
+                }
+                length = Some(n);
+            }
+            17 if name.eq_ignore_ascii_case("transfer-encoding") => {
+                if !trim(h.value).eq_ignore_ascii_case(b"chunked") {
+                    return Err(BadResponse::Coding);
+                }
+                chunked = true;
+            }
+            _ => {}
+        }
+    }
+    let framing = if is_head || (100..200).contains(&status) || status == 204 || status == 304 {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked
+    } else {
+        match length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => {
+                reusable = false;
+                Framing::UntilClose
+            }
+        }
+    };
+    Ok(ResponseFacts { framing, reusable })
+}
+
+/// Everything besides the parsed head that shapes the response the client receives.
+pub struct ResponseRewrite<'a> {
+    pub status: u16,
+    pub reason: &'a str,
+    /// How the body reaches the client: `Chunked` when the sandbox's body runs until close.
+    pub framing: Framing,
+    /// Pass the sandbox's `Content-Length` on for a body that is not sent (HEAD, 304).
+    pub keep_length: bool,
+    pub close: bool,
+    /// For `Location` rewriting: the ports the sandbox may name itself by, the gateway's
+    /// public host and the route prefix.
+    pub ports: [u16; 2],
+    pub public_host: &'a [u8],
+    pub prefix: &'a [u8],
+}
+
+/// Writes the head the client receives into `out` (cleared first).
+pub fn write_response(out: &mut Vec<u8>, headers: &[Header<'_>], rw: &ResponseRewrite<'_>) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(rw.status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(rw.reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let named = connection_named(headers);
+    for h in headers {
+        let name = h.name;
+        let skip = match name.len() {
+            2 => name.eq_ignore_ascii_case("te"),
+            7 => name.eq_ignore_ascii_case("trailer") || name.eq_ignore_ascii_case("upgrade"),
+            8 if name.eq_ignore_ascii_case("location") => write_location(out, h.value, rw),
+            10 => {
+                name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("keep-alive")
+            }
+            14 => name.eq_ignore_ascii_case("content-length") && !rw.keep_length,
+            16 => name.eq_ignore_ascii_case("proxy-connection"),
+            17 => name.eq_ignore_ascii_case("transfer-encoding"),
+            18 => name.eq_ignore_ascii_case("proxy-authenticate"),
+            _ => false,
+        } || is_named(&named, name);
+        if !skip {
+            put_field(out, name.as_bytes(), h.value);
+        }
+    }
+    if !rw.keep_length {
+        write_framing(out, rw.framing);
+    }
+    if rw.close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a rewritten `Location` field if the sandbox's one needs it; says whether it did.
+fn write_location(out: &mut Vec<u8>, value: &[u8], rw: &ResponseRewrite<'_>) -> bool {
+    let Ok(loc) = HeaderValue::from_bytes(value) else {
+        return false;
+    };
+    let origin = match std::str::from_utf8(rw.public_host) {
+        Ok(h) if !h.is_empty() => format!("http://{h}"),
+        _ => String::new(),
+    };
+    let prefix = std::str::from_utf8(rw.prefix).unwrap_or("");
+    match rewrite_location(&loc, &rw.ports, &origin, prefix) {
+        Some(new) => {
+            put_field(out, b"location", new.as_bytes());
+            true
+        }
+        None => false,
+    }
+}
+
+/// Serialises a gateway-made response (an error) as a complete HTTP/1.1 message.
+pub fn write_full(out: &mut Vec<u8>, resp: &http::Response<bytes::Bytes>, close: bool) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(resp.status().as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.status().canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in resp.headers() {
+        put_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    write_framing(out, Framing::Length(resp.body().len() as u64));
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(resp.body());
+}
+
+/// The client's address as the text `X-Forwarded-For` carries.
+pub fn ip_text(ip: IpAddr) -> Vec<u8> {
+    ip.to_string().into_bytes()
+}
+
+fn write_framing(out: &mut Vec<u8>, framing: Framing) {
+    match framing {
+        Framing::Empty => {}
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::UntilClose => {}
+    }
+}
+
+fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The `Cookie` field without the gateway's own cookies; nothing if none remain.
+fn write_cookie_without_ours(out: &mut Vec<u8>, value: &[u8]) {
+    let mut first = true;
+    for c in value.split(|&b| b == b';').map(trim) {
+        if c.is_empty() || c.starts_with(GATEWAY_COOKIE_PREFIX.as_bytes()) {
+            continue;
+        }
+        if first {
+            out.extend_from_slice(b"cookie: ");
+            first = false;
+        } else {
+            out.extend_from_slice(b"; ");
+        }
+        out.extend_from_slice(c);
+    }
+    if !first {
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Field names listed in `Connection` (hop-by-hop by RFC 9110 §7.6.1) besides the ones every
+/// head loses anyway; at most eight are tracked, and a ninth is dropped with the rest of the
+/// unknown tokens only if it matches one of them (see `is_named`).
+struct Named<'b> {
+    names: [&'b [u8]; 8],
+    len: usize,
+    /// More names than tracked: every unknown field is checked against the raw list.
+    overflow: Option<&'b [u8]>,
+}
+
+fn connection_named<'b>(headers: &[Header<'b>]) -> Named<'b> {
+    let mut named = Named {
+        names: [&[]; 8],
+        len: 0,
+        overflow: None,
+    };
+    for h in headers {
+        if !h.name.eq_ignore_ascii_case("connection") {
+            continue;
+        }
+        for t in tokens(h.value) {
+            if t.eq_ignore_ascii_case(b"close")
+                || t.eq_ignore_ascii_case(b"keep-alive")
+                || t.eq_ignore_ascii_case(b"upgrade")
+            {
+                continue;
+            }
+            if named.len < named.names.len() {
+                named.names[named.len] = t;
+                named.len += 1;
+            } else {
+                named.overflow = Some(h.value);
+            }
+        }
+    }
+    named
+}
+
+fn is_named(named: &Named<'_>, name: &str) -> bool {
+    let name = name.as_bytes();
+    named.names[..named.len]
+        .iter()
+        .any(|n| n.eq_ignore_ascii_case(name))
+        || named
+            .overflow
+            .is_some_and(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(name)))
+}
+
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty())
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    v.trim_ascii()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A `Content-Length` value: digits only, no sign, no list (RFC 9110 §8.6).
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let v = trim(v);
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdrs<'a>(pairs: &'a [(&'a str, &'a str)]) -> Vec<Header<'a>> {
+        pairs
+            .iter()
+            .map(|(n, v)| Header {
+                name: n,
+                value: v.as_bytes(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn request_framing_is_read_strictly() {
+        let facts = |pairs: &[(&str, &str)]| request_facts("POST", &hdrs(pairs));
+        assert_eq!(facts(&[]).unwrap().framing, Framing::Empty);
+        // An explicit zero length is passed on: some servers insist on it for POST.
+        assert_eq!(
+            facts(&[("content-length", "0")]).unwrap().framing,
+            Framing::Length(0)
+        );
+        assert_eq!(
+            facts(&[("Content-Length", "12")]).unwrap().framing,
+            Framing::Length(12)
+        );
+        assert_eq!(
+            facts(&[("content-length", "5"), ("content-length", "5")])
+                .unwrap()
+                .framing,
+            Framing::Length(5)
+        );
+        assert_eq!(
+            facts(&[("transfer-encoding", "Chunked")]).unwrap().framing,
+            Framing::Chunked
+        );
+        // Anything a smuggler could use is refused, not interpreted.
+        for bad in [
+            &[("content-length", "5"), ("content-length", "6")][..],
+            &[("content-length", "5"), ("transfer-encoding", "chunked")],
+            &[("transfer-encoding", "gzip, chunked")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("content-length", "+5")],
+            &[("content-length", "5, 5")],
+        ] {
+            assert!(matches!(facts(bad), Err(NotFast::Ambiguous(_))), "{bad:?}");
+        }
+        // What hyper's general path handles goes there.
+        for other in [
+            &[("host", "a"), ("host", "b")][..],
+            &[("expect", "100-continue")],
+            &[("connection", "Upgrade"), ("upgrade", "websocket")],
+        ] {
+            assert_eq!(facts(other).unwrap_err(), NotFast::Unusual, "{other:?}");
+        }
+        let f = request_facts("GET", &hdrs(&[("Connection", "close")])).unwrap();
+        assert!(!f.keep_alive && f.idempotent && !f.is_head);
+        assert!(!request_facts("POST", &[]).unwrap().idempotent);
+        assert!(request_facts("HEAD", &[]).unwrap().is_head);
+        assert_eq!(request_facts("CONNECT", &[]).unwrap_err(), NotFast::Unusual);
+    }
+
+    #[test]
+    fn request_head_loses_hop_by_hop_and_gateway_credentials() {
+        let h = hdrs(&[
+            ("Host", "gw.example:8070"),
+            ("Connection", "keep-alive, X-Secret-Hop"),
+            ("X-Secret-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Proxy-Authorization", "Basic x"),
+            ("X-Api-Key", "secret"),
+            ("Cookie", "a=1; sandgate_session=xyz; b=2"),
+            ("Cookie", "sandgate_preview=1"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("X-Forwarded-Prefix", "/evil"),
+            ("X-Forwarded-Host", "evil"),
+            ("Content-Length", "3"),
+            ("Authorization", "Bearer app-token"),
+            ("X-End-To-End", "kept"),
+        ]);
+        let mut out = Vec::new();
+        write_request(
+            &mut out,
+            &h,
+            &RequestRewrite {
+                method: "POST",
+                path: "/a?b=1",
+                upstream_port: 3000,
+                client_ip: b"127.0.0.1",
+                prefix: Some(b"/sandbox/sb-x"),
+                framing: Framing::Length(3),
+            },
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /a?b=1 HTTP/1.1\r\n\
+             host: localhost:3000\r\n\
+             cookie: a=1; b=2\r\n\
+             Authorization: Bearer app-token\r\n\
+             X-End-To-End: kept\r\n\
+             x-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
+             x-forwarded-proto: http\r\n\
+             x-forwarded-host: gw.example:8070\r\n\
+             x-forwarded-prefix: /sandbox/sb-x\r\n\
+             content-length: 3\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let facts =
+            |status, pairs: &[(&str, &str)], head| response_facts(status, 1, &hdrs(pairs), head);
+        let ok = |f: Framing, reusable| {
+            Ok(ResponseFacts {
+                framing: f,
+                reusable,
+            })
+        };
+        assert_eq!(
+            facts(200, &[("content-length", "10")], false),
+            ok(Framing::Length(10), true)
+        );
+        assert_eq!(
+            facts(200, &[("content-length", "10")], true),
+            ok(Framing::Empty, true)
+        );
+        assert_eq!(facts(204, &[], false), ok(Framing::Empty, true));
+        assert_eq!(
+            facts(304, &[("content-length", "10")], false),
+            ok(Framing::Empty, true)
+        );
+        assert_eq!(
+            facts(200, &[("transfer-encoding", "chunked")], false),
+            ok(Framing::Chunked, true)
+        );
+        assert_eq!(facts(200, &[], false), ok(Framing::UntilClose, false));
+        assert_eq!(
+            facts(
+                200,
+                &[("connection", "close"), ("content-length", "1")],
+                false
+            ),
+            ok(Framing::Length(1), false)
+        );
+        assert_eq!(
+            response_facts(200, 0, &hdrs(&[("content-length", "1")]), false),
+            ok(Framing::Length(1), false)
+        );
+        assert_eq!(
+            facts(
+                200,
+                &[("content-length", "1"), ("content-length", "2")],
+                false
+            ),
+            Err(BadResponse::Length)
+        );
+        assert_eq!(
+            facts(200, &[("transfer-encoding", "gzip")], false),
+            Err(BadResponse::Coding)
+        );
+        assert_eq!(facts(101, &[], false), Err(BadResponse::Switch));
+    }
+
+    #[test]
+    fn response_head_is_cleaned_and_location_rewritten() {
+        let h = hdrs(&[
+            ("Content-Type", "text/plain"),
+            ("Connection", "keep-alive"),
+            ("Keep-Alive", "timeout=5"),
+            ("Transfer-Encoding", "chunked"),
+            ("Location", "http://127.0.0.1:3000/next"),
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+        ]);
+        let mut out = Vec::new();
+        write_response(
+            &mut out,
+            &h,
+            &ResponseRewrite {
+                status: 302,
+                reason: "Found",
+                framing: Framing::Chunked,
+                keep_length: false,
+                close: true,
+                ports: [3000, 21000],
+                public_host: b"gw:8070",
+                prefix: b"/sandbox/sb-x",
+            },
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 302 Found\r\n\
+             Content-Type: text/plain\r\n\
+             location: http://gw:8070/sandbox/sb-x/next\r\n\
+             Set-Cookie: a=1\r\n\
+             Set-Cookie: b=2\r\n\
+             transfer-encoding: chunked\r\n\
+             connection: close\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn only_plain_paths_take_the_fast_lane() {
+        assert!(plain_target("/sandbox/sb-x/a?b=1&c=%20"));
+        assert!(!plain_target("http://example.com/"));
+        assert!(!plain_target("*"));
+        assert!(!plain_target("/a{b}"));
+        assert!(!plain_target("/a\"b"));
+    }
+}

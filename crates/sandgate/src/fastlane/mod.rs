@@ -1,0 +1,973 @@
+//! The HTTP/1.1 fast lane: proxies plain HTTP/1.1 requests to running sandboxes straight from
+//! socket buffers (heads parsed by `httparse`, bodies forwarded as they came), keeping one
+//! upstream connection per client connection. Anything else (the control API, h2c, HTTP/1.0,
+//! upgrades, `Expect`, unusual framing, a sandbox to wake or an error to explain) is handed,
+//! with the bytes already read, to hyper's general path (`server::Gateway::serve_hyper`).
+//! Why this exists and what it must keep equal to the general path: `docs/fastlane.md`.
+
+pub mod chunked;
+pub mod head;
+pub mod prefixed;
+
+use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::Upstream;
+use crate::error::Error;
+use crate::model::Status;
+use crate::proxy::pool::PoolKey;
+use crate::proxy::{upstream_error, Target};
+use crate::server::{Decision, Gateway, HEADER_TIMEOUT};
+use chunked::Scanner;
+use head::{Framing, RequestFacts, RequestRewrite, ResponseRewrite, MAX_HEADERS};
+use prefixed::Prefixed;
+
+/// Bytes read from the client at a time; a request head must fit in `MAX_HEAD`.
+const CLIENT_BUF: usize = 8 * 1024;
+const MAX_HEAD: usize = 64 * 1024;
+/// Bytes read from the sandbox at a time.
+const UPSTREAM_BUF: usize = 32 * 1024;
+
+/// Serves one client connection: the fast lane while requests suit it, then hyper.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    client: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let mut lane = Lane::new(gw.clone(), client, peer);
+    let handoff = lane.run(&shutdown).await;
+    // The upstream connection outlives its client: the next client to this sandbox takes it.
+    lane.keep_upstream(None);
+    let Some(prefix) = handoff else {
+        return;
+    };
+    gw.serve_hyper(Prefixed::new(prefix, lane.client), peer, shutdown)
+        .await;
+}
+
+/// A read buffer: bytes read and not yet used. Reads go into spare capacity (never zeroed);
+/// used bytes are dropped from the front without copying.
+struct Buf {
+    data: BytesMut,
+    cap: usize,
+}
+
+impl Buf {
+    fn new(cap: usize) -> Buf {
+        Buf {
+            data: BytesMut::with_capacity(cap),
+            cap,
+        }
+    }
+
+    /// Reads once into free space, growing up to `max` bytes held. `Ok(0)` means end of
+    /// stream, or `max` bytes held already.
+    fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        if self.data.len() >= max {
+            return Poll::Ready(Ok(0));
+        }
+        if self.data.capacity() == self.data.len() {
+            self.data
+                .reserve(self.cap.max(self.data.len()).min(max - self.data.len()));
+        }
+        tokio_util::io::poll_read_buf(Pin::new(r), cx, &mut self.data)
+    }
+
+    /// Polls the client for a read while no request is being read, keeping what arrives
+    /// (a pipelined request) and saying whether the client has gone (end of stream or error).
+    /// With no free space left it does not look.
+    fn poll_gone<R: AsyncRead + Unpin>(&mut self, cx: &mut Context<'_>, r: &mut R) -> bool {
+        if self.data.capacity() == self.data.len() {
+            if self.data.len() >= self.cap {
+                return false;
+            }
+            self.data.reserve(self.cap - self.data.len());
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(r), cx, &mut self.data) {
+            Poll::Ready(Ok(n)) => n == 0,
+            Poll::Ready(Err(_)) => true,
+            Poll::Pending => false,
+        }
+    }
+
+    fn filled(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.data.advance(n);
+    }
+
+    fn clear(&mut self) {
+        self.data.clear();
+    }
+}
+
+/// What became of one request.
+enum Step {
+    KeepAlive,
+    Close,
+}
+
+/// A request head the fast lane will forward; the head sent on is already in `Lane::out`.
+struct Forward {
+    head_len: usize,
+    target: Target,
+    upstream: Upstream,
+    facts: RequestFacts,
+}
+
+enum Plan {
+    /// The head is not complete yet.
+    Partial,
+    Handoff,
+    Forward(Forward),
+    /// Refused with 400, and the connection closed (its framing cannot be trusted).
+    Refuse(&'static str),
+}
+
+struct Lane {
+    gw: Arc<Gateway>,
+    client: TcpStream,
+    /// The client's address as `X-Forwarded-For` text.
+    ip: Vec<u8>,
+    rbuf: Buf,
+    ubuf: Option<Buf>,
+    /// The head sent to the sandbox (kept for a retry), then the one sent to the client.
+    out: Vec<u8>,
+    rout: Vec<u8>,
+    /// The current request's `Host`, for `Location` rewriting.
+    host: Vec<u8>,
+    /// The upstream connection kept for this client's next request.
+    up: Option<(PoolKey, TcpStream)>,
+}
+
+impl Lane {
+    fn new(gw: Arc<Gateway>, client: TcpStream, peer: SocketAddr) -> Lane {
+        Lane {
+            gw,
+            client,
+            ip: head::ip_text(peer.ip()),
+            rbuf: Buf::new(CLIENT_BUF),
+            ubuf: None,
+            out: Vec::with_capacity(512),
+            rout: Vec::with_capacity(512),
+            host: Vec::new(),
+            up: None,
+        }
+    }
+
+    /// Serves requests until the connection ends (`None`) or one needs hyper: then returns the
+    /// bytes read and not answered, which hyper reads first.
+    async fn run(&mut self, shutdown: &CancellationToken) -> Option<Bytes> {
+        let timer = tokio::time::sleep(HEADER_TIMEOUT);
+        tokio::pin!(timer);
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        loop {
+            let forward = match self.read_head(timer.as_mut(), cancelled.as_mut()).await? {
+                Plan::Partial => return None,
+                Plan::Handoff => return Some(self.rbuf.data.split().freeze()),
+                Plan::Forward(f) => f,
+                Plan::Refuse(why) => {
+                    let err = Error::BadRequest(format!("bad request framing: {why}"));
+                    head::write_full(&mut self.rout, &err.to_response(false), true);
+                    let _ = self.client.write_all(&self.rout).await;
+                    let _ = self.client.shutdown().await;
+                    return None;
+                }
+            };
+            match self.exchange(forward, timer.as_mut()).await {
+                Step::KeepAlive if !shutdown.is_cancelled() => {}
+                Step::KeepAlive | Step::Close => {
+                    let _ = self.client.shutdown().await;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Waits for a complete request head (bounded by `HEADER_TIMEOUT` and shutdown) and plans
+    /// it; `None` when the client left, was too slow, or the gateway is stopping.
+    async fn read_head(
+        &mut self,
+        mut timer: Pin<&mut Sleep>,
+        mut cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    ) -> Option<Plan> {
+        if !self.rbuf.is_empty() {
+            match self.plan() {
+                Plan::Partial => {}
+                plan => return Some(plan),
+            }
+        }
+        timer.as_mut().reset(Instant::now() + HEADER_TIMEOUT);
+        loop {
+            let read = poll_fn(|cx| {
+                if let Poll::Ready(r) = self.rbuf.poll_fill(cx, &mut self.client, MAX_HEAD) {
+                    return Poll::Ready(Some(r));
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                // Idle between requests: leave at once on shutdown. Mid-head: finish it.
+                if self.rbuf.is_empty() && cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await;
+            match read {
+                Some(Ok(0)) if self.rbuf.filled().len() >= MAX_HEAD => {
+                    // A head this large is hyper's to judge.
+                    return Some(Plan::Handoff);
+                }
+                Some(Ok(0)) | Some(Err(_)) | None => return None,
+                Some(Ok(_)) => match self.plan() {
+                    Plan::Partial => {}
+                    plan => return Some(plan),
+                },
+            }
+        }
+    }
+
+    /// Parses the buffered request head and decides its fate; for a forwarded request, writes
+    /// the head the sandbox will receive into `out`.
+    fn plan(&mut self) -> Plan {
+        let buf = self.rbuf.filled();
+        if buf.starts_with(b"PRI * HTTP/2.0") {
+            return Plan::Handoff; // h2c with prior knowledge
+        }
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Plan::Partial,
+            Err(_) => return Plan::Handoff, // hyper answers malformed heads
+        };
+        let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+            return Plan::Handoff;
+        };
+        if !head::plain_target(target) {
+            return Plan::Handoff;
+        }
+        let facts = match head::request_facts(method, req.headers) {
+            Ok(f) => f,
+            Err(head::NotFast::Unusual) => return Plan::Handoff,
+            Err(head::NotFast::Ambiguous(why)) => return Plan::Refuse(why),
+        };
+        let host = head::host(req.headers);
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        let Decision::Proxy(target_route) = self.gw.decide_parts(host, path, query) else {
+            return Plan::Handoff;
+        };
+        if target_route.sandbox.status != Status::Running {
+            return Plan::Handoff; // waking, or explaining why not, is hyper's
+        }
+        let proxy = &self.gw.state.proxy;
+        let Some(upstream) = proxy
+            .backend()
+            .upstream(&target_route.sandbox, target_route.port)
+        else {
+            return Plan::Handoff;
+        };
+        let prefix = target_route.prefix.as_ref().map(|p| p.as_bytes());
+        let rest = &target[prefix.map_or(0, <[u8]>::len).min(target.len())..];
+        let slashed;
+        let upstream_path = if rest.starts_with('/') {
+            rest
+        } else {
+            slashed = format!("/{rest}");
+            &slashed
+        };
+        head::write_request(
+            &mut self.out,
+            req.headers,
+            &RequestRewrite {
+                method,
+                path: upstream_path,
+                upstream_port: upstream.port(),
+                client_ip: &self.ip,
+                prefix,
+                framing: facts.framing,
+            },
+        );
+        self.host.clear();
+        self.host.extend_from_slice(host.unwrap_or("").as_bytes());
+        Plan::Forward(Forward {
+            head_len,
+            target: target_route,
+            upstream,
+            facts,
+        })
+    }
+
+    /// Forwards one request and its response. Bodies stream both ways at once, so a sandbox
+    /// may answer before it has read the whole request.
+    async fn exchange(&mut self, f: Forward, mut timer: Pin<&mut Sleep>) -> Step {
+        self.rbuf.consume(f.head_len);
+        let has_body = f.facts.framing.has_body();
+        let proxy = self.gw.state.proxy.clone();
+        let permit = match proxy.permit() {
+            Ok(p) => p,
+            Err(e) => return self.fail(&e, &f, has_body).await,
+        };
+        let sb = f.target.sandbox.clone();
+        let _in_use = sb.in_use();
+        let key = PoolKey {
+            upstream: f.upstream,
+            generation: sb.generation,
+            epoch: sb.created_at.timestamp_millis(),
+        };
+        let timeout = proxy.timeout();
+        let mut ubuf = self.ubuf.take().unwrap_or_else(|| Buf::new(UPSTREAM_BUF));
+        ubuf.clear();
+        let mut reused = true;
+        let mut up = match self.take_upstream(&key) {
+            Some(s) => s,
+            None => {
+                reused = false;
+                timer.as_mut().reset(Instant::now() + timeout);
+                match race(proxy.dial(f.upstream), timer.as_mut()).await {
+                    Some(Ok(s)) => s,
+                    Some(Err(e)) => {
+                        self.ubuf = Some(ubuf);
+                        let err = upstream_error(&sb, f.target.port, e);
+                        return self.fail(&err, &f, has_body).await;
+                    }
+                    None => {
+                        self.ubuf = Some(ubuf);
+                        return self.fail(&timeout_error(&f, timeout), &f, has_body).await;
+                    }
+                }
+            }
+        };
+
+        // The request head (and a body's first bytes), then the response head.
+        let mut req = RequestBody::new(f.facts.framing);
+        let head_result = loop {
+            let sent = if req.done() {
+                up.write_all(&self.out).await
+            } else {
+                req.send_first(&mut up, &self.out, &mut self.rbuf).await
+            };
+            if sent.is_err() && reused && req.may_retry(&f.facts) {
+                reused = false;
+                if let Some(s) = self.redial(&proxy, &f, &mut timer, timeout).await {
+                    up = s;
+                    continue;
+                }
+            }
+            if let Err(e) = sent {
+                let err = protocol_error(&f, &e);
+                self.ubuf = Some(ubuf);
+                return self.fail(&err, &f, !req.done()).await;
+            }
+            timer.as_mut().reset(Instant::now() + timeout);
+            let got = read_response_head(
+                &mut up,
+                &mut ubuf,
+                &mut self.client,
+                &mut self.rbuf,
+                &mut req,
+                timer.as_mut(),
+                timeout,
+            )
+            .await;
+            match got {
+                Err(HeadError::Closed) if reused && ubuf.is_empty() && req.may_retry(&f.facts) => {
+                    reused = false;
+                    ubuf.clear();
+                    match self.redial(&proxy, &f, &mut timer, timeout).await {
+                        Some(s) => up = s,
+                        None => break Err(HeadError::Closed),
+                    }
+                }
+                other => break other,
+            }
+        };
+        let head_len = match head_result {
+            Ok(n) => n,
+            Err(e) => {
+                let err = match e {
+                    HeadError::Timeout => timeout_error(&f, timeout),
+                    HeadError::Closed => protocol_error(
+                        &f,
+                        &io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed before a response",
+                        ),
+                    ),
+                    HeadError::Io(e) => protocol_error(&f, &e),
+                    HeadError::Malformed(what) => Error::UpstreamProtocol {
+                        id: sb.id.clone(),
+                        reason: what.into(),
+                    },
+                    HeadError::ClientGone => {
+                        self.ubuf = Some(ubuf);
+                        return Step::Close;
+                    }
+                };
+                self.ubuf = Some(ubuf);
+                return self.fail(&err, &f, !req.done()).await;
+            }
+        };
+
+        // The response head, rewritten, then its body.
+        let resp = match self.response_head(&ubuf, head_len, &f, !req.done()) {
+            Ok(r) => r,
+            Err(reason) => {
+                self.ubuf = Some(ubuf);
+                let err = Error::UpstreamProtocol {
+                    id: sb.id.clone(),
+                    reason: reason.into(),
+                };
+                return self.fail(&err, &f, !req.done()).await;
+            }
+        };
+        ubuf.consume(head_len);
+        let body = forward_response_body(
+            &mut up,
+            &mut ubuf,
+            &mut self.client,
+            &self.rout,
+            resp.framing,
+            &mut self.rbuf,
+            &mut req,
+        )
+        .await;
+        drop(permit);
+        let upstream_clean = body.is_ok() && resp.reusable && req.done() && ubuf.is_empty();
+        self.ubuf = Some(ubuf);
+        if upstream_clean {
+            self.keep_upstream(Some((key, up)));
+        }
+        match body {
+            Ok(()) if f.facts.keep_alive && req.done() && !resp.close => Step::KeepAlive,
+            _ => Step::Close,
+        }
+    }
+
+    /// Keeps `up` for this client's next request; the one kept before goes to the pool.
+    fn keep_upstream(&mut self, up: Option<(PoolKey, TcpStream)>) {
+        let proxy = &self.gw.state.proxy;
+        if up.is_some() {
+            proxy.kept_upstreams(1);
+        }
+        if let Some((k, s)) = std::mem::replace(&mut self.up, up) {
+            proxy.kept_upstreams(-1);
+            proxy.raw_pool().checkin(k, s);
+        }
+    }
+
+    /// This client's kept upstream connection if it goes to `key`, else a pooled one (the kept
+    /// one, for another sandbox, goes back to the pool).
+    fn take_upstream(&mut self, key: &PoolKey) -> Option<TcpStream> {
+        let pool = self.gw.state.proxy.raw_pool();
+        if let Some((k, s)) = self.up.take() {
+            self.gw.state.proxy.kept_upstreams(-1);
+            if k == *key {
+                if !crate::proxy::pool::Reusable::is_closed(&s) {
+                    return Some(s);
+                }
+            } else {
+                pool.checkin(k, s);
+            }
+        }
+        pool.checkout(key)
+    }
+
+    /// A fresh connection for a retry; `None` if none can be had (the caller reports the
+    /// original failure).
+    async fn redial(
+        &mut self,
+        proxy: &crate::proxy::Proxy,
+        f: &Forward,
+        timer: &mut Pin<&mut Sleep>,
+        timeout: std::time::Duration,
+    ) -> Option<TcpStream> {
+        timer.as_mut().reset(Instant::now() + timeout);
+        race(proxy.dial(f.upstream), timer.as_mut())
+            .await
+            .and_then(Result::ok)
+    }
+
+    /// Parses the response head in `ubuf`, decides its framing and writes the client's head
+    /// into `rout`.
+    fn response_head(
+        &mut self,
+        ubuf: &Buf,
+        head_len: usize,
+        f: &Forward,
+        request_unfinished: bool,
+    ) -> Result<ResponseShape, &'static str> {
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            &ubuf.filled()[..head_len],
+            &mut headers,
+        ) {
+            Ok(httparse::Status::Complete(_)) => {}
+            _ => return Err("malformed response head"),
+        }
+        let (Some(status), Some(version)) = (resp.code, resp.version) else {
+            return Err("malformed response head");
+        };
+        let facts =
+            head::response_facts(status, version, resp.headers, f.facts.is_head).map_err(|e| {
+                match e {
+                    head::BadResponse::Length => "invalid content-length",
+                    head::BadResponse::Coding => "unsupported transfer-encoding",
+                    head::BadResponse::Switch => "switched protocols without an upgrade request",
+                }
+            })?;
+        let body_allowed =
+            !(f.facts.is_head || (100..200).contains(&status) || status == 204 || status == 304);
+        let client_framing = match facts.framing {
+            Framing::UntilClose => Framing::Chunked,
+            Framing::Empty if body_allowed => Framing::Length(0),
+            other => other,
+        };
+        // A body the client never sees (HEAD, 304) keeps the sandbox's stated length.
+        let keep_length = facts.framing == Framing::Empty && (f.facts.is_head || status == 304);
+        let close = !f.facts.keep_alive || request_unfinished;
+        let prefix = f.target.prefix.as_ref().map_or(&b""[..], |p| p.as_bytes());
+        head::write_response(
+            &mut self.rout,
+            resp.headers,
+            &ResponseRewrite {
+                status,
+                reason: resp.reason.unwrap_or(""),
+                framing: client_framing,
+                keep_length,
+                close,
+                ports: [f.target.port, f.upstream.port()],
+                public_host: &self.host,
+                prefix,
+            },
+        );
+        Ok(ResponseShape {
+            framing: facts.framing,
+            reusable: facts.reusable,
+            close,
+        })
+    }
+
+    /// Answers with the gateway's own error. The connection stays open only if the request
+    /// was read completely and the client wants that.
+    async fn fail(&mut self, err: &Error, f: &Forward, body_unread: bool) -> Step {
+        let close = body_unread || !f.facts.keep_alive;
+        head::write_full(&mut self.rout, &err.to_response(f.facts.html), close);
+        if self.client.write_all(&self.rout).await.is_err() || close {
+            return Step::Close;
+        }
+        Step::KeepAlive
+    }
+}
+
+struct ResponseShape {
+    framing: Framing,
+    reusable: bool,
+    close: bool,
+}
+
+/// Polls `fut` until it finishes or `timer` fires (`None`).
+async fn race<F: std::future::Future>(fut: F, mut timer: Pin<&mut Sleep>) -> Option<F::Output> {
+    tokio::pin!(fut);
+    poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
+fn timeout_error(f: &Forward, timeout: std::time::Duration) -> Error {
+    Error::UpstreamTimeout {
+        id: f.target.sandbox.id.clone(),
+        port: f.target.port,
+        timeout,
+    }
+}
+
+fn protocol_error(f: &Forward, e: &io::Error) -> Error {
+    Error::UpstreamProtocol {
+        id: f.target.sandbox.id.clone(),
+        reason: e.to_string(),
+    }
+}
+
+/// The request body's progress from the client to the sandbox.
+struct RequestBody {
+    framing: Framing,
+    /// `Length`: bytes not yet taken from the client.
+    left: u64,
+    scanner: Scanner,
+    /// The client has sent the whole body (it may not all be written on yet).
+    received: bool,
+    /// Bytes at the front of the client buffer that are body, not yet written on.
+    pending: usize,
+    /// The client broke the body (closed early or sent malformed chunks).
+    broken: bool,
+    /// Writing to the sandbox failed: the rest of the body is not sent.
+    abandoned: bool,
+}
+
+impl RequestBody {
+    fn new(framing: Framing) -> RequestBody {
+        let left = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        RequestBody {
+            framing,
+            left,
+            scanner: Scanner::default(),
+            received: !framing.has_body(),
+            pending: 0,
+            broken: false,
+            abandoned: false,
+        }
+    }
+
+    /// The whole body reached the sandbox.
+    fn done(&self) -> bool {
+        self.received && self.pending == 0 && !self.abandoned
+    }
+
+    /// A request that failed on a reused connection may go again on a fresh one only if it
+    /// carried no body and repeating it is harmless.
+    fn may_retry(&self, facts: &RequestFacts) -> bool {
+        !facts.framing.has_body() && facts.idempotent
+    }
+
+    /// Takes the body's share of the newly buffered client bytes (the rest is the next
+    /// request) and returns its length.
+    fn take(&mut self, available: &[u8]) -> usize {
+        match self.framing {
+            Framing::Length(_) => {
+                let n = self.left.min(available.len() as u64) as usize;
+                self.left -= n as u64;
+                self.received = self.left == 0;
+                n
+            }
+            Framing::Chunked => match self.scanner.scan(available) {
+                Ok(n) => {
+                    self.received = self.scanner.done();
+                    n
+                }
+                Err(_) => {
+                    self.broken = true;
+                    0
+                }
+            },
+            _ => 0,
+        }
+    }
+
+    /// Sends the head together with the body bytes already buffered, in one write.
+    async fn send_first(
+        &mut self,
+        up: &mut TcpStream,
+        head: &[u8],
+        rbuf: &mut Buf,
+    ) -> io::Result<()> {
+        let n = self.take(rbuf.filled());
+        write_all2(up, head, &rbuf.filled()[..n]).await?;
+        rbuf.consume(n);
+        Ok(())
+    }
+
+    /// Moves the body from the client to the sandbox as far as both sockets allow.
+    /// `Ready(Ok(()))` once it is all sent (or abandoned); `Ready(Err)` if the client broke it.
+    fn poll_pump(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut TcpStream,
+        rbuf: &mut Buf,
+        up: &mut TcpStream,
+    ) -> Poll<Result<(), ()>> {
+        loop {
+            if self.abandoned || self.done() {
+                return Poll::Ready(Ok(()));
+            }
+            if self.broken {
+                return Poll::Ready(Err(()));
+            }
+            if self.pending > 0 {
+                let chunk = &rbuf.filled()[..self.pending];
+                match Pin::new(&mut *up).poll_write(cx, chunk) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => self.abandoned = true,
+                    Poll::Ready(Ok(w)) => {
+                        rbuf.consume(w);
+                        self.pending -= w;
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+                continue;
+            }
+            if !rbuf.is_empty() {
+                self.pending = self.take(rbuf.filled());
+                if self.pending > 0 || self.broken || self.received {
+                    continue;
+                }
+                // Only part of a chunk-size line: read on.
+            }
+            match rbuf.poll_fill(cx, client, CLIENT_BUF) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+enum HeadError {
+    Timeout,
+    /// The sandbox closed the connection before a complete head.
+    Closed,
+    Io(io::Error),
+    Malformed(&'static str),
+    /// The client went away (or broke its body) while the sandbox was thinking.
+    ClientGone,
+}
+
+/// Reads a response head into `ubuf`, skipping or forwarding interim (1xx) responses, while
+/// the request body keeps streaming. Returns the head's length.
+async fn read_response_head(
+    up: &mut TcpStream,
+    ubuf: &mut Buf,
+    client: &mut TcpStream,
+    rbuf: &mut Buf,
+    req: &mut RequestBody,
+    mut timer: Pin<&mut Sleep>,
+    timeout: std::time::Duration,
+) -> Result<usize, HeadError> {
+    loop {
+        match response_head_len(ubuf.filled()) {
+            Ok(Some((len, interim))) => {
+                if !interim {
+                    return Ok(len);
+                }
+                ubuf.consume(len); // 1xx: informational only
+                continue;
+            }
+            Ok(None) => {}
+            Err(what) => return Err(HeadError::Malformed(what)),
+        }
+        let r = poll_fn(|cx| {
+            if !req.done() && !req.abandoned {
+                match req.poll_pump(cx, client, rbuf, up) {
+                    Poll::Ready(Ok(())) => {
+                        // The request is out (or can go no further): the wait for an
+                        // answer starts now.
+                        timer.as_mut().reset(Instant::now() + timeout);
+                    }
+                    Poll::Ready(Err(())) => return Poll::Ready(Err(HeadError::ClientGone)),
+                    Poll::Pending => {}
+                }
+            } else if rbuf.poll_gone(cx, client) {
+                return Poll::Ready(Err(HeadError::ClientGone));
+            }
+            if let Poll::Ready(r) = ubuf.poll_fill(cx, up, MAX_HEAD) {
+                return Poll::Ready(match r {
+                    Ok(0) => Err(HeadError::Closed),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(HeadError::Io(e)),
+                });
+            }
+            if (req.done() || req.abandoned) && timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(HeadError::Timeout));
+            }
+            Poll::Pending
+        })
+        .await;
+        r?;
+    }
+}
+
+/// The length of the complete response head at the start of `buf` and whether it is an
+/// interim (1xx, not 101) response; `None` while incomplete. Only finds the blank line that
+/// ends the head; `Lane::response_head` parses it (once) and rejects what is malformed.
+fn response_head_len(buf: &[u8]) -> Result<Option<(usize, bool)>, &'static str> {
+    let mut from = 0;
+    let end = loop {
+        let Some(nl) = buf[from..].iter().position(|&b| b == b'\n') else {
+            if buf.len() >= MAX_HEAD {
+                return Err("response head too large");
+            }
+            return Ok(None);
+        };
+        let at = from + nl + 1;
+        match buf.get(at) {
+            Some(b'\n') => break at + 1,
+            Some(b'\r') if buf.get(at + 1) == Some(&b'\n') => break at + 2,
+            Some(b'\r') if at + 1 == buf.len() => return Ok(None),
+            None => return Ok(None),
+            _ => from = at,
+        }
+    };
+    // `HTTP/1.x 1xx`: the status code's first digit is byte 9.
+    let interim = buf.get(9) == Some(&b'1') && buf.get(9..12) != Some(b"101");
+    Ok(Some((end, interim)))
+}
+
+/// Writes the client's response head and streams the body after it, while a request body
+/// still in progress keeps streaming the other way.
+async fn forward_response_body(
+    up: &mut TcpStream,
+    ubuf: &mut Buf,
+    client: &mut TcpStream,
+    head_out: &[u8],
+    framing: Framing,
+    rbuf: &mut Buf,
+    req: &mut RequestBody,
+) -> Result<(), ()> {
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    let mut scanner = Scanner::default();
+    let mut head = Some(head_out);
+    loop {
+        // Forward what is buffered.
+        let (n, done) = match framing {
+            Framing::Empty => (0, true),
+            Framing::Length(_) => {
+                let n = left.min(ubuf.filled().len() as u64) as usize;
+                left -= n as u64;
+                (n, left == 0)
+            }
+            Framing::Chunked => {
+                let n = scanner.scan(ubuf.filled()).map_err(|_| ())?;
+                (n, scanner.done())
+            }
+            Framing::UntilClose => (ubuf.filled().len(), false),
+        };
+        let piece = &ubuf.filled()[..n];
+        let sent = match (framing, head.take()) {
+            (Framing::UntilClose, h) if n > 0 => write_chunk(client, h.unwrap_or(&[]), piece).await,
+            (_, Some(h)) => write_all2(client, h, piece).await,
+            (_, None) if n > 0 => client.write_all(piece).await,
+            _ => Ok(()),
+        };
+        sent.map_err(|_| ())?;
+        ubuf.consume(n);
+        if done {
+            return Ok(());
+        }
+        // Read more, keeping a request body moving.
+        let read = poll_fn(|cx| {
+            if !req.done() && !req.abandoned {
+                if let Poll::Ready(Err(())) = req.poll_pump(cx, client, rbuf, up) {
+                    return Poll::Ready(Err(()));
+                }
+            } else if rbuf.poll_gone(cx, client) {
+                return Poll::Ready(Err(()));
+            }
+            ubuf.poll_fill(cx, up, UPSTREAM_BUF).map_err(|_| ())
+        })
+        .await?;
+        if read == 0 {
+            if framing == Framing::UntilClose {
+                return client.write_all(b"0\r\n\r\n").await.map_err(|_| ());
+            }
+            return Err(()); // the sandbox closed mid-body: the client sees it cut
+        }
+    }
+}
+
+/// One chunk of a body re-framed as chunked (a sandbox body that runs until close).
+async fn write_chunk(client: &mut TcpStream, head: &[u8], data: &[u8]) -> io::Result<()> {
+    let mut size = [0u8; 20];
+    let mut len = 0;
+    for b in format!("{:x}\r\n", data.len()).bytes() {
+        size[len] = b;
+        len += 1;
+    }
+    let mut bufs = [
+        IoSlice::new(head),
+        IoSlice::new(&size[..len]),
+        IoSlice::new(data),
+        IoSlice::new(b"\r\n"),
+    ];
+    write_all_vectored(client, &mut bufs).await
+}
+
+async fn write_all2<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
+    if b.is_empty() {
+        return w.write_all(a).await;
+    }
+    let mut bufs = [IoSlice::new(a), IoSlice::new(b)];
+    write_all_vectored(w, &mut bufs).await
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    while !bufs.is_empty() {
+        let n = w.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::response_head_len;
+
+    #[test]
+    fn response_heads_end_at_the_blank_line() {
+        let h = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi";
+        assert_eq!(response_head_len(h), Ok(Some((h.len() - 2, false))));
+        assert_eq!(
+            response_head_len(b"HTTP/1.1 200 OK\n\nhi"),
+            Ok(Some((17, false)))
+        );
+        assert_eq!(
+            response_head_len(b"HTTP/1.1 103 Early Hints\r\n\r\n"),
+            Ok(Some((28, true)))
+        );
+        assert_eq!(
+            response_head_len(b"HTTP/1.1 101 Switching\r\n\r\n"),
+            Ok(Some((26, false)))
+        );
+        for partial in [
+            &b"HTTP/1.1 200 OK\r\n"[..],
+            b"HTTP/1.1 200 OK\r\n\r",
+            b"HTTP/1.1 2",
+        ] {
+            assert_eq!(response_head_len(partial), Ok(None));
+        }
+        assert!(response_head_len(&vec![b'x'; 70_000]).is_err());
+    }
+}

@@ -1,0 +1,287 @@
+//! The HTTP/1.1 fast lane over raw sockets: pipelining, chunked bodies forwarded as they came,
+//! bodies without a length, interim responses, upstreams that close or answer early, and
+//! request framing a smuggler could use (left to hyper, which refuses it).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{TestGateway, TestSandbox};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A sandbox running the fixture's raw mode (`FIXTURE_MODE=raw`).
+async fn raw_sandbox(gw: &TestGateway) -> TestSandbox {
+    gw.create_fixture_with("export FIXTURE_MODE=raw;", json!({}))
+        .await
+}
+
+/// One HTTP/1.1 response read off a raw connection: status, lower-cased head, decoded body.
+struct RawResponse {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+/// Reads one response from `buf` + `s`, leaving any bytes after it in `buf`.
+async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> RawResponse {
+    tokio::time::timeout(WAIT, async {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            fill(s, buf).await;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        buf.drain(..head_end);
+        let status = head[9..12].parse().expect("status code");
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map(|v| v.trim().parse::<usize>().expect("length"));
+        let mut body = Vec::new();
+        if let Some(n) = length {
+            while buf.len() < n {
+                fill(s, buf).await;
+            }
+            body.extend(buf.drain(..n));
+        } else if head.contains("transfer-encoding: chunked") {
+            loop {
+                let line_end = loop {
+                    if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                        break i;
+                    }
+                    fill(s, buf).await;
+                };
+                let size = usize::from_str_radix(
+                    std::str::from_utf8(&buf[..line_end]).unwrap().trim(),
+                    16,
+                )
+                .expect("chunk size");
+                buf.drain(..line_end + 2);
+                while buf.len() < size + 2 {
+                    fill(s, buf).await;
+                }
+                body.extend(buf.drain(..size));
+                buf.drain(..2);
+                if size == 0 {
+                    break;
+                }
+            }
+        }
+        RawResponse { status, head, body }
+    })
+    .await
+    .expect("a complete response in time")
+}
+
+async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 8192];
+    let n = s.read(&mut chunk).await.expect("read");
+    assert!(
+        n > 0,
+        "connection closed early; so far: {:?}",
+        String::from_utf8_lossy(buf)
+    );
+    buf.extend_from_slice(&chunk[..n]);
+}
+
+/// Whether the gateway closes `s` (end of stream) within `WAIT`.
+async fn closed(s: &mut TcpStream) -> bool {
+    let mut chunk = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(WAIT, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_requests_are_answered_in_order() {
+    let gw = TestGateway::start().await;
+    let sb = raw_sandbox(&gw).await;
+    let mut s = connect(gw.addr).await;
+    let one = format!(
+        "GET {} HTTP/1.1\r\nHost: gw\r\nX-Seq: 1\r\n\r\n",
+        sb.path("/raw/echo")
+    );
+    let two = format!(
+        "POST {} HTTP/1.1\r\nHost: gw\r\nX-Seq: 2\r\nContent-Length: 5\r\n\r\nhello",
+        sb.path("/raw/echo")
+    );
+    let three = format!(
+        "GET {} HTTP/1.1\r\nHost: gw\r\nX-Seq: 3\r\n\r\n",
+        sb.path("/")
+    );
+    s.write_all(format!("{one}{two}{three}").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r1 = read_response(&mut s, &mut buf).await;
+    let r2 = read_response(&mut s, &mut buf).await;
+    let r3 = read_response(&mut s, &mut buf).await;
+    let seen1 = String::from_utf8_lossy(&r1.body).to_string();
+    let seen2 = String::from_utf8_lossy(&r2.body).to_string();
+    assert!(seen1.starts_with("GET /raw/echo HTTP/1.1\r\n"), "{seen1}");
+    assert!(
+        seen1.contains("X-Seq: 1") && !seen1.contains("content-length"),
+        "{seen1}"
+    );
+    assert!(seen2.starts_with("POST /raw/echo HTTP/1.1\r\n"), "{seen2}");
+    assert!(
+        seen2.contains("X-Seq: 2") && seen2.ends_with("\r\n\r\nhello"),
+        "{seen2}"
+    );
+    assert_eq!((r3.status, r3.body.as_slice()), (200, &b"fixture ok"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunked_request_bodies_arrive_as_sent_and_the_connection_stays_usable() {
+    let gw = TestGateway::start().await;
+    let sb = raw_sandbox(&gw).await;
+    let mut s = connect(gw.addr).await;
+    // Split inside a chunk-size line and inside the data, across writes.
+    let body = b"4;ext=1\r\nWiki\r\n10\r\n0123456789abcdef\r\n0\r\nX-Trailer: t\r\n\r\n";
+    let head = format!(
+        "PUT {} HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n",
+        sb.path("/raw/echo")
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for piece in [&body[..2], &body[2..12], &body[12..]] {
+        s.write_all(piece).await.unwrap();
+        s.flush().await.unwrap();
+    }
+    let mut buf = Vec::new();
+    let r = read_response(&mut s, &mut buf).await;
+    let seen = r.body;
+    let split = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let seen_head = String::from_utf8_lossy(&seen[..split]).to_ascii_lowercase();
+    assert!(
+        seen_head.contains("transfer-encoding: chunked\r\n"),
+        "{seen_head}"
+    );
+    assert!(!seen_head.contains("content-length"), "{seen_head}");
+    assert_eq!(&seen[split..], &body[..]);
+    // The same connection serves the next request.
+    let next = format!("GET {} HTTP/1.1\r\nHost: gw\r\n\r\n", sb.path("/"));
+    s.write_all(next.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut s, &mut buf).await.body, b"fixture ok");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_without_length_reaches_the_client_chunked() {
+    let gw = TestGateway::start().await;
+    let sb = raw_sandbox(&gw).await;
+    let mut s = connect(gw.addr).await;
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: gw\r\n\r\n",
+            sb.path("/raw/until-close")
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let r = read_response(&mut s, &mut buf).await;
+        assert_eq!(r.status, 200);
+        assert!(r.head.contains("transfer-encoding: chunked"), "{}", r.head);
+        assert_eq!(r.body, b"part1part2");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_closing_its_kept_connection_costs_the_client_nothing() {
+    let gw = TestGateway::start().await;
+    let sb = raw_sandbox(&gw).await;
+    let mut s = connect(gw.addr).await;
+    let mut buf = Vec::new();
+    for _ in 0..5 {
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: gw\r\n\r\n",
+            sb.path("/raw/close-after")
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let r = read_response(&mut s, &mut buf).await;
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interim_responses_are_passed_over() {
+    let gw = TestGateway::start().await;
+    let sb = raw_sandbox(&gw).await;
+    let mut s = connect(gw.addr).await;
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: gw\r\n\r\n",
+        sb.path("/raw/interim")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut s, &mut buf).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_early_answer_ends_the_upload_and_the_connection() {
+    let gw = TestGateway::start().await;
+    let sb = raw_sandbox(&gw).await;
+    let mut s = connect(gw.addr).await;
+    let req = format!(
+        "POST {} HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000000\r\n\r\n",
+        sb.path("/raw/early")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(&[b'x'; 64 * 1024]).await.unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut s, &mut buf).await;
+    assert_eq!((r.status, r.body.as_slice()), (413, &b"nope"[..]));
+    assert!(r.head.contains("connection: close"), "{}", r.head);
+    assert!(
+        closed(&mut s).await,
+        "the gateway closes a connection whose body it left unread"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ambiguous_request_framing_never_reaches_the_sandbox() {
+    let gw = TestGateway::start().await;
+    let sb = raw_sandbox(&gw).await;
+    for framing in [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked",
+        "Content-Length: 5\r\nContent-Length: 6",
+        "Transfer-Encoding: gzip, chunked",
+    ] {
+        let mut s = connect(gw.addr).await;
+        // Were the framing misread, the "body" would smuggle a second request.
+        let smuggled = format!("GET {} HTTP/1.1\r\nHost: gw\r\n\r\n", sb.path("/raw/echo"));
+        let req = format!(
+            "POST {} HTTP/1.1\r\nHost: gw\r\n{framing}\r\n\r\n0\r\n\r\n{smuggled}",
+            sb.path("/raw/echo")
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let r = read_response(&mut s, &mut buf).await;
+        assert_eq!(
+            r.status,
+            400,
+            "{framing:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(
+            r.head.contains("x-sandgate-error: bad_request"),
+            "{}",
+            r.head
+        );
+        assert!(
+            closed(&mut s).await,
+            "{framing:?}: the connection ends after the refusal"
+        );
+    }
+}
