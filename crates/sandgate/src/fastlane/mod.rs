@@ -36,8 +36,11 @@ use prefixed::Prefixed;
 /// Bytes read from the client at a time; a request head must fit in `MAX_HEAD`.
 const CLIENT_BUF: usize = 8 * 1024;
 const MAX_HEAD: usize = 64 * 1024;
-/// Bytes read from the sandbox at a time.
+/// Bytes read from the sandbox at a time, at first.
 const UPSTREAM_BUF: usize = 32 * 1024;
+/// Reads that keep filling the buffer double it up to this (large bodies, fewer system calls);
+/// a buffer grown past its start is dropped after the exchange.
+const BODY_BUF: usize = 256 * 1024;
 
 /// Serves one client connection: the fast lane while requests suit it, then hyper.
 pub async fn serve(
@@ -62,6 +65,8 @@ pub async fn serve(
 struct Buf {
     data: BytesMut,
     cap: usize,
+    /// How much free space a body read asks for (see `poll_fill_body`).
+    want: usize,
 }
 
 impl Buf {
@@ -69,7 +74,33 @@ impl Buf {
         Buf {
             data: BytesMut::with_capacity(cap),
             cap,
+            want: cap,
         }
+    }
+
+    /// Like `poll_fill` for body bytes: reads that fill the free space double it, up to
+    /// `BODY_BUF`.
+    fn poll_fill_body<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+    ) -> Poll<io::Result<usize>> {
+        if self.data.capacity() - self.data.len() < self.want / 2 {
+            self.data.reserve(self.want);
+        }
+        let room = self.data.capacity() - self.data.len();
+        let read = tokio_util::io::poll_read_buf(Pin::new(r), cx, &mut self.data);
+        if let Poll::Ready(Ok(n)) = read {
+            if n == room && self.want < BODY_BUF {
+                self.want *= 2;
+            }
+        }
+        read
+    }
+
+    /// Whether the buffer grew for a large body and should be let go.
+    fn grown(&self) -> bool {
+        self.want > self.cap
     }
 
     /// Reads once into free space, growing up to `max` bytes held. `Ok(0)` means end of
@@ -461,7 +492,12 @@ impl Lane {
         .await;
         drop(permit);
         let upstream_clean = body.is_ok() && resp.reusable && req.done() && ubuf.is_empty();
-        self.ubuf = Some(ubuf);
+        if !ubuf.grown() {
+            self.ubuf = Some(ubuf);
+        }
+        if self.rbuf.grown() && self.rbuf.is_empty() {
+            self.rbuf = Buf::new(CLIENT_BUF);
+        }
         if upstream_clean {
             self.keep_upstream(Some((key, up)));
         }
@@ -738,7 +774,7 @@ impl RequestBody {
                 }
                 // Only part of a chunk-size line: read on.
             }
-            match rbuf.poll_fill(cx, client, CLIENT_BUF) {
+            match rbuf.poll_fill_body(cx, client) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Pending => return Poll::Pending,
@@ -890,7 +926,7 @@ async fn forward_response_body(
             } else if rbuf.poll_gone(cx, client) {
                 return Poll::Ready(Err(()));
             }
-            ubuf.poll_fill(cx, up, UPSTREAM_BUF).map_err(|_| ())
+            ubuf.poll_fill_body(cx, up).map_err(|_| ())
         })
         .await?;
         if read == 0 {
