@@ -283,7 +283,7 @@ pub fn response_facts(
             _ => {}
         }
     }
-    let framing = if is_head || (100..200).contains(&status) || status == 204 || status == 304 {
+    let framing = if bodiless(status, is_head) {
         Framing::Empty
     } else if chunked {
         Framing::Chunked
@@ -298,6 +298,11 @@ pub fn response_facts(
         }
     };
     Ok(ResponseFacts { framing, reusable })
+}
+
+/// Whether a response has no body whatever its fields say: to `HEAD`, 1xx, 204, 304.
+pub fn bodiless(status: u16, is_head: bool) -> bool {
+    is_head || (100..200).contains(&status) || status == 204 || status == 304
 }
 
 /// Everything besides the parsed head that shapes the response the client receives.

@@ -1,6 +1,6 @@
 //! The HTTP/1.1 fast lane: proxies plain HTTP/1.1 requests to running sandboxes straight from
-//! socket buffers (heads parsed by `httparse`, bodies forwarded as they came), keeping one
-//! upstream connection per client connection. Anything else (the control API, h2c, HTTP/1.0,
+//! socket buffers (heads parsed by `httparse`, bodies forwarded as they came), over pooled
+//! upstream connections driven in the client connection's own task. Anything else (the control API, h2c, HTTP/1.0,
 //! upgrades, `Expect`, unusual framing, a sandbox to wake or an error to explain) is handed,
 //! with the bytes already read, to hyper's general path (`server::Gateway::serve_hyper`).
 //! Why this exists and what it must keep equal to the general path: `docs/fastlane.md`.
@@ -51,8 +51,6 @@ pub async fn serve(
 ) {
     let mut lane = Lane::new(gw.clone(), client, peer);
     let handoff = lane.run(&shutdown).await;
-    // The upstream connection outlives its client: the next client to this sandbox takes it.
-    lane.keep_upstream(None);
     let Some(prefix) = handoff else {
         return;
     };
@@ -190,8 +188,6 @@ struct Lane {
     rout: Vec<u8>,
     /// The current request's `Host`, for `Location` rewriting.
     host: Vec<u8>,
-    /// The upstream connection kept for this client's next request.
-    up: Option<(PoolKey, TcpStream)>,
 }
 
 impl Lane {
@@ -205,7 +201,6 @@ impl Lane {
             out: Vec::with_capacity(512),
             rout: Vec::with_capacity(512),
             host: Vec::new(),
-            up: None,
         }
     }
 
@@ -377,7 +372,7 @@ impl Lane {
         let mut ubuf = self.ubuf.take().unwrap_or_else(|| Buf::new(UPSTREAM_BUF));
         ubuf.clear();
         let mut reused = true;
-        let mut up = match self.take_upstream(&key) {
+        let mut up = match proxy.raw_pool().checkout(&key) {
             Some(s) => s,
             None => {
                 reused = false;
@@ -385,12 +380,10 @@ impl Lane {
                 match race(proxy.dial(f.upstream), timer.as_mut()).await {
                     Some(Ok(s)) => s,
                     Some(Err(e)) => {
-                        self.ubuf = Some(ubuf);
                         let err = upstream_error(&sb, f.target.port, e);
                         return self.fail(&err, &f, has_body).await;
                     }
                     None => {
-                        self.ubuf = Some(ubuf);
                         return self.fail(&timeout_error(&f, timeout), &f, has_body).await;
                     }
                 }
@@ -414,7 +407,6 @@ impl Lane {
             }
             if let Err(e) = sent {
                 let err = protocol_error(&f, &e);
-                self.ubuf = Some(ubuf);
                 return self.fail(&err, &f, !req.done()).await;
             }
             timer.as_mut().reset(Instant::now() + timeout);
@@ -429,7 +421,9 @@ impl Lane {
             )
             .await;
             match got {
-                Err(HeadError::Closed) if reused && ubuf.is_empty() && req.may_retry(&f.facts) => {
+                Err(e)
+                    if e.closed_early() && reused && ubuf.is_empty() && req.may_retry(&f.facts) =>
+                {
                     reused = false;
                     ubuf.clear();
                     match self.redial(&proxy, &f, &mut timer, timeout).await {
@@ -458,11 +452,9 @@ impl Lane {
                         reason: what.into(),
                     },
                     HeadError::ClientGone => {
-                        self.ubuf = Some(ubuf);
                         return Step::Close;
                     }
                 };
-                self.ubuf = Some(ubuf);
                 return self.fail(&err, &f, !req.done()).await;
             }
         };
@@ -471,7 +463,6 @@ impl Lane {
         let resp = match self.response_head(&ubuf, head_len, &f, !req.done()) {
             Ok(r) => r,
             Err(reason) => {
-                self.ubuf = Some(ubuf);
                 let err = Error::UpstreamProtocol {
                     id: sb.id.clone(),
                     reason: reason.into(),
@@ -490,50 +481,37 @@ impl Lane {
             &mut req,
         )
         .await;
+        // Settle the upstream connection before the client sees the end of the response, so
+        // that whatever the client does next finds it in the pool (or gone).
+        let last_len = match &body {
+            Ok(Some(l)) => l.len,
+            _ => 0,
+        };
+        let upstream_clean =
+            body.is_ok() && resp.reusable && req.done() && ubuf.filled().len() == last_len;
+        if upstream_clean {
+            proxy.raw_pool().checkin(key, up);
+        }
+        let sent = match body {
+            Ok(Some(last)) => {
+                let head: &[u8] = if last.head { &self.rout } else { &[] };
+                write_all2(&mut self.client, head, &ubuf.filled()[..last.len])
+                    .await
+                    .map_err(|_| ())
+            }
+            other => other.map(|_| ()),
+        };
         drop(permit);
-        let upstream_clean = body.is_ok() && resp.reusable && req.done() && ubuf.is_empty();
         if !ubuf.grown() {
             self.ubuf = Some(ubuf);
         }
         if self.rbuf.grown() && self.rbuf.is_empty() {
             self.rbuf = Buf::new(CLIENT_BUF);
         }
-        if upstream_clean {
-            self.keep_upstream(Some((key, up)));
-        }
-        match body {
+        match sent {
             Ok(()) if f.facts.keep_alive && req.done() && !resp.close => Step::KeepAlive,
             _ => Step::Close,
         }
-    }
-
-    /// Keeps `up` for this client's next request; the one kept before goes to the pool.
-    fn keep_upstream(&mut self, up: Option<(PoolKey, TcpStream)>) {
-        let proxy = &self.gw.state.proxy;
-        if up.is_some() {
-            proxy.kept_upstreams(1);
-        }
-        if let Some((k, s)) = std::mem::replace(&mut self.up, up) {
-            proxy.kept_upstreams(-1);
-            proxy.raw_pool().checkin(k, s);
-        }
-    }
-
-    /// This client's kept upstream connection if it goes to `key`, else a pooled one (the kept
-    /// one, for another sandbox, goes back to the pool).
-    fn take_upstream(&mut self, key: &PoolKey) -> Option<TcpStream> {
-        let pool = self.gw.state.proxy.raw_pool();
-        if let Some((k, s)) = self.up.take() {
-            self.gw.state.proxy.kept_upstreams(-1);
-            if k == *key {
-                if !crate::proxy::pool::Reusable::is_closed(&s) {
-                    return Some(s);
-                }
-            } else {
-                pool.checkin(k, s);
-            }
-        }
-        pool.checkout(key)
     }
 
     /// A fresh connection for a retry; `None` if none can be had (the caller reports the
@@ -581,11 +559,9 @@ impl Lane {
                     head::BadResponse::Switch => "switched protocols without an upgrade request",
                 }
             })?;
-        let body_allowed =
-            !(f.facts.is_head || (100..200).contains(&status) || status == 204 || status == 304);
         let client_framing = match facts.framing {
             Framing::UntilClose => Framing::Chunked,
-            Framing::Empty if body_allowed => Framing::Length(0),
+            Framing::Empty if !head::bodiless(status, f.facts.is_head) => Framing::Length(0),
             other => other,
         };
         // A body the client never sees (HEAD, 304) keeps the sandbox's stated length.
@@ -783,6 +759,21 @@ impl RequestBody {
     }
 }
 
+impl HeadError {
+    /// The sandbox closed (or reset) the connection before answering: what a kept
+    /// connection it had already let go looks like.
+    fn closed_early(&self) -> bool {
+        match self {
+            HeadError::Closed => true,
+            HeadError::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            _ => false,
+        }
+    }
+}
+
 enum HeadError {
     Timeout,
     /// The sandbox closed the connection before a complete head.
@@ -883,7 +874,7 @@ async fn forward_response_body(
     framing: Framing,
     rbuf: &mut Buf,
     req: &mut RequestBody,
-) -> Result<(), ()> {
+) -> Result<Option<Last>, ()> {
     let mut left = match framing {
         Framing::Length(n) => n,
         _ => 0,
@@ -905,6 +896,13 @@ async fn forward_response_body(
             }
             Framing::UntilClose => (ubuf.filled().len(), false),
         };
+        if done {
+            // The sandbox's part is over: the caller settles its connection, then sends this.
+            return Ok(Some(Last {
+                head: head.is_some(),
+                len: n,
+            }));
+        }
         let piece = &ubuf.filled()[..n];
         let sent = match (framing, head.take()) {
             (Framing::UntilClose, h) if n > 0 => write_chunk(client, h.unwrap_or(&[]), piece).await,
@@ -914,9 +912,6 @@ async fn forward_response_body(
         };
         sent.map_err(|_| ())?;
         ubuf.consume(n);
-        if done {
-            return Ok(());
-        }
         // Read more, keeping a request body moving.
         let read = poll_fn(|cx| {
             if !req.done() && !req.abandoned {
@@ -931,21 +926,30 @@ async fn forward_response_body(
         .await?;
         if read == 0 {
             if framing == Framing::UntilClose {
-                return client.write_all(b"0\r\n\r\n").await.map_err(|_| ());
+                return client
+                    .write_all(b"0\r\n\r\n")
+                    .await
+                    .map(|()| None)
+                    .map_err(|_| ());
             }
             return Err(()); // the sandbox closed mid-body: the client sees it cut
         }
     }
 }
 
+/// The end of a response body, read but not yet sent: the client's head if it is still
+/// unsent, and the last `len` body bytes at the front of the upstream buffer.
+struct Last {
+    head: bool,
+    len: usize,
+}
+
 /// One chunk of a body re-framed as chunked (a sandbox body that runs until close).
 async fn write_chunk(client: &mut TcpStream, head: &[u8], data: &[u8]) -> io::Result<()> {
     let mut size = [0u8; 20];
-    let mut len = 0;
-    for b in format!("{:x}\r\n", data.len()).bytes() {
-        size[len] = b;
-        len += 1;
-    }
+    let mut cursor = io::Cursor::new(&mut size[..]);
+    io::Write::write_fmt(&mut cursor, format_args!("{:x}\r\n", data.len()))?;
+    let len = cursor.position() as usize;
     let mut bufs = [
         IoSlice::new(head),
         IoSlice::new(&size[..len]),

@@ -44,8 +44,6 @@ pub struct Proxy {
     pool: Arc<Pool>,
     /// Idle upstream connections of the HTTP/1.1 fast lane (`crate::fastlane`).
     raw_pool: Arc<Pool<tokio::net::TcpStream>>,
-    /// Upstream connections the fast lane keeps on client connections between requests.
-    kept: std::sync::atomic::AtomicIsize,
     limit: Arc<Semaphore>,
     max_in_flight: usize,
     timeout: Duration,
@@ -73,7 +71,6 @@ impl Proxy {
             backend,
             pool: Arc::new(Pool::new(256, Duration::from_secs(60))),
             raw_pool: Arc::new(Pool::new(256, Duration::from_secs(60))),
-            kept: std::sync::atomic::AtomicIsize::new(0),
             limit: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             timeout,
@@ -89,17 +86,9 @@ impl Proxy {
         &self.raw_pool
     }
 
-    /// Counts upstream connections kept by client connections (`+1` kept, `-1` let go).
-    pub fn kept_upstreams(&self, delta: isize) {
-        self.kept
-            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Open upstream connections waiting for a request: pooled, or kept by a client
-    /// connection for its next request.
+    /// Open upstream connections waiting for a request.
     pub fn idle_upstreams(&self) -> usize {
-        let kept = self.kept.load(std::sync::atomic::Ordering::Relaxed).max(0) as usize;
-        self.pool.idle_count() + self.raw_pool.idle_count() + kept
+        self.pool.idle_count() + self.raw_pool.idle_count()
     }
 
     pub fn backend(&self) -> &dyn Backend {
