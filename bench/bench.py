@@ -892,7 +892,7 @@ http {{
   }}
   map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
   server {{
-    listen 127.0.0.1:{port} backlog=4096;
+    listen 127.0.0.1:{port} backlog=4096 reuseport;
     proxy_http_version 1.1;
     proxy_set_header Host $host;
     proxy_set_header Connection $connection_upgrade;

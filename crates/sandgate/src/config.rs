@@ -114,7 +114,7 @@ pub struct ServeArgs {
     /// port before getting 503 with `Retry-After`.
     #[arg(long, env = "SANDGATE_WAKE_TIMEOUT")]
     pub wake_timeout: Option<f64>,
-    /// Threads serving requests (default: 1 on machines with up to 2 cores, else one per core).
+    /// Threads serving connections, each with its own event loop (default: one per core).
     #[arg(long, env = "SANDGATE_WORKERS")]
     pub workers: Option<usize>,
     /// Largest control-API request body, in bytes.
@@ -426,13 +426,9 @@ impl Config {
     }
 }
 
-/// One thread on small machines (the other core is left to sandboxes and clients: measured to
-/// serve more requests than two contending threads), else one per core.
+/// One event loop per core (`crate::workers`).
 fn default_workers() -> usize {
-    match std::thread::available_parallelism().map_or(1, |n| n.get()) {
-        n if n <= 2 => 1,
-        n => n,
-    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn sqlite_url(data_dir: &Path) -> String {

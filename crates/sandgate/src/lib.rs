@@ -14,6 +14,7 @@
 //! - [`fastlane`]: plain HTTP/1.1 proxying straight from socket buffers (the hot path).
 //! - [`api`]: the control API and health endpoints.
 //! - [`server`]: the listener and per-request dispatch.
+//! - [`workers`]: extra single-threaded runtimes accepting from the same listener.
 //! - [`error`]: every gateway-made error and its status, in one place.
 
 pub mod api;
@@ -30,6 +31,7 @@ pub mod routing;
 pub mod runtimes;
 pub mod server;
 pub mod store;
+pub mod workers;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +48,7 @@ use crate::manager::Manager;
 use crate::proxy::Proxy;
 use crate::routes::Routes;
 use crate::store::{SqliteStore, Store};
+use crate::workers::Workers;
 
 /// Why the gateway could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +133,7 @@ pub async fn run(
         config.max_concurrent_requests,
         config.proxy_timeout,
         config.max_retries,
+        config.workers,
     ));
     let bound_port = listener.local_addr()?.port();
     let sweeper = {
@@ -142,7 +146,7 @@ pub async fn run(
                     _ = token.cancelled() => break,
                     _ = tick.tick() => {
                         proxy.pool().sweep();
-                        proxy.raw_pool().sweep();
+                        proxy.raw_pools().iter().for_each(|p| p.sweep());
                     }
                 }
             }
@@ -172,11 +176,17 @@ pub async fn run(
         "sandgate listening"
     );
     let gateway = Arc::new(server::Gateway::new(state));
-    server::serve(listener, gateway, shutdown).await;
+    // The listener is shared with the extra workers: each accepts from it in its own event
+    // loop, so an idle worker picks up the next connection.
+    let listener = listener.into_std()?;
+    let mut workers = Workers::spawn(config.workers - 1, &listener, &gateway, &shutdown)?;
+    server::serve(TcpListener::from_std(listener)?, gateway, shutdown).await;
+    workers.drained().await;
     if let Some(reaper) = reaper {
         let _ = reaper.await;
     }
     manager.shutdown().await;
+    workers.finish().await;
     sweeper.abort();
     exit_watcher.abort();
     Ok(())

@@ -47,15 +47,10 @@ fn main() -> ExitCode {
         println!("configuration ok: {config:#?}");
         return ExitCode::SUCCESS;
     }
-    let runtime = if config.workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(config.workers);
-        b
-    }
-    .enable_all()
-    .build();
+    // The main event loop; `sandgate::run` starts one more per extra worker.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {

@@ -42,8 +42,10 @@ pub struct Target {
 pub struct Proxy {
     backend: Arc<dyn Backend>,
     pool: Arc<Pool>,
-    /// Idle upstream connections of the HTTP/1.1 fast lane (`crate::fastlane`).
-    raw_pool: Arc<Pool<tokio::net::TcpStream>>,
+    /// Idle upstream connections of the HTTP/1.1 fast lane (`crate::fastlane`), one pool per
+    /// connection worker (`crate::workers`), so a connection is reused by the event loop that
+    /// watches it.
+    raw_pools: Box<[Pool<tokio::net::TcpStream>]>,
     limit: Arc<Semaphore>,
     max_in_flight: usize,
     timeout: Duration,
@@ -66,11 +68,14 @@ impl Proxy {
         max_in_flight: usize,
         timeout: Duration,
         retries: u32,
+        workers: usize,
     ) -> Proxy {
         Proxy {
             backend,
             pool: Arc::new(Pool::new(256, Duration::from_secs(60))),
-            raw_pool: Arc::new(Pool::new(256, Duration::from_secs(60))),
+            raw_pools: (0..workers.max(1))
+                .map(|_| Pool::new(256, Duration::from_secs(60)))
+                .collect(),
             limit: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             timeout,
@@ -82,13 +87,20 @@ impl Proxy {
         &self.pool
     }
 
+    /// The current worker's fast-lane pool.
     pub fn raw_pool(&self) -> &Pool<tokio::net::TcpStream> {
-        &self.raw_pool
+        let i = crate::workers::current();
+        &self.raw_pools[i.min(self.raw_pools.len() - 1)]
+    }
+
+    /// Every worker's fast-lane pool (for the periodic sweep).
+    pub fn raw_pools(&self) -> &[Pool<tokio::net::TcpStream>] {
+        &self.raw_pools
     }
 
     /// Open upstream connections waiting for a request.
     pub fn idle_upstreams(&self) -> usize {
-        self.pool.idle_count() + self.raw_pool.idle_count()
+        self.pool.idle_count() + self.raw_pools.iter().map(Pool::idle_count).sum::<usize>()
     }
 
     pub fn backend(&self) -> &dyn Backend {

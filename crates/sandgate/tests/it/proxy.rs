@@ -446,7 +446,12 @@ async fn http2_prior_knowledge_is_proxied() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_connections_are_pooled_and_reused() {
-    let gw = TestGateway::start().await;
+    // One event loop: idle upstream connections are pooled per loop, and each request below is
+    // a new client connection, which the kernel may give to any loop.
+    let gw = TestGateway::builder()
+        .config(|c| c.workers = 1)
+        .start()
+        .await;
     let sb = gw.create_fixture().await;
     // Sequential requests with fixed-length bodies (the common case, which hyper finishes
     // without polling the body to its end) must all reuse one upstream connection.

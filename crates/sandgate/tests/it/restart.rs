@@ -71,6 +71,36 @@ async fn sigterm_stops_sandboxes_and_restart_can_start_them() {
     assert!(gw.terminate().await.success(), "{}", gw.log());
 }
 
+/// With several connection workers (`--workers 4`: the main event loop and three threads, each
+/// with a listening socket of its own), sandboxes created and reached through any of them are
+/// served, and SIGTERM still drains every worker and stops every sandbox.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_four_workers_stops_sandboxes_created_through_each() {
+    let mut gw = SpawnedGateway::start(8, &["--workers", "4"]).await;
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+        .expect("the gateway's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("sandgate-worker"))
+        .collect();
+    assert_eq!(threads.len(), 3, "{threads:?}");
+
+    // Every request below is a new connection, so the kernel spreads them over the workers.
+    let mut pids = Vec::new();
+    for _ in 0..8 {
+        let sb = gw.create_fixture().await;
+        for _ in 0..4 {
+            let r = gw.get(&sb.path("/")).send().await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        }
+        pids.push(sb.pid);
+    }
+    let status = gw.terminate().await;
+    assert!(status.success(), "exit {status:?}\n{}", gw.log());
+    for pid in pids {
+        wait_process_gone(pid, Duration::from_secs(3), "a fixture after SIGTERM").await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ports_allocated_before_a_restart_are_not_handed_out_again() {
     let mut gw = SpawnedGateway::start(3, &[]).await;
