@@ -78,7 +78,10 @@ fn now_ms() -> i64 {
 
 #[derive(Default)]
 struct Table {
-    by_id: HashMap<String, Arc<Entry>>,
+    /// Ids are the gateway's own random strings, so the fast non-cryptographic hasher is safe
+    /// here (looked up on every proxied request); names below are chosen by users and keep
+    /// the standard library's SipHash.
+    by_id: foldhash::HashMap<String, Arc<Entry>>,
     /// owner → name → id (nested so lookups need no key allocation).
     by_path: HashMap<String, HashMap<String, String>>,
 }

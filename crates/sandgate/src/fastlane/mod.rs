@@ -303,7 +303,7 @@ impl Lane {
             Err(head::NotFast::Ambiguous(why)) => return Plan::Refuse(why),
         };
         let host = head::host(req.headers);
-        let (path, query) = match target.split_once('?') {
+        let (path, query) = match crate::routing::split_once_byte(target, b'?') {
             Some((p, q)) => (p, Some(q)),
             None => (target, None),
         };

@@ -5,7 +5,6 @@
 //! its key (generation, creation time) is never asked for again, its connections close with
 //! its process, and the periodic sweep drops them.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -61,7 +60,8 @@ struct Idle<C> {
 }
 
 pub struct Pool<C = Sender> {
-    idle: Mutex<HashMap<PoolKey, Vec<Idle<C>>>>,
+    /// Keys are the gateway's own (no user input), so the fast hasher is safe.
+    idle: Mutex<foldhash::HashMap<PoolKey, Vec<Idle<C>>>>,
     max_idle_per_key: usize,
     idle_timeout: Duration,
 }
@@ -69,7 +69,7 @@ pub struct Pool<C = Sender> {
 impl<C: Reusable> Pool<C> {
     pub fn new(max_idle_per_key: usize, idle_timeout: Duration) -> Pool<C> {
         Pool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(foldhash::HashMap::default()),
             max_idle_per_key,
             idle_timeout,
         }
