@@ -398,7 +398,20 @@ pub fn write_full(out: &mut Vec<u8>, resp: &http::Response<bytes::Bytes>, close:
 
 /// The client's address as the text `X-Forwarded-For` carries.
 pub fn ip_text(ip: IpAddr) -> Vec<u8> {
-    ip.to_string().into_bytes()
+    match ip {
+        // Once per connection: dotted decimal without `fmt` (a tenth of the instructions).
+        IpAddr::V4(v4) => {
+            let mut out = Vec::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(itoa::Buffer::new().format(octet).as_bytes());
+            }
+            out
+        }
+        IpAddr::V6(v6) => v6.to_string().into_bytes(),
+    }
 }
 
 fn write_framing(out: &mut Vec<u8>, framing: Framing) {
@@ -522,6 +535,21 @@ mod tests {
                 value: v.as_bytes(),
             })
             .collect()
+    }
+
+    #[test]
+    fn client_addresses_read_as_their_display_form() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.200.3.45",
+            "255.255.255.255",
+            "::1",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string().into_bytes(), "{ip}");
+        }
     }
 
     #[test]
