@@ -14,7 +14,8 @@
 //! - [`fastlane`]: plain HTTP/1.1 proxying straight from socket buffers (the hot path).
 //! - [`api`]: the control API and health endpoints.
 //! - [`server`]: the listener and per-request dispatch.
-//! - [`workers`]: extra single-threaded runtimes accepting from the same listener.
+//! - [`workers`]: one single-threaded event loop per extra core, each with its own listening
+//!   socket on the gateway's address.
 //! - [`error`]: every gateway-made error and its status, in one place.
 
 pub mod api;
@@ -176,8 +177,8 @@ pub async fn run(
         "sandgate listening"
     );
     let gateway = Arc::new(server::Gateway::new(state));
-    // The listener is shared with the extra workers: each accepts from it in its own event
-    // loop, so an idle worker picks up the next connection.
+    // Each extra worker gets a listening socket of its own on the same address (one
+    // SO_REUSEPORT group, see `workers`); this loop keeps the one it was given.
     let listener = listener.into_std()?;
     let mut workers = Workers::spawn(config.workers - 1, &listener, &gateway, &shutdown)?;
     server::serve(TcpListener::from_std(listener)?, gateway, shutdown).await;
