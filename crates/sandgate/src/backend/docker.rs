@@ -3,8 +3,10 @@
 //!
 //! Containers carry the labels `sandgate.sandbox`, `sandgate.team`, `sandgate.gateway` (this
 //! gateway's id, kept in `<data_dir>/gateway-id`) and `sandgate.generation` (the generation
-//! that created the container), and the CPU, memory and process limits of the sandbox. The
-//! runtime's image must already be on the engine: nothing is ever pulled.
+//! that created the container), and the CPU, memory and process limits of the sandbox. They
+//! run with `no-new-privileges` and without the default capabilities a dev server has no use
+//! for ([`DROPPED_CAPS`]). The runtime's image must already be on the engine: nothing is ever
+//! pulled.
 //!
 //! Reaching ports: with the privilege to enter namespaces and a local engine
 //! (`container+netns`), the proxy connects to `127.0.0.1:port` inside the container's network
@@ -46,6 +48,19 @@ use crate::store::Store;
 
 /// Dev-server port of a container when the create names none.
 pub const DEFAULT_PORT: u16 = 3000;
+/// Capabilities of Docker's default set that containers are created without: raw sockets
+/// (packet spoofing on the sandbox network), device nodes, audit records, file capabilities,
+/// capability transfer and `chroot`. What package managers and dev servers use (`chown`,
+/// file ownership, `setuid`/`setgid` to drop to a user, `kill`, binding ports below 1024) stays.
+pub const DROPPED_CAPS: [&str; 6] = [
+    "NET_RAW",
+    "MKNOD",
+    "AUDIT_WRITE",
+    "SETFCAP",
+    "SETPCAP",
+    "SYS_CHROOT",
+];
+
 pub const LABEL_SANDBOX: &str = "sandgate.sandbox";
 pub const LABEL_TEAM: &str = "sandgate.team";
 pub const LABEL_GATEWAY: &str = "sandgate.gateway";
@@ -321,6 +336,9 @@ impl DockerBackend {
             }),
             // A real PID 1 passes signals on and reaps zombies, so stops are prompt.
             init: Some(true),
+            // No privilege gained through setuid binaries or file capabilities.
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            cap_drop: Some(DROPPED_CAPS.iter().map(|c| c.to_string()).collect()),
             network_mode: self.network.clone(),
             ..Default::default()
         };
@@ -758,6 +776,11 @@ mod tests {
         assert_eq!(host.nano_cpus, Some(1_500_000_000));
         assert_eq!(host.memory, Some(128 * 1024 * 1024));
         assert_eq!(host.pids_limit, Some(100));
+        assert_eq!(
+            host.security_opt.as_deref(),
+            Some(&["no-new-privileges:true".to_string()][..])
+        );
+        assert_eq!(host.cap_drop.unwrap(), DROPPED_CAPS);
         assert_eq!(host.network_mode.as_deref(), Some("sandboxes"));
         assert_eq!(
             host.restart_policy.unwrap().name,

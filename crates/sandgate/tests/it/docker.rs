@@ -22,7 +22,7 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures_util::StreamExt;
 use sandgate::backend::docker::{
-    container_name, LABEL_GATEWAY, LABEL_GENERATION, LABEL_SANDBOX, LABEL_TEAM,
+    container_name, DROPPED_CAPS, LABEL_GATEWAY, LABEL_GENERATION, LABEL_SANDBOX, LABEL_TEAM,
 };
 use sandgate::config::{BackendKind, Isolation, RuntimeConfig};
 use serde_json::{json, Value};
@@ -448,9 +448,11 @@ async fn containers_are_labelled_limited_and_reachable_on_localhost_through_ever
     assert_eq!(health["backend"], "docker", "{health}");
     assert_eq!(health["isolation"], "container+netns", "{health}");
 
-    // A fixture on 127.0.0.1:$PORT (3000), and an httpd on 127.0.0.1:4000, both localhost-only.
+    // A fixture on 127.0.0.1:$PORT (3000), and an httpd on 127.0.0.1:4000, both localhost-only;
+    // the httpd also serves what the kernel says of the container's privileges.
     let command = format!(
-        "{} && exec /sandgate-fixture",
+        "{} && grep -E '^(NoNewPrivs|CapBnd):' /proc/self/status > www4000/status.txt \
+         && exec /sandgate-fixture",
         httpd("second", Some(4000), false)
     );
     let a = gw
@@ -480,6 +482,11 @@ async fn containers_are_labelled_limited_and_reachable_on_localhost_through_ever
     assert_eq!(host.nano_cpus, Some(500_000_000));
     assert_eq!(host.memory, Some(64 * 1024 * 1024));
     assert_eq!(host.pids_limit, Some(64));
+    assert_eq!(
+        host.security_opt.clone().unwrap_or_default(),
+        ["no-new-privileges:true"]
+    );
+    assert_eq!(host.cap_drop.clone().unwrap_or_default(), DROPPED_CAPS);
     assert_eq!(
         host.restart_policy
             .and_then(|p| p.name)
@@ -515,6 +522,44 @@ async fn containers_are_labelled_limited_and_reachable_on_localhost_through_ever
     wait_body(&gw, "/", Some(&host_3000), "fixture ok").await;
     let host_4000 = format!("4000-{a_id}.localhost");
     wait_body(&gw, "/", Some(&host_4000), "second\n").await;
+    // Inside, as the kernel sees it: no privilege gain, and the dropped capabilities are gone
+    // from the bounding set while the rest of Docker's default set is kept.
+    let status = gw
+        .get("/status.txt")
+        .header("host", &host_4000)
+        .send()
+        .await
+        .expect(200)
+        .text();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    let bounding = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("CapBnd in {status}"));
+    // Bit numbers from linux/capability.h.
+    for (name, bit) in [
+        ("NET_RAW", 13),
+        ("MKNOD", 27),
+        ("AUDIT_WRITE", 29),
+        ("SETFCAP", 31),
+        ("SETPCAP", 8),
+        ("SYS_CHROOT", 18),
+    ] {
+        assert_eq!(bounding & (1 << bit), 0, "{name} still in {bounding:#x}");
+    }
+    for (name, bit) in [
+        ("CHOWN", 0),
+        ("SETUID", 7),
+        ("NET_BIND_SERVICE", 10),
+        ("KILL", 5),
+    ] {
+        assert_ne!(
+            bounding & (1 << bit),
+            0,
+            "{name} missing from {bounding:#x}"
+        );
+    }
     // ...which the host itself cannot reach on the container's address.
     let direct: SocketAddr = format!("{ip}:3000").parse().unwrap();
     let dialed = tokio::time::timeout(
