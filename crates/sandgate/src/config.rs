@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// body or WebSocket in progress).
     #[arg(long, env = "PROXY_TIMEOUT")]
     pub proxy_timeout: Option<f64>,
+    /// Seconds a client may take to send a request head; a kept-alive connection may idle as
+    /// long between requests before the gateway closes it.
+    #[arg(long, env = "SANDGATE_HEADER_TIMEOUT")]
+    pub header_timeout: Option<f64>,
     /// Proxied requests in flight before new ones get 503 with `Retry-After`.
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS")]
     pub max_concurrent_requests: Option<usize>,
@@ -142,6 +146,7 @@ struct FileConfig {
     public_url: Option<String>,
     port_range: Option<String>,
     proxy_timeout: Option<f64>,
+    header_timeout: Option<f64>,
     max_concurrent_requests: Option<usize>,
     max_retries: Option<u32>,
     stop_grace: Option<f64>,
@@ -232,6 +237,8 @@ pub struct Config {
     pub public_url: Option<String>,
     pub port_range: RangeInclusive<u16>,
     pub proxy_timeout: Duration,
+    /// How long a client may take to send a request head, and a kept-alive connection idle.
+    pub header_timeout: Duration,
     pub max_concurrent_requests: usize,
     pub max_retries: u32,
     pub stop_grace: Duration,
@@ -262,6 +269,7 @@ impl Config {
             public_url: None,
             port_range: DEFAULT_PORT_RANGE,
             proxy_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(30),
             max_concurrent_requests: 10_000,
             max_retries: 3,
             stop_grace: Duration::from_secs(5),
@@ -310,6 +318,9 @@ impl Config {
         }
         if let Some(secs) = args.proxy_timeout.or(file.proxy_timeout) {
             c.proxy_timeout = seconds("PROXY_TIMEOUT", secs)?;
+        }
+        if let Some(secs) = args.header_timeout.or(file.header_timeout) {
+            c.header_timeout = seconds("SANDGATE_HEADER_TIMEOUT", secs)?;
         }
         c.max_concurrent_requests = args
             .max_concurrent_requests
@@ -374,6 +385,9 @@ impl Config {
         }
         if self.proxy_timeout.is_zero() {
             return bad("PROXY_TIMEOUT must be greater than 0".into());
+        }
+        if self.header_timeout.is_zero() {
+            return bad("SANDGATE_HEADER_TIMEOUT must be greater than 0".into());
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

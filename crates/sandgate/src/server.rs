@@ -28,8 +28,6 @@ use crate::routing::{self, Route};
 
 /// How long open connections get to finish after shutdown begins.
 const DRAIN: Duration = Duration::from_secs(10);
-/// How long a client may take to send a request head, and a kept-alive connection may idle.
-pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Gateway {
     pub(crate) state: AppState,
@@ -50,7 +48,7 @@ impl Gateway {
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT);
+            .header_read_timeout(state.config.header_timeout);
         Gateway { state, api, http }
     }
 

@@ -28,7 +28,7 @@ use crate::error::Error;
 use crate::model::Status;
 use crate::proxy::pool::PoolKey;
 use crate::proxy::{upstream_error, Target};
-use crate::server::{Decision, Gateway, HEADER_TIMEOUT};
+use crate::server::{Decision, Gateway};
 use chunked::Scanner;
 use head::{Framing, RequestFacts, RequestRewrite, ResponseRewrite, MAX_HEADERS};
 use prefixed::Prefixed;
@@ -207,7 +207,7 @@ impl Lane {
     /// Serves requests until the connection ends (`None`) or one needs hyper: then returns the
     /// bytes read and not answered, which hyper reads first.
     async fn run(&mut self, shutdown: &CancellationToken) -> Option<Bytes> {
-        let timer = tokio::time::sleep(HEADER_TIMEOUT);
+        let timer = tokio::time::sleep(self.gw.state.config.header_timeout);
         tokio::pin!(timer);
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
@@ -234,7 +234,7 @@ impl Lane {
         }
     }
 
-    /// Waits for a complete request head (bounded by `HEADER_TIMEOUT` and shutdown) and plans
+    /// Waits for a complete request head (bounded by `header_timeout` and shutdown) and plans
     /// it; `None` when the client left, was too slow, or the gateway is stopping.
     async fn read_head(
         &mut self,
@@ -247,7 +247,9 @@ impl Lane {
                 plan => return Some(plan),
             }
         }
-        timer.as_mut().reset(Instant::now() + HEADER_TIMEOUT);
+        timer
+            .as_mut()
+            .reset(Instant::now() + self.gw.state.config.header_timeout);
         loop {
             let read = poll_fn(|cx| {
                 if let Poll::Ready(r) = self.rbuf.poll_fill(cx, &mut self.client, MAX_HEAD) {

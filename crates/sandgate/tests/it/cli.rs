@@ -48,6 +48,11 @@ fn check_config_refuses_bad_values_with_status_64() {
     let cases: Vec<Case> = vec![
         (vec![], vec![("PROXY_TIMEOUT", "-1")], "PROXY_TIMEOUT"),
         (
+            vec!["--header-timeout".into(), "0".into()],
+            vec![],
+            "SANDGATE_HEADER_TIMEOUT",
+        ),
+        (
             vec![],
             vec![("MAX_CONCURRENT_REQUESTS", "0")],
             "MAX_CONCURRENT_REQUESTS",

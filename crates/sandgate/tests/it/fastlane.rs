@@ -285,3 +285,43 @@ async fn ambiguous_request_framing_never_reaches_the_sandbox() {
         );
     }
 }
+
+/// `--header-timeout` (`SANDGATE_HEADER_TIMEOUT`) bounds a slow request head and an idle
+/// kept-alive connection, in the fast lane and on connections hyper serves (the control API).
+/// The default (30 s) is longer than `closed`'s patience, so this fails unless the setting
+/// is applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_heads_and_idle_connections_end_after_the_header_timeout() {
+    let gw = TestGateway::builder()
+        .config(|c| c.header_timeout = Duration::from_millis(500))
+        .start()
+        .await;
+    let sb = raw_sandbox(&gw).await;
+
+    // A head that never completes.
+    let mut slow = connect(gw.addr).await;
+    let partial = format!("GET {} HTTP/1.1\r\nHost: gw\r\n", sb.path("/"));
+    slow.write_all(partial.as_bytes()).await.unwrap();
+    assert!(closed(&mut slow).await, "a slow head is cut off");
+
+    // A kept-alive connection idle after a proxied request.
+    let mut idle = connect(gw.addr).await;
+    let req = format!("GET {} HTTP/1.1\r\nHost: gw\r\n\r\n", sb.path("/"));
+    idle.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(read_response(&mut idle, &mut buf).await.status, 200);
+    assert!(
+        closed(&mut idle).await,
+        "an idle proxy connection is closed"
+    );
+
+    // The same after a control-API request, which hyper serves.
+    let mut api = connect(gw.addr).await;
+    api.write_all(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(read_response(&mut api, &mut buf).await.status, 200);
+    assert!(closed(&mut api).await, "an idle API connection is closed");
+    gw.shutdown().await;
+}
