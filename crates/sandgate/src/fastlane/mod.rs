@@ -364,7 +364,7 @@ impl Lane {
             Err(e) => return self.fail(&e, &f, has_body).await,
         };
         let sb = f.target.sandbox.clone();
-        let _in_use = sb.in_use();
+        let in_use = sb.in_use();
         let key = PoolKey {
             upstream: f.upstream,
             generation: sb.generation,
@@ -483,27 +483,32 @@ impl Lane {
             &mut req,
         )
         .await;
-        // Settle the upstream connection before the client sees the end of the response, so
-        // that whatever the client does next finds it in the pool (or gone).
-        let last_len = match &body {
-            Ok(Some(l)) => l.len,
-            _ => 0,
-        };
+        // Settle the upstream connection, the permit and the in-use mark before the client sees
+        // the end of the response, so that whatever the client does next (on this connection
+        // or another, served by another event loop) finds them released: the connection in
+        // the pool (or gone), `in_flight` down, the sandbox idle.
+        let last_len = body.as_ref().map_or(0, |l| l.len);
         let upstream_clean =
             body.is_ok() && resp.reusable && req.done() && ubuf.filled().len() == last_len;
         if upstream_clean {
             proxy.raw_pool().checkin(key, up);
         }
+        drop(permit);
+        drop(in_use);
         let sent = match body {
-            Ok(Some(last)) => {
+            Ok(last) => {
                 let head: &[u8] = if last.head { &self.rout } else { &[] };
-                write_all2(&mut self.client, head, &ubuf.filled()[..last.len])
+                let mut bufs = [
+                    IoSlice::new(head),
+                    IoSlice::new(&ubuf.filled()[..last.len]),
+                    IoSlice::new(last.trailer),
+                ];
+                write_all_vectored(&mut self.client, &mut bufs)
                     .await
                     .map_err(|_| ())
             }
-            other => other.map(|_| ()),
+            Err(()) => Err(()),
         };
-        drop(permit);
         if !ubuf.grown() {
             self.ubuf = Some(ubuf);
         }
@@ -876,7 +881,7 @@ async fn forward_response_body(
     framing: Framing,
     rbuf: &mut Buf,
     req: &mut RequestBody,
-) -> Result<Option<Last>, ()> {
+) -> Result<Last, ()> {
     let mut left = match framing {
         Framing::Length(n) => n,
         _ => 0,
@@ -900,10 +905,11 @@ async fn forward_response_body(
         };
         if done {
             // The sandbox's part is over: the caller settles its connection, then sends this.
-            return Ok(Some(Last {
+            return Ok(Last {
                 head: head.is_some(),
                 len: n,
-            }));
+                trailer: b"",
+            });
         }
         let piece = &ubuf.filled()[..n];
         let sent = match (framing, head.take()) {
@@ -928,11 +934,12 @@ async fn forward_response_body(
         .await?;
         if read == 0 {
             if framing == Framing::UntilClose {
-                return client
-                    .write_all(b"0\r\n\r\n")
-                    .await
-                    .map(|()| None)
-                    .map_err(|_| ());
+                // Ended by the sandbox's close: all that is left is the re-framed last chunk.
+                return Ok(Last {
+                    head: false,
+                    len: 0,
+                    trailer: b"0\r\n\r\n",
+                });
             }
             return Err(()); // the sandbox closed mid-body: the client sees it cut
         }
@@ -940,10 +947,12 @@ async fn forward_response_body(
 }
 
 /// The end of a response body, read but not yet sent: the client's head if it is still
-/// unsent, and the last `len` body bytes at the front of the upstream buffer.
+/// unsent, the last `len` body bytes at the front of the upstream buffer, then `trailer`
+/// (the last chunk of a body re-framed as chunked).
 struct Last {
     head: bool,
     len: usize,
+    trailer: &'static [u8],
 }
 
 /// One chunk of a body re-framed as chunked (a sandbox body that runs until close).

@@ -16,14 +16,17 @@ use crate::routes::InUse;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Returns an upstream connection to the pool once its response body is fully read, and holds
-/// the request's concurrency permit and its sandbox's in-use mark until the body is dropped.
+/// Once its response body is fully read from the sandbox, and before hyper writes its last
+/// bytes to the client, returns the upstream connection to the pool and lets go of the
+/// request's concurrency permit and its sandbox's in-use mark (so whatever the client does
+/// next, on any connection, finds them released). A body dropped early releases the permit
+/// and the mark, not the connection.
 pub struct Release {
     pool: Arc<Pool>,
     key: PoolKey,
     tx: Option<Sender>,
-    _permit: Option<OwnedSemaphorePermit>,
-    _in_use: Option<InUse>,
+    permit: Option<OwnedSemaphorePermit>,
+    in_use: Option<InUse>,
 }
 
 impl Release {
@@ -38,8 +41,8 @@ impl Release {
             pool,
             key,
             tx: Some(tx),
-            _permit: permit,
-            _in_use: in_use,
+            permit,
+            in_use,
         }
     }
 
@@ -47,6 +50,8 @@ impl Release {
         if let Some(tx) = self.tx.take() {
             self.pool.checkin(self.key, tx);
         }
+        self.permit = None;
+        self.in_use = None;
     }
 }
 

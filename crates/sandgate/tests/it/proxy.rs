@@ -366,6 +366,37 @@ async fn overload_is_503_with_retry_after() {
     gw.shutdown().await;
 }
 
+/// A response's permit and in-use mark are released before its last bytes reach the client,
+/// so a client's next request, on a new connection that another event loop may serve at the
+/// same moment, never finds the previous one still counted (with one permit: 503). A permit
+/// kept too long fails this every time; the ordering race it guards against (seen once in a
+/// full run of the suite, `overload_is_503_with_retry_after`) only under load.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_response_has_released_its_permit() {
+    let gw = TestGateway::builder()
+        .config(|c| c.max_concurrent_requests = 1)
+        .start()
+        .await;
+    let sb = gw.create_fixture().await;
+    for (i, path) in ["/1k", "/bytes/0", "/bytes/300000"]
+        .iter()
+        .cycle()
+        .take(60)
+        .enumerate()
+    {
+        let r = gw.get(&sb.path(path)).send().await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "request {i} ({path}): {}",
+            r.text()
+        );
+        let v = gw.get("/health/proxy").send().await.expect(200).json();
+        assert_eq!(v["in_flight"], 0, "after request {i} ({path}): {v}");
+    }
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn browsers_get_an_html_error_page() {
     let gw = TestGateway::start().await;
