@@ -156,6 +156,10 @@ impl Buf {
 /// What became of one request.
 enum Step {
     KeepAlive,
+    /// The exchange completed and the connection ends as asked: closing the socket sends the
+    /// FIN (one system call fewer than `shutdown` + close, per `Connection: close` request).
+    Finished,
+    /// Anything else that ends the connection: `shutdown` first, then close.
     Close,
 }
 
@@ -226,6 +230,7 @@ impl Lane {
             };
             match self.exchange(forward, timer.as_mut()).await {
                 Step::KeepAlive if !shutdown.is_cancelled() => {}
+                Step::Finished => return None,
                 Step::KeepAlive | Step::Close => {
                     let _ = self.client.shutdown().await;
                     return None;
@@ -517,6 +522,7 @@ impl Lane {
         }
         match sent {
             Ok(()) if f.facts.keep_alive && req.done() && !resp.close => Step::KeepAlive,
+            Ok(()) if req.done() && self.rbuf.is_empty() => Step::Finished,
             _ => Step::Close,
         }
     }

@@ -325,3 +325,27 @@ async fn slow_heads_and_idle_connections_end_after_the_header_timeout() {
     assert!(closed(&mut api).await, "an idle API connection is closed");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_close_request_gets_its_whole_response_then_a_clean_end_of_stream() {
+    let gw = TestGateway::start().await;
+    let sb = gw.create_fixture().await;
+    for _ in 0..3 {
+        let mut s = connect(gw.addr).await;
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+            sb.path("/1k")
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let r = read_response(&mut s, &mut buf).await;
+        assert_eq!((r.status, r.body.len()), (200, 1024));
+        assert!(r.head.contains("connection: close"), "{}", r.head);
+        assert!(buf.is_empty(), "nothing after the response: {buf:?}");
+        let end = tokio::time::timeout(WAIT, s.read(&mut [0u8; 64])).await;
+        assert!(
+            matches!(end, Ok(Ok(0))),
+            "a FIN, not a reset or more bytes: {end:?}"
+        );
+    }
+}
