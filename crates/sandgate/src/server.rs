@@ -251,7 +251,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Cance
 /// Sets `TCP_NODELAY` on the listening socket, which Linux copies to every connection it
 /// accepts: one system call per connection fewer than setting it on each. False where that
 /// does not hold, and each connection is set instead.
-pub(crate) fn nodelay_for_accepted(listener: &TcpListener) -> bool {
+fn nodelay_for_accepted(listener: &TcpListener) -> bool {
     cfg!(target_os = "linux") && socket2::SockRef::from(listener).set_nodelay(true).is_ok()
 }
 
