@@ -181,7 +181,7 @@ pub async fn run(
     // SO_REUSEPORT group, see `workers`); this loop keeps the one it was given.
     let listener = listener.into_std()?;
     let mut workers = Workers::spawn(config.workers - 1, &listener, &gateway, &shutdown)?;
-    server::serve(TcpListener::from_std(listener)?, gateway, shutdown).await;
+    server::serve(listener, gateway, shutdown).await;
     workers.drained().await;
     if let Some(reaper) = reaper {
         let _ = reaper.await;

@@ -13,13 +13,17 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use mio::net::TcpListener as MioListener;
+use std::net::TcpListener as StdListener;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::api::AppState;
 use crate::error::{wants_html, Error};
+use crate::fastlane::client::Client;
 use crate::model::{Mode, Sandbox, Status};
 use crate::proxy::body::GatewayBody;
 use crate::proxy::Target;
@@ -211,14 +215,22 @@ fn prefix_header(prefix: &str) -> Option<HeaderValue> {
 
 /// Serves `listener` until `shutdown` fires, then drains open connections (bounded). Every
 /// connection starts in the HTTP/1.1 fast lane (`crate::fastlane`), which hands it to hyper
-/// for anything else.
-pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: CancellationToken) {
-    let tracker = TaskTracker::new();
+/// for anything else. Connections are accepted without registering them with the event loop:
+/// `fastlane::client::Client` does that only if one has to wait.
+pub async fn serve(listener: StdListener, gateway: Arc<Gateway>, shutdown: CancellationToken) {
     let nodelay_inherited = nodelay_for_accepted(&listener);
+    let listener = match watch(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the listening socket");
+            return;
+        }
+    };
+    let tracker = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = accept(&listener) => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -228,6 +240,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Cance
                 }
             },
         };
+        let stream = std::net::TcpStream::from(stream);
         if !nodelay_inherited {
             let _ = stream.set_nodelay(true);
         }
@@ -236,7 +249,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Cance
         // the task's future (spawning it, finishing it: ~2k instructions per connection).
         tracker.spawn(Box::pin(crate::fastlane::serve(
             gateway.clone(),
-            stream,
+            Client::new(stream),
             peer,
             shutdown.clone(),
         )));
@@ -248,10 +261,36 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Cance
     }
 }
 
+/// The listening socket, non-blocking and registered with the event loop for readability.
+/// tokio's safe way to watch a socket without taking over what it accepts is deprecated in
+/// favour of an `unsafe` one (tokio#8587: the safe one cannot check that the descriptor stays
+/// the same); the crate otherwise denies `unsafe` code.
+#[allow(unsafe_code)]
+fn watch(listener: StdListener) -> std::io::Result<AsyncFd<MioListener>> {
+    listener.set_nonblocking(true)?;
+    let listener = MioListener::from_std(listener);
+    // SAFETY: the `AsyncFd` owns the listener, whose descriptor stays open and the same for
+    // as long as the `AsyncFd` lives (it is never taken out of it or forgotten).
+    unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
+        .map_err(std::io::Error::from)
+}
+
+/// Accepts one connection: non-blocking, close-on-exec, not registered with the event loop.
+async fn accept(
+    listener: &AsyncFd<MioListener>,
+) -> std::io::Result<(mio::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
+            return accepted;
+        }
+    }
+}
+
 /// Sets `TCP_NODELAY` on the listening socket, which Linux copies to every connection it
 /// accepts: one system call per connection fewer than setting it on each. False where that
 /// does not hold, and each connection is set instead.
-fn nodelay_for_accepted(listener: &TcpListener) -> bool {
+fn nodelay_for_accepted(listener: &StdListener) -> bool {
     cfg!(target_os = "linux") && socket2::SockRef::from(listener).set_nodelay(true).is_ok()
 }
 
@@ -293,8 +332,10 @@ mod tests {
     /// with `TCP_NODELAY` has it too (Nagle would hold back a streamed response's small writes).
     #[tokio::test]
     async fn accepted_connections_inherit_nodelay_from_the_listener() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = StdListener::bind("127.0.0.1:0").unwrap();
         let inherited = nodelay_for_accepted(&listener);
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         assert_eq!(inherited, cfg!(target_os = "linux"));
         let addr = listener.local_addr().unwrap();
         let (client, accepted) =

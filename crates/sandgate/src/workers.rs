@@ -99,12 +99,7 @@ impl Workers {
                 .spawn(move || {
                     INDEX.with(|i| i.set(index));
                     runtime.block_on(async move {
-                        match tokio::net::TcpListener::from_std(listener) {
-                            Ok(listener) => crate::server::serve(listener, gateway, shutdown).await,
-                            Err(e) => {
-                                tracing::error!(worker = index, error = %e, "worker cannot listen")
-                            }
-                        }
+                        crate::server::serve(listener, gateway, shutdown).await;
                         let _ = drained_tx.send(());
                         finish.cancelled().await;
                     });

@@ -6,6 +6,7 @@
 //! Why this exists and what it must keep equal to the general path: `docs/fastlane.md`.
 
 pub mod chunked;
+pub mod client;
 pub mod head;
 pub mod prefixed;
 
@@ -30,6 +31,7 @@ use crate::proxy::pool::PoolKey;
 use crate::proxy::{upstream_error, Target};
 use crate::server::{Decision, Gateway};
 use chunked::Scanner;
+use client::Client;
 use head::{Framing, RequestFacts, RequestRewrite, ResponseRewrite, MAX_HEADERS};
 use prefixed::Prefixed;
 
@@ -45,7 +47,7 @@ const BODY_BUF: usize = 256 * 1024;
 /// Serves one client connection: the fast lane while requests suit it, then hyper.
 pub async fn serve(
     gw: Arc<Gateway>,
-    client: TcpStream,
+    client: Client,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
@@ -182,7 +184,7 @@ enum Plan {
 
 struct Lane {
     gw: Arc<Gateway>,
-    client: TcpStream,
+    client: Client,
     /// The client's address as `X-Forwarded-For` text.
     ip: Vec<u8>,
     rbuf: Buf,
@@ -195,7 +197,7 @@ struct Lane {
 }
 
 impl Lane {
-    fn new(gw: Arc<Gateway>, client: TcpStream, peer: SocketAddr) -> Lane {
+    fn new(gw: Arc<Gateway>, client: Client, peer: SocketAddr) -> Lane {
         Lane {
             gw,
             client,
@@ -250,6 +252,20 @@ impl Lane {
             match self.plan() {
                 Plan::Partial => {}
                 plan => return Some(plan),
+            }
+        }
+        if !self.client.is_polled() {
+            // A new connection's first request is usually in the socket already: read it
+            // before arming the timer (no event-loop round, no timer entry). Had the read to
+            // wait, the client is registered now and the loop below waits as usual.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            match self.rbuf.poll_fill(&mut cx, &mut self.client, MAX_HEAD) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return None,
+                Poll::Ready(Ok(_)) => match self.plan() {
+                    Plan::Partial => {}
+                    plan => return Some(plan),
+                },
+                Poll::Pending => {}
             }
         }
         timer
@@ -416,7 +432,6 @@ impl Lane {
                 let err = protocol_error(&f, &e);
                 return self.fail(&err, &f, !req.done()).await;
             }
-            timer.as_mut().reset(Instant::now() + timeout);
             let got = read_response_head(
                 &mut up,
                 &mut ubuf,
@@ -733,7 +748,7 @@ impl RequestBody {
     fn poll_pump(
         &mut self,
         cx: &mut Context<'_>,
-        client: &mut TcpStream,
+        client: &mut Client,
         rbuf: &mut Buf,
         up: &mut TcpStream,
     ) -> Poll<Result<(), ()>> {
@@ -797,17 +812,33 @@ enum HeadError {
     ClientGone,
 }
 
+/// How long a wait for a response head may go on before a client not yet registered with the
+/// event loop is registered, so that its leaving is noticed (`client`). Most answers come
+/// sooner, and their connections never need registering.
+const UNWATCHED: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Reads a response head into `ubuf`, skipping or forwarding interim (1xx) responses, while
-/// the request body keeps streaming. Returns the head's length.
+/// the request body keeps streaming; the wait is bounded by `timeout` from when the request
+/// is out. Returns the head's length.
 async fn read_response_head(
     up: &mut TcpStream,
     ubuf: &mut Buf,
-    client: &mut TcpStream,
+    client: &mut Client,
     rbuf: &mut Buf,
     req: &mut RequestBody,
     mut timer: Pin<&mut Sleep>,
     timeout: std::time::Duration,
 ) -> Result<usize, HeadError> {
+    // Until the client is registered the timer fires early (`UNWATCHED`) to register it.
+    let arm = |timer: &mut Pin<&mut Sleep>, client: &Client, deadline: Instant| {
+        let at = match client.is_polled() {
+            true => deadline,
+            false => deadline.min(Instant::now() + UNWATCHED),
+        };
+        timer.as_mut().reset(at);
+    };
+    let mut deadline = Instant::now() + timeout;
+    arm(&mut timer, client, deadline);
     loop {
         match response_head_len(ubuf.filled()) {
             Ok(Some((len, interim))) => {
@@ -826,12 +857,13 @@ async fn read_response_head(
                     Poll::Ready(Ok(())) => {
                         // The request is out (or can go no further): the wait for an
                         // answer starts now.
-                        timer.as_mut().reset(Instant::now() + timeout);
+                        deadline = Instant::now() + timeout;
+                        arm(&mut timer, client, deadline);
                     }
                     Poll::Ready(Err(())) => return Poll::Ready(Err(HeadError::ClientGone)),
                     Poll::Pending => {}
                 }
-            } else if rbuf.poll_gone(cx, client) {
+            } else if client.is_polled() && rbuf.poll_gone(cx, client) {
                 return Poll::Ready(Err(HeadError::ClientGone));
             }
             if let Poll::Ready(r) = ubuf.poll_fill(cx, up, MAX_HEAD) {
@@ -842,7 +874,15 @@ async fn read_response_head(
                 });
             }
             if (req.done() || req.abandoned) && timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(HeadError::Timeout));
+                if client.is_polled() {
+                    return Poll::Ready(Err(HeadError::Timeout));
+                }
+                // Long enough unwatched: register the client and wait on (polled again at once).
+                if client.register().is_err() {
+                    return Poll::Ready(Err(HeadError::ClientGone));
+                }
+                timer.as_mut().reset(deadline);
+                return Poll::Ready(Ok(()));
             }
             Poll::Pending
         })
@@ -882,7 +922,7 @@ fn response_head_len(buf: &[u8]) -> Result<Option<(usize, bool)>, &'static str> 
 async fn forward_response_body(
     up: &mut TcpStream,
     ubuf: &mut Buf,
-    client: &mut TcpStream,
+    client: &mut Client,
     head_out: &[u8],
     framing: Framing,
     rbuf: &mut Buf,
@@ -962,7 +1002,7 @@ struct Last {
 }
 
 /// One chunk of a body re-framed as chunked (a sandbox body that runs until close).
-async fn write_chunk(client: &mut TcpStream, head: &[u8], data: &[u8]) -> io::Result<()> {
+async fn write_chunk(client: &mut Client, head: &[u8], data: &[u8]) -> io::Result<()> {
     let mut size = [0u8; 20];
     let mut cursor = io::Cursor::new(&mut size[..]);
     io::Write::write_fmt(&mut cursor, format_args!("{:x}\r\n", data.len()))?;

@@ -9,7 +9,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{TestGateway, TestSandbox};
+use crate::common::{eventually, TestGateway, TestSandbox};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -348,4 +348,52 @@ async fn a_connection_close_request_gets_its_whole_response_then_a_clean_end_of_
             "a FIN, not a reset or more bytes: {end:?}"
         );
     }
+}
+
+/// A new connection's first request is read before the connection joins the event loop, at
+/// most 4 KiB of it; a head larger than that is read on by the event loop and arrives whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_request_head_larger_than_the_first_read_arrives_whole() {
+    let gw = TestGateway::start().await;
+    let sb = gw.create_fixture().await;
+    let big = "b".repeat(9000);
+    let mut s = connect(gw.addr).await;
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: gw\r\nX-Big: {big}\r\nConnection: close\r\n\r\n",
+        sb.path("/echo")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let r = read_response(&mut s, &mut Vec::new()).await;
+    assert_eq!(r.status, 200);
+    let echoed: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(echoed["headers"]["x-big"], big.as_str());
+}
+
+/// A client that leaves while the sandbox is still thinking is noticed (the connection was
+/// not yet watched by the event loop, so it is registered after a short grace): its permit
+/// comes back long before the sandbox would have answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_before_the_answer_releases_its_permit() {
+    let gw = TestGateway::start().await;
+    let sb = gw.create_fixture().await;
+    let in_flight = || async {
+        let v = gw.get("/health/proxy").send().await.expect(200).json();
+        v["in_flight"].as_u64()
+    };
+    let mut s = connect(gw.addr).await;
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        sb.path("/delay/600000")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    eventually(WAIT, "the request is in flight", || async {
+        (in_flight().await == Some(1)).then_some(())
+    })
+    .await;
+    drop(s);
+    eventually(WAIT, "the permit is released", || async {
+        (in_flight().await == Some(0)).then_some(())
+    })
+    .await;
+    gw.shutdown().await;
 }
