@@ -186,7 +186,7 @@ struct Lane {
     gw: Arc<Gateway>,
     client: Client,
     /// The client's address as `X-Forwarded-For` text.
-    ip: Vec<u8>,
+    ip: head::IpText,
     rbuf: Buf,
     ubuf: Option<Buf>,
     /// The head sent to the sandbox (kept for a retry), then the one sent to the client.
