@@ -29,9 +29,7 @@ pub struct Entry {
 impl Entry {
     /// Records use of the sandbox now (a proxied request, WebSocket traffic, API use).
     pub fn touch(&self) {
-        self.activity
-            .last_active_ms
-            .store(now_ms(), Ordering::Relaxed);
+        self.activity.touch();
     }
 
     /// Milliseconds since the sandbox was last used.
@@ -45,21 +43,52 @@ impl Entry {
     }
 
     /// Counts a request as in flight until the returned guard drops (its response ended).
-    pub fn in_use(self: &Arc<Self>) -> InUse {
+    pub fn in_use(&self) -> InUse {
+        self.activity.begin();
+        InUse(self.activity.clone())
+    }
+
+    /// `in_use` for a request answered within the caller's scope: no reference count taken
+    /// (the guard writes only the sandbox's activity counters).
+    pub fn in_use_scoped(&self) -> InUseScoped<'_> {
+        self.activity.begin();
+        InUseScoped(&self.activity)
+    }
+}
+
+impl Activity {
+    fn begin(&self) {
         self.touch();
-        self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
-        InUse(self.clone())
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn touch(&self) {
+        self.last_active_ms.store(now_ms(), Ordering::Relaxed);
     }
 }
 
 /// A request in flight to a sandbox: it is not idle while any exists.
 #[derive(Debug)]
-pub struct InUse(Arc<Entry>);
+pub struct InUse(Arc<Activity>);
+
+/// `InUse` borrowed from the route entry (`Entry::in_use_scoped`).
+#[derive(Debug)]
+pub struct InUseScoped<'a>(&'a Activity);
 
 impl Drop for InUse {
     fn drop(&mut self) {
-        self.0.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
+        self.0.end();
+    }
+}
+
+impl Drop for InUseScoped<'_> {
+    fn drop(&mut self) {
+        self.0.end();
     }
 }
 

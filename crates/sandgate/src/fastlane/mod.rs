@@ -380,12 +380,12 @@ impl Lane {
         self.rbuf.consume(f.head_len);
         let has_body = f.facts.framing.has_body();
         let proxy = self.gw.state.proxy.clone();
-        let permit = match proxy.permit() {
+        let permit = match proxy.scoped_permit() {
             Ok(p) => p,
             Err(e) => return self.fail(&e, &f, has_body).await,
         };
-        let sb = f.target.sandbox.clone();
-        let in_use = sb.in_use();
+        let sb = &f.target.sandbox;
+        let in_use = sb.in_use_scoped();
         let key = PoolKey {
             upstream: f.upstream,
             generation: sb.generation,
@@ -403,7 +403,7 @@ impl Lane {
                 match race(proxy.dial(f.upstream), timer.as_mut()).await {
                     Some(Ok(s)) => s,
                     Some(Err(e)) => {
-                        let err = upstream_error(&sb, f.target.port, e);
+                        let err = upstream_error(sb, f.target.port, e);
                         return self.fail(&err, &f, has_body).await;
                     }
                     None => {

@@ -9,8 +9,8 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::sync::OwnedSemaphorePermit;
 
+use super::limit::OwnedPermit;
 use super::pool::{Pool, PoolKey, Sender};
 use crate::routes::InUse;
 
@@ -25,7 +25,7 @@ pub struct Release {
     pool: Arc<Pool>,
     key: PoolKey,
     tx: Option<Sender>,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedPermit>,
     in_use: Option<InUse>,
 }
 
@@ -34,7 +34,7 @@ impl Release {
         pool: Arc<Pool>,
         key: PoolKey,
         tx: Sender,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Option<OwnedPermit>,
         in_use: Option<InUse>,
     ) -> Release {
         Release {

@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod limit;
 pub mod pool;
 pub mod upgrade;
 
@@ -20,13 +21,13 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::sync::Semaphore;
 
 use crate::backend::{Backend, Upstream};
 use crate::error::Error;
 use crate::model::{Sandbox, Status};
 use crate::routes::Entry;
 use body::{GatewayBody, Release};
+use limit::{Limit, OwnedPermit, Permit};
 use pool::{Pool, PoolKey, Sender};
 
 /// Where a routed request goes.
@@ -46,8 +47,7 @@ pub struct Proxy {
     /// connection worker (`crate::workers`), so a connection is reused by the event loop that
     /// watches it.
     raw_pools: Box<[Pool<tokio::net::TcpStream>]>,
-    limit: Arc<Semaphore>,
-    max_in_flight: usize,
+    limit: Arc<Limit>,
     timeout: Duration,
     retries: u32,
 }
@@ -76,8 +76,7 @@ impl Proxy {
             raw_pools: (0..workers.max(1))
                 .map(|_| Pool::new(256, Duration::from_secs(60)))
                 .collect(),
-            limit: Arc::new(Semaphore::new(max_in_flight)),
-            max_in_flight,
+            limit: Arc::new(Limit::new(max_in_flight)),
             timeout,
             retries,
         }
@@ -112,21 +111,24 @@ impl Proxy {
         self.timeout
     }
 
-    /// A slot for one more proxied request, or `Overloaded` at `MAX_CONCURRENT_REQUESTS`.
-    pub fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
-        self.limit
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Error::Overloaded)
+    /// A slot for one more proxied request, or `Overloaded` at `MAX_CONCURRENT_REQUESTS`,
+    /// that can travel with a response body.
+    pub fn permit(&self) -> Result<OwnedPermit, Error> {
+        Limit::try_take(self.limit.clone()).ok_or(Error::Overloaded)
+    }
+
+    /// A slot for a request answered within the caller's scope.
+    pub fn scoped_permit(&self) -> Result<Permit<&Limit>, Error> {
+        Limit::try_take(&*self.limit).ok_or(Error::Overloaded)
     }
 
     /// Proxied requests in flight (responses still streaming included).
     pub fn in_flight(&self) -> usize {
-        self.max_in_flight - self.limit.available_permits()
+        self.limit.in_flight()
     }
 
     pub fn max_in_flight(&self) -> usize {
-        self.max_in_flight
+        self.limit.max()
     }
 
     /// Forwards `req` to `target`. Errors are the gateway's own and are rendered by the caller.
