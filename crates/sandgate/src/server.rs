@@ -226,6 +226,9 @@ pub async fn serve(listener: StdListener, gateway: Arc<Gateway>, shutdown: Cance
             return;
         }
     };
+    // A token of this loop's own: each connection clones and drops it (a mutex on the
+    // token's node), which then never contends with another loop's connections.
+    let shutdown = shutdown.child_token();
     let tracker = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {

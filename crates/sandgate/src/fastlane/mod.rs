@@ -51,8 +51,8 @@ pub async fn serve(
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let mut lane = Lane::new(gw.clone(), client, peer);
-    let handoff = lane.run(&shutdown).await;
+    let mut lane = Lane::new(client, peer);
+    let handoff = lane.run(&gw, &shutdown).await;
     let Some(prefix) = handoff else {
         return;
     };
@@ -183,7 +183,6 @@ enum Plan {
 }
 
 struct Lane {
-    gw: Arc<Gateway>,
     client: Client,
     /// The client's address as `X-Forwarded-For` text.
     ip: head::IpText,
@@ -197,9 +196,8 @@ struct Lane {
 }
 
 impl Lane {
-    fn new(gw: Arc<Gateway>, client: Client, peer: SocketAddr) -> Lane {
+    fn new(client: Client, peer: SocketAddr) -> Lane {
         Lane {
-            gw,
             client,
             ip: head::ip_text(peer.ip()),
             rbuf: Buf::new(CLIENT_BUF),
@@ -212,13 +210,16 @@ impl Lane {
 
     /// Serves requests until the connection ends (`None`) or one needs hyper: then returns the
     /// bytes read and not answered, which hyper reads first.
-    async fn run(&mut self, shutdown: &CancellationToken) -> Option<Bytes> {
-        let timer = tokio::time::sleep(self.gw.state.config.header_timeout);
+    async fn run(&mut self, gw: &Gateway, shutdown: &CancellationToken) -> Option<Bytes> {
+        let timer = tokio::time::sleep(gw.state.config.header_timeout);
         tokio::pin!(timer);
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
         loop {
-            let forward = match self.read_head(timer.as_mut(), cancelled.as_mut()).await? {
+            let forward = match self
+                .read_head(gw, timer.as_mut(), cancelled.as_mut())
+                .await?
+            {
                 Plan::Partial => return None,
                 Plan::Handoff => return Some(self.rbuf.data.split().freeze()),
                 Plan::Forward(f) => f,
@@ -230,7 +231,7 @@ impl Lane {
                     return None;
                 }
             };
-            match self.exchange(forward, timer.as_mut()).await {
+            match self.exchange(gw, forward, timer.as_mut()).await {
                 Step::KeepAlive if !shutdown.is_cancelled() => {}
                 Step::Finished => return None,
                 Step::KeepAlive | Step::Close => {
@@ -245,11 +246,12 @@ impl Lane {
     /// it; `None` when the client left, was too slow, or the gateway is stopping.
     async fn read_head(
         &mut self,
+        gw: &Gateway,
         mut timer: Pin<&mut Sleep>,
         mut cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     ) -> Option<Plan> {
         if !self.rbuf.is_empty() {
-            match self.plan() {
+            match self.plan(gw) {
                 Plan::Partial => {}
                 plan => return Some(plan),
             }
@@ -261,7 +263,7 @@ impl Lane {
             let mut cx = Context::from_waker(std::task::Waker::noop());
             match self.rbuf.poll_fill(&mut cx, &mut self.client, MAX_HEAD) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return None,
-                Poll::Ready(Ok(_)) => match self.plan() {
+                Poll::Ready(Ok(_)) => match self.plan(gw) {
                     Plan::Partial => {}
                     plan => return Some(plan),
                 },
@@ -270,7 +272,7 @@ impl Lane {
         }
         timer
             .as_mut()
-            .reset(Instant::now() + self.gw.state.config.header_timeout);
+            .reset(Instant::now() + gw.state.config.header_timeout);
         loop {
             let read = poll_fn(|cx| {
                 if let Poll::Ready(r) = self.rbuf.poll_fill(cx, &mut self.client, MAX_HEAD) {
@@ -292,7 +294,7 @@ impl Lane {
                     return Some(Plan::Handoff);
                 }
                 Some(Ok(0)) | Some(Err(_)) | None => return None,
-                Some(Ok(_)) => match self.plan() {
+                Some(Ok(_)) => match self.plan(gw) {
                     Plan::Partial => {}
                     plan => return Some(plan),
                 },
@@ -302,7 +304,7 @@ impl Lane {
 
     /// Parses the buffered request head and decides its fate; for a forwarded request, writes
     /// the head the sandbox will receive into `out`.
-    fn plan(&mut self) -> Plan {
+    fn plan(&mut self, gw: &Gateway) -> Plan {
         let buf = self.rbuf.filled();
         if buf.starts_with(b"PRI * HTTP/2.0") {
             return Plan::Handoff; // h2c with prior knowledge
@@ -330,13 +332,13 @@ impl Lane {
             Some((p, q)) => (p, Some(q)),
             None => (target, None),
         };
-        let Decision::Proxy(target_route) = self.gw.decide_parts(host, path, query) else {
+        let Decision::Proxy(target_route) = gw.decide_parts(host, path, query) else {
             return Plan::Handoff;
         };
         if target_route.sandbox.status != Status::Running {
             return Plan::Handoff; // waking, or explaining why not, is hyper's
         }
-        let proxy = &self.gw.state.proxy;
+        let proxy = &gw.state.proxy;
         let Some(upstream) = proxy
             .backend()
             .upstream(&target_route.sandbox, target_route.port)
@@ -376,10 +378,10 @@ impl Lane {
 
     /// Forwards one request and its response. Bodies stream both ways at once, so a sandbox
     /// may answer before it has read the whole request.
-    async fn exchange(&mut self, f: Forward, mut timer: Pin<&mut Sleep>) -> Step {
+    async fn exchange(&mut self, gw: &Gateway, f: Forward, mut timer: Pin<&mut Sleep>) -> Step {
         self.rbuf.consume(f.head_len);
         let has_body = f.facts.framing.has_body();
-        let proxy = self.gw.state.proxy.clone();
+        let proxy = &*gw.state.proxy;
         let permit = match proxy.scoped_permit() {
             Ok(p) => p,
             Err(e) => return self.fail(&e, &f, has_body).await,
@@ -423,7 +425,7 @@ impl Lane {
             };
             if sent.is_err() && reused && req.may_retry(&f.facts) {
                 reused = false;
-                if let Some(s) = self.redial(&proxy, &f, &mut timer, timeout).await {
+                if let Some(s) = self.redial(proxy, &f, &mut timer, timeout).await {
                     up = s;
                     continue;
                 }
@@ -448,7 +450,7 @@ impl Lane {
                 {
                     reused = false;
                     ubuf.clear();
-                    match self.redial(&proxy, &f, &mut timer, timeout).await {
+                    match self.redial(proxy, &f, &mut timer, timeout).await {
                         Some(s) => up = s,
                         None => break Err(HeadError::Closed),
                     }
