@@ -53,20 +53,19 @@ impl Client {
         matches!(self.state, State::Polled(_))
     }
 
-    /// Registers the socket with the event loop (which reports its current readiness).
+    /// Registers the socket with the event loop (which reports its current readiness). An
+    /// error leaves the connection lost: every later use fails too.
     pub fn register(&mut self) -> io::Result<()> {
         match std::mem::replace(&mut self.state, State::Lost) {
-            State::Direct(s) => match TcpStream::from_std(s) {
-                Ok(t) => {
-                    self.state = State::Polled(t);
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            },
-            other => {
-                self.state = other;
+            State::Direct(s) => {
+                self.state = State::Polled(TcpStream::from_std(s)?);
                 Ok(())
             }
+            State::Polled(t) => {
+                self.state = State::Polled(t);
+                Ok(())
+            }
+            State::Lost => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 
