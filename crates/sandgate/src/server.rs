@@ -24,6 +24,7 @@ use tower::ServiceExt;
 use crate::api::AppState;
 use crate::error::{wants_html, Error};
 use crate::fastlane::client::Client;
+use crate::fastlane::watch::Watch;
 use crate::model::{Mode, Sandbox, Status};
 use crate::proxy::body::GatewayBody;
 use crate::proxy::Target;
@@ -229,6 +230,11 @@ pub async fn serve(listener: StdListener, gateway: Arc<Gateway>, shutdown: Cance
     // A token of this loop's own: each connection clones and drops it (a mutex on the
     // token's node), which then never contends with another loop's connections.
     let shutdown = shutdown.child_token();
+    let watch = Arc::new(Watch::default());
+    tokio::spawn({
+        let (watch, shutdown) = (watch.clone(), shutdown.clone());
+        async move { watch.run(shutdown).await }
+    });
     let tracker = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -252,7 +258,7 @@ pub async fn serve(listener: StdListener, gateway: Arc<Gateway>, shutdown: Cance
         // the task's future (spawning it, finishing it: ~2k instructions per connection).
         tracker.spawn(Box::pin(crate::fastlane::serve(
             gateway.clone(),
-            Client::new(stream),
+            Client::new(stream, watch.clone()),
             peer,
             shutdown.clone(),
         )));

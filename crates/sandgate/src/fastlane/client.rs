@@ -8,10 +8,13 @@ use std::cell::RefCell;
 use std::io::{self, IoSlice, Read as _, Write as _};
 use std::net::{Shutdown, TcpStream as StdStream};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use super::watch::{Wait, Watch};
 
 /// A non-blocking client socket, used directly until a read or write would block, then
 /// registered with the event loop for good. Only the first read goes straight to the socket,
@@ -19,6 +22,8 @@ use tokio::net::TcpStream;
 pub struct Client {
     state: State,
     first_read: bool,
+    /// The event loop's ticker for waits with the client unwatched (`watch.rs`).
+    watch: Arc<Watch>,
 }
 
 /// Enough for nearly every request head; a larger one is read on by the event loop.
@@ -40,12 +45,20 @@ enum State {
 }
 
 impl Client {
-    /// Wraps an accepted socket, which must be non-blocking.
-    pub fn new(stream: StdStream) -> Client {
+    /// Wraps an accepted socket, which must be non-blocking; `watch` is the accepting event
+    /// loop's ticker.
+    pub fn new(stream: StdStream, watch: Arc<Watch>) -> Client {
         Client {
             state: State::Direct(stream),
             first_read: true,
+            watch,
         }
+    }
+
+    /// Whether `wait`, begun with this client unwatched, has lasted long enough that the
+    /// client should be registered; if not, the task is woken again at the loop's next tick.
+    pub fn waited_long(&self, wait: &mut Wait, cx: &Context<'_>) -> bool {
+        self.watch.lasted(wait, cx)
     }
 
     /// Whether the event loop watches this connection (a waiting task hears of its close).
@@ -188,7 +201,7 @@ mod tests {
             .unwrap();
         let (accepted, _) = listener.accept().unwrap();
         accepted.set_nonblocking(true).unwrap();
-        (Client::new(accepted), peer)
+        (Client::new(accepted, Arc::new(Watch::default())), peer)
     }
 
     /// The first read takes what is there without registering (on loopback the bytes are

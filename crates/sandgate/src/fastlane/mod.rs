@@ -9,6 +9,7 @@ pub mod chunked;
 pub mod client;
 pub mod head;
 pub mod prefixed;
+pub mod watch;
 
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
@@ -814,11 +815,6 @@ enum HeadError {
     ClientGone,
 }
 
-/// How long a wait for a response head may go on before a client not yet registered with the
-/// event loop is registered, so that its leaving is noticed (`client`). Most answers come
-/// sooner, and their connections never need registering.
-const UNWATCHED: std::time::Duration = std::time::Duration::from_millis(20);
-
 /// Reads a response head into `ubuf`, skipping or forwarding interim (1xx) responses, while
 /// the request body keeps streaming; the wait is bounded by `timeout` from when the request
 /// is out. Returns the head's length.
@@ -831,16 +827,10 @@ async fn read_response_head(
     mut timer: Pin<&mut Sleep>,
     timeout: std::time::Duration,
 ) -> Result<usize, HeadError> {
-    // Until the client is registered the timer fires early (`UNWATCHED`) to register it.
-    let arm = |timer: &mut Pin<&mut Sleep>, client: &Client, deadline: Instant| {
-        let at = match client.is_polled() {
-            true => deadline,
-            false => deadline.min(Instant::now() + UNWATCHED),
-        };
-        timer.as_mut().reset(at);
-    };
-    let mut deadline = Instant::now() + timeout;
-    arm(&mut timer, client, deadline);
+    timer.as_mut().reset(Instant::now() + timeout);
+    // While the client is unwatched, the loop's ticker wakes this task to register it once
+    // the wait has lasted (`watch`), so that a client that left is noticed.
+    let mut unwatched = watch::Wait::default();
     loop {
         match response_head_len(ubuf.filled()) {
             Ok(Some((len, interim))) => {
@@ -859,8 +849,7 @@ async fn read_response_head(
                     Poll::Ready(Ok(())) => {
                         // The request is out (or can go no further): the wait for an
                         // answer starts now.
-                        deadline = Instant::now() + timeout;
-                        arm(&mut timer, client, deadline);
+                        timer.as_mut().reset(Instant::now() + timeout);
                     }
                     Poll::Ready(Err(())) => return Poll::Ready(Err(HeadError::ClientGone)),
                     Poll::Pending => {}
@@ -875,16 +864,17 @@ async fn read_response_head(
                     Err(e) => Err(HeadError::Io(e)),
                 });
             }
-            if (req.done() || req.abandoned) && timer.as_mut().poll(cx).is_ready() {
-                if client.is_polled() {
+            if req.done() || req.abandoned {
+                if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(HeadError::Timeout));
                 }
-                // Long enough unwatched: register the client and wait on (polled again at once).
-                if client.register().is_err() {
-                    return Poll::Ready(Err(HeadError::ClientGone));
+                if !client.is_polled() && client.waited_long(&mut unwatched, cx) {
+                    // Long enough unwatched: register the client (polled again at once).
+                    if client.register().is_err() {
+                        return Poll::Ready(Err(HeadError::ClientGone));
+                    }
+                    return Poll::Ready(Ok(()));
                 }
-                timer.as_mut().reset(deadline);
-                return Poll::Ready(Ok(()));
             }
             Poll::Pending
         })
