@@ -181,7 +181,11 @@ pub async fn run(
     // SO_REUSEPORT group, see `workers`); this loop keeps the one it was given.
     let listener = listener.into_std()?;
     let mut workers = Workers::spawn(config.workers - 1, &listener, &gateway, &shutdown)?;
-    server::serve(listener, gateway, shutdown).await;
+    let served = server::serve(listener, gateway, shutdown.clone()).await;
+    if served.is_err() {
+        // This loop cannot listen: stop everything the usual way, then report why.
+        shutdown.cancel();
+    }
     workers.drained().await;
     if let Some(reaper) = reaper {
         let _ = reaper.await;
@@ -190,5 +194,5 @@ pub async fn run(
     workers.finish().await;
     sweeper.abort();
     exit_watcher.abort();
-    Ok(())
+    Ok(served?)
 }

@@ -217,16 +217,15 @@ fn prefix_header(prefix: &str) -> Option<HeaderValue> {
 /// Serves `listener` until `shutdown` fires, then drains open connections (bounded). Every
 /// connection starts in the HTTP/1.1 fast lane (`crate::fastlane`), which hands it to hyper
 /// for anything else. Connections are accepted without registering them with the event loop:
-/// `fastlane::client::Client` does that only if one has to wait.
-pub async fn serve(listener: StdListener, gateway: Arc<Gateway>, shutdown: CancellationToken) {
+/// `fastlane::client::Client` does that only if one has to wait. Fails only if the listening
+/// socket cannot be registered with the event loop.
+pub async fn serve(
+    listener: StdListener,
+    gateway: Arc<Gateway>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let nodelay_inherited = nodelay_for_accepted(&listener);
-    let listener = match watch(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch the listening socket");
-            return;
-        }
-    };
+    let listener = watch_listener(listener)?;
     // A token of this loop's own: each connection clones and drops it (a mutex on the
     // token's node), which then never contends with another loop's connections.
     let shutdown = shutdown.child_token();
@@ -268,6 +267,7 @@ pub async fn serve(listener: StdListener, gateway: Arc<Gateway>, shutdown: Cance
     if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
         tracing::warn!("connections still open after {DRAIN:?}; closing them");
     }
+    Ok(())
 }
 
 /// The listening socket, non-blocking and registered with the event loop for readability.
@@ -275,7 +275,7 @@ pub async fn serve(listener: StdListener, gateway: Arc<Gateway>, shutdown: Cance
 /// favour of an `unsafe` one (tokio#8587: the safe one cannot check that the descriptor stays
 /// the same); the crate otherwise denies `unsafe` code.
 #[allow(unsafe_code)]
-fn watch(listener: StdListener) -> std::io::Result<AsyncFd<MioListener>> {
+fn watch_listener(listener: StdListener) -> std::io::Result<AsyncFd<MioListener>> {
     listener.set_nonblocking(true)?;
     let listener = MioListener::from_std(listener);
     // SAFETY: the `AsyncFd` owns the listener, whose descriptor stays open and the same for

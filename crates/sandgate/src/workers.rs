@@ -99,7 +99,9 @@ impl Workers {
                 .spawn(move || {
                     INDEX.with(|i| i.set(index));
                     runtime.block_on(async move {
-                        crate::server::serve(listener, gateway, shutdown).await;
+                        if let Err(e) = crate::server::serve(listener, gateway, shutdown).await {
+                            tracing::error!(worker = index, error = %e, "worker cannot listen");
+                        }
                         let _ = drained_tx.send(());
                         finish.cancelled().await;
                     });
