@@ -12,7 +12,7 @@ use crate::model::Sandbox;
 
 /// How a sandbox is being used; shared by every version of its entry.
 #[derive(Debug)]
-struct Activity {
+pub struct Activity {
     /// Last use, in ms since the Unix epoch.
     last_active_ms: AtomicI64,
     /// Proxied requests whose responses are still streaming.
@@ -50,9 +50,9 @@ impl Entry {
 
     /// `in_use` for a request answered within the caller's scope: no reference count taken
     /// (the guard writes only the sandbox's activity counters).
-    pub fn in_use_scoped(&self) -> InUseScoped<'_> {
+    pub fn in_use_scoped(&self) -> InUse<&Activity> {
         self.activity.begin();
-        InUseScoped(&self.activity)
+        InUse(&self.activity)
     }
 }
 
@@ -72,21 +72,13 @@ impl Activity {
     }
 }
 
-/// A request in flight to a sandbox: it is not idle while any exists.
+/// A request in flight to a sandbox: it is not idle while any exists. `A` is `&Activity`
+/// where the request's lifetime is a scope (the fast lane), `Arc<Activity>` where the guard
+/// travels with a response body.
 #[derive(Debug)]
-pub struct InUse(Arc<Activity>);
+pub struct InUse<A: Deref<Target = Activity> = Arc<Activity>>(A);
 
-/// `InUse` borrowed from the route entry (`Entry::in_use_scoped`).
-#[derive(Debug)]
-pub struct InUseScoped<'a>(&'a Activity);
-
-impl Drop for InUse {
-    fn drop(&mut self) {
-        self.0.end();
-    }
-}
-
-impl Drop for InUseScoped<'_> {
+impl<A: Deref<Target = Activity>> Drop for InUse<A> {
     fn drop(&mut self) {
         self.0.end();
     }

@@ -69,17 +69,15 @@ impl Client {
     /// Registers the socket with the event loop (which reports its current readiness). An
     /// error leaves the connection lost: every later use fails too.
     pub fn register(&mut self) -> io::Result<()> {
-        match std::mem::replace(&mut self.state, State::Lost) {
-            State::Direct(s) => {
-                self.state = State::Polled(TcpStream::from_std(s)?);
-                Ok(())
-            }
-            State::Polled(t) => {
-                self.state = State::Polled(t);
-                Ok(())
-            }
-            State::Lost => Err(io::ErrorKind::NotConnected.into()),
+        match self.state {
+            State::Polled(_) => return Ok(()),
+            State::Lost => return Err(io::ErrorKind::NotConnected.into()),
+            State::Direct(_) => {}
         }
+        if let State::Direct(s) = std::mem::replace(&mut self.state, State::Lost) {
+            self.state = State::Polled(TcpStream::from_std(s)?);
+        }
+        Ok(())
     }
 
     /// One attempt on the unregistered socket: `None` if it would block (and the socket is
