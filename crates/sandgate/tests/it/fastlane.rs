@@ -105,6 +105,18 @@ async fn connect(addr: SocketAddr) -> TcpStream {
     TcpStream::connect(addr).await.expect("connect")
 }
 
+/// `GET path` with `fields` (each ending in CRLF) after `Host: gw`.
+fn get(path: &str, fields: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: gw\r\n{fields}\r\n")
+}
+
+/// A new connection to the gateway with `req` already sent on it.
+async fn send(addr: SocketAddr, req: &str) -> TcpStream {
+    let mut s = connect(addr).await;
+    s.write_all(req.as_bytes()).await.unwrap();
+    s
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pipelined_requests_are_answered_in_order() {
     let gw = TestGateway::start().await;
@@ -184,10 +196,7 @@ async fn a_body_without_length_reaches_the_client_chunked() {
     let mut s = connect(gw.addr).await;
     let mut buf = Vec::new();
     for _ in 0..2 {
-        let req = format!(
-            "GET {} HTTP/1.1\r\nHost: gw\r\n\r\n",
-            sb.path("/raw/until-close")
-        );
+        let req = get(&sb.path("/raw/until-close"), "");
         s.write_all(req.as_bytes()).await.unwrap();
         let r = read_response(&mut s, &mut buf).await;
         assert_eq!(r.status, 200);
@@ -203,10 +212,7 @@ async fn an_upstream_closing_its_kept_connection_costs_the_client_nothing() {
     let mut s = connect(gw.addr).await;
     let mut buf = Vec::new();
     for _ in 0..5 {
-        let req = format!(
-            "GET {} HTTP/1.1\r\nHost: gw\r\n\r\n",
-            sb.path("/raw/close-after")
-        );
+        let req = get(&sb.path("/raw/close-after"), "");
         s.write_all(req.as_bytes()).await.unwrap();
         let r = read_response(&mut s, &mut buf).await;
         assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
@@ -217,12 +223,7 @@ async fn an_upstream_closing_its_kept_connection_costs_the_client_nothing() {
 async fn interim_responses_are_passed_over() {
     let gw = TestGateway::start().await;
     let sb = raw_sandbox(&gw).await;
-    let mut s = connect(gw.addr).await;
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: gw\r\n\r\n",
-        sb.path("/raw/interim")
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
+    let mut s = send(gw.addr, &get(&sb.path("/raw/interim"), "")).await;
     let mut buf = Vec::new();
     let r = read_response(&mut s, &mut buf).await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
@@ -331,12 +332,7 @@ async fn a_connection_close_request_gets_its_whole_response_then_a_clean_end_of_
     let gw = TestGateway::start().await;
     let sb = gw.create_fixture().await;
     for _ in 0..3 {
-        let mut s = connect(gw.addr).await;
-        let req = format!(
-            "GET {} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-            sb.path("/1k")
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
+        let mut s = send(gw.addr, &get(&sb.path("/1k"), "Connection: close\r\n")).await;
         let mut buf = Vec::new();
         let r = read_response(&mut s, &mut buf).await;
         assert_eq!((r.status, r.body.len()), (200, 1024));
@@ -357,12 +353,8 @@ async fn a_first_request_head_larger_than_the_first_read_arrives_whole() {
     let gw = TestGateway::start().await;
     let sb = gw.create_fixture().await;
     let big = "b".repeat(9000);
-    let mut s = connect(gw.addr).await;
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: gw\r\nX-Big: {big}\r\nConnection: close\r\n\r\n",
-        sb.path("/echo")
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
+    let fields = format!("X-Big: {big}\r\nConnection: close\r\n");
+    let mut s = send(gw.addr, &get(&sb.path("/echo"), &fields)).await;
     let r = read_response(&mut s, &mut Vec::new()).await;
     assert_eq!(r.status, 200);
     let echoed: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
@@ -380,12 +372,8 @@ async fn a_client_that_leaves_before_the_answer_releases_its_permit() {
         let v = gw.get("/health/proxy").send().await.expect(200).json();
         v["in_flight"].as_u64()
     };
-    let mut s = connect(gw.addr).await;
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-        sb.path("/delay/600000")
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
+    let req = get(&sb.path("/delay/600000"), "Connection: close\r\n");
+    let s = send(gw.addr, &req).await;
     eventually(WAIT, "the request is in flight", || async {
         (in_flight().await == Some(1)).then_some(())
     })
