@@ -397,7 +397,7 @@ pub fn write_full(out: &mut Vec<u8>, resp: &http::Response<bytes::Bytes>, close:
 }
 
 /// The client's address as the text `X-Forwarded-For` carries, held inline (no allocation
-/// per connection; the longest form, IPv4-mapped IPv6, is 45 bytes).
+/// per connection; no IPv6 text form is longer than 45 bytes).
 pub struct IpText {
     buf: [u8; 45],
     len: usize,
