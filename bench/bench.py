@@ -295,11 +295,21 @@ class Bench:
             stderr=logf,
             stdin=subprocess.DEVNULL,
             env=env,
-            start_new_session=True,  # our own signal handling stops them, in order
-            preexec_fn=self.pin_servers,
+            preexec_fn=self.child_setup,
         )
         self.procs.append(p)
         return p
+
+    def child_setup(self) -> None:
+        """Runs in each server before it starts. A process group of its own keeps a terminal's
+        ^C from reaching the servers (our own signal handling stops them, in order), but the
+        session stays ours: Linux's autogroup scheduler gives every session an equal share of
+        the CPU, and a sandbox's processes stay in sandgate's session, so with a session per
+        server sandgate and the fixture it proxies to would share one share while nginx and the
+        same fixture had two (`Connection: close` showed sandgate 1.2x nginx's CPU per request
+        that way, and equal CPU with every process in one session)."""
+        os.setpgid(0, 0)
+        self.pin_servers()
 
     def pin_servers(self) -> None:
         if self.args.pin == "split":
