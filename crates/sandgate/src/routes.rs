@@ -6,14 +6,15 @@
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
+use std::time::Instant;
 
 use crate::model::Sandbox;
 
 /// How a sandbox is being used; shared by every version of its entry.
 #[derive(Debug)]
 pub struct Activity {
-    /// Last use, in ms since the Unix epoch.
+    /// Last use, in ms on the process's monotonic clock ([`now_ms`]).
     last_active_ms: AtomicI64,
     /// Proxied requests whose responses are still streaming.
     in_flight: AtomicUsize,
@@ -91,10 +92,12 @@ impl Deref for Entry {
     }
 }
 
+/// Milliseconds on the monotonic clock since this process first asked. Idle time is measured
+/// on it, not on the wall clock, so a step of the wall clock (NTP, an operator) neither reaps
+/// sandboxes in use nor keeps idle ones running for as long as the step.
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+    START.elapsed().as_millis() as i64
 }
 
 #[derive(Default)]
