@@ -307,7 +307,7 @@ class Bench:
         the CPU, and a sandbox's processes stay in sandgate's session, so with a session per
         server sandgate and the fixture it proxies to would share one share while nginx and the
         same fixture had two (`Connection: close` showed sandgate 1.2x nginx's CPU per request
-        that way, and equal CPU with every process in one session)."""
+        that way, and 0.9x with every process in one session)."""
         os.setpgid(0, 0)
         self.pin_servers()
 
