@@ -252,9 +252,8 @@ impl Lane {
         mut cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     ) -> Option<Plan> {
         if !self.rbuf.is_empty() {
-            match self.plan(gw) {
-                Plan::Partial => {}
-                plan => return Some(plan),
+            if let Some(plan) = self.plan_complete(gw) {
+                return Some(plan);
             }
         }
         if !self.client.is_polled() {
@@ -264,10 +263,11 @@ impl Lane {
             let mut cx = Context::from_waker(std::task::Waker::noop());
             match self.rbuf.poll_fill(&mut cx, &mut self.client, MAX_HEAD) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return None,
-                Poll::Ready(Ok(_)) => match self.plan(gw) {
-                    Plan::Partial => {}
-                    plan => return Some(plan),
-                },
+                Poll::Ready(Ok(_)) => {
+                    if let Some(plan) = self.plan_complete(gw) {
+                        return Some(plan);
+                    }
+                }
                 Poll::Pending => {}
             }
         }
@@ -295,11 +295,20 @@ impl Lane {
                     return Some(Plan::Handoff);
                 }
                 Some(Ok(0)) | Some(Err(_)) | None => return None,
-                Some(Ok(_)) => match self.plan(gw) {
-                    Plan::Partial => {}
-                    plan => return Some(plan),
-                },
+                Some(Ok(_)) => {
+                    if let Some(plan) = self.plan_complete(gw) {
+                        return Some(plan);
+                    }
+                }
             }
+        }
+    }
+
+    /// `plan`, or `None` while the buffered head is still incomplete.
+    fn plan_complete(&mut self, gw: &Gateway) -> Option<Plan> {
+        match self.plan(gw) {
+            Plan::Partial => None,
+            plan => Some(plan),
         }
     }
 
