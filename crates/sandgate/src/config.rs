@@ -124,6 +124,25 @@ pub struct ServeArgs {
     /// Largest control-API request body, in bytes.
     #[arg(long, env = "SANDGATE_API_BODY_LIMIT")]
     pub api_body_limit: Option<usize>,
+    /// Whether plain HTTP/1.1 requests take the fast lane (`on`) or every request goes through
+    /// hyper's general path (`off`). Both apply the same request policy.
+    #[arg(long, env = "SANDGATE_FAST_LANE", value_enum)]
+    pub fast_lane: Option<Switch>,
+    /// Seconds a request body may stall (no bytes from the client) before the gateway cuts it
+    /// (408 if nothing was forwarded yet).
+    #[arg(long, env = "SANDGATE_BODY_TIMEOUT")]
+    pub body_timeout: Option<f64>,
+    /// Proxied requests in flight from one client address (default: a quarter of
+    /// MAX_CONCURRENT_REQUESTS), so slow clients from one address cannot hold every slot.
+    #[arg(long, env = "SANDGATE_MAX_REQUESTS_PER_CLIENT")]
+    pub max_requests_per_client: Option<usize>,
+    /// Extra `Host` names the control API answers to, comma-separated (besides IP addresses,
+    /// `localhost`, the domain and the public URL's host); `*` accepts any.
+    #[arg(long, env = "SANDGATE_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Protocols a client may switch to through the proxy (`Upgrade`), comma-separated.
+    #[arg(long, env = "SANDGATE_UPGRADE_PROTOCOLS", value_delimiter = ',')]
+    pub upgrade_protocols: Option<Vec<String>>,
     /// Authentication (not available in this version: `true` is refused rather than ignored).
     #[arg(long, env = "AUTH_ENABLED")]
     pub auth_enabled: Option<bool>,
@@ -154,6 +173,11 @@ struct FileConfig {
     wake_timeout: Option<f64>,
     workers: Option<usize>,
     api_body_limit: Option<usize>,
+    fast_lane: Option<Switch>,
+    body_timeout: Option<f64>,
+    max_requests_per_client: Option<usize>,
+    allowed_hosts: Option<Vec<String>>,
+    upgrade_protocols: Option<Vec<String>>,
     auth_enabled: Option<bool>,
     #[serde(default)]
     runtimes: BTreeMap<String, RuntimeConfig>,
@@ -247,8 +271,26 @@ pub struct Config {
     pub wake_timeout: Duration,
     pub workers: usize,
     pub api_body_limit: usize,
+    /// Plain HTTP/1.1 requests take the fast lane.
+    pub fast_lane: bool,
+    /// How long a request body may stall before it is cut.
+    pub body_timeout: Duration,
+    /// Proxied requests in flight from one client address.
+    pub max_requests_per_client: usize,
+    /// Extra `Host` names the control API answers to (lowercase, without port; `*`: any).
+    pub allowed_hosts: Vec<String>,
+    /// Protocols clients may upgrade to through the proxy (lowercase).
+    pub upgrade_protocols: Vec<String>,
     pub runtimes: BTreeMap<String, RuntimeConfig>,
     pub docker: DockerConfig,
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
 }
 
 pub const DEFAULT_PORT: u16 = 8070;
@@ -277,6 +319,11 @@ impl Config {
             wake_timeout: Duration::from_secs(15),
             workers: default_workers(),
             api_body_limit: 1024 * 1024,
+            fast_lane: true,
+            body_timeout: Duration::from_secs(30),
+            max_requests_per_client: 10_000 / 4,
+            allowed_hosts: Vec::new(),
+            upgrade_protocols: vec!["websocket".into()],
             runtimes: BTreeMap::new(),
             docker: DockerConfig::default(),
         }
@@ -346,6 +393,22 @@ impl Config {
             .api_body_limit
             .or(file.api_body_limit)
             .unwrap_or(c.api_body_limit);
+        if let Some(lane) = args.fast_lane.or(file.fast_lane) {
+            c.fast_lane = lane == Switch::On;
+        }
+        if let Some(secs) = args.body_timeout.or(file.body_timeout) {
+            c.body_timeout = seconds("SANDGATE_BODY_TIMEOUT", secs)?;
+        }
+        c.max_requests_per_client = args
+            .max_requests_per_client
+            .or(file.max_requests_per_client)
+            .unwrap_or((c.max_concurrent_requests / 4).max(1));
+        if let Some(hosts) = args.allowed_hosts.clone().or(file.allowed_hosts) {
+            c.allowed_hosts = lowercase_list(hosts);
+        }
+        if let Some(protocols) = args.upgrade_protocols.clone().or(file.upgrade_protocols) {
+            c.upgrade_protocols = lowercase_list(protocols);
+        }
         c.runtimes = file.runtimes;
         c.docker = file.docker;
         if args.auth_enabled.or(file.auth_enabled).unwrap_or(false) {
@@ -376,6 +439,27 @@ impl Config {
                 "workers must be from 1 to 1024, got {}",
                 self.workers
             ));
+        }
+        if self.max_requests_per_client == 0 {
+            return bad("SANDGATE_MAX_REQUESTS_PER_CLIENT must be at least 1".into());
+        }
+        if self.body_timeout.is_zero() {
+            return bad("SANDGATE_BODY_TIMEOUT must be greater than 0".into());
+        }
+        for p in &self.upgrade_protocols {
+            if p.is_empty() || !p.bytes().all(is_token_byte) {
+                return bad(format!("upgrade protocol {p:?} is not an HTTP token"));
+            }
+            if p == "h2c" {
+                return bad("upgrade protocol h2c cannot be proxied (clients may use h2c with the gateway itself)".into());
+            }
+        }
+        for h in &self.allowed_hosts {
+            if h != "*" && !(h.starts_with('.') && valid_domain(&h[1..])) && !valid_domain(h) {
+                return bad(format!(
+                    "allowed host {h:?} must be a DNS name, .suffix or *"
+                ));
+            }
         }
         if self.max_retries > 20 {
             return bad("MAX_RETRIES must be at most 20".into());
@@ -438,6 +522,20 @@ impl Config {
             },
         }
     }
+}
+
+/// Trimmed, lowercased, without empty items.
+fn lowercase_list(items: Vec<String>) -> Vec<String> {
+    items
+        .into_iter()
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A `tchar` of RFC 9110 §5.6.2.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// One event loop per core (`crate::workers`).
