@@ -255,12 +255,22 @@ pub async fn serve(
         // Boxed: the connection's state (about 2.4 KiB) then sits in one place, and the task
         // holds a pointer, where tokio would otherwise copy the whole of it each time it moves
         // the task's future (spawning it, finishing it: ~2k instructions per connection).
-        tracker.spawn(Box::pin(crate::fastlane::serve(
-            gateway.clone(),
-            Client::new(stream, watch.clone()),
-            peer,
-            shutdown.clone(),
-        )));
+        let client = Client::new(stream, watch.clone());
+        if gateway.state.config.fast_lane {
+            tracker.spawn(Box::pin(crate::fastlane::serve(
+                gateway.clone(),
+                client,
+                peer,
+                shutdown.clone(),
+            )));
+        } else {
+            let prefixed = crate::fastlane::prefixed::Prefixed::new(bytes::Bytes::new(), client);
+            tracker.spawn(
+                gateway
+                    .clone()
+                    .serve_hyper(prefixed, peer, shutdown.clone()),
+            );
+        }
     }
     drop(listener);
     tracker.close();

@@ -8,11 +8,11 @@ use http_body_util::BodyExt;
 use hyper::StatusCode;
 use serde_json::json;
 
-use crate::common::{eventually, wait_process_gone, TestGateway, READY_TIMEOUT};
+use crate::common::{eventually, wait_process_gone, Lane, TestGateway, READY_TIMEOUT};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn idle_sandboxes_are_deleted_or_stopped_by_mode() {
+async fn idle_sandboxes_are_deleted_or_stopped_by_mode(lane: Lane) {
     let gw = TestGateway::builder()
+        .lane(lane)
         .config(|c| c.idle_timeout = Some(Duration::from_secs(1)))
         .start()
         .await;
@@ -41,9 +41,8 @@ async fn idle_sandboxes_are_deleted_or_stopped_by_mode() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_request_wakes_a_stopped_persistent_sandbox() {
-    let gw = TestGateway::start().await;
+async fn a_request_wakes_a_stopped_persistent_sandbox(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw
         .create_fixture_with("", json!({"mode": "persistent"}))
         .await;
@@ -62,9 +61,9 @@ async fn a_request_wakes_a_stopped_persistent_sandbox() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_response_still_streaming_keeps_its_sandbox_in_use() {
+async fn a_response_still_streaming_keeps_its_sandbox_in_use(lane: Lane) {
     let gw = TestGateway::builder()
+        .lane(lane)
         .config(|c| c.idle_timeout = Some(Duration::from_secs(1)))
         .start()
         .await;
@@ -88,3 +87,9 @@ async fn a_response_still_streaming_keeps_its_sandbox_in_use() {
     assert_eq!(v["status"], "running", "{v}");
     gw.shutdown().await;
 }
+
+both_lanes!(
+    idle_sandboxes_are_deleted_or_stopped_by_mode,
+    a_request_wakes_a_stopped_persistent_sandbox,
+    a_response_still_streaming_keeps_its_sandbox_in_use,
+);

@@ -6,13 +6,12 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::common::{
-    eventually, pgid_of, sandbox_processes, wait_process_gone, wait_processes_gone, TestGateway,
-    READY_TIMEOUT,
+    eventually, pgid_of, sandbox_processes, wait_process_gone, wait_processes_gone, Lane,
+    TestGateway, READY_TIMEOUT,
 };
 
-#[tokio::test(flavor = "multi_thread")]
-async fn delete_kills_the_whole_process_group_and_removes_the_directory() {
-    let gw = TestGateway::start().await;
+async fn delete_kills_the_whole_process_group_and_removes_the_directory(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     // A background child the sandbox's main process does not wait for.
     let sb = gw.create_fixture_with("sleep 1000 &", json!({})).await;
     let procs = eventually(READY_TIMEOUT, "the fixture and its sleep run", || async {
@@ -48,9 +47,8 @@ async fn delete_kills_the_whole_process_group_and_removes_the_directory() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn no_fixture_process_remains_after_all_sandboxes_are_deleted() {
-    let gw = TestGateway::start().await;
+async fn no_fixture_process_remains_after_all_sandboxes_are_deleted(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(gw.create_fixture().await.id);
@@ -80,9 +78,8 @@ async fn no_fixture_process_remains_after_all_sandboxes_are_deleted() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn shutdown_stops_every_sandbox() {
-    let gw = TestGateway::start().await;
+async fn shutdown_stops_every_sandbox(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let a = gw.create_fixture().await;
     let b = gw.create_fixture().await;
     gw.shutdown().await;
@@ -91,3 +88,9 @@ async fn shutdown_stops_every_sandbox() {
         wait_process_gone(pid, Duration::from_secs(5), "a fixture after shutdown").await;
     }
 }
+
+both_lanes!(
+    delete_kills_the_whole_process_group_and_removes_the_directory,
+    no_fixture_process_remains_after_all_sandboxes_are_deleted,
+    shutdown_stops_every_sandbox,
+);

@@ -1,6 +1,7 @@
 //! sandgate's integration tests: one binary, real sockets on 127.0.0.1, real processes (the
 //! `sandgate-fixture` upstream as each sandbox's dev server).
 
+#[macro_use]
 mod common;
 
 mod api;

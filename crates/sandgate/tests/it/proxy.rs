@@ -8,11 +8,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, Version};
 use serde_json::{json, Value};
 
-use crate::common::{eventually, send_h2, Reply, TestGateway, READY_TIMEOUT};
+use crate::common::{eventually, send_h2, Lane, Reply, TestGateway, READY_TIMEOUT};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn path_route_strips_prefix_and_sets_forwarded_headers() {
-    let gw = TestGateway::start().await;
+async fn path_route_strips_prefix_and_sets_forwarded_headers(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw.create_fixture().await;
     let gw_host = gw.addr.to_string();
     let r = gw
@@ -70,9 +69,8 @@ async fn path_route_strips_prefix_and_sets_forwarded_headers() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn owner_name_route_reaches_the_sandbox() {
-    let gw = TestGateway::start().await;
+async fn owner_name_route_reaches_the_sandbox(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw
         .create_fixture_with("", json!({"owner": "alice", "name": "web"}))
         .await;
@@ -98,9 +96,8 @@ async fn owner_name_route_reaches_the_sandbox() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn host_route_reaches_the_dev_port_and_the_allocated_port() {
-    let gw = TestGateway::start().await;
+async fn host_route_reaches_the_dev_port_and_the_allocated_port(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw.create_fixture_with("", json!({"port": 3000})).await;
     assert_eq!(sb.view["port"], 3000);
     let gw_port = gw.addr.port();
@@ -124,9 +121,8 @@ async fn host_route_reaches_the_dev_port_and_the_allocated_port() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn host_route_refusals_and_fall_through() {
-    let gw = TestGateway::start().await;
+async fn host_route_refusals_and_fall_through(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw.create_fixture_with("", json!({"port": 3000})).await;
     let gw_port = gw.addr.port();
     let cases = [
@@ -165,9 +161,8 @@ async fn host_route_refusals_and_fall_through() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn id_route_without_slash_redirects_308() {
-    let gw = TestGateway::start().await;
+async fn id_route_without_slash_redirects_308(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw.create_fixture().await;
     let r = gw.get(&sb.path("?a=1")).send().await;
     r.expect(308);
@@ -178,9 +173,8 @@ async fn id_route_without_slash_redirects_308() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn location_headers_point_back_through_the_gateway() {
-    let gw = TestGateway::start().await;
+async fn location_headers_point_back_through_the_gateway(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw.create_fixture().await;
     let r = gw.get(&sb.path("/redirect")).send().await;
     r.expect(302);
@@ -215,9 +209,8 @@ async fn location_headers_point_back_through_the_gateway() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn head_requests_and_connection_reuse() {
-    let gw = TestGateway::start().await;
+async fn head_requests_and_connection_reuse(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw.create_fixture().await;
     for _ in 0..3 {
         let r = gw.req(Method::HEAD, &sb.path("/bytes/100")).send().await;
@@ -232,9 +225,8 @@ async fn head_requests_and_connection_reuse() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn both_set_cookie_headers_arrive() {
-    let gw = TestGateway::start().await;
+async fn both_set_cookie_headers_arrive(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw.create_fixture().await;
     let r = gw.get(&sb.path("/set-cookie")).send().await;
     r.expect(200);
@@ -257,9 +249,8 @@ fn upstream_port(v: &Value) -> u16 {
         .unwrap_or_else(|| panic!("no upstream host in {v}"))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn two_sandboxes_each_answer_their_own() {
-    let gw = TestGateway::start().await;
+async fn two_sandboxes_each_answer_their_own(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let a = gw.create_fixture().await;
     let b = gw.create_fixture().await;
     assert_ne!(a.allocated_port, b.allocated_port);
@@ -275,9 +266,8 @@ async fn two_sandboxes_each_answer_their_own() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn fifty_concurrent_requests_across_two_sandboxes_all_succeed() {
-    let gw = TestGateway::start().await;
+async fn fifty_concurrent_requests_across_two_sandboxes_all_succeed(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sandboxes = [gw.create_fixture().await, gw.create_fixture().await];
     let mut tasks = Vec::new();
     for i in 0..50 {
@@ -302,9 +292,8 @@ async fn fifty_concurrent_requests_across_two_sandboxes_all_succeed() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn connection_refused_is_502_naming_the_port() {
-    let gw = TestGateway::start().await;
+async fn connection_refused_is_502_naming_the_port(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw
         .create_program("", "sleep 1000", json!({"dev_server": true}))
         .await;
@@ -317,9 +306,9 @@ async fn connection_refused_is_502_naming_the_port() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn slow_upstream_is_504_after_proxy_timeout() {
+async fn slow_upstream_is_504_after_proxy_timeout(lane: Lane) {
     let gw = TestGateway::builder()
+        .lane(lane)
         .config(|c| c.proxy_timeout = Duration::from_secs(1))
         .start()
         .await;
@@ -337,9 +326,9 @@ async fn slow_upstream_is_504_after_proxy_timeout() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn overload_is_503_with_retry_after() {
+async fn overload_is_503_with_retry_after(lane: Lane) {
     let gw = TestGateway::builder()
+        .lane(lane)
         .config(|c| c.max_concurrent_requests = 1)
         .start()
         .await;
@@ -371,9 +360,9 @@ async fn overload_is_503_with_retry_after() {
 /// same moment, never finds the previous one still counted (with one permit: 503). A permit
 /// kept too long fails this every time; the ordering race it guards against (seen once in a
 /// full run of the suite, `overload_is_503_with_retry_after`) only under load.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_finished_response_has_released_its_permit() {
+async fn a_finished_response_has_released_its_permit(lane: Lane) {
     let gw = TestGateway::builder()
+        .lane(lane)
         .config(|c| c.max_concurrent_requests = 1)
         .start()
         .await;
@@ -397,9 +386,8 @@ async fn a_finished_response_has_released_its_permit() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn browsers_get_an_html_error_page() {
-    let gw = TestGateway::start().await;
+async fn browsers_get_an_html_error_page(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let accept = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
     let r = gw
         .get("/sandbox/sb-aaaaaaaaaaaaaaaa/")
@@ -431,9 +419,8 @@ fn assert_page(r: &Reply, status: u16, code: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn http2_prior_knowledge_is_proxied() {
-    let gw = TestGateway::start().await;
+async fn http2_prior_knowledge_is_proxied(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw.create_fixture().await;
     let req = Request::builder()
         .method(Method::POST)
@@ -475,11 +462,11 @@ async fn http2_prior_knowledge_is_proxied() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn upstream_connections_are_pooled_and_reused() {
+async fn upstream_connections_are_pooled_and_reused(lane: Lane) {
     // One event loop: idle upstream connections are pooled per loop, and each request below is
     // a new client connection, which the kernel may give to any loop.
     let gw = TestGateway::builder()
+        .lane(lane)
         .config(|c| c.workers = 1)
         .start()
         .await;
@@ -499,3 +486,23 @@ async fn upstream_connections_are_pooled_and_reused() {
     let v = gw.get("/health/proxy").send().await.json();
     assert_eq!(v["idle_upstream_connections"], 1, "{v}");
 }
+
+both_lanes!(
+    path_route_strips_prefix_and_sets_forwarded_headers,
+    owner_name_route_reaches_the_sandbox,
+    host_route_reaches_the_dev_port_and_the_allocated_port,
+    host_route_refusals_and_fall_through,
+    id_route_without_slash_redirects_308,
+    location_headers_point_back_through_the_gateway,
+    head_requests_and_connection_reuse,
+    both_set_cookie_headers_arrive,
+    two_sandboxes_each_answer_their_own,
+    fifty_concurrent_requests_across_two_sandboxes_all_succeed,
+    connection_refused_is_502_naming_the_port,
+    slow_upstream_is_504_after_proxy_timeout,
+    overload_is_503_with_retry_after,
+    a_finished_response_has_released_its_permit,
+    browsers_get_an_html_error_page,
+    http2_prior_knowledge_is_proxied,
+    upstream_connections_are_pooled_and_reused,
+);

@@ -7,12 +7,11 @@ use std::time::Duration;
 use hyper::{Request, StatusCode};
 
 use crate::common::{
-    fixture_body, process_alive, send_request, wait_process_gone, Reply, SpawnedGateway,
+    fixture_body, process_alive, send_request, wait_process_gone, Lane, Reply, SpawnedGateway,
 };
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigkill_leaves_sandboxes_running_and_restart_readopts_them() {
-    let mut gw = SpawnedGateway::start(2, &[]).await;
+async fn sigkill_leaves_sandboxes_running_and_restart_readopts_them(lane: Lane) {
+    let mut gw = SpawnedGateway::start_on(lane, 2, &[]).await;
     let sb = gw.create_fixture().await;
     gw.kill().await;
 
@@ -44,9 +43,8 @@ async fn sigkill_leaves_sandboxes_running_and_restart_readopts_them() {
     assert!(gw.terminate().await.success(), "{}", gw.log());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_stops_sandboxes_and_restart_can_start_them() {
-    let mut gw = SpawnedGateway::start(2, &[]).await;
+async fn sigterm_stops_sandboxes_and_restart_can_start_them(lane: Lane) {
+    let mut gw = SpawnedGateway::start_on(lane, 2, &[]).await;
     let sb = gw.create_fixture().await;
     let status = gw.terminate().await;
     assert!(status.success(), "exit {status:?}\n{}", gw.log());
@@ -74,9 +72,8 @@ async fn sigterm_stops_sandboxes_and_restart_can_start_them() {
 /// With several connection workers (`--workers 4`: the main event loop and three threads, each
 /// with a listening socket of its own), sandboxes created and reached through any of them are
 /// served, and SIGTERM still drains every worker and stops every sandbox.
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_with_four_workers_stops_sandboxes_created_through_each() {
-    let mut gw = SpawnedGateway::start(8, &["--workers", "4"]).await;
+async fn sigterm_with_four_workers_stops_sandboxes_created_through_each(lane: Lane) {
+    let mut gw = SpawnedGateway::start_on(lane, 8, &["--workers", "4"]).await;
     let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
         .expect("the gateway's threads")
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
@@ -101,9 +98,8 @@ async fn sigterm_with_four_workers_stops_sandboxes_created_through_each() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn ports_allocated_before_a_restart_are_not_handed_out_again() {
-    let mut gw = SpawnedGateway::start(3, &[]).await;
+async fn ports_allocated_before_a_restart_are_not_handed_out_again(lane: Lane) {
+    let mut gw = SpawnedGateway::start_on(lane, 3, &[]).await;
     let (lo, hi) = gw.port_range();
     let a = gw.create_fixture().await;
     let b = gw.create_fixture().await;
@@ -133,3 +129,10 @@ async fn ports_allocated_before_a_restart_are_not_handed_out_again() {
     }
     assert!(gw.terminate().await.success(), "{}", gw.log());
 }
+
+both_lanes!(
+    sigkill_leaves_sandboxes_running_and_restart_readopts_them,
+    sigterm_stops_sandboxes_and_restart_can_start_them,
+    sigterm_with_four_workers_stops_sandboxes_created_through_each,
+    ports_allocated_before_a_restart_are_not_handed_out_again,
+);

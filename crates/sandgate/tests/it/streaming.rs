@@ -6,7 +6,7 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use hyper::{Method, Request, StatusCode};
 
-use crate::common::{send_request, RepeatBody, SpawnedGateway, TestGateway};
+use crate::common::{send_request, Lane, RepeatBody, SpawnedGateway, TestGateway};
 
 const GIB: u64 = 1 << 30;
 /// How much the gateway's peak RSS may grow over its baseline while moving 1 GiB.
@@ -14,9 +14,8 @@ const MEMORY_SLACK_KIB: u64 = 100 * 1024;
 /// Bound for one 1 GiB transfer (debug builds on a small machine).
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(300);
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sse_first_event_arrives_while_the_stream_stays_open() {
-    let gw = TestGateway::start().await;
+async fn sse_first_event_arrives_while_the_stream_stays_open(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw.create_fixture().await;
     let resp = gw.get(&sb.path("/sse-hold")).send_streaming().await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -70,9 +69,8 @@ async fn assert_bounded_memory<F: std::future::Future<Output = ()>>(
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn one_gib_download_streams_in_bounded_memory() {
-    let gw = SpawnedGateway::start(2, &[]).await;
+async fn one_gib_download_streams_in_bounded_memory(lane: Lane) {
+    let gw = SpawnedGateway::start_on(lane, 2, &[]).await;
     let sb = gw.create_fixture().await;
     // Warm up the path (pool, buffers) before taking the baseline.
     gw.get(&sb.path("/bytes/1048576")).send().await.expect(200);
@@ -97,9 +95,8 @@ async fn one_gib_download_streams_in_bounded_memory() {
     gw.delete_sandbox(&sb.id).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn one_gib_upload_streams_in_bounded_memory() {
-    let gw = SpawnedGateway::start(2, &[]).await;
+async fn one_gib_upload_streams_in_bounded_memory(lane: Lane) {
+    let gw = SpawnedGateway::start_on(lane, 2, &[]).await;
     let sb = gw.create_fixture().await;
     gw.req(Method::PUT, &sb.path("/upload"))
         .body(vec![b'w'; 1 << 20])
@@ -125,3 +122,9 @@ async fn one_gib_upload_streams_in_bounded_memory() {
     .await;
     gw.delete_sandbox(&sb.id).await;
 }
+
+both_lanes!(
+    sse_first_event_arrives_while_the_stream_stays_open,
+    one_gib_download_streams_in_bounded_memory,
+    one_gib_upload_streams_in_bounded_memory,
+);

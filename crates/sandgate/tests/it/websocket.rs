@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::common::TestGateway;
+use crate::common::{Lane, TestGateway};
 
 /// Sends `msg` and expects the same message back, within a bound.
 async fn round_trip(ws: &mut WebSocketStream<TcpStream>, msg: Message) {
@@ -35,9 +35,8 @@ async fn echo_text_and_binary(ws: &mut WebSocketStream<TcpStream>) {
     round_trip(ws, Message::text("")).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn websocket_echo_through_the_path_route() {
-    let gw = TestGateway::start().await;
+async fn websocket_echo_through_the_path_route(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw.create_fixture().await;
     let mut ws = gw.websocket(&sb.path("/ws"), None).await;
     echo_text_and_binary(&mut ws).await;
@@ -45,9 +44,8 @@ async fn websocket_echo_through_the_path_route() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn websocket_echo_through_the_host_route() {
-    let gw = TestGateway::start().await;
+async fn websocket_echo_through_the_host_route(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
     let sb = gw.create_fixture().await;
     let host = format!(
         "{}-{}.localhost:{}",
@@ -61,9 +59,9 @@ async fn websocket_echo_through_the_host_route() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn idle_websocket_outlives_the_proxy_timeout() {
+async fn idle_websocket_outlives_the_proxy_timeout(lane: Lane) {
     let gw = TestGateway::builder()
+        .lane(lane)
         .config(|c| c.proxy_timeout = Duration::from_secs(1))
         .start()
         .await;
@@ -78,3 +76,9 @@ async fn idle_websocket_outlives_the_proxy_timeout() {
     ws.close(None).await.expect("close");
     gw.shutdown().await;
 }
+
+both_lanes!(
+    websocket_echo_through_the_path_route,
+    websocket_echo_through_the_host_route,
+    idle_websocket_outlives_the_proxy_timeout,
+);

@@ -655,6 +655,48 @@ impl Client {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Proxy lanes
+// ---------------------------------------------------------------------------------------------
+
+/// Which proxy lane serves plain HTTP/1.1 requests: the parity suite runs every proxy test
+/// with each (`--fast-lane on|off`), as linkerd runs one transparency suite against several
+/// proxy setups. A test only one lane passes is a bug in that lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Fast,
+    Hyper,
+}
+
+impl Lane {
+    /// The `--fast-lane` value.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Lane::Fast => "on",
+            Lane::Hyper => "off",
+        }
+    }
+}
+
+/// Instantiates each listed `async fn name(lane: Lane)` as two tests, `name::fast_lane` and
+/// `name::hyper_lane`.
+macro_rules! both_lanes {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread")]
+                async fn fast_lane() {
+                    super::$name(crate::common::Lane::Fast).await
+                }
+                #[tokio::test(flavor = "multi_thread")]
+                async fn hyper_lane() {
+                    super::$name(crate::common::Lane::Hyper).await
+                }
+            }
+        )*
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
 // In-process gateway
 // ---------------------------------------------------------------------------------------------
 
@@ -679,6 +721,11 @@ impl GatewayBuilder {
     pub fn isolation(mut self, isolation: Isolation) -> GatewayBuilder {
         self.isolation = isolation;
         self
+    }
+
+    /// The proxy lane plain HTTP/1.1 requests take.
+    pub fn lane(self, lane: Lane) -> GatewayBuilder {
+        self.config(move |c| c.fast_lane = lane == Lane::Fast)
     }
 
     /// Changes the configuration before the gateway starts.
@@ -782,6 +829,11 @@ impl TestGateway {
         TestGateway::builder().start().await
     }
 
+    /// A gateway whose plain HTTP/1.1 requests take `lane`.
+    pub async fn on(lane: Lane) -> TestGateway {
+        TestGateway::builder().lane(lane).start().await
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.data_dir.path()
     }
@@ -880,6 +932,13 @@ impl SpawnedGateway {
         self.port_range
     }
 
+    /// `start` with `--fast-lane` set for `lane`.
+    pub async fn start_on(lane: Lane, ports: u16, extra_args: &[&str]) -> SpawnedGateway {
+        let mut args = vec!["--fast-lane", lane.flag()];
+        args.extend_from_slice(extra_args);
+        SpawnedGateway::start(ports, &args).await
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("gateway running").id() as i32
     }
@@ -925,6 +984,7 @@ impl SpawnedGateway {
             "SANDGATE_STOP_GRACE",
             "SANDGATE_API_BODY_LIMIT",
             "AUTH_ENABLED",
+            "SANDGATE_FAST_LANE",
         ] {
             cmd.env_remove(var);
         }
