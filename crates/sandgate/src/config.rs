@@ -13,6 +13,8 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+pub use crate::model::Limits;
+
 /// Configuration errors: reported once, clearly, and the process exits with status 64.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -196,45 +198,6 @@ pub struct RuntimeConfig {
     pub command: Option<String>,
     /// The image a Docker sandbox of this runtime runs (it must exist on the engine).
     pub image: Option<String>,
-}
-
-/// Resource limits for one sandbox (Docker backend; the process backend records them).
-#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    /// CPUs (fractions allowed).
-    pub cpus: Option<f64>,
-    /// Memory in MiB.
-    pub memory_mb: Option<u64>,
-    /// Maximum number of processes.
-    pub pids_limit: Option<i64>,
-}
-
-impl Limits {
-    /// `self`, with unset values taken from `defaults`.
-    pub fn or(self, defaults: Limits) -> Limits {
-        Limits {
-            cpus: self.cpus.or(defaults.cpus),
-            memory_mb: self.memory_mb.or(defaults.memory_mb),
-            pids_limit: self.pids_limit.or(defaults.pids_limit),
-        }
-    }
-
-    /// Checks the values are usable.
-    pub fn validate(&self) -> Result<(), String> {
-        if let Some(c) = self.cpus {
-            if !(c.is_finite() && c > 0.0 && c <= 1024.0) {
-                return Err(format!("cpus must be between 0 and 1024, got {c}"));
-            }
-        }
-        if self.memory_mb.is_some_and(|m| m < 6) {
-            return Err("memory_mb must be at least 6".into());
-        }
-        if self.pids_limit.is_some_and(|p| p < 1) {
-            return Err("pids_limit must be at least 1".into());
-        }
-        Ok(())
-    }
 }
 
 /// `[docker]` in the configuration file.

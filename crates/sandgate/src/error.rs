@@ -50,6 +50,12 @@ pub enum Error {
     Starting(String),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
+    #[error("too many requests in flight from this client address; retry shortly")]
+    ClientOverloaded,
+    #[error("bad request framing: {0}")]
+    BadFraming(&'static str),
+    #[error("the request body stalled for longer than {0:?}")]
+    BodyTimeout(Duration),
     #[error("no free port left in the sandbox port range {0}")]
     PortsExhausted(String),
     #[error("no route for {0}")]
@@ -85,6 +91,9 @@ impl Error {
             Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Starting(_) => (StatusCode::SERVICE_UNAVAILABLE, "sandbox_starting"),
             Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ClientOverloaded => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
+            BadFraming(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             PortsExhausted(_) => (StatusCode::SERVICE_UNAVAILABLE, "ports_exhausted"),
             RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -105,11 +114,17 @@ impl Error {
 
     fn retry_after(&self) -> Option<u64> {
         match self {
-            Error::Overloaded => Some(1),
+            Error::Overloaded | Error::ClientOverloaded => Some(1),
             Error::Starting(_) => Some(2),
             Error::PortsExhausted(_) => Some(30),
             _ => None,
         }
+    }
+
+    /// Whether the connection must end after this error: the request's framing, or the rest of
+    /// its body, cannot be trusted.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, Error::BadFraming(_) | Error::BodyTimeout(_))
     }
 
     /// Renders the error as a response; `html` selects the browser page over JSON.

@@ -18,14 +18,19 @@
 //!   socket on the gateway's address.
 //! - [`error`]: every gateway-made error and its status, in one place.
 
+pub mod admission;
 pub mod api;
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod event_loop;
 pub mod fastlane;
+pub mod gateway;
+pub mod hyperlane;
 pub mod lifecycle;
 pub mod manager;
 pub mod model;
+pub mod policy;
 pub mod proxy;
 pub mod routes;
 pub mod routing;
@@ -40,6 +45,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Limits;
 use crate::api::AppState;
 use crate::backend::docker::DockerBackend;
 use crate::backend::process::{self, ProcessBackend};
@@ -131,9 +137,14 @@ pub async fn run(
     let exit_watcher = tokio::spawn(manager.clone().watch_exits(exits_rx));
     let proxy = Arc::new(Proxy::new(
         backend,
-        config.max_concurrent_requests,
         config.proxy_timeout,
+        config.body_timeout,
         config.max_retries,
+        config.workers,
+    ));
+    let limits = Arc::new(Limits::new(
+        config.max_concurrent_requests,
+        config.max_requests_per_client,
         config.workers,
     ));
     let bound_port = listener.local_addr()?.port();
@@ -167,6 +178,7 @@ pub async fn run(
         manager: manager.clone(),
         routes,
         proxy,
+        limits,
         bound_port,
         started: Instant::now(),
     };
@@ -176,7 +188,7 @@ pub async fn run(
         data_dir = %config.data_dir.display(),
         "sandgate listening"
     );
-    let gateway = Arc::new(server::Gateway::new(state));
+    let gateway = Arc::new(gateway::Gateway::new(state));
     // Each extra worker gets a listening socket of its own on the same address (one
     // SO_REUSEPORT group, see `workers`); this loop keeps the one it was given.
     let listener = listener.into_std()?;

@@ -10,24 +10,13 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::backend::{Backend, Exit};
 use crate::config::Config;
-use crate::config::Limits;
 use crate::error::Error;
-use crate::model::{self, Mode, Sandbox, Status, DEFAULT_OWNER, DEFAULT_TEAM};
+use crate::model::{
+    self, Limits, Mode, Sandbox, Status, DEFAULT_OWNER, DEFAULT_TEAM, RESERVED_OWNERS,
+};
 use crate::routes::Routes;
 use crate::runtimes::{Runtime, Runtimes};
 use crate::store::Store;
-
-/// First path segments that belong to the gateway, so no `/{owner}/{name}/` route may use them.
-pub const RESERVED_OWNERS: &[&str] = &[
-    "sandbox",
-    "sandboxes",
-    "health",
-    "ws",
-    "api",
-    "metrics",
-    "static",
-    "favicon.ico",
-];
 
 const MAX_COMMAND: usize = 64 * 1024;
 const MAX_ENV: usize = 256;
@@ -223,7 +212,7 @@ impl Manager {
         self.routes.put(sb.clone());
         match self.backend.start(&sb).await {
             Ok(started) => {
-                sb.apply(started);
+                started.apply_to(&mut sb);
                 sb.status = Status::Running;
                 self.save(&mut sb).await?;
                 tracing::info!(sandbox = %sb.id, runtime = %sb.runtime, port = ?sb.allocated_port, "created");
@@ -331,7 +320,7 @@ impl Manager {
         sb.generation += 1;
         match self.backend.start(&sb).await {
             Ok(started) => {
-                sb.apply(started);
+                started.apply_to(&mut sb);
                 sb.status = Status::Running;
                 sb.status_reason = None;
                 self.save(&mut sb).await?;
@@ -416,7 +405,7 @@ impl Manager {
                 }
                 Status::Running => match self.backend.adopt(&sb).await {
                     Ok(Some(started)) => {
-                        sb.apply(started);
+                        started.apply_to(&mut sb);
                         tracing::info!(sandbox = %sb.id, "re-adopted running sandbox");
                     }
                     Ok(None) => {

@@ -13,6 +13,20 @@ pub const DEFAULT_TEAM: &str = "default";
 /// The owner used by `/{owner}/{name}/` routes when a create names none (seed 003's `default`).
 pub const DEFAULT_OWNER: &str = "default";
 
+/// First path segments that belong to the gateway, so no `/{owner}/{name}/` route may use them.
+pub const RESERVED_OWNERS: &[&str] = &[
+    "sandbox",
+    "sandboxes",
+    "health",
+    "ws",
+    "api",
+    "metrics",
+    "static",
+    "favicon.ico",
+    "auth",
+    "teams",
+];
+
 const ID_PREFIX: &str = "sb-";
 const ID_RANDOM_LEN: usize = 16;
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
@@ -141,6 +155,45 @@ impl FromStr for Mode {
     }
 }
 
+/// Resource limits for one sandbox (Docker backend; the process backend records them).
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// CPUs (fractions allowed).
+    pub cpus: Option<f64>,
+    /// Memory in MiB.
+    pub memory_mb: Option<u64>,
+    /// Maximum number of processes.
+    pub pids_limit: Option<i64>,
+}
+
+impl Limits {
+    /// `self`, with unset values taken from `defaults`.
+    pub fn or(self, defaults: Limits) -> Limits {
+        Limits {
+            cpus: self.cpus.or(defaults.cpus),
+            memory_mb: self.memory_mb.or(defaults.memory_mb),
+            pids_limit: self.pids_limit.or(defaults.pids_limit),
+        }
+    }
+
+    /// Checks the values are usable.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(c) = self.cpus {
+            if !(c.is_finite() && c > 0.0 && c <= 1024.0) {
+                return Err(format!("cpus must be between 0 and 1024, got {c}"));
+            }
+        }
+        if self.memory_mb.is_some_and(|m| m < 6) {
+            return Err("memory_mb must be at least 6".into());
+        }
+        if self.pids_limit.is_some_and(|p| p < 1) {
+            return Err("pids_limit must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 /// One sandbox, as stored. The store is the source of truth; the route table holds copies.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sandbox {
@@ -155,7 +208,7 @@ pub struct Sandbox {
     pub command: String,
     pub env: BTreeMap<String, String>,
     /// CPU, memory and process limits (enforced by the Docker backend).
-    pub limits: crate::config::Limits,
+    pub limits: Limits,
     /// The port the dev server listens on inside the sandbox, as clients name it.
     pub port: Option<u16>,
     /// The host port the allocator handed out (process backend: what the server binds).
@@ -182,13 +235,6 @@ impl Sandbox {
         (Some(port) == self.port || port == allocated).then_some(allocated)
     }
 
-    /// Records what a backend start (or re-adoption) handed back.
-    pub fn apply(&mut self, started: crate::backend::Started) {
-        self.backend_ref = started.backend_ref;
-        self.ip_address = started.ip_address;
-        self.netns_pid = started.netns_pid;
-    }
-
     /// Forgets the backend handle of a sandbox that no longer runs.
     pub fn clear_handle(&mut self) {
         self.backend_ref = None;
@@ -198,6 +244,36 @@ impl Sandbox {
     /// The path prefix for `/{owner}/{name}/` routing, when the sandbox has a name.
     pub fn path(&self) -> Option<String> {
         self.name.as_ref().map(|n| format!("{}/{}", self.owner, n))
+    }
+}
+
+#[cfg(test)]
+impl Sandbox {
+    /// A running sandbox with defaults, for unit tests.
+    pub fn for_tests(id: &str) -> Sandbox {
+        let now = now();
+        Sandbox {
+            id: id.into(),
+            team: DEFAULT_TEAM.into(),
+            owner: DEFAULT_OWNER.into(),
+            name: None,
+            runtime: "shell".into(),
+            mode: Mode::Ephemeral,
+            dev_server: true,
+            command: "true".into(),
+            env: BTreeMap::new(),
+            limits: Limits::default(),
+            port: Some(3000),
+            allocated_port: Some(20001),
+            status: Status::Running,
+            status_reason: None,
+            backend_ref: None,
+            ip_address: None,
+            netns_pid: None,
+            generation: 1,
+            created_at: now,
+            updated_at: now,
+        }
     }
 }
 

@@ -68,7 +68,8 @@ impl Activity {
         self.touch();
     }
 
-    fn touch(&self) {
+    /// Records use of the sandbox now.
+    pub fn touch(&self) {
         self.last_active_ms.store(now_ms(), Ordering::Relaxed);
     }
 }
@@ -78,6 +79,13 @@ impl Activity {
 /// travels with a response body.
 #[derive(Debug)]
 pub struct InUse<A: Deref<Target = Activity> = Arc<Activity>>(A);
+
+impl<A: Deref<Target = Activity>> InUse<A> {
+    /// The sandbox's activity (traffic on an upgraded stream touches it).
+    pub fn activity(&self) -> &Activity {
+        &self.0
+    }
+}
 
 impl<A: Deref<Target = Activity>> Drop for InUse<A> {
     fn drop(&mut self) {

@@ -5,8 +5,7 @@
 //! `/{owner}/{name}/...` when the first segment is not one of the API's own; else the API.
 
 use crate::error::Error;
-use crate::manager::RESERVED_OWNERS;
-use crate::model::{valid_id, valid_label};
+use crate::model::{valid_id, valid_label, RESERVED_OWNERS};
 
 /// How a request names a sandbox.
 #[derive(Debug, PartialEq, Eq)]

@@ -13,7 +13,6 @@
 //! they stop accepting and drain with the main listener, but their runtimes end only after
 //! the gateway has stopped its sandboxes ([`Workers::finish`]).
 
-use std::cell::Cell;
 use std::net::TcpListener as StdListener;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -21,18 +20,7 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::Gateway;
-
-thread_local! {
-    static INDEX: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The worker running the current thread: 0 for the main runtime, 1.. for the others. Used to
-/// keep per-worker state (the fast lane's idle upstream connections) on the runtime whose
-/// event loop owns it.
-pub fn current() -> usize {
-    INDEX.with(Cell::get)
-}
+use crate::gateway::Gateway;
 
 /// Puts `listener` in a `SO_REUSEPORT` group; false where the system refuses.
 fn reuse_port(listener: &StdListener) -> bool {
@@ -97,7 +85,7 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("sandgate-worker-{index}"))
                 .spawn(move || {
-                    INDEX.with(|i| i.set(index));
+                    crate::event_loop::set_current(index);
                     runtime.block_on(async move {
                         if let Err(e) = crate::server::serve(listener, gateway, shutdown).await {
                             tracing::error!(worker = index, error = %e, "worker cannot listen");

@@ -49,8 +49,10 @@ async fn overall(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
 async fn proxy(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "status": "ok",
-        "in_flight": state.proxy.in_flight(),
-        "max_concurrent_requests": state.proxy.max_in_flight(),
+        "in_flight": state.limits.in_flight(),
+        "max_concurrent_requests": state.limits.max(),
+        "max_requests_per_client": state.config.max_requests_per_client,
+        "finished": state.limits.finished(),
         "idle_upstream_connections": state.proxy.idle_upstreams(),
         "timeout_seconds": state.config.proxy_timeout.as_secs_f64(),
         "max_retries": state.config.max_retries,

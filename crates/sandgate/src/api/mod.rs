@@ -12,6 +12,7 @@ use axum::extract::{FromRequest, Request};
 use axum::Router;
 use serde::de::DeserializeOwned;
 
+use crate::admission::Limits;
 use crate::config::Config;
 use crate::error::Error;
 use crate::manager::Manager;
@@ -25,6 +26,8 @@ pub struct AppState {
     pub manager: Arc<Manager>,
     pub routes: Arc<Routes>,
     pub proxy: Arc<Proxy>,
+    /// Admission limits and finish counters.
+    pub limits: Arc<Limits>,
     /// Base URL of this gateway as clients reach it (for `dev_server_url`).
     pub public_base: Arc<str>,
     pub bound_port: u16,

@@ -739,7 +739,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            limits: crate::config::Limits {
+            limits: crate::model::Limits {
                 cpus: Some(1.5),
                 memory_mb: Some(128),
                 pids_limit: Some(100),

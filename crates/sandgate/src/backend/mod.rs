@@ -36,6 +36,15 @@ pub struct Started {
     pub netns_pid: Option<i32>,
 }
 
+impl Started {
+    /// Records what a backend start (or re-adoption) handed back on the sandbox's record.
+    pub fn apply_to(self, sb: &mut Sandbox) {
+        sb.backend_ref = self.backend_ref;
+        sb.ip_address = self.ip_address;
+        sb.netns_pid = self.netns_pid;
+    }
+}
+
 /// A sandbox's process or container ended on its own (or was stopped).
 #[derive(Debug, Clone)]
 pub struct Exit {

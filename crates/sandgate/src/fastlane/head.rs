@@ -1,40 +1,24 @@
-//! Message heads for the fast lane: what a request or response head says about framing and
-//! connection reuse, and the rewritten head that is sent on, built straight from the parsed
-//! bytes into a reused buffer. The header rules are the proxy's (`proxy::headers`): no
-//! hop-by-hop fields, no gateway credentials, our own `Host` and `X-Forwarded-*`.
+//! Message heads for the fast lane: the request facts it keeps for an exchange, what a
+//! response head says about framing and connection reuse, and the rewritten heads that are
+//! sent on, built straight from the parsed bytes into a reused buffer. Which fields pass is
+//! decided by the proxy's one table (`proxy::headers`), which hyper's lane uses too.
 
 use std::net::IpAddr;
 
 use http::HeaderValue;
 use httparse::Header;
 
-use crate::proxy::headers::{rewrite_location, GATEWAY_COOKIE_PREFIX};
+use crate::policy::{Facts, Framing};
+use crate::proxy::headers::{
+    cookies_without_ours, has_gateway_cookie, request_field, response_field, rewrite_location,
+    tokens, Named, RequestField, ResponseField,
+};
 
 /// How many header fields a head may have (hyper's default too); more goes to hyper.
 pub const MAX_HEADERS: usize = 100;
 
-/// How a message body is delimited (RFC 9112 §6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    /// No body.
-    Empty,
-    /// Exactly this many bytes.
-    Length(u64),
-    /// `Transfer-Encoding: chunked`, forwarded as it is.
-    Chunked,
-    /// Until the sender closes the connection (responses only).
-    UntilClose,
-}
-
-impl Framing {
-    /// Whether any body bytes follow the head.
-    pub fn has_body(self) -> bool {
-        !matches!(self, Framing::Empty | Framing::Length(0))
-    }
-}
-
-/// What the fast lane needs to know about a request head it will forward.
-#[derive(Debug)]
+/// What the fast lane keeps of a request head's facts for the exchange.
+#[derive(Debug, Clone, Copy)]
 pub struct RequestFacts {
     pub framing: Framing,
     /// The client keeps the connection open after this exchange.
@@ -46,80 +30,16 @@ pub struct RequestFacts {
     pub html: bool,
 }
 
-/// Why a request head does not take the fast lane.
-#[derive(Debug, PartialEq, Eq)]
-pub enum NotFast {
-    /// Something hyper's general path handles (an upgrade, `Expect`, a repeated `Host`).
-    Unusual,
-    /// Framing a smuggler could use: refused with 400 and the connection closed.
-    Ambiguous(&'static str),
-}
-
-/// Reads what the fast lane needs from a parsed request head, or says why it is not for the
-/// fast lane. Ambiguous framing (RFC 9112 §6.3: both lengths, differing lengths, a coding
-/// other than `chunked`) is refused outright rather than interpreted.
-pub fn request_facts(method: &str, headers: &[Header<'_>]) -> Result<RequestFacts, NotFast> {
-    use NotFast::{Ambiguous, Unusual};
-    let mut length: Option<u64> = None;
-    let mut chunked = false;
-    let mut keep_alive = true;
-    let mut html = false;
-    let mut hosts = 0;
-    for h in headers {
-        let name = h.name;
-        match name.len() {
-            4 if name.eq_ignore_ascii_case("host") => hosts += 1,
-            6 if name.eq_ignore_ascii_case("expect") => return Err(Unusual),
-            6 if name.eq_ignore_ascii_case("accept") => {
-                html |= contains(h.value, b"text/html");
-            }
-            7 if name.eq_ignore_ascii_case("upgrade") => return Err(Unusual),
-            10 if name.eq_ignore_ascii_case("connection") => {
-                for t in tokens(h.value) {
-                    if t.eq_ignore_ascii_case(b"close") {
-                        keep_alive = false;
-                    } else if t.eq_ignore_ascii_case(b"upgrade") {
-                        return Err(Unusual);
-                    }
-                }
-            }
-            14 if name.eq_ignore_ascii_case("content-length") => {
-                let n = parse_length(h.value).ok_or(Ambiguous("invalid Content-Length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(Ambiguous("conflicting Content-Length values"));
-                }
-                length = Some(n);
-            }
-            17 if name.eq_ignore_ascii_case("transfer-encoding") => {
-                if chunked || !trim(h.value).eq_ignore_ascii_case(b"chunked") {
-                    return Err(Ambiguous("unsupported Transfer-Encoding (only chunked)"));
-                }
-                chunked = true;
-            }
-            _ => {}
+impl From<&Facts<'_>> for RequestFacts {
+    fn from(f: &Facts<'_>) -> RequestFacts {
+        RequestFacts {
+            framing: f.framing,
+            keep_alive: f.keep_alive,
+            is_head: f.is_head,
+            idempotent: f.idempotent,
+            html: f.html,
         }
     }
-    if chunked && length.is_some() {
-        return Err(Ambiguous("both Content-Length and Transfer-Encoding"));
-    }
-    if hosts > 1 || method == "CONNECT" {
-        return Err(Unusual);
-    }
-    let framing = match (chunked, length) {
-        (true, _) => Framing::Chunked,
-        (false, None) => Framing::Empty,
-        (false, Some(n)) => Framing::Length(n),
-    };
-    Ok(RequestFacts {
-        framing,
-        keep_alive,
-        is_head: method == "HEAD",
-        idempotent: matches!(
-            method,
-            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-        ),
-        html,
-    })
 }
 
 /// The first `Host` field's value, if it is text.
@@ -151,7 +71,8 @@ pub struct RequestRewrite<'a> {
     pub framing: Framing,
 }
 
-/// Writes the head the sandbox receives into `out` (cleared first).
+/// Writes the head the sandbox receives into `out` (cleared first): the fields by the proxy's
+/// table, then `X-Forwarded-*` and the framing.
 pub fn write_request(out: &mut Vec<u8>, headers: &[Header<'_>], rw: &RequestRewrite<'_>) {
     out.clear();
     out.extend_from_slice(rw.method.as_bytes());
@@ -164,46 +85,32 @@ pub fn write_request(out: &mut Vec<u8>, headers: &[Header<'_>], rw: &RequestRewr
     let mut forwarded_for: Option<&[u8]> = None;
     let mut public_host: Option<&[u8]> = None;
     for h in headers {
-        let name = h.name;
-        let skip = match name.len() {
-            2 => name.eq_ignore_ascii_case("te"),
-            4 if name.eq_ignore_ascii_case("host") => {
+        let name = h.name.as_bytes();
+        match request_field(name) {
+            _ if named.contains(name) => {}
+            RequestField::Forward => put_field(out, name, h.value),
+            RequestField::Drop | RequestField::Length => {}
+            RequestField::Host => {
                 public_host.get_or_insert(h.value);
-                true
             }
-            6 if name.eq_ignore_ascii_case("cookie")
-                && contains(h.value, GATEWAY_COOKIE_PREFIX.as_bytes()) =>
-            {
-                write_cookie_without_ours(out, h.value);
-                true
+            RequestField::Cookie if has_gateway_cookie(h.value) => {
+                let start = out.len();
+                out.extend_from_slice(b"cookie: ");
+                let values = out.len();
+                let mut kept = Vec::new();
+                cookies_without_ours(h.value, &mut kept);
+                if kept.is_empty() {
+                    out.truncate(start);
+                } else {
+                    out.truncate(values);
+                    out.extend_from_slice(&kept);
+                    out.extend_from_slice(b"\r\n");
+                }
             }
-            7 => name.eq_ignore_ascii_case("trailer") || name.eq_ignore_ascii_case("upgrade"),
-            9 => name.eq_ignore_ascii_case("x-api-key"),
-            10 => {
-                name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("keep-alive")
-            }
-            14 => name.eq_ignore_ascii_case("content-length"),
-            15 if name.eq_ignore_ascii_case("x-forwarded-for") => {
+            RequestField::Cookie => put_field(out, name, h.value),
+            RequestField::ForwardedFor => {
                 forwarded_for.get_or_insert(h.value);
-                true
             }
-            16 => {
-                name.eq_ignore_ascii_case("x-forwarded-host")
-                    || name.eq_ignore_ascii_case("proxy-connection")
-            }
-            17 => {
-                name.eq_ignore_ascii_case("transfer-encoding")
-                    || name.eq_ignore_ascii_case("x-forwarded-proto")
-            }
-            18 => {
-                name.eq_ignore_ascii_case("proxy-authenticate")
-                    || name.eq_ignore_ascii_case("x-forwarded-prefix")
-            }
-            19 => name.eq_ignore_ascii_case("proxy-authorization"),
-            _ => false,
-        } || is_named(&named, name);
-        if !skip {
-            put_field(out, name.as_bytes(), h.value);
         }
     }
     out.extend_from_slice(b"x-forwarded-for: ");
@@ -268,14 +175,14 @@ pub fn response_facts(
                 }
             }
             14 if name.eq_ignore_ascii_case("content-length") => {
-                let n = parse_length(h.value).ok_or(BadResponse::Length)?;
+                let n = crate::policy::head::parse_length(h.value).ok_or(BadResponse::Length)?;
                 if length.is_some_and(|l| l != n) {
                     return Err(BadResponse::Length);
                 }
                 length = Some(n);
             }
             17 if name.eq_ignore_ascii_case("transfer-encoding") => {
-                if !trim(h.value).eq_ignore_ascii_case(b"chunked") {
+                if !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                     return Err(BadResponse::Coding);
                 }
                 chunked = true;
@@ -331,22 +238,16 @@ pub fn write_response(out: &mut Vec<u8>, headers: &[Header<'_>], rw: &ResponseRe
     out.extend_from_slice(b"\r\n");
     let named = connection_named(headers);
     for h in headers {
-        let name = h.name;
-        let skip = match name.len() {
-            2 => name.eq_ignore_ascii_case("te"),
-            7 => name.eq_ignore_ascii_case("trailer") || name.eq_ignore_ascii_case("upgrade"),
-            8 if name.eq_ignore_ascii_case("location") => write_location(out, h.value, rw),
-            10 => {
-                name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("keep-alive")
-            }
-            14 => name.eq_ignore_ascii_case("content-length") && !rw.keep_length,
-            16 => name.eq_ignore_ascii_case("proxy-connection"),
-            17 => name.eq_ignore_ascii_case("transfer-encoding"),
-            18 => name.eq_ignore_ascii_case("proxy-authenticate"),
-            _ => false,
-        } || is_named(&named, name);
+        let name = h.name.as_bytes();
+        let skip = match response_field(name) {
+            _ if named.contains(name) => true,
+            ResponseField::Forward => false,
+            ResponseField::Drop => true,
+            ResponseField::Location => write_location(out, h.value, rw),
+            ResponseField::Length => !rw.keep_length,
+        };
         if !skip {
-            put_field(out, name.as_bytes(), h.value);
+            put_field(out, name, h.value);
         }
     }
     if !rw.keep_length {
@@ -463,93 +364,14 @@ fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The `Cookie` field without the gateway's own cookies; nothing if none remain.
-fn write_cookie_without_ours(out: &mut Vec<u8>, value: &[u8]) {
-    let mut first = true;
-    for c in value.split(|&b| b == b';').map(trim) {
-        if c.is_empty() || c.starts_with(GATEWAY_COOKIE_PREFIX.as_bytes()) {
-            continue;
-        }
-        if first {
-            out.extend_from_slice(b"cookie: ");
-            first = false;
-        } else {
-            out.extend_from_slice(b"; ");
-        }
-        out.extend_from_slice(c);
-    }
-    if !first {
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-/// Field names listed in `Connection` (hop-by-hop by RFC 9110 §7.6.1) besides the ones every
-/// head loses anyway; at most eight are tracked, and a ninth is dropped with the rest of the
-/// unknown tokens only if it matches one of them (see `is_named`).
-struct Named<'b> {
-    names: [&'b [u8]; 8],
-    len: usize,
-    /// More names than tracked: every unknown field is checked against the raw list.
-    overflow: Option<&'b [u8]>,
-}
-
+/// The field names a head's `Connection` fields list.
 fn connection_named<'b>(headers: &[Header<'b>]) -> Named<'b> {
-    let mut named = Named {
-        names: [&[]; 8],
-        len: 0,
-        overflow: None,
-    };
-    for h in headers {
-        if !h.name.eq_ignore_ascii_case("connection") {
-            continue;
-        }
-        for t in tokens(h.value) {
-            if t.eq_ignore_ascii_case(b"close")
-                || t.eq_ignore_ascii_case(b"keep-alive")
-                || t.eq_ignore_ascii_case(b"upgrade")
-            {
-                continue;
-            }
-            if named.len < named.names.len() {
-                named.names[named.len] = t;
-                named.len += 1;
-            } else {
-                named.overflow = Some(h.value);
-            }
-        }
-    }
-    named
-}
-
-fn is_named(named: &Named<'_>, name: &str) -> bool {
-    let name = name.as_bytes();
-    named.names[..named.len]
-        .iter()
-        .any(|n| n.eq_ignore_ascii_case(name))
-        || named
-            .overflow
-            .is_some_and(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(name)))
-}
-
-fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty())
-}
-
-fn trim(v: &[u8]) -> &[u8] {
-    v.trim_ascii()
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// A `Content-Length` value: digits only, no sign, no list (RFC 9110 §8.6).
-fn parse_length(v: &[u8]) -> Option<u64> {
-    let v = trim(v);
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(v).ok()?.parse().ok()
+    Named::from_values(
+        headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .map(|h| h.value),
+    )
 }
 
 #[cfg(test)]
@@ -585,58 +407,6 @@ mod tests {
     }
 
     #[test]
-    fn request_framing_is_read_strictly() {
-        let facts = |pairs: &[(&str, &str)]| request_facts("POST", &hdrs(pairs));
-        assert_eq!(facts(&[]).unwrap().framing, Framing::Empty);
-        // An explicit zero length is passed on: some servers insist on it for POST.
-        assert_eq!(
-            facts(&[("content-length", "0")]).unwrap().framing,
-            Framing::Length(0)
-        );
-        assert_eq!(
-            facts(&[("Content-Length", "12")]).unwrap().framing,
-            Framing::Length(12)
-        );
-        assert_eq!(
-            facts(&[("content-length", "5"), ("content-length", "5")])
-                .unwrap()
-                .framing,
-            Framing::Length(5)
-        );
-        assert_eq!(
-            facts(&[("transfer-encoding", "Chunked")]).unwrap().framing,
-            Framing::Chunked
-        );
-        // Anything a smuggler could use is refused, not interpreted.
-        for bad in [
-            &[("content-length", "5"), ("content-length", "6")][..],
-            &[("content-length", "5"), ("transfer-encoding", "chunked")],
-            &[("transfer-encoding", "gzip, chunked")],
-            &[
-                ("transfer-encoding", "chunked"),
-                ("transfer-encoding", "chunked"),
-            ],
-            &[("content-length", "+5")],
-            &[("content-length", "5, 5")],
-        ] {
-            assert!(matches!(facts(bad), Err(NotFast::Ambiguous(_))), "{bad:?}");
-        }
-        // What hyper's general path handles goes there.
-        for other in [
-            &[("host", "a"), ("host", "b")][..],
-            &[("expect", "100-continue")],
-            &[("connection", "Upgrade"), ("upgrade", "websocket")],
-        ] {
-            assert_eq!(facts(other).unwrap_err(), NotFast::Unusual, "{other:?}");
-        }
-        let f = request_facts("GET", &hdrs(&[("Connection", "close")])).unwrap();
-        assert!(!f.keep_alive && f.idempotent && !f.is_head);
-        assert!(!request_facts("POST", &[]).unwrap().idempotent);
-        assert!(request_facts("HEAD", &[]).unwrap().is_head);
-        assert_eq!(request_facts("CONNECT", &[]).unwrap_err(), NotFast::Unusual);
-    }
-
-    #[test]
     fn request_head_loses_hop_by_hop_and_gateway_credentials() {
         let h = hdrs(&[
             ("Host", "gw.example:8070"),
@@ -646,6 +416,8 @@ mod tests {
             ("TE", "trailers"),
             ("Proxy-Authorization", "Basic x"),
             ("X-Api-Key", "secret"),
+            ("X_Api_Key", "secret"),
+            ("Transfer_Encoding", "chunked"),
             ("Cookie", "a=1; sandgate_session=xyz; b=2"),
             ("Cookie", "sandgate_preview=1"),
             ("X-Forwarded-For", "10.0.0.1"),
@@ -680,6 +452,98 @@ mod tests {
              x-forwarded-host: gw.example:8070\r\n\
              x-forwarded-prefix: /sandbox/sb-x\r\n\
              content-length: 3\r\n\r\n"
+        );
+    }
+
+    /// The one field table, seen through both lanes' writers: the same fields in, the same
+    /// fields (names without case, values) out.
+    #[test]
+    fn both_lanes_forward_the_same_request_fields() {
+        let pairs = [
+            ("Host", "gw.example:8070"),
+            ("Connection", "keep-alive, X-Secret-Hop"),
+            ("X-Secret-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Trailer", "x-api-key"),
+            ("Upgrade", "h2c"),
+            ("Proxy-Authorization", "Basic x"),
+            ("X-Api-Key", "secret"),
+            ("X_Api_Key", "secret"),
+            ("Transfer_Encoding", "chunked"),
+            ("Cookie", "a=1; sandgate_session=xyz; b=2"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Prefix", "/evil"),
+            ("X-Forwarded-Host", "evil"),
+            ("Authorization", "Bearer app-token"),
+            ("Accept", "*/*"),
+            ("X-End-To-End", "kept"),
+        ];
+        let mut fast = Vec::new();
+        write_request(
+            &mut fast,
+            &hdrs(&pairs),
+            &RequestRewrite {
+                method: "GET",
+                path: "/",
+                upstream_port: 3000,
+                client_ip: b"127.0.0.1",
+                prefix: Some(b"/sandbox/sb-x"),
+                framing: Framing::Empty,
+            },
+        );
+        let text = String::from_utf8(fast).unwrap();
+        let mut fast_fields: Vec<(String, String)> = text
+            .lines()
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (n, v) = l.split_once(": ").unwrap();
+                (n.to_ascii_lowercase(), v.to_string())
+            })
+            .collect();
+        let mut map = http::HeaderMap::new();
+        for (n, v) in pairs {
+            map.append(
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        let host = HeaderValue::from_static("gw.example:8070");
+        let prefix = HeaderValue::from_static("/sandbox/sb-x");
+        let out = crate::proxy::headers::upstream_request_headers(
+            &map,
+            &crate::proxy::headers::Forwarded {
+                client_ip: "127.0.0.1".parse().unwrap(),
+                proto: "http",
+                host: Some(&host),
+                prefix: Some(&prefix),
+                upstream_port: 3000,
+            },
+            None,
+        );
+        let mut hyper_fields: Vec<(String, String)> = out
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        fast_fields.sort();
+        hyper_fields.sort();
+        assert_eq!(fast_fields, hyper_fields);
+        let names: Vec<&str> = fast_fields.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "accept",
+                "authorization",
+                "cookie",
+                "host",
+                "x-end-to-end",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-prefix",
+                "x-forwarded-proto"
+            ]
         );
     }
 

@@ -2,7 +2,7 @@
 //! socket buffers (heads parsed by `httparse`, bodies forwarded as they came), over pooled
 //! upstream connections driven in the client connection's own task. Anything else (the control API, h2c, HTTP/1.0,
 //! upgrades, `Expect`, unusual framing, a sandbox to wake or an error to explain) is handed,
-//! with the bytes already read, to hyper's general path (`server::Gateway::serve_hyper`).
+//! with the bytes already read, to hyper's general path (`crate::hyperlane`).
 //! Why this exists and what it must keep equal to the general path: `docs/fastlane.md`.
 
 pub mod chunked;
@@ -27,18 +27,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Upstream;
 use crate::error::Error;
-use crate::model::Status;
+use crate::gateway::{Gateway, MAX_HEAD};
+use crate::policy::{self, Decision, Framing, Head};
 use crate::proxy::pool::PoolKey;
-use crate::proxy::{upstream_error, Target};
-use crate::server::{Decision, Gateway};
+use crate::proxy::{headers, upstream_error, Target};
 use chunked::Scanner;
 use client::Client;
-use head::{Framing, RequestFacts, RequestRewrite, ResponseRewrite, MAX_HEADERS};
+use head::{RequestFacts, RequestRewrite, ResponseRewrite, MAX_HEADERS};
 use prefixed::Prefixed;
 
 /// Bytes read from the client at a time; a request head must fit in `MAX_HEAD`.
 const CLIENT_BUF: usize = 8 * 1024;
-const MAX_HEAD: usize = 64 * 1024;
 /// Bytes read from the sandbox at a time, at first.
 const UPSTREAM_BUF: usize = 32 * 1024;
 /// Reads that keep filling the buffer double it up to this (large bodies, fewer system calls);
@@ -179,12 +178,19 @@ enum Plan {
     Partial,
     Handoff,
     Forward(Forward),
-    /// Refused with 400, and the connection closed (its framing cannot be trusted).
-    Refuse(&'static str),
+    /// The policy refused the request: answered with this error, and the connection closed
+    /// if `close` (its framing cannot be trusted, or a body follows that will not be read).
+    Refuse {
+        err: Error,
+        head_len: usize,
+        html: bool,
+        close: bool,
+    },
 }
 
 struct Lane {
     client: Client,
+    peer: std::net::IpAddr,
     /// The client's address as `X-Forwarded-For` text.
     ip: head::IpText,
     rbuf: Buf,
@@ -200,6 +206,7 @@ impl Lane {
     fn new(client: Client, peer: SocketAddr) -> Lane {
         Lane {
             client,
+            peer: peer.ip(),
             ip: head::ip_text(peer.ip()),
             rbuf: Buf::new(CLIENT_BUF),
             ubuf: None,
@@ -224,12 +231,21 @@ impl Lane {
                 Plan::Partial => return None,
                 Plan::Handoff => return Some(self.rbuf.data.split().freeze()),
                 Plan::Forward(f) => f,
-                Plan::Refuse(why) => {
-                    let err = Error::BadRequest(format!("bad request framing: {why}"));
-                    head::write_full(&mut self.rout, &err.to_response(false), true);
-                    let _ = self.client.write_all(&self.rout).await;
-                    let _ = self.client.shutdown().await;
-                    return None;
+                Plan::Refuse {
+                    err,
+                    head_len,
+                    html,
+                    close,
+                } => {
+                    gw.policy.answered();
+                    head::write_full(&mut self.rout, &err.to_response(html), close);
+                    let written = self.client.write_all(&self.rout).await;
+                    if close || written.is_err() {
+                        let _ = self.client.shutdown().await;
+                        return None;
+                    }
+                    self.rbuf.consume(head_len);
+                    continue;
                 }
             };
             match self.exchange(gw, forward, timer.as_mut()).await {
@@ -330,39 +346,61 @@ impl Lane {
             return Plan::Handoff;
         };
         if !head::plain_target(target) {
-            return Plan::Handoff;
+            return Plan::Handoff; // absolute-form and the like: hyper's lane judges
         }
-        let facts = match head::request_facts(method, req.headers) {
-            Ok(f) => f,
-            Err(head::NotFast::Unusual) => return Plan::Handoff,
-            Err(head::NotFast::Ambiguous(why)) => return Plan::Refuse(why),
-        };
-        let host = head::host(req.headers);
+        let facts = policy::facts(method, req.headers);
+        if facts.expect {
+            return Plan::Handoff; // `100-continue` is hyper's
+        }
         let (path, query) = match crate::routing::split_once_byte(target, b'?') {
             Some((p, q)) => (p, Some(q)),
             None => (target, None),
         };
-        let Decision::Proxy(target_route) = gw.decide_parts(host, path, query) else {
+        let host = head::host(req.headers);
+        let view = Head {
+            method,
+            authority: None,
+            host,
+            path,
+            query,
+            peer: self.peer,
+            facts: &facts,
+        };
+        let grant = match gw.policy.check(&view) {
+            Decision::Proxy(grant) => grant,
+            Decision::Deny(err) => {
+                return Plan::Refuse {
+                    close: err.closes_connection() || facts.framing.has_body() || !facts.keep_alive,
+                    err,
+                    head_len,
+                    html: facts.html,
+                }
+            }
+            // Answers the API gives, redirects: hyper's lane.
+            Decision::Api | Decision::Redirect(_) => return Plan::Handoff,
+        };
+        // Waking a sandbox, and splicing a protocol switch, are hyper's lane's.
+        let (Some(upstream), false) = (grant.upstream, grant.upgrade) else {
             return Plan::Handoff;
         };
-        if target_route.sandbox.status != Status::Running {
-            return Plan::Handoff; // waking, or explaining why not, is hyper's
-        }
-        let proxy = &gw.state.proxy;
-        let Some(upstream) = proxy
-            .backend()
-            .upstream(&target_route.sandbox, target_route.port)
-        else {
-            return Plan::Handoff;
-        };
+        let target_route = grant.target;
         let prefix = target_route.prefix.as_ref().map(|p| p.as_bytes());
         let rest = &target[prefix.map_or(0, <[u8]>::len).min(target.len())..];
-        let slashed;
-        let upstream_path = if rest.starts_with('/') {
-            rest
-        } else {
-            slashed = format!("/{rest}");
-            &slashed
+        let rebuilt;
+        let upstream_path = match query.and_then(headers::query_without_credentials) {
+            // The gateway's credential parameter never reaches a sandbox.
+            Some(q) => {
+                let path = &rest[..rest.len() - query.map_or(0, |q| q.len() + 1)];
+                let sep = if q.is_empty() { "" } else { "?" };
+                let slash = if path.starts_with('/') { "" } else { "/" };
+                rebuilt = format!("{slash}{path}{sep}{q}");
+                &rebuilt
+            }
+            None if rest.starts_with('/') => rest,
+            None => {
+                rebuilt = format!("/{rest}");
+                &rebuilt
+            }
         };
         head::write_request(
             &mut self.out,
@@ -382,7 +420,7 @@ impl Lane {
             head_len,
             target: target_route,
             upstream,
-            facts,
+            facts: RequestFacts::from(&facts),
         })
     }
 
@@ -392,12 +430,14 @@ impl Lane {
         self.rbuf.consume(f.head_len);
         let has_body = f.facts.framing.has_body();
         let proxy = &*gw.state.proxy;
-        let permit = match proxy.scoped_permit() {
-            Ok(p) => p,
-            Err(e) => return self.fail(&e, &f, has_body).await,
+        let admission = match gw.policy.admit(&f.target, self.peer) {
+            Ok(a) => a,
+            Err(e) => {
+                gw.policy.answered();
+                return self.fail(&e, &f, has_body).await;
+            }
         };
         let sb = &f.target.sandbox;
-        let in_use = sb.in_use_scoped();
         let key = PoolKey {
             upstream: f.upstream,
             generation: sb.generation,
@@ -525,8 +565,7 @@ impl Lane {
         if upstream_clean {
             proxy.raw_pool().checkin(key, up);
         }
-        drop(permit);
-        drop(in_use);
+        drop(admission);
         let sent = match body {
             Ok(last) => {
                 let head: &[u8] = if last.head { &self.rout } else { &[] };

@@ -10,39 +10,30 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::limit::OwnedPermit;
 use super::pool::{Pool, PoolKey, Sender};
-use crate::routes::InUse;
+use crate::admission::OwnedAdmission;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Once its response body is fully read from the sandbox, and before hyper writes its last
-/// bytes to the client, returns the upstream connection to the pool and lets go of the
-/// request's concurrency permit and its sandbox's in-use mark (so whatever the client does
-/// next, on any connection, finds them released). A body dropped early releases the permit
-/// and the mark, not the connection.
+/// bytes to the client, returns the upstream connection to the pool and finishes the
+/// request's admission (its slots and its sandbox's in-use mark are released, so whatever the
+/// client does next, on any connection, finds them free). A body dropped early finishes the
+/// admission, and does not return the connection.
 pub struct Release {
     pool: Arc<Pool>,
     key: PoolKey,
     tx: Option<Sender>,
-    permit: Option<OwnedPermit>,
-    in_use: Option<InUse>,
+    admission: Option<OwnedAdmission>,
 }
 
 impl Release {
-    pub fn new(
-        pool: Arc<Pool>,
-        key: PoolKey,
-        tx: Sender,
-        permit: Option<OwnedPermit>,
-        in_use: Option<InUse>,
-    ) -> Release {
+    pub fn new(pool: Arc<Pool>, key: PoolKey, tx: Sender, admission: OwnedAdmission) -> Release {
         Release {
             pool,
             key,
             tx: Some(tx),
-            permit,
-            in_use,
+            admission: Some(admission),
         }
     }
 
@@ -50,8 +41,7 @@ impl Release {
         if let Some(tx) = self.tx.take() {
             self.pool.checkin(self.key, tx);
         }
-        self.permit = None;
-        self.in_use = None;
+        self.admission = None;
     }
 }
 

@@ -5,139 +5,330 @@
 use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Hop-by-hop fields (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and `Proxy-Connection`).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
 /// Cookies whose name starts with this belong to the gateway and never reach a sandbox.
 pub const GATEWAY_COOKIE_PREFIX: &str = "sandgate";
-/// Request headers that carry gateway credentials or gateway-internal data.
-const GATEWAY_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// The query parameter that carries a gateway credential (a preview token); never forwarded.
+pub const GATEWAY_QUERY_PARAM: &str = "sandgate_token";
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
-/// Whether the message asks to switch to the WebSocket (or another) protocol.
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| has_token(v, "upgrade"))
+/// What becomes of a request header field on its way to a sandbox. This table is the one
+/// both proxy lanes use (the fast lane writing a head from `httparse` fields, the hyper lane
+/// rebuilding a `HeaderMap`), so a rule is never written twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestField {
+    /// Passed on as it is.
+    Forward,
+    /// Never passed on: hop-by-hop (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
+    /// `Proxy-Connection`; an allowed protocol switch re-adds its own pair), a gateway
+    /// credential (`X-API-Key`), a field the gateway sets itself (`X-Forwarded-Host/Proto/
+    /// Prefix`), or a name the gateway does not accept as it is (an underscore: nginx's
+    /// default, since `X_API_Key` or `Transfer_Encoding` may mean something to a sandbox's
+    /// server that the gateway did not check).
+    Drop,
+    /// `Host`: the sandbox gets `localhost:{port}`; the client's goes to `X-Forwarded-Host`.
+    Host,
+    /// `Cookie`: passed on without the gateway's own cookies (`sandgate*`).
+    Cookie,
+    /// `X-Forwarded-For`: the client's address is appended.
+    ForwardedFor,
+    /// `Content-Length`: the lane states the framing it forwards.
+    Length,
 }
 
-fn has_token(v: &HeaderValue, token: &str) -> bool {
-    v.to_str()
-        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+/// The rule for request field `name` (any case).
+pub fn request_field(name: &[u8]) -> RequestField {
+    use RequestField::*;
+    if name.contains(&b'_') {
+        return Drop;
+    }
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    match name.len() {
+        2 if is("te") => Drop,
+        4 if is("host") => Host,
+        6 if is("cookie") => Cookie,
+        7 if is("trailer") || is("upgrade") => Drop,
+        9 if is("x-api-key") => Drop,
+        10 if is("connection") || is("keep-alive") => Drop,
+        14 if is("content-length") => Length,
+        15 if is("x-forwarded-for") => ForwardedFor,
+        16 if is("x-forwarded-host") || is("proxy-connection") => Drop,
+        17 if is("transfer-encoding") || is("x-forwarded-proto") => Drop,
+        18 if is("proxy-authenticate") || is("x-forwarded-prefix") => Drop,
+        19 if is("proxy-authorization") => Drop,
+        _ => Forward,
+    }
 }
 
-/// Removes hop-by-hop fields, including every field named in `Connection`. With `keep_upgrade`
-/// the `Connection: upgrade` and `Upgrade` pair survives, as a protocol switch needs them.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Fields listed in Connection are hop-by-hop too (RFC 9110 §7.6.1). The common case names
-    // only keep-alive/close/upgrade, so collect nothing unless there is something else.
-    let mut named: Vec<HeaderName> = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
-        if let Ok(s) = v.to_str() {
-            for t in s.split(',').map(str::trim) {
-                if t.is_empty()
-                    || t.eq_ignore_ascii_case("close")
-                    || t.eq_ignore_ascii_case("keep-alive")
-                    || t.eq_ignore_ascii_case("upgrade")
+/// What becomes of a response header field on its way from a sandbox to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseField {
+    Forward,
+    /// Hop-by-hop (the lane states its own framing and connection handling).
+    Drop,
+    /// `Location`: rewritten when it points at the sandbox itself.
+    Location,
+    /// `Content-Length`: kept or restated by the lane.
+    Length,
+}
+
+/// The rule for response field `name` (any case).
+pub fn response_field(name: &[u8]) -> ResponseField {
+    use ResponseField::*;
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    match name.len() {
+        2 if is("te") => Drop,
+        7 if is("trailer") || is("upgrade") => Drop,
+        8 if is("location") => Location,
+        10 if is("connection") || is("keep-alive") => Drop,
+        14 if is("content-length") => Length,
+        16 if is("proxy-connection") => Drop,
+        17 if is("transfer-encoding") => Drop,
+        18 if is("proxy-authenticate") => Drop,
+        _ => Forward,
+    }
+}
+
+/// Field names listed in `Connection` (hop-by-hop by RFC 9110 §7.6.1) besides the ones every
+/// message loses anyway. Up to eight names are kept inline (no allocation); beyond that the
+/// raw `Connection` values (up to four fields) are searched. A head with more `Connection`
+/// fields than that is abuse: then every field not needed to forward it counts as listed.
+pub struct Named<'b> {
+    names: [&'b [u8]; 8],
+    len: usize,
+    /// More names than `names` holds: search `values`.
+    many: bool,
+    values: [&'b [u8]; 4],
+    /// More `Connection` fields than `values` holds.
+    overflow: bool,
+}
+
+impl<'b> Named<'b> {
+    /// The names listed in the `Connection` values given.
+    pub fn from_values(values: impl Iterator<Item = &'b [u8]>) -> Named<'b> {
+        let mut named = Named {
+            names: [&[]; 8],
+            len: 0,
+            many: false,
+            values: [&[]; 4],
+            overflow: false,
+        };
+        for (i, v) in values.enumerate() {
+            match named.values.get_mut(i) {
+                Some(slot) => *slot = v,
+                None => named.overflow = true,
+            }
+            for t in tokens(v) {
+                if t.eq_ignore_ascii_case(b"close")
+                    || t.eq_ignore_ascii_case(b"keep-alive")
+                    || t.eq_ignore_ascii_case(b"upgrade")
                 {
                     continue;
                 }
-                if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
-                    named.push(n);
+                if named.len < named.names.len() {
+                    named.names[named.len] = t;
+                    named.len += 1;
+                } else {
+                    named.many = true;
                 }
             }
         }
+        named
     }
+
+    /// Whether field `name` is listed (and so hop-by-hop).
+    pub fn contains(&self, name: &[u8]) -> bool {
+        if self.overflow {
+            return true;
+        }
+        self.names[..self.len]
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name))
+            || (self.many
+                && self
+                    .values
+                    .iter()
+                    .any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(name))))
+    }
+}
+
+/// The comma-separated tokens of a field value, trimmed, without empty ones.
+pub fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// Appends the cookie pairs of `value` that are not the gateway's own to `out` (`"; "` between
+/// pairs, and before the first if `out` is not empty).
+pub fn cookies_without_ours(value: &[u8], out: &mut Vec<u8>) {
+    for c in value.split(|&b| b == b';').map(<[u8]>::trim_ascii) {
+        if c.is_empty() || c.starts_with(GATEWAY_COOKIE_PREFIX.as_bytes()) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.extend_from_slice(b"; ");
+        }
+        out.extend_from_slice(c);
+    }
+}
+
+/// Whether a `Cookie` value may hold a gateway cookie (then it must be filtered).
+pub fn has_gateway_cookie(v: &[u8]) -> bool {
+    let p = GATEWAY_COOKIE_PREFIX.as_bytes();
+    v.windows(p.len()).any(|w| w.eq_ignore_ascii_case(p))
+}
+
+/// The query without the gateway's credential parameter, or `None` if it has none (the
+/// common case, which costs one scan). Parameters are compared by name, before any `=`.
+pub fn query_without_credentials(query: &str) -> Option<String> {
+    let p = GATEWAY_QUERY_PARAM;
+    if !query.contains(p) {
+        return None;
+    }
+    let is_ours = |pair: &&str| pair.split('=').next() == Some(p);
+    if !query.split('&').any(|pair| is_ours(&pair)) {
+        return None;
+    }
+    Some(
+        query
+            .split('&')
+            .filter(|pair| !is_ours(pair) && !pair.is_empty())
+            .collect::<Vec<_>>()
+            .join("&"),
+    )
+}
+
+/// The request's `Upgrade` protocol if it asks to switch (`Connection: upgrade` and an
+/// `Upgrade` value).
+pub fn upgrade_requested(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let asked = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"upgrade")));
+    asked.then(|| headers.get(header::UPGRADE)).flatten()
+}
+
+/// The fields a sandbox receives for a request (hyper lane): the table applied to `headers`,
+/// then `X-Forwarded-*`, `Host` and, for an allowed protocol switch, its `Connection`/`Upgrade`
+/// pair.
+pub fn upstream_request_headers(
+    headers: &HeaderMap,
+    forwarded: &Forwarded<'_>,
+    upgrade: Option<&HeaderValue>,
+) -> HeaderMap {
+    let named = Named::from_values(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    let mut out = HeaderMap::with_capacity(headers.len() + 6);
+    let mut cookies: Option<Vec<u8>> = None;
+    let mut forwarded_for: Option<&HeaderValue> = None;
+    for (name, value) in headers {
+        let n = name.as_str().as_bytes();
+        if named.contains(n) {
+            continue;
+        }
+        match request_field(n) {
+            RequestField::Forward | RequestField::Length => {
+                out.append(name.clone(), value.clone());
+            }
+            RequestField::Drop | RequestField::Host => {}
+            RequestField::Cookie => {
+                cookies_without_ours(value.as_bytes(), cookies.get_or_insert_with(Vec::new))
+            }
+            RequestField::ForwardedFor => {
+                forwarded_for.get_or_insert(value);
+            }
+        }
+    }
+    if let Some(c) = cookies.filter(|c| !c.is_empty()) {
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(c)) {
+            out.insert(header::COOKIE, v);
+        }
+    }
+    set_forwarded(&mut out, forwarded_for, forwarded);
+    if let Some(protocol) = upgrade {
+        out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        out.insert(header::UPGRADE, protocol.clone());
+    }
+    out
+}
+
+/// What the gateway tells a sandbox about the request it forwards.
+pub struct Forwarded<'a> {
+    pub client_ip: std::net::IpAddr,
+    pub proto: &'static str,
+    /// The client's `Host` (or absolute-form authority).
+    pub host: Option<&'a HeaderValue>,
+    /// The route prefix, for path routes.
+    pub prefix: Option<&'a HeaderValue>,
+    /// The sandbox port dialled: `Host: localhost:{port}`.
+    pub upstream_port: u16,
+}
+
+/// Removes hop-by-hop fields from a response (hyper lane), including every field named in
+/// `Connection`. With `keep_upgrade` the `Connection: upgrade` and `Upgrade` pair survives, as
+/// a protocol switch needs them.
+pub fn strip_response_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let upgrade = keep_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    let named: Vec<HeaderName> = {
+        let named = Named::from_values(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        );
+        headers
+            .keys()
+            .filter(|n| {
+                named.contains(n.as_str().as_bytes())
+                    || response_field(n.as_str().as_bytes()) == ResponseField::Drop
+            })
+            .cloned()
+            .collect()
+    };
     for n in named {
         headers.remove(n);
     }
-    for n in &HOP_BY_HOP {
-        headers.remove(n);
-    }
-    if keep_upgrade {
+    if let Some(u) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
+        headers.insert(header::UPGRADE, u);
     }
 }
 
-/// Strips the gateway's own credentials: `X-API-Key` and `sandgate*` cookies.
-pub fn strip_gateway_credentials(headers: &mut HeaderMap) {
-    headers.remove(GATEWAY_API_KEY);
-    let has_ours = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .any(|v| contains_gateway_cookie(v.as_bytes()));
-    if !has_ours {
-        return;
-    }
-    let kept: Vec<String> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| !c.is_empty() && !c.starts_with(GATEWAY_COOKIE_PREFIX))
-        .map(str::to_string)
-        .collect();
-    headers.remove(header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(header::COOKIE, v);
-        }
-    }
-}
-
-fn contains_gateway_cookie(v: &[u8]) -> bool {
-    let p = GATEWAY_COOKIE_PREFIX.as_bytes();
-    v.windows(p.len()).any(|w| w == p)
-}
-
-/// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto/Host` (and `-Prefix`
-/// for path routes).
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    client_ip: std::net::IpAddr,
-    proto: &'static str,
-    host: Option<&HeaderValue>,
-    prefix: Option<&HeaderValue>,
-) {
+/// Sets `X-Forwarded-For` (the client appended to `previous`), `-Proto`, `-Host`, `-Prefix`
+/// (path routes) and `Host: localhost:{port}`.
+fn set_forwarded(headers: &mut HeaderMap, previous: Option<&HeaderValue>, f: &Forwarded<'_>) {
     let mut buf = BytesMut::with_capacity(64);
-    if let Some(prev) = headers.get(&X_FORWARDED_FOR) {
+    if let Some(prev) = previous {
         buf.put_slice(prev.as_bytes());
         buf.put_slice(b", ");
     }
     use std::fmt::Write;
-    let _ = write!(buf, "{client_ip}");
+    let _ = write!(buf, "{}", f.client_ip);
     if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    if let Some(h) = host {
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(f.proto));
+    if let Some(h) = f.host {
         headers.insert(X_FORWARDED_HOST, h.clone());
     }
-    match prefix {
-        Some(p) => {
-            headers.insert(X_FORWARDED_PREFIX, p.clone());
-        }
-        None => {
-            headers.remove(X_FORWARDED_PREFIX);
-        }
+    if let Some(p) = f.prefix {
+        headers.insert(X_FORWARDED_PREFIX, p.clone());
+    }
+    let mut host = BytesMut::with_capacity(16);
+    host.put_slice(b"localhost:");
+    host.put_slice(itoa::Buffer::new().format(f.upstream_port).as_bytes());
+    if let Ok(v) = HeaderValue::from_maybe_shared(host.freeze()) {
+        headers.insert(header::HOST, v);
     }
 }
 
@@ -193,9 +384,22 @@ mod tests {
         h
     }
 
+    fn forwarded<'a>(
+        host: Option<&'a HeaderValue>,
+        prefix: Option<&'a HeaderValue>,
+    ) -> Forwarded<'a> {
+        Forwarded {
+            client_ip: "127.0.0.1".parse().unwrap(),
+            proto: "http",
+            host,
+            prefix,
+            upstream_port: 3000,
+        }
+    }
+
     #[test]
-    fn strips_hop_by_hop_and_fields_named_in_connection() {
-        let mut h = map(&[
+    fn request_fields_lose_hop_by_hop_credentials_and_underscored_names() {
+        let h = map(&[
             ("connection", "keep-alive, x-secret-hop"),
             ("keep-alive", "timeout=5"),
             ("x-secret-hop", "1"),
@@ -203,68 +407,110 @@ mod tests {
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
             ("proxy-authorization", "Basic x"),
+            ("x-api-key", "secret"),
+            ("x_api_key", "secret"),
+            ("transfer_encoding", "chunked"),
+            ("cookie", "a=1; sandgate_session=xyz; b=2"),
+            ("cookie", "sandgate_preview=1"),
+            ("authorization", "Bearer app-token"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-prefix", "/evil"),
+            ("x-forwarded-host", "evil"),
+            ("content-length", "3"),
             ("x-end-to-end", "kept"),
         ]);
-        strip_hop_by_hop(&mut h, false);
-        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["x-end-to-end"]);
+        let host = HeaderValue::from_static("gw.example:8070");
+        let out = upstream_request_headers(&h, &forwarded(Some(&host), None), None);
+        let mut names: Vec<_> = out.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "authorization",
+                "content-length",
+                "cookie",
+                "host",
+                "x-end-to-end",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto"
+            ]
+        );
+        assert_eq!(out["cookie"], "a=1; b=2");
+        // Without gateway auth, Authorization belongs to the app.
+        assert_eq!(out["authorization"], "Bearer app-token");
+        assert_eq!(out["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(out["x-forwarded-host"], "gw.example:8070");
+        assert_eq!(out["host"], "localhost:3000");
+        let only_ours = map(&[("cookie", "sandgate_session=xyz")]);
+        let out = upstream_request_headers(&only_ours, &forwarded(None, None), None);
+        assert!(out.get("cookie").is_none());
     }
 
     #[test]
-    fn keeps_the_upgrade_pair_for_websockets() {
-        let mut h = map(&[
+    fn an_allowed_switch_keeps_its_upgrade_pair() {
+        let h = map(&[
             ("connection", "Upgrade"),
             ("upgrade", "websocket"),
             ("sec-websocket-key", "abc"),
         ]);
-        assert!(is_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h["connection"], "upgrade");
-        assert_eq!(h["upgrade"], "websocket");
-        assert_eq!(h["sec-websocket-key"], "abc");
-        assert!(!is_upgrade(&map(&[("upgrade", "websocket")])));
-    }
-
-    #[test]
-    fn gateway_credentials_never_pass() {
-        let mut h = map(&[
-            ("x-api-key", "secret"),
-            ("cookie", "a=1; sandgate_session=xyz; b=2"),
-            ("cookie", "sandgate_preview=1"),
-            ("authorization", "Bearer app-token"),
-        ]);
-        strip_gateway_credentials(&mut h);
-        assert!(h.get("x-api-key").is_none());
-        assert_eq!(h.get_all("cookie").iter().count(), 1);
-        assert_eq!(h["cookie"], "a=1; b=2");
-        // Without gateway auth enabled, Authorization belongs to the app.
-        assert_eq!(h["authorization"], "Bearer app-token");
-        let mut only_ours = map(&[("cookie", "sandgate_session=xyz")]);
-        strip_gateway_credentials(&mut only_ours);
-        assert!(only_ours.get("cookie").is_none());
-    }
-
-    #[test]
-    fn forwarded_headers_append() {
-        let mut h = map(&[
-            ("x-forwarded-for", "10.0.0.1"),
-            ("x-forwarded-prefix", "/evil"),
-        ]);
-        let host = HeaderValue::from_static("gw.example:8070");
-        set_forwarded(
-            &mut h,
-            "127.0.0.1".parse().unwrap(),
-            "http",
-            Some(&host),
-            None,
-        );
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "gw.example:8070");
-        assert!(h.get("x-forwarded-prefix").is_none());
+        let protocol = upgrade_requested(&h).cloned();
+        assert_eq!(protocol.as_ref().unwrap(), "websocket");
         let prefix = HeaderValue::from_static("/sandbox/sb-x");
-        set_forwarded(&mut h, "::1".parse().unwrap(), "http", None, Some(&prefix));
-        assert_eq!(h["x-forwarded-prefix"], "/sandbox/sb-x");
+        let out = upstream_request_headers(&h, &forwarded(None, Some(&prefix)), protocol.as_ref());
+        assert_eq!(out["connection"], "upgrade");
+        assert_eq!(out["upgrade"], "websocket");
+        assert_eq!(out["sec-websocket-key"], "abc");
+        assert_eq!(out["x-forwarded-prefix"], "/sandbox/sb-x");
+        assert!(upgrade_requested(&map(&[("upgrade", "websocket")])).is_none());
+        // A switch the policy did not allow is not asked of the sandbox.
+        let out = upstream_request_headers(&h, &forwarded(None, None), None);
+        assert!(out.get("upgrade").is_none() && out.get("connection").is_none());
+    }
+
+    #[test]
+    fn response_fields_lose_hop_by_hop() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("content-length", "2"),
+            ("x-end-to-end", "kept"),
+        ]);
+        strip_response_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn many_connection_fields_drop_everything_optional() {
+        let values = ["a", "b", "c", "d", "e"];
+        let named = Named::from_values(values.iter().map(|v| v.as_bytes()));
+        assert!(named.contains(b"anything"));
+        let names = "n1, n2, n3, n4, n5, n6, n7, n8, n9, n10";
+        let named = Named::from_values([names.as_bytes()].into_iter());
+        assert!(named.contains(b"n10") && named.contains(b"N1") && !named.contains(b"n11"));
+    }
+
+    #[test]
+    fn the_credential_query_parameter_is_removed() {
+        assert_eq!(query_without_credentials("a=1&b=2"), None);
+        assert_eq!(query_without_credentials("sandgate_tokenx=1"), None);
+        assert_eq!(
+            query_without_credentials("a=1&sandgate_token=s3cret&b=2").as_deref(),
+            Some("a=1&b=2")
+        );
+        assert_eq!(
+            query_without_credentials("sandgate_token=s3cret").as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            query_without_credentials("sandgate_token&x=1").as_deref(),
+            Some("x=1")
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@
 
 pub mod body;
 pub mod headers;
-pub mod limit;
 pub mod pool;
+pub mod request_body;
 pub mod upgrade;
 
 use std::net::SocketAddr;
@@ -15,20 +15,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, HOST, LOCATION};
+use http::header::{HeaderValue, CONNECTION, HOST, LOCATION};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
+use crate::admission::OwnedAdmission;
 use crate::backend::{Backend, Upstream};
 use crate::error::Error;
-use crate::model::{Sandbox, Status};
+use crate::model::Sandbox;
 use crate::routes::Entry;
 use body::{GatewayBody, Release};
-use limit::{Limit, OwnedPermit, Permit};
 use pool::{Pool, PoolKey, Sender};
+use request_body::ClientBody;
 
 /// Where a routed request goes.
 pub struct Target {
@@ -47,8 +48,8 @@ pub struct Proxy {
     /// connection worker (`crate::workers`), so a connection is reused by the event loop that
     /// watches it.
     raw_pools: Box<[Pool<tokio::net::TcpStream>]>,
-    limit: Arc<Limit>,
     timeout: Duration,
+    body_timeout: Duration,
     retries: u32,
 }
 
@@ -65,8 +66,8 @@ pub(crate) enum SendError {
 impl Proxy {
     pub fn new(
         backend: Arc<dyn Backend>,
-        max_in_flight: usize,
         timeout: Duration,
+        body_timeout: Duration,
         retries: u32,
         workers: usize,
     ) -> Proxy {
@@ -76,8 +77,8 @@ impl Proxy {
             raw_pools: (0..workers.max(1))
                 .map(|_| Pool::new(256, Duration::from_secs(60)))
                 .collect(),
-            limit: Arc::new(Limit::new(max_in_flight)),
             timeout,
+            body_timeout,
             retries,
         }
     }
@@ -88,7 +89,7 @@ impl Proxy {
 
     /// The current worker's fast-lane pool.
     pub fn raw_pool(&self) -> &Pool<tokio::net::TcpStream> {
-        let i = crate::workers::current();
+        let i = crate::event_loop::current();
         &self.raw_pools[i.min(self.raw_pools.len() - 1)]
     }
 
@@ -111,81 +112,67 @@ impl Proxy {
         self.timeout
     }
 
-    /// A slot for one more proxied request, or `Overloaded` at `MAX_CONCURRENT_REQUESTS`,
-    /// that can travel with a response body.
-    pub fn permit(&self) -> Result<OwnedPermit, Error> {
-        Limit::try_take(self.limit.clone()).ok_or(Error::Overloaded)
+    /// How long a request body may stall before it is cut.
+    pub fn body_timeout(&self) -> Duration {
+        self.body_timeout
     }
 
-    /// A slot for a request answered within the caller's scope.
-    pub fn scoped_permit(&self) -> Result<Permit<&Limit>, Error> {
-        Limit::try_take(&*self.limit).ok_or(Error::Overloaded)
-    }
-
-    /// Proxied requests in flight (responses still streaming included).
-    pub fn in_flight(&self) -> usize {
-        self.limit.in_flight()
-    }
-
-    pub fn max_in_flight(&self) -> usize {
-        self.limit.max()
-    }
-
-    /// Forwards `req` to `target`. Errors are the gateway's own and are rendered by the caller.
+    /// Forwards `req` to the granted target over `upstream`, holding `admission` until the
+    /// response (or upgraded stream) ends. Errors are the gateway's own and are rendered by
+    /// the caller.
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
         target: Target,
+        upstream: Upstream,
+        upgrade: bool,
+        mut admission: OwnedAdmission,
     ) -> Result<Response<GatewayBody>, Error> {
-        let permit = self.permit()?;
         let sb = &target.sandbox;
-        let in_use = sb.in_use();
-        if sb.status != Status::Running {
-            return Err(Error::NotRunning {
-                id: sb.id.clone(),
-                status: sb.status.to_string(),
-            });
-        }
-        let upstream =
-            self.backend
-                .upstream(sb, target.port)
-                .ok_or_else(|| Error::PortNotExposed {
-                    id: sb.id.clone(),
-                    port: target.port,
-                })?;
         let key = PoolKey {
             upstream,
             generation: sb.generation,
             epoch: sb.created_at.timestamp_millis(),
         };
-
-        let upgrade = headers::is_upgrade(req.headers());
         let client_version = req.version();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let public_host = req.headers().get(HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        let up_req = self.upstream_request(
-            req,
+        let public_host = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| req.headers().get(HOST).cloned());
+        let protocol = upgrade
+            .then(|| req.headers().get(http::header::UPGRADE).cloned())
+            .flatten();
+        let (parts, body) = req.into_parts();
+        let (body, body_state) = ClientBody::new(body, self.body_timeout);
+        let up_req = upstream_request(
+            &parts,
+            body,
             client,
             &target,
             upstream,
             public_host.as_ref(),
-            upgrade,
+            protocol.as_ref(),
         )?;
 
         let timeout = self.timeout;
         let (resp, tx) = match tokio::time::timeout(timeout, self.send(key, up_req)).await {
-            Ok(sent) => sent.map_err(|e| upstream_error(sb, target.port, e))?,
+            Ok(Ok(sent)) => sent,
+            Ok(Err(e)) => {
+                return Err(body_state
+                    .client_error(self.body_timeout)
+                    .unwrap_or_else(|| upstream_error(sb, target.port, e)))
+            }
             Err(_) => {
-                return Err(Error::UpstreamTimeout {
-                    id: sb.id.clone(),
-                    port: target.port,
-                    timeout,
-                })
+                return Err(body_state.client_error(self.body_timeout).unwrap_or(
+                    Error::UpstreamTimeout {
+                        id: sb.id.clone(),
+                        port: target.port,
+                        timeout,
+                    },
+                ))
             }
         };
 
@@ -195,18 +182,22 @@ impl Proxy {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade =
                     hyper::upgrade::on(Response::from_parts(parts.clone(), body));
+                admission.upgraded();
                 tokio::spawn(upgrade::splice(
                     client_upgrade,
                     upstream_upgrade,
                     target.sandbox.clone(),
+                    admission,
                 ));
-                // The permit covers requests, not long-lived upgraded connections.
-                drop(permit);
-                headers::strip_hop_by_hop(&mut parts.headers, true);
+                headers::strip_response_hop_by_hop(&mut parts.headers, true);
                 return Ok(Response::from_parts(parts, GatewayBody::empty()));
             }
+            return Err(Error::UpstreamProtocol {
+                id: sb.id.clone(),
+                reason: "switched protocols without an upgrade request".into(),
+            });
         }
-        headers::strip_hop_by_hop(&mut parts.headers, false);
+        headers::strip_response_hop_by_hop(&mut parts.headers, false);
         if let Some(loc) = parts.headers.get(LOCATION) {
             let origin = public_origin(public_host.as_ref());
             let ports = [target.port, upstream.port()];
@@ -219,66 +210,25 @@ impl Proxy {
                 parts.headers.insert(LOCATION, new);
             }
         }
-        let release = Release::new(self.pool.clone(), key, tx, Some(permit), Some(in_use));
+        if !body_state.done() && client_version <= Version::HTTP_11 {
+            // The sandbox answered before reading the whole request: what is left of the body
+            // will not be read, so the connection cannot carry another request.
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        let release = Release::new(self.pool.clone(), key, tx, admission);
         Ok(Response::from_parts(
             parts,
             GatewayBody::upstream(body, release),
         ))
     }
 
-    /// Builds the request the sandbox receives: origin-form URI without the route prefix,
-    /// HTTP/1.1, no hop-by-hop fields, no gateway credentials, `X-Forwarded-*` set.
-    fn upstream_request(
-        &self,
-        req: Request<Incoming>,
-        client: SocketAddr,
-        target: &Target,
-        upstream: Upstream,
-        public_host: Option<&HeaderValue>,
-        upgrade: bool,
-    ) -> Result<Request<Incoming>, Error> {
-        let (mut parts, body) = req.into_parts();
-        let pq = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let pq = match &target.prefix {
-            None => pq,
-            Some(prefix) => {
-                let prefix = prefix.as_bytes();
-                let rest = &pq.as_str()[prefix.len().min(pq.as_str().len())..];
-                let rest = if rest.starts_with('/') {
-                    rest.to_string()
-                } else {
-                    format!("/{rest}")
-                };
-                PathAndQuery::from_maybe_shared(Bytes::from(rest))
-                    .map_err(|e| Error::BadRequest(format!("bad request path: {e}")))?
-            }
-        };
-        parts.uri = Uri::from(pq);
-        parts.version = Version::HTTP_11;
-        let h = &mut parts.headers;
-        headers::strip_hop_by_hop(h, upgrade);
-        headers::strip_gateway_credentials(h);
-        headers::set_forwarded(h, client.ip(), "http", public_host, target.prefix.as_ref());
-        let mut buf = itoa::Buffer::new();
-        let port = buf.format(upstream.port());
-        let mut host = Vec::with_capacity(10 + port.len());
-        host.extend_from_slice(b"localhost:");
-        host.extend_from_slice(port.as_bytes());
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(host)) {
-            h.insert(HOST, v);
-        }
-        Ok(Request::from_parts(parts, body))
-    }
-
     /// Sends on a pooled connection, or a new one; retries only what provably was not sent.
     async fn send(
         &self,
         key: PoolKey,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
     ) -> Result<(Response<Incoming>, Sender), SendError> {
         if let Some(mut tx) = self.pool.checkout(&key) {
             if tx.ready().await.is_ok() {
@@ -355,6 +305,59 @@ pub(crate) fn upstream_error(sb: &Sandbox, port: u16, e: SendError) -> Error {
             reason: e.to_string(),
         },
     }
+}
+
+/// Builds the request the sandbox receives: origin-form URI without the route prefix (and
+/// without the gateway's credential parameter), HTTP/1.1, header fields by the one table in
+/// `headers`, `X-Forwarded-*` set.
+fn upstream_request(
+    parts: &http::request::Parts,
+    body: ClientBody,
+    client: SocketAddr,
+    target: &Target,
+    upstream: Upstream,
+    public_host: Option<&HeaderValue>,
+    protocol: Option<&HeaderValue>,
+) -> Result<Request<ClientBody>, Error> {
+    let pq = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let prefix_len = target.prefix.as_ref().map_or(0, |p| p.len());
+    let rest = &pq[prefix_len.min(pq.len())..];
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    let stripped = query.and_then(headers::query_without_credentials);
+    let query = stripped.as_deref().or(query);
+    let mut uri = String::with_capacity(rest.len() + 1);
+    if !path.starts_with('/') {
+        uri.push('/');
+    }
+    uri.push_str(path);
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
+        uri.push('?');
+        uri.push_str(q);
+    }
+    let uri = Uri::from(
+        PathAndQuery::from_maybe_shared(Bytes::from(uri))
+            .map_err(|e| Error::BadRequest(format!("bad request path: {e}")))?,
+    );
+    let fields = headers::upstream_request_headers(
+        &parts.headers,
+        &headers::Forwarded {
+            client_ip: client.ip(),
+            proto: "http",
+            host: public_host,
+            prefix: target.prefix.as_ref(),
+            upstream_port: upstream.port(),
+        },
+        protocol,
+    );
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = fields;
+    Ok(req)
 }
 
 fn public_origin(host: Option<&HeaderValue>) -> String {

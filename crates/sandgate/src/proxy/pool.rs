@@ -9,7 +9,6 @@ use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use tokio::net::TcpStream;
 
@@ -25,7 +24,7 @@ pub struct PoolKey {
     pub epoch: i64,
 }
 
-pub type Sender = SendRequest<Incoming>;
+pub type Sender = SendRequest<super::request_body::ClientBody>;
 
 /// A pooled connection: says when it can no longer carry a request.
 pub trait Reusable {

@@ -11,6 +11,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::admission::OwnedAdmission;
 use crate::routes::Entry;
 
 /// Copy buffer per direction. Idle WebSockets are the common case (thousands held open), so
@@ -18,8 +19,14 @@ use crate::routes::Entry;
 /// 10.0 KiB in the benchmark (docs/benchmarks.md), with no loss in echo round trips.
 const SPLICE_BUF: usize = 4 * 1024;
 
-/// Copies bytes both ways between an upgraded client and upstream connection.
-pub async fn splice(client: OnUpgrade, upstream: OnUpgrade, entry: Arc<Entry>) {
+/// Copies bytes both ways between an upgraded client and upstream connection; the stream's
+/// admission (its sandbox's in-use mark) finishes when it ends.
+pub async fn splice(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    entry: Arc<Entry>,
+    admission: OwnedAdmission,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {
@@ -39,6 +46,7 @@ pub async fn splice(client: OnUpgrade, upstream: OnUpgrade, entry: Arc<Entry>) {
         tracing::debug!(sandbox = %entry.id, error = %e, "upgraded connection ended");
     }
     entry.touch();
+    drop(admission);
 }
 
 /// Marks the sandbox used whenever bytes move through the wrapped side.

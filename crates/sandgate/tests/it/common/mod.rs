@@ -35,7 +35,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// First sandbox port handed to tests; blocks of `PORTS_PER_GATEWAY` follow. Below the
 /// kernel's ephemeral range (32768+), so listeners on port 0 never take them.
-const FIRST_TEST_PORT: u16 = 31000;
+const FIRST_TEST_PORT: u16 = 24000;
 const LAST_TEST_PORT: u16 = 32760;
 pub const PORTS_PER_GATEWAY: u16 = 20;
 static NEXT_PORT: AtomicU16 = AtomicU16::new(FIRST_TEST_PORT);

@@ -1,0 +1,296 @@
+//! Admission: what a request the policy let through holds while it is forwarded, taken once
+//! in whichever lane forwards it, and the finish step that runs once when it ends.
+//!
+//! A forwarded request holds one slot of `MAX_CONCURRENT_REQUESTS` (one atomic counter, no
+//! queue: over the cap is refused at once), one slot of its client address's share
+//! (`max_requests_per_client`, so slow clients from one address cannot hold every slot) and
+//! its sandbox's in-use mark (the idle reaper leaves it alone). Dropping the [`Admission`] is
+//! the finish step: slots are returned and the per-loop finish counters (where metrics and the
+//! access log hook) count it.
+//!
+//! Every event loop takes and returns slots per request, so these counters are words both
+//! loops write; a semaphore (a compare-and-swap, a mutex taken on every release and a
+//! reference count) cost several times that in cache-line transfers between cores
+//! (docs/benchmarks.md). The per-client share is a fixed table of counters indexed by a hash
+//! of the address: no lock, no allocation per client, bounded memory whatever the traffic;
+//! two addresses that share a counter share its cap (conservative, never more than the cap).
+
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::error::Error;
+use crate::routes::{Activity, InUse};
+
+/// Counters of the per-client share (a power of two).
+const CLIENT_COUNTERS: usize = 4096;
+
+/// How a finished request ended, for the finish counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// Forwarded to a sandbox (whatever its status).
+    Forwarded,
+    /// Switched protocols (WebSocket) and spliced until either side closed.
+    Upgraded,
+    /// Answered by the gateway itself: the control API, a redirect or an error.
+    Answered,
+}
+
+/// One event loop's finish counters, on a cache line of their own.
+#[repr(align(128))]
+#[derive(Default)]
+struct LoopCounters {
+    forwarded: AtomicU64,
+    upgraded: AtomicU64,
+    answered: AtomicU64,
+}
+
+/// Requests finished so far, by how they ended (sums over every event loop).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FinishedCounts {
+    pub forwarded: u64,
+    pub upgraded: u64,
+    pub answered: u64,
+}
+
+pub struct Limits {
+    in_flight: AtomicUsize,
+    max: usize,
+    per_client: Box<[AtomicUsize]>,
+    per_client_max: usize,
+    hasher: foldhash::fast::FixedState,
+    finished: Box<[LoopCounters]>,
+}
+
+impl Limits {
+    /// `max` requests in flight, at most `per_client_max` of them from one client address;
+    /// finish counters for `loops` event loops.
+    pub fn new(max: usize, per_client_max: usize, loops: usize) -> Limits {
+        Limits {
+            in_flight: AtomicUsize::new(0),
+            max,
+            per_client: (0..CLIENT_COUNTERS).map(|_| AtomicUsize::new(0)).collect(),
+            per_client_max,
+            hasher: foldhash::fast::FixedState::with_seed(rand::random()),
+            finished: (0..loops.max(1)).map(|_| LoopCounters::default()).collect(),
+        }
+    }
+
+    /// Admits one request from `client` to the sandbox whose in-use mark is `in_use`, or
+    /// refuses it: `Overloaded` at `MAX_CONCURRENT_REQUESTS`, `ClientOverloaded` at the
+    /// client's share. `L` is `&Limits` where the request's lifetime is a scope (the fast
+    /// lane), `Arc<Limits>` where it travels with a response body.
+    pub fn admit<L, A>(this: L, client: IpAddr, in_use: InUse<A>) -> Result<Admission<L, A>, Error>
+    where
+        L: Deref<Target = Limits>,
+        A: Deref<Target = Activity>,
+    {
+        if !take(&this.in_flight, this.max) {
+            return Err(Error::Overloaded);
+        }
+        let counter = this.counter(client);
+        if !take(&this.per_client[counter], this.per_client_max) {
+            this.in_flight.fetch_sub(1, Ordering::Release);
+            return Err(Error::ClientOverloaded);
+        }
+        Ok(Admission {
+            limits: this,
+            counter: counter as u32,
+            holds_slots: true,
+            upgraded: false,
+            in_use,
+        })
+    }
+
+    fn counter(&self, client: IpAddr) -> usize {
+        let mut h = self.hasher.build_hasher();
+        client.hash(&mut h);
+        std::hash::Hasher::finish(&h) as usize & (CLIENT_COUNTERS - 1)
+    }
+
+    /// Counts a request the gateway answered itself (never admitted).
+    pub fn answered(&self) {
+        self.count(Finished::Answered);
+    }
+
+    fn count(&self, how: Finished) {
+        let i = crate::event_loop::current().min(self.finished.len() - 1);
+        let c = &self.finished[i];
+        let counter = match how {
+            Finished::Forwarded => &c.forwarded,
+            Finished::Upgraded => &c.upgraded,
+            Finished::Answered => &c.answered,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests finished so far, over every loop.
+    pub fn finished(&self) -> FinishedCounts {
+        let mut sum = FinishedCounts::default();
+        for c in self.finished.iter() {
+            sum.forwarded += c.forwarded.load(Ordering::Relaxed);
+            sum.upgraded += c.upgraded.load(Ordering::Relaxed);
+            sum.answered += c.answered.load(Ordering::Relaxed);
+        }
+        sum
+    }
+
+    /// Forwarded requests in flight (responses still streaming included).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// Takes one of `max` slots of `counter`; never refuses while fewer than `max` are taken.
+fn take(counter: &AtomicUsize, max: usize) -> bool {
+    let mut n = counter.load(Ordering::Relaxed);
+    loop {
+        if n >= max {
+            return false;
+        }
+        match counter.compare_exchange_weak(n, n + 1, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(now) => n = now,
+        }
+    }
+}
+
+/// One admitted request: its slots and its sandbox's in-use mark, returned when it is
+/// dropped, which is its finish step.
+pub struct Admission<L: Deref<Target = Limits>, A: Deref<Target = Activity> = Arc<Activity>> {
+    limits: L,
+    counter: u32,
+    holds_slots: bool,
+    upgraded: bool,
+    in_use: InUse<A>,
+}
+
+/// An admission that can travel with a response body or an upgraded connection.
+pub type OwnedAdmission = Admission<Arc<Limits>, Arc<Activity>>;
+
+impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
+    /// The request switched protocols: its slots cover requests, not long-lived upgraded
+    /// connections, so they are returned now; the in-use mark stays until the stream ends.
+    pub fn upgraded(&mut self) {
+        self.release_slots();
+        self.upgraded = true;
+    }
+
+    /// The sandbox's activity (an upgraded stream touches it on traffic).
+    pub fn activity(&self) -> &Activity {
+        self.in_use.activity()
+    }
+
+    fn release_slots(&mut self) {
+        if std::mem::take(&mut self.holds_slots) {
+            self.limits.in_flight.fetch_sub(1, Ordering::Release);
+            self.limits.per_client[self.counter as usize].fetch_sub(1, Ordering::Release);
+        }
+    }
+}
+
+impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Drop for Admission<L, A> {
+    fn drop(&mut self) {
+        self.release_slots();
+        self.limits.count(if self.upgraded {
+            Finished::Upgraded
+        } else {
+            Finished::Forwarded
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::Routes;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn entry() -> (Routes, Arc<crate::routes::Entry>) {
+        let routes = Routes::default();
+        let sb = crate::model::Sandbox::for_tests("sb-abcdefghijklmnop");
+        routes.put(sb);
+        let e = routes.get("sb-abcdefghijklmnop").unwrap();
+        (routes, e)
+    }
+
+    #[test]
+    fn slots_are_taken_up_to_the_caps_and_returned_on_drop() {
+        let (_routes, e) = entry();
+        let limits = Arc::new(Limits::new(3, 2, 1));
+        let a = Limits::admit(limits.clone(), ip("10.0.0.1"), e.in_use()).unwrap();
+        let b = Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped()).unwrap();
+        assert!(e.busy());
+        // The client's share is used up; another client still gets the last slot.
+        assert!(matches!(
+            Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped()),
+            Err(Error::ClientOverloaded)
+        ));
+        let c = Limits::admit(&*limits, ip("10.0.0.2"), e.in_use_scoped()).unwrap();
+        assert!(matches!(
+            Limits::admit(&*limits, ip("10.0.0.3"), e.in_use_scoped()),
+            Err(Error::Overloaded)
+        ));
+        assert_eq!(limits.in_flight(), 3);
+        drop((a, b, c));
+        assert_eq!(limits.in_flight(), 0);
+        assert!(!e.busy());
+        assert_eq!(limits.finished().forwarded, 3);
+        // Refusals returned every slot they took.
+        let again: Vec<_> = (0..2)
+            .map(|_| Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped()).unwrap())
+            .collect();
+        drop(again);
+    }
+
+    #[test]
+    fn an_upgraded_stream_gives_back_its_slots_but_stays_in_use() {
+        let (_routes, e) = entry();
+        let limits = Arc::new(Limits::new(1, 1, 2));
+        let mut a = Limits::admit(limits.clone(), ip("::1"), e.in_use()).unwrap();
+        a.upgraded();
+        assert_eq!(limits.in_flight(), 0);
+        assert!(e.busy());
+        let b = Limits::admit(&*limits, ip("::1"), e.in_use_scoped()).unwrap();
+        drop(b);
+        drop(a);
+        assert!(!e.busy());
+        let f = limits.finished();
+        assert_eq!((f.forwarded, f.upgraded), (1, 1));
+    }
+
+    /// Threads racing for the slots never take more than the cap, and never fewer while
+    /// slots are free: with as many threads as slots, every one succeeds.
+    #[test]
+    fn racing_takers_get_exactly_the_free_slots() {
+        let (_routes, e) = entry();
+        let limits = Arc::new(Limits::new(8, 8, 1));
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let taken: Vec<_> = (0..8)
+            .map(|_| {
+                let (limits, barrier, e) = (limits.clone(), barrier.clone(), e.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    Limits::admit(limits, ip("127.0.0.1"), e.in_use()).ok()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        assert!(taken.iter().all(Option::is_some));
+        assert_eq!(limits.in_flight(), 8);
+        assert!(Limits::admit(&*limits, ip("127.0.0.2"), e.in_use_scoped()).is_err());
+        drop(taken);
+        assert_eq!(limits.in_flight(), 0);
+    }
+}

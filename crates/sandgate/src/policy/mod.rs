@@ -1,0 +1,255 @@
+//! The request policy: the one place where a request's fate is decided, for both proxy lanes.
+//!
+//! Three steps, after DESIGN.md §8 (pingora's phases, sozu's one router for H1 and H2):
+//! - **check** ([`Policy::check`]): a pure, synchronous function of the request head (method,
+//!   host, path, query, peer address, and the [`Facts`] one pass over its fields yields) that
+//!   says what happens to it: forward to a sandbox port, hand to the control API, answer with
+//!   a redirect, or refuse with an error. It touches no counter, so a lane that hands a request
+//!   to the other may ask again and get the same answer.
+//! - **admit** ([`Policy::admit`]): exactly once, in the lane that forwards the request: the
+//!   concurrency slot, the client address's share, the sandbox's in-use mark (later: rate-limit
+//!   tokens). A stopped sandbox is woken ([`Policy::wake`]) only after `check` let the request
+//!   through.
+//! - **finish**: dropping the [`Admission`] when the response or upgraded stream ends (or
+//!   [`Policy::answered`] for what the gateway answers itself): where metrics and the access
+//!   log hook.
+
+pub mod head;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+
+use crate::admission::{Admission, Limits, OwnedAdmission};
+use crate::backend::{Backend, Upstream};
+use crate::error::Error;
+use crate::manager::Manager;
+use crate::model::{Mode, Sandbox, Status};
+use crate::proxy::Target;
+use crate::routes::{Activity, Entry, Routes};
+use crate::routing::{self, Route};
+pub use head::{facts, Facts, Fields, Framing};
+
+/// A request head as the policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    pub method: &'a str,
+    /// The authority of an absolute-form target (`GET http://host/path`), which wins over the
+    /// `Host` field (RFC 9112 §3.2.2); `:authority` for HTTP/2.
+    pub authority: Option<&'a str>,
+    /// The first `Host` field.
+    pub host: Option<&'a str>,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub peer: IpAddr,
+    pub facts: &'a Facts<'a>,
+}
+
+/// What happens to a request.
+pub enum Decision {
+    /// Forward it to a sandbox port.
+    Proxy(Grant),
+    /// Hand it to the control API.
+    Api,
+    /// Answer with a redirect to this location (`/sandbox/{id}` → `/sandbox/{id}/`).
+    Redirect(String),
+    /// Refuse it with this error.
+    Deny(Error),
+}
+
+/// A request the policy lets through to a sandbox.
+pub struct Grant {
+    pub target: Target,
+    /// Where to connect; `None` while the sandbox is stopped and must be woken first.
+    pub upstream: Option<Upstream>,
+    /// The request asks for a protocol switch the gateway splices (`upgrade_protocols`).
+    pub upgrade: bool,
+    /// The client prefers HTML error pages.
+    pub html: bool,
+}
+
+impl Grant {
+    /// The sandbox is stopped (and persistent): it is started before the request goes on.
+    pub fn needs_wake(&self) -> bool {
+        self.upstream.is_none()
+    }
+}
+
+pub struct Policy {
+    routes: Arc<Routes>,
+    manager: Arc<Manager>,
+    backend: Arc<dyn Backend>,
+    limits: Arc<Limits>,
+    domain: String,
+    upgrade_protocols: Vec<String>,
+    wake_timeout: Duration,
+}
+
+impl Policy {
+    pub fn new(
+        routes: Arc<Routes>,
+        manager: Arc<Manager>,
+        limits: Arc<Limits>,
+        config: &crate::config::Config,
+    ) -> Policy {
+        Policy {
+            routes,
+            backend: manager.backend().clone(),
+            manager,
+            limits,
+            domain: config.domain.clone(),
+            upgrade_protocols: config.upgrade_protocols.clone(),
+            wake_timeout: config.wake_timeout,
+        }
+    }
+
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
+    /// Decides what happens to a request. Pure: no counter, no I/O.
+    pub fn check(&self, head: &Head<'_>) -> Decision {
+        if let Some(why) = head.facts.ambiguous {
+            return Decision::Deny(Error::BadFraming(why));
+        }
+        if head.facts.hosts > 1 {
+            return Decision::Deny(Error::BadFraming("more than one Host field"));
+        }
+        if head.method == "CONNECT" {
+            return Decision::Deny(Error::MethodNotAllowed);
+        }
+        let host = head.authority.or(head.host);
+        let route = match routing::classify(host, head.path, &self.domain) {
+            Ok(r) => r,
+            Err(e) => return Decision::Deny(e),
+        };
+        let routes = &self.routes;
+        let (sandbox, port, prefix) = match route {
+            Route::Api => return Decision::Api,
+            Route::Host { id, port } => match routes.get(id) {
+                Some(sb) => (sb, Some(port), None),
+                None => return Decision::Deny(Error::SandboxNotFound(id.to_string())),
+            },
+            Route::Id { id, prefix } => match routes.get(id) {
+                Some(sb) => (sb, None, Some(prefix)),
+                None => return Decision::Deny(Error::SandboxNotFound(id.to_string())),
+            },
+            Route::Path {
+                owner,
+                name,
+                prefix,
+            } => match routes.get_by_path(owner, name) {
+                Some(sb) => (sb, None, Some(prefix)),
+                None => return Decision::Api,
+            },
+            Route::AddSlash { id_route, path } => {
+                if !id_route {
+                    let mut segs = path[1..].splitn(2, '/');
+                    let (owner, name) = (segs.next().unwrap_or(""), segs.next().unwrap_or(""));
+                    if routes.get_by_path(owner, name).is_none() {
+                        return Decision::Api;
+                    }
+                }
+                let query = head.query.map(|q| format!("?{q}")).unwrap_or_default();
+                return Decision::Redirect(format!("{path}/{query}"));
+            }
+        };
+        let port = match port.or(sandbox.port) {
+            Some(p) => p,
+            None => return Decision::Deny(port_not_exposed(&sandbox, 0)),
+        };
+        let upstream = match sandbox.status {
+            Status::Running => match self.backend.upstream(&sandbox, port) {
+                Some(u) => Some(u),
+                None => return Decision::Deny(port_not_exposed(&sandbox, port)),
+            },
+            Status::Stopped if sandbox.mode == Mode::Persistent => None,
+            status => {
+                return Decision::Deny(Error::NotRunning {
+                    id: sandbox.id.clone(),
+                    status: status.to_string(),
+                })
+            }
+        };
+        let upgrade = head.facts.upgrade.is_some_and(|p| {
+            self.upgrade_protocols
+                .iter()
+                .any(|allowed| p.eq_ignore_ascii_case(allowed.as_bytes()))
+        });
+        Decision::Proxy(Grant {
+            target: Target {
+                sandbox,
+                port,
+                prefix: prefix.and_then(prefix_header),
+            },
+            upstream,
+            upgrade,
+            html: head.facts.html,
+        })
+    }
+
+    /// Admits a granted request for forwarding within the caller's scope (the fast lane).
+    pub fn admit<'a>(
+        &'a self,
+        target: &'a Target,
+        peer: IpAddr,
+    ) -> Result<Admission<&'a Limits, &'a Activity>, Error> {
+        Limits::admit(&*self.limits, peer, target.sandbox.in_use_scoped())
+    }
+
+    /// Admits a granted request whose admission travels with its response body (hyper lane).
+    pub fn admit_owned(&self, target: &Target, peer: IpAddr) -> Result<OwnedAdmission, Error> {
+        Limits::admit(self.limits.clone(), peer, target.sandbox.in_use())
+    }
+
+    /// The finish step of a request the gateway answered itself.
+    pub fn answered(&self) {
+        self.limits.answered();
+    }
+
+    /// Starts the stopped persistent sandbox of a granted request and waits (bounded by
+    /// `wake_timeout`) for its port to accept connections; the grant then has its upstream.
+    pub async fn wake(&self, mut grant: Grant) -> Result<Grant, Error> {
+        let id = grant.target.sandbox.id.clone();
+        tracing::info!(sandbox = %id, "waking on request");
+        self.manager.start(&id).await?;
+        let entry = self
+            .routes
+            .get(&id)
+            .ok_or_else(|| Error::SandboxNotFound(id.clone()))?;
+        let upstream = self
+            .backend
+            .upstream(&entry, grant.target.port)
+            .ok_or_else(|| port_not_exposed(&entry, grant.target.port))?;
+        grant.target.sandbox = entry;
+        grant.upstream = Some(upstream);
+        let deadline = tokio::time::Instant::now() + self.wake_timeout;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if upstream.dial().await.is_ok() {
+                return Ok(grant);
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(Error::Starting(id));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+}
+
+fn port_not_exposed(sb: &Arc<Entry>, port: u16) -> Error {
+    let sb: &Sandbox = sb;
+    Error::PortNotExposed {
+        id: sb.id.clone(),
+        port,
+    }
+}
+
+/// A route prefix as the `X-Forwarded-Prefix` value it becomes. Prefixes are built from
+/// validated ids and labels (`/`, `a-z`, `0-9`, `-`), which are always valid header values.
+fn prefix_header(prefix: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(prefix).ok()
+}
