@@ -456,10 +456,16 @@ impl Lane {
                     Some(Ok(s)) => s,
                     Some(Err(e)) => {
                         let err = upstream_error(sb, f.target.port, e);
-                        return self.fail(&err, &f, has_body).await;
+                        return {
+                            drop(admission);
+                            self.fail(&err, &f, has_body).await
+                        };
                     }
                     None => {
-                        return self.fail(&timeout_error(&f, timeout), &f, has_body).await;
+                        return {
+                            drop(admission);
+                            self.fail(&timeout_error(&f, timeout), &f, has_body).await
+                        };
                     }
                 }
             }
@@ -482,7 +488,10 @@ impl Lane {
             }
             if let Err(e) = sent {
                 let err = protocol_error(&f, &e);
-                return self.fail(&err, &f, !req.done()).await;
+                return {
+                    drop(admission);
+                    self.fail(&err, &f, !req.done()).await
+                };
             }
             let got = read_response_head(
                 &mut up,
@@ -492,6 +501,7 @@ impl Lane {
                 &mut req,
                 timer.as_mut(),
                 timeout,
+                proxy.body_timeout(),
             )
             .await;
             match got {
@@ -513,6 +523,8 @@ impl Lane {
             Err(e) => {
                 let err = match e {
                     HeadError::Timeout => timeout_error(&f, timeout),
+                    HeadError::BodyStalled(true) => Error::BodyTimeout(proxy.body_timeout()),
+                    HeadError::BodyStalled(false) => timeout_error(&f, proxy.body_timeout()),
                     HeadError::Closed => protocol_error(
                         &f,
                         &io::Error::new(
@@ -529,7 +541,10 @@ impl Lane {
                         return Step::Close;
                     }
                 };
-                return self.fail(&err, &f, !req.done()).await;
+                return {
+                    drop(admission);
+                    self.fail(&err, &f, !req.done()).await
+                };
             }
         };
 
@@ -541,7 +556,10 @@ impl Lane {
                     id: sb.id.clone(),
                     reason: reason.into(),
                 };
-                return self.fail(&err, &f, !req.done()).await;
+                return {
+                    drop(admission);
+                    self.fail(&err, &f, !req.done()).await
+                };
             }
         };
         ubuf.consume(head_len);
@@ -668,8 +686,9 @@ impl Lane {
         })
     }
 
-    /// Answers with the gateway's own error. The connection stays open only if the request
-    /// was read completely and the client wants that.
+    /// Answers with the gateway's own error (the request's admission already finished, so
+    /// that the client's next request finds its slot free). The connection stays open only
+    /// if the request was read completely and the client wants that.
     async fn fail(&mut self, err: &Error, f: &Forward, body_unread: bool) -> Step {
         let close = body_unread || !f.facts.keep_alive;
         head::write_full(&mut self.rout, &err.to_response(f.facts.html), close);
@@ -727,6 +746,9 @@ struct RequestBody {
     broken: bool,
     /// Writing to the sandbox failed: the rest of the body is not sent.
     abandoned: bool,
+    /// Body bytes moved so far (read from the client or written on): progress, for the body
+    /// timeout.
+    moved: u64,
 }
 
 impl RequestBody {
@@ -743,6 +765,7 @@ impl RequestBody {
             pending: 0,
             broken: false,
             abandoned: false,
+            moved: 0,
         }
     }
 
@@ -815,6 +838,7 @@ impl RequestBody {
                 match Pin::new(&mut *up).poll_write(cx, chunk) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => self.abandoned = true,
                     Poll::Ready(Ok(w)) => {
+                        self.moved += w as u64;
                         rbuf.consume(w);
                         self.pending -= w;
                     }
@@ -831,7 +855,7 @@ impl RequestBody {
             }
             match rbuf.poll_fill_body(cx, client) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(n)) => self.moved += n as u64,
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -855,6 +879,9 @@ impl HeadError {
 
 enum HeadError {
     Timeout,
+    /// The request body moved no byte for the body timeout: `true` if the gateway was waiting
+    /// for the client, `false` if for the sandbox to take it.
+    BodyStalled(bool),
     /// The sandbox closed the connection before a complete head.
     Closed,
     Io(io::Error),
@@ -874,8 +901,12 @@ async fn read_response_head(
     req: &mut RequestBody,
     mut timer: Pin<&mut Sleep>,
     timeout: std::time::Duration,
+    body_timeout: std::time::Duration,
 ) -> Result<usize, HeadError> {
-    timer.as_mut().reset(Instant::now() + timeout);
+    // While the body streams, the timer watches for it to stall; then for the answer.
+    let wait = if req.done() { timeout } else { body_timeout };
+    timer.as_mut().reset(Instant::now() + wait);
+    let mut moved = req.moved;
     // While the client is unwatched, the loop's ticker wakes this task to register it once
     // the wait has lasted (`watch`), so that a client that left is noticed.
     let mut unwatched = watch::Wait::default();
@@ -900,7 +931,16 @@ async fn read_response_head(
                         timer.as_mut().reset(Instant::now() + timeout);
                     }
                     Poll::Ready(Err(())) => return Poll::Ready(Err(HeadError::ClientGone)),
-                    Poll::Pending => {}
+                    Poll::Pending => {
+                        if req.moved != moved {
+                            moved = req.moved;
+                            timer.as_mut().reset(Instant::now() + body_timeout);
+                        }
+                        if timer.as_mut().poll(cx).is_ready() {
+                            let client_side = req.pending == 0;
+                            return Poll::Ready(Err(HeadError::BodyStalled(client_side)));
+                        }
+                    }
                 }
             } else if client.is_polled() && rbuf.poll_gone(cx, client) {
                 return Poll::Ready(Err(HeadError::ClientGone));

@@ -166,7 +166,7 @@ pub fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// pairs, and before the first if `out` is not empty).
 pub fn cookies_without_ours(value: &[u8], out: &mut Vec<u8>) {
     for c in value.split(|&b| b == b';').map(<[u8]>::trim_ascii) {
-        if c.is_empty() || c.starts_with(GATEWAY_COOKIE_PREFIX.as_bytes()) {
+        if c.is_empty() || is_gateway_cookie(c) {
             continue;
         }
         if !out.is_empty() {
@@ -174,6 +174,13 @@ pub fn cookies_without_ours(value: &[u8], out: &mut Vec<u8>) {
         }
         out.extend_from_slice(c);
     }
+}
+
+/// Whether a cookie pair is the gateway's own: its name starts with `sandgate`, in any case
+/// (so no spelling of one reaches a sandbox).
+fn is_gateway_cookie(pair: &[u8]) -> bool {
+    let p = GATEWAY_COOKIE_PREFIX.as_bytes();
+    pair.len() >= p.len() && pair[..p.len()].eq_ignore_ascii_case(p)
 }
 
 /// Whether a `Cookie` value may hold a gateway cookie (then it must be filtered).

@@ -12,6 +12,7 @@ mod health;
 mod idle;
 mod isolation;
 mod lifecycle;
+mod policy;
 mod proxy;
 mod restart;
 mod streaming;
