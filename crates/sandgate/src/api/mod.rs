@@ -1,7 +1,8 @@
 //! The control API (axum): sandboxes and health. Each submodule exposes `router()`; this module
-//! joins them, adds the JSON 404/405 fallbacks and the body extractor that maps every rejection
-//! onto the gateway's error shape.
+//! joins them behind the cross-site guard (`guard`), adds the JSON 404/405 fallbacks and the
+//! body extractor that maps every rejection onto the gateway's error shape.
 
+pub mod guard;
 pub mod health;
 pub mod sandboxes;
 
@@ -32,6 +33,7 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
+    let guard = Arc::new(guard::Guard::new(&state.config));
     Router::new()
         .merge(sandboxes::router())
         .merge(health::router())
@@ -39,11 +41,13 @@ pub fn router(state: AppState) -> Router {
             Error::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
         })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(guard, guard::check))
         .with_state(state)
 }
 
 /// A JSON body, read up to the configured limit. An empty body deserialises as `T::default()`
-/// (seed 004 creates sandboxes with a bare `POST /sandboxes`).
+/// (seed 004 creates sandboxes with a bare `POST /sandboxes`). Its media type was checked by
+/// `guard`.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned + Default> FromRequest<AppState> for ApiJson<T> {
@@ -51,14 +55,6 @@ impl<T: DeserializeOwned + Default> FromRequest<AppState> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Error> {
         let limit = state.config.api_body_limit;
-        if let Some(ct) = req.headers().get(http::header::CONTENT_TYPE) {
-            let ct = ct.to_str().unwrap_or("");
-            if !ct.is_empty() && !ct.starts_with("application/json") && !ct.contains("+json") {
-                return Err(Error::BadRequest(format!(
-                    "expected Content-Type: application/json, got {ct:?}"
-                )));
-            }
-        }
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|_| Error::PayloadTooLarge(limit))?;

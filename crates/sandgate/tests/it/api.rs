@@ -1,13 +1,15 @@
-//! The control API: create, list, inspect, stop/start, delete, logs, and every refusal's status
-//! and error shape.
+//! The control API: create, list, inspect, stop/start, delete, logs, every refusal's status
+//! and error shape, and the cross-site guard (host, origin, media type).
 
 use std::collections::BTreeMap;
 
-use hyper::Method;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request};
 use sandgate::config::RuntimeConfig;
 use serde_json::json;
 
-use crate::common::{eventually, fixture_body, TestGateway, READY_TIMEOUT};
+use crate::common::{eventually, fixture_body, send_h2, Reply, TestGateway, READY_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn create_returns_201_with_the_sandbox() {
@@ -280,5 +282,170 @@ async fn logs_return_what_the_command_printed() {
         text.contains(&format!("listening on 127.0.0.1:{}", sb.allocated_port)),
         "{text}"
     );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_changing_bodies_must_be_json() {
+    let gw = TestGateway::start().await;
+    let body = fixture_body().to_string();
+    let cases: Vec<(&str, Option<&str>, String)> =
+        vec![
+        ("text/plain", Some("text/plain"), body.clone()),
+        ("no Content-Type", None, body.clone()),
+        ("+json parameter", Some("text/plain; charset=+json"), body.clone()),
+        ("unknown parameter", Some("application/json; foo=bar"), body.clone()),
+        ("json-ish type", Some("application/jsonx"), body.clone()),
+        (
+            "form",
+            Some("application/x-www-form-urlencoded"),
+            "runtime=shell&command=id".into(),
+        ),
+        (
+            "multipart",
+            Some("multipart/form-data; boundary=XyZ"),
+            "--XyZ\r\nContent-Disposition: form-data; name=\"runtime\"\r\n\r\nshell\r\n--XyZ--\r\n"
+                .into(),
+        ),
+    ];
+    for (what, ctype, body) in cases {
+        let mut req = gw.post("/sandboxes").body(body);
+        if let Some(ctype) = ctype {
+            req = req.header("content-type", ctype);
+        }
+        let message = req.send().await.expect_error(415, "unsupported_media_type");
+        assert!(message.contains("application/json"), "{what}: {message}");
+        assert_eq!(gw.count().await, 0, "{what} created a sandbox");
+    }
+    // The same body as JSON (with the one parameter allowed) creates it.
+    let r = gw
+        .post("/sandboxes")
+        .header("content-type", "Application/JSON; charset=UTF-8")
+        .body(body)
+        .send()
+        .await;
+    r.expect(201);
+    let id = r.json()["id"].as_str().expect("id").to_string();
+    // Body-less state changes carry no media type and need none.
+    gw.post(&format!("/sandboxes/{id}/stop"))
+        .send()
+        .await
+        .expect(200);
+    gw.delete(&format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .expect(200);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_changes_from_another_origin_are_403() {
+    let gw = TestGateway::start().await;
+    for origin in ["http://evil.example", "null", "http://10.9.8.7:8070"] {
+        let r = gw
+            .post("/sandboxes")
+            .header("origin", origin)
+            .json(&fixture_body())
+            .send()
+            .await;
+        r.expect_error(403, "forbidden_origin");
+        // A body-less create (a cross-site form or fetch needs no preflight) too.
+        gw.post("/sandboxes")
+            .header("origin", origin)
+            .send()
+            .await
+            .expect_error(403, "forbidden_origin");
+    }
+    assert_eq!(gw.count().await, 0);
+    // Reads are not refused by origin (a rebound page is stopped by its Host instead).
+    gw.get("/sandboxes")
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .expect(200);
+    // The gateway's own origin, by address or by name, may change state.
+    let own = gw.url("");
+    let port = gw.addr.port();
+    let r = gw
+        .post("/sandboxes")
+        .header("origin", &own)
+        .json(&fixture_body())
+        .send()
+        .await;
+    r.expect(201);
+    let id = r.json()["id"].as_str().expect("id").to_string();
+    gw.delete(&format!("/sandboxes/{id}"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .expect_error(403, "forbidden_origin");
+    gw.delete(&format!("/sandboxes/{id}"))
+        .header("origin", &format!("http://localhost:{port}"))
+        .send()
+        .await
+        .expect(200);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_answers_only_to_its_own_host_names() {
+    let gw = TestGateway::builder()
+        .config(|c| c.allowed_hosts = vec!["api.test".into(), ".corp.test".into()])
+        .start()
+        .await;
+    let port = gw.addr.port();
+    // DNS rebinding: a page at evil.example whose name now points at the gateway.
+    for host in [
+        "evil.example".to_string(),
+        format!("evil.example:{port}"),
+        format!("x.localhost:{port}"),
+        format!("api.test.evil.example:{port}"),
+    ] {
+        let r = gw.get("/sandboxes").header("host", &host).send().await;
+        let message = r.expect_error(421, "forbidden_host");
+        assert!(message.contains(&host), "{message}");
+        gw.post("/sandboxes")
+            .header("host", &host)
+            .json(&fixture_body())
+            .send()
+            .await
+            .expect_error(421, "forbidden_host");
+        gw.get("/health")
+            .header("host", &host)
+            .send()
+            .await
+            .expect_error(421, "forbidden_host");
+    }
+    assert_eq!(gw.count().await, 0);
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "127.0.0.1".to_string(),
+        format!("[::1]:{port}"),
+        "api.test".to_string(),
+        format!("API.test:{port}"),
+        "build.corp.test".to_string(),
+    ] {
+        gw.get("/sandboxes")
+            .header("host", &host)
+            .send()
+            .await
+            .expect(200);
+    }
+    // HTTP/2: the `:authority` is the name checked.
+    let h2 = |authority: &str| {
+        Request::builder()
+            .uri(format!("http://{authority}/sandboxes"))
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    };
+    let evil = send_h2(gw.addr, h2(&format!("evil.example:{port}"))).await;
+    let evil = Reply::read(evil.expect("h2 response")).await.expect("body");
+    evil.expect_error(421, "forbidden_host");
+    let own = send_h2(gw.addr, h2(&gw.addr.to_string())).await;
+    Reply::read(own.expect("h2 response"))
+        .await
+        .expect("body")
+        .expect(200);
     gw.shutdown().await;
 }
