@@ -1,6 +1,6 @@
 //! The control API (axum): sandboxes and health. Each submodule exposes `router()`; this module
 //! joins them behind the cross-site guard (`guard`), adds the JSON 404/405 fallbacks and the
-//! body extractor that maps every rejection onto the gateway's error shape.
+//! body and path extractors that map every rejection onto the gateway's error shape.
 
 pub mod guard;
 pub mod health;
@@ -9,8 +9,9 @@ pub mod sandboxes;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::Router;
+use http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use crate::config::Config;
@@ -64,5 +65,20 @@ impl<T: DeserializeOwned + Default> FromRequest<AppState> for ApiJson<T> {
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Path parameters; a rejection (percent-decoding to invalid UTF-8, a wrong type) becomes a
+/// 400 in the gateway's error shape instead of axum's plain text.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for ApiPath<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| ApiPath(v))
+            .map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))
     }
 }

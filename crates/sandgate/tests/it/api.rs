@@ -449,3 +449,25 @@ async fn the_api_answers_only_to_its_own_host_names() {
         .expect(200);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rejected_paths_and_methods_have_the_error_shape() {
+    let gw = TestGateway::start().await;
+    for (method, path, status, code) in [
+        (Method::GET, "/sandboxes/%ff%fe", 400, "bad_request"),
+        (Method::POST, "/sandboxes/%ff%fe/stop", 400, "bad_request"),
+        (Method::GET, "/sandboxes/%2e%2e", 400, "invalid_sandbox_id"),
+        (
+            Method::DELETE,
+            "/sandboxes/%2e%2e",
+            400,
+            "invalid_sandbox_id",
+        ),
+        (Method::PUT, "/sandboxes", 405, "method_not_allowed"),
+        (Method::GET, "/nowhere", 404, "not_found"),
+    ] {
+        let r = gw.req(method.clone(), path).send().await;
+        r.expect_error(status, code);
+    }
+    gw.shutdown().await;
+}
