@@ -8,6 +8,7 @@
 pub mod chunked;
 pub mod client;
 pub mod head;
+pub mod linger;
 pub mod prefixed;
 pub mod watch;
 
@@ -227,8 +228,10 @@ impl Lane {
                 Plan::Refuse(why) => {
                     let err = Error::BadRequest(format!("bad request framing: {why}"));
                     head::write_full(&mut self.rout, &err.to_response(false), true);
-                    let _ = self.client.write_all(&self.rout).await;
-                    let _ = self.client.shutdown().await;
+                    if self.client.write_all(&self.rout).await.is_ok() {
+                        // The client may be sending a body still: let it reach our answer.
+                        let _ = linger::close(&mut self.client).await;
+                    }
                     return None;
                 }
             };
