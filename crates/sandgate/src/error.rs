@@ -44,6 +44,12 @@ pub enum Error {
     Validation(String),
     #[error("request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("a request body here must be Content-Type: application/json, got {0}")]
+    UnsupportedMediaType(String),
+    #[error("requests from origin {0:?} may not change anything here")]
+    ForbiddenOrigin(String),
+    #[error("the control API does not answer to host {0:?}")]
+    ForbiddenHost(String),
     #[error("{0}")]
     Conflict(String),
     #[error("sandbox {0} is starting; retry shortly")]
@@ -88,6 +94,11 @@ impl Error {
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
             PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ForbiddenOrigin(_) => (StatusCode::FORBIDDEN, "forbidden_origin"),
+            ForbiddenHost(_) => (StatusCode::MISDIRECTED_REQUEST, "forbidden_host"),
             Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Starting(_) => (StatusCode::SERVICE_UNAVAILABLE, "sandbox_starting"),
             Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
@@ -107,6 +118,9 @@ impl Error {
             Error::NotRunning { status, .. } => Some(format!("status: {status}")),
             Error::UpstreamUnreachable { .. } => {
                 Some("is the dev server started and listening on its port?".into())
+            }
+            Error::ForbiddenHost(_) => {
+                Some("use the gateway's address, or add the name to SANDGATE_ALLOWED_HOSTS".into())
             }
             _ => None,
         }

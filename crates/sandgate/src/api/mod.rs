@@ -1,15 +1,17 @@
 //! The control API (axum): sandboxes and health. Each submodule exposes `router()`; this module
-//! joins them, adds the JSON 404/405 fallbacks and the body extractor that maps every rejection
-//! onto the gateway's error shape.
+//! joins them behind the cross-site guard (`guard`), adds the JSON 404/405 fallbacks and the
+//! body and path extractors that map every rejection onto the gateway's error shape.
 
+pub mod guard;
 pub mod health;
 pub mod sandboxes;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::Router;
+use http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use crate::admission::Limits;
@@ -35,6 +37,7 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
+    let guard = Arc::new(guard::Guard::new(&state.config));
     Router::new()
         .merge(sandboxes::router())
         .merge(health::router())
@@ -42,11 +45,13 @@ pub fn router(state: AppState) -> Router {
             Error::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
         })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(guard, guard::check))
         .with_state(state)
 }
 
 /// A JSON body, read up to the configured limit. An empty body deserialises as `T::default()`
-/// (seed 004 creates sandboxes with a bare `POST /sandboxes`).
+/// (seed 004 creates sandboxes with a bare `POST /sandboxes`). Its media type was checked by
+/// `guard`.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned + Default> FromRequest<AppState> for ApiJson<T> {
@@ -54,14 +59,6 @@ impl<T: DeserializeOwned + Default> FromRequest<AppState> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Error> {
         let limit = state.config.api_body_limit;
-        if let Some(ct) = req.headers().get(http::header::CONTENT_TYPE) {
-            let ct = ct.to_str().unwrap_or("");
-            if !ct.is_empty() && !ct.starts_with("application/json") && !ct.contains("+json") {
-                return Err(Error::BadRequest(format!(
-                    "expected Content-Type: application/json, got {ct:?}"
-                )));
-            }
-        }
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|_| Error::PayloadTooLarge(limit))?;
@@ -71,5 +68,20 @@ impl<T: DeserializeOwned + Default> FromRequest<AppState> for ApiJson<T> {
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Path parameters; a rejection (percent-decoding to invalid UTF-8, a wrong type) becomes a
+/// 400 in the gateway's error shape instead of axum's plain text.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for ApiPath<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| ApiPath(v))
+            .map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))
     }
 }

@@ -2,14 +2,14 @@
 //! and read logs. One response object serves seeds 000, 003 and 004 (see the README).
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
-use super::{ApiJson, AppState};
+use super::{ApiJson, ApiPath, AppState};
 use crate::error::Error;
 use crate::manager::CreateSandbox;
 use crate::model::{Sandbox, Status};
@@ -147,7 +147,7 @@ async fn list(State(state): State<AppState>) -> Result<Json<impl Serialize>, Err
 
 async fn inspect(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<SandboxView>, Error> {
     let sb = state.manager.get(&id).await?;
     state.routes.touch(&id);
@@ -156,7 +156,7 @@ async fn inspect(
 
 async fn start(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<SandboxView>, Error> {
     let sb = state.manager.start(&id).await?;
     Ok(Json(SandboxView::new(&sb, &state)))
@@ -164,7 +164,7 @@ async fn start(
 
 async fn stop(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<SandboxView>, Error> {
     let sb = state.manager.stop(&id).await?;
     Ok(Json(SandboxView::new(&sb, &state)))
@@ -172,7 +172,7 @@ async fn stop(
 
 async fn remove(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, Error> {
     state.manager.delete(&id).await?;
     Ok(Json(serde_json::json!({
@@ -184,7 +184,10 @@ async fn remove(
 }
 
 /// The sandbox's captured stdout and stderr, streamed as plain text.
-async fn logs(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, Error> {
+async fn logs(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, Error> {
     let sb = state.manager.get(&id).await?;
     state.routes.touch(&id);
     let stream = state

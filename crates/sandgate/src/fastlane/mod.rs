@@ -8,6 +8,7 @@
 pub mod chunked;
 pub mod client;
 pub mod head;
+pub mod linger;
 pub mod prefixed;
 pub mod watch;
 
@@ -240,8 +241,12 @@ impl Lane {
                     gw.policy.answered();
                     head::write_full(&mut self.rout, &err.to_response(html), close);
                     let written = self.client.write_all(&self.rout).await;
-                    if close || written.is_err() {
-                        let _ = self.client.shutdown().await;
+                    if written.is_err() {
+                        return None;
+                    }
+                    if close {
+                        // The client may be sending a body still: let it reach our answer.
+                        let _ = linger::close(&mut self.client).await;
                         return None;
                     }
                     self.rbuf.consume(head_len);
@@ -500,8 +505,7 @@ impl Lane {
                 &mut self.rbuf,
                 &mut req,
                 timer.as_mut(),
-                timeout,
-                proxy.body_timeout(),
+                proxy,
             )
             .await;
             match got {
@@ -892,7 +896,8 @@ enum HeadError {
 
 /// Reads a response head into `ubuf`, skipping or forwarding interim (1xx) responses, while
 /// the request body keeps streaming; the wait is bounded by `timeout` from when the request
-/// is out. Returns the head's length.
+/// is out (while the body streams, by the body timeout between bytes). Returns the head's
+/// length.
 async fn read_response_head(
     up: &mut TcpStream,
     ubuf: &mut Buf,
@@ -900,9 +905,9 @@ async fn read_response_head(
     rbuf: &mut Buf,
     req: &mut RequestBody,
     mut timer: Pin<&mut Sleep>,
-    timeout: std::time::Duration,
-    body_timeout: std::time::Duration,
+    proxy: &crate::proxy::Proxy,
 ) -> Result<usize, HeadError> {
+    let (timeout, body_timeout) = (proxy.timeout(), proxy.body_timeout());
     // While the body streams, the timer watches for it to stall; then for the answer.
     let wait = if req.done() { timeout } else { body_timeout };
     timer.as_mut().reset(Instant::now() + wait);

@@ -1,13 +1,19 @@
-//! The control API: create, list, inspect, stop/start, delete, logs, and every refusal's status
-//! and error shape.
+//! The control API: create, list, inspect, stop/start, delete, logs, every refusal's status
+//! and error shape, the cross-site guard (host, origin, media type), and answers that reach a
+//! client still sending its body (lingering close).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use hyper::Method;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request};
 use sandgate::config::RuntimeConfig;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::common::{eventually, fixture_body, TestGateway, READY_TIMEOUT};
+use crate::common::{
+    eventually, fixture_body, send_h2, Reply, TestGateway, READY_TIMEOUT, REQUEST_TIMEOUT,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn create_returns_201_with_the_sandbox() {
@@ -280,5 +286,293 @@ async fn logs_return_what_the_command_printed() {
         text.contains(&format!("listening on 127.0.0.1:{}", sb.allocated_port)),
         "{text}"
     );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_changing_bodies_must_be_json() {
+    let gw = TestGateway::start().await;
+    let body = fixture_body().to_string();
+    let cases: Vec<(&str, Option<&str>, String)> =
+        vec![
+        ("text/plain", Some("text/plain"), body.clone()),
+        ("no Content-Type", None, body.clone()),
+        ("+json parameter", Some("text/plain; charset=+json"), body.clone()),
+        ("unknown parameter", Some("application/json; foo=bar"), body.clone()),
+        ("json-ish type", Some("application/jsonx"), body.clone()),
+        (
+            "form",
+            Some("application/x-www-form-urlencoded"),
+            "runtime=shell&command=id".into(),
+        ),
+        (
+            "multipart",
+            Some("multipart/form-data; boundary=XyZ"),
+            "--XyZ\r\nContent-Disposition: form-data; name=\"runtime\"\r\n\r\nshell\r\n--XyZ--\r\n"
+                .into(),
+        ),
+    ];
+    for (what, ctype, body) in cases {
+        let mut req = gw.post("/sandboxes").body(body);
+        if let Some(ctype) = ctype {
+            req = req.header("content-type", ctype);
+        }
+        let message = req.send().await.expect_error(415, "unsupported_media_type");
+        assert!(message.contains("application/json"), "{what}: {message}");
+        assert_eq!(gw.count().await, 0, "{what} created a sandbox");
+    }
+    // The same body as JSON (with the one parameter allowed) creates it.
+    let r = gw
+        .post("/sandboxes")
+        .header("content-type", "Application/JSON; charset=UTF-8")
+        .body(body)
+        .send()
+        .await;
+    r.expect(201);
+    let id = r.json()["id"].as_str().expect("id").to_string();
+    // Body-less state changes carry no media type and need none.
+    gw.post(&format!("/sandboxes/{id}/stop"))
+        .send()
+        .await
+        .expect(200);
+    gw.delete(&format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .expect(200);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_changes_from_another_origin_are_403() {
+    let gw = TestGateway::start().await;
+    for origin in ["http://evil.example", "null", "http://10.9.8.7:8070"] {
+        let r = gw
+            .post("/sandboxes")
+            .header("origin", origin)
+            .json(&fixture_body())
+            .send()
+            .await;
+        r.expect_error(403, "forbidden_origin");
+        // A body-less create (a cross-site form or fetch needs no preflight) too.
+        gw.post("/sandboxes")
+            .header("origin", origin)
+            .send()
+            .await
+            .expect_error(403, "forbidden_origin");
+    }
+    assert_eq!(gw.count().await, 0);
+    // Reads are not refused by origin (a rebound page is stopped by its Host instead).
+    gw.get("/sandboxes")
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .expect(200);
+    // The gateway's own origin, by address or by name, may change state.
+    let own = gw.url("");
+    let port = gw.addr.port();
+    let r = gw
+        .post("/sandboxes")
+        .header("origin", &own)
+        .json(&fixture_body())
+        .send()
+        .await;
+    r.expect(201);
+    let id = r.json()["id"].as_str().expect("id").to_string();
+    gw.delete(&format!("/sandboxes/{id}"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .expect_error(403, "forbidden_origin");
+    gw.delete(&format!("/sandboxes/{id}"))
+        .header("origin", &format!("http://localhost:{port}"))
+        .send()
+        .await
+        .expect(200);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_answers_only_to_its_own_host_names() {
+    let gw = TestGateway::builder()
+        .config(|c| c.allowed_hosts = vec!["api.test".into(), ".corp.test".into()])
+        .start()
+        .await;
+    let port = gw.addr.port();
+    // DNS rebinding: a page at evil.example whose name now points at the gateway.
+    for host in [
+        "evil.example".to_string(),
+        format!("evil.example:{port}"),
+        format!("x.localhost:{port}"),
+        format!("api.test.evil.example:{port}"),
+    ] {
+        let r = gw.get("/sandboxes").header("host", &host).send().await;
+        let message = r.expect_error(421, "forbidden_host");
+        assert!(message.contains(&host), "{message}");
+        gw.post("/sandboxes")
+            .header("host", &host)
+            .json(&fixture_body())
+            .send()
+            .await
+            .expect_error(421, "forbidden_host");
+        gw.get("/health")
+            .header("host", &host)
+            .send()
+            .await
+            .expect_error(421, "forbidden_host");
+    }
+    assert_eq!(gw.count().await, 0);
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "127.0.0.1".to_string(),
+        format!("[::1]:{port}"),
+        "api.test".to_string(),
+        format!("API.test:{port}"),
+        "build.corp.test".to_string(),
+    ] {
+        gw.get("/sandboxes")
+            .header("host", &host)
+            .send()
+            .await
+            .expect(200);
+    }
+    // HTTP/2: the `:authority` is the name checked.
+    let h2 = |authority: &str| {
+        Request::builder()
+            .uri(format!("http://{authority}/sandboxes"))
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    };
+    let evil = send_h2(gw.addr, h2(&format!("evil.example:{port}"))).await;
+    let evil = Reply::read(evil.expect("h2 response")).await.expect("body");
+    evil.expect_error(421, "forbidden_host");
+    let own = send_h2(gw.addr, h2(&gw.addr.to_string())).await;
+    Reply::read(own.expect("h2 response"))
+        .await
+        .expect("body")
+        .expect(200);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rejected_paths_and_methods_have_the_error_shape() {
+    let gw = TestGateway::start().await;
+    for (method, path, status, code) in [
+        (Method::GET, "/sandboxes/%ff%fe", 400, "bad_request"),
+        (Method::POST, "/sandboxes/%ff%fe/stop", 400, "bad_request"),
+        (Method::GET, "/sandboxes/%2e%2e", 400, "invalid_sandbox_id"),
+        (
+            Method::DELETE,
+            "/sandboxes/%2e%2e",
+            400,
+            "invalid_sandbox_id",
+        ),
+        (Method::PUT, "/sandboxes", 405, "method_not_allowed"),
+        (Method::GET, "/nowhere", 404, "not_found"),
+    ] {
+        let r = gw.req(method.clone(), path).send().await;
+        r.expect_error(status, code);
+    }
+    gw.shutdown().await;
+}
+
+/// A client that writes its whole request before it reads anything, in Python: `http` mode is
+/// `http.client` sending `POST /sandboxes` with a 5 MiB JSON body as one buffer (`bytes`), as a
+/// file with a `Content-Length` (`file`: written 8 KiB at a time) or `chunked`; `raw` mode is a
+/// socket sending the given head, then 5 MiB at once. Prints the status, `x-sandgate-error`
+/// and body as JSON.
+const WRITE_THEN_READ: &str = r#"
+import http.client, io, json, socket, sys
+mode, port = sys.argv[1], int(sys.argv[2])
+big = b'{"command": "' + b"x" * (5 << 20) + b'"}'
+if mode == "http":
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    headers = {"Content-Type": "application/json"}
+    if sys.argv[3] == "chunked":
+        body = (big[i:i + 65536] for i in range(0, len(big), 65536))
+    elif sys.argv[3] == "file":
+        body = io.BytesIO(big)
+        headers["Content-Length"] = str(len(big))
+    else:
+        body = big
+    conn.request("POST", "/sandboxes", body=body, headers=headers)
+    resp = conn.getresponse()
+    out = {"status": resp.status, "error": resp.getheader("x-sandgate-error"),
+           "body": resp.read().decode()}
+else:
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    s.sendall(sys.argv[3].encode().replace(b"\n", b"\r\n") + big)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    fields = dict(l.lower().split(": ", 1) for l in lines[1:])
+    out = {"status": int(lines[0].split()[1]), "error": fields.get("x-sandgate-error"),
+           "body": body.decode()}
+print(json.dumps(out))
+"#;
+
+/// Runs `WRITE_THEN_READ`; `Err` holds what the client failed with.
+async fn write_then_read(args: &[&str]) -> Result<Value, String> {
+    let run = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(WRITE_THEN_READ)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(REQUEST_TIMEOUT, run)
+        .await
+        .expect("the python client finishes")
+        .expect("python3 runs");
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(err.lines().last().unwrap_or("").to_string());
+    }
+    Ok(serde_json::from_slice(&out.stdout).expect("the client prints JSON"))
+}
+
+fn assert_gateway_error(v: &Value, status: u16, code: &str) {
+    assert_eq!(v["status"], status, "{v}");
+    assert_eq!(v["error"], code, "{v}");
+    let body: Value = serde_json::from_str(v["body"].as_str().unwrap_or("")).expect("JSON body");
+    assert_eq!(body["error"]["code"], code, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_early_413_reaches_a_client_that_writes_its_whole_body_first() {
+    let gw = TestGateway::start().await;
+    let port = gw.addr.port().to_string();
+    // Without lingering, `file` and `chunked` fail with EPIPE or ECONNRESET; `bytes` often
+    // passes regardless (one write, which loopback's socket buffers take whole).
+    let mut results = Vec::new();
+    for framing in ["bytes", "file", "chunked"] {
+        results.push((framing, write_then_read(&["http", &port, framing]).await));
+    }
+    for (framing, result) in results {
+        let v = result.unwrap_or_else(|e| panic!("{framing}: the client failed: {e}"));
+        assert_gateway_error(&v, 413, "payload_too_large");
+    }
+    assert_eq!(gw.count().await, 0);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fast_lane_400_reaches_a_client_that_writes_its_whole_body_first() {
+    let gw = TestGateway::start().await;
+    let head = format!(
+        "POST /sandbox/sb-aaaaaaaaaaaaaaaa/ HTTP/1.1\nHost: {}\nContent-Length: {}\n\
+         Transfer-Encoding: chunked\n\n",
+        gw.addr,
+        5 << 20
+    );
+    let v = write_then_read(&["raw", &gw.addr.port().to_string(), &head])
+        .await
+        .unwrap_or_else(|e| panic!("the client failed: {e}"));
+    assert_gateway_error(&v, 400, "bad_request");
+    assert!(v["body"].as_str().unwrap_or("").contains("framing"), "{v}");
+    // The gateway still serves others once the lingering connection is gone.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    gw.get("/health").send().await.expect(200);
     gw.shutdown().await;
 }

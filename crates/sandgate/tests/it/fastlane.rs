@@ -353,7 +353,7 @@ async fn slow_heads_and_idle_connections_end_after_the_header_timeout(lane: Lane
 
     // The same after a control-API request, which hyper serves.
     let mut api = connect(gw.addr).await;
-    api.write_all(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+    api.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     let mut buf = Vec::new();
