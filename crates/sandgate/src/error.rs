@@ -60,6 +60,8 @@ pub enum Error {
     ClientOverloaded,
     #[error("bad request framing: {0}")]
     BadFraming(&'static str),
+    #[error("the request head is larger than the limit of {0} bytes or has more than 100 fields")]
+    HeadTooLarge(usize),
     #[error("the request body stalled for longer than {0:?}")]
     BodyTimeout(Duration),
     #[error("no free port left in the sandbox port range {0}")]
@@ -104,6 +106,10 @@ impl Error {
             Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ClientOverloaded => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             BadFraming(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            HeadTooLarge(_) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request_header_fields_too_large",
+            ),
             BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             PortsExhausted(_) => (StatusCode::SERVICE_UNAVAILABLE, "ports_exhausted"),
             RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -138,7 +144,10 @@ impl Error {
     /// Whether the connection must end after this error: the request's framing, or the rest of
     /// its body, cannot be trusted.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, Error::BadFraming(_) | Error::BodyTimeout(_))
+        matches!(
+            self,
+            Error::BadFraming(_) | Error::BodyTimeout(_) | Error::HeadTooLarge(_)
+        )
     }
 
     /// Renders the error as a response; `html` selects the browser page over JSON.

@@ -4,12 +4,15 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{HeaderValue, CONNECTION, HOST, LOCATION};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -20,7 +23,10 @@ use crate::proxy::body::GatewayBody;
 
 impl Gateway {
     /// Serves a connection with hyper (HTTP/1.x and h2c, the control API, upgrades), closing
-    /// it gracefully once `shutdown` fires.
+    /// it gracefully once `shutdown` fires, or once it has started no request for
+    /// `header_timeout`: the HTTP/1.1 rule (hyper's header read timeout) for HTTP/2 too, so
+    /// an h2c connection that idles, or never completes its preface or its first headers, is
+    /// closed. A graceful close lets streams in progress finish (GOAWAY).
     pub async fn serve_hyper<I>(
         self: Arc<Self>,
         io: I,
@@ -29,17 +35,38 @@ impl Gateway {
     ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let idle_limit = self.state.config.header_timeout;
+        let started = Instant::now();
+        // Milliseconds after `started` at which the latest request began.
+        let last_request = Arc::new(AtomicU64::new(0));
         let gw = self.clone();
-        let service = hyper::service::service_fn(move |req| gw.clone().handle(req, peer));
+        let seen = last_request.clone();
+        let service = hyper::service::service_fn(move |req| {
+            seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            gw.clone().handle(req, peer)
+        });
         let conn = self
             .http
             .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+        let idle = tokio::time::sleep(idle_limit);
+        tokio::pin!(idle);
+        let result = loop {
+            tokio::select! {
+                r = conn.as_mut() => break r,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    break conn.await;
+                }
+                _ = idle.as_mut() => {
+                    let last = Duration::from_millis(last_request.load(Ordering::Relaxed));
+                    let idle_since = started + last;
+                    if idle_since.elapsed() >= idle_limit {
+                        conn.as_mut().graceful_shutdown();
+                        break conn.await;
+                    }
+                    idle.as_mut().reset(idle_since + idle_limit);
+                }
             }
         };
         if let Err(e) = result {
@@ -67,6 +94,9 @@ impl Gateway {
             (self.policy.check(&head), facts.html)
         };
         let version = req.version();
+        // An error answered while the request's body may be unread ends the connection (as in
+        // the fast lane): what is left of it cannot be told from the next request.
+        let mut close = !http_body::Body::is_end_stream(req.body());
         let resp = match decision {
             Decision::Proxy(grant) => self.forward(req, peer, grant).await,
             Decision::Api => {
@@ -95,7 +125,10 @@ impl Gateway {
                 Err(e)
             }
         };
-        Ok(resp.unwrap_or_else(|e| error_response(&e, html, version)))
+        Ok(resp.unwrap_or_else(|e| {
+            close |= e.closes_connection();
+            error_response(&e, html, version, close)
+        }))
     }
 
     /// Wakes the sandbox if it sleeps, admits the request and forwards it.
@@ -130,11 +163,10 @@ impl Gateway {
     }
 }
 
-/// A gateway-made error as the response; one whose request cannot be trusted further closes
-/// the connection (HTTP/1.x).
-fn error_response(e: &Error, html: bool, version: Version) -> Response<GatewayBody> {
+/// A gateway-made error as the response, closing the connection (HTTP/1.x) if `close`.
+fn error_response(e: &Error, html: bool, version: Version, close: bool) -> Response<GatewayBody> {
     let mut resp = e.to_response(html).map(GatewayBody::full);
-    if e.closes_connection() && version <= Version::HTTP_11 {
+    if close && version <= Version::HTTP_11 {
         resp.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }

@@ -189,6 +189,21 @@ enum Plan {
     },
 }
 
+impl Plan {
+    /// Refuses a head that cannot be trusted: answered, then the connection closes.
+    fn refuse(err: Error) -> Plan {
+        Plan::Refuse {
+            err,
+            head_len: 0,
+            html: false,
+            close: true,
+        }
+    }
+}
+
+/// What an HTTP/2 connection with prior knowledge starts with (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 struct Lane {
     client: Client,
     peer: std::net::IpAddr,
@@ -312,8 +327,7 @@ impl Lane {
             .await;
             match read {
                 Some(Ok(0)) if self.rbuf.filled().len() >= MAX_HEAD => {
-                    // A head this large is hyper's to judge.
-                    return Some(Plan::Handoff);
+                    return Some(Plan::refuse(Error::HeadTooLarge(MAX_HEAD)));
                 }
                 Some(Ok(0)) | Some(Err(_)) | None => return None,
                 Some(Ok(_)) => {
@@ -340,12 +354,19 @@ impl Lane {
         if buf.starts_with(b"PRI * HTTP/2.0") {
             return Plan::Handoff; // h2c with prior knowledge
         }
+        if H2_PREFACE.starts_with(buf) {
+            return Plan::Partial; // perhaps the start of one
+        }
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Plan::Partial,
-            Err(_) => return Plan::Handoff, // hyper answers malformed heads
+            // Answered here, in the gateway's error shape (hyper's own answer is a bare 400).
+            Err(httparse::Error::TooManyHeaders) => {
+                return Plan::refuse(Error::HeadTooLarge(MAX_HEAD));
+            }
+            Err(_) => return Plan::refuse(Error::BadFraming("malformed request head")),
         };
         let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
             return Plan::Handoff;
@@ -781,7 +802,7 @@ impl RequestBody {
     /// A request that failed on a reused connection may go again on a fresh one only if it
     /// carried no body and repeating it is harmless.
     fn may_retry(&self, facts: &RequestFacts) -> bool {
-        !facts.framing.has_body() && facts.idempotent
+        crate::proxy::may_resend(facts.idempotent, facts.framing.has_body())
     }
 
     /// Takes the body's share of the newly buffered client bytes (the rest is the next

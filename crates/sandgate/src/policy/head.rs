@@ -78,10 +78,7 @@ pub fn facts<'a, F: Fields + ?Sized + 'a>(method: &str, fields: &'a F) -> Facts<
         ambiguous: None,
         keep_alive: true,
         is_head: method == "HEAD",
-        idempotent: matches!(
-            method,
-            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-        ),
+        idempotent: crate::proxy::is_idempotent(method),
         html: false,
         upgrade: None,
         expect: false,

@@ -232,12 +232,18 @@ impl Proxy {
     ) -> Result<(Response<Incoming>, Sender), SendError> {
         if let Some(mut tx) = self.pool.checkout(&key) {
             if tx.ready().await.is_ok() {
+                // A kept connection the sandbox let go of just now fails the request: one
+                // that is harmless to repeat goes again on a fresh connection.
+                let has_body = !http_body::Body::is_end_stream(req.body());
+                let again = may_resend(is_idempotent(req.method().as_str()), has_body)
+                    .then(|| copy_bodiless(&req));
                 match tx.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, tx)),
-                    Err(mut e) => match e.take_message() {
+                    Err(mut e) => match (e.take_message(), again) {
                         // Never written: the pooled connection had died; use a fresh one.
-                        Some(r) => req = r,
-                        None => return Err(SendError::Protocol(e.into_error())),
+                        (Some(r), _) => req = r,
+                        (None, Some(r)) => req = r,
+                        (None, None) => return Err(SendError::Protocol(e.into_error())),
                     },
                 }
             }
@@ -284,6 +290,31 @@ impl Proxy {
         };
         Ok(stream)
     }
+}
+
+/// Whether a request that failed on a reused upstream connection (which the sandbox may have
+/// closed just as it was sent) may go again on a fresh one: only if repeating it is harmless
+/// and it carried no body. Both lanes follow this rule.
+pub fn may_resend(idempotent: bool, has_body: bool) -> bool {
+    idempotent && !has_body
+}
+
+/// Methods that may be repeated without changing the outcome (RFC 9110 §9.2.2).
+pub fn is_idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
+/// The same request, with an empty body (for a body-less request sent again).
+fn copy_bodiless(req: &Request<ClientBody>) -> Request<ClientBody> {
+    let mut copy = Request::new(req.body().empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
 }
 
 /// The gateway's error for a request the sandbox did not answer.

@@ -53,8 +53,9 @@ impl BodyState {
 
 pin_project_lite::pin_project! {
     pub struct ClientBody {
+        // `None`: an empty body (a request sent again).
         #[pin]
-        inner: Incoming,
+        inner: Option<Incoming>,
         timeout: Duration,
         // Boxed: most requests have no body and never need one.
         stall: Option<Pin<Box<Sleep>>>,
@@ -69,12 +70,22 @@ impl ClientBody {
             state.set(DONE);
         }
         let body = ClientBody {
-            inner,
+            inner: Some(inner),
             timeout,
             stall: None,
             state: state.clone(),
         };
         (body, state)
+    }
+
+    /// An empty body, for a body-less request sent again on a fresh connection.
+    pub fn empty(&self) -> ClientBody {
+        ClientBody {
+            inner: None,
+            timeout: self.timeout,
+            stall: None,
+            state: self.state.clone(),
+        }
     }
 }
 
@@ -87,7 +98,9 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
-        let mut inner = this.inner;
+        let Some(mut inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(None);
+        };
         match inner.as_mut().poll_frame(cx) {
             Poll::Ready(None) => {
                 this.state.set(DONE);
@@ -131,10 +144,12 @@ impl Body for ClientBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use hyper::{Request, StatusCode};
 
 use crate::common::{
-    fixture_body, process_alive, send_request, wait_process_gone, Lane, Reply, SpawnedGateway,
+    eventually, fixture_body, process_alive, send_request, wait_process_gone, Lane, Reply,
+    SpawnedGateway, READY_TIMEOUT,
 };
 
 async fn sigkill_leaves_sandboxes_running_and_restart_readopts_them(lane: Lane) {
@@ -74,12 +75,17 @@ async fn sigterm_stops_sandboxes_and_restart_can_start_them(lane: Lane) {
 /// served, and SIGTERM still drains every worker and stops every sandbox.
 async fn sigterm_with_four_workers_stops_sandboxes_created_through_each(lane: Lane) {
     let mut gw = SpawnedGateway::start_on(lane, 8, &["--workers", "4"]).await;
-    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
-        .expect("the gateway's threads")
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with("sandgate-worker"))
-        .collect();
-    assert_eq!(threads.len(), 3, "{threads:?}");
+    // A worker may answer the readiness check before the last one is spawned.
+    let pid = gw.pid();
+    eventually(READY_TIMEOUT, "three worker threads run", || async move {
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("the gateway's threads")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("sandgate-worker"))
+            .count();
+        (threads == 3).then_some(())
+    })
+    .await;
 
     // Every request below is a new connection, so the kernel spreads them over the workers.
     let mut pids = Vec::new();
