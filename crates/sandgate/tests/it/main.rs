@@ -12,6 +12,7 @@ mod frontdoor;
 mod health;
 mod idle;
 mod isolation;
+mod layers;
 mod lifecycle;
 mod policy;
 mod proxy;
