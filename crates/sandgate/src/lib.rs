@@ -1,22 +1,18 @@
 //! sandgate: one secure entry point that creates sandboxes and proxies HTTP, WebSocket and
 //! streaming traffic to the ports inside them.
 //!
-//! Crate map:
-//! - [`config`]: one validated configuration from file < environment < flags.
+//! Crate map, by layer (each module imports only from the layers below it):
+//! - [`server`], [`workers`]: the listener, one event loop per core ([`event_loop`]).
+//! - [`fastlane`], [`hyperlane`]: the two proxy lanes (plain HTTP/1.1 from socket buffers;
+//!   hyper's h1 + h2c for everything else).
+//! - [`gateway`]: what both lanes share.
+//! - [`policy`]: the one request policy (check, admit, finish).
+//! - [`proxy`], [`api`]: forwarding, pooling, upgrades, the field table; the control API.
+//! - [`manager`], [`admission`], [`routing`], [`lifecycle`]: every change to a sandbox; what
+//!   an admitted request holds; request → route; the idle reaper.
+//! - [`backend`], [`store`], [`routes`], [`runtimes`], [`error`], [`config`]: what runs
+//!   sandboxes; durable state; the in-memory route table; runtimes; errors; configuration.
 //! - [`model`]: the sandbox record, ids, statuses.
-//! - [`store`]: durable state (SQLite) and port allocation.
-//! - [`backend`]: what runs sandboxes (`process`, `docker`).
-//! - [`manager`]: the one place that changes sandboxes; reconciles after restarts.
-//! - [`lifecycle`]: background tasks (the idle reaper).
-//! - [`routes`]: the in-memory route table the proxy reads.
-//! - [`routing`]: request → sandbox route, pure.
-//! - [`proxy`]: forwarding, pooling, upgrades, header rules.
-//! - [`fastlane`]: plain HTTP/1.1 proxying straight from socket buffers (the hot path).
-//! - [`api`]: the control API and health endpoints.
-//! - [`server`]: the listener and per-request dispatch.
-//! - [`workers`]: one single-threaded event loop per extra core, each with its own listening
-//!   socket on the gateway's address.
-//! - [`error`]: every gateway-made error and its status, in one place.
 
 pub mod admission;
 pub mod api;
