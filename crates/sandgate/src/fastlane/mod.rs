@@ -31,7 +31,7 @@ use crate::model::Status;
 use crate::proxy::pool::PoolKey;
 use crate::proxy::{upstream_error, Target};
 use crate::server::{Decision, Gateway};
-use chunked::Scanner;
+use chunked::{Malformed, Scanner, LAST_CHUNK};
 use client::Client;
 use head::{Framing, RequestFacts, RequestRewrite, ResponseRewrite, MAX_HEADERS};
 use prefixed::Prefixed;
@@ -488,6 +488,9 @@ impl Lane {
                     HeadError::ClientGone => {
                         return Step::Close;
                     }
+                    HeadError::BadBody(why) => {
+                        Error::BadRequest(format!("bad request framing: {why}"))
+                    }
                 };
                 return self.fail(&err, &f, !req.done()).await;
             }
@@ -519,9 +522,9 @@ impl Lane {
         // the end of the response, so that whatever the client does next (on this connection
         // or another, served by another event loop) finds them released: the connection in
         // the pool (or gone), `in_flight` down, the sandbox idle.
-        let last_len = body.as_ref().map_or(0, |l| l.len);
+        let last_used = body.as_ref().map_or(0, |l| l.used);
         let upstream_clean =
-            body.is_ok() && resp.reusable && req.done() && ubuf.filled().len() == last_len;
+            body.is_ok() && resp.reusable && req.done() && ubuf.filled().len() == last_used;
         if upstream_clean {
             proxy.raw_pool().checkin(key, up);
         }
@@ -684,8 +687,12 @@ struct RequestBody {
     received: bool,
     /// Bytes at the front of the client buffer that are body, not yet written on.
     pending: usize,
-    /// The client broke the body (closed early or sent malformed chunks).
-    broken: bool,
+    /// Bytes after those to drop: the client's last chunk and trailers (never forwarded).
+    swallow: usize,
+    /// Then the rest of the body to write on: `LAST_CHUNK`, once a chunked body has ended.
+    last: &'static [u8],
+    /// The client sent a malformed chunked body.
+    malformed: Option<Malformed>,
     /// Writing to the sandbox failed: the rest of the body is not sent.
     abandoned: bool,
 }
@@ -702,14 +709,20 @@ impl RequestBody {
             scanner: Scanner::default(),
             received: !framing.has_body(),
             pending: 0,
-            broken: false,
+            swallow: 0,
+            last: b"",
+            malformed: None,
             abandoned: false,
         }
     }
 
     /// The whole body reached the sandbox.
     fn done(&self) -> bool {
-        self.received && self.pending == 0 && !self.abandoned
+        self.received
+            && self.pending == 0
+            && self.swallow == 0
+            && self.last.is_empty()
+            && !self.abandoned
     }
 
     /// A request that failed on a reused connection may go again on a fresh one only if it
@@ -719,7 +732,8 @@ impl RequestBody {
     }
 
     /// Takes the body's share of the newly buffered client bytes (the rest is the next
-    /// request) and returns its length.
+    /// request) and returns the length of what is forwarded; the `swallow` bytes after it are
+    /// the body's too. A malformed body takes nothing and sets `malformed`.
     fn take(&mut self, available: &[u8]) -> usize {
         match self.framing {
             Framing::Length(_) => {
@@ -729,12 +743,16 @@ impl RequestBody {
                 n
             }
             Framing::Chunked => match self.scanner.scan(available) {
-                Ok(n) => {
+                Ok(p) => {
+                    self.swallow += p.consumed - p.forward;
                     self.received = self.scanner.done();
-                    n
+                    if self.received {
+                        self.last = LAST_CHUNK;
+                    }
+                    p.forward
                 }
-                Err(_) => {
-                    self.broken = true;
+                Err(e) => {
+                    self.malformed = Some(e);
                     0
                 }
             },
@@ -742,7 +760,8 @@ impl RequestBody {
         }
     }
 
-    /// Sends the head together with the body bytes already buffered, in one write.
+    /// Sends the head together with the body bytes already buffered, in one write; nothing
+    /// if those are already malformed (`poll_pump` reports it).
     async fn send_first(
         &mut self,
         up: &mut TcpStream,
@@ -750,13 +769,23 @@ impl RequestBody {
         rbuf: &mut Buf,
     ) -> io::Result<()> {
         let n = self.take(rbuf.filled());
-        write_all2(up, head, &rbuf.filled()[..n]).await?;
-        rbuf.consume(n);
+        if self.malformed.is_some() {
+            return Ok(());
+        }
+        let mut bufs = [
+            IoSlice::new(head),
+            IoSlice::new(&rbuf.filled()[..n]),
+            IoSlice::new(self.last),
+        ];
+        write_all_vectored(up, &mut bufs).await?;
+        rbuf.consume(n + self.swallow);
+        (self.swallow, self.last) = (0, b"");
         Ok(())
     }
 
     /// Moves the body from the client to the sandbox as far as both sockets allow.
-    /// `Ready(Ok(()))` once it is all sent (or abandoned); `Ready(Err)` if the client broke it.
+    /// `Ready(Ok(()))` once it is all sent (or abandoned); `Ready(Err)` if the client broke it
+    /// (went away early, or sent a malformed body: then `malformed` says so).
     fn poll_pump(
         &mut self,
         cx: &mut Context<'_>,
@@ -768,13 +797,17 @@ impl RequestBody {
             if self.abandoned || self.done() {
                 return Poll::Ready(Ok(()));
             }
-            if self.broken {
+            if self.malformed.is_some() {
                 return Poll::Ready(Err(()));
             }
-            if self.pending > 0 {
-                let chunk = &rbuf.filled()[..self.pending];
+            if self.pending > 0 || (self.swallow == 0 && !self.last.is_empty()) {
+                let chunk = match self.pending {
+                    0 => self.last,
+                    n => &rbuf.filled()[..n],
+                };
                 match Pin::new(&mut *up).poll_write(cx, chunk) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => self.abandoned = true,
+                    Poll::Ready(Ok(w)) if self.pending == 0 => self.last = &self.last[w..],
                     Poll::Ready(Ok(w)) => {
                         rbuf.consume(w);
                         self.pending -= w;
@@ -783,12 +816,20 @@ impl RequestBody {
                 }
                 continue;
             }
-            if !rbuf.is_empty() {
+            if self.swallow > 0 {
+                rbuf.consume(self.swallow);
+                self.swallow = 0;
+                continue;
+            }
+            if !rbuf.is_empty() && !self.received {
                 self.pending = self.take(rbuf.filled());
-                if self.pending > 0 || self.broken || self.received {
+                if self.pending > 0 || self.swallow > 0 || self.received {
                     continue;
                 }
-                // Only part of a chunk-size line: read on.
+                if self.malformed.is_some() {
+                    return Poll::Ready(Err(()));
+                }
+                // Only part of a chunk-size line or trailer section: read on.
             }
             match rbuf.poll_fill_body(cx, client) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
@@ -820,8 +861,10 @@ enum HeadError {
     Closed,
     Io(io::Error),
     Malformed(&'static str),
-    /// The client went away (or broke its body) while the sandbox was thinking.
+    /// The client went away while the sandbox was thinking.
     ClientGone,
+    /// The client's chunked body is malformed: a 400, and the connection closed.
+    BadBody(&'static str),
 }
 
 /// Reads a response head into `ubuf`, skipping or forwarding interim (1xx) responses, while
@@ -860,7 +903,12 @@ async fn read_response_head(
                         // answer starts now.
                         timer.as_mut().reset(Instant::now() + timeout);
                     }
-                    Poll::Ready(Err(())) => return Poll::Ready(Err(HeadError::ClientGone)),
+                    Poll::Ready(Err(())) => {
+                        return Poll::Ready(Err(match req.malformed {
+                            Some(Malformed(why)) => HeadError::BadBody(why),
+                            None => HeadError::ClientGone,
+                        }))
+                    }
                     Poll::Pending => {}
                 }
             } else if client.is_polled() && rbuf.poll_gone(cx, client) {
@@ -936,7 +984,8 @@ async fn forward_response_body(
     let mut scanner = Scanner::default();
     let mut head = Some(head_out);
     loop {
-        // Forward what is buffered.
+        // Forward what is buffered: `n` bytes, of the `used` ones.
+        let mut used = 0;
         let (n, done) = match framing {
             Framing::Empty => (0, true),
             Framing::Length(_) => {
@@ -945,8 +994,10 @@ async fn forward_response_body(
                 (n, left == 0)
             }
             Framing::Chunked => {
-                let n = scanner.scan(ubuf.filled()).map_err(|_| ())?;
-                (n, scanner.done())
+                // The sandbox's last chunk and trailers are swallowed; `LAST_CHUNK` ends it.
+                let p = scanner.scan(ubuf.filled()).map_err(|_| ())?;
+                used = p.consumed;
+                (p.forward, scanner.done())
             }
             Framing::UntilClose => (ubuf.filled().len(), false),
         };
@@ -955,7 +1006,12 @@ async fn forward_response_body(
             return Ok(Last {
                 head: head.is_some(),
                 len: n,
-                trailer: b"",
+                used: used.max(n),
+                trailer: if framing == Framing::Chunked {
+                    LAST_CHUNK
+                } else {
+                    b""
+                },
             });
         }
         let piece = &ubuf.filled()[..n];
@@ -966,7 +1022,7 @@ async fn forward_response_body(
             _ => Ok(()),
         };
         sent.map_err(|_| ())?;
-        ubuf.consume(n);
+        ubuf.consume(used.max(n));
         // Read more, keeping a request body moving.
         let read = poll_fn(|cx| {
             if !req.done() && !req.abandoned {
@@ -985,7 +1041,8 @@ async fn forward_response_body(
                 return Ok(Last {
                     head: false,
                     len: 0,
-                    trailer: b"0\r\n\r\n",
+                    used: 0,
+                    trailer: LAST_CHUNK,
                 });
             }
             return Err(()); // the sandbox closed mid-body: the client sees it cut
@@ -994,11 +1051,13 @@ async fn forward_response_body(
 }
 
 /// The end of a response body, read but not yet sent: the client's head if it is still
-/// unsent, the last `len` body bytes at the front of the upstream buffer, then `trailer`
-/// (the last chunk of a body re-framed as chunked).
+/// unsent, the last `len` body bytes at the front of the upstream buffer (of the `used` ones
+/// that end the sandbox's body: a chunked body's last chunk and trailers are dropped), then
+/// `trailer` (the fast lane's own last chunk, for a chunked or re-framed body).
 struct Last {
     head: bool,
     len: usize,
+    used: usize,
     trailer: &'static [u8],
 }
 
