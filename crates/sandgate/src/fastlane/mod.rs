@@ -7,6 +7,7 @@
 
 pub mod chunked;
 pub mod client;
+pub mod frame;
 pub mod head;
 pub mod prefixed;
 pub mod watch;
@@ -316,28 +317,21 @@ impl Lane {
     /// the head the sandbox will receive into `out`.
     fn plan(&mut self, gw: &Gateway) -> Plan {
         let buf = self.rbuf.filled();
-        if buf.starts_with(b"PRI * HTTP/2.0") {
-            return Plan::Handoff; // h2c with prior knowledge
-        }
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut []);
-        let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return Plan::Partial,
-            Err(_) => return Plan::Handoff, // hyper answers malformed heads
+        // The same reading `frame::request_framing` (tests, fuzzer) makes.
+        let frame::Head {
+            head_len,
+            method,
+            target,
+            headers: req_headers,
+            facts,
+        } = match frame::parse_head(buf, &mut headers) {
+            Ok(h) => h,
+            Err(frame::Verdict::Partial) => return Plan::Partial,
+            Err(frame::Verdict::Refuse(why)) => return Plan::Refuse(why),
+            Err(_) => return Plan::Handoff,
         };
-        let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-            return Plan::Handoff;
-        };
-        if !head::plain_target(target) {
-            return Plan::Handoff;
-        }
-        let facts = match head::request_facts(method, req.headers) {
-            Ok(f) => f,
-            Err(head::NotFast::Unusual) => return Plan::Handoff,
-            Err(head::NotFast::Ambiguous(why)) => return Plan::Refuse(why),
-        };
-        let host = head::host(req.headers);
+        let host = head::host(req_headers);
         let (path, query) = match crate::routing::split_once_byte(target, b'?') {
             Some((p, q)) => (p, Some(q)),
             None => (target, None),
@@ -366,7 +360,7 @@ impl Lane {
         };
         head::write_request(
             &mut self.out,
-            req.headers,
+            req_headers,
             &RequestRewrite {
                 method,
                 path: upstream_path,
