@@ -7,6 +7,8 @@
 
 pub mod chunked;
 pub mod client;
+#[doc(hidden)]
+pub mod differential;
 pub mod frame;
 pub mod head;
 pub mod prefixed;

@@ -7,6 +7,7 @@ mod api;
 mod cli;
 mod docker;
 mod fastlane;
+mod framing;
 mod health;
 mod idle;
 mod isolation;
