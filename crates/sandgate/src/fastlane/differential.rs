@@ -33,12 +33,8 @@ thread_local! {
     static RUNTIME: RefCell<Option<tokio::runtime::Runtime>> = const { RefCell::new(None) };
 }
 
-/// Hyper's server reading `input` as a client's whole stream (then the client's end of
-/// stream): its answers, in order. Its service reads each request body to the end and answers
-/// with what it got, or `400 body error`. Hyper is configured as the general path's
-/// (`server::Gateway`: defaults) except for half-close, so that it answers every request
-/// it has read before it notices the end of the stream.
-pub fn hyper_answers(input: &[u8]) -> Vec<Answer> {
+/// Runs `fut` on this thread's runtime (made once: a fuzzer calls this millions of times).
+fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     RUNTIME.with(|rt| {
         let mut rt = rt.borrow_mut();
         let rt = rt.get_or_insert_with(|| {
@@ -47,8 +43,17 @@ pub fn hyper_answers(input: &[u8]) -> Vec<Answer> {
                 .build()
                 .expect("a runtime")
         });
-        rt.block_on(answers(input))
+        rt.block_on(fut)
     })
+}
+
+/// Hyper's server reading `input` as a client's whole stream (then the client's end of
+/// stream): its answers, in order. Its service reads each request body to the end and answers
+/// with what it got, or `400 body error`. Hyper is configured as the general path's
+/// (`server::Gateway`: defaults) except for half-close, so that it answers every request
+/// it has read before it notices the end of the stream.
+pub fn hyper_answers(input: &[u8]) -> Vec<Answer> {
+    block_on(answers(input))
 }
 
 async fn answers(input: &[u8]) -> Vec<Answer> {
@@ -119,7 +124,8 @@ fn parse_answers(mut out: &[u8]) -> Vec<Answer> {
 /// (unless `stricter_by_design`); what it still waits for, hyper must not serve. Once the fast
 /// lane hands the rest to hyper, hyper must read that rest as it does alone (so the lane ended
 /// the previous request where hyper did). Also checks that the lane finds the same verdict
-/// whatever the reads the bytes arrive in (`check_splits`).
+/// whatever the reads the bytes arrive in (`check_splits`), and, for a chunked body, that
+/// hyper's client reads it as a response body as the lane does (`check_response`).
 pub fn check_request(input: &[u8]) -> Result<(), String> {
     let answers = hyper_answers(input);
     let mut pos = 0;
@@ -127,6 +133,12 @@ pub fn check_request(input: &[u8]) -> Result<(), String> {
         let rest = &input[pos..];
         let lane = request_framing(rest);
         check_splits(rest, lane)?;
+        if i == 0 {
+            // The same chunked body, as a sandbox's response to hyper's client.
+            if let Some((head_len, super::head::Framing::Chunked)) = body_start(rest) {
+                check_response(&rest[head_len..])?;
+            }
+        }
         let answer = answers.get(i);
         let served = answer.is_some_and(|a| a.status == 200);
         let fail = |what: String| {
@@ -179,6 +191,71 @@ pub fn check_request(input: &[u8]) -> Result<(), String> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Hyper's client reading a `200` response with `Transfer-Encoding: chunked` and `body` after
+/// its head (then the end of the stream): the decoded body's length, or `None` if hyper
+/// refused it or found it incomplete.
+pub fn hyper_reads_chunked_response(body: &[u8]) -> Option<u64> {
+    block_on(async {
+        let (client, mut server) = tokio::io::duplex(body.len() + 64 * 1024);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Empty<Bytes>,
+        >(TokioIo::new(client))
+        .await
+        .ok()?;
+        let talk = async {
+            let req = Request::get("/").body(http_body_util::Empty::new()).ok()?;
+            let resp = sender.send_request(req).await.ok()?;
+            let len = resp.into_body().collect().await.ok()?.to_bytes().len();
+            drop(sender);
+            Some(len as u64)
+        };
+        let serve = async {
+            // Answer once asked: hyper's client refuses bytes that come before its request.
+            let mut req = Vec::new();
+            let mut byte = [0u8; 1];
+            while !req.ends_with(b"\r\n\r\n") {
+                match server.read(&mut byte).await {
+                    Ok(1) => req.push(byte[0]),
+                    _ => return,
+                }
+            }
+            let mut raw = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            raw.extend_from_slice(body);
+            if server.write_all(&raw).await.is_ok() {
+                let _ = server.shutdown().await;
+            }
+            let _ = server.read_to_end(&mut Vec::new()).await;
+        };
+        let run = async {
+            let (_, got, _) = tokio::join!(conn, talk, serve);
+            got
+        };
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("hyper read the response within 10 s")
+    })
+}
+
+/// Compares the fast lane's reading of `body` as a chunked response body (the `Scanner`, as
+/// `forward_response_body` runs it) with hyper's client's: both must refuse it, or both find
+/// it incomplete, or both read it whole with the same length of content.
+pub fn check_response(body: &[u8]) -> Result<(), String> {
+    let mut scanner = super::chunked::Scanner::default();
+    let scanned = scanner.scan(body);
+    let lane = match scanned {
+        Ok(_) if scanner.done() => Some(scanner.data_len()),
+        _ => None,
+    };
+    let hyper = hyper_reads_chunked_response(body);
+    if lane != hyper {
+        return Err(format!(
+            "chunked response body: fast lane {scanned:?} ({lane:?} bytes), hyper {hyper:?} bytes"
+        ));
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use sandgate::fastlane::frame::{request_framing, Verdict};
 
 const CORPUS: &str = include_str!("../corpus/desync.txt");
 /// Generated mutations per run: bounded, a few seconds.
-const MUTATIONS: usize = 4000;
+const MUTATIONS: usize = 2000;
 
 fn chunked(body: &[u8]) -> Vec<u8> {
     let mut r = b"POST /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
