@@ -25,8 +25,9 @@ const MAX_REQUESTS: usize = 32;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub status: u16,
-    /// For a request hyper served: `METHOD target length-of-decoded-body`.
-    pub body: String,
+    /// For a request hyper served: `METHOD target length-of-decoded-body` (a field, since a
+    /// response to `HEAD` has no body).
+    pub got: String,
 }
 
 thread_local! {
@@ -49,7 +50,7 @@ fn block_on<F: std::future::Future>(fut: F) -> F::Output {
 
 /// Hyper's server reading `input` as a client's whole stream (then the client's end of
 /// stream): its answers, in order. Its service reads each request body to the end and answers
-/// with what it got, or `400 body error`. Hyper is configured as the general path's
+/// with what it got (`x-got`), or `400`. Hyper is configured as the general path's
 /// (`server::Gateway`: defaults) except for half-close, so that it answers every request
 /// it has read before it notices the end of the stream.
 pub fn hyper_answers(input: &[u8]) -> Vec<Answer> {
@@ -60,17 +61,16 @@ async fn answers(input: &[u8]) -> Vec<Answer> {
     let (mut client, server) = tokio::io::duplex(input.len() + 64 * 1024);
     let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
         let what = format!("{} {}", req.method(), req.uri());
-        let resp = match req.into_body().collect().await {
-            Ok(body) => Response::new(Full::new(Bytes::from(format!(
-                "{what} {}",
-                body.to_bytes().len()
-            )))),
-            Err(_) => {
-                let mut r = Response::new(Full::new(Bytes::from_static(b"body error")));
-                *r.status_mut() = StatusCode::BAD_REQUEST;
-                r
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        match req.into_body().collect().await {
+            Ok(body) => {
+                let got = format!("{what} {}", body.to_bytes().len());
+                if let Ok(v) = http::HeaderValue::from_str(&got) {
+                    resp.headers_mut().insert("x-got", v);
+                }
             }
-        };
+            Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
+        }
         Ok::<_, Infallible>(resp)
     });
     let serve = async {
@@ -109,10 +109,16 @@ fn parse_answers(mut out: &[u8]) -> Vec<Answer> {
             .find(|h| h.name.eq_ignore_ascii_case("content-length"))
             .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
             .unwrap_or(0);
-        let body = &out[n..(n + len).min(out.len())];
+        let got = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("x-got"))
+            .map_or(String::new(), |h| {
+                String::from_utf8_lossy(h.value).into_owned()
+            });
         answers.push(Answer {
             status: resp.code.unwrap_or(0),
-            body: String::from_utf8_lossy(body).into_owned(),
+            got,
         });
         out = &out[(n + len).min(out.len())..];
     }
@@ -182,7 +188,7 @@ pub fn check_request(input: &[u8]) -> Result<(), String> {
                     req.method.unwrap_or(""),
                     req.path.unwrap_or("")
                 );
-                if !served || answer.map(|a| &a.body) != Some(&want) {
+                if !served || answer.map(|a| &a.got) != Some(&want) {
                     return fail(format!("the fast lane forwards `{want}`"));
                 }
                 pos += body_end;
@@ -419,8 +425,10 @@ mod tests {
     fn hyper_answers_each_request_it_reads() {
         let two =
             b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /n HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi";
-        let bodies: Vec<String> = hyper_answers(two).into_iter().map(|a| a.body).collect();
-        assert_eq!(bodies, ["GET / 0", "POST /n 2"]);
+        let got: Vec<String> = hyper_answers(two).into_iter().map(|a| a.got).collect();
+        assert_eq!(got, ["GET / 0", "POST /n 2"]);
+        let head = b"HEAD / HTTP/1.1\r\n\r\nGET /n HTTP/1.1\r\n\r\n";
+        assert!(check_request(head).is_ok());
         let bad = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;a\nb\r\nx\r\n0\r\n\r\n";
         assert_eq!(hyper_answers(bad)[0].status, 400);
         assert_eq!(
