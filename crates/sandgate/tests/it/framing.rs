@@ -89,3 +89,15 @@ fn the_fast_lane_frames_requests_as_hyper_does() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Writes the corpus as the fuzzer's seed files (docs/fuzzing.md):
+/// `cargo test --test it framing::fuzz_seeds -- --ignored`.
+#[test]
+#[ignore = "writes the fuzzer's seed files; run by hand"]
+fn fuzz_seeds() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/request_framing");
+    std::fs::create_dir_all(dir).unwrap();
+    for (i, input) in parse_corpus(CORPUS).iter().chain(&large()).enumerate() {
+        std::fs::write(format!("{dir}/desync-{i:03}"), input).unwrap();
+    }
+}
