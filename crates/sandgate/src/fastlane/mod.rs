@@ -485,7 +485,11 @@ impl Lane {
                         return Step::Close;
                     }
                     HeadError::BadBody(why) => {
-                        Error::BadRequest(format!("bad request framing: {why}"))
+                        // As a refused head: JSON, and the connection closed.
+                        let err = Error::BadRequest(format!("bad request framing: {why}"));
+                        head::write_full(&mut self.rout, &err.to_response(false), true);
+                        let _ = self.client.write_all(&self.rout).await;
+                        return Step::Close;
                     }
                 };
                 return self.fail(&err, &f, !req.done()).await;
