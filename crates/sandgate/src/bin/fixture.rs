@@ -378,10 +378,19 @@ fn with(mut resp: Resp, name: impl IntoHeaderName, value: &'static str) -> Resp 
 /// - `/raw/close-after` → `200 ok` with a length, then the connection closes without saying
 ///   so (an upstream's keep-alive timeout);
 /// - `/raw/interim` → `103 Early Hints`, then `200 ok`;
-/// - `/raw/early` → `413` at once, before reading the body, then close.
+/// - `/raw/early` → `413` at once, before reading the body, then close;
+/// - `/raw/bad-chunks` → a chunked `200` whose first chunk-size line ends in a bare LF, after
+///   which a lenient reader would find the body's end and a forged second response;
+/// - `/raw/log` → `200`, the targets of every request this server has read whole so far (on
+///   any connection), one per line.
 mod raw {
+    use std::sync::Mutex;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
+
+    /// What `/raw/log` reports.
+    static LOG: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
     fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
         hay.get(from..)?
@@ -456,6 +465,11 @@ mod raw {
                 head_end + len
             };
             let request: Vec<u8> = buf.drain(..body_end).collect();
+            let log = {
+                let mut log = LOG.lock().unwrap_or_else(|e| e.into_inner());
+                log.push(path.clone());
+                log.join("\n")
+            };
             let (reply, close) = match path.as_str() {
                 "/" => (ok(b"fixture ok"), false),
                 "/raw/echo" => (ok(&request), false),
@@ -467,6 +481,13 @@ mod raw {
                     (b"part2".to_vec(), true)
                 }
                 "/raw/close-after" => (ok(b"ok"), true),
+                "/raw/log" => (ok(log.as_bytes()), false),
+                "/raw/bad-chunks" => (
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;x\nabc\r\n0\r\n\r\n\
+                      HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged\r\n0\r\n\r\n"
+                        .to_vec(),
+                    false,
+                ),
                 "/raw/interim" => {
                     let mut r =
                         b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n"

@@ -7,6 +7,9 @@
 
 pub mod chunked;
 pub mod client;
+#[doc(hidden)]
+pub mod differential;
+pub mod frame;
 pub mod head;
 pub mod linger;
 pub mod prefixed;
@@ -29,10 +32,10 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Upstream;
 use crate::error::Error;
 use crate::gateway::{Gateway, MAX_HEAD};
-use crate::policy::{self, Decision, Framing, Head};
+use crate::policy::{Decision, Framing, Head};
 use crate::proxy::pool::PoolKey;
 use crate::proxy::{headers, upstream_error, Target};
-use chunked::Scanner;
+use chunked::{Malformed, Scanner, LAST_CHUNK};
 use client::Client;
 use head::{RequestFacts, RequestRewrite, ResponseRewrite, MAX_HEADERS};
 use prefixed::Prefixed;
@@ -201,9 +204,6 @@ impl Plan {
     }
 }
 
-/// What an HTTP/2 connection with prior knowledge starts with (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
 struct Lane {
     client: Client,
     peer: std::net::IpAddr,
@@ -351,38 +351,25 @@ impl Lane {
     /// the head the sandbox will receive into `out`.
     fn plan(&mut self, gw: &Gateway) -> Plan {
         let buf = self.rbuf.filled();
-        if buf.starts_with(b"PRI * HTTP/2.0") {
-            return Plan::Handoff; // h2c with prior knowledge
-        }
-        if H2_PREFACE.starts_with(buf) {
-            return Plan::Partial; // perhaps the start of one
-        }
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut []);
-        let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return Plan::Partial,
-            // Answered here, in the gateway's error shape (hyper's own answer is a bare 400).
-            Err(httparse::Error::TooManyHeaders) => {
-                return Plan::refuse(Error::HeadTooLarge(MAX_HEAD));
-            }
-            Err(_) => return Plan::refuse(Error::BadFraming("malformed request head")),
+        // The same reading `frame::request_framing` (tests, fuzzer) makes.
+        let frame::Head {
+            head_len,
+            method,
+            target,
+            headers: req_headers,
+            facts,
+        } = match frame::parse_head(buf, &mut headers) {
+            Ok(h) => h,
+            Err(frame::Verdict::Partial) => return Plan::Partial,
+            Err(frame::Verdict::Refuse(why)) => return Plan::refuse(frame::refusal(why)),
+            Err(_) => return Plan::Handoff,
         };
-        let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-            return Plan::Handoff;
-        };
-        if !head::plain_target(target) {
-            return Plan::Handoff; // absolute-form and the like: hyper's lane judges
-        }
-        let facts = policy::facts(method, req.headers);
-        if facts.expect {
-            return Plan::Handoff; // `100-continue` is hyper's
-        }
         let (path, query) = match crate::routing::split_once_byte(target, b'?') {
             Some((p, q)) => (p, Some(q)),
             None => (target, None),
         };
-        let host = head::host(req.headers);
+        let host = head::host(req_headers);
         let view = Head {
             method,
             authority: None,
@@ -430,7 +417,7 @@ impl Lane {
         };
         head::write_request(
             &mut self.out,
-            req.headers,
+            req_headers,
             &RequestRewrite {
                 method,
                 path: upstream_path,
@@ -565,6 +552,8 @@ impl Lane {
                     HeadError::ClientGone => {
                         return Step::Close;
                     }
+                    // As a refused head: JSON, and the connection closed (the body is unread).
+                    HeadError::BadBody(why) => Error::BadFraming(why),
                 };
                 return {
                     drop(admission);
@@ -602,9 +591,9 @@ impl Lane {
         // the end of the response, so that whatever the client does next (on this connection
         // or another, served by another event loop) finds them released: the connection in
         // the pool (or gone), `in_flight` down, the sandbox idle.
-        let last_len = body.as_ref().map_or(0, |l| l.len);
+        let last_used = body.as_ref().map_or(0, |l| l.used);
         let upstream_clean =
-            body.is_ok() && resp.reusable && req.done() && ubuf.filled().len() == last_len;
+            body.is_ok() && resp.reusable && req.done() && ubuf.filled().len() == last_used;
         if upstream_clean {
             proxy.raw_pool().checkin(key, up);
         }
@@ -767,8 +756,12 @@ struct RequestBody {
     received: bool,
     /// Bytes at the front of the client buffer that are body, not yet written on.
     pending: usize,
-    /// The client broke the body (closed early or sent malformed chunks).
-    broken: bool,
+    /// Bytes after those to drop: the client's last chunk and trailers (never forwarded).
+    swallow: usize,
+    /// Then the rest of the body to write on: `LAST_CHUNK`, once a chunked body has ended.
+    last: &'static [u8],
+    /// The client sent a malformed chunked body.
+    malformed: Option<Malformed>,
     /// Writing to the sandbox failed: the rest of the body is not sent.
     abandoned: bool,
     /// Body bytes moved so far (read from the client or written on): progress, for the body
@@ -788,7 +781,9 @@ impl RequestBody {
             scanner: Scanner::default(),
             received: !framing.has_body(),
             pending: 0,
-            broken: false,
+            swallow: 0,
+            last: b"",
+            malformed: None,
             abandoned: false,
             moved: 0,
         }
@@ -796,7 +791,11 @@ impl RequestBody {
 
     /// The whole body reached the sandbox.
     fn done(&self) -> bool {
-        self.received && self.pending == 0 && !self.abandoned
+        self.received
+            && self.pending == 0
+            && self.swallow == 0
+            && self.last.is_empty()
+            && !self.abandoned
     }
 
     /// A request that failed on a reused connection may go again on a fresh one only if it
@@ -806,7 +805,8 @@ impl RequestBody {
     }
 
     /// Takes the body's share of the newly buffered client bytes (the rest is the next
-    /// request) and returns its length.
+    /// request) and returns the length of what is forwarded; the `swallow` bytes after it are
+    /// the body's too. A malformed body takes nothing and sets `malformed`.
     fn take(&mut self, available: &[u8]) -> usize {
         match self.framing {
             Framing::Length(_) => {
@@ -816,12 +816,16 @@ impl RequestBody {
                 n
             }
             Framing::Chunked => match self.scanner.scan(available) {
-                Ok(n) => {
+                Ok(p) => {
+                    self.swallow += p.consumed - p.forward;
                     self.received = self.scanner.done();
-                    n
+                    if self.received {
+                        self.last = LAST_CHUNK;
+                    }
+                    p.forward
                 }
-                Err(_) => {
-                    self.broken = true;
+                Err(e) => {
+                    self.malformed = Some(e);
                     0
                 }
             },
@@ -829,7 +833,8 @@ impl RequestBody {
         }
     }
 
-    /// Sends the head together with the body bytes already buffered, in one write.
+    /// Sends the head together with the body bytes already buffered, in one write; nothing
+    /// if those are already malformed (`poll_pump` reports it).
     async fn send_first(
         &mut self,
         up: &mut TcpStream,
@@ -837,13 +842,23 @@ impl RequestBody {
         rbuf: &mut Buf,
     ) -> io::Result<()> {
         let n = self.take(rbuf.filled());
-        write_all2(up, head, &rbuf.filled()[..n]).await?;
-        rbuf.consume(n);
+        if self.malformed.is_some() {
+            return Ok(());
+        }
+        let mut bufs = [
+            IoSlice::new(head),
+            IoSlice::new(&rbuf.filled()[..n]),
+            IoSlice::new(self.last),
+        ];
+        write_all_vectored(up, &mut bufs).await?;
+        rbuf.consume(n + self.swallow);
+        (self.swallow, self.last) = (0, b"");
         Ok(())
     }
 
     /// Moves the body from the client to the sandbox as far as both sockets allow.
-    /// `Ready(Ok(()))` once it is all sent (or abandoned); `Ready(Err)` if the client broke it.
+    /// `Ready(Ok(()))` once it is all sent (or abandoned); `Ready(Err)` if the client broke it
+    /// (went away early, or sent a malformed body: then `malformed` says so).
     fn poll_pump(
         &mut self,
         cx: &mut Context<'_>,
@@ -855,13 +870,17 @@ impl RequestBody {
             if self.abandoned || self.done() {
                 return Poll::Ready(Ok(()));
             }
-            if self.broken {
+            if self.malformed.is_some() {
                 return Poll::Ready(Err(()));
             }
-            if self.pending > 0 {
-                let chunk = &rbuf.filled()[..self.pending];
+            if self.pending > 0 || (self.swallow == 0 && !self.last.is_empty()) {
+                let chunk = match self.pending {
+                    0 => self.last,
+                    n => &rbuf.filled()[..n],
+                };
                 match Pin::new(&mut *up).poll_write(cx, chunk) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => self.abandoned = true,
+                    Poll::Ready(Ok(w)) if self.pending == 0 => self.last = &self.last[w..],
                     Poll::Ready(Ok(w)) => {
                         self.moved += w as u64;
                         rbuf.consume(w);
@@ -871,12 +890,20 @@ impl RequestBody {
                 }
                 continue;
             }
-            if !rbuf.is_empty() {
+            if self.swallow > 0 {
+                rbuf.consume(self.swallow);
+                self.swallow = 0;
+                continue;
+            }
+            if !rbuf.is_empty() && !self.received {
                 self.pending = self.take(rbuf.filled());
-                if self.pending > 0 || self.broken || self.received {
+                if self.pending > 0 || self.swallow > 0 || self.received {
                     continue;
                 }
-                // Only part of a chunk-size line: read on.
+                if self.malformed.is_some() {
+                    return Poll::Ready(Err(()));
+                }
+                // Only part of a chunk-size line or trailer section: read on.
             }
             match rbuf.poll_fill_body(cx, client) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
@@ -911,8 +938,10 @@ enum HeadError {
     Closed,
     Io(io::Error),
     Malformed(&'static str),
-    /// The client went away (or broke its body) while the sandbox was thinking.
+    /// The client went away while the sandbox was thinking.
     ClientGone,
+    /// The client's chunked body is malformed: a 400, and the connection closed.
+    BadBody(&'static str),
 }
 
 /// Reads a response head into `ubuf`, skipping or forwarding interim (1xx) responses, while
@@ -956,7 +985,12 @@ async fn read_response_head(
                         // answer starts now.
                         timer.as_mut().reset(Instant::now() + timeout);
                     }
-                    Poll::Ready(Err(())) => return Poll::Ready(Err(HeadError::ClientGone)),
+                    Poll::Ready(Err(())) => {
+                        return Poll::Ready(Err(match req.malformed {
+                            Some(Malformed(why)) => HeadError::BadBody(why),
+                            None => HeadError::ClientGone,
+                        }))
+                    }
                     Poll::Pending => {
                         if req.moved != moved {
                             moved = req.moved;
@@ -1041,7 +1075,8 @@ async fn forward_response_body(
     let mut scanner = Scanner::default();
     let mut head = Some(head_out);
     loop {
-        // Forward what is buffered.
+        // Forward what is buffered: `n` bytes, of the `used` ones.
+        let mut used = 0;
         let (n, done) = match framing {
             Framing::Empty => (0, true),
             Framing::Length(_) => {
@@ -1050,8 +1085,10 @@ async fn forward_response_body(
                 (n, left == 0)
             }
             Framing::Chunked => {
-                let n = scanner.scan(ubuf.filled()).map_err(|_| ())?;
-                (n, scanner.done())
+                // The sandbox's last chunk and trailers are swallowed; `LAST_CHUNK` ends it.
+                let p = scanner.scan(ubuf.filled()).map_err(|_| ())?;
+                used = p.consumed;
+                (p.forward, scanner.done())
             }
             Framing::UntilClose => (ubuf.filled().len(), false),
         };
@@ -1060,7 +1097,12 @@ async fn forward_response_body(
             return Ok(Last {
                 head: head.is_some(),
                 len: n,
-                trailer: b"",
+                used: used.max(n),
+                trailer: if framing == Framing::Chunked {
+                    LAST_CHUNK
+                } else {
+                    b""
+                },
             });
         }
         let piece = &ubuf.filled()[..n];
@@ -1071,7 +1113,7 @@ async fn forward_response_body(
             _ => Ok(()),
         };
         sent.map_err(|_| ())?;
-        ubuf.consume(n);
+        ubuf.consume(used.max(n));
         // Read more, keeping a request body moving.
         let read = poll_fn(|cx| {
             if !req.done() && !req.abandoned {
@@ -1090,7 +1132,8 @@ async fn forward_response_body(
                 return Ok(Last {
                     head: false,
                     len: 0,
-                    trailer: b"0\r\n\r\n",
+                    used: 0,
+                    trailer: LAST_CHUNK,
                 });
             }
             return Err(()); // the sandbox closed mid-body: the client sees it cut
@@ -1099,11 +1142,13 @@ async fn forward_response_body(
 }
 
 /// The end of a response body, read but not yet sent: the client's head if it is still
-/// unsent, the last `len` body bytes at the front of the upstream buffer, then `trailer`
-/// (the last chunk of a body re-framed as chunked).
+/// unsent, the last `len` body bytes at the front of the upstream buffer (of the `used` ones
+/// that end the sandbox's body: a chunked body's last chunk and trailers are dropped), then
+/// `trailer` (the fast lane's own last chunk, for a chunked or re-framed body).
 struct Last {
     head: bool,
     len: usize,
+    used: usize,
     trailer: &'static [u8],
 }
 

@@ -333,6 +333,120 @@ async fn ambiguous_request_framing_never_reaches_the_sandbox(lane: Lane) {
     }
 }
 
+/// The targets of every request the raw sandbox has read whole so far.
+async fn sandbox_log(gw: &TestGateway, sb: &TestSandbox) -> String {
+    let mut s = send(gw.addr, &get(&sb.path("/raw/log"), "")).await;
+    let r = read_response(&mut s, &mut Vec::new()).await;
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+/// A bare LF in a chunk extension: a sandbox server that ends the size line there would read
+/// the body at another offset, and the "data" as a second request on a pooled connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bare_lf_in_a_chunk_extension_gets_400_and_never_reaches_the_sandbox() {
+    let gw = TestGateway::start().await;
+    let sb = raw_sandbox(&gw).await;
+    let target = sb.path("/raw/echo?bare-lf-extension");
+    let smuggled = sb.path("/raw/echo?smuggled");
+    let req = format!(
+        "POST {target} HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n\
+         3;x\nGET {smuggled} HTTP/1.1\r\nHost: gw\r\n\r\n\r\nabc\r\n0\r\n\r\n"
+    );
+    let mut s = send(gw.addr, &req).await;
+    let r = read_response(&mut s, &mut Vec::new()).await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.head.contains("x-sandgate-error: bad_request"),
+        "{}",
+        r.head
+    );
+    assert!(
+        r.head.contains("content-type: application/json"),
+        "{}",
+        r.head
+    );
+    assert!(
+        closed(&mut s).await,
+        "the connection ends after the refusal"
+    );
+    let log = sandbox_log(&gw, &sb).await;
+    assert!(
+        !log.contains("bare-lf") && !log.contains("smuggled"),
+        "{log}"
+    );
+}
+
+/// Trailers never reach the sandbox: a gateway credential in one would otherwise get past the
+/// header rules. The body ends with the lane's own last chunk.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trailer_never_reaches_the_sandbox() {
+    let gw = TestGateway::start().await;
+    let sb = raw_sandbox(&gw).await;
+    let mut s = connect(gw.addr).await;
+    let req = format!(
+        "POST {} HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nTrailer: x-api-key\r\n\r\n\
+         5\r\nhello\r\n0\r\nx-api-key: gateway-secret\r\nx-other: 1\r\n\r\n",
+        sb.path("/raw/echo")
+    );
+    // The trailer section arrives in pieces.
+    let (a, b) = req.split_at(req.len() - 20);
+    s.write_all(a.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut s, &mut buf).await;
+    let seen = String::from_utf8_lossy(&r.body).to_string();
+    assert_eq!(r.status, 200);
+    assert!(!seen.contains("gateway-secret"), "{seen}");
+    assert!(!seen.to_ascii_lowercase().contains("trailer"), "{seen}");
+    assert!(seen.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "{seen}");
+    // The connection and the body's framing stay in step.
+    s.write_all(get(&sb.path("/"), "").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s, &mut buf).await.body, b"fixture ok");
+}
+
+/// A sandbox whose chunked response has a bare LF in a size line cannot make the client read
+/// a forged second response after what a lenient parser would take for the body's end: the
+/// client's response is cut instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_chunked_response_cannot_forge_a_second_response() {
+    let gw = TestGateway::start().await;
+    let sb = raw_sandbox(&gw).await;
+    let mut s = connect(gw.addr).await;
+    // A second request pipelined: the forged response would pose as its answer.
+    let req = format!(
+        "{}{}",
+        get(&sb.path("/raw/bad-chunks"), ""),
+        get(&sb.path("/"), "")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let read_all = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read_all)
+        .await
+        .expect("the gateway closes the connection");
+    let text = String::from_utf8_lossy(&got);
+    assert!(!text.contains("forged"), "{text}");
+    assert!(text.matches("HTTP/1.1 ").count() <= 1, "{text}");
+    // The sandbox's connection was not reused: the next request gets a clean answer.
+    let mut s = send(gw.addr, &get(&sb.path("/"), "")).await;
+    assert_eq!(
+        read_response(&mut s, &mut Vec::new()).await.body,
+        b"fixture ok"
+    );
+}
+
 /// `--header-timeout` (`SANDGATE_HEADER_TIMEOUT`) bounds a slow request head and an idle
 /// kept-alive connection, in the fast lane and on connections hyper serves (the control API).
 /// The default (30 s) is longer than `closed`'s patience, so this fails unless the setting

@@ -8,6 +8,7 @@ mod api;
 mod cli;
 mod docker;
 mod fastlane;
+mod framing;
 mod frontdoor;
 mod health;
 mod idle;
