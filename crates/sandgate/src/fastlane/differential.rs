@@ -76,6 +76,8 @@ async fn answers(input: &[u8]) -> Vec<Answer> {
     let serve = async {
         let _ = hyper::server::conn::http1::Builder::new()
             .half_close(true)
+            // As the gateway's hyper lane (`gateway.rs`).
+            .max_buf_size(crate::gateway::MAX_HEAD)
             .serve_connection(TokioIo::new(server), service)
             .await;
     };

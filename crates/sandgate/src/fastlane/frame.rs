@@ -44,11 +44,14 @@ pub(super) struct Head<'b, 'h> {
 
 /// Why a head with more fields than `MAX_HEADERS` is refused (431, not 400).
 pub const TOO_MANY_FIELDS: &str = "more than 100 header fields";
+/// Why a head still incomplete at `MAX_HEAD` bytes is refused (431, as hyper's lane, whose
+/// buffer has the same limit).
+pub const HEAD_TOO_LARGE: &str = "request head larger than 64 KiB";
 
 /// The gateway's error for a refused head.
 pub(super) fn refusal(why: &'static str) -> Error {
     match why {
-        TOO_MANY_FIELDS => Error::HeadTooLarge(MAX_HEAD),
+        TOO_MANY_FIELDS | HEAD_TOO_LARGE => Error::HeadTooLarge(MAX_HEAD),
         why => Error::BadFraming(why),
     }
 }
@@ -105,13 +108,12 @@ pub(super) fn parse_head<'b, 'h>(
 /// `Lane::plan` read it (at most `MAX_HEAD` bytes), the body as `RequestBody::take` walks it.
 pub fn request_framing(buf: &[u8]) -> Verdict {
     let mut headers = [const { MaybeUninit::<Header<'_>>::uninit() }; MAX_HEADERS];
-    // TODO(lead): this restates `Lane::read_head`'s rule for a head that does not fit in
-    // `MAX_HEAD` (hand-off once the buffer holds that much); if `read_head` changes, change
-    // this with it, or give both one helper. (A head `plan_complete` parses from bytes left
-    // after a previous body is not bounded by `MAX_HEAD`; this models a connection's first.)
+    // `Lane::read_head` refuses a head still incomplete once it holds `MAX_HEAD` bytes, with
+    // the same `HEAD_TOO_LARGE`. (A head `plan_complete` parses from bytes left after a
+    // previous body is not bounded by `MAX_HEAD`; this models a connection's first.)
     let head = match parse_head(&buf[..buf.len().min(MAX_HEAD)], &mut headers) {
         Ok(h) => h,
-        Err(Verdict::Partial) if buf.len() >= MAX_HEAD => return Verdict::Handoff,
+        Err(Verdict::Partial) if buf.len() >= MAX_HEAD => return Verdict::Refuse(HEAD_TOO_LARGE),
         Err(v) => return v,
     };
     let mut body = RequestBody::new(head.facts.framing);

@@ -327,7 +327,7 @@ impl Lane {
             .await;
             match read {
                 Some(Ok(0)) if self.rbuf.filled().len() >= MAX_HEAD => {
-                    return Some(Plan::refuse(Error::HeadTooLarge(MAX_HEAD)));
+                    return Some(Plan::refuse(frame::refusal(frame::HEAD_TOO_LARGE)));
                 }
                 Some(Ok(0)) | Some(Err(_)) | None => return None,
                 Some(Ok(_)) => {
