@@ -171,6 +171,10 @@ async fn route(req: Request<Incoming>, redirect: &HeaderValue) -> Result<Resp, h
     if path == "/upload" && matches!(*req.method(), Method::POST | Method::PUT) {
         return upload(req.into_body()).await;
     }
+    if path == "/answer-early" {
+        // Streams 20 events 100 ms apart at once, without reading the request body.
+        return Ok(sse(Some("events=20&interval_ms=100")));
+    }
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return Ok(not_found());
     }

@@ -585,6 +585,7 @@ impl Lane {
             resp.framing,
             &mut self.rbuf,
             &mut req,
+            (timer.as_mut(), StallWatch::new(proxy.body_timeout())),
         )
         .await;
         // Settle the upstream connection, the permit and the in-use mark before the client sees
@@ -914,6 +915,39 @@ impl RequestBody {
     }
 }
 
+/// Watches a request body that is still streaming for a stall: no byte moved for the body
+/// timeout. The timer is the exchange's, lent for each poll.
+struct StallWatch {
+    limit: std::time::Duration,
+    moved: u64,
+    armed: bool,
+}
+
+impl StallWatch {
+    fn new(limit: std::time::Duration) -> StallWatch {
+        StallWatch {
+            limit,
+            moved: 0,
+            armed: false,
+        }
+    }
+
+    /// Whether `req` has moved no byte for the limit; (re)arms `timer` on progress.
+    fn stalled(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut timer: Pin<&mut Sleep>,
+        req: &RequestBody,
+    ) -> bool {
+        if !self.armed || req.moved != self.moved {
+            self.moved = req.moved;
+            self.armed = true;
+            timer.as_mut().reset(Instant::now() + self.limit);
+        }
+        timer.poll(cx).is_ready()
+    }
+}
+
 impl HeadError {
     /// The sandbox closed (or reset) the connection before answering: what a kept
     /// connection it had already let go looks like.
@@ -957,11 +991,10 @@ async fn read_response_head(
     mut timer: Pin<&mut Sleep>,
     proxy: &crate::proxy::Proxy,
 ) -> Result<usize, HeadError> {
-    let (timeout, body_timeout) = (proxy.timeout(), proxy.body_timeout());
+    let timeout = proxy.timeout();
     // While the body streams, the timer watches for it to stall; then for the answer.
-    let wait = if req.done() { timeout } else { body_timeout };
-    timer.as_mut().reset(Instant::now() + wait);
-    let mut moved = req.moved;
+    timer.as_mut().reset(Instant::now() + timeout);
+    let mut stall = StallWatch::new(proxy.body_timeout());
     // While the client is unwatched, the loop's ticker wakes this task to register it once
     // the wait has lasted (`watch`), so that a client that left is noticed.
     let mut unwatched = watch::Wait::default();
@@ -992,11 +1025,7 @@ async fn read_response_head(
                         }))
                     }
                     Poll::Pending => {
-                        if req.moved != moved {
-                            moved = req.moved;
-                            timer.as_mut().reset(Instant::now() + body_timeout);
-                        }
-                        if timer.as_mut().poll(cx).is_ready() {
+                        if stall.stalled(cx, timer.as_mut(), req) {
                             let client_side = req.pending == 0;
                             return Poll::Ready(Err(HeadError::BodyStalled(client_side)));
                         }
@@ -1059,6 +1088,7 @@ fn response_head_len(buf: &[u8]) -> Result<Option<(usize, bool)>, &'static str> 
 
 /// Writes the client's response head and streams the body after it, while a request body
 /// still in progress keeps streaming the other way.
+#[allow(clippy::too_many_arguments)] // the exchange's parts, borrowed separately
 async fn forward_response_body(
     up: &mut TcpStream,
     ubuf: &mut Buf,
@@ -1067,6 +1097,7 @@ async fn forward_response_body(
     framing: Framing,
     rbuf: &mut Buf,
     req: &mut RequestBody,
+    (mut timer, mut stall): (Pin<&mut Sleep>, StallWatch),
 ) -> Result<Last, ()> {
     let mut left = match framing {
         Framing::Length(n) => n,
@@ -1117,8 +1148,13 @@ async fn forward_response_body(
         // Read more, keeping a request body moving.
         let read = poll_fn(|cx| {
             if !req.done() && !req.abandoned {
-                if let Poll::Ready(Err(())) = req.poll_pump(cx, client, rbuf, up) {
-                    return Poll::Ready(Err(()));
+                match req.poll_pump(cx, client, rbuf, up) {
+                    Poll::Ready(Err(())) => return Poll::Ready(Err(())),
+                    // A request body that stalls while the response streams is cut too.
+                    Poll::Pending if stall.stalled(cx, timer.as_mut(), req) => {
+                        return Poll::Ready(Err(()))
+                    }
+                    _ => {}
                 }
             } else if rbuf.poll_gone(cx, client) {
                 return Poll::Ready(Err(()));

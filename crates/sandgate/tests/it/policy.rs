@@ -318,7 +318,50 @@ async fn stalled_uploads_neither_lock_others_out_nor_stay_forever(lane: Lane) {
     gw.shutdown().await;
 }
 
+/// A request body that stalls while the response already streams is cut as well: the
+/// exchange ends (the client sees the response end early) instead of holding its slot.
+async fn a_body_stalled_under_a_streaming_response_is_cut(lane: Lane) {
+    let gw = TestGateway::builder()
+        .lane(lane)
+        .config(|c| c.body_timeout = Duration::from_millis(500))
+        .start()
+        .await;
+    let sb = gw.create_fixture().await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\n\r\nfew",
+        sb.path("/answer-early")
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(WAIT, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("the connection stays open"),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let events = text.matches("data: ").count();
+    assert!(events < 20, "the whole stream came through: {text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    eventually(READY_TIMEOUT, "the slot is free again", || async {
+        let v = gw.get("/health/proxy").send().await.json();
+        (v["in_flight"] == 0).then_some(())
+    })
+    .await;
+    gw.shutdown().await;
+}
+
 both_lanes!(
+    a_body_stalled_under_a_streaming_response_is_cut,
     every_request_is_finished_exactly_once,
     a_refused_request_never_wakes_a_stopped_sandbox,
     only_configured_protocol_switches_are_spliced,
