@@ -195,6 +195,6 @@ mod tests {
         );
         let mut huge = b"GET / HTTP/1.1\r\nx: ".to_vec();
         huge.resize(MAX_HEAD + 10, b'a');
-        assert_eq!(request_framing(&huge), Verdict::Handoff);
+        assert_eq!(request_framing(&huge), Verdict::Refuse(HEAD_TOO_LARGE));
     }
 }
