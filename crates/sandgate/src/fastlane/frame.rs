@@ -87,6 +87,12 @@ pub(super) fn parse_head<'b, 'h>(
     if !head::plain_target(target) {
         return Err(Verdict::Handoff); // absolute-form and the like: hyper's lane judges
     }
+    if method == "CONNECT" {
+        // What follows a CONNECT head is a tunnel's bytes, not requests: hyper's lane refuses
+        // it (405) and decides what becomes of the connection, so the fast lane never reads
+        // on after one (found by the fuzzer).
+        return Err(Verdict::Handoff);
+    }
     let facts = policy::facts(method, req.headers);
     if let Some(why) = facts.ambiguous {
         return Err(Verdict::Refuse(why));
