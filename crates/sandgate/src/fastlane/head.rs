@@ -94,16 +94,14 @@ pub fn write_request(out: &mut Vec<u8>, headers: &[Header<'_>], rw: &RequestRewr
                 public_host.get_or_insert(h.value);
             }
             RequestField::Cookie if has_gateway_cookie(h.value) => {
+                // Written in place: the field is dropped again if no cookie is left.
                 let start = out.len();
                 out.extend_from_slice(b"cookie: ");
                 let values = out.len();
-                let mut kept = Vec::new();
-                cookies_without_ours(h.value, &mut kept);
-                if kept.is_empty() {
+                cookies_without_ours(h.value, out, values);
+                if out.len() == values {
                     out.truncate(start);
                 } else {
-                    out.truncate(values);
-                    out.extend_from_slice(&kept);
                     out.extend_from_slice(b"\r\n");
                 }
             }

@@ -162,14 +162,14 @@ pub fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|t| !t.is_empty())
 }
 
-/// Appends the cookie pairs of `value` that are not the gateway's own to `out` (`"; "` between
-/// pairs, and before the first if `out` is not empty).
-pub fn cookies_without_ours(value: &[u8], out: &mut Vec<u8>) {
+/// Appends the cookie pairs of `value` that are not the gateway's own to `out`, with `"; "`
+/// between pairs (and before the first if `out` already holds pairs past `start`).
+pub fn cookies_without_ours(value: &[u8], out: &mut Vec<u8>, start: usize) {
     for c in value.split(|&b| b == b';').map(<[u8]>::trim_ascii) {
         if c.is_empty() || is_gateway_cookie(c) {
             continue;
         }
-        if !out.is_empty() {
+        if out.len() > start {
             out.extend_from_slice(b"; ");
         }
         out.extend_from_slice(c);
@@ -247,7 +247,7 @@ pub fn upstream_request_headers(
             }
             RequestField::Drop | RequestField::Host => {}
             RequestField::Cookie => {
-                cookies_without_ours(value.as_bytes(), cookies.get_or_insert_with(Vec::new))
+                cookies_without_ours(value.as_bytes(), cookies.get_or_insert_with(Vec::new), 0)
             }
             RequestField::ForwardedFor => {
                 forwarded_for.get_or_insert(value);
