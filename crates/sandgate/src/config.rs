@@ -145,9 +145,15 @@ pub struct ServeArgs {
     /// Protocols a client may switch to through the proxy (`Upgrade`), comma-separated.
     #[arg(long, env = "SANDGATE_UPGRADE_PROTOCOLS", value_delimiter = ',')]
     pub upgrade_protocols: Option<Vec<String>>,
-    /// Authentication (not available in this version: `true` is refused rather than ignored).
+    /// Require a credential (API key, token, preview cookie) for the API and the proxy
+    /// (default true). `false` is allowed only when the gateway listens on a loopback address.
     #[arg(long, env = "AUTH_ENABLED")]
     pub auth_enabled: Option<bool>,
+    /// The `default` team's owner key (at least 32 characters), instead of one generated on
+    /// the first start into `<data-dir>/admin.key`. Environment only, so it never shows in
+    /// `ps`.
+    #[arg(skip)]
+    pub admin_key: Option<String>,
     /// Validate the configuration, print it, and exit (non-zero on a bad configuration).
     #[arg(long)]
     pub check_config: bool,
@@ -244,6 +250,10 @@ pub struct Config {
     pub allowed_hosts: Vec<String>,
     /// Protocols clients may upgrade to through the proxy (lowercase).
     pub upgrade_protocols: Vec<String>,
+    /// Every request needs a credential.
+    pub auth_enabled: bool,
+    /// A configured owner key for the `default` team (`SANDGATE_ADMIN_KEY`).
+    pub admin_key: Option<String>,
     pub runtimes: BTreeMap<String, RuntimeConfig>,
     pub docker: DockerConfig,
 }
@@ -287,6 +297,8 @@ impl Config {
             max_requests_per_client: 10_000 / 4,
             allowed_hosts: Vec::new(),
             upgrade_protocols: vec!["websocket".into()],
+            auth_enabled: true,
+            admin_key: None,
             runtimes: BTreeMap::new(),
             docker: DockerConfig::default(),
         }
@@ -374,13 +386,12 @@ impl Config {
         }
         c.runtimes = file.runtimes;
         c.docker = file.docker;
-        if args.auth_enabled.or(file.auth_enabled).unwrap_or(false) {
-            return Err(ConfigError::Invalid(
-                "AUTH_ENABLED=true: authentication is not available in this version of sandgate; \
-                 refusing to start rather than run unauthenticated"
-                    .into(),
-            ));
-        }
+        c.auth_enabled = args.auth_enabled.or(file.auth_enabled).unwrap_or(true);
+        c.admin_key = args
+            .admin_key
+            .clone()
+            .or_else(|| env("SANDGATE_ADMIN_KEY"))
+            .filter(|k| !k.is_empty());
         c.validate()?;
         Ok(c)
     }
@@ -470,6 +481,24 @@ impl Config {
         }
         if let Err(e) = self.docker.limits.validate() {
             return bad(format!("[docker] {e}"));
+        }
+        if !self.auth_enabled && !self.host.is_loopback() {
+            return bad(format!(
+                "AUTH_ENABLED=false is allowed only on a loopback address, and the gateway \
+                 listens on {}: anyone who can reach it could run code in its sandboxes",
+                self.host
+            ));
+        }
+        if let Some(key) = &self.admin_key {
+            if !(32..=256).contains(&key.len())
+                || !key.bytes().all(|b| b.is_ascii_graphic() && b != b',')
+            {
+                return bad(
+                    "SANDGATE_ADMIN_KEY must be 32 to 256 visible ASCII characters, without \
+                     spaces or commas"
+                        .into(),
+                );
+            }
         }
         Ok(())
     }
@@ -629,10 +658,11 @@ mod tests {
             ),
             (
                 ServeArgs {
-                    auth_enabled: Some(true),
+                    auth_enabled: Some(false),
+                    host: Some(IpAddr::from([0, 0, 0, 0])),
                     ..Default::default()
                 },
-                "AUTH_ENABLED",
+                "AUTH_ENABLED=false",
             ),
             (
                 ServeArgs {

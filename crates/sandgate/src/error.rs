@@ -5,11 +5,16 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, Response, StatusCode};
 
 /// Header naming the error code on every response the gateway itself produced.
 pub const ERROR_HEADER: &str = "x-sandgate-error";
+
+/// What a 401 tells a client to do.
+const HOW_TO_AUTHENTICATE: &str = "send an API key as X-API-Key: <key> or Authorization: Bearer <key> \
+     (a token from POST /auth/token works as a Bearer credential too); in a browser, open a preview URL \
+     from POST /sandboxes/{id}/preview-tokens";
 
 /// Errors a client can act on. Internal details are logged, never sent.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +77,18 @@ pub enum Error {
     MethodNotAllowed,
     #[error("{0}")]
     StartFailed(String),
+    #[error("authentication required")]
+    Unauthenticated,
+    #[error("invalid authentication credential")]
+    BadCredential(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("requests from this address are not allowed")]
+    AddressNotAllowed,
+    #[error("no API key {0:?}")]
+    KeyNotFound(String),
+    #[error("no team {0:?}")]
+    TeamNotFound(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -115,6 +132,12 @@ impl Error {
             RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             StartFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "start_failed"),
+            Unauthenticated => (StatusCode::UNAUTHORIZED, "AUTH_002"),
+            BadCredential(_) => (StatusCode::UNAUTHORIZED, "AUTH_001"),
+            Forbidden(_) => (StatusCode::FORBIDDEN, "AUTH_003"),
+            AddressNotAllowed => (StatusCode::FORBIDDEN, "AUTH_004"),
+            KeyNotFound(_) => (StatusCode::NOT_FOUND, "key_not_found"),
+            TeamNotFound(_) => (StatusCode::NOT_FOUND, "team_not_found"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -128,6 +151,17 @@ impl Error {
             Error::ForbiddenHost(_) => {
                 Some("use the gateway's address, or add the name to SANDGATE_ALLOWED_HOSTS".into())
             }
+            Error::Unauthenticated => Some(HOW_TO_AUTHENTICATE.into()),
+            Error::BadCredential(why) => Some((*why).into()),
+            _ => None,
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401 (RFC 9110 §11.6.1, RFC 6750 §3).
+    fn challenge(&self) -> Option<&'static str> {
+        match self {
+            Error::Unauthenticated => Some("Bearer realm=\"sandgate\""),
+            Error::BadCredential(_) => Some("Bearer realm=\"sandgate\", error=\"invalid_token\""),
             _ => None,
         }
     }
@@ -176,6 +210,9 @@ impl Error {
         h.insert(ERROR_HEADER, HeaderValue::from_static(code));
         if let Some(secs) = self.retry_after() {
             h.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(c) = self.challenge() {
+            h.insert(WWW_AUTHENTICATE, HeaderValue::from_static(c));
         }
         resp
     }
@@ -228,6 +265,9 @@ impl From<crate::store::StoreError> for Error {
     fn from(e: crate::store::StoreError) -> Self {
         match e {
             crate::store::StoreError::PortsExhausted(range) => Error::PortsExhausted(range),
+            crate::store::StoreError::TeamExists(team) => {
+                Error::Conflict(format!("team {team:?} already exists"))
+            }
             crate::store::StoreError::NameTaken(path) => {
                 Error::Conflict(format!("a sandbox named {path:?} already exists"))
             }

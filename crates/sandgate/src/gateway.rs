@@ -24,6 +24,7 @@ impl Gateway {
     pub fn new(state: AppState) -> Gateway {
         let api = crate::api::router(state.clone());
         let policy = Policy::new(
+            state.auth.clone(),
             state.routes.clone(),
             state.manager.clone(),
             state.limits.clone(),

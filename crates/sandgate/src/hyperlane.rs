@@ -99,7 +99,11 @@ impl Gateway {
         let mut close = !http_body::Body::is_end_stream(req.body());
         let resp = match decision {
             Decision::Proxy(grant) => self.forward(req, peer, grant).await,
-            Decision::Api => {
+            Decision::Api(principal) => {
+                let mut req = req;
+                if let Some(p) = principal {
+                    req.extensions_mut().insert(p);
+                }
                 let resp = self
                     .api
                     .clone()
@@ -121,7 +125,7 @@ impl Gateway {
                 Ok(r)
             }
             Decision::Deny(e) => {
-                self.policy.answered();
+                self.policy.refused(&e);
                 Err(e)
             }
         };

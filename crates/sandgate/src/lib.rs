@@ -16,6 +16,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod error;
@@ -43,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Limits;
 use crate::api::AppState;
+use crate::auth::Auth;
 use crate::backend::docker::DockerBackend;
 use crate::backend::process::{self, ProcessBackend};
 use crate::backend::Backend;
@@ -120,6 +122,7 @@ pub async fn run(
         source,
     })?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_url).await?);
+    let auth = Arc::new(Auth::load(store.clone(), &config).await?);
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let backend = build_backend(&config, store.as_ref(), sandboxes_dir, exits_tx).await?;
     let routes = Arc::new(Routes::default());
@@ -146,6 +149,7 @@ pub async fn run(
     let bound_port = listener.local_addr()?.port();
     let sweeper = {
         let proxy = proxy.clone();
+        let auth = auth.clone();
         let token = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(15));
@@ -155,6 +159,7 @@ pub async fn run(
                     _ = tick.tick() => {
                         proxy.pool().sweep();
                         proxy.raw_pools().iter().for_each(|p| p.sweep());
+                        auth.flush_last_used().await;
                     }
                 }
             }
@@ -171,6 +176,7 @@ pub async fn run(
     let state = AppState {
         public_base: config.public_base(bound_port).into(),
         config: config.clone(),
+        auth: auth.clone(),
         manager: manager.clone(),
         routes,
         proxy,
@@ -182,8 +188,15 @@ pub async fn run(
         addr = %listener.local_addr()?,
         backend = config.backend.as_str(),
         data_dir = %config.data_dir.display(),
+        auth = if config.auth_enabled { "required" } else { "off" },
         "sandgate listening"
     );
+    if !config.auth_enabled {
+        tracing::warn!(
+            "authentication is off (AUTH_ENABLED=false): the gateway is open to anyone who \
+             can reach its loopback address"
+        );
+    }
     let gateway = Arc::new(gateway::Gateway::new(state));
     // Each extra worker gets a listening socket of its own on the same address (one
     // SO_REUSEPORT group, see `workers`); this loop keeps the one it was given.
@@ -201,6 +214,7 @@ pub async fn run(
     manager.shutdown().await;
     workers.finish().await;
     sweeper.abort();
+    auth.flush_last_used().await;
     exit_watcher.abort();
     Ok(served?)
 }

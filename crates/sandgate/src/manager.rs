@@ -194,8 +194,10 @@ impl Manager {
         Ok(())
     }
 
-    pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox, Error> {
+    /// Creates a sandbox of `team` and starts it.
+    pub async fn create(&self, req: CreateSandbox, team: &str) -> Result<Sandbox, Error> {
         let (mut sb, runtime) = self.prepare(req)?;
+        sb.team = team.to_string();
         self.backend
             .check_runtime(&runtime)
             .await

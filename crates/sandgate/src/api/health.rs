@@ -60,8 +60,25 @@ async fn proxy(State(state): State<AppState>) -> Json<Value> {
     }))
 }
 
-async fn auth() -> Json<Value> {
-    Json(json!({ "status": "disabled", "timestamp": now() }))
+/// Authentication status: never a secret or a key id.
+async fn auth(State(state): State<AppState>) -> Json<Value> {
+    let auth = &state.auth;
+    let enabled = auth.enabled();
+    Json(json!({
+        "status": if enabled { "ok" } else { "open" },
+        "enabled": enabled,
+        "message": if enabled {
+            "every request needs a credential"
+        } else {
+            "authentication is off (AUTH_ENABLED=false): anyone who reaches this address may use the gateway"
+        },
+        "providers": ["api_key"],
+        "keys": auth.key_count(),
+        "cache_size": auth.key_count(),
+        "failures_total": auth.failures(),
+        "failures_last_minute": auth.recent_failures(),
+        "timestamp": now(),
+    }))
 }
 
 /// Whether something accepts connections at `upstream` right now.

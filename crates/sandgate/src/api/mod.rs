@@ -4,6 +4,7 @@
 
 pub mod guard;
 pub mod health;
+pub mod keys;
 pub mod sandboxes;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use crate::admission::Limits;
+use crate::auth::{Auth, Principal};
 use crate::config::Config;
 use crate::error::Error;
 use crate::manager::Manager;
@@ -25,6 +27,7 @@ use crate::routes::Routes;
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
+    pub auth: Arc<Auth>,
     pub manager: Arc<Manager>,
     pub routes: Arc<Routes>,
     pub proxy: Arc<Proxy>,
@@ -41,6 +44,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(sandboxes::router())
         .merge(health::router())
+        .merge(keys::router())
         .fallback(|req: Request| async move {
             Error::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
         })
@@ -68,6 +72,38 @@ impl<T: DeserializeOwned + Default> FromRequest<AppState> for ApiJson<T> {
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Who the request acts as, as the request policy decided (`crate::policy`): every route
+/// that needs a credential takes this; a route the policy let through without one cannot.
+pub struct Caller(pub Principal);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Error> {
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .map(Caller)
+            .ok_or(Error::Unauthenticated)
+    }
+}
+
+impl Caller {
+    /// The sandbox `id` if this caller may see it; another team's is "not found".
+    pub async fn sandbox(
+        &self,
+        state: &AppState,
+        id: &str,
+    ) -> Result<crate::model::Sandbox, Error> {
+        let sb = state.manager.get(id).await?;
+        if !self.0.sees(&sb.team) {
+            return Err(Error::SandboxNotFound(id.to_string()));
+        }
+        Ok(sb)
     }
 }
 

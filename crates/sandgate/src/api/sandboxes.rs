@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
-use super::{ApiJson, ApiPath, AppState};
+use super::{ApiJson, ApiPath, AppState, Caller};
 use crate::error::Error;
 use crate::manager::CreateSandbox;
 use crate::model::{Sandbox, Status};
@@ -109,9 +109,10 @@ struct Created {
 
 async fn create(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(req): ApiJson<CreateSandbox>,
 ) -> Result<Response, Error> {
-    let sb = state.manager.create(req).await?;
+    let sb = state.manager.create(req, &caller.0.team).await?;
     let body = Created {
         message: format!("Sandbox {} created successfully", sb.id),
         sandbox: SandboxView::new(&sb, &state),
@@ -131,12 +132,16 @@ struct List {
     sandboxes: Vec<SandboxView>,
 }
 
-async fn list(State(state): State<AppState>) -> Result<Json<impl Serialize>, Error> {
+async fn list(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> Result<Json<impl Serialize>, Error> {
     let sandboxes: Vec<_> = state
         .manager
         .list()
         .await?
         .iter()
+        .filter(|sb| caller.sees(&sb.team))
         .map(|sb| SandboxView::new(sb, &state))
         .collect();
     Ok(Json(List {
@@ -147,33 +152,40 @@ async fn list(State(state): State<AppState>) -> Result<Json<impl Serialize>, Err
 
 async fn inspect(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<SandboxView>, Error> {
-    let sb = state.manager.get(&id).await?;
+    let sb = caller.sandbox(&state, &id).await?;
     state.routes.touch(&id);
     Ok(Json(SandboxView::new(&sb, &state)))
 }
 
 async fn start(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<SandboxView>, Error> {
+    caller.sandbox(&state, &id).await?;
     let sb = state.manager.start(&id).await?;
     Ok(Json(SandboxView::new(&sb, &state)))
 }
 
 async fn stop(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<SandboxView>, Error> {
+    caller.sandbox(&state, &id).await?;
     let sb = state.manager.stop(&id).await?;
     Ok(Json(SandboxView::new(&sb, &state)))
 }
 
 async fn remove(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, Error> {
+    caller.sandbox(&state, &id).await?;
     state.manager.delete(&id).await?;
     Ok(Json(serde_json::json!({
         "id": id,
@@ -186,9 +198,10 @@ async fn remove(
 /// The sandbox's captured stdout and stderr, streamed as plain text.
 async fn logs(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, Error> {
-    let sb = state.manager.get(&id).await?;
+    let sb = caller.sandbox(&state, &id).await?;
     state.routes.touch(&id);
     let stream = state
         .manager

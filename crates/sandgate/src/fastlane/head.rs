@@ -69,6 +69,8 @@ pub struct RequestRewrite<'a> {
     pub client_ip: &'a [u8],
     pub prefix: Option<&'a [u8]>,
     pub framing: Framing,
+    /// Leave out `Authorization` (the gateway's credential).
+    pub strip_authorization: bool,
 }
 
 /// Writes the head the sandbox receives into `out` (cleared first): the fields by the proxy's
@@ -88,7 +90,8 @@ pub fn write_request(out: &mut Vec<u8>, headers: &[Header<'_>], rw: &RequestRewr
         let name = h.name.as_bytes();
         match request_field(name) {
             _ if named.contains(name) => {}
-            RequestField::Forward => put_field(out, name, h.value),
+            RequestField::Authorization if rw.strip_authorization => {}
+            RequestField::Forward | RequestField::Authorization => put_field(out, name, h.value),
             RequestField::Drop | RequestField::Length => {}
             RequestField::Host => {
                 public_host.get_or_insert(h.value);
@@ -436,6 +439,7 @@ mod tests {
                 client_ip: b"127.0.0.1",
                 prefix: Some(b"/sandbox/sb-x"),
                 framing: Framing::Length(3),
+                strip_authorization: false,
             },
         );
         assert_eq!(
@@ -489,6 +493,7 @@ mod tests {
                 client_ip: b"127.0.0.1",
                 prefix: Some(b"/sandbox/sb-x"),
                 framing: Framing::Empty,
+                strip_authorization: true,
             },
         );
         let text = String::from_utf8(fast).unwrap();
@@ -518,6 +523,7 @@ mod tests {
                 host: Some(&host),
                 prefix: Some(&prefix),
                 upstream_port: 3000,
+                strip_authorization: true,
             },
             None,
         );
@@ -533,7 +539,6 @@ mod tests {
             names,
             [
                 "accept",
-                "authorization",
                 "cookie",
                 "host",
                 "x-end-to-end",

@@ -253,7 +253,7 @@ impl Lane {
                     html,
                     close,
                 } => {
-                    gw.policy.answered();
+                    gw.policy.refused(&err);
                     head::write_full(&mut self.rout, &err.to_response(html), close);
                     let written = self.client.write_all(&self.rout).await;
                     if written.is_err() {
@@ -390,7 +390,7 @@ impl Lane {
                 }
             }
             // Answers the API gives, redirects: hyper's lane.
-            Decision::Api | Decision::Redirect(_) => return Plan::Handoff,
+            Decision::Api(_) | Decision::Redirect(_) => return Plan::Handoff,
         };
         // Waking a sandbox, and splicing a protocol switch, are hyper's lane's.
         let (Some(upstream), false) = (grant.upstream, grant.upgrade) else {
@@ -425,6 +425,7 @@ impl Lane {
                 client_ip: &self.ip,
                 prefix,
                 framing: facts.framing,
+                strip_authorization: target_route.strip_authorization,
             },
         );
         self.host.clear();

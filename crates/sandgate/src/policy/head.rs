@@ -5,6 +5,7 @@
 
 use http::HeaderMap;
 
+use crate::auth::Credentials;
 use crate::proxy::headers::tokens;
 
 /// How a message body is delimited (RFC 9112 §6).
@@ -69,6 +70,8 @@ pub struct Facts<'a> {
     pub expect: bool,
     /// How many `Host` fields the head has.
     pub hosts: u8,
+    /// The gateway credentials the head carries.
+    pub credentials: Credentials<'a>,
 }
 
 /// Reads the facts of a request head in one pass.
@@ -83,6 +86,7 @@ pub fn facts<'a, F: Fields + ?Sized + 'a>(method: &str, fields: &'a F) -> Facts<
         upgrade: None,
         expect: false,
         hosts: 0,
+        credentials: Credentials::default(),
     };
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -98,6 +102,14 @@ pub fn facts<'a, F: Fields + ?Sized + 'a>(method: &str, fields: &'a F) -> Facts<
             6 if is("expect") => f.expect = true,
             6 if is("accept") => f.html |= contains(value, b"text/html"),
             7 if is("upgrade") => upgrade = Some(value),
+            9 if is("x-api-key") => {
+                let c = &mut f.credentials;
+                c.api_keys = c.api_keys.saturating_add(1);
+                c.api_key.get_or_insert(value);
+            }
+            13 if is("authorization") => {
+                f.credentials.authorization.get_or_insert(value);
+            }
             10 if is("connection") => {
                 for t in tokens(value) {
                     if t.eq_ignore_ascii_case(b"close") {

@@ -23,6 +23,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::admission::{Admission, Limits, OwnedAdmission};
+use crate::auth::{permissions, Auth, Authenticated, Principal};
 use crate::backend::{Backend, Upstream};
 use crate::error::Error;
 use crate::manager::Manager;
@@ -51,8 +52,9 @@ pub struct Head<'a> {
 pub enum Decision {
     /// Forward it to a sandbox port.
     Proxy(Grant),
-    /// Hand it to the control API.
-    Api,
+    /// Hand it to the control API, acting as this principal (`None`: a route that needs no
+    /// credential).
+    Api(Option<Principal>),
     /// Answer with a redirect to this location (`/sandbox/{id}` → `/sandbox/{id}/`).
     Redirect(String),
     /// Refuse it with this error.
@@ -68,6 +70,8 @@ pub struct Grant {
     pub upgrade: bool,
     /// The client prefers HTML error pages.
     pub html: bool,
+    /// Who the request acts as (what rate limits and the access log name).
+    pub principal: Principal,
 }
 
 impl Grant {
@@ -78,6 +82,7 @@ impl Grant {
 }
 
 pub struct Policy {
+    auth: Arc<Auth>,
     routes: Arc<Routes>,
     manager: Arc<Manager>,
     backend: Arc<dyn Backend>,
@@ -89,12 +94,14 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(
+        auth: Arc<Auth>,
         routes: Arc<Routes>,
         manager: Arc<Manager>,
         limits: Arc<Limits>,
         config: &crate::config::Config,
     ) -> Policy {
         Policy {
+            auth,
             routes,
             backend: manager.backend().clone(),
             manager,
@@ -126,36 +133,47 @@ impl Policy {
             Err(e) => return Decision::Deny(e),
         };
         let routes = &self.routes;
-        let (sandbox, port, prefix) = match route {
-            Route::Api => return Decision::Api,
-            Route::Host { id, port } => match routes.get(id) {
-                Some(sb) => (sb, Some(port), None),
-                None => return Decision::Deny(Error::SandboxNotFound(id.to_string())),
-            },
-            Route::Id { id, prefix } => match routes.get(id) {
-                Some(sb) => (sb, None, Some(prefix)),
-                None => return Decision::Deny(Error::SandboxNotFound(id.to_string())),
-            },
+        let (found, port, prefix) = match route {
+            Route::Api => return self.api(head),
+            Route::Host { id, port } => (routes.get(id).ok_or(id), Some(port), None),
+            Route::Id { id, prefix } => (routes.get(id).ok_or(id), None, Some(prefix)),
             Route::Path {
                 owner,
                 name,
                 prefix,
             } => match routes.get_by_path(owner, name) {
-                Some(sb) => (sb, None, Some(prefix)),
-                None => return Decision::Api,
+                Some(sb) => (Ok(sb), None, Some(prefix)),
+                None => return self.api(head),
             },
             Route::AddSlash { id_route, path } => {
                 if !id_route {
                     let mut segs = path[1..].splitn(2, '/');
                     let (owner, name) = (segs.next().unwrap_or(""), segs.next().unwrap_or(""));
                     if routes.get_by_path(owner, name).is_none() {
-                        return Decision::Api;
+                        return self.api(head);
                     }
                 }
                 let query = head.query.map(|q| format!("?{q}")).unwrap_or_default();
                 return Decision::Redirect(format!("{path}/{query}"));
             }
         };
+        // Credentials before existence: without one, a client learns nothing (401 whether or
+        // not the sandbox exists); with one, another team's sandbox is "not found".
+        let who = match self.authenticate(head) {
+            Ok(who) => who,
+            Err(e) => return Decision::Deny(e),
+        };
+        let sandbox = match found {
+            Ok(sb) if who.principal.sees(&sb.team) => sb,
+            Ok(sb) => return Decision::Deny(Error::SandboxNotFound(sb.id.clone())),
+            Err(id) => return Decision::Deny(Error::SandboxNotFound(id.to_string())),
+        };
+        if let Err(e) = who.principal.require(permissions::proxy(
+            head.method,
+            head.facts.upgrade.is_some(),
+        )) {
+            return Decision::Deny(e);
+        }
         let port = match port.or(sandbox.port) {
             Some(p) => p,
             None => return Decision::Deny(port_not_exposed(&sandbox, 0)),
@@ -183,11 +201,40 @@ impl Policy {
                 sandbox,
                 port,
                 prefix: prefix.and_then(prefix_header),
+                strip_authorization: who.consumed_authorization,
             },
             upstream,
             upgrade,
             html: head.facts.html,
+            principal: who.principal,
         })
+    }
+
+    /// A control-API request: the credential its route needs, and the role.
+    fn api(&self, head: &Head<'_>) -> Decision {
+        let need = permissions::api(head.method, head.path);
+        if need == permissions::Need::Nothing {
+            return Decision::Api(None);
+        }
+        let who = match self.authenticate(head) {
+            Ok(who) => who,
+            Err(e) => return Decision::Deny(e),
+        };
+        match who.principal.require(need) {
+            Ok(()) => Decision::Api(Some(who.principal)),
+            Err(e) => Decision::Deny(e),
+        }
+    }
+
+    /// The request's principal, or why it has none.
+    fn authenticate(&self, head: &Head<'_>) -> Result<Authenticated, Error> {
+        self.auth
+            .authenticate(&head.facts.credentials)?
+            .ok_or(Error::Unauthenticated)
+    }
+
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
     }
 
     /// Admits a granted request for forwarding within the caller's scope (the fast lane).
@@ -206,6 +253,15 @@ impl Policy {
 
     /// The finish step of a request the gateway answered itself.
     pub fn answered(&self) {
+        self.limits.answered();
+    }
+
+    /// The finish step of a request the policy refused: counted as answered, and a refused
+    /// credential as an authentication failure.
+    pub fn refused(&self, err: &Error) {
+        if matches!(err, Error::BadCredential(_)) {
+            self.auth.failed();
+        }
         self.limits.answered();
     }
 

@@ -37,6 +37,9 @@ pub enum RequestField {
     ForwardedFor,
     /// `Content-Length`: the lane states the framing it forwards.
     Length,
+    /// `Authorization`: dropped when the gateway authenticated the request with it (a
+    /// sandbox's own scheme, e.g. Basic on a public port, passes).
+    Authorization,
 }
 
 /// The rule for request field `name` (any case).
@@ -53,6 +56,7 @@ pub fn request_field(name: &[u8]) -> RequestField {
         7 if is("trailer") || is("upgrade") => Drop,
         9 if is("x-api-key") => Drop,
         10 if is("connection") || is("keep-alive") => Drop,
+        13 if is("authorization") => Authorization,
         14 if is("content-length") => Length,
         15 if is("x-forwarded-for") => ForwardedFor,
         16 if is("x-forwarded-host") || is("proxy-connection") => Drop,
@@ -242,7 +246,8 @@ pub fn upstream_request_headers(
             continue;
         }
         match request_field(n) {
-            RequestField::Forward | RequestField::Length => {
+            RequestField::Authorization if forwarded.strip_authorization => {}
+            RequestField::Forward | RequestField::Length | RequestField::Authorization => {
                 out.append(name.clone(), value.clone());
             }
             RequestField::Drop | RequestField::Host => {}
@@ -277,6 +282,8 @@ pub struct Forwarded<'a> {
     pub prefix: Option<&'a HeaderValue>,
     /// The sandbox port dialled: `Host: localhost:{port}`.
     pub upstream_port: u16,
+    /// Leave out `Authorization` (the gateway's credential).
+    pub strip_authorization: bool,
 }
 
 /// Removes hop-by-hop fields from a response (hyper lane), including every field named in
@@ -401,6 +408,7 @@ mod tests {
             host,
             prefix,
             upstream_port: 3000,
+            strip_authorization: false,
         }
     }
 
@@ -444,8 +452,14 @@ mod tests {
             ]
         );
         assert_eq!(out["cookie"], "a=1; b=2");
-        // Without gateway auth, Authorization belongs to the app.
+        // Unless the gateway authenticated the request with it, Authorization is the app's.
         assert_eq!(out["authorization"], "Bearer app-token");
+        let consumed = Forwarded {
+            strip_authorization: true,
+            ..forwarded(Some(&host), None)
+        };
+        let out = upstream_request_headers(&h, &consumed, None);
+        assert!(!out.contains_key("authorization"));
         assert_eq!(out["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(out["x-forwarded-host"], "gw.example:8070");
         assert_eq!(out["host"], "localhost:3000");

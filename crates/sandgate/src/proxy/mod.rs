@@ -39,6 +39,8 @@ pub struct Target {
     /// forwarding and sent as `X-Forwarded-Prefix` (built once, as the header value it becomes);
     /// `None` for host routes.
     pub prefix: Option<HeaderValue>,
+    /// The request's `Authorization` field was the gateway's credential: it is not forwarded.
+    pub strip_authorization: bool,
 }
 
 pub struct Proxy {
@@ -380,6 +382,7 @@ fn upstream_request(
             host: public_host,
             prefix: target.prefix.as_ref(),
             upstream_port: upstream.port(),
+            strip_authorization: target.strip_authorization,
         },
         protocol,
     );

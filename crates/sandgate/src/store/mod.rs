@@ -9,6 +9,8 @@ use std::ops::RangeInclusive;
 
 use async_trait::async_trait;
 
+use chrono::{DateTime, Utc};
+
 use crate::model::Sandbox;
 
 pub use sqlite::SqliteStore;
@@ -21,8 +23,32 @@ pub enum StoreError {
     PortsExhausted(String),
     #[error("name {0:?} is taken")]
     NameTaken(String),
+    #[error("team {0:?} already exists")]
+    TeamExists(String),
     #[error("corrupt record {id}: {message}")]
     Corrupt { id: String, message: String },
+}
+
+/// An API key as stored: never the secret, only its SHA-256 (see `crate::auth::keys`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRecord {
+    /// The lookup id (the public part of the key).
+    pub id: String,
+    pub team: String,
+    pub name: String,
+    /// `owner`, `admin`, `member` or `viewer`.
+    pub role: String,
+    pub hash: [u8; 32],
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// A team: every sandbox, key and audit record belongs to one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeamRecord {
+    pub id: String,
+    pub created_at: DateTime<Utc>,
 }
 
 /// Decides whether a host port is usable right now (e.g. nothing else is bound to it).
@@ -44,6 +70,17 @@ pub trait Store: Send + Sync {
     async fn list(&self) -> Result<Vec<Sandbox>, StoreError>;
     /// Removes the record, releasing its port.
     async fn delete(&self, id: &str) -> Result<(), StoreError>;
+    /// Inserts a key; with `replace`, a key of the same id is overwritten (the configured
+    /// admin key, re-read at every start).
+    async fn put_key(&self, key: &KeyRecord, replace: bool) -> Result<(), StoreError>;
+    /// Every key not revoked (expired ones included: they answer "expired", not "unknown").
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Marks a key revoked; false if there was no such active key.
+    async fn revoke_key(&self, id: &str) -> Result<bool, StoreError>;
+    /// Records when keys were last used (written in batches, at most once a minute a key).
+    async fn touch_keys(&self, used: &[(String, DateTime<Utc>)]) -> Result<(), StoreError>;
+    async fn create_team(&self, id: &str) -> Result<TeamRecord, StoreError>;
+    async fn teams(&self) -> Result<Vec<TeamRecord>, StoreError>;
     /// Whether the store answers (for health checks).
     async fn ping(&self) -> Result<(), StoreError>;
 }

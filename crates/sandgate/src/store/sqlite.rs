@@ -9,11 +9,12 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use super::{PortProbe, Store, StoreError};
+use super::{KeyRecord, PortProbe, Store, StoreError, TeamRecord};
 use crate::model::{Sandbox, DEFAULT_TEAM};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE teams (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -48,7 +49,22 @@ CREATE TABLE meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY,
+    team_id TEXT NOT NULL REFERENCES teams(id),
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    hash BLOB NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT,
+    last_used_at TEXT,
+    revoked_at TEXT
+);
+CREATE INDEX api_keys_team ON api_keys(team_id);
+"#,
+];
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -142,6 +158,35 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
         generation: row.try_get("generation")?,
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
+        id,
+    })
+}
+
+fn parse_time(id: &str, s: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| corrupt(id, e))
+}
+
+fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<KeyRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    let hash: Vec<u8> = row.try_get("hash")?;
+    let hash: [u8; 32] = hash
+        .try_into()
+        .map_err(|_| corrupt(&id, "key hash is not 32 bytes"))?;
+    let opt_time = |col: &str| -> Result<Option<DateTime<Utc>>, StoreError> {
+        let s: Option<String> = row.try_get(col)?;
+        s.map(|s| parse_time(&id, &s)).transpose()
+    };
+    let created: String = row.try_get("created_at")?;
+    Ok(KeyRecord {
+        team: row.try_get("team_id")?,
+        name: row.try_get("name")?,
+        role: row.try_get("role")?,
+        hash,
+        created_at: parse_time(&id, &created)?,
+        expires_at: opt_time("expires_at")?,
+        last_used_at: opt_time("last_used_at")?,
         id,
     })
 }
@@ -296,6 +341,95 @@ impl Store for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn put_key(&self, key: &KeyRecord, replace: bool) -> Result<(), StoreError> {
+        let verb = if replace {
+            "INSERT OR REPLACE"
+        } else {
+            "INSERT"
+        };
+        let sql = format!(
+            "{verb} INTO api_keys (id, team_id, name, role, hash, created_at, expires_at, \
+             last_used_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)"
+        );
+        sqlx::query(&sql)
+            .bind(&key.id)
+            .bind(&key.team)
+            .bind(&key.name)
+            .bind(&key.role)
+            .bind(&key.hash[..])
+            .bind(ts(&key.created_at))
+            .bind(key.expires_at.as_ref().map(ts))
+            .bind(key.last_used_at.as_ref().map(ts))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        sqlx::query("SELECT * FROM api_keys WHERE revoked_at IS NULL ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(key_from_row)
+            .collect()
+    }
+
+    async fn revoke_key(&self, id: &str) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(ts(&crate::model::now()))
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn touch_keys(&self, used: &[(String, DateTime<Utc>)]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for (id, at) in used {
+            sqlx::query("UPDATE api_keys SET last_used_at = ? WHERE id = ?")
+                .bind(ts(at))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn create_team(&self, id: &str) -> Result<TeamRecord, StoreError> {
+        let team = TeamRecord {
+            id: id.to_string(),
+            created_at: crate::model::now(),
+        };
+        let res = sqlx::query("INSERT INTO teams (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(&team.id)
+            .bind(&team.id)
+            .bind(ts(&team.created_at))
+            .execute(&self.pool)
+            .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => Err(StoreError::TeamExists(id.to_string())),
+            other => other.map(|_| team).map_err(StoreError::from),
+        }
+    }
+
+    async fn teams(&self) -> Result<Vec<TeamRecord>, StoreError> {
+        let rows = sqlx::query("SELECT id, created_at FROM teams ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                let created: String = row.try_get("created_at")?;
+                Ok(TeamRecord {
+                    created_at: parse_time(&id, &created)?,
+                    id,
+                })
+            })
+            .collect()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -11,6 +11,8 @@ fn sandgate() -> Command {
         "GATEWAY_PORT",
         "PROXY_TIMEOUT",
         "MAX_CONCURRENT_REQUESTS",
+        "AUTH_ENABLED",
+        "SANDGATE_ADMIN_KEY",
     ] {
         c.env_remove(var);
     }
@@ -68,7 +70,16 @@ fn check_config_refuses_bad_values_with_status_64() {
             vec![],
             "prot",
         ),
-        (vec![], vec![("AUTH_ENABLED", "true")], "AUTH_ENABLED"),
+        (
+            vec!["--host".into(), "0.0.0.0".into()],
+            vec![("AUTH_ENABLED", "false")],
+            "AUTH_ENABLED=false is allowed only on a loopback address",
+        ),
+        (
+            vec![],
+            vec![("SANDGATE_ADMIN_KEY", "short")],
+            "SANDGATE_ADMIN_KEY",
+        ),
     ];
     for (args, env, needle) in cases {
         let out = sandgate()

@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("backend", 3),
     ("routing", 3),
     ("admission", 3),
+    ("auth", 3),
     ("manager", 4),
     ("proxy", 4),
     ("lifecycle", 5),

@@ -351,6 +351,8 @@ impl Reply {
 /// A request under construction; `Host` defaults to the gateway's address.
 pub struct Req {
     addr: SocketAddr,
+    /// Sent as `X-API-Key` unless the request names a credential of its own.
+    key: Option<String>,
     method: Method,
     path: String,
     headers: Vec<(String, String)>,
@@ -361,6 +363,7 @@ impl Req {
     pub fn new(addr: SocketAddr, method: Method, path: &str) -> Req {
         Req {
             addr,
+            key: None,
             method,
             path: path.to_string(),
             headers: Vec::new(),
@@ -393,6 +396,12 @@ impl Req {
             .any(|(k, _)| k.eq_ignore_ascii_case("host"))
         {
             b = b.header(HOST, self.addr.to_string());
+        }
+        let own_credential = self.headers.iter().any(|(k, _)| {
+            k.eq_ignore_ascii_case("x-api-key") || k.eq_ignore_ascii_case("authorization")
+        });
+        if let (Some(key), false) = (&self.key, own_credential) {
+            b = b.header("x-api-key", key.as_str());
         }
         for (k, v) in &self.headers {
             b = b.header(k.as_str(), v.as_str());
@@ -500,11 +509,25 @@ impl TestSandbox {
 pub struct Client {
     pub addr: SocketAddr,
     pub pids: PidRegistry,
+    /// The API key every request carries (`X-API-Key`), if any.
+    pub key: Option<String>,
 }
 
 impl Client {
     pub fn new(addr: SocketAddr, pids: PidRegistry) -> Client {
-        Client { addr, pids }
+        Client {
+            addr,
+            pids,
+            key: None,
+        }
+    }
+
+    /// This client, sending `key` as `X-API-Key` on every request.
+    pub fn with_key(&self, key: &str) -> Client {
+        Client {
+            key: Some(key.to_string()),
+            ..self.clone()
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -512,7 +535,9 @@ impl Client {
     }
 
     pub fn req(&self, method: Method, path: &str) -> Req {
-        Req::new(self.addr, method, path)
+        let mut r = Req::new(self.addr, method, path);
+        r.key = self.key.clone();
+        r
     }
 
     pub fn get(&self, path: &str) -> Req {
@@ -641,6 +666,10 @@ impl Client {
             req.headers_mut()
                 .insert(HOST, HeaderValue::from_str(host).expect("host"));
         }
+        if let Some(key) = &self.key {
+            req.headers_mut()
+                .insert("x-api-key", HeaderValue::from_str(key).expect("key"));
+        }
         let stream = TcpStream::connect(self.addr).await.expect("connect");
         let (ws, resp) = tokio::time::timeout(
             REQUEST_TIMEOUT,
@@ -741,6 +770,8 @@ impl GatewayBuilder {
         config.port = 0;
         config.port_range = lo..=lo + self.ports - 1;
         config.isolation = self.isolation;
+        // Authentication is its own suite (`auth`); the others talk to an open gateway.
+        config.auth_enabled = false;
         for tweak in self.tweaks {
             tweak(&mut config);
         }
@@ -910,6 +941,9 @@ impl SpawnedGateway {
         {
             extra_args.extend(["--isolation".to_string(), "none".to_string()]);
         }
+        if !extra_args.iter().any(|a| a == "--auth-enabled") {
+            extra_args.extend(["--auth-enabled".to_string(), "false".to_string()]);
+        }
         let data_dir = tempfile::tempdir().expect("tempdir");
         let lo = port_block();
         let client = Client::new(
@@ -930,6 +964,10 @@ impl SpawnedGateway {
 
     pub fn port_range(&self) -> (u16, u16) {
         self.port_range
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
     }
 
     /// `start` with `--fast-lane` set for `lane`.
@@ -984,6 +1022,7 @@ impl SpawnedGateway {
             "SANDGATE_STOP_GRACE",
             "SANDGATE_API_BODY_LIMIT",
             "AUTH_ENABLED",
+            "SANDGATE_ADMIN_KEY",
             "SANDGATE_FAST_LANE",
         ] {
             cmd.env_remove(var);

@@ -1,0 +1,446 @@
+//! Authentication and tenancy: who is asking (a [`Principal`]: team, role, subject) from the
+//! credentials a request carries, with every verified credential held in memory so a proxied
+//! request never waits on the store. Used by the request policy's check step, identically for
+//! both proxy lanes, and by the control API's key and team routes.
+
+pub mod keys;
+pub mod permissions;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::model::DEFAULT_TEAM;
+use crate::store::{KeyRecord, Store, StoreError};
+pub use permissions::{Need, Role};
+
+/// How a request proved who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// Authentication is off (`AUTH_ENABLED=false`): every request acts as the owner.
+    Open,
+    /// An API key.
+    Key,
+}
+
+/// Who a request acts as.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub team: Arc<str>,
+    pub role: Role,
+    /// The key id (or token subject): what the audit log and rate limits name.
+    pub subject: Arc<str>,
+    pub via: Via,
+}
+
+impl Principal {
+    /// Whether this principal may see records of `team` (anything else is "not found").
+    pub fn sees(&self, team: &str) -> bool {
+        self.role == Role::Owner || &*self.team == team
+    }
+
+    /// Refuses with `AUTH_003` unless the role allows `need`.
+    pub fn require(&self, need: Need) -> Result<(), Error> {
+        if self.role.allows(need) {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(format!(
+                "the {} role may not do this",
+                self.role
+            )))
+        }
+    }
+}
+
+/// The credentials a request head carries, as raw field values (see `policy::head::facts`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    /// The first `X-API-Key` value.
+    pub api_key: Option<&'a [u8]>,
+    /// How many `X-API-Key` fields there were (more than one is refused).
+    pub api_keys: u8,
+    /// The first `Authorization` value.
+    pub authorization: Option<&'a [u8]>,
+}
+
+/// A verified request: who, and whether its `Authorization` field was the gateway's
+/// credential (then it never reaches a sandbox).
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub principal: Principal,
+    pub consumed_authorization: bool,
+}
+
+/// A key as the gateway holds it in memory.
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub record: KeyRecord,
+    principal: Principal,
+    /// Unix seconds after which the key is refused.
+    expires: Option<i64>,
+    /// Unix seconds of the last use, and of the last use written to the store.
+    last_used: AtomicI64,
+    flushed: AtomicI64,
+}
+
+impl KeyEntry {
+    fn new(record: KeyRecord) -> Result<KeyEntry, StoreError> {
+        let role: Role = record.role.parse().map_err(|message| StoreError::Corrupt {
+            id: record.id.clone(),
+            message,
+        })?;
+        let used = record.last_used_at.map_or(0, |t| t.timestamp());
+        Ok(KeyEntry {
+            principal: Principal {
+                team: record.team.as_str().into(),
+                role,
+                subject: record.id.as_str().into(),
+                via: Via::Key,
+            },
+            expires: record.expires_at.map(|t| t.timestamp()),
+            last_used: AtomicI64::new(used),
+            flushed: AtomicI64::new(used),
+            record,
+        })
+    }
+
+    pub fn role(&self) -> Role {
+        self.principal.role
+    }
+
+    /// When the key was last used (to the second), if ever.
+    pub fn last_used(&self) -> Option<DateTime<Utc>> {
+        match self.last_used.load(Ordering::Relaxed) {
+            0 => None,
+            s => DateTime::from_timestamp(s, 0),
+        }
+    }
+}
+
+/// The authenticator: every active key, in memory (loaded at start, written through on
+/// create and revoke).
+pub struct Auth {
+    enabled: bool,
+    store: Arc<dyn Store>,
+    keys: RwLock<HashMap<Box<str>, Arc<KeyEntry>>>,
+    open: Principal,
+    failures: AtomicU64,
+    /// Failures in the current and the previous minute: `(minute, current, previous)`.
+    recent: std::sync::Mutex<(i64, u64, u64)>,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Auth {
+    /// Loads every active key from the store. With authentication on and no key at all (a
+    /// first start), creates the `default` team's owner key: `SANDGATE_ADMIN_KEY` if set,
+    /// else a new one printed once on stderr and written to `<data-dir>/admin.key` (0600).
+    /// A configured admin key is (re)written at every start, so changing it takes effect.
+    pub async fn load(store: Arc<dyn Store>, config: &Config) -> Result<Auth, StoreError> {
+        let auth = Auth {
+            enabled: config.auth_enabled,
+            store,
+            keys: RwLock::default(),
+            open: Principal {
+                team: DEFAULT_TEAM.into(),
+                role: Role::Owner,
+                subject: "anonymous".into(),
+                via: Via::Open,
+            },
+            failures: AtomicU64::new(0),
+            recent: std::sync::Mutex::new((0, 0, 0)),
+        };
+        if let Some(key) = &config.admin_key {
+            let id = match keys::parse(key) {
+                keys::Parsed::Key(id) => id.to_string(),
+                _ => keys::CONFIGURED_ID.to_string(),
+            };
+            let record = owner_record(id, "configured admin key (SANDGATE_ADMIN_KEY)", key);
+            auth.store.put_key(&record, true).await?;
+        }
+        let records = auth.store.keys().await?;
+        if records.is_empty() && config.auth_enabled {
+            let new = keys::generate();
+            let record = owner_record(new.id, "first owner key", &new.key);
+            auth.store.put_key(&record, false).await?;
+            write_admin_key(&config.data_dir, &new.key).map_err(|e| StoreError::Corrupt {
+                id: "admin.key".into(),
+                message: e.to_string(),
+            })?;
+            eprintln!(
+                "sandgate: created the owner API key of team \"default\" (shown once; also in {}):\n{}",
+                config.data_dir.join("admin.key").display(),
+                new.key
+            );
+            auth.insert(KeyEntry::new(record)?);
+        }
+        for r in records {
+            auth.insert(KeyEntry::new(r)?);
+        }
+        Ok(auth)
+    }
+
+    fn insert(&self, entry: KeyEntry) {
+        let id: Box<str> = entry.record.id.as_str().into();
+        self.write().insert(id, Arc::new(entry));
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Box<str>, Arc<KeyEntry>>> {
+        self.keys.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Box<str>, Arc<KeyEntry>>> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Who a request with these credentials acts as. `Ok(None)`: it carries none.
+    /// Pure apart from the key's last-use time: no store, no lock held beyond a hash probe.
+    pub fn authenticate(&self, creds: &Credentials<'_>) -> Result<Option<Authenticated>, Error> {
+        if !self.enabled {
+            return Ok(Some(Authenticated {
+                principal: self.open.clone(),
+                consumed_authorization: false,
+            }));
+        }
+        if creds.api_keys > 1 {
+            return Err(Error::BadCredential("more than one X-API-Key field"));
+        }
+        if let Some(key) = creds.api_key {
+            let principal = self.verify_key(key)?;
+            // An `Authorization` carrying a sandgate key is the gateway's even when unused.
+            let consumed_authorization = creds
+                .authorization
+                .is_some_and(|a| bearer(a).is_some_and(|t| t.starts_with(keys::PREFIX.as_bytes())));
+            return Ok(Some(Authenticated {
+                principal,
+                consumed_authorization,
+            }));
+        }
+        let Some(token) = creds.authorization.and_then(bearer) else {
+            return Ok(None);
+        };
+        Ok(Some(Authenticated {
+            principal: self.verify_key(token)?,
+            consumed_authorization: true,
+        }))
+    }
+
+    fn verify_key(&self, key: &[u8]) -> Result<Principal, Error> {
+        let key = std::str::from_utf8(key)
+            .map_err(|_| Error::BadCredential("the API key is not valid text"))?
+            .trim();
+        let id = match keys::parse(key) {
+            keys::Parsed::Key(id) => id,
+            keys::Parsed::BadChecksum => {
+                return Err(Error::BadCredential(
+                    "the API key's checksum does not match (mistyped or truncated?)",
+                ))
+            }
+            keys::Parsed::Other => keys::CONFIGURED_ID,
+        };
+        let entry = self.read().get(id).cloned();
+        let entry = match entry {
+            Some(e) if keys::matches(key.as_bytes(), &e.record.hash) => e,
+            _ => return Err(Error::BadCredential("unknown or revoked API key")),
+        };
+        let now = unix_now();
+        if entry.expires.is_some_and(|t| t <= now) {
+            return Err(Error::BadCredential("the API key has expired"));
+        }
+        if entry.last_used.load(Ordering::Relaxed) != now {
+            entry.last_used.store(now, Ordering::Relaxed);
+        }
+        Ok(entry.principal.clone())
+    }
+
+    /// Counts a refused credential (for `/health/auth`).
+    pub fn failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let minute = unix_now() / 60;
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        roll(&mut r, minute);
+        r.1 += 1;
+    }
+
+    /// Refused credentials since the start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Refused credentials over the last minute or so (this minute and the one before).
+    pub fn recent_failures(&self) -> u64 {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        roll(&mut r, unix_now() / 60);
+        r.1 + r.2
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Active keys `viewer` may see (its team's; every team's for an owner).
+    pub fn keys_for(&self, viewer: &Principal) -> Vec<Arc<KeyEntry>> {
+        let mut v: Vec<_> = self
+            .read()
+            .values()
+            .filter(|k| viewer.sees(&k.record.team))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| {
+            (a.record.created_at, &a.record.id).cmp(&(b.record.created_at, &b.record.id))
+        });
+        v
+    }
+
+    /// Creates a key; returns its entry and the key text (shown once).
+    pub async fn create_key(
+        &self,
+        team: &str,
+        name: &str,
+        role: Role,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<(Arc<KeyEntry>, String), Error> {
+        let new = keys::generate();
+        let record = KeyRecord {
+            id: new.id,
+            team: team.to_string(),
+            name: name.to_string(),
+            role: role.as_str().to_string(),
+            hash: keys::hash(new.key.as_bytes()),
+            created_at: crate::model::now(),
+            expires_at,
+            last_used_at: None,
+        };
+        self.store.put_key(&record, false).await?;
+        let entry = Arc::new(KeyEntry::new(record).map_err(Error::internal)?);
+        self.write()
+            .insert(entry.record.id.as_str().into(), entry.clone());
+        Ok((entry, new.key))
+    }
+
+    /// Revokes a key at once (the store first, then memory, so a failed write revokes
+    /// nothing). `None`: no active key `viewer` can see has that id.
+    pub async fn revoke(
+        &self,
+        viewer: &Principal,
+        id: &str,
+    ) -> Result<Option<Arc<KeyEntry>>, Error> {
+        let entry = self.read().get(id).cloned();
+        let Some(entry) = entry.filter(|e| viewer.sees(&e.record.team)) else {
+            return Ok(None);
+        };
+        if entry.role() == Role::Owner {
+            let owners = self
+                .read()
+                .values()
+                .filter(|k| k.role() == Role::Owner)
+                .count();
+            if owners <= 1 {
+                return Err(Error::Conflict(
+                    "this is the last owner key; create another owner key before revoking it"
+                        .into(),
+                ));
+            }
+        }
+        self.store.revoke_key(id).await?;
+        self.write().remove(id);
+        Ok(Some(entry))
+    }
+
+    /// Writes last-use times that changed to the store, each key at most once a minute.
+    pub async fn flush_last_used(&self) {
+        let now = unix_now();
+        let due: Vec<(String, DateTime<Utc>)> = self
+            .read()
+            .values()
+            .filter_map(|k| {
+                let used = k.last_used.load(Ordering::Relaxed);
+                let flushed = k.flushed.load(Ordering::Relaxed);
+                (used > flushed && (flushed == 0 || now - flushed >= 60)).then(|| {
+                    k.flushed.store(used, Ordering::Relaxed);
+                    (
+                        k.record.id.clone(),
+                        DateTime::from_timestamp(used, 0).unwrap_or_default(),
+                    )
+                })
+            })
+            .collect();
+        if !due.is_empty() {
+            if let Err(e) = self.store.touch_keys(&due).await {
+                tracing::warn!(error = %e, "could not record when API keys were last used");
+            }
+        }
+    }
+}
+
+/// Moves the failure window to `minute`.
+fn roll(r: &mut (i64, u64, u64), minute: i64) {
+    match minute - r.0 {
+        0 => {}
+        1 => *r = (minute, 0, r.1),
+        _ => *r = (minute, 0, 0),
+    }
+}
+
+fn owner_record(id: String, name: &str, key: &str) -> KeyRecord {
+    KeyRecord {
+        id,
+        team: DEFAULT_TEAM.into(),
+        name: name.into(),
+        role: Role::Owner.as_str().into(),
+        hash: keys::hash(key.as_bytes()),
+        created_at: crate::model::now(),
+        expires_at: None,
+        last_used_at: None,
+    }
+}
+
+/// The token of a `Bearer` authorization value.
+fn bearer(v: &[u8]) -> Option<&[u8]> {
+    let v = v.trim_ascii();
+    (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| v[7..].trim_ascii())
+}
+
+/// Writes the first owner key where the README's quick start reads it, readable by the
+/// gateway's user only.
+fn write_admin_key(data_dir: &Path, key: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(data_dir)?;
+    let path = data_dir.join("admin.key");
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(key.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_values() {
+        assert_eq!(bearer(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bearer  abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bearer "), None);
+    }
+}
