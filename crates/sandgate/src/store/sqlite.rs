@@ -64,6 +64,24 @@ CREATE TABLE api_keys (
 );
 CREATE INDEX api_keys_team ON api_keys(team_id);
 "#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN public INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sandboxes ADD COLUMN public_ports TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE sandboxes ADD COLUMN preview_generation INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    team_id TEXT,
+    subject TEXT,
+    client TEXT,
+    action TEXT NOT NULL,
+    target TEXT,
+    result TEXT NOT NULL,
+    details TEXT
+);
+CREATE INDEX audit_at ON audit(at);
+CREATE INDEX audit_team_at ON audit(team_id, at);
+"#,
 ];
 
 pub struct SqliteStore {
