@@ -154,6 +154,31 @@ pub struct ServeArgs {
     /// `ps`.
     #[arg(skip)]
     pub admin_key: Option<String>,
+    /// Which credentials are accepted besides API keys: `jwt` (the default: Bearer tokens
+    /// from `POST /auth/token` and, when configured, an identity provider) or `api_key` only.
+    #[arg(long, env = "AUTH_PROVIDER", value_enum)]
+    pub auth_provider: Option<AuthProvider>,
+    /// Lifetime in seconds of tokens from `POST /auth/token`.
+    #[arg(long, env = "AUTH_TOKEN_EXPIRY")]
+    pub auth_token_expiry: Option<u64>,
+    /// PEM public key (RSA or EC P-256) of an identity provider whose JWTs are accepted.
+    #[arg(long, env = "SANDGATE_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// JWKS file of an identity provider whose JWTs are accepted.
+    #[arg(long, env = "SANDGATE_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+    /// Required `iss` of identity-provider tokens.
+    #[arg(long, env = "SANDGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of identity-provider tokens.
+    #[arg(long, env = "SANDGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The identity-provider claim naming the caller's team.
+    #[arg(long, env = "SANDGATE_JWT_TEAM_CLAIM")]
+    pub jwt_team_claim: Option<String>,
+    /// The identity-provider claim naming the caller's role (`admin`, `member`, `viewer`).
+    #[arg(long, env = "SANDGATE_JWT_ROLE_CLAIM")]
+    pub jwt_role_claim: Option<String>,
     /// Validate the configuration, print it, and exit (non-zero on a bad configuration).
     #[arg(long)]
     pub check_config: bool,
@@ -187,6 +212,14 @@ struct FileConfig {
     allowed_hosts: Option<Vec<String>>,
     upgrade_protocols: Option<Vec<String>>,
     auth_enabled: Option<bool>,
+    auth_provider: Option<AuthProvider>,
+    auth_token_expiry: Option<u64>,
+    jwt_public_key: Option<PathBuf>,
+    jwt_jwks: Option<PathBuf>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
+    jwt_team_claim: Option<String>,
+    jwt_role_claim: Option<String>,
     #[serde(default)]
     runtimes: BTreeMap<String, RuntimeConfig>,
     #[serde(default)]
@@ -254,8 +287,35 @@ pub struct Config {
     pub auth_enabled: bool,
     /// A configured owner key for the `default` team (`SANDGATE_ADMIN_KEY`).
     pub admin_key: Option<String>,
+    pub auth_provider: AuthProvider,
+    /// HS256 secret of minted tokens (`TOKEN_SECRET`; else one generated into the store).
+    pub token_secret: Option<String>,
+    /// Lifetime of minted tokens, in seconds.
+    pub auth_token_expiry: u64,
+    pub jwt: JwtConfig,
     pub runtimes: BTreeMap<String, RuntimeConfig>,
     pub docker: DockerConfig,
+}
+
+/// Credentials accepted besides API keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthProvider {
+    /// API keys and Bearer JWTs (minted by the gateway, or an identity provider's).
+    Jwt,
+    /// API keys only.
+    ApiKey,
+}
+
+/// An external identity provider whose tokens are accepted.
+#[derive(Debug, Clone, Default)]
+pub struct JwtConfig {
+    pub public_key: Option<PathBuf>,
+    pub jwks: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub team_claim: String,
+    pub role_claim: String,
 }
 
 /// `on` or `off`.
@@ -299,6 +359,14 @@ impl Config {
             upgrade_protocols: vec!["websocket".into()],
             auth_enabled: true,
             admin_key: None,
+            auth_provider: AuthProvider::Jwt,
+            token_secret: None,
+            auth_token_expiry: 3600,
+            jwt: JwtConfig {
+                team_claim: "team".into(),
+                role_claim: "role".into(),
+                ..JwtConfig::default()
+            },
             runtimes: BTreeMap::new(),
             docker: DockerConfig::default(),
         }
@@ -392,6 +460,25 @@ impl Config {
             .clone()
             .or_else(|| env("SANDGATE_ADMIN_KEY"))
             .filter(|k| !k.is_empty());
+        c.auth_provider = args
+            .auth_provider
+            .or(file.auth_provider)
+            .unwrap_or(c.auth_provider);
+        c.token_secret = env("TOKEN_SECRET").filter(|k| !k.is_empty());
+        c.auth_token_expiry = args
+            .auth_token_expiry
+            .or(file.auth_token_expiry)
+            .unwrap_or(c.auth_token_expiry);
+        c.jwt.public_key = args.jwt_public_key.clone().or(file.jwt_public_key);
+        c.jwt.jwks = args.jwt_jwks.clone().or(file.jwt_jwks);
+        c.jwt.issuer = args.jwt_issuer.clone().or(file.jwt_issuer);
+        c.jwt.audience = args.jwt_audience.clone().or(file.jwt_audience);
+        if let Some(claim) = args.jwt_team_claim.clone().or(file.jwt_team_claim) {
+            c.jwt.team_claim = claim;
+        }
+        if let Some(claim) = args.jwt_role_claim.clone().or(file.jwt_role_claim) {
+            c.jwt.role_claim = claim;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -488,6 +575,22 @@ impl Config {
                  listens on {}: anyone who can reach it could run code in its sandboxes",
                 self.host
             ));
+        }
+        if !(60..=30 * 24 * 3600).contains(&self.auth_token_expiry) {
+            return bad("AUTH_TOKEN_EXPIRY must be from 60 seconds to 30 days".into());
+        }
+        if self.token_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            return bad("TOKEN_SECRET must be at least 32 bytes".into());
+        }
+        if self.jwt.public_key.is_some() && self.jwt.jwks.is_some() {
+            return bad("set one of --jwt-public-key and --jwt-jwks, not both".into());
+        }
+        if (self.jwt.public_key.is_some() || self.jwt.jwks.is_some())
+            && self.auth_provider == AuthProvider::ApiKey
+        {
+            return bad(
+                "an identity provider's key is configured but AUTH_PROVIDER=api_key".into(),
+            );
         }
         if let Some(key) = &self.admin_key {
             if !(32..=256).contains(&key.len())

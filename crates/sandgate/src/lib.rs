@@ -65,6 +65,8 @@ pub enum RunError {
     },
     #[error("store: {0}")]
     Store(#[from] store::StoreError),
+    #[error("authentication: {0}")]
+    Auth(#[from] auth::LoadError),
     #[error("startup reconciliation failed: {0}")]
     Reconcile(#[from] error::Error),
     #[error("isolation = netns, but this gateway cannot create network namespaces (needs root with CAP_SYS_ADMIN and the unshare and ip programs)")]
@@ -160,6 +162,7 @@ pub async fn run(
                         proxy.pool().sweep();
                         proxy.raw_pools().iter().for_each(|p| p.sweep());
                         auth.flush_last_used().await;
+                        auth.sweep();
                     }
                 }
             }

@@ -72,9 +72,9 @@ async fn auth(State(state): State<AppState>) -> Json<Value> {
         } else {
             "authentication is off (AUTH_ENABLED=false): anyone who reaches this address may use the gateway"
         },
-        "providers": ["api_key"],
+        "providers": auth.providers(),
         "keys": auth.key_count(),
-        "cache_size": auth.key_count(),
+        "cache_size": auth.cache_size(),
         "failures_total": auth.failures(),
         "failures_last_minute": auth.recent_failures(),
         "timestamp": now(),

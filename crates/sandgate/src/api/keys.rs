@@ -1,6 +1,7 @@
-//! API keys and teams: `POST/GET /auth/keys`, `DELETE /auth/keys/{id}` (admins, for their
-//! team; the owner, for any) and `POST/GET /teams` (the owner). A key's secret is shown once,
-//! in the answer to its creation; afterwards only its id, name, role and use times.
+//! API keys, tokens and teams: `POST/GET /auth/keys`, `DELETE /auth/keys/{id}` (admins, for
+//! their team; the owner, for any), `POST /auth/token` (a JWT for an API key) and
+//! `POST/GET /teams` (the owner). A key's secret is shown once, in the answer to its creation;
+//! afterwards only its id, name, role and use times.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -12,13 +13,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{ApiJson, ApiPath, AppState, Caller};
-use crate::auth::{KeyEntry, Role};
+use crate::auth::{KeyEntry, Role, Via};
 use crate::error::Error;
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/auth/keys", get(list_keys).post(create_key))
         .route("/auth/keys/{id}", delete(revoke_key))
+        .route("/auth/token", axum::routing::post(mint_token))
         .route("/teams", get(list_teams).post(create_team))
 }
 
@@ -149,6 +151,42 @@ async fn revoke_key(
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct MintToken {
+    /// Seconds the token lives (at most `AUTH_TOKEN_EXPIRY`, the default).
+    expires_in: Option<u64>,
+}
+
+/// `POST /auth/token`: seed 002's Bearer token for the API key that asks, carrying its team
+/// and role. Only a key mints (a token cannot extend itself); a revoked key's tokens stop
+/// working with it.
+async fn mint_token(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<MintToken>,
+) -> Result<Json<serde_json::Value>, Error> {
+    if caller.via != Via::Key {
+        return Err(Error::Forbidden("tokens are minted with an API key".into()));
+    }
+    if req.expires_in == Some(0) {
+        return Err(Error::Validation(
+            "expires_in must be at least 1 second".into(),
+        ));
+    }
+    let Some((token, ttl)) = state.auth.mint(&caller, req.expires_in)? else {
+        return Err(Error::RouteNotFound(
+            "POST /auth/token (tokens are off: AUTH_PROVIDER=api_key)".into(),
+        ));
+    };
+    tracing::info!(key = %caller.subject, team = %caller.team, ttl, "token minted");
+    Ok(Json(json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": ttl,
+    })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateTeam {
     name: Option<String>,
 }
@@ -165,6 +203,7 @@ async fn create_team(
         )));
     }
     let team = state.manager.store().create_team(&name).await?;
+    state.auth.team_created(&team.id);
     tracing::info!(team = %name, by = %caller.subject, "team created");
     Ok((
         StatusCode::CREATED,

@@ -5,19 +5,30 @@
 
 pub mod keys;
 pub mod permissions;
+pub mod tokens;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
 
-use crate::config::Config;
+use crate::config::{AuthProvider, Config};
 use crate::error::Error;
 use crate::model::DEFAULT_TEAM;
 use crate::store::{KeyRecord, Store, StoreError};
 pub use permissions::{Need, Role};
+use tokens::{External, ExternalKeys, Tokens};
+
+/// Why authentication could not be set up at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+}
 
 /// How a request proved who it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +37,10 @@ pub enum Via {
     Open,
     /// An API key.
     Key,
+    /// A token minted by `POST /auth/token` (its subject is the key it was minted from).
+    Token,
+    /// An identity provider's token.
+    External,
 }
 
 /// Who a request acts as.
@@ -129,6 +144,9 @@ pub struct Auth {
     store: Arc<dyn Store>,
     keys: RwLock<HashMap<Box<str>, Arc<KeyEntry>>>,
     open: Principal,
+    tokens: Option<Tokens>,
+    /// Team names, for identity-provider tokens (whose team must exist).
+    teams: RwLock<HashSet<String>>,
     failures: AtomicU64,
     /// Failures in the current and the previous minute: `(minute, current, previous)`.
     recent: std::sync::Mutex<(i64, u64, u64)>,
@@ -145,7 +163,12 @@ impl Auth {
     /// first start), creates the `default` team's owner key: `SANDGATE_ADMIN_KEY` if set,
     /// else a new one printed once on stderr and written to `<data-dir>/admin.key` (0600).
     /// A configured admin key is (re)written at every start, so changing it takes effect.
-    pub async fn load(store: Arc<dyn Store>, config: &Config) -> Result<Auth, StoreError> {
+    pub async fn load(store: Arc<dyn Store>, config: &Config) -> Result<Auth, LoadError> {
+        let tokens = match config.auth_provider {
+            AuthProvider::ApiKey => None,
+            AuthProvider::Jwt => Some(load_tokens(store.as_ref(), config).await?),
+        };
+        let teams = store.teams().await?.into_iter().map(|t| t.id).collect();
         let auth = Auth {
             enabled: config.auth_enabled,
             store,
@@ -156,6 +179,8 @@ impl Auth {
                 subject: "anonymous".into(),
                 via: Via::Open,
             },
+            tokens,
+            teams: RwLock::new(teams),
             failures: AtomicU64::new(0),
             recent: std::sync::Mutex::new((0, 0, 0)),
         };
@@ -172,8 +197,8 @@ impl Auth {
             let new = keys::generate();
             let record = owner_record(new.id, "first owner key", &new.key);
             auth.store.put_key(&record, false).await?;
-            write_admin_key(&config.data_dir, &new.key).map_err(|e| StoreError::Corrupt {
-                id: "admin.key".into(),
+            write_admin_key(&config.data_dir, &new.key).map_err(|e| LoadError::File {
+                path: config.data_dir.join("admin.key").display().to_string(),
                 message: e.to_string(),
             })?;
             eprintln!(
@@ -232,10 +257,70 @@ impl Auth {
         let Some(token) = creds.authorization.and_then(bearer) else {
             return Ok(None);
         };
+        let principal = match &self.tokens {
+            Some(t) if tokens::looks_like_jwt(token) => t.verify(
+                token,
+                unix_now(),
+                |key| self.read().contains_key(key),
+                |team| {
+                    self.teams
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(team)
+                },
+            )?,
+            _ => self.verify_key(token)?,
+        };
         Ok(Some(Authenticated {
-            principal: self.verify_key(token)?,
+            principal,
             consumed_authorization: true,
         }))
+    }
+
+    /// Mints a token for an API key's principal (`POST /auth/token`); `None` when tokens are
+    /// off (`AUTH_PROVIDER=api_key`). Returns the token and its lifetime.
+    pub fn mint(
+        &self,
+        principal: &Principal,
+        ttl: Option<u64>,
+    ) -> Result<Option<(String, u64)>, Error> {
+        let Some(t) = &self.tokens else {
+            return Ok(None);
+        };
+        let ttl = ttl.unwrap_or(t.expiry).min(t.expiry);
+        Ok(Some((t.mint(principal, ttl, unix_now())?, ttl)))
+    }
+
+    /// Records a new team (identity-provider tokens may name it from now on).
+    pub fn team_created(&self, team: &str) {
+        self.teams
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(team.to_string());
+    }
+
+    /// Which credential kinds are accepted (for `/health/auth`).
+    pub fn providers(&self) -> Vec<&'static str> {
+        let mut p = vec!["api_key"];
+        if let Some(t) = &self.tokens {
+            p.push("jwt");
+            if t.external() {
+                p.push("identity_provider");
+            }
+        }
+        p
+    }
+
+    /// Verified credentials held in memory: keys and cached tokens.
+    pub fn cache_size(&self) -> usize {
+        self.key_count() + self.tokens.as_ref().map_or(0, Tokens::cache_size)
+    }
+
+    /// Drops expired tokens from the cache.
+    pub fn sweep(&self) {
+        if let Some(t) = &self.tokens {
+            t.sweep(unix_now());
+        }
     }
 
     fn verify_key(&self, key: &[u8]) -> Result<Principal, Error> {
@@ -393,6 +478,58 @@ fn roll(r: &mut (i64, u64, u64), minute: i64) {
         1 => *r = (minute, 0, r.1),
         _ => *r = (minute, 0, 0),
     }
+}
+
+/// The token verifier: `TOKEN_SECRET`, or a secret generated once into the store (so tokens
+/// survive restarts and every gateway on the store accepts them), and the identity provider's
+/// keys when configured.
+async fn load_tokens(store: &dyn Store, config: &Config) -> Result<Tokens, LoadError> {
+    let secret = match &config.token_secret {
+        Some(s) => s.clone(),
+        None => {
+            let fresh = keys::generate().key;
+            store.secret("token", &fresh).await?
+        }
+    };
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| LoadError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    };
+    let jwt = &config.jwt;
+    let (doc, path) = match (&jwt.public_key, &jwt.jwks) {
+        (Some(p), _) => (Some(read(p)?), p),
+        (None, Some(p)) => (Some(read(p)?), p),
+        (None, None) => (None, &config.data_dir),
+    };
+    let external = match doc {
+        None => None,
+        Some(doc) => {
+            let keys = if jwt.public_key.is_some() {
+                ExternalKeys::Pem(&doc)
+            } else {
+                ExternalKeys::Jwks(&doc)
+            };
+            let ext = External::new(
+                keys,
+                jwt.issuer.clone(),
+                jwt.audience.clone(),
+                jwt.team_claim.clone(),
+                jwt.role_claim.clone(),
+            )
+            .map_err(|message| LoadError::File {
+                path: path.display().to_string(),
+                message,
+            })?;
+            Some(ext)
+        }
+    };
+    Ok(Tokens::new(
+        secret.as_bytes(),
+        config.auth_token_expiry,
+        external,
+    ))
 }
 
 fn owner_record(id: String, name: &str, key: &str) -> KeyRecord {

@@ -81,6 +81,9 @@ pub trait Store: Send + Sync {
     async fn touch_keys(&self, used: &[(String, DateTime<Utc>)]) -> Result<(), StoreError>;
     async fn create_team(&self, id: &str) -> Result<TeamRecord, StoreError>;
     async fn teams(&self) -> Result<Vec<TeamRecord>, StoreError>;
+    /// The named secret, created with `fresh` the first time it is asked for (every gateway
+    /// on this store then agrees on it).
+    async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError>;
     /// Whether the store answers (for health checks).
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -450,6 +450,19 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError> {
+        let key = format!("secret:{name}");
+        sqlx::query("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)")
+            .bind(&key)
+            .bind(fresh)
+            .execute(&self.pool)
+            .await?;
+        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+            .bind(&key)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

@@ -6,47 +6,16 @@
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
-use crate::common::{Client, Lane, SpawnedGateway, TestGateway};
-
-/// The configured owner key of these tests' gateways (`SANDGATE_ADMIN_KEY`).
-const ADMIN: &str = "test-owner-key-0123456789abcdefghijklmnop";
+use crate::common::{
+    auth_gateway, team_key, Client, Lane, SpawnedGateway, TestGateway, ADMIN_KEY as ADMIN,
+};
 
 async fn gateway(lane: Lane) -> TestGateway {
-    TestGateway::builder()
-        .lane(lane)
-        .config(|c| {
-            c.auth_enabled = true;
-            c.admin_key = Some(ADMIN.into());
-        })
-        .start()
-        .await
+    auth_gateway(lane, |_| {}).await
 }
 
-/// Creates `team` (as the owner) and a key of `role` in it; returns the key.
 async fn key(gw: &Client, team: &str, role: &str) -> String {
-    let owner = gw.with_key(ADMIN);
-    let r = owner
-        .post("/teams")
-        .json(&json!({"name": team}))
-        .send()
-        .await;
-    assert!(
-        r.status == StatusCode::CREATED || r.status == StatusCode::CONFLICT,
-        "{}",
-        r.text()
-    );
-    let r = owner
-        .post("/auth/keys")
-        .json(&json!({"name": format!("{team} {role}"), "role": role, "team": team}))
-        .send()
-        .await;
-    r.expect(201);
-    let v = r.json();
-    assert_eq!(v["role"], role);
-    assert_eq!(v["team"], team);
-    let k = v["key"].as_str().unwrap().to_string();
-    assert!(k.starts_with("sgk_") && k.len() >= 40, "{k}");
-    k
+    team_key(gw, team, role).await.0
 }
 
 /// A fixture sandbox of the team `key` belongs to.

@@ -20,4 +20,5 @@ mod policy;
 mod proxy;
 mod restart;
 mod streaming;
+mod tokens;
 mod websocket;

@@ -1135,3 +1135,56 @@ impl Drop for SpawnedGateway {
         self.client.pids.kill_leftovers();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Authentication
+// ---------------------------------------------------------------------------------------------
+
+/// The configured owner key of gateways from [`auth_gateway`] (`SANDGATE_ADMIN_KEY`).
+pub const ADMIN_KEY: &str = "test-owner-key-0123456789abcdefghijklmnop";
+
+/// A gateway on `lane` with authentication on and [`ADMIN_KEY`] as its owner key, changed by
+/// `tweak`.
+pub async fn auth_gateway(
+    lane: Lane,
+    tweak: impl FnOnce(&mut Config) + Send + 'static,
+) -> TestGateway {
+    TestGateway::builder()
+        .lane(lane)
+        .config(|c| {
+            c.auth_enabled = true;
+            c.admin_key = Some(ADMIN_KEY.into());
+        })
+        .config(tweak)
+        .start()
+        .await
+}
+
+/// Creates `team` if needed (as the owner) and a key of `role` in it: `(key, key id)`.
+pub async fn team_key(gw: &Client, team: &str, role: &str) -> (String, String) {
+    let owner = gw.with_key(ADMIN_KEY);
+    let r = owner
+        .post("/teams")
+        .json(&json!({"name": team}))
+        .send()
+        .await;
+    assert!(
+        r.status == StatusCode::CREATED || r.status == StatusCode::CONFLICT,
+        "{}",
+        r.text()
+    );
+    let r = owner
+        .post("/auth/keys")
+        .json(&json!({"name": format!("{team} {role}"), "role": role, "team": team}))
+        .send()
+        .await;
+    r.expect(201);
+    let v = r.json();
+    assert_eq!(
+        (v["role"].as_str(), v["team"].as_str()),
+        (Some(role), Some(team))
+    );
+    let key = v["key"].as_str().expect("key").to_string();
+    assert!(key.starts_with("sgk_") && key.len() >= 40, "{key}");
+    (key, v["id"].as_str().expect("id").to_string())
+}
