@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderValue, CONNECTION, HOST, LOCATION};
+use http::header::{HeaderValue, CACHE_CONTROL, CONNECTION, HOST, LOCATION, SET_COOKIE};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -122,6 +122,21 @@ impl Gateway {
                 if let Ok(v) = HeaderValue::from_str(&location) {
                     r.headers_mut().insert(LOCATION, v);
                 }
+                Ok(r)
+            }
+            Decision::Preview { location, cookie } => {
+                self.policy.answered();
+                let mut r = Response::new(GatewayBody::empty());
+                *r.status_mut() = StatusCode::SEE_OTHER;
+                let h = r.headers_mut();
+                if let (Ok(l), Ok(c)) = (
+                    HeaderValue::from_str(&location),
+                    HeaderValue::from_str(&cookie),
+                ) {
+                    h.insert(LOCATION, l);
+                    h.insert(SET_COOKIE, c);
+                }
+                h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 Ok(r)
             }
             Decision::Deny(e) => {

@@ -40,6 +40,10 @@ pub struct CreateSandbox {
     pub cpus: Option<f64>,
     pub memory_mb: Option<u64>,
     pub pids_limit: Option<i64>,
+    /// Every port answers without a credential.
+    pub public: Option<bool>,
+    /// These ports answer without a credential.
+    pub public_ports: Option<Vec<u16>>,
 }
 
 pub struct Manager {
@@ -49,6 +53,16 @@ pub struct Manager {
     routes: Arc<Routes>,
     runtimes: Runtimes,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// At most 32 distinct ports, each 1..=65535.
+fn validate_public_ports(ports: &[u16]) -> Result<(), Error> {
+    if ports.len() > 32 || ports.contains(&0) {
+        return Err(Error::Validation(
+            "public_ports must list at most 32 ports from 1 to 65535".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn valid_env_key(k: &str) -> bool {
@@ -160,6 +174,9 @@ impl Manager {
             pids_limit: req.pids_limit,
         };
         limits.validate().map_err(Error::Validation)?;
+        if let Some(ports) = &req.public_ports {
+            validate_public_ports(ports)?;
+        }
         let now = model::now();
         let sandbox = Sandbox {
             id: model::new_id(),
@@ -180,6 +197,9 @@ impl Manager {
             ip_address: None,
             netns_pid: None,
             generation: 1,
+            public: req.public.unwrap_or(false),
+            public_ports: req.public_ports.unwrap_or_default(),
+            preview_generation: 0,
             created_at: now,
             updated_at: now,
         };
@@ -242,6 +262,41 @@ impl Manager {
 
     pub async fn list(&self) -> Result<Vec<Sandbox>, Error> {
         Ok(self.store.list().await?)
+    }
+
+    /// Changes which ports answer without a credential (`None`: unchanged).
+    pub async fn set_access(
+        &self,
+        id: &str,
+        public: Option<bool>,
+        public_ports: Option<Vec<u16>>,
+    ) -> Result<Sandbox, Error> {
+        if let Some(ports) = &public_ports {
+            validate_public_ports(ports)?;
+        }
+        self.get(id).await?;
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let mut sb = self.get(id).await?;
+        if let Some(p) = public {
+            sb.public = p;
+        }
+        if let Some(ports) = public_ports {
+            sb.public_ports = ports;
+        }
+        self.save(&mut sb).await?;
+        Ok(sb)
+    }
+
+    /// Revokes every preview token of a sandbox issued so far.
+    pub async fn revoke_previews(&self, id: &str) -> Result<Sandbox, Error> {
+        self.get(id).await?;
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let mut sb = self.get(id).await?;
+        sb.preview_generation += 1;
+        self.save(&mut sb).await?;
+        Ok(sb)
     }
 
     pub async fn stop(&self, id: &str) -> Result<Sandbox, Error> {

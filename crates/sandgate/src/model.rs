@@ -223,6 +223,12 @@ pub struct Sandbox {
     pub netns_pid: Option<i32>,
     /// Bumped on every start, so a cached route never reaches an older incarnation.
     pub generation: i64,
+    /// Every port answers without a credential.
+    pub public: bool,
+    /// These ports answer without a credential.
+    pub public_ports: Vec<u16>,
+    /// Bumped to revoke every preview token of the sandbox.
+    pub preview_generation: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -233,6 +239,11 @@ impl Sandbox {
     pub fn target_port(&self, port: u16) -> Option<u16> {
         let allocated = self.allocated_port?;
         (Some(port) == self.port || port == allocated).then_some(allocated)
+    }
+
+    /// Whether `port` answers without a credential.
+    pub fn is_public(&self, port: u16) -> bool {
+        self.public || self.public_ports.contains(&port)
     }
 
     /// Forgets the backend handle of a sandbox that no longer runs.
@@ -271,6 +282,9 @@ impl Sandbox {
             ip_address: None,
             netns_pid: None,
             generation: 1,
+            public: false,
+            public_ports: Vec::new(),
+            preview_generation: 0,
             created_at: now,
             updated_at: now,
         }

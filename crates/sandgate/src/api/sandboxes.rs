@@ -18,7 +18,11 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/sandboxes", post(create).get(list))
         .route("/sandbox", post(create))
-        .route("/sandboxes/{id}", get(inspect).delete(remove))
+        .route("/sandboxes/{id}", get(inspect).delete(remove).patch(update))
+        .route(
+            "/sandboxes/{id}/preview-tokens",
+            post(issue_preview).delete(revoke_previews),
+        )
         .route("/sandboxes/{id}/start", post(start))
         .route("/sandboxes/{id}/stop", post(stop))
         .route("/sandboxes/{id}/logs", get(logs))
@@ -45,6 +49,10 @@ pub struct SandboxView {
     pub port: Option<u16>,
     pub allocated_port: Option<u16>,
     pub proxy_enabled: bool,
+    /// Every port answers without a credential.
+    pub public: bool,
+    /// These ports answer without a credential.
+    pub public_ports: Vec<u16>,
     pub dev_server_url: Option<String>,
     /// Host route for the dev-server port: `{port}-{id}.{domain}`.
     pub host_url: Option<String>,
@@ -85,6 +93,8 @@ impl SandboxView {
             port: sb.port,
             allocated_port: sb.allocated_port,
             proxy_enabled,
+            public: sb.public,
+            public_ports: sb.public_ports.clone(),
             dev_server_url: proxy_enabled.then(|| format!("{base}/sandbox/{}/", sb.id)),
             host_url,
             ready: sb.status == Status::Running,
@@ -193,6 +203,101 @@ async fn remove(
         "status": "deleted",
         "message": format!("Sandbox {id} successfully deleted"),
     })))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Access {
+    public: Option<bool>,
+    public_ports: Option<Vec<u16>>,
+}
+
+/// `PATCH /sandboxes/{id}`: which ports answer without a credential.
+async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<Access>,
+) -> Result<Json<SandboxView>, Error> {
+    caller.sandbox(&state, &id).await?;
+    let sb = state
+        .manager
+        .set_access(&id, req.public, req.public_ports)
+        .await?;
+    Ok(Json(SandboxView::new(&sb, &state)))
+}
+
+/// Preview tokens live at most this long (a week); the default is an hour.
+const MAX_PREVIEW_TTL: i64 = 7 * 24 * 3600;
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewRequest {
+    port: Option<u16>,
+    /// Seconds.
+    ttl: Option<i64>,
+}
+
+/// `POST /sandboxes/{id}/preview-tokens`: a URL that opens the sandbox in a browser with no
+/// headers (the token is exchanged for a cookie on first use).
+async fn issue_preview(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<PreviewRequest>,
+) -> Result<Response, Error> {
+    let sb = caller.sandbox(&state, &id).await?;
+    let ttl = req.ttl.unwrap_or(3600);
+    if !(1..=MAX_PREVIEW_TTL).contains(&ttl) {
+        return Err(Error::Validation(format!(
+            "ttl must be from 1 to {MAX_PREVIEW_TTL} seconds"
+        )));
+    }
+    if req.port == Some(0) {
+        return Err(Error::Validation("port must be from 1 to 65535".into()));
+    }
+    let Some(port) = req.port.or(sb.port) else {
+        return Err(Error::Validation(
+            "the sandbox has no dev-server port: name one".into(),
+        ));
+    };
+    let (token, expires) = state.auth.issue_preview(&sb, req.port, ttl);
+    let base = &state.public_base;
+    let scheme = if base.starts_with("https://") {
+        "https"
+    } else {
+        "http"
+    };
+    let url = format!(
+        "{scheme}://{port}-{}.{}:{}/?sandgate_token={token}",
+        sb.id, state.config.domain, state.bound_port
+    );
+    let path_url = format!("{base}/sandbox/{}/?sandgate_token={token}", sb.id);
+    let expires_at = chrono::DateTime::from_timestamp(expires, 0)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "token": token,
+            "url": url,
+            "path_url": path_url,
+            "port": port,
+            "expires_at": expires_at,
+        })),
+    )
+        .into_response())
+}
+
+/// `DELETE /sandboxes/{id}/preview-tokens`: every preview token of the sandbox stops working.
+async fn revoke_previews(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<serde_json::Value>, Error> {
+    caller.sandbox(&state, &id).await?;
+    state.manager.revoke_previews(&id).await?;
+    Ok(Json(serde_json::json!({"id": id, "status": "revoked"})))
 }
 
 /// The sandbox's captured stdout and stderr, streamed as plain text.

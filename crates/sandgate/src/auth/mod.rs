@@ -5,6 +5,7 @@
 
 pub mod keys;
 pub mod permissions;
+pub mod preview;
 pub mod tokens;
 
 use std::collections::{HashMap, HashSet};
@@ -41,6 +42,10 @@ pub enum Via {
     Token,
     /// An identity provider's token.
     External,
+    /// A browser preview token (cookie): one sandbox, possibly one port.
+    Preview,
+    /// A public sandbox port: no credential.
+    Public,
 }
 
 /// Who a request acts as.
@@ -54,6 +59,20 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// A principal scoped to one sandbox of `team` (a preview cookie, a public port): it may
+    /// use the sandbox's app fully and nothing else (the policy checks the scope).
+    pub fn for_sandbox(team: &str, via: Via) -> Principal {
+        Principal {
+            team: team.into(),
+            role: Role::Member,
+            subject: match via {
+                Via::Public => "public".into(),
+                _ => "preview".into(),
+            },
+            via,
+        }
+    }
+
     /// Whether this principal may see records of `team` (anything else is "not found").
     pub fn sees(&self, team: &str) -> bool {
         self.role == Role::Owner || &*self.team == team
@@ -81,6 +100,9 @@ pub struct Credentials<'a> {
     pub api_keys: u8,
     /// The first `Authorization` value.
     pub authorization: Option<&'a [u8]>,
+    /// `sandgate_preview` cookie values (the first few).
+    pub previews: [&'a [u8]; 4],
+    pub preview_count: u8,
 }
 
 /// A verified request: who, and whether its `Authorization` field was the gateway's
@@ -145,6 +167,7 @@ pub struct Auth {
     keys: RwLock<HashMap<Box<str>, Arc<KeyEntry>>>,
     open: Principal,
     tokens: Option<Tokens>,
+    previews: preview::Previews,
     /// Team names, for identity-provider tokens (whose team must exist).
     teams: RwLock<HashSet<String>>,
     failures: AtomicU64,
@@ -169,6 +192,7 @@ impl Auth {
             AuthProvider::Jwt => Some(load_tokens(store.as_ref(), config).await?),
         };
         let teams = store.teams().await?.into_iter().map(|t| t.id).collect();
+        let preview_secret = store.secret("preview", &keys::generate().key).await?;
         let auth = Auth {
             enabled: config.auth_enabled,
             store,
@@ -180,6 +204,7 @@ impl Auth {
                 via: Via::Open,
             },
             tokens,
+            previews: preview::Previews::new(preview_secret.as_bytes()),
             teams: RwLock::new(teams),
             failures: AtomicU64::new(0),
             recent: std::sync::Mutex::new((0, 0, 0)),
@@ -289,6 +314,37 @@ impl Auth {
         };
         let ttl = ttl.unwrap_or(t.expiry).min(t.expiry);
         Ok(Some((t.mint(principal, ttl, unix_now())?, ttl)))
+    }
+
+    /// Issues a preview token for `sandbox` (and `port`), valid `ttl` seconds.
+    pub fn issue_preview(
+        &self,
+        sandbox: &crate::model::Sandbox,
+        port: Option<u16>,
+        ttl: i64,
+    ) -> (String, i64) {
+        let expires = unix_now() + ttl;
+        let token = self
+            .previews
+            .issue(&sandbox.id, port, sandbox.preview_generation, expires);
+        (token, expires)
+    }
+
+    /// The scope of a preview token if it opens `sandbox` on `port`.
+    pub fn preview(
+        &self,
+        token: &[u8],
+        sandbox: &crate::model::Sandbox,
+        port: Option<u16>,
+    ) -> Option<preview::Scope> {
+        self.previews
+            .verify(token, &sandbox.id, sandbox.preview_generation, unix_now())
+            .filter(|scope| scope.port.is_none() || scope.port == port)
+    }
+
+    /// Unix seconds now.
+    pub fn now(&self) -> i64 {
+        unix_now()
     }
 
     /// Records a new team (identity-provider tokens may name it from now on).

@@ -752,6 +752,9 @@ mod tests {
             ip_address: None,
             netns_pid: None,
             generation: 2,
+            public: false,
+            public_ports: Vec::new(),
+            preview_generation: 0,
             created_at: now,
             updated_at: now,
         }

@@ -390,7 +390,9 @@ impl Lane {
                 }
             }
             // Answers the API gives, redirects: hyper's lane.
-            Decision::Api(_) | Decision::Redirect(_) => return Plan::Handoff,
+            Decision::Api(_) | Decision::Redirect(_) | Decision::Preview { .. } => {
+                return Plan::Handoff
+            }
         };
         // Waking a sandbox, and splicing a protocol switch, are hyper's lane's.
         let (Some(upstream), false) = (grant.upstream, grant.upgrade) else {

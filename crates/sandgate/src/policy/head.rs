@@ -107,6 +107,17 @@ pub fn facts<'a, F: Fields + ?Sized + 'a>(method: &str, fields: &'a F) -> Facts<
                 c.api_keys = c.api_keys.saturating_add(1);
                 c.api_key.get_or_insert(value);
             }
+            6 if is("cookie") && contains(value, b"sandgate_preview=") => {
+                let c = &mut f.credentials;
+                for pair in value.split(|&b| b == b';').map(<[u8]>::trim_ascii) {
+                    if let Some(v) = pair.strip_prefix(b"sandgate_preview=") {
+                        if let Some(slot) = c.previews.get_mut(c.preview_count as usize) {
+                            *slot = v;
+                            c.preview_count += 1;
+                        }
+                    }
+                }
+            }
             13 if is("authorization") => {
                 f.credentials.authorization.get_or_insert(value);
             }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::admission::{Admission, Limits, OwnedAdmission};
-use crate::auth::{permissions, Auth, Authenticated, Principal};
+use crate::auth::{permissions, preview, Auth, Authenticated, Principal, Via};
 use crate::backend::{Backend, Upstream};
 use crate::error::Error;
 use crate::manager::Manager;
@@ -57,6 +57,8 @@ pub enum Decision {
     Api(Option<Principal>),
     /// Answer with a redirect to this location (`/sandbox/{id}` → `/sandbox/{id}/`).
     Redirect(String),
+    /// A preview URL: answer 303 to `location` (the URL without its token), setting `cookie`.
+    Preview { location: String, cookie: String },
     /// Refuse it with this error.
     Deny(Error),
 }
@@ -88,6 +90,8 @@ pub struct Policy {
     backend: Arc<dyn Backend>,
     limits: Arc<Limits>,
     domain: String,
+    /// Cookies the gateway sets are `Secure` (it is reached over HTTPS).
+    secure_cookies: bool,
     upgrade_protocols: Vec<String>,
     wake_timeout: Duration,
 }
@@ -107,6 +111,10 @@ impl Policy {
             manager,
             limits,
             domain: config.domain.clone(),
+            secure_cookies: config
+                .public_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://")),
             upgrade_protocols: config.upgrade_protocols.clone(),
             wake_timeout: config.wake_timeout,
         }
@@ -157,11 +165,34 @@ impl Policy {
                 return Decision::Redirect(format!("{path}/{query}"));
             }
         };
+        let wanted = port.or_else(|| found.as_ref().ok().and_then(|sb| sb.port));
+        // A preview URL: the token is exchanged for a cookie, and the browser sent on to the
+        // same URL without it.
+        if let (Ok(sb), Some(token)) = (&found, head.query.and_then(preview::query_token)) {
+            if self.auth.enabled() && !wanted.is_some_and(|p| sb.is_public(p)) {
+                return self.exchange_preview(head, sb, token, wanted, prefix);
+            }
+        }
         // Credentials before existence: without one, a client learns nothing (401 whether or
-        // not the sandbox exists); with one, another team's sandbox is "not found".
-        let who = match self.authenticate(head) {
-            Ok(who) => who,
-            Err(e) => return Decision::Deny(e),
+        // not the sandbox exists); with one, another team's sandbox is "not found". A public
+        // port needs none; a preview cookie opens only its own sandbox (and port).
+        let who = match &found {
+            Ok(sb) if wanted.is_some_and(|p| sb.is_public(p)) => Authenticated {
+                principal: Principal::for_sandbox(&sb.team, Via::Public),
+                consumed_authorization: false,
+            },
+            _ => match self.auth.authenticate(&head.facts.credentials) {
+                Ok(Some(who)) => who,
+                Ok(None) => match found
+                    .as_ref()
+                    .ok()
+                    .and_then(|sb| self.preview_cookie(head, sb, wanted))
+                {
+                    Some(who) => who,
+                    None => return Decision::Deny(Error::Unauthenticated),
+                },
+                Err(e) => return Decision::Deny(e),
+            },
         };
         let sandbox = match found {
             Ok(sb) if who.principal.sees(&sb.team) => sb,
@@ -224,6 +255,54 @@ impl Policy {
             Ok(()) => Decision::Api(Some(who.principal)),
             Err(e) => Decision::Deny(e),
         }
+    }
+
+    /// The answer to a preview URL: 303 to the same URL without the token, setting the
+    /// cookie that stands for it (scoped to the sandbox's host, or its path prefix).
+    fn exchange_preview(
+        &self,
+        head: &Head<'_>,
+        sb: &Entry,
+        token: &str,
+        port: Option<u16>,
+        prefix: Option<&str>,
+    ) -> Decision {
+        let Some(scope) = self.auth.preview(token.as_bytes(), sb, port) else {
+            return Decision::Deny(Error::BadCredential(
+                "the preview token is invalid, expired, revoked or for another sandbox or port",
+            ));
+        };
+        let rest = head
+            .query
+            .and_then(crate::proxy::headers::query_without_credentials)
+            .filter(|q| !q.is_empty());
+        let location = match rest {
+            Some(q) => format!("{}?{q}", head.path),
+            None => head.path.to_string(),
+        };
+        let path = prefix.map_or_else(|| "/".to_string(), |p| format!("{p}/"));
+        let max_age = scope.expires - self.auth.now();
+        Decision::Preview {
+            location,
+            cookie: preview::cookie(token, &path, max_age, self.secure_cookies),
+        }
+    }
+
+    /// A preview cookie's principal, if one of the request's opens this sandbox and port.
+    fn preview_cookie(
+        &self,
+        head: &Head<'_>,
+        sb: &Entry,
+        port: Option<u16>,
+    ) -> Option<Authenticated> {
+        let creds = &head.facts.credentials;
+        creds.previews[..creds.preview_count as usize]
+            .iter()
+            .any(|t| self.auth.preview(t, sb, port).is_some())
+            .then(|| Authenticated {
+                principal: Principal::for_sandbox(&sb.team, Via::Preview),
+                consumed_authorization: false,
+            })
     }
 
     /// The request's principal, or why it has none.

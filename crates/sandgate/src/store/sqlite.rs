@@ -156,6 +156,7 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
     let limits: String = row.try_get("limits")?;
     let mode: String = row.try_get("mode")?;
     let status: String = row.try_get("status")?;
+    let public_ports: String = row.try_get("public_ports")?;
     Ok(Sandbox {
         team: row.try_get("team_id")?,
         owner: row.try_get("owner")?,
@@ -174,6 +175,9 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
         ip_address: row.try_get("ip_address")?,
         netns_pid: row.try_get("netns_pid")?,
         generation: row.try_get("generation")?,
+        public: row.try_get("public")?,
+        public_ports: serde_json::from_str(&public_ports).map_err(|e| corrupt(&id, e))?,
+        preview_generation: row.try_get("preview_generation")?,
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
         id,
@@ -275,8 +279,9 @@ impl Store for SqliteStore {
         let res = sqlx::query(
             "INSERT INTO sandboxes (id, team_id, owner, name, runtime, mode, dev_server, command, \
              env, limits, port, allocated_port, status, status_reason, backend_ref, ip_address, \
-             netns_pid, generation, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             netns_pid, generation, created_at, updated_at, public, public_ports, \
+             preview_generation) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&sb.id)
         .bind(team)
@@ -298,6 +303,9 @@ impl Store for SqliteStore {
         .bind(sb.generation)
         .bind(ts(&sb.created_at))
         .bind(ts(&sb.updated_at))
+        .bind(sb.public)
+        .bind(serde_json::to_string(&sb.public_ports).map_err(|e| corrupt(&sb.id, e))?)
+        .bind(sb.preview_generation)
         .execute(&mut *tx)
         .await;
         match res {
@@ -315,8 +323,8 @@ impl Store for SqliteStore {
         let env = serde_json::to_string(&sb.env).map_err(|e| corrupt(&sb.id, e))?;
         sqlx::query(
             "UPDATE sandboxes SET command = ?, env = ?, port = ?, status = ?, status_reason = ?, \
-             backend_ref = ?, ip_address = ?, netns_pid = ?, generation = ?, updated_at = ? \
-             WHERE id = ?",
+             backend_ref = ?, ip_address = ?, netns_pid = ?, generation = ?, updated_at = ?, \
+             public = ?, public_ports = ?, preview_generation = ? WHERE id = ?",
         )
         .bind(&sb.command)
         .bind(env)
@@ -328,6 +336,9 @@ impl Store for SqliteStore {
         .bind(sb.netns_pid)
         .bind(sb.generation)
         .bind(ts(&sb.updated_at))
+        .bind(sb.public)
+        .bind(serde_json::to_string(&sb.public_ports).map_err(|e| corrupt(&sb.id, e))?)
+        .bind(sb.preview_generation)
         .bind(&sb.id)
         .execute(&self.pool)
         .await?;
@@ -495,6 +506,9 @@ mod tests {
             ip_address: None,
             netns_pid: None,
             generation: 0,
+            public: false,
+            public_ports: vec![8080],
+            preview_generation: 0,
             created_at: now,
             updated_at: now,
         }
@@ -568,6 +582,8 @@ mod tests {
         a.status = Status::Running;
         a.backend_ref = Some("{\"pid\":1}".into());
         a.generation = 3;
+        a.public = true;
+        a.preview_generation = 2;
         store.update(&a).await.unwrap();
         assert_eq!(store.get(&a.id).await.unwrap().unwrap(), a);
     }

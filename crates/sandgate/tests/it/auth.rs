@@ -339,6 +339,30 @@ async fn the_permission_table(lane: Lane) {
             None,
             &["owner", "admin", "member"],
         ),
+        (
+            "PATCH",
+            format!("/sandboxes/{none}"),
+            Some(json!({})),
+            &["owner", "admin", "member"],
+        ),
+        (
+            "POST",
+            format!("/sandboxes/{none}/preview-tokens"),
+            None,
+            &["owner", "admin", "member"],
+        ),
+        (
+            "DELETE",
+            format!("/sandboxes/{none}/preview-tokens"),
+            None,
+            &["owner", "admin", "member"],
+        ),
+        (
+            "POST",
+            "/auth/token".into(),
+            None,
+            &["owner", "admin", "member", "viewer"],
+        ),
         ("GET", "/auth/keys".into(), None, &["owner", "admin"]),
         (
             "POST",

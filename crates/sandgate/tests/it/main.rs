@@ -17,6 +17,7 @@ mod isolation;
 mod layers;
 mod lifecycle;
 mod policy;
+mod preview;
 mod proxy;
 mod restart;
 mod streaming;
