@@ -179,6 +179,9 @@ pub struct ServeArgs {
     /// The identity-provider claim naming the caller's role (`admin`, `member`, `viewer`).
     #[arg(long, env = "SANDGATE_JWT_ROLE_CLAIM")]
     pub jwt_role_claim: Option<String>,
+    /// Days audit records are kept (0: forever).
+    #[arg(long, env = "SANDGATE_AUDIT_RETENTION_DAYS")]
+    pub audit_retention_days: Option<u32>,
     /// Validate the configuration, print it, and exit (non-zero on a bad configuration).
     #[arg(long)]
     pub check_config: bool,
@@ -220,6 +223,7 @@ struct FileConfig {
     jwt_audience: Option<String>,
     jwt_team_claim: Option<String>,
     jwt_role_claim: Option<String>,
+    audit_retention_days: Option<u32>,
     #[serde(default)]
     runtimes: BTreeMap<String, RuntimeConfig>,
     #[serde(default)]
@@ -293,6 +297,8 @@ pub struct Config {
     /// Lifetime of minted tokens, in seconds.
     pub auth_token_expiry: u64,
     pub jwt: JwtConfig,
+    /// Days audit records are kept (`None`: forever).
+    pub audit_retention_days: Option<u32>,
     pub runtimes: BTreeMap<String, RuntimeConfig>,
     pub docker: DockerConfig,
 }
@@ -367,6 +373,7 @@ impl Config {
                 role_claim: "role".into(),
                 ..JwtConfig::default()
             },
+            audit_retention_days: Some(90),
             runtimes: BTreeMap::new(),
             docker: DockerConfig::default(),
         }
@@ -478,6 +485,11 @@ impl Config {
         }
         if let Some(claim) = args.jwt_role_claim.clone().or(file.jwt_role_claim) {
             c.jwt.role_claim = claim;
+        }
+        match args.audit_retention_days.or(file.audit_retention_days) {
+            Some(0) => c.audit_retention_days = None,
+            Some(days) => c.audit_retention_days = Some(days),
+            None => {}
         }
         c.validate()?;
         Ok(c)

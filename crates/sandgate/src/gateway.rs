@@ -25,6 +25,7 @@ impl Gateway {
         let api = crate::api::router(state.clone());
         let policy = Policy::new(
             state.auth.clone(),
+            state.audit.clone(),
             state.routes.clone(),
             state.manager.clone(),
             state.limits.clone(),

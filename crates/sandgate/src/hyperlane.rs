@@ -104,6 +104,8 @@ impl Gateway {
                 if let Some(p) = principal {
                     req.extensions_mut().insert(p);
                 }
+                req.extensions_mut()
+                    .insert(crate::api::ClientAddr(peer.ip()));
                 let resp = self
                     .api
                     .clone()
@@ -140,7 +142,7 @@ impl Gateway {
                 Ok(r)
             }
             Decision::Deny(e) => {
-                self.policy.refused(&e);
+                self.policy.refused(&e, peer.ip());
                 Err(e)
             }
         };

@@ -16,6 +16,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod config;
@@ -44,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Limits;
 use crate::api::AppState;
+use crate::audit::Audit;
 use crate::auth::Auth;
 use crate::backend::docker::DockerBackend;
 use crate::backend::process::{self, ProcessBackend};
@@ -125,6 +127,7 @@ pub async fn run(
     })?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_url).await?);
     let auth = Arc::new(Auth::load(store.clone(), &config).await?);
+    let audit = Audit::start(store.clone());
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let backend = build_backend(&config, store.as_ref(), sandboxes_dir, exits_tx).await?;
     let routes = Arc::new(Routes::default());
@@ -153,12 +156,23 @@ pub async fn run(
         let proxy = proxy.clone();
         let auth = auth.clone();
         let token = shutdown.clone();
+        let store = manager.store().clone();
+        let retention = config.audit_retention_days;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(15));
+            let mut ticks: u64 = 0;
             loop {
                 tokio::select! {
                     _ = token.cancelled() => break,
                     _ = tick.tick() => {
+                        // Hourly (and at start): audit records past their retention go.
+                        if let (Some(days), 0) = (retention, ticks % 240) {
+                            let before = chrono::Utc::now() - chrono::Duration::days(days.into());
+                            if let Err(e) = store.prune_audit(before).await {
+                                tracing::warn!(error = %e, "could not prune the audit log");
+                            }
+                        }
+                        ticks += 1;
                         proxy.pool().sweep();
                         proxy.raw_pools().iter().for_each(|p| p.sweep());
                         auth.flush_last_used().await;
@@ -180,6 +194,7 @@ pub async fn run(
         public_base: config.public_base(bound_port).into(),
         config: config.clone(),
         auth: auth.clone(),
+        audit: audit.clone(),
         manager: manager.clone(),
         routes,
         proxy,
@@ -218,6 +233,7 @@ pub async fn run(
     workers.finish().await;
     sweeper.abort();
     auth.flush_last_used().await;
+    audit.flush().await;
     exit_watcher.abort();
     Ok(served?)
 }

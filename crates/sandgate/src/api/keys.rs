@@ -12,7 +12,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{ApiJson, ApiPath, AppState, Caller};
+use super::{audited, ApiJson, ApiPath, AppState, Caller};
+use crate::audit::Actor;
 use crate::auth::{KeyEntry, Role, Via};
 use crate::error::Error;
 
@@ -72,8 +73,22 @@ impl KeyView {
 async fn create_key(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    actor: Actor,
     ApiJson(req): ApiJson<CreateKey>,
 ) -> Result<impl IntoResponse, Error> {
+    let created = new_key(&state, &caller, req).await;
+    let target = created
+        .as_ref()
+        .ok()
+        .map(|(_, v)| v["id"].as_str().unwrap_or("").to_string());
+    audited(&state, &actor, "key.create", target.as_deref(), created).map(|(r, _)| r)
+}
+
+async fn new_key(
+    state: &AppState,
+    caller: &crate::auth::Principal,
+    req: CreateKey,
+) -> Result<((StatusCode, Json<serde_json::Value>), serde_json::Value), Error> {
     let name = req.name.unwrap_or_default();
     if name.trim().is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
         return Err(Error::Validation(
@@ -121,7 +136,8 @@ async fn create_key(
     let mut body = serde_json::to_value(KeyView::new(&entry)).map_err(Error::internal)?;
     body["key"] = json!(key);
     body["message"] = json!("store this key now: it is not shown again");
-    Ok((StatusCode::CREATED, Json(body)))
+    let summary = json!({"id": entry.record.id});
+    Ok(((StatusCode::CREATED, Json(body)), summary))
 }
 
 async fn list_keys(
@@ -140,11 +156,15 @@ async fn list_keys(
 async fn revoke_key(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    actor: Actor,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, Error> {
-    let Some(entry) = state.auth.revoke(&caller, &id).await? else {
-        return Err(Error::KeyNotFound(id));
+    let revoked = match state.auth.revoke(&caller, &id).await {
+        Ok(Some(entry)) => Ok(entry),
+        Ok(None) => Err(Error::KeyNotFound(id.clone())),
+        Err(e) => Err(e),
     };
+    let entry = audited(&state, &actor, "key.revoke", Some(&id), revoked)?;
     tracing::info!(key = %id, team = %entry.record.team, by = %caller.subject, "API key revoked");
     Ok(Json(json!({ "id": id, "status": "revoked" })))
 }
@@ -162,7 +182,17 @@ struct MintToken {
 async fn mint_token(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    actor: Actor,
     ApiJson(req): ApiJson<MintToken>,
+) -> Result<Json<serde_json::Value>, Error> {
+    let minted = mint(&state, &caller, req);
+    audited(&state, &actor, "token.mint", Some(&caller.subject), minted)
+}
+
+fn mint(
+    state: &AppState,
+    caller: &crate::auth::Principal,
+    req: MintToken,
 ) -> Result<Json<serde_json::Value>, Error> {
     if caller.via != Via::Key {
         return Err(Error::Forbidden("tokens are minted with an API key".into()));
@@ -172,7 +202,7 @@ async fn mint_token(
             "expires_in must be at least 1 second".into(),
         ));
     }
-    let Some((token, ttl)) = state.auth.mint(&caller, req.expires_in)? else {
+    let Some((token, ttl)) = state.auth.mint(caller, req.expires_in)? else {
         return Err(Error::RouteNotFound(
             "POST /auth/token (tokens are off: AUTH_PROVIDER=api_key)".into(),
         ));
@@ -194,8 +224,19 @@ struct CreateTeam {
 async fn create_team(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    actor: Actor,
     ApiJson(req): ApiJson<CreateTeam>,
 ) -> Result<impl IntoResponse, Error> {
+    let name = req.name.clone().unwrap_or_default();
+    let created = new_team(&state, &caller, req).await;
+    audited(&state, &actor, "team.create", Some(&name), created)
+}
+
+async fn new_team(
+    state: &AppState,
+    caller: &crate::auth::Principal,
+    req: CreateTeam,
+) -> Result<(StatusCode, Json<serde_json::Value>), Error> {
     let name = req.name.unwrap_or_default();
     if !crate::model::valid_label(&name) {
         return Err(Error::Validation(format!(

@@ -2,6 +2,7 @@
 //! joins them behind the cross-site guard (`guard`), adds the JSON 404/405 fallbacks and the
 //! body and path extractors that map every rejection onto the gateway's error shape.
 
+pub mod audit;
 pub mod guard;
 pub mod health;
 pub mod keys;
@@ -16,6 +17,7 @@ use http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use crate::admission::Limits;
+use crate::audit::{Actor, Audit};
 use crate::auth::{Auth, Principal};
 use crate::config::Config;
 use crate::error::Error;
@@ -28,6 +30,7 @@ use crate::routes::Routes;
 pub struct AppState {
     pub config: Arc<Config>,
     pub auth: Arc<Auth>,
+    pub audit: Arc<Audit>,
     pub manager: Arc<Manager>,
     pub routes: Arc<Routes>,
     pub proxy: Arc<Proxy>,
@@ -45,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .merge(sandboxes::router())
         .merge(health::router())
         .merge(keys::router())
+        .merge(audit::router())
         .fallback(|req: Request| async move {
             Error::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
         })
@@ -105,6 +109,43 @@ impl Caller {
         }
         Ok(sb)
     }
+}
+
+/// The client's address, as the lane that served the request saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Actor {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let p = parts.extensions.get::<Principal>();
+        Ok(Actor {
+            team: p.map(|p| p.team.to_string()),
+            subject: p.map(|p| p.subject.to_string()),
+            client: parts
+                .extensions
+                .get::<ClientAddr>()
+                .map(|c| c.0.to_string()),
+        })
+    }
+}
+
+/// Records a control action and its outcome in the audit log; returns the outcome.
+pub fn audited<T>(
+    state: &AppState,
+    actor: &Actor,
+    action: &str,
+    target: Option<&str>,
+    result: Result<T, Error>,
+) -> Result<T, Error> {
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.status_and_code().1,
+    };
+    let details = result.as_ref().err().map(|e| e.to_string());
+    state.audit.record(actor, action, target, outcome, details);
+    result
 }
 
 /// Path parameters; a rejection (percent-decoding to invalid UTF-8, a wrong type) becomes a

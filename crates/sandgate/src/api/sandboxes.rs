@@ -9,7 +9,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
-use super::{ApiJson, ApiPath, AppState, Caller};
+use super::{audited, ApiJson, ApiPath, AppState, Caller};
+use crate::audit::Actor;
 use crate::error::Error;
 use crate::manager::CreateSandbox;
 use crate::model::{Sandbox, Status};
@@ -120,9 +121,12 @@ struct Created {
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
+    actor: Actor,
     ApiJson(req): ApiJson<CreateSandbox>,
 ) -> Result<Response, Error> {
-    let sb = state.manager.create(req, &caller.0.team).await?;
+    let created = state.manager.create(req, &caller.0.team).await;
+    let target = created.as_ref().ok().map(|sb| sb.id.clone());
+    let sb = audited(&state, &actor, "sandbox.create", target.as_deref(), created)?;
     let body = Created {
         message: format!("Sandbox {} created successfully", sb.id),
         sandbox: SandboxView::new(&sb, &state),
@@ -173,30 +177,45 @@ async fn inspect(
 async fn start(
     State(state): State<AppState>,
     caller: Caller,
+    actor: Actor,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<SandboxView>, Error> {
-    caller.sandbox(&state, &id).await?;
-    let sb = state.manager.start(&id).await?;
+    let done = async {
+        caller.sandbox(&state, &id).await?;
+        state.manager.start(&id).await
+    }
+    .await;
+    let sb = audited(&state, &actor, "sandbox.start", Some(&id), done)?;
     Ok(Json(SandboxView::new(&sb, &state)))
 }
 
 async fn stop(
     State(state): State<AppState>,
     caller: Caller,
+    actor: Actor,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<SandboxView>, Error> {
-    caller.sandbox(&state, &id).await?;
-    let sb = state.manager.stop(&id).await?;
+    let done = async {
+        caller.sandbox(&state, &id).await?;
+        state.manager.stop(&id).await
+    }
+    .await;
+    let sb = audited(&state, &actor, "sandbox.stop", Some(&id), done)?;
     Ok(Json(SandboxView::new(&sb, &state)))
 }
 
 async fn remove(
     State(state): State<AppState>,
     caller: Caller,
+    actor: Actor,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, Error> {
-    caller.sandbox(&state, &id).await?;
-    state.manager.delete(&id).await?;
+    let done = async {
+        caller.sandbox(&state, &id).await?;
+        state.manager.delete(&id).await
+    }
+    .await;
+    audited(&state, &actor, "sandbox.delete", Some(&id), done)?;
     Ok(Json(serde_json::json!({
         "id": id,
         "sandbox_id": id,
@@ -216,14 +235,19 @@ struct Access {
 async fn update(
     State(state): State<AppState>,
     caller: Caller,
+    actor: Actor,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<Access>,
 ) -> Result<Json<SandboxView>, Error> {
-    caller.sandbox(&state, &id).await?;
-    let sb = state
-        .manager
-        .set_access(&id, req.public, req.public_ports)
-        .await?;
+    let done = async {
+        caller.sandbox(&state, &id).await?;
+        state
+            .manager
+            .set_access(&id, req.public, req.public_ports)
+            .await
+    }
+    .await;
+    let sb = audited(&state, &actor, "sandbox.update", Some(&id), done)?;
     Ok(Json(SandboxView::new(&sb, &state)))
 }
 
@@ -243,10 +267,22 @@ struct PreviewRequest {
 async fn issue_preview(
     State(state): State<AppState>,
     caller: Caller,
+    actor: Actor,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<PreviewRequest>,
 ) -> Result<Response, Error> {
-    let sb = caller.sandbox(&state, &id).await?;
+    let issued = issue_preview_for(&state, &caller, &id, req).await;
+    audited(&state, &actor, "preview.issue", Some(&id), issued)
+}
+
+async fn issue_preview_for(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    req: PreviewRequest,
+) -> Result<Response, Error> {
+    let state = state.clone();
+    let sb = caller.sandbox(&state, id).await?;
     let ttl = req.ttl.unwrap_or(3600);
     if !(1..=MAX_PREVIEW_TTL).contains(&ttl) {
         return Err(Error::Validation(format!(
@@ -293,10 +329,15 @@ async fn issue_preview(
 async fn revoke_previews(
     State(state): State<AppState>,
     caller: Caller,
+    actor: Actor,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, Error> {
-    caller.sandbox(&state, &id).await?;
-    state.manager.revoke_previews(&id).await?;
+    let done = async {
+        caller.sandbox(&state, &id).await?;
+        state.manager.revoke_previews(&id).await
+    }
+    .await;
+    audited(&state, &actor, "preview.revoke", Some(&id), done)?;
     Ok(Json(serde_json::json!({"id": id, "status": "revoked"})))
 }
 

@@ -253,7 +253,7 @@ impl Lane {
                     html,
                     close,
                 } => {
-                    gw.policy.refused(&err);
+                    gw.policy.refused(&err, self.peer);
                     head::write_full(&mut self.rout, &err.to_response(html), close);
                     let written = self.client.write_all(&self.rout).await;
                     if written.is_err() {

@@ -23,6 +23,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::admission::{Admission, Limits, OwnedAdmission};
+use crate::audit::{Actor, Audit};
 use crate::auth::{permissions, preview, Auth, Authenticated, Principal, Via};
 use crate::backend::{Backend, Upstream};
 use crate::error::Error;
@@ -85,6 +86,7 @@ impl Grant {
 
 pub struct Policy {
     auth: Arc<Auth>,
+    audit: Arc<Audit>,
     routes: Arc<Routes>,
     manager: Arc<Manager>,
     backend: Arc<dyn Backend>,
@@ -99,6 +101,7 @@ pub struct Policy {
 impl Policy {
     pub fn new(
         auth: Arc<Auth>,
+        audit: Arc<Audit>,
         routes: Arc<Routes>,
         manager: Arc<Manager>,
         limits: Arc<Limits>,
@@ -106,6 +109,7 @@ impl Policy {
     ) -> Policy {
         Policy {
             auth,
+            audit,
             routes,
             backend: manager.backend().clone(),
             manager,
@@ -335,11 +339,26 @@ impl Policy {
         self.limits.answered();
     }
 
-    /// The finish step of a request the policy refused: counted as answered, and a refused
-    /// credential as an authentication failure.
-    pub fn refused(&self, err: &Error) {
-        if matches!(err, Error::BadCredential(_)) {
-            self.auth.failed();
+    /// The finish step of a request the policy refused: counted as answered; a refused
+    /// credential or permission is an audited authentication failure.
+    pub fn refused(&self, err: &Error, peer: IpAddr) {
+        let action = match err {
+            Error::BadCredential(_) => "auth.failure",
+            Error::Forbidden(_) => "auth.forbidden",
+            Error::AddressNotAllowed => "auth.address_refused",
+            _ => "",
+        };
+        if !action.is_empty() {
+            if matches!(err, Error::BadCredential(_)) {
+                self.auth.failed();
+            }
+            let actor = Actor {
+                client: Some(peer.to_string()),
+                ..Actor::default()
+            };
+            let (_, code) = err.status_and_code();
+            self.audit
+                .record(&actor, action, None, code, Some(err_details(err)));
         }
         self.limits.answered();
     }
@@ -372,6 +391,14 @@ impl Policy {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(200));
         }
+    }
+}
+
+/// What an audit record says about a refusal.
+fn err_details(err: &Error) -> String {
+    match err {
+        Error::BadCredential(why) => (*why).to_string(),
+        other => other.to_string(),
     }
 }
 

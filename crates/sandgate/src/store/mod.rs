@@ -51,6 +51,36 @@ pub struct TeamRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// One audit record: who did what to which target, from where, with what result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    /// Assigned by the store (0 before it is written).
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub team: Option<String>,
+    /// The key id or token subject.
+    pub subject: Option<String>,
+    /// The client's address.
+    pub client: Option<String>,
+    pub action: String,
+    /// What the action was on (a sandbox id, a key id, a team).
+    pub target: Option<String>,
+    /// `ok`, or the error code.
+    pub result: String,
+    pub details: Option<String>,
+}
+
+/// Which audit records to read.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Only this team's (`None`: every team's).
+    pub team: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub action: Option<String>,
+    pub target: Option<String>,
+    pub limit: u32,
+}
+
 /// Decides whether a host port is usable right now (e.g. nothing else is bound to it).
 pub type PortProbe<'a> = &'a (dyn Fn(u16) -> bool + Send + Sync);
 
@@ -81,6 +111,12 @@ pub trait Store: Send + Sync {
     async fn touch_keys(&self, used: &[(String, DateTime<Utc>)]) -> Result<(), StoreError>;
     async fn create_team(&self, id: &str) -> Result<TeamRecord, StoreError>;
     async fn teams(&self) -> Result<Vec<TeamRecord>, StoreError>;
+    /// Appends audit records in one transaction.
+    async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+    /// Audit records, oldest first.
+    async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Deletes audit records older than `before`; returns how many.
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
     /// The named secret, created with `fresh` the first time it is asked for (every gateway
     /// on this store then agrees on it).
     async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError>;

@@ -9,7 +9,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use super::{KeyRecord, PortProbe, Store, StoreError, TeamRecord};
+use super::{AuditFilter, AuditRecord, KeyRecord, PortProbe, Store, StoreError, TeamRecord};
 use crate::model::{Sandbox, DEFAULT_TEAM};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -226,7 +226,7 @@ impl Store for SqliteStore {
         probe: PortProbe<'_>,
     ) -> Result<(), StoreError> {
         let _guard = self.alloc.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut allocated = sb.allocated_port;
         if let Some(range) = port_range {
             let taken: Vec<i64> = sqlx::query_scalar(
@@ -416,7 +416,7 @@ impl Store for SqliteStore {
     }
 
     async fn touch_keys(&self, used: &[(String, DateTime<Utc>)]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for (id, at) in used {
             sqlx::query("UPDATE api_keys SET last_used_at = ? WHERE id = ?")
                 .bind(ts(at))
@@ -459,6 +459,68 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for r in records {
+            sqlx::query(
+                "INSERT INTO audit (at, team_id, subject, client, action, target, result, details) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(ts(&r.at))
+            .bind(&r.team)
+            .bind(&r.subject)
+            .bind(&r.client)
+            .bind(&r.action)
+            .bind(&r.target)
+            .bind(&r.result)
+            .bind(&r.details)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit(&self, f: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM audit WHERE (?1 IS NULL OR team_id = ?1) AND (?2 IS NULL OR at >= ?2) \
+             AND (?3 IS NULL OR action = ?3) AND (?4 IS NULL OR target = ?4) \
+             ORDER BY id LIMIT ?5",
+        )
+        .bind(&f.team)
+        .bind(f.since.as_ref().map(ts))
+        .bind(&f.action)
+        .bind(&f.target)
+        .bind(f.limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: i64 = row.try_get("id")?;
+                let at: String = row.try_get("at")?;
+                Ok(AuditRecord {
+                    id,
+                    at: parse_time(&id.to_string(), &at)?,
+                    team: row.try_get("team_id")?,
+                    subject: row.try_get("subject")?,
+                    client: row.try_get("client")?,
+                    action: row.try_get("action")?,
+                    target: row.try_get("target")?,
+                    result: row.try_get("result")?,
+                    details: row.try_get("details")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM audit WHERE at < ?")
+            .bind(ts(&before))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError> {
@@ -571,6 +633,50 @@ mod tests {
         b.owner = "bob".into();
         store.create(&mut b, None, &|_| true).await.unwrap();
         assert_eq!(b.allocated_port, None);
+    }
+
+    #[tokio::test]
+    async fn audit_records_filter_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let rec = |team: &str, action: &str, days_ago: i64| AuditRecord {
+            id: 0,
+            at: crate::model::now() - chrono::Duration::days(days_ago),
+            team: Some(team.into()),
+            subject: Some("k".into()),
+            client: Some("127.0.0.1".into()),
+            action: action.into(),
+            target: Some("sb-x".into()),
+            result: "ok".into(),
+            details: None,
+        };
+        store
+            .append_audit(&[
+                rec("a", "sandbox.create", 100),
+                rec("a", "sandbox.delete", 0),
+                rec("b", "sandbox.create", 0),
+            ])
+            .await
+            .unwrap();
+        let all = AuditFilter {
+            limit: 10,
+            ..AuditFilter::default()
+        };
+        assert_eq!(store.audit(&all).await.unwrap().len(), 3);
+        let a = AuditFilter {
+            team: Some("a".into()),
+            action: Some("sandbox.create".into()),
+            ..all.clone()
+        };
+        assert_eq!(store.audit(&a).await.unwrap().len(), 1);
+        let pruned = store
+            .prune_audit(crate::model::now() - chrono::Duration::days(90))
+            .await
+            .unwrap();
+        assert_eq!(pruned, 1);
+        let left = store.audit(&all).await.unwrap();
+        assert_eq!(left.len(), 2);
+        assert!(left[0].id < left[1].id);
     }
 
     #[tokio::test]

@@ -376,6 +376,7 @@ async fn the_permission_table(lane: Lane) {
             None,
             &["owner", "admin"],
         ),
+        ("GET", "/audit".into(), None, &["owner", "admin"]),
         ("GET", "/teams".into(), None, &["owner"]),
         (
             "POST",

@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("routing", 3),
     ("admission", 3),
     ("auth", 3),
+    ("audit", 3),
     ("manager", 4),
     ("proxy", 4),
     ("lifecycle", 5),
