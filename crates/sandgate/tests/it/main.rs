@@ -19,4 +19,5 @@ mod policy;
 mod proxy;
 mod restart;
 mod streaming;
+mod tls;
 mod websocket;
