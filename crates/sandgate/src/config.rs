@@ -145,6 +145,13 @@ pub struct ServeArgs {
     /// Protocols a client may switch to through the proxy (`Upgrade`), comma-separated.
     #[arg(long, env = "SANDGATE_UPGRADE_PROTOCOLS", value_delimiter = ',')]
     pub upgrade_protocols: Option<Vec<String>>,
+    /// PEM certificate chain (leaf first) to serve HTTPS with (h2 and http/1.1 by ALPN);
+    /// needs --tls-key. Reloaded when the file changes.
+    #[arg(long, env = "SANDGATE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert's certificate.
+    #[arg(long, env = "SANDGATE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Require a credential (API key, token, preview cookie) for the API and the proxy
     /// (default true). `false` is allowed only when the gateway listens on a loopback address.
     #[arg(long, env = "AUTH_ENABLED")]
@@ -214,6 +221,8 @@ struct FileConfig {
     max_requests_per_client: Option<usize>,
     allowed_hosts: Option<Vec<String>>,
     upgrade_protocols: Option<Vec<String>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     auth_enabled: Option<bool>,
     auth_provider: Option<AuthProvider>,
     auth_token_expiry: Option<u64>,
@@ -299,8 +308,20 @@ pub struct Config {
     pub jwt: JwtConfig,
     /// Days audit records are kept (`None`: forever).
     pub audit_retention_days: Option<u32>,
+    /// `Some`: the listener speaks TLS only (`crate::tls`); `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
     pub runtimes: BTreeMap<String, RuntimeConfig>,
     pub docker: DockerConfig,
+}
+
+/// The certificate and key files of a TLS listener. Both are given or neither; their contents
+/// are read and checked by `crate::tls`, at startup and on every reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, the server's own certificate first.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
 }
 
 /// Credentials accepted besides API keys.
@@ -374,6 +395,7 @@ impl Config {
                 ..JwtConfig::default()
             },
             audit_retention_days: Some(90),
+            tls: None,
             runtimes: BTreeMap::new(),
             docker: DockerConfig::default(),
         }
@@ -459,6 +481,23 @@ impl Config {
         if let Some(protocols) = args.upgrade_protocols.clone().or(file.upgrade_protocols) {
             c.upgrade_protocols = lowercase_list(protocols);
         }
+        c.tls = match (
+            args.tls_cert.clone().or(file.tls_cert),
+            args.tls_key.clone().or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => return Err(ConfigError::Invalid(
+                "--tls-cert (SANDGATE_TLS_CERT, tls_cert) is set but --tls-key (SANDGATE_TLS_KEY, \
+                 tls_key) is not: TLS needs the certificate's private key too"
+                    .into(),
+            )),
+            (None, Some(_)) => return Err(ConfigError::Invalid(
+                "--tls-key (SANDGATE_TLS_KEY, tls_key) is set but --tls-cert (SANDGATE_TLS_CERT, \
+                 tls_cert) is not: TLS needs the certificate too"
+                    .into(),
+            )),
+        };
         c.runtimes = file.runtimes;
         c.docker = file.docker;
         c.auth_enabled = args.auth_enabled.or(file.auth_enabled).unwrap_or(true);
@@ -618,15 +657,26 @@ impl Config {
         Ok(())
     }
 
-    /// The base URL clients use to reach this gateway.
+    /// The base URL clients use to reach this gateway (`https` when it serves TLS).
     pub fn public_base(&self, bound_port: u16) -> String {
+        let scheme = self.scheme();
         match &self.public_url {
             Some(url) => url.trim_end_matches('/').to_string(),
             None => match self.host {
-                IpAddr::V6(ip) => format!("http://[{ip}]:{bound_port}"),
-                IpAddr::V4(ip) if ip.is_unspecified() => format!("http://127.0.0.1:{bound_port}"),
-                ip => format!("http://{ip}:{bound_port}"),
+                IpAddr::V6(ip) => format!("{scheme}://[{ip}]:{bound_port}"),
+                IpAddr::V4(ip) if ip.is_unspecified() => {
+                    format!("{scheme}://127.0.0.1:{bound_port}")
+                }
+                ip => format!("{scheme}://{ip}:{bound_port}"),
             },
+        }
+    }
+
+    /// The scheme clients reach the gateway by: `https` with TLS on, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        match self.tls {
+            Some(_) => "https",
+            None => "http",
         }
     }
 }
@@ -796,6 +846,49 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("PORT"));
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_makes_the_public_base_https() {
+        let cert = || Some(PathBuf::from("cert.pem"));
+        let key = || Some(PathBuf::from("key.pem"));
+        let c = Config::load(&ServeArgs::default(), no_env).unwrap();
+        assert_eq!(c.tls, None);
+        assert_eq!(c.public_base(8070), "http://127.0.0.1:8070");
+        let args = ServeArgs {
+            tls_cert: cert(),
+            tls_key: key(),
+            ..Default::default()
+        };
+        let c = Config::load(&args, no_env).unwrap();
+        let files = c.tls.clone().expect("TLS on");
+        assert_eq!((files.cert, files.key), (cert().unwrap(), key().unwrap()));
+        assert_eq!(c.scheme(), "https");
+        assert_eq!(c.public_base(8443), "https://127.0.0.1:8443");
+        for (tls_cert, tls_key, needle) in [
+            (cert(), None, "but --tls-key"),
+            (None, key(), "but --tls-cert"),
+        ] {
+            let args = ServeArgs {
+                tls_cert,
+                tls_key,
+                ..Default::default()
+            };
+            let err = Config::load(&args, no_env).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        // From the file, and a flag wins over it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "tls_cert = \"a.pem\"\ntls_key = \"b.pem\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            tls_key: key(),
+            ..Default::default()
+        };
+        let files = Config::load(&args, no_env).unwrap().tls.unwrap();
+        assert_eq!(files.cert, PathBuf::from("a.pem"));
+        assert_eq!(files.key, PathBuf::from("key.pem"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! What both proxy lanes serve connections with: the request policy, the proxy, the control
-//! API's router and hyper's connection settings. Built once per gateway and borrowed by every
-//! connection on every event loop.
+//! API's router, hyper's connection settings and, on a TLS listener, the TLS acceptor. Built
+//! once per gateway and borrowed by every connection on every event loop.
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -18,6 +18,9 @@ pub struct Gateway {
     pub policy: Policy,
     pub(crate) api: Router,
     pub(crate) http: auto::Builder<TokioExecutor>,
+    /// `Some` on a TLS listener: every connection is a TLS handshake first, then hyper's lane
+    /// (`crate::server`). Its certificate reloads behind it (`crate::tls`).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Gateway {
@@ -45,6 +48,7 @@ impl Gateway {
             policy,
             api,
             http,
+            tls: None,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The hyper lane: connections served by hyper (HTTP/1.x and h2c), the control API, protocol
-//! switches, waking stopped sandboxes, and everything the fast lane hands over. Every request
+//! The hyper lane: connections served by hyper (HTTP/1.x and h2c; on a TLS listener every
+//! connection, h2 or HTTP/1.1 by ALPN), the control API, protocol switches, waking stopped
+//! sandboxes, and everything the fast lane hands over. Every request
 //! goes through the same policy as in the fast lane ([`crate::policy`]).
 
 use std::convert::Infallible;

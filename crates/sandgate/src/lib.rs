@@ -2,7 +2,8 @@
 //! streaming traffic to the ports inside them.
 //!
 //! Crate map, by layer (each module imports only from the layers below it):
-//! - [`server`], [`workers`]: the listener, one event loop per core ([`event_loop`]).
+//! - [`server`], [`workers`]: the listener, one event loop per core ([`event_loop`]), TLS
+//!   handshakes for a [`tls`] listener.
 //! - [`fastlane`], [`hyperlane`]: the two proxy lanes (plain HTTP/1.1 from socket buffers;
 //!   hyper's h1 + h2c for everything else).
 //! - [`gateway`]: what both lanes share.
@@ -10,8 +11,9 @@
 //! - [`proxy`], [`api`]: forwarding, pooling, upgrades, the field table; the control API.
 //! - [`manager`], [`admission`], [`routing`], [`lifecycle`]: every change to a sandbox; what
 //!   an admitted request holds; request → route; the idle reaper.
-//! - [`backend`], [`store`], [`routes`], [`runtimes`], [`error`], [`config`]: what runs
-//!   sandboxes; durable state; the in-memory route table; runtimes; errors; configuration.
+//! - [`backend`], [`store`], [`routes`], [`runtimes`], [`error`], [`tls`], [`config`]: what
+//!   runs sandboxes; durable state; the in-memory route table; runtimes; errors; certificates
+//!   (loaded, reloaded); configuration.
 //! - [`model`]: the sandbox record, ids, statuses.
 
 pub mod admission;
@@ -35,6 +37,7 @@ pub mod routing;
 pub mod runtimes;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod workers;
 
 use std::sync::Arc;
@@ -75,6 +78,8 @@ pub enum RunError {
     NoIsolation,
     #[error("docker backend: {0}")]
     Docker(String),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -119,6 +124,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let config = Arc::new(config);
+    // First, so that bad certificate files stop the gateway before anything else starts.
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(tls::Tls::load(files)?)),
+        None => None,
+    };
     let data_dir = &config.data_dir;
     let sandboxes_dir = data_dir.join("sandboxes");
     std::fs::create_dir_all(&sandboxes_dir).map_err(|source| RunError::DataDir {
@@ -139,13 +149,16 @@ pub async fn run(
     ));
     manager.reconcile().await?;
     let exit_watcher = tokio::spawn(manager.clone().watch_exits(exits_rx));
-    let proxy = Arc::new(Proxy::new(
-        backend,
-        config.proxy_timeout,
-        config.body_timeout,
-        config.max_retries,
-        config.workers,
-    ));
+    let proxy = Arc::new(
+        Proxy::new(
+            backend,
+            config.proxy_timeout,
+            config.body_timeout,
+            config.max_retries,
+            config.workers,
+        )
+        .with_scheme(config.scheme()),
+    );
     let limits = Arc::new(Limits::new(
         config.max_concurrent_requests,
         config.max_requests_per_client,
@@ -182,6 +195,9 @@ pub async fn run(
             }
         })
     };
+    let cert_watcher = tls
+        .as_ref()
+        .map(|tls| tokio::spawn(tls.clone().watch(tls::RELOAD_POLL, shutdown.child_token())));
     let reaper = config.idle_timeout.map(|idle| {
         tokio::spawn(lifecycle::reap_idle(
             manager.clone(),
@@ -204,6 +220,7 @@ pub async fn run(
     };
     tracing::info!(
         addr = %listener.local_addr()?,
+        scheme = config.scheme(),
         backend = config.backend.as_str(),
         data_dir = %config.data_dir.display(),
         auth = if config.auth_enabled { "required" } else { "off" },
@@ -215,7 +232,9 @@ pub async fn run(
              can reach its loopback address"
         );
     }
-    let gateway = Arc::new(gateway::Gateway::new(state));
+    let mut gateway = gateway::Gateway::new(state);
+    gateway.tls = tls.as_ref().map(|tls| tls.acceptor());
+    let gateway = Arc::new(gateway);
     // Each extra worker gets a listening socket of its own on the same address (one
     // SO_REUSEPORT group, see `workers`); this loop keeps the one it was given.
     let listener = listener.into_std()?;
@@ -235,5 +254,8 @@ pub async fn run(
     auth.flush_last_used().await;
     audit.flush().await;
     exit_watcher.abort();
+    if let Some(watcher) = cert_watcher {
+        watcher.abort();
+    }
     Ok(served?)
 }

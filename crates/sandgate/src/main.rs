@@ -43,6 +43,14 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    // Certificate files are part of the configuration: checked here, before anything is bound,
+    // so a bad one exits with the same status and `--check-config` reports it too.
+    if let Some(files) = &config.tls {
+        if let Err(e) = sandgate::tls::Tls::load(files) {
+            eprintln!("sandgate: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    }
     if args.check_config {
         println!("configuration ok: {config:#?}");
         return ExitCode::SUCCESS;

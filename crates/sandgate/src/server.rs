@@ -1,6 +1,7 @@
 //! The listener: accepts connections on one event loop's listening socket, hands each to the
 //! fast lane (or, with `--fast-lane off`, to hyper's lane), and drains them gracefully on
-//! shutdown.
+//! shutdown. On a TLS listener every connection is a TLS handshake first, in its own task,
+//! then hyper's lane (`docs/tls.md`).
 
 use std::net::SocketAddr;
 use std::net::TcpListener as StdListener;
@@ -23,9 +24,10 @@ const DRAIN: Duration = Duration::from_secs(10);
 
 /// Serves `listener` until `shutdown` fires, then drains open connections (bounded). Every
 /// connection starts in the HTTP/1.1 fast lane (`crate::fastlane`), which hands it to hyper
-/// for anything else. Connections are accepted without registering them with the event loop:
-/// `fastlane::client::Client` does that only if one has to wait. Fails only if the listening
-/// socket cannot be registered with the event loop.
+/// for anything else; on a TLS listener, with a handshake, then in hyper's lane. Connections
+/// are accepted without registering them with the event loop: `fastlane::client::Client`
+/// does that only if one has to wait. Fails only if the listening socket cannot be
+/// registered with the event loop.
 pub async fn serve(
     listener: StdListener,
     gateway: Arc<Gateway>,
@@ -63,7 +65,15 @@ pub async fn serve(
         // holds a pointer, where tokio would otherwise copy the whole of it each time it moves
         // the task's future (spawning it, finishing it: ~2k instructions per connection).
         let client = Client::new(stream, watch.clone());
-        if gateway.state.config.fast_lane {
+        if let Some(acceptor) = &gateway.tls {
+            tracker.spawn(Box::pin(serve_tls(
+                gateway.clone(),
+                acceptor.clone(),
+                client,
+                peer,
+                shutdown.clone(),
+            )));
+        } else if gateway.state.config.fast_lane {
             tracker.spawn(Box::pin(crate::fastlane::serve(
                 gateway.clone(),
                 client,
@@ -85,6 +95,86 @@ pub async fn serve(
         tracing::warn!("connections still open after {DRAIN:?}; closing them");
     }
     Ok(())
+}
+
+/// The first byte of every TLS connection: a handshake record (RFC 8446 §5.1).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// How a TLS listener's connection opened.
+enum Opened {
+    /// Boxed: a TLS stream's state is over a kilobyte.
+    Tls(Box<tokio_rustls::server::TlsStream<Prefixed<Client>>>),
+    /// Plain HTTP (or anything but TLS): the client, its first bytes read.
+    Plain(Client),
+    /// Closed, failed, or given up on: nothing to answer.
+    Gone,
+}
+
+/// Serves one connection of a TLS listener: the handshake (bounded by `header_timeout`, like a
+/// request head, and given up at shutdown), then hyper's lane, which speaks h2 or HTTP/1.1 as
+/// ALPN agreed (the client's first bytes tell hyper which). The fast lane proxies from the
+/// socket's own buffers, so it never sees a TLS connection. A client speaking plain HTTP to
+/// the TLS port is told so in plain HTTP (400), as nginx does, rather than left with a TLS
+/// alert it cannot read.
+async fn serve_tls(
+    gateway: Arc<Gateway>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut client: Client,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    use tokio::io::AsyncReadExt;
+    let limit = gateway.state.config.header_timeout;
+    let open = async move {
+        // The first read goes straight to the socket (no event-loop registration if the
+        // ClientHello is there already); what it read is the handshake's first input.
+        let mut first = vec![0; 4096];
+        let n = match client.read(&mut first).await {
+            Ok(0) | Err(_) => return Opened::Gone,
+            Ok(n) => n,
+        };
+        if first[0] != TLS_HANDSHAKE_RECORD {
+            return Opened::Plain(client);
+        }
+        first.truncate(n);
+        // `Prefixed` also lingers on close, as for plain connections, so an early answer
+        // reaches a client still sending.
+        match acceptor
+            .accept(Prefixed::new(bytes::Bytes::from(first), client))
+            .await
+        {
+            Ok(stream) => Opened::Tls(Box::new(stream)),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                Opened::Gone
+            }
+        }
+    };
+    let opened = tokio::select! {
+        _ = shutdown.cancelled() => Opened::Gone,
+        opened = tokio::time::timeout(limit, open) => opened.unwrap_or_else(|_| {
+            tracing::debug!(%peer, "TLS handshake not done within {limit:?}");
+            Opened::Gone
+        }),
+    };
+    match opened {
+        Opened::Tls(stream) => gateway.serve_hyper(stream, peer, shutdown).await,
+        Opened::Plain(client) => refuse_plaintext(client).await,
+        Opened::Gone => {}
+    }
+}
+
+/// Answers a plain-HTTP request on a TLS listener with 400 `bad_request` and closes.
+async fn refuse_plaintext(mut client: Client) {
+    use tokio::io::AsyncWriteExt;
+    let err = crate::error::Error::BadRequest(
+        "this port speaks HTTPS only: send the request over TLS (an https:// URL)".into(),
+    );
+    let mut out = Vec::new();
+    crate::fastlane::head::write_full(&mut out, &err.to_response(false), true);
+    if client.write_all(&out).await.is_ok() {
+        let _ = crate::fastlane::linger::close(&mut client).await;
+    }
 }
 
 /// The listening socket, non-blocking and registered with the event loop for readability.

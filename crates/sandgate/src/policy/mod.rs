@@ -115,10 +115,11 @@ impl Policy {
             manager,
             limits,
             domain: config.domain.clone(),
-            secure_cookies: config
-                .public_url
-                .as_deref()
-                .is_some_and(|u| u.starts_with("https://")),
+            secure_cookies: config.tls.is_some()
+                || config
+                    .public_url
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("https://")),
             upgrade_protocols: config.upgrade_protocols.clone(),
             wake_timeout: config.wake_timeout,
         }

@@ -53,6 +53,9 @@ pub struct Proxy {
     timeout: Duration,
     body_timeout: Duration,
     retries: u32,
+    /// How clients reach the gateway (`http`, or `https` on a TLS listener): the
+    /// `X-Forwarded-Proto` a sandbox gets and the scheme of rewritten `Location`s.
+    scheme: &'static str,
 }
 
 /// Why a request did not get a response head from the sandbox.
@@ -82,7 +85,14 @@ impl Proxy {
             timeout,
             body_timeout,
             retries,
+            scheme: "http",
         }
+    }
+
+    /// Sets the scheme clients use (`https` on a TLS listener; `http` is the default).
+    pub fn with_scheme(mut self, scheme: &'static str) -> Proxy {
+        self.scheme = scheme;
+        self
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -149,15 +159,15 @@ impl Proxy {
             .flatten();
         let (parts, body) = req.into_parts();
         let (body, body_state) = ClientBody::new(body, self.body_timeout);
-        let up_req = upstream_request(
-            &parts,
-            body,
-            client,
-            &target,
-            upstream,
-            public_host.as_ref(),
-            protocol.as_ref(),
-        )?;
+        let forwarded = headers::Forwarded {
+            client_ip: client.ip(),
+            proto: self.scheme,
+            host: public_host.as_ref(),
+            prefix: target.prefix.as_ref(),
+            upstream_port: upstream.port(),
+            strip_authorization: target.strip_authorization,
+        };
+        let up_req = upstream_request(&parts, body, &target, &forwarded, protocol.as_ref())?;
 
         let timeout = self.timeout;
         let (resp, tx) = match tokio::time::timeout(timeout, self.send(key, up_req)).await {
@@ -201,7 +211,7 @@ impl Proxy {
         }
         headers::strip_response_hop_by_hop(&mut parts.headers, false);
         if let Some(loc) = parts.headers.get(LOCATION) {
-            let origin = public_origin(public_host.as_ref());
+            let origin = public_origin(self.scheme, public_host.as_ref());
             let ports = [target.port, upstream.port()];
             let prefix = target
                 .prefix
@@ -346,10 +356,8 @@ pub(crate) fn upstream_error(sb: &Sandbox, port: u16, e: SendError) -> Error {
 fn upstream_request(
     parts: &http::request::Parts,
     body: ClientBody,
-    client: SocketAddr,
     target: &Target,
-    upstream: Upstream,
-    public_host: Option<&HeaderValue>,
+    forwarded: &headers::Forwarded<'_>,
     protocol: Option<&HeaderValue>,
 ) -> Result<Request<ClientBody>, Error> {
     let pq = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
@@ -374,18 +382,7 @@ fn upstream_request(
         PathAndQuery::from_maybe_shared(Bytes::from(uri))
             .map_err(|e| Error::BadRequest(format!("bad request path: {e}")))?,
     );
-    let fields = headers::upstream_request_headers(
-        &parts.headers,
-        &headers::Forwarded {
-            client_ip: client.ip(),
-            proto: "http",
-            host: public_host,
-            prefix: target.prefix.as_ref(),
-            upstream_port: upstream.port(),
-            strip_authorization: target.strip_authorization,
-        },
-        protocol,
-    );
+    let fields = headers::upstream_request_headers(&parts.headers, forwarded, protocol);
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
@@ -394,9 +391,9 @@ fn upstream_request(
     Ok(req)
 }
 
-fn public_origin(host: Option<&HeaderValue>) -> String {
+fn public_origin(scheme: &str, host: Option<&HeaderValue>) -> String {
     match host.and_then(|h| h.to_str().ok()) {
-        Some(h) => format!("http://{h}"),
+        Some(h) => format!("{scheme}://{h}"),
         None => String::new(),
     }
 }

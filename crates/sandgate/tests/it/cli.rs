@@ -3,7 +3,8 @@
 
 use std::process::Command;
 
-fn sandgate() -> Command {
+/// The binary, without the test process's gateway settings in its environment.
+pub(crate) fn sandgate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sandgate"));
     // The test's own environment must not leak settings into these runs.
     for var in [
@@ -13,6 +14,8 @@ fn sandgate() -> Command {
         "MAX_CONCURRENT_REQUESTS",
         "AUTH_ENABLED",
         "SANDGATE_ADMIN_KEY",
+        "SANDGATE_TLS_CERT",
+        "SANDGATE_TLS_KEY",
     ] {
         c.env_remove(var);
     }

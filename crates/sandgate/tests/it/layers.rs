@@ -11,6 +11,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("routes", 1),
     ("runtimes", 2),
     ("error", 2),
+    ("tls", 2),
     ("backend", 3),
     ("routing", 3),
     ("admission", 3),

@@ -22,5 +22,6 @@ mod preview;
 mod proxy;
 mod restart;
 mod streaming;
+mod tls;
 mod tokens;
 mod websocket;

@@ -1,5 +1,6 @@
 //! Test harness: an in-process gateway (`TestGateway`), the real binary (`SpawnedGateway`), a
-//! small hyper client, fixture sandboxes, and bounded polling (`eventually`).
+//! small hyper client (over TLS too: `tls`), fixture sandboxes, and bounded polling
+//! (`eventually`).
 //!
 //! Every sandbox command the harness builds writes its shell's pid (= the fixture's pid after
 //! `exec`, and the sandbox's process-group id) to a file, so tests can check what is still
@@ -26,7 +27,10 @@ use nix::unistd::Pid;
 use sandgate::config::{Config, Isolation};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
+
+pub mod tls;
 
 /// Bound for one request/response exchange (head and collected body).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -348,11 +352,25 @@ impl Reply {
     }
 }
 
+/// Sends one request on a fresh connection: HTTP/1.1, over TLS if `tls` is given.
+async fn send_over(
+    addr: SocketAddr,
+    tls: Option<&TlsConnector>,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Incoming>, String> {
+    match tls {
+        None => send_request(addr, req).await,
+        Some(tls) => tls::send_request(addr, tls, req).await,
+    }
+}
+
 /// A request under construction; `Host` defaults to the gateway's address.
 pub struct Req {
     addr: SocketAddr,
     /// Sent as `X-API-Key` unless the request names a credential of its own.
     key: Option<String>,
+    /// Sent over TLS with this client (a TLS gateway's).
+    tls: Option<TlsConnector>,
     method: Method,
     path: String,
     headers: Vec<(String, String)>,
@@ -364,6 +382,7 @@ impl Req {
         Req {
             addr,
             key: None,
+            tls: None,
             method,
             path: path.to_string(),
             headers: Vec::new(),
@@ -412,7 +431,8 @@ impl Req {
     /// The response head; the body is left to the caller to stream.
     pub async fn send_streaming(self) -> Response<Incoming> {
         let what = format!("{} {}", self.method, self.path);
-        tokio::time::timeout(REQUEST_TIMEOUT, send_request(self.addr, self.build()))
+        let sent = send_over(self.addr, self.tls.as_ref(), self.build());
+        tokio::time::timeout(REQUEST_TIMEOUT, sent)
             .await
             .unwrap_or_else(|_| panic!("{what}: no response head within {REQUEST_TIMEOUT:?}"))
             .unwrap_or_else(|e| panic!("{what}: {e}"))
@@ -422,7 +442,7 @@ impl Req {
     pub async fn try_send(self) -> Result<Reply, String> {
         let what = format!("{} {}", self.method, self.path);
         let exchange = async {
-            let resp = send_request(self.addr, self.build()).await?;
+            let resp = send_over(self.addr, self.tls.as_ref(), self.build()).await?;
             Reply::read(resp).await
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)
@@ -511,6 +531,8 @@ pub struct Client {
     pub pids: PidRegistry,
     /// The API key every request carries (`X-API-Key`), if any.
     pub key: Option<String>,
+    /// A TLS gateway's client (HTTP/1.1 by ALPN); `None` for plain HTTP.
+    pub tls: Option<TlsConnector>,
 }
 
 impl Client {
@@ -519,6 +541,7 @@ impl Client {
             addr,
             pids,
             key: None,
+            tls: None,
         }
     }
 
@@ -531,13 +554,15 @@ impl Client {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     pub fn req(&self, method: Method, path: &str) -> Req {
-        let mut r = Req::new(self.addr, method, path);
-        r.key = self.key.clone();
-        r
+        let mut req = Req::new(self.addr, method, path);
+        req.tls = self.tls.clone();
+        req.key = self.key.clone();
+        req
     }
 
     pub fn get(&self, path: &str) -> Req {
@@ -736,6 +761,7 @@ pub struct GatewayBuilder {
     ports: u16,
     isolation: Isolation,
     tweaks: Vec<Tweak>,
+    tls: Option<TlsConnector>,
 }
 
 impl GatewayBuilder {
@@ -755,6 +781,14 @@ impl GatewayBuilder {
     /// The proxy lane plain HTTP/1.1 requests take.
     pub fn lane(self, lane: Lane) -> GatewayBuilder {
         self.config(move |c| c.fast_lane = lane == Lane::Fast)
+    }
+
+    /// Serves TLS with `certs`' files; the gateway's `client` speaks HTTP/1.1 over TLS,
+    /// trusting `certs`' authority.
+    pub fn tls(mut self, certs: &tls::CertDir) -> GatewayBuilder {
+        self.tls = Some(certs.connector(&[b"http/1.1"]));
+        let files = certs.files.clone();
+        self.config(move |c| c.tls = Some(files))
     }
 
     /// Changes the configuration before the gateway starts.
@@ -807,7 +841,8 @@ impl GatewayBuilder {
                 })
                 .expect("spawn the gateway thread");
         }
-        let client = Client::new(addr, PidRegistry::default());
+        let mut client = Client::new(addr, PidRegistry::default());
+        client.tls = self.tls;
         let gw = TestGateway {
             client,
             config,
@@ -853,6 +888,7 @@ impl TestGateway {
             ports: PORTS_PER_GATEWAY,
             isolation: Isolation::None,
             tweaks: Vec::new(),
+            tls: None,
         }
     }
 
@@ -934,6 +970,16 @@ impl SpawnedGateway {
     /// `--isolation` or `--config` among them, `--isolation none` is added (shared host,
     /// allocated ports), as for `TestGateway`.
     pub async fn start(ports: u16, extra_args: &[&str]) -> SpawnedGateway {
+        SpawnedGateway::launch(ports, extra_args, None).await
+    }
+
+    /// `start` for a gateway given `--tls-cert`/`--tls-key` among `extra_args`: its client
+    /// speaks HTTP/1.1 over TLS with `tls`.
+    pub async fn start_tls(ports: u16, extra_args: &[&str], tls: TlsConnector) -> SpawnedGateway {
+        SpawnedGateway::launch(ports, extra_args, Some(tls)).await
+    }
+
+    async fn launch(ports: u16, extra_args: &[&str], tls: Option<TlsConnector>) -> SpawnedGateway {
         let mut extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
         if !extra_args
             .iter()
@@ -946,10 +992,11 @@ impl SpawnedGateway {
         }
         let data_dir = tempfile::tempdir().expect("tempdir");
         let lo = port_block();
-        let client = Client::new(
+        let mut client = Client::new(
             "127.0.0.1:9".parse().expect("placeholder"),
             PidRegistry::default(),
         );
+        client.tls = tls;
         let mut gw = SpawnedGateway {
             client,
             data_dir,
@@ -1024,6 +1071,8 @@ impl SpawnedGateway {
             "AUTH_ENABLED",
             "SANDGATE_ADMIN_KEY",
             "SANDGATE_FAST_LANE",
+            "SANDGATE_TLS_CERT",
+            "SANDGATE_TLS_KEY",
         ] {
             cmd.env_remove(var);
         }
