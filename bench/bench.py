@@ -51,7 +51,15 @@ SCENARIOS = HTTP_SCENARIOS + [
     "ws-idle",
     "route",
 ]
-TARGETS = ["direct", "sandgate-path", "sandgate-host", "sandgate-netns", "nginx", "chp"]
+TARGETS = ["direct", "sandgate-path", "sandgate-key", "sandgate-host", "sandgate-netns", "nginx", "chp"]
+# The owner key of every sandgate the harness starts (`SANDGATE_ADMIN_KEY`): its API calls carry
+# it, and `sandgate-key` sends it on every proxied request. Builds without authentication
+# ignore both.
+BENCH_KEY = "sandgate-bench-owner-key-0123456789abcdef"
+API_HEADERS = {"X-API-Key": BENCH_KEY}
+# Targets that send headers of their own (the WebSocket and upload load client cannot):
+# measured in the HTTP scenarios only.
+HEADER_TARGETS = {"sandgate-key"}
 
 
 def log(msg: str) -> None:
@@ -230,8 +238,9 @@ def tool_version(cmd) -> str:
 class Target:
     """One way of reaching the upstream: a port, a path prefix and maybe a Host header."""
 
-    def __init__(self, name, port, prefix="", host=None, proxy_pids=None, upstream_pids=None):
+    def __init__(self, name, port, prefix="", host=None, proxy_pids=None, upstream_pids=None, headers=()):
         self.name = name
+        self.headers = list(headers)
         self.port = port
         self.prefix = prefix
         self.host = host
@@ -328,8 +337,9 @@ class Bench:
     def start_sandgate(self, name: str, isolation: str | None, port_range: str) -> Sandgate:
         data = self.tmp / f"{name}-data"
         env = {k: v for k, v in os.environ.items()
-               if k not in ("PORT", "GATEWAY_PORT", "GATEWAY_HOST", "DATABASE_URL")
+               if k not in ("PORT", "GATEWAY_PORT", "GATEWAY_HOST", "DATABASE_URL", "AUTH_ENABLED")
                and not k.startswith("SANDGATE_")}
+        env["SANDGATE_ADMIN_KEY"] = BENCH_KEY
         cmd = [str(self.args.sandgate_bin), "serve", "--port", "0", "--data-dir", str(data),
                "--port-range", port_range]
         if isolation:
@@ -369,15 +379,22 @@ class Bench:
         except OSError:
             return ""
 
-    def create_sandbox(self, sg: Sandgate, dev_server: bool) -> dict:
+    def create_sandbox(self, sg: Sandgate, dev_server: bool, public: bool = False) -> dict:
         body = {"runtime": "shell", "dev_server": dev_server}
         if dev_server:
             body["command"] = f"exec {self.args.fixture_bin}"
-        status, data = http_request(sg.port, "POST", "/sandboxes", body)
+        status, data = http_request(sg.port, "POST", "/sandboxes", body, headers=API_HEADERS)
         if status not in (200, 201):
             raise BenchError(f"{sg.name}: POST /sandboxes answered {status}: {data[:300]!r}")
         sb = json.loads(data)
         sg.sandboxes.append(sb["id"])
+        if public:
+            # Reached without a credential, as before authentication existed (builds without
+            # `PATCH` answer 404/405 and need none).
+            status, data = http_request(sg.port, "PATCH", f"/sandboxes/{sb['id']}", {"public": True},
+                                        headers=API_HEADERS)
+            if status not in (200, 404, 405):
+                raise BenchError(f"{sg.name}: PATCH /sandboxes answered {status}: {data[:300]!r}")
         return sb
 
     def delete_sandboxes(self, sg: Sandgate) -> None:
@@ -389,7 +406,8 @@ class Bench:
 
         def delete(i):
             try:
-                status, data = http_request(sg.port, "DELETE", f"/sandboxes/{i}", timeout=60)
+                status, data = http_request(sg.port, "DELETE", f"/sandboxes/{i}", headers=API_HEADERS,
+                                            timeout=60)
                 if status not in (200, 202, 204, 404):
                     failed.append(f"{i}: {status} {data[:200]!r}")
             except OSError as e:
@@ -400,10 +418,11 @@ class Bench:
         if failed:
             self.failure(f"deleting sandboxes of {sg.name}: {len(failed)} failed, e.g. {failed[0]}")
 
-    def start_fixture_sandbox(self, sg: Sandgate) -> tuple[str, int]:
-        """Creates the fixture sandbox; returns its id and the port clients name it by."""
+    def start_fixture_sandbox(self, sg: Sandgate, public: bool = True) -> tuple[str, int]:
+        """Creates a fixture sandbox (public: reached without a credential); returns its id and
+        the port clients name it by. The first one's process is `sg.fixture_pid`."""
         t0 = time.monotonic()
-        sb = self.create_sandbox(sg, dev_server=True)
+        sb = self.create_sandbox(sg, dev_server=True, public=public)
         sid, port = sb["id"], sb.get("allocated_port") or sb.get("port")
         log(f"{sg.name}: sandbox {sid} created in {1000 * (time.monotonic() - t0):.0f} ms; "
             f"port {port}{'' if sb.get('allocated_port') else ' (inside its own network namespace)'}")
@@ -433,6 +452,23 @@ class Bench:
         self.targets["direct"] = Target("direct", fport, proxy_pids=fixture)
         self.targets["sandgate-path"] = Target("sandgate-path", self.sg.port, prefix=f"/sandbox/{sid}",
                                                proxy_pids=sandgate)
+        if "sandgate-key" in a.targets:
+            # A second fixture sandbox, not public: every request carries the API key and the
+            # gateway verifies it (sandgate-path's sandbox needs no credential).
+            kid, kport = self.start_fixture_sandbox(self.sg, public=False)
+            wait_port(kport, 15)
+            deadline = time.monotonic() + 15
+            others: list[int] = []
+            while not others:
+                others = [c for c in descendants(self.sg.pid)
+                          if comm(c).startswith("sandgate-fixtur") and c != self.fixture_pid]
+                if not others and time.monotonic() > deadline:
+                    raise BenchError("cannot find the second fixture among sandgate's descendants")
+                time.sleep(0.05)
+            key_fixture = others[0]
+            self.targets["sandgate-key"] = Target("sandgate-key", self.sg.port, prefix=f"/sandbox/{kid}",
+                                                  proxy_pids=sandgate, upstream_pids=lambda: [key_fixture],
+                                                  headers=[f"X-API-Key: {BENCH_KEY}"])
         self.targets["sandgate-host"] = Target("sandgate-host", self.sg.port,
                                                host=f"{fport}-{sid}.localhost:{self.sg.port}",
                                                proxy_pids=sandgate)
@@ -468,6 +504,7 @@ class Bench:
 
     def check_target(self, t: Target) -> None:
         headers = {"Host": t.host} if t.host else {}
+        headers.update(h.split(": ", 1) for h in t.headers)
         last = None
         for _ in range(50):
             try:
@@ -571,7 +608,7 @@ class Bench:
     def wrk(self, target: Target, path: str, conns: int, seconds: int, headers=()) -> dict:
         cmd = self.client_prefix() + ["wrk", f"-t{self.args.wrk_threads}", f"-c{conns}", f"-d{seconds}s",
                                       "--timeout", "5s", "-s", str(WRK_LUA)]
-        for h in headers:
+        for h in list(headers) + target.headers:
             cmd += ["-H", h]
         if target.host:
             cmd += ["-H", f"Host: {target.host}"]
@@ -809,10 +846,10 @@ class Bench:
             if sc in ("ws-idle", "route"):
                 continue
             log(f"=== {sc}")
-            self.run_interleaved(sc, targets, self.args.rounds)
+            self.run_interleaved(sc, scenario_targets(sc, targets), self.args.rounds)
         if "ws-idle" in self.args.scenarios:
             log("=== ws-idle")
-            self.ws_idle(targets)
+            self.ws_idle(scenario_targets("ws-idle", targets))
         if "route" in self.args.scenarios and "sandgate-path" in targets:
             log("=== route")
             self.route()
@@ -1011,6 +1048,11 @@ def report(b: Bench, meta: dict) -> str:
                 f"(CPU ÷ upstream {fmt(sg['cpu_vs_upstream']['median'])} vs nginx's "
                 f"{fmt(ka['nginx']['figures']['cpu_vs_upstream']['median'])}).\n")
         out.append(head)
+    auth = auth_cost(res)
+    if auth:
+        out.append("**Authentication (an API key verified on every request, sandgate-key ÷ sandgate-path, "
+                   "medians of same-round ratios):** " + "; ".join(
+                       f"{sc}: CPU/request {fmt(r['cpu'])}×, req/s {fmt(r['rps'])}×" for sc, r in auth.items()) + ".\n")
 
     for sc, (title, cols) in COLUMNS.items():
         if sc not in res:
@@ -1076,6 +1118,24 @@ def report(b: Bench, meta: dict) -> str:
         out += [f"- {f}" for f in b.failures]
         out.append("")
     return "\n".join(out)
+
+
+def auth_cost(res: dict) -> dict:
+    """Per HTTP scenario: sandgate-key's CPU per request and req/s ÷ sandgate-path's, the median
+    of same-round ratios (the target of issue 14: CPU within 5%)."""
+    out = {}
+    for sc in HTTP_SCENARIOS:
+        key, path = res.get(sc, {}).get("sandgate-key"), res.get(sc, {}).get("sandgate-path")
+        if not key or not path:
+            continue
+        pairs = [(k, p) for k, p in zip(key.get("rounds", []), path.get("rounds", [])) if k and p]
+        if not pairs:
+            continue
+        out[sc] = {
+            "cpu": median([k["cpu_us_per_req"] / p["cpu_us_per_req"] for k, p in pairs]),
+            "rps": median([k["rps"] / p["rps"] for k, p in pairs]),
+        }
+    return out
 
 
 def sym_name(row: str) -> str:
@@ -1146,6 +1206,11 @@ def git_describe() -> str:
         return "?"
 
 
+def scenario_targets(scenario: str, targets: list[str]) -> list[str]:
+    """The targets a scenario measures: those that send headers of their own only over wrk."""
+    return [t for t in targets if scenario in HTTP_SCENARIOS or t not in HEADER_TARGETS]
+
+
 def check_complete(b: Bench) -> list[str]:
     """Every figure of every (scenario, target) present: what CI checks (never a speed)."""
     missing = []
@@ -1160,7 +1225,7 @@ def check_complete(b: Bench) -> list[str]:
                         missing.append(f"{key}/{t}")
             continue
         cols = COLUMNS[sc][1]
-        for t in targets:
+        for t in scenario_targets(sc, targets):
             figs = b.results.get(sc, {}).get(t, {}).get("figures", {})
             for m, _ in cols:
                 if figs.get(m, {}).get("median") is None and not (m == "cpu_vs_upstream" and t == "direct"):
