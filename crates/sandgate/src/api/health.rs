@@ -53,6 +53,12 @@ async fn proxy(State(state): State<AppState>) -> Json<Value> {
         "max_concurrent_requests": state.limits.max(),
         "max_requests_per_client": state.config.max_requests_per_client,
         "finished": state.limits.finished(),
+        "rate_limits": {
+            "per_key": state.config.rate_limit_per_key,
+            "per_sandbox": state.config.rate_limit_per_sandbox,
+            "max_connections_per_sandbox": state.config.max_connections_per_sandbox,
+            "tracked": state.rates.tracked(),
+        },
         "idle_upstream_connections": state.proxy.idle_upstreams(),
         "timeout_seconds": state.config.proxy_timeout.as_secs_f64(),
         "max_retries": state.config.max_retries,

@@ -10,7 +10,7 @@ pub mod pool;
 pub mod request_body;
 pub mod upgrade;
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,13 +119,13 @@ impl Proxy {
         self.body_timeout
     }
 
-    /// Forwards `req` to the granted target over `upstream`, holding `admission` until the
-    /// response (or upgraded stream) ends. Errors are the gateway's own and are rendered by
-    /// the caller.
+    /// Forwards `req` from `client` (the address the request policy resolved) to the granted
+    /// target over `upstream`, holding `admission` until the response (or upgraded stream)
+    /// ends. Errors are the gateway's own and are rendered by the caller.
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
-        client: SocketAddr,
+        client: IpAddr,
         target: Target,
         upstream: Upstream,
         upgrade: bool,
@@ -346,7 +346,7 @@ pub(crate) fn upstream_error(sb: &Sandbox, port: u16, e: SendError) -> Error {
 fn upstream_request(
     parts: &http::request::Parts,
     body: ClientBody,
-    client: SocketAddr,
+    client: IpAddr,
     target: &Target,
     upstream: Upstream,
     public_host: Option<&HeaderValue>,
@@ -377,7 +377,7 @@ fn upstream_request(
     let fields = headers::upstream_request_headers(
         &parts.headers,
         &headers::Forwarded {
-            client_ip: client.ip(),
+            client_ip: client,
             proto: "http",
             host: public_host,
             prefix: target.prefix.as_ref(),

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::common::{Client, Lane, SpawnedGateway, TestGateway};
 
 /// The configured owner key of these tests' gateways (`SANDGATE_ADMIN_KEY`).
-const ADMIN: &str = "test-owner-key-0123456789abcdefghijklmnop";
+pub(crate) const ADMIN: &str = "test-owner-key-0123456789abcdefghijklmnop";
 
 async fn gateway(lane: Lane) -> TestGateway {
     TestGateway::builder()
@@ -23,7 +23,7 @@ async fn gateway(lane: Lane) -> TestGateway {
 }
 
 /// Creates `team` (as the owner) and a key of `role` in it; returns the key.
-async fn key(gw: &Client, team: &str, role: &str) -> String {
+pub(crate) async fn key(gw: &Client, team: &str, role: &str) -> String {
     let owner = gw.with_key(ADMIN);
     let r = owner
         .post("/teams")

@@ -16,6 +16,7 @@ mod idle;
 mod isolation;
 mod layers;
 mod lifecycle;
+mod limits;
 mod policy;
 mod proxy;
 mod restart;

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::io::BufRead;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Deref;
 use std::path::Path;
 use std::process::Stdio;
@@ -90,6 +90,19 @@ where
 // ---------------------------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------------------------
+
+/// Waits until `/health/proxy` counts `n` forwarded requests in flight.
+pub async fn wait_in_flight(gw: &Client, n: u64) {
+    eventually(
+        READY_TIMEOUT,
+        &format!("{n} requests are in flight"),
+        || async {
+            let v = gw.get("/health/proxy").send().await.json();
+            (v["in_flight"] == n).then_some(())
+        },
+    )
+    .await
+}
 
 /// Kernel start time of `pid` (`/proc/<pid>/stat` field 22), if it exists (zombies included).
 pub fn start_time(pid: i32) -> Option<u64> {
@@ -219,9 +232,25 @@ impl PidRegistry {
 // HTTP client
 // ---------------------------------------------------------------------------------------------
 
-/// Sends one request on a fresh HTTP/1.1 connection to `addr`.
+/// Connects to `addr`, from the local address `from` if given (any address in 127.0.0.0/8
+/// is this machine, so tests can be several clients).
+pub async fn connect(addr: SocketAddr, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(local) = from else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = match local {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    socket.connect(addr).await
+}
+
+/// Sends one request on a fresh HTTP/1.1 connection to `addr`, from the local address `from`
+/// if given.
 pub async fn send_request<B>(
     addr: SocketAddr,
+    from: Option<IpAddr>,
     req: Request<B>,
 ) -> Result<Response<Incoming>, String>
 where
@@ -229,7 +258,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = TcpStream::connect(addr)
+    let stream = connect(addr, from)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -351,6 +380,8 @@ impl Reply {
 /// A request under construction; `Host` defaults to the gateway's address.
 pub struct Req {
     addr: SocketAddr,
+    /// The local address to connect from (default: the system's choice, 127.0.0.1).
+    from: Option<IpAddr>,
     /// Sent as `X-API-Key` unless the request names a credential of its own.
     key: Option<String>,
     method: Method,
@@ -363,6 +394,7 @@ impl Req {
     pub fn new(addr: SocketAddr, method: Method, path: &str) -> Req {
         Req {
             addr,
+            from: None,
             key: None,
             method,
             path: path.to_string(),
@@ -412,7 +444,8 @@ impl Req {
     /// The response head; the body is left to the caller to stream.
     pub async fn send_streaming(self) -> Response<Incoming> {
         let what = format!("{} {}", self.method, self.path);
-        tokio::time::timeout(REQUEST_TIMEOUT, send_request(self.addr, self.build()))
+        let sent = send_request(self.addr, self.from, self.build());
+        tokio::time::timeout(REQUEST_TIMEOUT, sent)
             .await
             .unwrap_or_else(|_| panic!("{what}: no response head within {REQUEST_TIMEOUT:?}"))
             .unwrap_or_else(|e| panic!("{what}: {e}"))
@@ -422,7 +455,7 @@ impl Req {
     pub async fn try_send(self) -> Result<Reply, String> {
         let what = format!("{} {}", self.method, self.path);
         let exchange = async {
-            let resp = send_request(self.addr, self.build()).await?;
+            let resp = send_request(self.addr, self.from, self.build()).await?;
             Reply::read(resp).await
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)
@@ -511,6 +544,8 @@ pub struct Client {
     pub pids: PidRegistry,
     /// The API key every request carries (`X-API-Key`), if any.
     pub key: Option<String>,
+    /// The local address every connection comes from (default: the system's choice).
+    pub from: Option<IpAddr>,
 }
 
 impl Client {
@@ -519,6 +554,15 @@ impl Client {
             addr,
             pids,
             key: None,
+            from: None,
+        }
+    }
+
+    /// This client, connecting from the local address `from` (e.g. `127.0.0.2`).
+    pub fn connecting_from(&self, from: &str) -> Client {
+        Client {
+            from: Some(from.parse().expect("an IP address")),
+            ..self.clone()
         }
     }
 
@@ -537,6 +581,7 @@ impl Client {
     pub fn req(&self, method: Method, path: &str) -> Req {
         let mut r = Req::new(self.addr, method, path);
         r.key = self.key.clone();
+        r.from = self.from;
         r
     }
 
@@ -670,7 +715,7 @@ impl Client {
             req.headers_mut()
                 .insert("x-api-key", HeaderValue::from_str(key).expect("key"));
         }
-        let stream = TcpStream::connect(self.addr).await.expect("connect");
+        let stream = connect(self.addr, self.from).await.expect("connect");
         let (ws, resp) = tokio::time::timeout(
             REQUEST_TIMEOUT,
             tokio_tungstenite::client_async(req, stream),
@@ -736,6 +781,7 @@ pub struct GatewayBuilder {
     ports: u16,
     isolation: Isolation,
     tweaks: Vec<Tweak>,
+    from: Option<IpAddr>,
 }
 
 impl GatewayBuilder {
@@ -757,6 +803,12 @@ impl GatewayBuilder {
         self.config(move |c| c.fast_lane = lane == Lane::Fast)
     }
 
+    /// The local address the gateway's `Client` (and its readiness probe) connects from.
+    pub fn client_from(mut self, from: &str) -> GatewayBuilder {
+        self.from = Some(from.parse().expect("an IP address"));
+        self
+    }
+
     /// Changes the configuration before the gateway starts.
     pub fn config(mut self, f: impl FnOnce(&mut Config) + Send + 'static) -> GatewayBuilder {
         self.tweaks.push(Box::new(f));
@@ -770,8 +822,11 @@ impl GatewayBuilder {
         config.port = 0;
         config.port_range = lo..=lo + self.ports - 1;
         config.isolation = self.isolation;
-        // Authentication is its own suite (`auth`); the others talk to an open gateway.
+        // Authentication is its own suite (`auth`); the others talk to an open gateway. The
+        // throttle on refused credentials is `limits`'s to test: a suite that walks many bad
+        // credentials from 127.0.0.1 would otherwise meet it.
         config.auth_enabled = false;
+        config.auth_failures_per_minute = None;
         for tweak in self.tweaks {
             tweak(&mut config);
         }
@@ -807,7 +862,8 @@ impl GatewayBuilder {
                 })
                 .expect("spawn the gateway thread");
         }
-        let client = Client::new(addr, PidRegistry::default());
+        let mut client = Client::new(addr, PidRegistry::default());
+        client.from = self.from;
         let gw = TestGateway {
             client,
             config,
@@ -853,6 +909,7 @@ impl TestGateway {
             ports: PORTS_PER_GATEWAY,
             isolation: Isolation::None,
             tweaks: Vec::new(),
+            from: None,
         }
     }
 
