@@ -100,6 +100,7 @@ impl Limits {
             counter: counter as u32,
             holds_slots: true,
             upgraded: false,
+            answered: false,
             in_use,
         })
     }
@@ -168,6 +169,8 @@ pub struct Admission<L: Deref<Target = Limits>, A: Deref<Target = Activity> = Ar
     counter: u32,
     holds_slots: bool,
     upgraded: bool,
+    /// Never forwarded after all (a sandbox that did not wake): finished as answered.
+    answered: bool,
     in_use: InUse<A>,
 }
 
@@ -180,6 +183,12 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
     pub fn upgraded(&mut self) {
         self.release_slots();
         self.upgraded = true;
+    }
+
+    /// The request was answered by the gateway after all (its sandbox did not wake): its
+    /// slots are returned and it finishes as answered, not forwarded.
+    pub fn answered(mut self) {
+        self.answered = true;
     }
 
     /// The sandbox's activity (an upgraded stream touches it on traffic).
@@ -198,7 +207,9 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
 impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Drop for Admission<L, A> {
     fn drop(&mut self) {
         self.release_slots();
-        self.limits.count(if self.upgraded {
+        self.limits.count(if self.answered {
+            Finished::Answered
+        } else if self.upgraded {
             Finished::Upgraded
         } else {
             Finished::Forwarded
@@ -266,6 +277,33 @@ mod tests {
         assert!(!e.busy());
         let f = limits.finished();
         assert_eq!((f.forwarded, f.upgraded), (1, 1));
+    }
+
+    #[test]
+    fn a_sandbox_connection_cap_refuses_without_counting() {
+        let (_routes, e) = entry();
+        let a = e.try_in_use(2).unwrap();
+        let b = e.try_in_use_scoped(2).unwrap();
+        assert!(e.try_in_use_scoped(2).is_none());
+        assert!(e.try_in_use(2).is_none());
+        drop(a);
+        // The refusals took nothing: one place is free again, then none.
+        let c = e.try_in_use_scoped(2).unwrap();
+        assert!(e.try_in_use(2).is_none());
+        drop((b, c));
+        assert!(!e.busy());
+        let limits = Limits::new(1, 1, 1);
+        let d = Limits::admit(
+            &limits,
+            ip("10.0.0.1"),
+            e.try_in_use_scoped(usize::MAX).unwrap(),
+        );
+        let d = d.unwrap();
+        // An admitted request that ends up answered (its sandbox did not wake).
+        d.answered();
+        let f = limits.finished();
+        assert_eq!((f.forwarded, f.answered, limits.in_flight()), (0, 1, 0));
+        assert!(!e.busy());
     }
 
     /// Threads racing for the slots never take more than the cap, and never fewer while

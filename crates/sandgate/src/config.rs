@@ -156,6 +156,33 @@ pub struct ServeArgs {
     /// (default true). `false` is allowed only when the gateway listens on a loopback address.
     #[arg(long, env = "AUTH_ENABLED")]
     pub auth_enabled: Option<bool>,
+    /// Requests per second one API key (or token subject) may make, API and proxy together
+    /// (fractions allowed); 0 or unset: no limit.
+    #[arg(long, env = "SANDGATE_RATE_LIMIT_PER_KEY")]
+    pub rate_limit_per_key: Option<f64>,
+    /// Requests per second one sandbox may receive through the proxy; 0 or unset: no limit.
+    #[arg(long, env = "SANDGATE_RATE_LIMIT_PER_SANDBOX")]
+    pub rate_limit_per_sandbox: Option<f64>,
+    /// Requests of each rate limit that may arrive at once (default: one second's worth).
+    #[arg(long, env = "SANDGATE_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+    /// Proxied requests and upgraded streams open at once to one sandbox; 0 or unset: no cap.
+    #[arg(long, env = "SANDGATE_MAX_CONNECTIONS_PER_SANDBOX")]
+    pub max_connections_per_sandbox: Option<usize>,
+    /// Refused credentials per minute from one client address (after the burst) before its
+    /// requests get 429 without being checked; 0 turns the throttle off.
+    #[arg(long, env = "SANDGATE_AUTH_FAILURES_PER_MINUTE")]
+    pub auth_failures_per_minute: Option<f64>,
+    /// Refused credentials from one address that may come at once before the throttle bites.
+    #[arg(long, env = "SANDGATE_AUTH_FAILURE_BURST")]
+    pub auth_failure_burst: Option<u32>,
+    /// Client address ranges (CIDR, comma-separated) the gateway serves; others get 403
+    /// `AUTH_004`. Unset: every address.
+    #[arg(long, env = "SANDGATE_ALLOWED_IPS", value_delimiter = ',')]
+    pub allowed_ips: Option<Vec<String>>,
+    /// Proxy address ranges (CIDR, comma-separated) whose `X-Forwarded-For` is believed.
+    #[arg(long, env = "SANDGATE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
     /// The `default` team's owner key (at least 32 characters), instead of one generated on
     /// the first start into `<data-dir>/admin.key`. Environment only, so it never shows in
     /// `ps`.
@@ -233,6 +260,16 @@ struct FileConfig {
     jwt_team_claim: Option<String>,
     jwt_role_claim: Option<String>,
     audit_retention_days: Option<u32>,
+    rate_limit_per_key: Option<f64>,
+    rate_limit_per_sandbox: Option<f64>,
+    rate_limit_burst: Option<u32>,
+    max_connections_per_sandbox: Option<usize>,
+    auth_failures_per_minute: Option<f64>,
+    auth_failure_burst: Option<u32>,
+    allowed_ips: Option<Vec<Cidr>>,
+    trusted_proxies: Option<Vec<Cidr>>,
+    #[serde(default)]
+    teams: BTreeMap<String, TeamConfig>,
     #[serde(default)]
     runtimes: BTreeMap<String, RuntimeConfig>,
     #[serde(default)]
@@ -261,6 +298,115 @@ pub struct DockerConfig {
     pub limits: Limits,
     /// Docker network containers join (default: the engine's default bridge).
     pub network: Option<String>,
+}
+
+/// `[teams.<name>]` in the configuration file: a team's own limits and address rules, each
+/// overriding the global setting of the same name (a rate or cap of 0: none for this team).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TeamConfig {
+    pub rate_limit_per_key: Option<f64>,
+    pub rate_limit_per_sandbox: Option<f64>,
+    pub rate_limit_burst: Option<u32>,
+    pub max_connections_per_sandbox: Option<usize>,
+    /// Where this team's credentials are accepted from, within the global `allowed_ips`.
+    pub allowed_ips: Option<Vec<Cidr>>,
+}
+
+/// An address range in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`); a bare address is a
+/// range of one. Host bits are cleared (`192.168.1.7/24` is `192.168.1.0/24`), and an
+/// IPv4-mapped IPv6 range is the IPv4 range it maps (client addresses are compared in
+/// their canonical form, `IpAddr::to_canonical`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` (in its canonical form) lies in this range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                mask(u32::from(ip).into(), 32, self.len) == u32::from(net).into()
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                mask(u128::from(ip), 128, self.len) == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `bits` with all but the first `len` of its `width` bits cleared.
+fn mask(bits: u128, width: u8, len: u8) -> u128 {
+    let host = width - len;
+    if host >= 128 {
+        0
+    } else {
+        bits >> host << host
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let s = s.trim();
+        let bad = || {
+            format!("{s:?} is not an IP address or CIDR range (like 10.0.0.0/8 or 2001:db8::/32)")
+        };
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let width = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|&l| l <= width)
+                .ok_or_else(bad)?,
+            None => width,
+        };
+        let (addr, len, width) = match addr {
+            IpAddr::V6(v6) if len >= 96 && v6.to_ipv4_mapped().is_some() => {
+                (IpAddr::V6(v6).to_canonical(), len - 96, 32)
+            }
+            other => (other, len, width),
+        };
+        let net = match addr {
+            IpAddr::V4(v4) => {
+                IpAddr::from(std::net::Ipv4Addr::from(
+                    mask(u32::from(v4).into(), width, len) as u32,
+                ))
+            }
+            IpAddr::V6(v6) => {
+                IpAddr::from(std::net::Ipv6Addr::from(mask(u128::from(v6), width, len)))
+            }
+        };
+        Ok(Cidr { net, len })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.len)
+    }
+}
+
+impl std::fmt::Debug for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Cidr, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// The merged, validated configuration.
@@ -299,10 +445,10 @@ pub struct Config {
     /// Every request needs a credential.
     pub auth_enabled: bool,
     /// A configured owner key for the `default` team (`SANDGATE_ADMIN_KEY`).
-    pub admin_key: Option<String>,
+    pub admin_key: Option<Secret>,
     pub auth_provider: AuthProvider,
     /// HS256 secret of minted tokens (`TOKEN_SECRET`; else one generated into the store).
-    pub token_secret: Option<String>,
+    pub token_secret: Option<Secret>,
     /// Lifetime of minted tokens, in seconds.
     pub auth_token_expiry: u64,
     pub jwt: JwtConfig,
@@ -310,6 +456,24 @@ pub struct Config {
     pub audit_retention_days: Option<u32>,
     /// `Some`: the listener speaks TLS only (`crate::tls`); `None`: plain HTTP.
     pub tls: Option<TlsFiles>,
+    /// Requests per second per API key or token subject (`None`: no limit).
+    pub rate_limit_per_key: Option<f64>,
+    /// Requests per second per sandbox, through the proxy (`None`: no limit).
+    pub rate_limit_per_sandbox: Option<f64>,
+    /// Requests of each rate that may come at once (`None`: one second's worth).
+    pub rate_limit_burst: Option<u32>,
+    /// Proxied requests and upgraded streams open at once per sandbox (`None`: no cap).
+    pub max_connections_per_sandbox: Option<usize>,
+    /// Refused credentials per minute per client address (`None`: no throttle).
+    pub auth_failures_per_minute: Option<f64>,
+    /// Refused credentials from one address that may come at once.
+    pub auth_failure_burst: u32,
+    /// Client addresses served (empty: every address).
+    pub allowed_ips: Vec<Cidr>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Per-team overrides (`[teams.<name>]`).
+    pub teams: BTreeMap<String, TeamConfig>,
     pub runtimes: BTreeMap<String, RuntimeConfig>,
     pub docker: DockerConfig,
 }
@@ -322,6 +486,29 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// PEM private key of that certificate.
     pub key: PathBuf,
+}
+
+/// A secret from the environment: shown as `<redacted>` by `Debug` (`--check-config` prints
+/// the configuration), read with `expose`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Secret {
+        Secret(s.to_string())
+    }
 }
 
 /// Credentials accepted besides API keys.
@@ -396,6 +583,15 @@ impl Config {
             },
             audit_retention_days: Some(90),
             tls: None,
+            rate_limit_per_key: None,
+            rate_limit_per_sandbox: None,
+            rate_limit_burst: None,
+            max_connections_per_sandbox: None,
+            auth_failures_per_minute: Some(10.0),
+            auth_failure_burst: 5,
+            allowed_ips: Vec::new(),
+            trusted_proxies: Vec::new(),
+            teams: BTreeMap::new(),
             runtimes: BTreeMap::new(),
             docker: DockerConfig::default(),
         }
@@ -498,6 +694,42 @@ impl Config {
                     .into(),
             )),
         };
+        // A rate or cap of 0 is "none" (a team's 0 overrides a global value: kept as is).
+        c.rate_limit_per_key = args
+            .rate_limit_per_key
+            .or(file.rate_limit_per_key)
+            .filter(|&r| r != 0.0);
+        c.rate_limit_per_sandbox = args
+            .rate_limit_per_sandbox
+            .or(file.rate_limit_per_sandbox)
+            .filter(|&r| r != 0.0);
+        c.rate_limit_burst = args.rate_limit_burst.or(file.rate_limit_burst);
+        c.max_connections_per_sandbox = args
+            .max_connections_per_sandbox
+            .or(file.max_connections_per_sandbox)
+            .filter(|&n| n != 0);
+        if let Some(r) = args
+            .auth_failures_per_minute
+            .or(file.auth_failures_per_minute)
+        {
+            c.auth_failures_per_minute = Some(r).filter(|&r| r != 0.0);
+        }
+        c.auth_failure_burst = args
+            .auth_failure_burst
+            .or(file.auth_failure_burst)
+            .unwrap_or(c.auth_failure_burst);
+        if file.allowed_ips.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ConfigError::Invalid(
+                "allowed_ips = [] would refuse every address; leave it out to allow any".into(),
+            ));
+        }
+        c.allowed_ips = cidr_list("SANDGATE_ALLOWED_IPS", &args.allowed_ips)?
+            .or(file.allowed_ips)
+            .unwrap_or_default();
+        c.trusted_proxies = cidr_list("SANDGATE_TRUSTED_PROXIES", &args.trusted_proxies)?
+            .or(file.trusted_proxies)
+            .unwrap_or_default();
+        c.teams = file.teams;
         c.runtimes = file.runtimes;
         c.docker = file.docker;
         c.auth_enabled = args.auth_enabled.or(file.auth_enabled).unwrap_or(true);
@@ -505,12 +737,13 @@ impl Config {
             .admin_key
             .clone()
             .or_else(|| env("SANDGATE_ADMIN_KEY"))
-            .filter(|k| !k.is_empty());
+            .filter(|k| !k.is_empty())
+            .map(Secret);
         c.auth_provider = args
             .auth_provider
             .or(file.auth_provider)
             .unwrap_or(c.auth_provider);
-        c.token_secret = env("TOKEN_SECRET").filter(|k| !k.is_empty());
+        c.token_secret = env("TOKEN_SECRET").filter(|k| !k.is_empty()).map(Secret);
         c.auth_token_expiry = args
             .auth_token_expiry
             .or(file.auth_token_expiry)
@@ -630,7 +863,11 @@ impl Config {
         if !(60..=30 * 24 * 3600).contains(&self.auth_token_expiry) {
             return bad("AUTH_TOKEN_EXPIRY must be from 60 seconds to 30 days".into());
         }
-        if self.token_secret.as_ref().is_some_and(|s| s.len() < 32) {
+        if self
+            .token_secret
+            .as_ref()
+            .is_some_and(|s| s.expose().len() < 32)
+        {
             return bad("TOKEN_SECRET must be at least 32 bytes".into());
         }
         if self.jwt.public_key.is_some() && self.jwt.jwks.is_some() {
@@ -643,7 +880,53 @@ impl Config {
                 "an identity provider's key is configured but AUTH_PROVIDER=api_key".into(),
             );
         }
-        if let Some(key) = &self.admin_key {
+        let rate = |name: &str, r: Option<f64>| match r {
+            Some(r) if !r.is_finite() || !(0.0..=1e6).contains(&r) => Err(ConfigError::Invalid(
+                format!("{name} must be a number from 0 (no limit) to 1000000, got {r}"),
+            )),
+            _ => Ok(()),
+        };
+        let burst = |name: &str, b: Option<u32>| match b {
+            Some(b) if !(1..=1_000_000).contains(&b) => Err(ConfigError::Invalid(format!(
+                "{name} must be from 1 to 1000000, got {b}"
+            ))),
+            _ => Ok(()),
+        };
+        rate("SANDGATE_RATE_LIMIT_PER_KEY", self.rate_limit_per_key)?;
+        rate(
+            "SANDGATE_RATE_LIMIT_PER_SANDBOX",
+            self.rate_limit_per_sandbox,
+        )?;
+        rate(
+            "SANDGATE_AUTH_FAILURES_PER_MINUTE",
+            self.auth_failures_per_minute,
+        )?;
+        burst("SANDGATE_RATE_LIMIT_BURST", self.rate_limit_burst)?;
+        burst("SANDGATE_AUTH_FAILURE_BURST", Some(self.auth_failure_burst))?;
+        for (name, team) in &self.teams {
+            if !crate::model::valid_label(name) {
+                return bad(format!("[teams.{name}]: a team name is a lowercase label"));
+            }
+            rate(
+                &format!("[teams.{name}] rate_limit_per_key"),
+                team.rate_limit_per_key,
+            )?;
+            rate(
+                &format!("[teams.{name}] rate_limit_per_sandbox"),
+                team.rate_limit_per_sandbox,
+            )?;
+            burst(
+                &format!("[teams.{name}] rate_limit_burst"),
+                team.rate_limit_burst,
+            )?;
+            if team.allowed_ips.as_ref().is_some_and(Vec::is_empty) {
+                return bad(format!(
+                    "[teams.{name}] allowed_ips = [] would refuse every address; leave it out \
+                     to allow any"
+                ));
+            }
+        }
+        if let Some(key) = self.admin_key.as_ref().map(Secret::expose) {
             if !(32..=256).contains(&key.len())
                 || !key.bytes().all(|b| b.is_ascii_graphic() && b != b',')
             {
@@ -679,6 +962,24 @@ impl Config {
             None => "http",
         }
     }
+}
+
+/// A comma-separated list of CIDR ranges from a flag or variable; empty items are skipped,
+/// and a list with none (an empty variable) is as good as unset.
+fn cidr_list(name: &str, items: &Option<Vec<String>>) -> Result<Option<Vec<Cidr>>, ConfigError> {
+    let Some(items) = items else {
+        return Ok(None);
+    };
+    let list = items
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse()
+                .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))
+        })
+        .collect::<Result<Vec<Cidr>, _>>()?;
+    Ok(Some(list).filter(|l| !l.is_empty()))
 }
 
 /// Trimmed, lowercased, without empty items.
@@ -889,6 +1190,104 @@ mod tests {
         let files = Config::load(&args, no_env).unwrap().tls.unwrap();
         assert_eq!(files.cert, PathBuf::from("a.pem"));
         assert_eq!(files.key, PathBuf::from("key.pem"));
+    }
+
+    #[test]
+    fn cidr_ranges_parse_and_match() {
+        let c = |s: &str| s.parse::<Cidr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(c("10.0.0.0/8").contains(ip("10.255.1.2")));
+        assert!(!c("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert_eq!(c("192.168.1.7/24").to_string(), "192.168.1.0/24");
+        assert_eq!(c(" 127.0.0.2 ").to_string(), "127.0.0.2/32");
+        assert!(c("127.0.0.2").contains(ip("::ffff:127.0.0.2")));
+        assert!(!c("127.0.0.2").contains(ip("127.0.0.3")));
+        assert!(c("0.0.0.0/0").contains(ip("203.0.113.9")));
+        assert!(!c("0.0.0.0/0").contains(ip("::1")));
+        assert!(c("2001:db8::/32").contains(ip("2001:db8:ffff::1")));
+        assert!(!c("2001:db8::/32").contains(ip("2001:db9::1")));
+        assert!(c("::/0").contains(ip("::1")));
+        assert_eq!(c("::ffff:10.0.0.0/104").to_string(), "10.0.0.0/8");
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "example.com",
+            "10.0.0.0/-1",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn rate_limits_allowlists_and_teams_from_file_env_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "rate_limit_per_key = 5\nallowed_ips = [\"10.0.0.0/8\"]\n\
+             [teams.acme]\nrate_limit_per_key = 0\nmax_connections_per_sandbox = 3\n\
+             allowed_ips = [\"192.0.2.0/24\", \"2001:db8::1\"]\n",
+        )
+        .unwrap();
+        let mut args = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let c = Config::load(&args, no_env).unwrap();
+        assert_eq!(c.rate_limit_per_key, Some(5.0));
+        assert_eq!(c.rate_limit_per_sandbox, None);
+        assert_eq!(c.auth_failures_per_minute, Some(10.0));
+        assert_eq!(c.allowed_ips, vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]);
+        let acme = &c.teams["acme"];
+        assert_eq!(acme.rate_limit_per_key, Some(0.0));
+        assert_eq!(acme.max_connections_per_sandbox, Some(3));
+        assert_eq!(acme.allowed_ips.as_ref().unwrap().len(), 2);
+        // Flags (and their environment variables) beat the file; 0 turns a limit off.
+        args.rate_limit_per_key = Some(0.0);
+        args.auth_failures_per_minute = Some(0.0);
+        args.trusted_proxies = Some(vec!["127.0.0.1".into(), " ".into()]);
+        args.allowed_ips = Some(vec![String::new()]);
+        let c = Config::load(&args, no_env).unwrap();
+        assert_eq!(c.rate_limit_per_key, None);
+        assert_eq!(c.auth_failures_per_minute, None);
+        assert_eq!(c.trusted_proxies.len(), 1);
+        // An empty list from the environment is unset: the file's list stands.
+        assert_eq!(c.allowed_ips.len(), 1);
+        args.allowed_ips = Some(vec!["10.0.0.0/8".into(), "nonsense".into()]);
+        let err = Config::load(&args, no_env).unwrap_err().to_string();
+        assert!(
+            err.contains("SANDGATE_ALLOWED_IPS") && err.contains("nonsense"),
+            "{err}"
+        );
+        for (text, needle) in [
+            ("rate_limit_per_key = -1\n", "SANDGATE_RATE_LIMIT_PER_KEY"),
+            ("rate_limit_burst = 0\n", "SANDGATE_RATE_LIMIT_BURST"),
+            ("allowed_ips = []\n", "allowed_ips"),
+            ("allowed_ips = [\"10.0.0.0/40\"]\n", "10.0.0.0/40"),
+            ("[teams.Acme]\nrate_limit_per_key = 1\n", "lowercase label"),
+            (
+                "[teams.acme]\nallowed_ips = []\n",
+                "[teams.acme] allowed_ips",
+            ),
+            (
+                "[teams.acme]\nrate_limit_per_sandbox = 1e9\n",
+                "rate_limit_per_sandbox",
+            ),
+            (
+                "[teams.acme]\nmax_conections_per_sandbox = 1\n",
+                "max_conections",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let args = ServeArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            };
+            let err = Config::load(&args, no_env).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -85,6 +85,15 @@ pub enum Error {
     Forbidden(String),
     #[error("requests from this address are not allowed")]
     AddressNotAllowed,
+    /// Over a rate limit or a connection cap (`crate::rates`): `limit` requests (at once, or
+    /// per `window` seconds), and when to try again.
+    #[error("{what}; retry in {retry_after} s")]
+    RateLimited {
+        what: &'static str,
+        limit: u32,
+        window: Option<u64>,
+        retry_after: u64,
+    },
     #[error("no API key {0:?}")]
     KeyNotFound(String),
     #[error("no team {0:?}")]
@@ -136,6 +145,7 @@ impl Error {
             BadCredential(_) => (StatusCode::UNAUTHORIZED, "AUTH_001"),
             Forbidden(_) => (StatusCode::FORBIDDEN, "AUTH_003"),
             AddressNotAllowed => (StatusCode::FORBIDDEN, "AUTH_004"),
+            RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             KeyNotFound(_) => (StatusCode::NOT_FOUND, "key_not_found"),
             TeamNotFound(_) => (StatusCode::NOT_FOUND, "team_not_found"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -153,6 +163,15 @@ impl Error {
             }
             Error::Unauthenticated => Some(HOW_TO_AUTHENTICATE.into()),
             Error::BadCredential(why) => Some((*why).into()),
+            Error::AddressNotAllowed => {
+                Some("the gateway's allowed_ips (or your team's) do not include it".into())
+            }
+            Error::RateLimited {
+                limit,
+                window: Some(w),
+                ..
+            } => Some(format!("at most {limit} in {w} s")),
+            Error::RateLimited { limit, .. } => Some(format!("at most {limit} at once")),
             _ => None,
         }
     }
@@ -171,6 +190,7 @@ impl Error {
             Error::Overloaded | Error::ClientOverloaded => Some(1),
             Error::Starting(_) => Some(2),
             Error::PortsExhausted(_) => Some(30),
+            Error::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -214,7 +234,35 @@ impl Error {
         if let Some(c) = self.challenge() {
             h.insert(WWW_AUTHENTICATE, HeaderValue::from_static(c));
         }
+        if let Error::RateLimited {
+            limit,
+            window,
+            retry_after,
+            ..
+        } = self
+        {
+            rate_limit_fields(h, *limit, *window, *retry_after);
+        }
         resp
+    }
+}
+
+/// The fields of draft-ietf-httpapi-ratelimit-headers-06 (the last revision with separate
+/// `RateLimit-Limit`, `-Remaining` and `-Reset` fields; -07 merged them into `RateLimit`) on a
+/// 429: the requests the policy allows at once, none left, the seconds until the next one is
+/// (the same as `Retry-After`), and the policy (`{limit};w={seconds}`) when it is a rate.
+fn rate_limit_fields(h: &mut HeaderMap, limit: u32, window: Option<u64>, reset: u64) {
+    h.insert("ratelimit-limit", HeaderValue::from(limit));
+    h.insert("ratelimit-remaining", HeaderValue::from_static("0"));
+    h.insert("ratelimit-reset", HeaderValue::from(reset));
+    if let Some(w) = window {
+        let mut policy = String::with_capacity(24);
+        policy.push_str(itoa::Buffer::new().format(limit));
+        policy.push_str(";w=");
+        policy.push_str(itoa::Buffer::new().format(w));
+        if let Ok(v) = HeaderValue::from_str(&policy) {
+            h.insert("ratelimit-policy", v);
+        }
     }
 }
 
@@ -293,6 +341,31 @@ mod tests {
         assert_eq!(v["error"]["code"], "sandbox_not_running");
         assert!(v["error"]["message"].as_str().unwrap().contains("stopped"));
         assert_eq!(v["error"]["details"], "status: stopped");
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_after_and_the_ratelimit_fields() {
+        let resp = Error::RateLimited {
+            what: "too many requests with this credential",
+            limit: 10,
+            window: Some(2),
+            retry_after: 1,
+        }
+        .to_response(false);
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        let h = resp.headers();
+        assert_eq!(h[ERROR_HEADER], "rate_limited");
+        assert_eq!(h[RETRY_AFTER], "1");
+        assert_eq!(h["ratelimit-limit"], "10");
+        assert_eq!(h["ratelimit-remaining"], "0");
+        assert_eq!(h["ratelimit-reset"], "1");
+        assert_eq!(h["ratelimit-policy"], "10;w=2");
+        let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(v["error"]["code"], "rate_limited");
+        assert_eq!(v["error"]["details"], "at most 10 in 2 s");
+        let resp = Error::AddressNotAllowed.to_response(false);
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(resp.headers()[ERROR_HEADER], "AUTH_004");
     }
 
     #[test]

@@ -32,6 +32,7 @@ impl Gateway {
             state.routes.clone(),
             state.manager.clone(),
             state.limits.clone(),
+            state.rates.clone(),
             &state.config,
         );
         let mut http = auto::Builder::new(TokioExecutor::new());

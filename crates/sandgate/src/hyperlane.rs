@@ -4,7 +4,7 @@
 //! goes through the same policy as in the fast lane ([`crate::policy`]).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,8 +81,9 @@ impl Gateway {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<GatewayBody>, Infallible> {
-        let (decision, html) = {
+        let (decision, html, client) = {
             let facts = policy::facts(req.method().as_str(), req.headers());
+            let client = self.policy.client(peer.ip(), &facts);
             let head = Head {
                 method: req.method().as_str(),
                 authority: req.uri().authority().map(|a| a.as_str()),
@@ -90,19 +91,24 @@ impl Gateway {
                 path: req.uri().path(),
                 query: req.uri().query(),
                 peer: peer.ip(),
+                client,
                 facts: &facts,
             };
-            (self.policy.check(&head), facts.html)
+            (self.policy.check(&head), facts.html, client)
         };
         let version = req.version();
         // An error answered while the request's body may be unread ends the connection (as in
         // the fast lane): what is left of it cannot be told from the next request.
         let mut close = !http_body::Body::is_end_stream(req.body());
         let resp = match decision {
-            Decision::Proxy(grant) => self.forward(req, peer, grant).await,
+            Decision::Proxy(grant) => self.forward(req, client, grant).await,
             Decision::Api(principal) => {
                 let mut req = req;
                 if let Some(p) = principal {
+                    if let Err(e) = self.policy.admit_api(&p) {
+                        self.policy.answered();
+                        return Ok(error_response(&e, html, version, close));
+                    }
                     req.extensions_mut().insert(p);
                 }
                 req.extensions_mut()
@@ -143,7 +149,7 @@ impl Gateway {
                 Ok(r)
             }
             Decision::Deny(e) => {
-                self.policy.refused(&e, peer.ip());
+                self.policy.refused(&e, client);
                 Err(e)
             }
         };
@@ -153,34 +159,48 @@ impl Gateway {
         }))
     }
 
-    /// Wakes the sandbox if it sleeps, admits the request and forwards it.
+    /// Admits the request from `client`, wakes the sandbox if it sleeps, and forwards it.
     async fn forward(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        client: IpAddr,
         grant: Grant,
     ) -> Result<Response<GatewayBody>, Error> {
-        let admitted = async {
-            let grant = match grant.needs_wake() {
-                true => self.policy.wake(grant).await?,
-                false => grant,
-            };
-            let admission = self.policy.admit_owned(&grant.target, peer.ip())?;
-            Ok((grant, admission))
-        };
-        let (grant, admission) = match admitted.await {
+        // Admitted first, so a request over a limit starts nothing; the in-use mark it holds
+        // is the sandbox's through the wake (a restart keeps its activity).
+        let admission = match self
+            .policy
+            .admit_owned(&grant.target, &grant.principal, client)
+        {
             Ok(a) => a,
             Err(e) => {
                 self.policy.answered();
                 return Err(e);
             }
         };
+        let grant = match grant.needs_wake() {
+            false => grant,
+            true => match self.policy.wake(grant).await {
+                Ok(g) => g,
+                Err(e) => {
+                    admission.answered();
+                    return Err(e);
+                }
+            },
+        };
         let Some(upstream) = grant.upstream else {
             return Err(Error::internal("a woken sandbox has no upstream"));
         };
         self.state
             .proxy
-            .forward(req, peer, grant.target, upstream, grant.upgrade, admission)
+            .forward(
+                req,
+                client,
+                grant.target,
+                upstream,
+                grant.upgrade,
+                admission,
+            )
             .await
     }
 }

@@ -9,13 +9,17 @@
 //! - [`gateway`]: what both lanes share.
 //! - [`policy`]: the one request policy (check, admit, finish).
 //! - [`proxy`], [`api`]: forwarding, pooling, upgrades, the field table; the control API.
-//! - [`manager`], [`admission`], [`routing`], [`lifecycle`]: every change to a sandbox; what
-//!   an admitted request holds; request → route; the idle reaper.
+//! - [`manager`], [`admission`], [`rates`], [`addresses`], [`routing`], [`lifecycle`]: every
+//!   change to a sandbox; what an admitted request holds; rate limits and the
+//!   failed-credential throttle; client addresses and allowlists; request → route; the idle
+//!   reaper.
+//! - [`auth`], [`audit`]: who a request acts as; the audit log.
 //! - [`backend`], [`store`], [`routes`], [`runtimes`], [`error`], [`tls`], [`config`]: what
 //!   runs sandboxes; durable state; the in-memory route table; runtimes; errors; certificates
 //!   (loaded, reloaded); configuration.
 //! - [`model`]: the sandbox record, ids, statuses.
 
+pub mod addresses;
 pub mod admission;
 pub mod api;
 pub mod audit;
@@ -32,6 +36,7 @@ pub mod manager;
 pub mod model;
 pub mod policy;
 pub mod proxy;
+pub mod rates;
 pub mod routes;
 pub mod routing;
 pub mod runtimes;
@@ -56,6 +61,7 @@ use crate::backend::Backend;
 use crate::config::{BackendKind, Config, Isolation};
 use crate::manager::Manager;
 use crate::proxy::Proxy;
+use crate::rates::Rates;
 use crate::routes::Routes;
 use crate::store::{SqliteStore, Store};
 use crate::workers::Workers;
@@ -164,10 +170,12 @@ pub async fn run(
         config.max_requests_per_client,
         config.workers,
     ));
+    let rates = Arc::new(Rates::new(&config));
     let bound_port = listener.local_addr()?.port();
     let sweeper = {
         let proxy = proxy.clone();
         let auth = auth.clone();
+        let rates = rates.clone();
         let token = shutdown.clone();
         let store = manager.store().clone();
         let retention = config.audit_retention_days;
@@ -188,6 +196,7 @@ pub async fn run(
                         ticks += 1;
                         proxy.pool().sweep();
                         proxy.raw_pools().iter().for_each(|p| p.sweep());
+                        rates.sweep();
                         auth.flush_last_used().await;
                         auth.sweep();
                     }
@@ -215,6 +224,7 @@ pub async fn run(
         routes,
         proxy,
         limits,
+        rates,
         bound_port,
         started: Instant::now(),
     };

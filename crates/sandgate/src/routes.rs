@@ -18,6 +18,9 @@ pub struct Activity {
     last_active_ms: AtomicI64,
     /// Proxied requests whose responses are still streaming.
     in_flight: AtomicUsize,
+    /// The sandbox id, shared: what per-sandbox tables (rate limits) are keyed by, so that a
+    /// request hashes it without allocating.
+    key: Arc<str>,
 }
 
 /// A routed sandbox: its record plus its activity.
@@ -55,12 +58,52 @@ impl Entry {
         self.activity.begin();
         InUse(&self.activity)
     }
+
+    /// `in_use`, unless `max` requests are in flight already (`max_connections_per_sandbox`).
+    pub fn try_in_use(&self, max: usize) -> Option<InUse> {
+        // Never build a guard that was not begun: dropping one ends a request.
+        if !self.activity.try_begin(max) {
+            return None;
+        }
+        Some(InUse(self.activity.clone()))
+    }
+
+    /// `in_use_scoped`, unless `max` requests are in flight already.
+    pub fn try_in_use_scoped(&self, max: usize) -> Option<InUse<&Activity>> {
+        if !self.activity.try_begin(max) {
+            return None;
+        }
+        Some(InUse(&self.activity))
+    }
+
+    /// The sandbox id as the key of per-sandbox tables.
+    pub fn key(&self) -> &Arc<str> {
+        &self.activity.key
+    }
 }
 
 impl Activity {
     fn begin(&self) {
         self.touch();
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `begin`, unless `max` are in flight (`usize::MAX`: no cap, as `begin`).
+    fn try_begin(&self, max: usize) -> bool {
+        if max == usize::MAX {
+            self.begin();
+            return true;
+        }
+        let taken = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if taken {
+            self.touch();
+        }
+        taken
     }
 
     fn end(&self) {
@@ -158,6 +201,7 @@ impl Routes {
                 Arc::new(Activity {
                     last_active_ms: AtomicI64::new(now_ms()),
                     in_flight: AtomicUsize::new(0),
+                    key: sb.id.as_str().into(),
                 })
             },
             |e| e.activity.clone(),

@@ -9,7 +9,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::AppState;
+use super::{AppState, Caller};
 use crate::backend::Upstream;
 use crate::model::Status;
 
@@ -53,6 +53,12 @@ async fn proxy(State(state): State<AppState>) -> Json<Value> {
         "max_concurrent_requests": state.limits.max(),
         "max_requests_per_client": state.config.max_requests_per_client,
         "finished": state.limits.finished(),
+        "rate_limits": {
+            "per_key": state.config.rate_limit_per_key,
+            "per_sandbox": state.config.rate_limit_per_sandbox,
+            "max_connections_per_sandbox": state.config.max_connections_per_sandbox,
+            "tracked": state.rates.tracked(),
+        },
         "idle_upstream_connections": state.proxy.idle_upstreams(),
         "timeout_seconds": state.config.proxy_timeout.as_secs_f64(),
         "max_retries": state.config.max_retries,
@@ -89,8 +95,10 @@ async fn port_open(upstream: Upstream) -> bool {
     )
 }
 
-async fn sandboxes(State(state): State<AppState>) -> Json<Value> {
-    let all = state.routes.all();
+/// The caller's team's sandboxes (every team's for the owner), each with a port check.
+async fn sandboxes(State(state): State<AppState>, Caller(caller): Caller) -> Json<Value> {
+    let mut all = state.routes.all();
+    all.retain(|sb| caller.sees(&sb.team));
     let backend = state.manager.backend();
     let checks = all.iter().map(|sb| {
         let upstream = sb.port.and_then(|p| backend.upstream(sb, p));

@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::manager::Manager;
 use crate::proxy::Proxy;
+use crate::rates::Rates;
 use crate::routes::Routes;
 
 /// Everything handlers need; cheap to clone.
@@ -36,6 +37,8 @@ pub struct AppState {
     pub proxy: Arc<Proxy>,
     /// Admission limits and finish counters.
     pub limits: Arc<Limits>,
+    /// Rate limits and the failed-credential throttle.
+    pub rates: Arc<Rates>,
     /// Base URL of this gateway as clients reach it (for `dev_server_url`).
     pub public_base: Arc<str>,
     pub bound_port: u16,

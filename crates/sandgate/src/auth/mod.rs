@@ -209,7 +209,7 @@ impl Auth {
             failures: AtomicU64::new(0),
             recent: std::sync::Mutex::new((0, 0, 0)),
         };
-        if let Some(key) = &config.admin_key {
+        if let Some(key) = config.admin_key.as_ref().map(|k| k.expose()) {
             let id = match keys::parse(key) {
                 keys::Parsed::Key(id) => id.to_string(),
                 _ => keys::CONFIGURED_ID.to_string(),
@@ -541,7 +541,7 @@ fn roll(r: &mut (i64, u64, u64), minute: i64) {
 /// keys when configured.
 async fn load_tokens(store: &dyn Store, config: &Config) -> Result<Tokens, LoadError> {
     let secret = match &config.token_secret {
-        Some(s) => s.clone(),
+        Some(s) => s.expose().to_string(),
         None => {
             let fresh = keys::generate().key;
             store.secret("token", &fresh).await?

@@ -65,7 +65,8 @@ pub struct RequestRewrite<'a> {
     /// The path (and query) the sandbox sees: the route prefix already removed.
     pub path: &'a str,
     pub upstream_port: u16,
-    /// The client's address as `X-Forwarded-For` text.
+    /// The client's address (as the request policy resolved it) as `X-Forwarded-For` text:
+    /// the whole of that field.
     pub client_ip: &'a [u8],
     pub prefix: Option<&'a [u8]>,
     pub framing: Framing,
@@ -84,7 +85,6 @@ pub fn write_request(out: &mut Vec<u8>, headers: &[Header<'_>], rw: &RequestRewr
     out.extend_from_slice(itoa::Buffer::new().format(rw.upstream_port).as_bytes());
     out.extend_from_slice(b"\r\n");
     let named = connection_named(headers);
-    let mut forwarded_for: Option<&[u8]> = None;
     let mut public_host: Option<&[u8]> = None;
     for h in headers {
         let name = h.name.as_bytes();
@@ -109,16 +109,9 @@ pub fn write_request(out: &mut Vec<u8>, headers: &[Header<'_>], rw: &RequestRewr
                 }
             }
             RequestField::Cookie => put_field(out, name, h.value),
-            RequestField::ForwardedFor => {
-                forwarded_for.get_or_insert(h.value);
-            }
         }
     }
     out.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(prev) = forwarded_for {
-        out.extend_from_slice(prev);
-        out.extend_from_slice(b", ");
-    }
     out.extend_from_slice(rw.client_ip);
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
     if let Some(h) = public_host {
@@ -449,7 +442,7 @@ mod tests {
              cookie: a=1; b=2\r\n\
              Authorization: Bearer app-token\r\n\
              X-End-To-End: kept\r\n\
-             x-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
+             x-forwarded-for: 127.0.0.1\r\n\
              x-forwarded-proto: http\r\n\
              x-forwarded-host: gw.example:8070\r\n\
              x-forwarded-prefix: /sandbox/sb-x\r\n\

@@ -18,7 +18,7 @@ pub mod watch;
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Principal;
 use crate::backend::Upstream;
 use crate::error::Error;
 use crate::gateway::{Gateway, MAX_HEAD};
@@ -173,6 +174,9 @@ enum Step {
 struct Forward {
     head_len: usize,
     target: Target,
+    /// Who the request acts as, and from which address (for admission).
+    principal: Principal,
+    client: IpAddr,
     upstream: Upstream,
     facts: RequestFacts,
 }
@@ -189,25 +193,31 @@ enum Plan {
         head_len: usize,
         html: bool,
         close: bool,
+        /// The client's address (the finish step counts a refused credential against it).
+        client: IpAddr,
     },
 }
 
 impl Plan {
-    /// Refuses a head that cannot be trusted: answered, then the connection closes.
-    fn refuse(err: Error) -> Plan {
+    /// Refuses a head from `client` that cannot be trusted: answered, then the connection
+    /// closes.
+    fn refuse(err: Error, client: IpAddr) -> Plan {
         Plan::Refuse {
             err,
             head_len: 0,
             html: false,
             close: true,
+            client,
         }
     }
 }
 
 struct Lane {
     client: Client,
-    peer: std::net::IpAddr,
-    /// The client's address as `X-Forwarded-For` text.
+    /// The peer's address, in its canonical form (an IPv4-mapped address as IPv4).
+    peer: IpAddr,
+    /// The peer's address as `X-Forwarded-For` text (the client's, unless a trusted proxy
+    /// names another).
     ip: head::IpText,
     rbuf: Buf,
     ubuf: Option<Buf>,
@@ -220,10 +230,11 @@ struct Lane {
 
 impl Lane {
     fn new(client: Client, peer: SocketAddr) -> Lane {
+        let peer = peer.ip().to_canonical();
         Lane {
             client,
-            peer: peer.ip(),
-            ip: head::ip_text(peer.ip()),
+            peer,
+            ip: head::ip_text(peer),
             rbuf: Buf::new(CLIENT_BUF),
             ubuf: None,
             out: Vec::with_capacity(512),
@@ -252,8 +263,9 @@ impl Lane {
                     head_len,
                     html,
                     close,
+                    client,
                 } => {
-                    gw.policy.refused(&err, self.peer);
+                    gw.policy.refused(&err, client);
                     head::write_full(&mut self.rout, &err.to_response(html), close);
                     let written = self.client.write_all(&self.rout).await;
                     if written.is_err() {
@@ -327,7 +339,10 @@ impl Lane {
             .await;
             match read {
                 Some(Ok(0)) if self.rbuf.filled().len() >= MAX_HEAD => {
-                    return Some(Plan::refuse(frame::refusal(frame::HEAD_TOO_LARGE)));
+                    return Some(Plan::refuse(
+                        frame::refusal(frame::HEAD_TOO_LARGE),
+                        self.peer,
+                    ));
                 }
                 Some(Ok(0)) | Some(Err(_)) | None => return None,
                 Some(Ok(_)) => {
@@ -362,7 +377,9 @@ impl Lane {
         } = match frame::parse_head(buf, &mut headers) {
             Ok(h) => h,
             Err(frame::Verdict::Partial) => return Plan::Partial,
-            Err(frame::Verdict::Refuse(why)) => return Plan::refuse(frame::refusal(why)),
+            Err(frame::Verdict::Refuse(why)) => {
+                return Plan::refuse(frame::refusal(why), self.peer)
+            }
             Err(_) => return Plan::Handoff,
         };
         let (path, query) = match crate::routing::split_once_byte(target, b'?') {
@@ -370,6 +387,7 @@ impl Lane {
             None => (target, None),
         };
         let host = head::host(req_headers);
+        let client = gw.policy.client(self.peer, &facts);
         let view = Head {
             method,
             authority: None,
@@ -377,6 +395,7 @@ impl Lane {
             path,
             query,
             peer: self.peer,
+            client,
             facts: &facts,
         };
         let grant = match gw.policy.check(&view) {
@@ -387,6 +406,7 @@ impl Lane {
                     err,
                     head_len,
                     html: facts.html,
+                    client,
                 }
             }
             // Answers the API gives, redirects: hyper's lane.
@@ -417,6 +437,14 @@ impl Lane {
                 &rebuilt
             }
         };
+        // The peer's text, made once per connection, unless a trusted proxy named another.
+        let client_text;
+        let client_ip: &[u8] = if client == self.peer {
+            &self.ip
+        } else {
+            client_text = head::ip_text(client);
+            &client_text
+        };
         head::write_request(
             &mut self.out,
             req_headers,
@@ -424,7 +452,7 @@ impl Lane {
                 method,
                 path: upstream_path,
                 upstream_port: upstream.port(),
-                client_ip: &self.ip,
+                client_ip,
                 prefix,
                 framing: facts.framing,
                 strip_authorization: target_route.strip_authorization,
@@ -435,6 +463,8 @@ impl Lane {
         Plan::Forward(Forward {
             head_len,
             target: target_route,
+            principal: grant.principal,
+            client,
             upstream,
             facts: RequestFacts::from(&facts),
         })
@@ -446,7 +476,7 @@ impl Lane {
         self.rbuf.consume(f.head_len);
         let has_body = f.facts.framing.has_body();
         let proxy = &*gw.state.proxy;
-        let admission = match gw.policy.admit(&f.target, self.peer) {
+        let admission = match gw.policy.admit(&f.target, &f.principal, f.client) {
             Ok(a) => a,
             Err(e) => {
                 gw.policy.answered();

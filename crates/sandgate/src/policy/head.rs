@@ -5,6 +5,7 @@
 
 use http::HeaderMap;
 
+use crate::addresses::ForwardedFor;
 use crate::auth::Credentials;
 use crate::proxy::headers::tokens;
 
@@ -72,6 +73,9 @@ pub struct Facts<'a> {
     pub hosts: u8,
     /// The gateway credentials the head carries.
     pub credentials: Credentials<'a>,
+    /// The last `X-Forwarded-For` fields (believed only from a trusted proxy:
+    /// `crate::addresses`).
+    pub forwarded_for: ForwardedFor<'a>,
 }
 
 /// Reads the facts of a request head in one pass.
@@ -87,6 +91,7 @@ pub fn facts<'a, F: Fields + ?Sized + 'a>(method: &str, fields: &'a F) -> Facts<
         expect: false,
         hosts: 0,
         credentials: Credentials::default(),
+        forwarded_for: ForwardedFor::default(),
     };
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -130,6 +135,7 @@ pub fn facts<'a, F: Fields + ?Sized + 'a>(method: &str, fields: &'a F) -> Facts<
                     }
                 }
             }
+            15 if is("x-forwarded-for") => f.forwarded_for.push(value),
             14 if is("content-length") => match parse_length(value) {
                 None => ambiguous("invalid Content-Length"),
                 Some(n) if length.is_some_and(|l| l != n) => {
@@ -225,7 +231,8 @@ mod tests {
                 a.html,
                 a.upgrade,
                 a.expect,
-                a.hosts
+                a.hosts,
+                a.forwarded_for
             ),
             (
                 b.framing,
@@ -234,7 +241,8 @@ mod tests {
                 b.html,
                 b.upgrade,
                 b.expect,
-                b.hosts
+                b.hosts,
+                b.forwarded_for
             ),
             "{pairs:?}"
         );
@@ -280,18 +288,26 @@ mod tests {
 
     #[test]
     fn connection_handling_preferences_and_switches() {
-        let h = hdrs(&[
+        let pairs = [
             ("Connection", "close, Upgrade"),
             ("Upgrade", " websocket "),
             ("Accept", "text/html,*/*"),
             ("Expect", "100-continue"),
             ("Host", "a"),
             ("host", "b"),
-        ]);
+            ("X-Forwarded-For", "192.0.2.1, 10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+        ];
+        both("GET", &pairs);
+        let h = hdrs(&pairs);
         let f = facts("GET", &h[..]);
         assert!(!f.keep_alive && f.html && f.expect && f.idempotent && !f.is_head);
         assert_eq!(f.upgrade, Some(&b"websocket"[..]));
         assert_eq!(f.hosts, 2);
+        let mut xff = ForwardedFor::default();
+        xff.push(b"192.0.2.1, 10.0.0.1");
+        xff.push(b"10.0.0.2");
+        assert_eq!(f.forwarded_for, xff);
         // `Upgrade` alone asks for nothing.
         let h = hdrs(&[("Upgrade", "websocket")]);
         assert_eq!(facts("GET", &h[..]).upgrade, None);

@@ -7,9 +7,10 @@
 //!   a redirect, or refuse with an error. It touches no counter, so a lane that hands a request
 //!   to the other may ask again and get the same answer.
 //! - **admit** ([`Policy::admit`]): exactly once, in the lane that forwards the request: the
-//!   concurrency slot, the client address's share, the sandbox's in-use mark (later: rate-limit
-//!   tokens). A stopped sandbox is woken ([`Policy::wake`]) only after `check` let the request
-//!   through.
+//!   sandbox's in-use mark (within its connection cap), the rate-limit tokens of the
+//!   credential and the sandbox ([`crate::rates`]), the concurrency slot and the client
+//!   address's share; for the control API, the credential's token ([`Policy::admit_api`]).
+//!   A stopped sandbox is woken ([`Policy::wake`]) only once the request is admitted.
 //! - **finish**: dropping the [`Admission`] when the response or upgraded stream ends (or
 //!   [`Policy::answered`] for what the gateway answers itself): where metrics and the access
 //!   log hook.
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
+use crate::addresses::Addresses;
 use crate::admission::{Admission, Limits, OwnedAdmission};
 use crate::audit::{Actor, Audit};
 use crate::auth::{permissions, preview, Auth, Authenticated, Principal, Via};
@@ -30,6 +32,7 @@ use crate::error::Error;
 use crate::manager::Manager;
 use crate::model::{Mode, Sandbox, Status};
 use crate::proxy::Target;
+use crate::rates::{self, Rates};
 use crate::routes::{Activity, Entry, Routes};
 use crate::routing::{self, Route};
 pub use head::{facts, Facts, Fields, Framing};
@@ -46,6 +49,9 @@ pub struct Head<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub peer: IpAddr,
+    /// The client's address: the peer's, or, from a trusted proxy, the one its
+    /// `X-Forwarded-For` names ([`Policy::client`]). What allowlists and throttles judge.
+    pub client: IpAddr,
     pub facts: &'a Facts<'a>,
 }
 
@@ -91,6 +97,8 @@ pub struct Policy {
     manager: Arc<Manager>,
     backend: Arc<dyn Backend>,
     limits: Arc<Limits>,
+    rates: Arc<Rates>,
+    addresses: Addresses,
     domain: String,
     /// Cookies the gateway sets are `Secure` (it is reached over HTTPS).
     secure_cookies: bool,
@@ -105,6 +113,7 @@ impl Policy {
         routes: Arc<Routes>,
         manager: Arc<Manager>,
         limits: Arc<Limits>,
+        rates: Arc<Rates>,
         config: &crate::config::Config,
     ) -> Policy {
         Policy {
@@ -114,6 +123,8 @@ impl Policy {
             backend: manager.backend().clone(),
             manager,
             limits,
+            rates,
+            addresses: Addresses::new(config),
             domain: config.domain.clone(),
             secure_cookies: config.tls.is_some()
                 || config
@@ -129,6 +140,12 @@ impl Policy {
         &self.limits
     }
 
+    /// The client's address for a request from `peer` with these facts (see
+    /// [`Head::client`]); both lanes resolve it once per request, before `check`.
+    pub fn client(&self, peer: IpAddr, facts: &Facts<'_>) -> IpAddr {
+        self.addresses.client(peer, &facts.forwarded_for)
+    }
+
     /// Decides what happens to a request. Pure: no counter, no I/O.
     pub fn check(&self, head: &Head<'_>) -> Decision {
         if let Some(why) = head.facts.ambiguous {
@@ -136,6 +153,11 @@ impl Policy {
         }
         if head.facts.hosts > 1 {
             return Decision::Deny(Error::BadFraming("more than one Host field"));
+        }
+        // An address not allowed learns nothing else (only a head whose framing cannot be
+        // trusted is refused before, and its connection closed, whoever sent it).
+        if let Err(e) = self.addresses.allows(head.client) {
+            return Decision::Deny(e);
         }
         if head.method == "CONNECT" {
             return Decision::Deny(Error::MethodNotAllowed);
@@ -186,14 +208,18 @@ impl Policy {
                 principal: Principal::for_sandbox(&sb.team, Via::Public),
                 consumed_authorization: false,
             },
-            _ => match self.auth.authenticate(&head.facts.credentials) {
+            _ => match self.credentials(head) {
                 Ok(Some(who)) => who,
                 Ok(None) => match found
                     .as_ref()
                     .ok()
                     .and_then(|sb| self.preview_cookie(head, sb, wanted))
                 {
-                    Some(who) => who,
+                    Some(who) => match self.addresses.team_allows(&who.principal.team, head.client)
+                    {
+                        Ok(()) => who,
+                        Err(e) => return Decision::Deny(e),
+                    },
                     None => return Decision::Deny(Error::Unauthenticated),
                 },
                 Err(e) => return Decision::Deny(e),
@@ -272,11 +298,17 @@ impl Policy {
         port: Option<u16>,
         prefix: Option<&str>,
     ) -> Decision {
+        if let Err(e) = self.rates.throttled(head.client) {
+            return Decision::Deny(e);
+        }
         let Some(scope) = self.auth.preview(token.as_bytes(), sb, port) else {
             return Decision::Deny(Error::BadCredential(
                 "the preview token is invalid, expired, revoked or for another sandbox or port",
             ));
         };
+        if let Err(e) = self.addresses.team_allows(&sb.team, head.client) {
+            return Decision::Deny(e);
+        }
         let rest = head
             .query
             .and_then(crate::proxy::headers::query_without_credentials)
@@ -312,27 +344,72 @@ impl Policy {
 
     /// The request's principal, or why it has none.
     fn authenticate(&self, head: &Head<'_>) -> Result<Authenticated, Error> {
-        self.auth
-            .authenticate(&head.facts.credentials)?
-            .ok_or(Error::Unauthenticated)
+        self.credentials(head)?.ok_or(Error::Unauthenticated)
+    }
+
+    /// The principal of the request's headers' credentials (`None`: it carries none), within
+    /// its team's address rules. An address that spent its budget of refused credentials gets
+    /// no credential checked.
+    fn credentials(&self, head: &Head<'_>) -> Result<Option<Authenticated>, Error> {
+        self.rates.throttled(head.client)?;
+        let Some(who) = self.auth.authenticate(&head.facts.credentials)? else {
+            return Ok(None);
+        };
+        self.addresses
+            .team_allows(&who.principal.team, head.client)?;
+        Ok(Some(who))
     }
 
     pub fn auth(&self) -> &Arc<Auth> {
         &self.auth
     }
 
-    /// Admits a granted request for forwarding within the caller's scope (the fast lane).
+    /// Admits a granted request for forwarding within the caller's scope (the fast lane), for
+    /// `principal` from `client`.
     pub fn admit<'a>(
         &'a self,
         target: &'a Target,
-        peer: IpAddr,
+        principal: &Principal,
+        client: IpAddr,
     ) -> Result<Admission<&'a Limits, &'a Activity>, Error> {
-        Limits::admit(&*self.limits, peer, target.sandbox.in_use_scoped())
+        let sandbox = &target.sandbox;
+        let in_use = self.limit(target, principal, |cap| sandbox.try_in_use_scoped(cap))?;
+        Limits::admit(&*self.limits, client, in_use)
     }
 
     /// Admits a granted request whose admission travels with its response body (hyper lane).
-    pub fn admit_owned(&self, target: &Target, peer: IpAddr) -> Result<OwnedAdmission, Error> {
-        Limits::admit(self.limits.clone(), peer, target.sandbox.in_use())
+    pub fn admit_owned(
+        &self,
+        target: &Target,
+        principal: &Principal,
+        client: IpAddr,
+    ) -> Result<OwnedAdmission, Error> {
+        let in_use = self.limit(target, principal, |cap| target.sandbox.try_in_use(cap))?;
+        Limits::admit(self.limits.clone(), client, in_use)
+    }
+
+    /// The limits of a forwarded request before its concurrency slots: the sandbox's in-use
+    /// mark within its connection cap (`in_use` takes it, given the cap; a refusal later
+    /// returns it), then the rate-limit tokens of its credential and of its sandbox (spent
+    /// even if a later step refuses: a request refused for overload still was a request).
+    fn limit<I>(
+        &self,
+        target: &Target,
+        principal: &Principal,
+        in_use: impl FnOnce(usize) -> Option<I>,
+    ) -> Result<I, Error> {
+        let sandbox = &target.sandbox;
+        let cap = self.rates.max_connections(&sandbox.team);
+        let in_use = in_use(cap).ok_or_else(|| rates::too_many_connections(cap))?;
+        self.rates.take_key(&principal.team, &principal.subject)?;
+        self.rates.take_sandbox(&sandbox.team, sandbox.key())?;
+        Ok(in_use)
+    }
+
+    /// Admits a control-API request acting as `principal`: its credential's rate-limit token
+    /// (hyper's lane, the only one that serves the API, so once per request).
+    pub fn admit_api(&self, principal: &Principal) -> Result<(), Error> {
+        self.rates.take_key(&principal.team, &principal.subject)
     }
 
     /// The finish step of a request the gateway answered itself.
@@ -341,8 +418,9 @@ impl Policy {
     }
 
     /// The finish step of a request the policy refused: counted as answered; a refused
-    /// credential or permission is an audited authentication failure.
-    pub fn refused(&self, err: &Error, peer: IpAddr) {
+    /// credential counts against `client`'s address (the brute-force throttle), and it, a
+    /// refused permission or address is an audited authentication failure.
+    pub fn refused(&self, err: &Error, client: IpAddr) {
         let action = match err {
             Error::BadCredential(_) => "auth.failure",
             Error::Forbidden(_) => "auth.forbidden",
@@ -352,9 +430,10 @@ impl Policy {
         if !action.is_empty() {
             if matches!(err, Error::BadCredential(_)) {
                 self.auth.failed();
+                self.rates.auth_failed(client);
             }
             let actor = Actor {
-                client: Some(peer.to_string()),
+                client: Some(client.to_string()),
                 ..Actor::default()
             };
             let (_, code) = err.status_and_code();

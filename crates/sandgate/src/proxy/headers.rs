@@ -24,8 +24,9 @@ pub enum RequestField {
     Forward,
     /// Never passed on: hop-by-hop (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
     /// `Proxy-Connection`; an allowed protocol switch re-adds its own pair), a gateway
-    /// credential (`X-API-Key`), a field the gateway sets itself (`X-Forwarded-Host/Proto/
-    /// Prefix`), or a name the gateway does not accept as it is (an underscore: nginx's
+    /// credential (`X-API-Key`), a field the gateway sets itself (`X-Forwarded-For/Host/
+    /// Proto/Prefix`: a client's own `X-Forwarded-For` is believed only from a trusted proxy,
+    /// and then already resolved into the one address the gateway writes), or a name the gateway does not accept as it is (an underscore: nginx's
     /// default, since `X_API_Key` or `Transfer_Encoding` may mean something to a sandbox's
     /// server that the gateway did not check).
     Drop,
@@ -33,8 +34,6 @@ pub enum RequestField {
     Host,
     /// `Cookie`: passed on without the gateway's own cookies (`sandgate*`).
     Cookie,
-    /// `X-Forwarded-For`: the client's address is appended.
-    ForwardedFor,
     /// `Content-Length`: the lane states the framing it forwards.
     Length,
     /// `Authorization`: dropped when the gateway authenticated the request with it (a
@@ -58,7 +57,7 @@ pub fn request_field(name: &[u8]) -> RequestField {
         10 if is("connection") || is("keep-alive") => Drop,
         13 if is("authorization") => Authorization,
         14 if is("content-length") => Length,
-        15 if is("x-forwarded-for") => ForwardedFor,
+        15 if is("x-forwarded-for") => Drop,
         16 if is("x-forwarded-host") || is("proxy-connection") => Drop,
         17 if is("transfer-encoding") || is("x-forwarded-proto") => Drop,
         18 if is("proxy-authenticate") || is("x-forwarded-prefix") => Drop,
@@ -239,7 +238,6 @@ pub fn upstream_request_headers(
     );
     let mut out = HeaderMap::with_capacity(headers.len() + 6);
     let mut cookies: Option<Vec<u8>> = None;
-    let mut forwarded_for: Option<&HeaderValue> = None;
     for (name, value) in headers {
         let n = name.as_str().as_bytes();
         if named.contains(n) {
@@ -254,9 +252,6 @@ pub fn upstream_request_headers(
             RequestField::Cookie => {
                 cookies_without_ours(value.as_bytes(), cookies.get_or_insert_with(Vec::new), 0)
             }
-            RequestField::ForwardedFor => {
-                forwarded_for.get_or_insert(value);
-            }
         }
     }
     if let Some(c) = cookies.filter(|c| !c.is_empty()) {
@@ -264,7 +259,7 @@ pub fn upstream_request_headers(
             out.insert(header::COOKIE, v);
         }
     }
-    set_forwarded(&mut out, forwarded_for, forwarded);
+    set_forwarded(&mut out, forwarded);
     if let Some(protocol) = upgrade {
         out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         out.insert(header::UPGRADE, protocol.clone());
@@ -274,6 +269,8 @@ pub fn upstream_request_headers(
 
 /// What the gateway tells a sandbox about the request it forwards.
 pub struct Forwarded<'a> {
+    /// The client's address as the request policy resolved it (`crate::addresses`): the
+    /// whole of the `X-Forwarded-For` a sandbox receives.
     pub client_ip: std::net::IpAddr,
     pub proto: &'static str,
     /// The client's `Host` (or absolute-form authority).
@@ -318,14 +315,10 @@ pub fn strip_response_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Sets `X-Forwarded-For` (the client appended to `previous`), `-Proto`, `-Host`, `-Prefix`
-/// (path routes) and `Host: localhost:{port}`.
-fn set_forwarded(headers: &mut HeaderMap, previous: Option<&HeaderValue>, f: &Forwarded<'_>) {
-    let mut buf = BytesMut::with_capacity(64);
-    if let Some(prev) = previous {
-        buf.put_slice(prev.as_bytes());
-        buf.put_slice(b", ");
-    }
+/// Sets `X-Forwarded-For` (the client's address), `-Proto`, `-Host`, `-Prefix` (path routes)
+/// and `Host: localhost:{port}`.
+fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
+    let mut buf = BytesMut::with_capacity(48);
     use std::fmt::Write;
     let _ = write!(buf, "{}", f.client_ip);
     if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
@@ -460,7 +453,8 @@ mod tests {
         };
         let out = upstream_request_headers(&h, &consumed, None);
         assert!(!out.contains_key("authorization"));
-        assert_eq!(out["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        // The client's own X-Forwarded-For is replaced by the address the policy resolved.
+        assert_eq!(out["x-forwarded-for"], "127.0.0.1");
         assert_eq!(out["x-forwarded-host"], "gw.example:8070");
         assert_eq!(out["host"], "localhost:3000");
         let only_ours = map(&[("cookie", "sandgate_session=xyz")]);

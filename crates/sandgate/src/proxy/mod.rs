@@ -10,7 +10,7 @@ pub mod pool;
 pub mod request_body;
 pub mod upgrade;
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -129,13 +129,13 @@ impl Proxy {
         self.body_timeout
     }
 
-    /// Forwards `req` to the granted target over `upstream`, holding `admission` until the
-    /// response (or upgraded stream) ends. Errors are the gateway's own and are rendered by
-    /// the caller.
+    /// Forwards `req` from `client` (the address the request policy resolved) to the granted
+    /// target over `upstream`, holding `admission` until the response (or upgraded stream)
+    /// ends. Errors are the gateway's own and are rendered by the caller.
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
-        client: SocketAddr,
+        client: IpAddr,
         target: Target,
         upstream: Upstream,
         upgrade: bool,
@@ -160,7 +160,7 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let (body, body_state) = ClientBody::new(body, self.body_timeout);
         let forwarded = headers::Forwarded {
-            client_ip: client.ip(),
+            client_ip: client,
             proto: self.scheme,
             host: public_host.as_ref(),
             prefix: target.prefix.as_ref(),

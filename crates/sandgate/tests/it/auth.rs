@@ -6,15 +6,14 @@
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
-use crate::common::{
-    auth_gateway, team_key, Client, Lane, SpawnedGateway, TestGateway, ADMIN_KEY as ADMIN,
-};
+pub(crate) use crate::common::ADMIN_KEY as ADMIN;
+use crate::common::{auth_gateway, team_key, Client, Lane, SpawnedGateway, TestGateway};
 
 async fn gateway(lane: Lane) -> TestGateway {
     auth_gateway(lane, |_| {}).await
 }
 
-async fn key(gw: &Client, team: &str, role: &str) -> String {
+pub(crate) async fn key(gw: &Client, team: &str, role: &str) -> String {
     team_key(gw, team, role).await.0
 }
 
@@ -137,6 +136,8 @@ async fn another_teams_sandbox_is_not_found_everywhere(lane: Lane) {
         gb.get("/sandboxes").send().await.expect(200).json()["count"],
         0
     );
+    let health = gb.get("/health/sandboxes").send().await.expect(200).json();
+    assert_eq!(health["count"], 0, "{health}");
     // Its own team, and the owner, see it.
     assert_eq!(
         gw.with_key(&a)

@@ -117,3 +117,24 @@ fn help_names_the_routes_and_settings() {
         assert!(text.contains(needle), "--help lacks {needle}: {text}");
     }
 }
+
+#[test]
+fn check_config_never_prints_secrets() {
+    let key = "a-very-secret-admin-key-0123456789abcdef";
+    let out = sandgate()
+        .args(["serve", "--check-config"])
+        .env("SANDGATE_ADMIN_KEY", key)
+        .env(
+            "TOKEN_SECRET",
+            "another-secret-token-signing-key-0123456789",
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("<redacted>"), "{text}");
+    assert!(
+        !text.contains(key) && !text.contains("another-secret"),
+        "{text}"
+    );
+}

@@ -15,6 +15,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("backend", 3),
     ("routing", 3),
     ("admission", 3),
+    ("addresses", 3),
+    ("rates", 3),
     ("auth", 3),
     ("audit", 3),
     ("manager", 4),

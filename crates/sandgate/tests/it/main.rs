@@ -17,6 +17,7 @@ mod idle;
 mod isolation;
 mod layers;
 mod lifecycle;
+mod limits;
 mod policy;
 mod preview;
 mod proxy;

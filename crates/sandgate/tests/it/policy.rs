@@ -245,15 +245,7 @@ async fn one_client_address_cannot_take_every_slot(lane: Lane) {
         held.push(s);
     }
     // Both slow requests are admitted before the third asks.
-    eventually(
-        READY_TIMEOUT,
-        "both slow requests are in flight",
-        || async {
-            let v = gw.get("/health/proxy").send().await.json();
-            (v["in_flight"] == 2).then_some(())
-        },
-    )
-    .await;
+    crate::common::wait_in_flight(&gw, 2).await;
     let mut third = connect_from("127.0.0.2", gw.addr).await;
     let resp = exchange(&mut third, &slow).await;
     assert!(resp.starts_with("HTTP/1.1 429"), "{resp}");
@@ -352,11 +344,7 @@ async fn a_body_stalled_under_a_streaming_response_is_cut(lane: Lane) {
         "{:?}",
         started.elapsed()
     );
-    eventually(READY_TIMEOUT, "the slot is free again", || async {
-        let v = gw.get("/health/proxy").send().await.json();
-        (v["in_flight"] == 0).then_some(())
-    })
-    .await;
+    crate::common::wait_in_flight(&gw, 0).await;
     gw.shutdown().await;
 }
 

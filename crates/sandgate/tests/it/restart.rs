@@ -25,7 +25,7 @@ async fn sigkill_leaves_sandboxes_running_and_restart_readopts_them(lane: Lane) 
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
     let r = tokio::time::timeout(Duration::from_secs(10), async {
-        Reply::read(send_request(direct, req).await?).await
+        Reply::read(send_request(direct, None, req).await?).await
     })
     .await
     .expect("direct request within 10 s")

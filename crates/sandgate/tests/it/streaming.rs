@@ -113,7 +113,7 @@ async fn one_gib_upload_streams_in_bounded_memory(lane: Lane) {
             .header("content-type", "application/octet-stream")
             .body(RepeatBody::new(GIB))
             .unwrap();
-        let resp = send_request(addr, req).await.expect("upload");
+        let resp = send_request(addr, None, req).await.expect("upload");
         assert_eq!(resp.status(), StatusCode::OK);
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).expect("json");

@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::io::BufRead;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Deref;
 use std::path::Path;
 use std::process::Stdio;
@@ -94,6 +94,19 @@ where
 // ---------------------------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------------------------
+
+/// Waits until `/health/proxy` counts `n` forwarded requests in flight.
+pub async fn wait_in_flight(gw: &Client, n: u64) {
+    eventually(
+        READY_TIMEOUT,
+        &format!("{n} requests are in flight"),
+        || async {
+            let v = gw.get("/health/proxy").send().await.json();
+            (v["in_flight"] == n).then_some(())
+        },
+    )
+    .await
+}
 
 /// Kernel start time of `pid` (`/proc/<pid>/stat` field 22), if it exists (zombies included).
 pub fn start_time(pid: i32) -> Option<u64> {
@@ -223,9 +236,25 @@ impl PidRegistry {
 // HTTP client
 // ---------------------------------------------------------------------------------------------
 
-/// Sends one request on a fresh HTTP/1.1 connection to `addr`.
+/// Connects to `addr`, from the local address `from` if given (any address in 127.0.0.0/8
+/// is this machine, so tests can be several clients).
+pub async fn connect(addr: SocketAddr, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(local) = from else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = match local {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    socket.connect(addr).await
+}
+
+/// Sends one request on a fresh HTTP/1.1 connection to `addr`, from the local address `from`
+/// if given.
 pub async fn send_request<B>(
     addr: SocketAddr,
+    from: Option<IpAddr>,
     req: Request<B>,
 ) -> Result<Response<Incoming>, String>
 where
@@ -233,7 +262,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = TcpStream::connect(addr)
+    let stream = connect(addr, from)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -355,11 +384,12 @@ impl Reply {
 /// Sends one request on a fresh connection: HTTP/1.1, over TLS if `tls` is given.
 async fn send_over(
     addr: SocketAddr,
+    from: Option<IpAddr>,
     tls: Option<&TlsConnector>,
     req: Request<Full<Bytes>>,
 ) -> Result<Response<Incoming>, String> {
     match tls {
-        None => send_request(addr, req).await,
+        None => send_request(addr, from, req).await,
         Some(tls) => tls::send_request(addr, tls, req).await,
     }
 }
@@ -367,6 +397,8 @@ async fn send_over(
 /// A request under construction; `Host` defaults to the gateway's address.
 pub struct Req {
     addr: SocketAddr,
+    /// The local address to connect from (default: the system's choice, 127.0.0.1).
+    from: Option<IpAddr>,
     /// Sent as `X-API-Key` unless the request names a credential of its own.
     key: Option<String>,
     /// Sent over TLS with this client (a TLS gateway's).
@@ -381,6 +413,7 @@ impl Req {
     pub fn new(addr: SocketAddr, method: Method, path: &str) -> Req {
         Req {
             addr,
+            from: None,
             key: None,
             tls: None,
             method,
@@ -431,7 +464,7 @@ impl Req {
     /// The response head; the body is left to the caller to stream.
     pub async fn send_streaming(self) -> Response<Incoming> {
         let what = format!("{} {}", self.method, self.path);
-        let sent = send_over(self.addr, self.tls.as_ref(), self.build());
+        let sent = send_over(self.addr, self.from, self.tls.as_ref(), self.build());
         tokio::time::timeout(REQUEST_TIMEOUT, sent)
             .await
             .unwrap_or_else(|_| panic!("{what}: no response head within {REQUEST_TIMEOUT:?}"))
@@ -442,7 +475,7 @@ impl Req {
     pub async fn try_send(self) -> Result<Reply, String> {
         let what = format!("{} {}", self.method, self.path);
         let exchange = async {
-            let resp = send_over(self.addr, self.tls.as_ref(), self.build()).await?;
+            let resp = send_over(self.addr, self.from, self.tls.as_ref(), self.build()).await?;
             Reply::read(resp).await
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)
@@ -533,6 +566,8 @@ pub struct Client {
     pub key: Option<String>,
     /// A TLS gateway's client (HTTP/1.1 by ALPN); `None` for plain HTTP.
     pub tls: Option<TlsConnector>,
+    /// The local address every connection comes from (default: the system's choice).
+    pub from: Option<IpAddr>,
 }
 
 impl Client {
@@ -542,6 +577,15 @@ impl Client {
             pids,
             key: None,
             tls: None,
+            from: None,
+        }
+    }
+
+    /// This client, connecting from the local address `from` (e.g. `127.0.0.2`).
+    pub fn connecting_from(&self, from: &str) -> Client {
+        Client {
+            from: Some(from.parse().expect("an IP address")),
+            ..self.clone()
         }
     }
 
@@ -562,6 +606,7 @@ impl Client {
         let mut req = Req::new(self.addr, method, path);
         req.tls = self.tls.clone();
         req.key = self.key.clone();
+        req.from = self.from;
         req
     }
 
@@ -695,7 +740,7 @@ impl Client {
             req.headers_mut()
                 .insert("x-api-key", HeaderValue::from_str(key).expect("key"));
         }
-        let stream = TcpStream::connect(self.addr).await.expect("connect");
+        let stream = connect(self.addr, self.from).await.expect("connect");
         let (ws, resp) = tokio::time::timeout(
             REQUEST_TIMEOUT,
             tokio_tungstenite::client_async(req, stream),
@@ -762,6 +807,7 @@ pub struct GatewayBuilder {
     isolation: Isolation,
     tweaks: Vec<Tweak>,
     tls: Option<TlsConnector>,
+    from: Option<IpAddr>,
 }
 
 impl GatewayBuilder {
@@ -791,6 +837,12 @@ impl GatewayBuilder {
         self.config(move |c| c.tls = Some(files))
     }
 
+    /// The local address the gateway's `Client` (and its readiness probe) connects from.
+    pub fn client_from(mut self, from: &str) -> GatewayBuilder {
+        self.from = Some(from.parse().expect("an IP address"));
+        self
+    }
+
     /// Changes the configuration before the gateway starts.
     pub fn config(mut self, f: impl FnOnce(&mut Config) + Send + 'static) -> GatewayBuilder {
         self.tweaks.push(Box::new(f));
@@ -804,8 +856,11 @@ impl GatewayBuilder {
         config.port = 0;
         config.port_range = lo..=lo + self.ports - 1;
         config.isolation = self.isolation;
-        // Authentication is its own suite (`auth`); the others talk to an open gateway.
+        // Authentication is its own suite (`auth`); the others talk to an open gateway. The
+        // throttle on refused credentials is `limits`'s to test: a suite that walks many bad
+        // credentials from 127.0.0.1 would otherwise meet it.
         config.auth_enabled = false;
+        config.auth_failures_per_minute = None;
         for tweak in self.tweaks {
             tweak(&mut config);
         }
@@ -843,6 +898,7 @@ impl GatewayBuilder {
         }
         let mut client = Client::new(addr, PidRegistry::default());
         client.tls = self.tls;
+        client.from = self.from;
         let gw = TestGateway {
             client,
             config,
@@ -889,6 +945,7 @@ impl TestGateway {
             isolation: Isolation::None,
             tweaks: Vec::new(),
             tls: None,
+            from: None,
         }
     }
 
