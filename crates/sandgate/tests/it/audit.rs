@@ -54,7 +54,7 @@ async fn control_actions_and_refusals_are_recorded(lane: Lane) {
         .expect_error(401, "AUTH_001");
 
     let ga = gw.with_key(&admin);
-    let mine = records(&ga, &format!("sandbox={id}"), 3).await;
+    let mine = records(&ga, &format!("sandbox={id}"), 4).await;
     let actions: Vec<(&str, &str)> = mine
         .iter()
         .map(|r| (r["action"].as_str().unwrap(), r["result"].as_str().unwrap()))
