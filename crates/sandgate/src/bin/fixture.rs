@@ -186,6 +186,16 @@ async fn route(req: Request<Incoming>, redirect: &HeaderValue) -> Result<Resp, h
         "/1k" => octets(FixtureBody::Full(Some(Bytes::from_static(&ONE_K)))),
         "/sse" => sse(req.uri().query()),
         "/sse-hold" => sse_hold(),
+        "/page" => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            FixtureBody::full(PAGE),
+        ),
+        "/app.js" => respond(
+            StatusCode::OK,
+            "text/javascript; charset=utf-8",
+            FixtureBody::full(APP_JS),
+        ),
         "/redirect" => found(redirect.clone()),
         "/redirect-relative" => found(HeaderValue::from_static("/echo/after-redirect")),
         "/set-cookie" => {
@@ -341,6 +351,28 @@ fn found(location: HeaderValue) -> Resp {
     resp.headers_mut().insert(header::LOCATION, location);
     resp
 }
+
+/// A page as a browser loads an app: an asset by a relative URL, which then reaches `echo` with
+/// `fetch` and `ws` with a WebSocket (relative to the page, so it works behind any route
+/// prefix), and writes what happened into `#out` (a browser test reads it).
+const PAGE: &str = "<!doctype html><html><head><title>fixture page</title></head><body>\
+<div id=\"out\">loading</div><script src=\"app.js\"></script></body></html>";
+
+const APP_JS: &str = r#"(async () => {
+  const out = document.getElementById("out");
+  try {
+    const seen = await (await fetch(new URL("echo/from-page", location.href))).json();
+    const ws = new WebSocket(new URL("ws", location.href).href.replace(/^http/, "ws"));
+    ws.onopen = () => ws.send("hello from the page");
+    ws.onmessage = (e) => {
+      out.textContent = "ws ok: " + e.data + "; fetch saw cookie: " + (seen.headers.cookie || "none");
+    };
+    ws.onerror = () => { out.textContent = "ws failed"; };
+  } catch (e) {
+    out.textContent = "failed: " + e;
+  }
+})();
+"#;
 
 fn json(value: &serde_json::Value) -> Resp {
     let body = FixtureBody::full(value.to_string());

@@ -257,7 +257,62 @@ async fn port_scoped_previews_and_public_ports(lane: Lane) {
     gw.shutdown().await;
 }
 
+/// In a real browser (headless Chromium) with no headers of its own: the preview URL of a page
+/// on the host route and on the path route; the page loads its script, which fetches and opens
+/// a WebSocket through the gateway on the cookie alone, and the sandbox never sees that cookie.
+/// Another sandbox's page in the same browser stays 401.
+async fn a_preview_works_in_a_real_browser(lane: Lane) {
+    if !crate::common::browser::available() {
+        return;
+    }
+    let gw = auth_gateway(lane, |_| {}).await;
+    let (key, _) = team_key(&gw, "acme", "member").await;
+    let member = gw.with_key(&key);
+    let a = member.create_fixture().await;
+    let b = member.create_fixture().await;
+    let v = preview(&member, &a.id, json!({})).await;
+    let host_url = v["url"]
+        .as_str()
+        .unwrap()
+        .replace("/?sandgate_token", "/page?sandgate_token");
+    let path_url = v["path_url"]
+        .as_str()
+        .unwrap()
+        .replace("/?sandgate_token", "/page?sandgate_token");
+    let mut browser = crate::common::browser::Browser::start().await;
+    for url in [&host_url, &path_url] {
+        let tab = browser.open(url).await;
+        let out = browser
+            .wait_for(
+                &tab,
+                "document.getElementById('out')?.textContent ?? ''",
+                |t| t.starts_with("ws ok") || t.starts_with("failed") || t == "ws failed",
+            )
+            .await;
+        assert_eq!(
+            out, "ws ok: hello from the page; fetch saw cookie: none",
+            "{url}"
+        );
+        let href = browser.eval(&tab, "location.href").await;
+        assert!(!href.as_str().unwrap().contains("sandgate_token"), "{href}");
+    }
+    let other = format!(
+        "http://{}-{}.localhost:{}/page",
+        b.port,
+        b.id,
+        gw.addr.port()
+    );
+    let tab = browser.open(&other).await;
+    let title = browser
+        .wait_for(&tab, "document.title", |t| !t.is_empty())
+        .await;
+    assert!(title.starts_with("401"), "{title}");
+    drop(browser);
+    gw.shutdown().await;
+}
+
 both_lanes!(
+    a_preview_works_in_a_real_browser,
     a_preview_url_opens_its_sandbox_in_a_browser_and_nothing_else,
     path_route_previews_are_scoped_to_their_prefix,
     port_scoped_previews_and_public_ports,

@@ -30,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
+pub mod browser;
 pub mod tls;
 
 /// Bound for one request/response exchange (head and collected body).
