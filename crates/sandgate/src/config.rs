@@ -198,9 +198,13 @@ pub struct ServeArgs {
     /// PEM public key (RSA or EC P-256) of an identity provider whose JWTs are accepted.
     #[arg(long, env = "SANDGATE_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
-    /// JWKS file of an identity provider whose JWTs are accepted.
+    /// JWKS of an identity provider whose JWTs are accepted: a file, or an https:// URL
+    /// (fetched at start and every 10 minutes).
     #[arg(long, env = "SANDGATE_JWT_JWKS")]
     pub jwt_jwks: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted when fetching a JWKS URL, besides the system's.
+    #[arg(long, env = "SANDGATE_JWT_JWKS_CA")]
+    pub jwt_jwks_ca: Option<PathBuf>,
     /// Required `iss` of identity-provider tokens.
     #[arg(long, env = "SANDGATE_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -255,6 +259,7 @@ struct FileConfig {
     auth_token_expiry: Option<u64>,
     jwt_public_key: Option<PathBuf>,
     jwt_jwks: Option<PathBuf>,
+    jwt_jwks_ca: Option<PathBuf>,
     jwt_issuer: Option<String>,
     jwt_audience: Option<String>,
     jwt_team_claim: Option<String>,
@@ -526,6 +531,7 @@ pub enum AuthProvider {
 pub struct JwtConfig {
     pub public_key: Option<PathBuf>,
     pub jwks: Option<PathBuf>,
+    pub jwks_ca: Option<PathBuf>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub team_claim: String,
@@ -750,6 +756,7 @@ impl Config {
             .unwrap_or(c.auth_token_expiry);
         c.jwt.public_key = args.jwt_public_key.clone().or(file.jwt_public_key);
         c.jwt.jwks = args.jwt_jwks.clone().or(file.jwt_jwks);
+        c.jwt.jwks_ca = args.jwt_jwks_ca.clone().or(file.jwt_jwks_ca);
         c.jwt.issuer = args.jwt_issuer.clone().or(file.jwt_issuer);
         c.jwt.audience = args.jwt_audience.clone().or(file.jwt_audience);
         if let Some(claim) = args.jwt_team_claim.clone().or(file.jwt_team_claim) {

@@ -193,6 +193,9 @@ pub async fn run(
                                 tracing::warn!(error = %e, "could not prune the audit log");
                             }
                         }
+                        if ticks % 40 == 39 {
+                            auth.refresh_jwks().await;
+                        }
                         ticks += 1;
                         proxy.pool().sweep();
                         proxy.raw_pools().iter().for_each(|p| p.sweep());

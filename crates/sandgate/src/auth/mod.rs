@@ -3,6 +3,7 @@
 //! request never waits on the store. Used by the request policy's check step, identically for
 //! both proxy lanes, and by the control API's key and team routes.
 
+pub mod jwks;
 pub mod keys;
 pub mod permissions;
 pub mod preview;
@@ -167,6 +168,8 @@ pub struct Auth {
     keys: RwLock<HashMap<Box<str>, Arc<KeyEntry>>>,
     open: Principal,
     tokens: Option<Tokens>,
+    /// The identity provider's JWKS URL (and extra CA), fetched again every 10 minutes.
+    jwks_url: Option<(String, Option<std::path::PathBuf>)>,
     previews: preview::Previews,
     /// Team names, for identity-provider tokens (whose team must exist).
     teams: RwLock<HashSet<String>>,
@@ -204,6 +207,13 @@ impl Auth {
                 via: Via::Open,
             },
             tokens,
+            jwks_url: config
+                .jwt
+                .jwks
+                .as_ref()
+                .and_then(|p| p.to_str())
+                .filter(|s| jwks::is_url(s))
+                .map(|s| (s.to_string(), config.jwt.jwks_ca.clone())),
             previews: preview::Previews::new(preview_secret.as_bytes()),
             teams: RwLock::new(teams),
             failures: AtomicU64::new(0),
@@ -370,6 +380,26 @@ impl Auth {
     /// Verified credentials held in memory: keys and cached tokens.
     pub fn cache_size(&self) -> usize {
         self.key_count() + self.tokens.as_ref().map_or(0, Tokens::cache_size)
+    }
+
+    /// Fetches the identity provider's JWKS URL again (key rotation); a failure keeps the
+    /// keys in use and is logged.
+    pub async fn refresh_jwks(&self) {
+        let (Some((url, ca)), Some(ext)) = (
+            &self.jwks_url,
+            self.tokens.as_ref().and_then(Tokens::provider),
+        ) else {
+            return;
+        };
+        match jwks::fetch(url, ca.as_deref())
+            .await
+            .and_then(|doc| ext.replace(&doc))
+        {
+            Ok(n) => tracing::debug!(%url, keys = n, "identity provider keys refreshed"),
+            Err(e) => {
+                tracing::warn!(%url, error = %e, "could not refresh the identity provider's keys; keeping the current ones")
+            }
+        }
     }
 
     /// Drops expired tokens from the cache.
@@ -547,16 +577,10 @@ async fn load_tokens(store: &dyn Store, config: &Config) -> Result<Tokens, LoadE
             store.secret("token", &fresh).await?
         }
     };
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|e| LoadError::File {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
-    };
     let jwt = &config.jwt;
     let (doc, path) = match (&jwt.public_key, &jwt.jwks) {
-        (Some(p), _) => (Some(read(p)?), p),
-        (None, Some(p)) => (Some(read(p)?), p),
+        (Some(p), _) => (Some(read_source(p, jwt.jwks_ca.as_deref()).await?), p),
+        (None, Some(p)) => (Some(read_source(p, jwt.jwks_ca.as_deref()).await?), p),
         (None, None) => (None, &config.data_dir),
     };
     let external = match doc {
@@ -586,6 +610,18 @@ async fn load_tokens(store: &dyn Store, config: &Config) -> Result<Tokens, LoadE
         config.auth_token_expiry,
         external,
     ))
+}
+
+/// A key file's contents, or a JWKS URL's document.
+async fn read_source(path: &Path, ca: Option<&Path>) -> Result<Vec<u8>, LoadError> {
+    let failed = |message: String| LoadError::File {
+        path: path.display().to_string(),
+        message,
+    };
+    match path.to_str().filter(|s| jwks::is_url(s)) {
+        Some(url) => jwks::fetch(url, ca).await.map_err(failed),
+        None => std::fs::read(path).map_err(|e| failed(e.to_string())),
+    }
 }
 
 fn owner_record(id: String, name: &str, key: &str) -> KeyRecord {

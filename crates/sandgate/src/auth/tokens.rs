@@ -32,9 +32,13 @@ pub struct Claims {
 }
 
 /// How an external identity provider's tokens are read.
+/// An identity provider's verification keys by `kid` (`None`: the one PEM key, or a JWKS key
+/// without a `kid`), with the algorithm each pins.
+type KeySet = Vec<(Option<String>, DecodingKey, Algorithm)>;
+
 pub struct External {
-    /// Keys by `kid` (`None`: the one PEM key, or a JWKS key without a `kid`).
-    keys: Vec<(Option<String>, DecodingKey, Algorithm)>,
+    /// Replaced whole when a JWKS URL is fetched again (key rotation).
+    keys: RwLock<KeySet>,
     issuer: Option<String>,
     audience: Option<String>,
     team_claim: String,
@@ -57,6 +61,27 @@ impl External {
         team_claim: String,
         role_claim: String,
     ) -> Result<External, String> {
+        Ok(External {
+            keys: RwLock::new(key_set(keys)?),
+            issuer,
+            audience,
+            team_claim,
+            role_claim,
+        })
+    }
+
+    /// Replaces the keys with a newly fetched JWKS document's; returns how many it has. A
+    /// document without a usable key changes nothing.
+    pub fn replace(&self, jwks: &[u8]) -> Result<usize, String> {
+        let keys = key_set(ExternalKeys::Jwks(jwks))?;
+        let n = keys.len();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        Ok(n)
+    }
+}
+
+fn key_set(keys: ExternalKeys<'_>) -> Result<KeySet, String> {
+    {
         let keys = match keys {
             ExternalKeys::Pem(pem) => {
                 let (key, alg) = match DecodingKey::from_rsa_pem(pem) {
@@ -91,13 +116,7 @@ impl External {
                 keys
             }
         };
-        Ok(External {
-            keys,
-            issuer,
-            audience,
-            team_claim,
-            role_claim,
-        })
+        Ok(keys)
     }
 }
 
@@ -216,6 +235,11 @@ impl Tokens {
         self.external.is_some()
     }
 
+    /// The identity provider's keys, if one is configured.
+    pub fn provider(&self) -> Option<&External> {
+        self.external.as_ref()
+    }
+
     fn decode(&self, token: &[u8], team_exists: &impl Fn(&str) -> bool) -> Result<Verified, Error> {
         let token =
             std::str::from_utf8(token).map_err(|_| Error::BadCredential("malformed token"))?;
@@ -244,8 +268,8 @@ impl Tokens {
                 "the token's algorithm is not accepted",
             ));
         };
-        let key = ext
-            .keys
+        let keys = ext.keys.read().unwrap_or_else(|e| e.into_inner());
+        let key = keys
             .iter()
             .find(|(kid, _, alg)| {
                 *alg == header.alg && (header.kid.is_none() || kid.is_none() || *kid == header.kid)
@@ -324,6 +348,31 @@ mod tests {
             subject: "abcdefghij".into(),
             via: Via::Key,
         }
+    }
+
+    #[test]
+    fn a_refetched_jwks_replaces_the_keys_only_when_usable() {
+        let doc = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/it/keys/idp-jwks.json"
+        ))
+        .unwrap();
+        let ext = External::new(
+            ExternalKeys::Jwks(&doc),
+            None,
+            None,
+            "team".into(),
+            "role".into(),
+        )
+        .unwrap();
+        assert_eq!(ext.replace(&doc), Ok(1));
+        assert!(ext.replace(br#"{"keys":[]}"#).is_err());
+        assert!(ext.replace(b"not json").is_err());
+        assert_eq!(
+            ext.keys.read().unwrap().len(),
+            1,
+            "a bad document changes nothing"
+        );
     }
 
     #[test]

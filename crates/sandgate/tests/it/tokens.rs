@@ -234,7 +234,67 @@ async fn api_key_only_gateways_mint_nothing(lane: Lane) {
     gw.shutdown().await;
 }
 
+/// Serves `doc` at any path over HTTPS with `certs`' server certificate.
+async fn serve_jwks(certs: &crate::common::tls::CertDir, doc: Vec<u8>) -> std::net::SocketAddr {
+    let acceptor = sandgate::tls::Tls::load(&certs.files)
+        .expect("test certificate")
+        .acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let doc = bytes::Bytes::from(doc);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, doc) = (acceptor.clone(), doc.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |_req| {
+                    let doc = doc.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(doc),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A JWKS URL over HTTPS (a provider behind a private CA, `--jwt-jwks-ca`): fetched at start,
+/// its keys verify the provider's tokens.
+async fn a_jwks_url_is_fetched_over_https(lane: Lane) {
+    let certs = crate::common::tls::CertDir::new();
+    let doc = std::fs::read(keys_dir().join("idp-jwks.json")).unwrap();
+    let addr = serve_jwks(&certs, doc).await;
+    let ca = certs.ca_path();
+    let url = format!("https://localhost:{}/.well-known/jwks.json", addr.port());
+    let gw = gateway(lane, move |c| {
+        c.jwt.jwks = Some(PathBuf::from(url));
+        c.jwt.jwks_ca = Some(ca);
+        c.jwt.team_claim = "org".into();
+    })
+    .await;
+    member_key(&gw, "acme").await;
+    let claims = json!({"sub": "bob", "org": "acme", "role": "viewer", "exp": now() + 600});
+    let t = idp_token(Algorithm::RS256, "idp-rsa.key", Some("test-rsa"), claims);
+    gw.get("/sandboxes")
+        .header("authorization", &format!("Bearer {t}"))
+        .send()
+        .await
+        .expect(200);
+    let providers = gw.get("/health/auth").send().await.expect(200).json()["providers"].clone();
+    assert_eq!(providers, json!(["api_key", "jwt", "identity_provider"]));
+    gw.shutdown().await;
+}
+
 both_lanes!(
+    a_jwks_url_is_fetched_over_https,
     minted_tokens_work_everywhere_and_end_with_their_key,
     identity_provider_tokens_are_checked,
     api_key_only_gateways_mint_nothing,
