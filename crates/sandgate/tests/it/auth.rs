@@ -488,6 +488,10 @@ async fn gateway_credentials_never_reach_a_sandbox(lane: Lane) {
         .await;
     let id = sb.id.clone();
     let host = format!("{}-{id}.localhost", sb.port);
+    let token = gm.post("/auth/token").send().await.expect(200).json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let routes: [(String, Option<&str>); 3] = [
         (format!("/sandbox/{id}/echo"), None),
         ("/alice/app/echo".to_string(), None),
@@ -520,6 +524,20 @@ async fn gateway_credentials_never_reach_a_sandbox(lane: Lane) {
             "{path}: {seen}"
         );
         assert!(!seen.to_string().contains(&member[..14]), "{path}: {seen}");
+        // Authorization: Bearer <minted JWT>.
+        let seen = with_host(
+            gw.get(&format!("{path}?q=1"))
+                .header("authorization", &format!("Bearer {token}")),
+        )
+        .send()
+        .await
+        .expect(200)
+        .json();
+        assert!(
+            seen["headers"].get("authorization").is_none(),
+            "{path}: {seen}"
+        );
+        assert_eq!(seen["query"], "q=1", "{path}: {seen}");
         // The app's own Authorization passes when the gateway used X-API-Key.
         let seen = with_host(
             gw.get(path)
