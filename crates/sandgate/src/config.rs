@@ -138,6 +138,19 @@ pub struct ServeArgs {
     /// MAX_CONCURRENT_REQUESTS), so slow clients from one address cannot hold every slot.
     #[arg(long, env = "SANDGATE_MAX_REQUESTS_PER_CLIENT")]
     pub max_requests_per_client: Option<usize>,
+    /// Seconds a command run through the exec API may take when its request names no
+    /// `timeout_ms`; then its process group is killed.
+    #[arg(long, env = "SANDGATE_EXEC_TIMEOUT")]
+    pub exec_timeout: Option<f64>,
+    /// Longest `timeout_ms` an exec request may ask for, in seconds.
+    #[arg(long, env = "SANDGATE_EXEC_MAX_TIMEOUT")]
+    pub exec_max_timeout: Option<f64>,
+    /// Largest `max_output_bytes` an exec request may ask for (per stream).
+    #[arg(long, env = "SANDGATE_EXEC_MAX_OUTPUT_BYTES")]
+    pub exec_max_output_bytes: Option<usize>,
+    /// Seconds a killed command gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "SANDGATE_EXEC_KILL_GRACE")]
+    pub exec_kill_grace: Option<f64>,
     /// Extra `Host` names the control API answers to, comma-separated (besides IP addresses,
     /// `localhost`, the domain and the public URL's host); `*` accepts any.
     #[arg(long, env = "SANDGATE_ALLOWED_HOSTS", value_delimiter = ',')]
@@ -250,6 +263,10 @@ struct FileConfig {
     fast_lane: Option<Switch>,
     body_timeout: Option<f64>,
     max_requests_per_client: Option<usize>,
+    exec_timeout: Option<f64>,
+    exec_max_timeout: Option<f64>,
+    exec_max_output_bytes: Option<usize>,
+    exec_kill_grace: Option<f64>,
     allowed_hosts: Option<Vec<String>>,
     upgrade_protocols: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
@@ -443,6 +460,14 @@ pub struct Config {
     pub body_timeout: Duration,
     /// Proxied requests in flight from one client address.
     pub max_requests_per_client: usize,
+    /// Default time limit of an exec.
+    pub exec_timeout: Duration,
+    /// Longest time limit an exec may ask for.
+    pub exec_max_timeout: Duration,
+    /// Largest per-stream output cap an exec may ask for.
+    pub exec_max_output_bytes: usize,
+    /// Between SIGTERM and SIGKILL when a command is killed.
+    pub exec_kill_grace: Duration,
     /// Extra `Host` names the control API answers to (lowercase, without port; `*`: any).
     pub allowed_hosts: Vec<String>,
     /// Protocols clients may upgrade to through the proxy (lowercase).
@@ -575,6 +600,10 @@ impl Config {
             fast_lane: true,
             body_timeout: Duration::from_secs(30),
             max_requests_per_client: 10_000 / 4,
+            exec_timeout: Duration::from_secs(300),
+            exec_max_timeout: Duration::from_secs(3600),
+            exec_max_output_bytes: 64 * 1024 * 1024,
+            exec_kill_grace: Duration::from_secs(2),
             allowed_hosts: Vec::new(),
             upgrade_protocols: vec!["websocket".into()],
             auth_enabled: true,
@@ -677,6 +706,19 @@ impl Config {
             .max_requests_per_client
             .or(file.max_requests_per_client)
             .unwrap_or((c.max_concurrent_requests / 4).max(1));
+        if let Some(secs) = args.exec_timeout.or(file.exec_timeout) {
+            c.exec_timeout = seconds("SANDGATE_EXEC_TIMEOUT", secs)?;
+        }
+        if let Some(secs) = args.exec_max_timeout.or(file.exec_max_timeout) {
+            c.exec_max_timeout = seconds("SANDGATE_EXEC_MAX_TIMEOUT", secs)?;
+        }
+        c.exec_max_output_bytes = args
+            .exec_max_output_bytes
+            .or(file.exec_max_output_bytes)
+            .unwrap_or(c.exec_max_output_bytes);
+        if let Some(secs) = args.exec_kill_grace.or(file.exec_kill_grace) {
+            c.exec_kill_grace = seconds("SANDGATE_EXEC_KILL_GRACE", secs)?;
+        }
         if let Some(hosts) = args.allowed_hosts.clone().or(file.allowed_hosts) {
             c.allowed_hosts = lowercase_list(hosts);
         }
@@ -797,6 +839,12 @@ impl Config {
         }
         if self.body_timeout.is_zero() {
             return bad("SANDGATE_BODY_TIMEOUT must be greater than 0".into());
+        }
+        if self.exec_timeout > self.exec_max_timeout {
+            return bad("SANDGATE_EXEC_TIMEOUT must not exceed SANDGATE_EXEC_MAX_TIMEOUT".into());
+        }
+        if !(1..=1 << 30).contains(&self.exec_max_output_bytes) {
+            return bad("SANDGATE_EXEC_MAX_OUTPUT_BYTES must be from 1 to 1 GiB".into());
         }
         for p in &self.upgrade_protocols {
             if p.is_empty() || !p.bytes().all(is_token_byte) {

@@ -98,6 +98,8 @@ pub enum Error {
     KeyNotFound(String),
     #[error("no team {0:?}")]
     TeamNotFound(String),
+    #[error("the {0} backend cannot run commands in sandboxes")]
+    ExecUnsupported(&'static str),
     #[error("internal error")]
     Internal(String),
 }
@@ -148,6 +150,7 @@ impl Error {
             RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             KeyNotFound(_) => (StatusCode::NOT_FOUND, "key_not_found"),
             TeamNotFound(_) => (StatusCode::NOT_FOUND, "team_not_found"),
+            ExecUnsupported(_) => (StatusCode::NOT_IMPLEMENTED, "exec_unsupported"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

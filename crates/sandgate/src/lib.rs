@@ -28,6 +28,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod event_loop;
+pub mod exec;
 pub mod fastlane;
 pub mod gateway;
 pub mod hyperlane;

@@ -65,7 +65,8 @@ fn validate_public_ports(ports: &[u16]) -> Result<(), Error> {
     Ok(())
 }
 
-fn valid_env_key(k: &str) -> bool {
+/// An environment variable name a sandbox or a command may set: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn valid_env_key(k: &str) -> bool {
     let mut b = k.bytes();
     matches!(b.next(), Some(c) if c.is_ascii_alphabetic() || c == b'_')
         && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')

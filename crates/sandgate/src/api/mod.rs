@@ -3,6 +3,7 @@
 //! body and path extractors that map every rejection onto the gateway's error shape.
 
 pub mod audit;
+pub mod exec;
 pub mod guard;
 pub mod health;
 pub mod keys;
@@ -52,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .merge(keys::router())
         .merge(audit::router())
+        .merge(exec::router())
         .fallback(|req: Request| async move {
             Error::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
         })

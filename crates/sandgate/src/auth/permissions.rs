@@ -81,6 +81,11 @@ pub fn api(method: &str, path: &str) -> Need {
             _ => Need::Read,
         },
         "teams" => Need::Owner,
+        // Seed 004's command socket: opening it (a GET upgrade) runs commands.
+        "ws" => Need::Write,
+        // Exec results and logs are the output of a member's commands: members only, reads
+        // too.
+        "sandboxes" if segs.nth(1) == Some("exec") => Need::Write,
         "audit" => Need::Admin,
         "auth" => match segs.next() {
             Some("keys") => Need::Admin,
@@ -118,6 +123,11 @@ mod tests {
         assert_eq!(api("POST", "/auth/token"), Need::Read);
         assert_eq!(api("GET", "/teams"), Need::Owner);
         assert_eq!(api("GET", "/nowhere"), Need::Read);
+        assert_eq!(api("GET", "/ws/sb"), Need::Write);
+        assert_eq!(api("POST", "/sandboxes/sb/exec"), Need::Write);
+        assert_eq!(api("GET", "/sandboxes/sb/exec/ex-1"), Need::Write);
+        assert_eq!(api("GET", "/sandboxes/sb/logs"), Need::Read);
+        assert_eq!(api("GET", "/sandboxes/exec"), Need::Read);
         assert!(Role::Viewer.allows(Need::Read) && !Role::Viewer.allows(Need::Write));
         assert!(Role::Member.allows(Need::Write) && !Role::Member.allows(Need::Admin));
         assert!(Role::Admin.allows(Need::Admin) && !Role::Admin.allows(Need::Owner));

@@ -2,6 +2,7 @@
 //! behind the same trait) and how the proxy reaches a sandbox's port.
 
 pub mod docker;
+pub mod exec;
 pub mod netns;
 pub mod process;
 
@@ -11,6 +12,7 @@ use async_trait::async_trait;
 
 use crate::model::Sandbox;
 use crate::runtimes::Runtime;
+use exec::{ExecError, ExecHandle, ExecSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -129,4 +131,10 @@ pub trait Backend: Send + Sync {
     /// The sandbox's captured stdout and stderr so far, as a stream of bytes (empty if it has
     /// printed nothing yet).
     async fn logs(&self, sandbox: &Sandbox) -> Result<LogStream, BackendError>;
+    /// Starts one command inside the running sandbox, as its own user, in its namespaces or
+    /// container, with its working tree and environment (see [`exec`]).
+    async fn exec(&self, sandbox: &Sandbox, spec: ExecSpec) -> Result<ExecHandle, ExecError> {
+        let _ = (sandbox, spec);
+        Err(ExecError::Unsupported(self.kind()))
+    }
 }

@@ -360,6 +360,24 @@ async fn the_permission_table(lane: Lane) {
         ),
         (
             "POST",
+            format!("/sandboxes/{none}/exec"),
+            Some(json!({"command": "true"})),
+            &["owner", "admin", "member"],
+        ),
+        (
+            "GET",
+            format!("/sandboxes/{none}/exec/ex-aaaaaaaaaaaaaaaa"),
+            None,
+            &["owner", "admin", "member"],
+        ),
+        (
+            "GET",
+            format!("/ws/{none}"),
+            None,
+            &["owner", "admin", "member"],
+        ),
+        (
+            "POST",
             "/auth/token".into(),
             None,
             &["owner", "admin", "member", "viewer"],

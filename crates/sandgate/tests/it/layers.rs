@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("auth", 3),
     ("audit", 3),
     ("manager", 4),
+    ("exec", 4),
     ("proxy", 4),
     ("lifecycle", 5),
     ("api", 5),

@@ -9,6 +9,7 @@ mod audit;
 mod auth;
 mod cli;
 mod docker;
+mod exec;
 mod fastlane;
 mod framing;
 mod frontdoor;

@@ -24,6 +24,9 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
+mod exec;
+
+use super::exec::{ExecError, ExecHandle, ExecSpec};
 use super::{Backend, BackendError, Exit, LogStream, Started};
 use crate::model::Sandbox;
 use crate::runtimes::Runtime;
@@ -313,6 +316,10 @@ impl Backend for ProcessBackend {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn exec(&self, sb: &Sandbox, spec: ExecSpec) -> Result<ExecHandle, ExecError> {
+        self.exec_in(sb, spec).await
     }
 }
 

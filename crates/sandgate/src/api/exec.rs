@@ -1,0 +1,347 @@
+//! `POST /sandboxes/{id}/exec`: runs one command in a sandbox and answers its result, 200
+//! whatever the command did (a failed command is a result, not an HTTP error). Team-scoped
+//! like every sandbox route, woken like a proxied request, and counted as use for the idle
+//! reaper while the command runs.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{audited, ApiJson, ApiPath, AppState, Caller};
+use crate::audit::Actor;
+use crate::backend::exec::{ExecError, ExecSpec};
+use crate::error::Error;
+use crate::exec::{self, Encoding, Outcome, RunLimits, StartError, Status};
+use crate::model::{Mode, Sandbox, Status as SandboxStatus};
+use crate::routes::InUse;
+
+/// Largest shell command, and largest environment value.
+const MAX_COMMAND: usize = 64 * 1024;
+/// Largest argv, all arguments together.
+const MAX_ARGV: usize = 256 * 1024;
+const MAX_ENV: usize = 256;
+/// Default per-stream output cap of one exec.
+const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
+/// How much of a command an audit record keeps.
+const AUDIT_COMMAND: usize = 256;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/sandboxes/{id}/exec", post(exec_http))
+}
+
+/// The body of `POST /sandboxes/{id}/exec`. Unknown fields are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    /// A shell command, run as `/bin/sh -c command`.
+    pub command: Option<String>,
+    /// A program and its arguments, run without a shell.
+    pub argv: Option<Vec<String>>,
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Text given to the command on stdin (then EOF).
+    pub stdin: Option<String>,
+    /// Bytes given on stdin, base64.
+    pub stdin_base64: Option<String>,
+    pub timeout_ms: Option<u64>,
+    /// Per stream.
+    pub max_output_bytes: Option<usize>,
+}
+
+/// A checked exec request, whichever entry point it came from.
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub stdin: Option<Bytes>,
+    pub limits: RunLimits,
+    /// What the audit log records (the command, cut).
+    pub summary: String,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::Validation(msg.into())
+}
+
+fn no_nul(what: &str, s: &str) -> Result<(), Error> {
+    if s.contains('\0') {
+        return Err(invalid(format!("{what} must not contain NUL")));
+    }
+    Ok(())
+}
+
+impl ExecBody {
+    pub fn check(self, state: &AppState) -> Result<ExecRequest, Error> {
+        let argv = match (self.command, self.argv) {
+            (Some(c), None) => {
+                if c.trim().is_empty() || c.len() > MAX_COMMAND {
+                    return Err(invalid(format!(
+                        "command must be non-empty and at most {MAX_COMMAND} bytes"
+                    )));
+                }
+                no_nul("command", &c)?;
+                vec!["/bin/sh".to_string(), "-c".to_string(), c]
+            }
+            (None, Some(argv)) => {
+                if argv.first().is_none_or(|p| p.is_empty())
+                    || argv.iter().map(|a| a.len() + 1).sum::<usize>() > MAX_ARGV
+                {
+                    return Err(invalid(format!(
+                        "argv must name a program and be at most {MAX_ARGV} bytes in all"
+                    )));
+                }
+                for a in &argv {
+                    no_nul("argv", a)?;
+                }
+                argv
+            }
+            _ => {
+                return Err(invalid(
+                    "give exactly one of command (a shell command) or argv",
+                ))
+            }
+        };
+        if let Some(cwd) = &self.cwd {
+            if cwd.is_empty() || cwd.len() > 4096 {
+                return Err(invalid("cwd must be a path of 1 to 4096 bytes"));
+            }
+            no_nul("cwd", cwd)?;
+        }
+        check_env(&self.env)?;
+        let stdin = match (self.stdin, self.stdin_base64) {
+            (Some(_), Some(_)) => return Err(invalid("give stdin or stdin_base64, not both")),
+            (Some(text), None) => Some(Bytes::from(text)),
+            (None, Some(b64)) => {
+                use base64::Engine;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| invalid(format!("stdin_base64 is not base64: {e}")))?;
+                Some(Bytes::from(bytes))
+            }
+            (None, None) => None,
+        };
+        let limits = run_limits(state, self.timeout_ms, self.max_output_bytes)?;
+        let summary = summarize(&argv);
+        Ok(ExecRequest {
+            argv,
+            env: self.env,
+            cwd: self.cwd,
+            stdin,
+            limits,
+            summary,
+        })
+    }
+}
+
+/// The limits of one run: the request's, within the gateway's.
+pub fn run_limits(
+    state: &AppState,
+    timeout_ms: Option<u64>,
+    max_output: Option<usize>,
+) -> Result<RunLimits, Error> {
+    let c = &state.config;
+    let max_ms = c.exec_max_timeout.as_millis() as u64;
+    let timeout = match timeout_ms {
+        None => c.exec_timeout,
+        Some(ms) if (1..=max_ms).contains(&ms) => Duration::from_millis(ms),
+        Some(_) => {
+            return Err(invalid(format!(
+                "timeout_ms must be from 1 to {max_ms} (the gateway's exec_max_timeout)"
+            )))
+        }
+    };
+    let max_output = match max_output {
+        None => DEFAULT_MAX_OUTPUT.min(c.exec_max_output_bytes),
+        Some(n) if (1..=c.exec_max_output_bytes).contains(&n) => n,
+        Some(_) => {
+            return Err(invalid(format!(
+                "max_output_bytes must be from 1 to {} (the gateway's exec_max_output_bytes)",
+                c.exec_max_output_bytes
+            )))
+        }
+    };
+    Ok(RunLimits {
+        timeout,
+        max_output,
+        kill_grace: c.exec_kill_grace,
+    })
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), Error> {
+    if env.len() > MAX_ENV {
+        return Err(invalid(format!("at most {MAX_ENV} environment variables")));
+    }
+    for (k, v) in env {
+        if !crate::manager::valid_env_key(k) || v.contains('\0') || v.len() > MAX_COMMAND {
+            return Err(invalid(format!("invalid environment variable {k:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// The command as the audit log shows it.
+fn summarize(argv: &[String]) -> String {
+    let text = match argv {
+        [sh, c, cmd] if sh == "/bin/sh" && c == "-c" => cmd.clone(),
+        _ => argv.join(" "),
+    };
+    let mut end = text.len().min(AUDIT_COMMAND);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// A running sandbox to run commands in, held in use (the idle reaper spares it) until the
+/// guard drops. A stopped persistent sandbox is started first, as a proxied request would.
+pub async fn acquire(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<(Sandbox, InUse), Error> {
+    let mut sb = caller.sandbox(state, id).await?;
+    match sb.status {
+        SandboxStatus::Running => {}
+        SandboxStatus::Stopped if sb.mode == Mode::Persistent => {
+            tracing::info!(sandbox = %id, "waking for a command");
+            sb = tokio::time::timeout(state.config.wake_timeout, state.manager.start(id))
+                .await
+                .map_err(|_| Error::Starting(id.to_string()))??;
+        }
+        status => {
+            return Err(Error::NotRunning {
+                id: id.to_string(),
+                status: status.to_string(),
+            })
+        }
+    }
+    let entry = state
+        .routes
+        .get(id)
+        .ok_or_else(|| Error::SandboxNotFound(id.to_string()))?;
+    let cap = state.rates.max_connections(&sb.team);
+    let in_use = entry
+        .try_in_use(cap)
+        .ok_or_else(|| crate::rates::too_many_connections(cap))?;
+    Ok((sb, in_use))
+}
+
+/// A fresh exec id: `ex-` and 16 characters of the sandbox-id alphabet.
+pub fn new_exec_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut rng = rand::thread_rng();
+    let id: String = (0..16)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("ex-{id}")
+}
+
+/// Starts `req` in `sb` and runs it to its end. A command that cannot start is an outcome.
+pub async fn run(
+    state: &AppState,
+    sb: &Sandbox,
+    exec_id: &str,
+    req: ExecRequest,
+) -> Result<Outcome, Error> {
+    let spec = ExecSpec {
+        argv: req.argv,
+        env: req.env,
+        cwd: req.cwd,
+        stdin: req.stdin.is_some(),
+        tag: exec_id.to_string(),
+    };
+    match state.manager.backend().exec(sb, spec).await {
+        Ok(handle) => Ok(exec::run(handle, req.stdin, req.limits).await),
+        Err(ExecError::NotStarted { kind, message }) => {
+            Ok(Outcome::not_started(kind, message, req.limits.max_output))
+        }
+        Err(ExecError::NotRunning) => Err(Error::NotRunning {
+            id: sb.id.clone(),
+            status: "not running".into(),
+        }),
+        Err(ExecError::Unsupported(kind)) => Err(Error::ExecUnsupported(kind)),
+        Err(ExecError::Backend(e)) => Err(Error::internal(e)),
+    }
+}
+
+/// The JSON result of an exec.
+#[derive(Debug, Serialize)]
+pub struct ExecResult {
+    pub exec_id: String,
+    pub sandbox_id: String,
+    pub status: Status,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub encoding: Encoding,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    pub duration_ms: u64,
+    pub start_error: Option<StartError>,
+}
+
+impl ExecResult {
+    pub fn new(exec_id: String, sandbox_id: String, o: Outcome) -> ExecResult {
+        let (stdout, stderr, encoding) = exec::render(&o);
+        ExecResult {
+            exec_id,
+            sandbox_id,
+            status: o.status,
+            exit_code: o.exit_code,
+            signal: o.signal,
+            timed_out: o.timed_out,
+            stdout,
+            stderr,
+            encoding,
+            stdout_truncated: o.stdout.truncated(),
+            stderr_truncated: o.stderr.truncated(),
+            stdout_bytes: o.stdout.total(),
+            stderr_bytes: o.stderr.total(),
+            duration_ms: o.duration.as_millis() as u64,
+            start_error: o.start_error,
+        }
+    }
+}
+
+/// Records the start of an exec in the audit log (the command, cut; never stdin or env
+/// values).
+pub fn audit_start(state: &AppState, actor: &Actor, id: &str, via: &str, summary: &str) {
+    state.audit.record(
+        actor,
+        "sandbox.exec",
+        Some(id),
+        "ok",
+        Some(format!("via={via} command={summary}")),
+    );
+}
+
+async fn exec_http(
+    State(state): State<AppState>,
+    caller: Caller,
+    actor: Actor,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<ExecBody>,
+) -> Result<Response, Error> {
+    let acquired = acquire(&state, &caller, &id).await;
+    let (sb, _in_use) = match acquired {
+        Ok(a) => a,
+        Err(e) => return audited(&state, &actor, "sandbox.exec", Some(&id), Err(e)),
+    };
+    let req = body.check(&state)?;
+    audit_start(&state, &actor, &id, "http", &req.summary);
+    let exec_id = new_exec_id();
+    let outcome = run(&state, &sb, &exec_id, req).await?;
+    Ok(Json(ExecResult::new(exec_id, sb.id, outcome)).into_response())
+}

@@ -1,0 +1,254 @@
+//! Commands run in a process sandbox. Shared-host: a child of the gateway in the sandbox's
+//! working tree, with its clean environment. Isolated: a short-lived thread joins the
+//! sandbox's mount, network and PID namespaces (`setns`, the `netns` pattern: the thread dies
+//! right after, so nothing leaks to other work) and spawns the command there, so it sees the
+//! sandbox's loopback and `/proc` and is a process of the sandbox's PID namespace.
+//!
+//! Every command leads its own process group and carries a tag ([`EXEC_TAG_VAR`]); a kill
+//! signals the group and every process with the tag, so a `setsid` escapee dies too.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::{FutureExt, StreamExt};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use tokio_util::io::ReaderStream;
+
+use super::{base_env, group_alive, is_same_process, parse_ref, wait_group_gone, ProcRef};
+use super::{ProcessBackend, WORK_DIR};
+use crate::backend::exec::{
+    Chunk, ExecControl, ExecError, ExecExit, ExecHandle, ExecSpec, StartKind, EXEC_TAG_VAR,
+};
+use crate::model::Sandbox;
+
+/// Read size for a command's pipes.
+const READ_CHUNK: usize = 64 * 1024;
+
+impl ProcessBackend {
+    pub(super) async fn exec_in(
+        &self,
+        sb: &Sandbox,
+        spec: ExecSpec,
+    ) -> Result<ExecHandle, ExecError> {
+        let leader = parse_ref(sb)
+            .filter(|r| is_same_process(*r))
+            .ok_or(ExecError::NotRunning)?;
+        let Some(program) = spec.argv.first() else {
+            return Err(ExecError::not_started(StartKind::Other, "empty argv"));
+        };
+        let work = self.dir(sb).join(WORK_DIR);
+        let cwd = match &spec.cwd {
+            None => work.clone(),
+            Some(c) => work.join(c),
+        };
+        let mut env = base_env(sb, &work, self.isolated);
+        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.insert(EXEC_TAG_VAR.into(), spec.tag.clone());
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&spec.argv[1..])
+            .current_dir(&cwd)
+            .env_clear()
+            .envs(env)
+            .stdin(if spec.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            // Kills are explicit (a timeout, a disconnect, `DELETE`): a command outlives the
+            // response only when it was started to.
+            .kill_on_drop(false);
+        let mut child = if self.isolated {
+            spawn_inside(leader, cmd, cwd).await?
+        } else {
+            check_cwd(&cwd)?;
+            cmd.spawn().map_err(|e| {
+                ExecError::not_started(StartKind::of(&e), spawn_message(program, &e))
+            })?
+        };
+        let pgid = child
+            .id()
+            .map(|p| p as i32)
+            .ok_or_else(|| ExecError::Backend("the command vanished at once".into()))?;
+        let stdout = child.stdout.take().map(|s| {
+            ReaderStream::with_capacity(s, READ_CHUNK)
+                .map(|r| r.map(Chunk::Stdout))
+                .boxed()
+        });
+        let stderr = child.stderr.take().map(|s| {
+            ReaderStream::with_capacity(s, READ_CHUNK)
+                .map(|r| r.map(Chunk::Stderr))
+                .boxed()
+        });
+        let output = match (stdout, stderr) {
+            (Some(o), Some(e)) => futures_util::stream::select(o, e).boxed(),
+            _ => return Err(ExecError::Backend("the command's pipes are missing".into())),
+        };
+        let stdin = child
+            .stdin
+            .take()
+            .map(|w| Box::new(w) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>);
+        let exit = async move {
+            use std::os::unix::process::ExitStatusExt;
+            match child.wait().await {
+                Ok(s) => match (s.code(), s.signal()) {
+                    (Some(code), _) => ExecExit::Exited(code),
+                    (None, Some(sig)) => ExecExit::Signaled(sig),
+                    _ => ExecExit::Unknown,
+                },
+                Err(_) => ExecExit::Unknown,
+            }
+        }
+        .boxed();
+        Ok(ExecHandle {
+            stdin,
+            output,
+            exit,
+            control: Arc::new(ProcessExec {
+                pgid,
+                tag: format!("{EXEC_TAG_VAR}={}", spec.tag).into_bytes(),
+            }),
+        })
+    }
+}
+
+fn spawn_message(program: &str, e: &std::io::Error) -> String {
+    match StartKind::of(e) {
+        StartKind::NotFound => format!("{program}: command not found"),
+        StartKind::PermissionDenied => format!("{program}: permission denied"),
+        _ => format!("{program}: {e}"),
+    }
+}
+
+/// A missing working directory is told apart from a missing program (both are `ENOENT` from
+/// the spawn itself).
+fn check_cwd(cwd: &Path) -> Result<(), ExecError> {
+    if cwd.is_dir() {
+        Ok(())
+    } else {
+        Err(ExecError::not_started(
+            StartKind::BadCwd,
+            format!("{}: no such directory", cwd.display()),
+        ))
+    }
+}
+
+/// Spawns `cmd` inside the namespaces of the sandbox led by `leader`.
+async fn spawn_inside(
+    leader: ProcRef,
+    mut cmd: tokio::process::Command,
+    cwd: PathBuf,
+) -> Result<tokio::process::Child, ExecError> {
+    let open = |ns: &str| std::fs::File::open(format!("/proc/{}/ns/{ns}", leader.pid));
+    let namespaces = (open("mnt"), open("net"), open("pid_for_children"));
+    let (Ok(mnt), Ok(net), Ok(pid)) = namespaces else {
+        return Err(ExecError::NotRunning);
+    };
+    // The descriptors now pin the namespaces; make sure they are the sandbox's, not those of
+    // a process that reused its pid.
+    if !is_same_process(leader) {
+        return Err(ExecError::NotRunning);
+    }
+    let runtime = tokio::runtime::Handle::current();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("exec-spawn".into())
+        .spawn(move || {
+            let mut enter = || -> Result<tokio::process::Child, ExecError> {
+                let ns_err = |e: nix::Error| ExecError::Backend(format!("setns: {e}"));
+                // A thread sharing its filesystem context may not join a mount namespace.
+                nix::sched::unshare(CloneFlags::CLONE_FS).map_err(ns_err)?;
+                nix::sched::setns(&mnt, CloneFlags::CLONE_NEWNS).map_err(ns_err)?;
+                nix::sched::setns(&net, CloneFlags::CLONE_NEWNET).map_err(ns_err)?;
+                nix::sched::setns(&pid, CloneFlags::CLONE_NEWPID).map_err(ns_err)?;
+                check_cwd(&cwd)?;
+                let _runtime = runtime.enter();
+                let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+                cmd.spawn().map_err(|e| {
+                    ExecError::not_started(StartKind::of(&e), spawn_message(&program, &e))
+                })
+            };
+            let _ = tx.send(enter());
+        })
+        .map_err(|e| ExecError::Backend(format!("cannot start the spawner thread: {e}")))?;
+    rx.await
+        .map_err(|_| ExecError::Backend("the spawner thread vanished".into()))?
+}
+
+/// Signals one process command: its group, and everything carrying its tag.
+struct ProcessExec {
+    pgid: i32,
+    /// `SANDGATE_EXEC=<tag>`, as it appears in `/proc/<pid>/environ`.
+    tag: Vec<u8>,
+}
+
+impl ProcessExec {
+    fn send(&self, signal: Signal) {
+        if group_alive(self.pgid) {
+            let _ = killpg(Pid::from_raw(self.pgid), signal);
+        }
+        for pid in tagged(&self.tag) {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+}
+
+#[async_trait]
+impl ExecControl for ProcessExec {
+    async fn signal(&self, signal: i32) -> Result<(), ExecError> {
+        let signal = Signal::try_from(signal)
+            .map_err(|_| ExecError::Backend(format!("no signal number {signal}")))?;
+        self.send(signal);
+        Ok(())
+    }
+
+    async fn kill(&self, grace: Duration) {
+        self.send(Signal::SIGTERM);
+        if !wait_group_gone(self.pgid, grace).await || !tagged(&self.tag).is_empty() {
+            self.send(Signal::SIGKILL);
+            wait_group_gone(self.pgid, Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// Live processes whose environment holds `tag` as one whole entry.
+fn tagged(tag: &[u8]) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|entry| entry == tag))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_process_by_its_tag_only_as_a_whole_entry() {
+        let tag = format!("{EXEC_TAG_VAR}=unit-{}", std::process::id());
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env(EXEC_TAG_VAR, tag.split('=').nth(1).unwrap())
+            .env("OTHER", &tag)
+            .spawn()
+            .unwrap();
+        let found = tagged(tag.as_bytes());
+        assert_eq!(found, vec![child.id() as i32]);
+        assert!(tagged(format!("{tag}x").as_bytes()).is_empty());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(tagged(tag.as_bytes()).is_empty());
+    }
+}

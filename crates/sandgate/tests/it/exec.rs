@@ -1,0 +1,446 @@
+//! `POST /sandboxes/{id}/exec` on the process backend, shared-host and isolated (each test
+//! runs in both; the isolated one prints `SKIPPED` without the privilege): true exit codes and
+//! signals, timeouts that kill the whole command (checked in `/proc`), output caps with head
+//! and tail, binary output, stdin, start failures told apart from failed commands, the
+//! sandbox's namespaces, a disconnect that kills, waking, the idle reaper, and who may run.
+
+use std::time::{Duration, Instant};
+
+use sandgate::config::Isolation;
+use serde_json::{json, Value};
+
+use crate::common::{auth_gateway, eventually, team_key, Client, Lane, TestGateway, ADMIN_KEY};
+
+/// Instantiates each `async fn name(isolation: Isolation)` as `name::shared_host` and
+/// `name::isolated`.
+macro_rules! both_isolations {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread")]
+                async fn shared_host() {
+                    super::$name(sandgate::config::Isolation::None).await
+                }
+                #[tokio::test(flavor = "multi_thread")]
+                async fn isolated() {
+                    if !sandgate::backend::process::isolation_available() {
+                        eprintln!("SKIPPED: no network-namespace privilege");
+                        return;
+                    }
+                    super::$name(sandgate::config::Isolation::Netns).await
+                }
+            }
+        )*
+    };
+}
+
+async fn gateway(isolation: Isolation) -> TestGateway {
+    TestGateway::builder()
+        .isolation(isolation)
+        .config(|c| c.exec_kill_grace = Duration::from_millis(500))
+        .start()
+        .await
+}
+
+/// A sandbox with no dev server: an environment for commands.
+async fn shell(gw: &Client) -> String {
+    let v = gw.create(&json!({"runtime": "shell"})).await;
+    v["id"].as_str().expect("id").to_string()
+}
+
+/// Runs `body` in `id`, expecting 200.
+async fn exec(gw: &Client, id: &str, body: Value) -> Value {
+    let r = gw
+        .post(&format!("/sandboxes/{id}/exec"))
+        .json(&body)
+        .send()
+        .await;
+    r.expect(200);
+    r.json()
+}
+
+/// Processes whose environment holds `entry` (e.g. `SANDGATE_EXEC=ex-…`) as a whole entry.
+fn processes_with(entry: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+            if env.split(|b| *b == 0).any(|x| x == entry.as_bytes()) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+fn exec_tag(v: &Value) -> String {
+    format!("SANDGATE_EXEC={}", v["exec_id"].as_str().expect("exec_id"))
+}
+
+async fn exit_codes_signals_and_output(isolation: Isolation) {
+    let gw = gateway(isolation).await;
+    let id = shell(&gw).await;
+    let v = exec(
+        &gw,
+        &id,
+        json!({"command": "echo out; echo err >&2; exit 3"}),
+    )
+    .await;
+    assert_eq!(v["status"], "exited", "{v}");
+    assert_eq!(v["exit_code"], 3, "{v}");
+    assert_eq!(v["signal"], Value::Null, "{v}");
+    assert_eq!(v["timed_out"], false, "{v}");
+    assert_eq!(v["stdout"], "out\n", "{v}");
+    assert_eq!(v["stderr"], "err\n", "{v}");
+    assert_eq!(v["encoding"], "utf-8", "{v}");
+    assert_eq!(v["stdout_truncated"], false, "{v}");
+    assert_eq!(v["sandbox_id"], id.as_str(), "{v}");
+    assert!(v["exec_id"].as_str().unwrap().starts_with("ex-"), "{v}");
+    assert!(v["duration_ms"].is_u64(), "{v}");
+    // A signal death is not an exit code.
+    let v = exec(&gw, &id, json!({"command": "kill -9 $$"})).await;
+    assert_eq!(v["status"], "signaled", "{v}");
+    assert_eq!(v["signal"], 9, "{v}");
+    assert_eq!(v["exit_code"], Value::Null, "{v}");
+    // argv runs without a shell: `$HOME` stays literal.
+    let v = exec(&gw, &id, json!({"argv": ["echo", "$HOME", "a b"]})).await;
+    assert_eq!(v["stdout"], "$HOME a b\n", "{v}");
+    // Environment, working directory (relative to the working tree), stdin.
+    exec(&gw, &id, json!({"command": "mkdir -p sub/dir"})).await;
+    let v = exec(
+        &gw,
+        &id,
+        json!({"command": "pwd; echo $FOO; echo $SANDBOX_ID; cat", "cwd": "sub/dir",
+               "env": {"FOO": "bar"}, "stdin": "from stdin"}),
+    )
+    .await;
+    let out = v["stdout"].as_str().unwrap();
+    let lines: Vec<_> = out.lines().collect();
+    assert!(lines[0].ends_with("/work/sub/dir"), "{v}");
+    assert_eq!(&lines[1..], ["bar", id.as_str(), "from stdin"], "{v}");
+    let v = exec(
+        &gw,
+        &id,
+        json!({"argv": ["cat"], "stdin_base64": "AAEC/w=="}),
+    )
+    .await;
+    assert_eq!(v["encoding"], "base64", "{v}");
+    assert_eq!(v["stdout"], "AAEC/w==", "{v}");
+    // The gateway's own environment never reaches a command.
+    let v = exec(&gw, &id, json!({"command": "env"})).await;
+    let env = v["stdout"].as_str().unwrap();
+    assert!(!env.contains("CARGO"), "{env}");
+    gw.delete_sandbox(&id).await;
+}
+
+async fn start_failures_are_told_apart_from_failed_commands(isolation: Isolation) {
+    let gw = gateway(isolation).await;
+    let id = shell(&gw).await;
+    let v = exec(&gw, &id, json!({"argv": ["sandgate-no-such-program"]})).await;
+    assert_eq!(v["status"], "not_started", "{v}");
+    assert_eq!(v["exit_code"], Value::Null, "{v}");
+    assert_eq!(v["start_error"]["kind"], "not_found", "{v}");
+    let v = exec(&gw, &id, json!({"argv": ["true"], "cwd": "missing"})).await;
+    assert_eq!(v["status"], "not_started", "{v}");
+    assert_eq!(v["start_error"]["kind"], "bad_cwd", "{v}");
+    // Through the shell, a missing program is the shell's true exit status.
+    let v = exec(&gw, &id, json!({"command": "sandgate-no-such-program"})).await;
+    assert_eq!(v["status"], "exited", "{v}");
+    assert_eq!(v["exit_code"], 127, "{v}");
+    assert_eq!(v["start_error"], Value::Null, "{v}");
+    // Bad requests are refused before anything runs.
+    let path = format!("/sandboxes/{id}/exec");
+    for (body, status, code) in [
+        (json!({}), 422, "validation_failed"),
+        (
+            json!({"command": "true", "argv": ["true"]}),
+            422,
+            "validation_failed",
+        ),
+        (json!({"command": " "}), 422, "validation_failed"),
+        (json!({"argv": []}), 422, "validation_failed"),
+        (
+            json!({"command": "true", "timeout_ms": 0}),
+            422,
+            "validation_failed",
+        ),
+        (
+            json!({"command": "true", "timeout_ms": 3_600_001}),
+            422,
+            "validation_failed",
+        ),
+        (
+            json!({"command": "true", "env": {"A=B": "x"}}),
+            422,
+            "validation_failed",
+        ),
+        (
+            json!({"command": "true", "stdin_base64": "%%"}),
+            422,
+            "validation_failed",
+        ),
+        (
+            json!({"command": "true", "shell": true}),
+            400,
+            "bad_request",
+        ),
+    ] {
+        gw.post(&path)
+            .json(&body)
+            .send()
+            .await
+            .expect_error(status, code);
+    }
+    gw.delete_sandbox(&id).await;
+    gw.post(&path)
+        .json(&json!({"command": "true"}))
+        .send()
+        .await
+        .expect_error(404, "sandbox_not_found");
+}
+
+async fn timeouts_kill_the_whole_command(isolation: Isolation) {
+    let gw = gateway(isolation).await;
+    let id = shell(&gw).await;
+    let started = Instant::now();
+    // The shell ignores SIGTERM, and so do its children: only the SIGKILL after the grace
+    // ends them. A child in a session of its own escapes the process group, not the tag.
+    let v = exec(
+        &gw,
+        &id,
+        json!({"command": "echo begun; trap '' TERM; setsid sleep 60 & sleep 60; echo never",
+               "timeout_ms": 300}),
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(v["status"], "timed_out", "{v}");
+    assert_eq!(v["timed_out"], true, "{v}");
+    assert_eq!(v["exit_code"], Value::Null, "{v}");
+    assert_eq!(v["signal"], 9, "{v}");
+    assert_eq!(v["stdout"], "begun\n", "{v}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let tag = exec_tag(&v);
+    eventually(
+        Duration::from_secs(5),
+        "no process of the exec is left",
+        || {
+            let left = processes_with(&tag);
+            async move { left.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    gw.delete_sandbox(&id).await;
+}
+
+async fn big_and_binary_output(isolation: Isolation) {
+    let gw = gateway(isolation).await;
+    let id = shell(&gw).await;
+    let ten_mib = 10 * 1024 * 1024;
+    let cmd = format!("head -c {ten_mib} /dev/zero | tr '\\0' a; printf 'the end'");
+    // Over the default 1 MiB cap: head, marker, tail.
+    let v = exec(&gw, &id, json!({"command": cmd})).await;
+    assert_eq!(v["stdout_truncated"], true);
+    assert_eq!(v["stdout_bytes"], ten_mib + 7);
+    let out = v["stdout"].as_str().unwrap();
+    let marker = format!(
+        "\n[sandgate: {} bytes omitted]\n",
+        ten_mib + 7 - 1024 * 1024
+    );
+    assert_eq!(out.len(), 1024 * 1024 + marker.len());
+    assert!(out.starts_with(&"a".repeat(512 * 1024)));
+    assert!(out.contains(&marker));
+    assert!(out.ends_with("aaaathe end"));
+    // Under a 16 MiB cap: every byte.
+    let v = exec(
+        &gw,
+        &id,
+        json!({"command": cmd, "max_output_bytes": 16 * 1024 * 1024}),
+    )
+    .await;
+    assert_eq!(v["stdout_truncated"], false);
+    let out = v["stdout"].as_str().unwrap();
+    assert_eq!(out.len(), ten_mib + 7);
+    assert!(out.bytes().take(ten_mib).all(|b| b == b'a'));
+    // Bytes that are not UTF-8 come back base64, on both streams.
+    let v = exec(
+        &gw,
+        &id,
+        json!({"command": "printf '\\377\\376'; echo text >&2"}),
+    )
+    .await;
+    assert_eq!(v["encoding"], "base64", "{v}");
+    assert_eq!(v["stdout"], "//4=", "{v}");
+    assert_eq!(v["stderr"], "dGV4dAo=", "{v}");
+    let v = exec(&gw, &id, json!({"command": "head -c 4096 /dev/urandom"})).await;
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v["stdout"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw.len(), 4096, "{}", v["encoding"]);
+    gw.delete_sandbox(&id).await;
+}
+
+async fn commands_run_inside_the_sandbox(isolation: Isolation) {
+    let gw = gateway(isolation).await;
+    let sb = gw.create_fixture().await;
+    // The sandbox's own server, on the port it was given, is reachable from a command.
+    let fetch = "import os, urllib.request; \
+                 print(urllib.request.urlopen('http://127.0.0.1:%s/' % os.environ['PORT']).read().decode())";
+    let v = exec(&gw, &sb.id, json!({"argv": ["python3", "-c", fetch]})).await;
+    assert_eq!(v["stdout"], "fixture ok\n", "{v}");
+    let v = exec(
+        &gw,
+        &sb.id,
+        json!({"command": "readlink /proc/self/ns/net /proc/self/ns/pid; echo $$"}),
+    )
+    .await;
+    let out = v["stdout"].as_str().unwrap().to_string();
+    let lines: Vec<_> = out.lines().collect();
+    let own = |ns: &str| {
+        std::fs::read_link(format!("/proc/self/ns/{ns}"))
+            .unwrap()
+            .display()
+            .to_string()
+    };
+    let pid: i32 = lines[2].parse().unwrap();
+    if isolation == Isolation::Netns {
+        assert_ne!(lines[0], own("net"), "{out}");
+        assert_ne!(lines[1], own("pid"), "{out}");
+        // A small pid: the sandbox's PID namespace, where its init is 1.
+        assert!(pid < 100, "{out}");
+    } else {
+        assert_eq!(lines[0], own("net"), "{out}");
+    }
+    gw.delete_sandbox(&sb.id).await;
+}
+
+async fn a_client_that_goes_away_kills_its_command(isolation: Isolation) {
+    use tokio::io::AsyncWriteExt;
+    let gw = gateway(isolation).await;
+    let id = shell(&gw).await;
+    let mark = format!("SANDGATE_TEST_MARK=gone-{id}");
+    let body = json!({"command": "sleep 30", "env": {"SANDGATE_TEST_MARK": mark.split('=').nth(1).unwrap()}})
+        .to_string();
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /sandboxes/{id}/exec HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    eventually(Duration::from_secs(10), "the command runs", || {
+        let n = processes_with(&mark).len();
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
+    drop(conn);
+    eventually(
+        Duration::from_secs(5),
+        "the command dies with its client",
+        || {
+            let n = processes_with(&mark).len();
+            async move { (n == 0).then_some(()) }
+        },
+    )
+    .await;
+    gw.delete_sandbox(&id).await;
+}
+
+both_isolations!(
+    exit_codes_signals_and_output,
+    start_failures_are_told_apart_from_failed_commands,
+    timeouts_kill_the_whole_command,
+    big_and_binary_output,
+    commands_run_inside_the_sandbox,
+    a_client_that_goes_away_kills_its_command,
+);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_persistent_sandbox_is_woken_and_a_running_exec_keeps_it_awake() {
+    let gw = TestGateway::builder()
+        .config(|c| c.idle_timeout = Some(Duration::from_secs(1)))
+        .start()
+        .await;
+    let v = gw
+        .create(&json!({"runtime": "shell", "mode": "persistent"}))
+        .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    gw.post(&format!("/sandboxes/{id}/stop"))
+        .send()
+        .await
+        .expect(200);
+    assert_eq!(gw.sandbox(&id).await["status"], "stopped");
+    // A command wakes it, and keeps it from being reaped while it runs (3 s > idle 1 s).
+    let v = exec(&gw, &id, json!({"command": "sleep 3; echo done"})).await;
+    assert_eq!(v["stdout"], "done\n", "{v}");
+    assert_eq!(gw.sandbox(&id).await["status"], "running");
+    // Then, idle, it is stopped (the list does not count as use; inspecting would).
+    eventually(
+        Duration::from_secs(30),
+        "the idle sandbox is stopped",
+        || async {
+            let list = gw.list().await;
+            let sb = list.iter().find(|s| s["id"] == id.as_str()).unwrap();
+            (sb["status"] == "stopped").then_some(())
+        },
+    )
+    .await;
+    // An ephemeral sandbox that is not running is a conflict, not a wake.
+    let v = gw.create(&json!({"runtime": "shell"})).await;
+    let eph = v["id"].as_str().unwrap().to_string();
+    gw.post(&format!("/sandboxes/{eph}/stop"))
+        .send()
+        .await
+        .expect(200);
+    gw.post(&format!("/sandboxes/{eph}/exec"))
+        .json(&json!({"command": "true"}))
+        .send()
+        .await
+        .expect_error(409, "sandbox_not_running");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_members_of_the_team_may_run_commands() {
+    let gw = auth_gateway(Lane::Hyper, |_| {}).await;
+    let (member, _) = team_key(&gw, "exec-a", "member").await;
+    let (viewer, _) = team_key(&gw, "exec-a", "viewer").await;
+    let (other, _) = team_key(&gw, "exec-b", "member").await;
+    let id = shell(&gw.with_key(&member)).await;
+    let path = format!("/sandboxes/{id}/exec");
+    let body = json!({"command": "echo hi"});
+    let v = exec(&gw.with_key(&member), &id, body.clone()).await;
+    assert_eq!(v["stdout"], "hi\n");
+    // The owner sees every team.
+    exec(&gw.with_key(ADMIN_KEY), &id, body.clone()).await;
+    gw.with_key(&viewer)
+        .post(&path)
+        .json(&body)
+        .send()
+        .await
+        .expect_error(403, "AUTH_003");
+    gw.with_key(&other)
+        .post(&path)
+        .json(&body)
+        .send()
+        .await
+        .expect_error(404, "sandbox_not_found");
+    gw.post(&path)
+        .json(&body)
+        .send()
+        .await
+        .expect_error(401, "AUTH_002");
+    // The run is in the audit log, with its command.
+    let log = gw
+        .with_key(ADMIN_KEY)
+        .get("/audit?action=sandbox.exec")
+        .send()
+        .await
+        .expect(200)
+        .json();
+    let text = log.to_string();
+    assert!(text.contains("command=echo hi"), "{log}");
+}
