@@ -41,10 +41,15 @@ pub enum Chunk {
 }
 
 /// How the command's leader ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecExit {
     Exited(i32),
     Signaled(i32),
+    /// It never ran (an engine that reports start failures only once started).
+    NotStarted {
+        kind: StartKind,
+        message: String,
+    },
     /// The backend could not tell (its engine lost track of it).
     Unknown,
 }
@@ -131,4 +136,40 @@ pub struct ExecHandle {
     /// Resolves when the leader has ended (its output may still be arriving).
     pub exit: BoxFuture<'static, ExecExit>,
     pub control: std::sync::Arc<dyn ExecControl>,
+}
+
+/// Live processes (as this gateway's `/proc` shows them) whose environment holds `tag`
+/// (`SANDGATE_EXEC=<tag>`) as one whole entry.
+pub fn tagged_processes(tag: &[u8]) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|entry| entry == tag))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_process_by_its_tag_only_as_a_whole_entry() {
+        let tag = format!("{EXEC_TAG_VAR}=unit-{}", std::process::id());
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env(EXEC_TAG_VAR, tag.split('=').nth(1).unwrap())
+            .env("OTHER", &tag)
+            .spawn()
+            .unwrap();
+        let found = tagged_processes(tag.as_bytes());
+        assert_eq!(found, vec![child.id() as i32]);
+        assert!(tagged_processes(format!("{tag}x").as_bytes()).is_empty());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(tagged_processes(tag.as_bytes()).is_empty());
+    }
 }

@@ -163,6 +163,9 @@ pub async fn run(handle: ExecHandle, stdin: Option<Bytes>, limits: RunLimits) ->
         // dropping) so it never blocks on a full pipe or dies of SIGPIPE.
         tokio::spawn(async move { while output.next().await.is_some() {} });
     }
+    if let Some(ExecExit::NotStarted { kind, message }) = ended {
+        return Outcome::not_started(kind, message, limits.max_output);
+    }
     let (status, exit_code, signal) = match (timed_out, ended) {
         (true, Some(ExecExit::Signaled(s))) => (Status::TimedOut, None, Some(s)),
         (true, Some(ExecExit::Exited(c))) => (Status::TimedOut, Some(c), None),

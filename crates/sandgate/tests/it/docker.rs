@@ -73,7 +73,7 @@ async fn engine() -> Option<Docker> {
 }
 
 /// The engine, with both test images built; `None` if the test is to be skipped.
-async fn engine_with_images() -> Option<Docker> {
+pub(crate) async fn engine_with_images() -> Option<Docker> {
     let docker = engine().await?;
     TEST_IMAGE_BUILT
         .get_or_init(|| build_image(&docker, TEST_IMAGE, test_image_context()))
@@ -318,10 +318,10 @@ async fn assert_no_containers(docker: &Docker, gateway: &str) {
 /// Removes every container of the registered gateways and every registered container when
 /// dropped, so a failing test leaks nothing on the engine.
 #[derive(Default)]
-struct Leftovers(Mutex<(Vec<String>, Vec<String>)>);
+pub(crate) struct Leftovers(Mutex<(Vec<String>, Vec<String>)>);
 
 impl Leftovers {
-    fn gateway(&self, id: &str) {
+    pub(crate) fn gateway(&self, id: &str) {
         self.0.lock().unwrap().0.push(id.to_string());
     }
 
@@ -370,7 +370,7 @@ impl Drop for Leftovers {
 // ---------------------------------------------------------------------------------------------
 
 /// A gateway on the Docker backend whose `shell` runtime runs the test image.
-fn docker_gateway(isolation: Isolation) -> GatewayBuilder {
+pub(crate) fn docker_gateway(isolation: Isolation) -> GatewayBuilder {
     TestGateway::builder().config(move |c| {
         c.backend = BackendKind::Docker;
         c.isolation = isolation;
@@ -385,7 +385,7 @@ fn docker_gateway(isolation: Isolation) -> GatewayBuilder {
     })
 }
 
-fn gateway_id_of(data_dir: &Path) -> String {
+pub(crate) fn gateway_id_of(data_dir: &Path) -> String {
     std::fs::read_to_string(data_dir.join("gateway-id"))
         .expect("the gateway wrote its id")
         .trim()

@@ -22,7 +22,8 @@ use tokio_util::io::ReaderStream;
 use super::{base_env, group_alive, is_same_process, parse_ref, wait_group_gone, ProcRef};
 use super::{ProcessBackend, WORK_DIR};
 use crate::backend::exec::{
-    Chunk, ExecControl, ExecError, ExecExit, ExecHandle, ExecSpec, StartKind, EXEC_TAG_VAR,
+    tagged_processes, Chunk, ExecControl, ExecError, ExecExit, ExecHandle, ExecSpec, StartKind,
+    EXEC_TAG_VAR,
 };
 use crate::model::Sandbox;
 
@@ -194,7 +195,7 @@ impl ProcessExec {
         if group_alive(self.pgid) {
             let _ = killpg(Pid::from_raw(self.pgid), signal);
         }
-        for pid in tagged(&self.tag) {
+        for pid in tagged_processes(&self.tag) {
             let _ = kill(Pid::from_raw(pid), signal);
         }
     }
@@ -211,44 +212,9 @@ impl ExecControl for ProcessExec {
 
     async fn kill(&self, grace: Duration) {
         self.send(Signal::SIGTERM);
-        if !wait_group_gone(self.pgid, grace).await || !tagged(&self.tag).is_empty() {
+        if !wait_group_gone(self.pgid, grace).await || !tagged_processes(&self.tag).is_empty() {
             self.send(Signal::SIGKILL);
             wait_group_gone(self.pgid, Duration::from_secs(5)).await;
         }
-    }
-}
-
-/// Live processes whose environment holds `tag` as one whole entry.
-fn tagged(tag: &[u8]) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|b| *b == 0).any(|entry| entry == tag))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_a_process_by_its_tag_only_as_a_whole_entry() {
-        let tag = format!("{EXEC_TAG_VAR}=unit-{}", std::process::id());
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .env(EXEC_TAG_VAR, tag.split('=').nth(1).unwrap())
-            .env("OTHER", &tag)
-            .spawn()
-            .unwrap();
-        let found = tagged(tag.as_bytes());
-        assert_eq!(found, vec![child.id() as i32]);
-        assert!(tagged(format!("{tag}x").as_bytes()).is_empty());
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert!(tagged(tag.as_bytes()).is_empty());
     }
 }

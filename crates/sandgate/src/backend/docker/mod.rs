@@ -40,6 +40,9 @@ use futures_util::StreamExt;
 use rand::Rng;
 use tokio::sync::mpsc::UnboundedSender;
 
+mod exec;
+
+use super::exec::{ExecError, ExecHandle, ExecSpec};
 use super::{Backend, BackendError, Exit, LogStream, Started};
 use crate::config::{Config, Isolation};
 use crate::model::Sandbox;
@@ -687,6 +690,10 @@ impl Backend for DockerBackend {
                 std::future::ready(item)
             });
         Ok(stream.boxed())
+    }
+
+    async fn exec(&self, sb: &Sandbox, spec: ExecSpec) -> Result<ExecHandle, ExecError> {
+        self.exec_in(sb, spec).await
     }
 }
 
