@@ -1,5 +1,7 @@
 //! `POST /sandboxes/{id}/exec`: runs one command in a sandbox and answers its result, 200
-//! whatever the command did (a failed command is a result, not an HTTP error). Team-scoped
+//! whatever the command did (a failed command is a result, not an HTTP error), as one JSON
+//! document or, when `Accept` asks for `application/x-ndjson` or `text/event-stream`, as
+//! events while it runs. Team-scoped
 //! like every sandbox route, woken like a proxied request, and counted as use for the idle
 //! reaper while the command runs.
 
@@ -15,11 +17,14 @@ use serde::{Deserialize, Serialize};
 
 use super::{audited, ApiJson, ApiPath, AppState, Caller};
 use crate::audit::Actor;
+use crate::backend::exec::ExecHandle;
 use crate::backend::exec::{ExecError, ExecSpec};
 use crate::error::Error;
+use crate::exec::events::{Encoder, Format};
 use crate::exec::{self, Encoding, Outcome, RunLimits, StartError, Status};
 use crate::model::{Mode, Sandbox, Status as SandboxStatus};
 use crate::routes::InUse;
+use futures_util::StreamExt;
 
 /// Largest shell command, and largest environment value.
 const MAX_COMMAND: usize = 64 * 1024;
@@ -244,25 +249,28 @@ pub fn new_exec_id() -> String {
     format!("ex-{id}")
 }
 
-/// Starts `req` in `sb` and runs it to its end. A command that cannot start is an outcome.
-pub async fn run(
+/// Starts `req`'s command in `sb`: its handle, or the outcome of a command that could not
+/// start. Errors are the gateway's (the sandbox is not running, the backend failed).
+pub async fn start(
     state: &AppState,
     sb: &Sandbox,
     exec_id: &str,
-    req: ExecRequest,
-) -> Result<Outcome, Error> {
+    req: &ExecRequest,
+) -> Result<Result<ExecHandle, Outcome>, Error> {
     let spec = ExecSpec {
-        argv: req.argv,
-        env: req.env,
-        cwd: req.cwd,
+        argv: req.argv.clone(),
+        env: req.env.clone(),
+        cwd: req.cwd.clone(),
         stdin: req.stdin.is_some(),
         tag: exec_id.to_string(),
     };
     match state.manager.backend().exec(sb, spec).await {
-        Ok(handle) => Ok(exec::run(handle, req.stdin, req.limits).await),
-        Err(ExecError::NotStarted { kind, message }) => {
-            Ok(Outcome::not_started(kind, message, req.limits.max_output))
-        }
+        Ok(handle) => Ok(Ok(handle)),
+        Err(ExecError::NotStarted { kind, message }) => Ok(Err(Outcome::not_started(
+            kind,
+            message,
+            req.limits.max_output,
+        ))),
         Err(ExecError::NotRunning) => Err(Error::NotRunning {
             id: sb.id.clone(),
             status: "not running".into(),
@@ -270,6 +278,101 @@ pub async fn run(
         Err(ExecError::Unsupported(kind)) => Err(Error::ExecUnsupported(kind)),
         Err(ExecError::Backend(e)) => Err(Error::internal(e)),
     }
+}
+
+/// Starts `req` in `sb` and runs it to its end. A command that cannot start is an outcome.
+pub async fn run(
+    state: &AppState,
+    sb: &Sandbox,
+    exec_id: &str,
+    req: ExecRequest,
+) -> Result<Outcome, Error> {
+    Ok(match start(state, sb, exec_id, &req).await? {
+        Ok(handle) => exec::run(handle, req.stdin, req.limits, None).await,
+        Err(not_started) => not_started,
+    })
+}
+
+/// How long a streamed exec may be silent before a `keepalive` event.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// Answers with the command's events as they happen (`start`, output, `keepalive`, `exit`).
+/// The run lives in a task of its own that ends, killing the command, when the client goes.
+async fn stream(
+    state: &AppState,
+    sb: Sandbox,
+    in_use: InUse,
+    exec_id: String,
+    req: ExecRequest,
+    format: Format,
+) -> Result<Response, Error> {
+    let started = start(state, &sb, &exec_id, &req).await?;
+    let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let _in_use = in_use;
+        let mut enc = Encoder::new(format);
+        let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let first = enc.event(
+            "start",
+            serde_json::json!({"exec_id": exec_id, "sandbox_id": sb.id, "time": time}),
+        );
+        if body_tx.send(first).await.is_err() {
+            return;
+        }
+        let outcome = match started {
+            Err(not_started) => not_started,
+            Ok(handle) => {
+                let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::channel(8);
+                let run = exec::run(handle, req.stdin, req.limits, Some(chunk_tx));
+                tokio::pin!(run);
+                let outcome = loop {
+                    let keepalive = tokio::time::sleep(KEEPALIVE);
+                    let event = tokio::select! {
+                        biased;
+                        // The client is gone: dropping the run kills the command.
+                        () = body_tx.closed() => return,
+                        Some(chunk) = chunk_rx.recv() => enc.chunk(chunk),
+                        outcome = &mut run => break outcome,
+                        () = keepalive => Some(enc.event("keepalive", serde_json::json!({}))),
+                    };
+                    if let Some(event) = event {
+                        if body_tx.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                while let Ok(chunk) = chunk_rx.try_recv() {
+                    if let Some(event) = enc.chunk(chunk) {
+                        let _ = body_tx.send(event).await;
+                    }
+                }
+                outcome
+            }
+        };
+        for event in enc.flush() {
+            let _ = body_tx.send(event).await;
+        }
+        let mut exit =
+            serde_json::to_value(ExecResult::new(exec_id, sb.id, outcome)).unwrap_or_default();
+        if let Some(fields) = exit.as_object_mut() {
+            for k in ["stdout", "stderr", "encoding"] {
+                fields.remove(k);
+            }
+        }
+        let _ = body_tx.send(enc.event("exit", exit)).await;
+    });
+    let mut body_rx = body_rx;
+    let events = futures_util::stream::poll_fn(move |cx| body_rx.poll_recv(cx));
+    let body = axum::body::Body::from_stream(events.map(Ok::<_, std::convert::Infallible>));
+    Ok((
+        [
+            (http::header::CONTENT_TYPE, format.content_type()),
+            (http::header::CACHE_CONTROL, "no-cache"),
+            (http::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 /// The JSON result of an exec.
@@ -332,16 +435,25 @@ async fn exec_http(
     caller: Caller,
     actor: Actor,
     ApiPath(id): ApiPath<String>,
+    headers: http::HeaderMap,
     ApiJson(body): ApiJson<ExecBody>,
 ) -> Result<Response, Error> {
     let acquired = acquire(&state, &caller, &id).await;
-    let (sb, _in_use) = match acquired {
+    let (sb, in_use) = match acquired {
         Ok(a) => a,
         Err(e) => return audited(&state, &actor, "sandbox.exec", Some(&id), Err(e)),
     };
     let req = body.check(&state)?;
     audit_start(&state, &actor, &id, "http", &req.summary);
     let exec_id = new_exec_id();
+    let format = headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Format::from_accept);
+    if let Some(format) = format {
+        return stream(&state, sb, in_use, exec_id, req, format).await;
+    }
     let outcome = run(&state, &sb, &exec_id, req).await?;
+    drop(in_use);
     Ok(Json(ExecResult::new(exec_id, sb.id, outcome)).into_response())
 }

@@ -4,7 +4,9 @@
 //! and a kill when the caller goes away first. The entry points only render the [`Outcome`].
 
 pub mod capture;
+pub mod events;
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,10 @@ pub use capture::Capture;
 const DRAIN: Duration = Duration::from_millis(250);
 /// How long past its kill a command that will not die is waited for.
 const KILL_LIMIT: Duration = Duration::from_secs(5);
+/// States of the race between a run's timeout and its command's exit.
+const RUNNING: u8 = 0;
+const EXITED: u8 = 1;
+const TIMED_OUT: u8 = 2;
 
 /// Bounds of one run.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +73,20 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// The run of a command whose caller went away (it is being killed).
+    fn gone(stdout: Capture, stderr: Capture, duration: Duration) -> Outcome {
+        Outcome {
+            status: Status::Signaled,
+            exit_code: None,
+            signal: None,
+            timed_out: false,
+            stdout,
+            stderr,
+            duration,
+            start_error: None,
+        }
+    }
+
     /// The run of a command that could not start.
     pub fn not_started(kind: StartKind, message: String, max_output: usize) -> Outcome {
         Outcome {
@@ -104,7 +124,16 @@ impl Drop for KillOnDrop {
 
 /// Runs a started command to its end: feeds it `stdin` (then EOF), captures its output, kills
 /// it at the timeout. Dropping the future kills the command.
-pub async fn run(handle: ExecHandle, stdin: Option<Bytes>, limits: RunLimits) -> Outcome {
+///
+/// With `live`, every piece of output is also sent there as it is read (the capture then only
+/// counts bytes): a slow receiver slows the command down (the pipes fill), never the
+/// gateway's memory; a receiver that is gone (the client left) kills the command.
+pub async fn run(
+    handle: ExecHandle,
+    stdin: Option<Bytes>,
+    limits: RunLimits,
+    live: Option<tokio::sync::mpsc::Sender<Chunk>>,
+) -> Outcome {
     let started = Instant::now();
     let ExecHandle {
         stdin: pipe,
@@ -124,38 +153,67 @@ pub async fn run(handle: ExecHandle, stdin: Option<Bytes>, limits: RunLimits) ->
             let _ = pipe.shutdown().await;
         });
     }
-    let mut stdout = Capture::new(limits.max_output);
-    let mut stderr = Capture::new(limits.max_output);
-    let timeout = tokio::time::sleep(limits.timeout);
-    tokio::pin!(timeout);
+    let cap = if live.is_some() { 0 } else { limits.max_output };
+    let mut stdout = Capture::new(cap);
+    let mut stderr = Capture::new(cap);
+    // The timeout runs beside the reads, so a reader waiting on a slow client cannot hold it.
+    // Whichever comes first, the timeout or the leader's exit, decides (`race`).
+    let race = Arc::new(AtomicU8::new(RUNNING));
+    let timer = {
+        let (race, control) = (race.clone(), control.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(limits.timeout).await;
+            if race
+                .compare_exchange(RUNNING, TIMED_OUT, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                control.kill(limits.kill_grace).await;
+            }
+        })
+    };
+    // A command that will not die even of SIGKILL is given up on.
+    let give_up = tokio::time::sleep(limits.timeout + limits.kill_grace + KILL_LIMIT);
+    tokio::pin!(give_up);
     let mut ended: Option<ExecExit> = None;
     let mut eof = false;
-    let mut timed_out = false;
     // After the leader's exit: how long more output is waited for.
     let mut drain = None::<tokio::time::Instant>;
-    // After a timeout's kill: how long the exit is waited for.
-    let mut give_up = None::<tokio::time::Instant>;
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
     while ended.is_none() || !eof {
         tokio::select! {
             chunk = output.next(), if !eof => match chunk {
-                Some(Ok(Chunk::Stdout(b))) => stdout.push(&b),
-                Some(Ok(Chunk::Stderr(b))) => stderr.push(&b),
+                Some(Ok(chunk)) => {
+                    match &chunk {
+                        Chunk::Stdout(b) => stdout.push(b),
+                        Chunk::Stderr(b) => stderr.push(b),
+                    }
+                    if let Some(live) = &live {
+                        if live.send(chunk).await.is_err() {
+                            // Nobody is listening any more: the guard kills the command.
+                            timer.abort();
+                            return Outcome::gone(stdout, stderr, started.elapsed());
+                        }
+                    }
+                }
                 Some(Err(_)) | None => eof = true,
             },
             status = &mut exit, if ended.is_none() => {
+                if race
+                    .compare_exchange(RUNNING, EXITED, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    timer.abort();
+                }
                 ended = Some(status);
                 drain = Some(tokio::time::Instant::now() + DRAIN);
             }
-            () = &mut timeout, if !timed_out && ended.is_none() => {
-                timed_out = true;
-                give_up = Some(tokio::time::Instant::now() + limits.kill_grace + KILL_LIMIT);
-                let control = control.clone();
-                tokio::spawn(async move { control.kill(limits.kill_grace).await });
-            }
             () = tokio::time::sleep_until(drain.unwrap_or(far)), if drain.is_some() => break,
-            () = tokio::time::sleep_until(give_up.unwrap_or(far)), if give_up.is_some() => break,
+            () = &mut give_up => break,
         }
+    }
+    let timed_out = race.load(Ordering::SeqCst) == TIMED_OUT;
+    if !timed_out {
+        timer.abort();
     }
     guard.control = None;
     if !eof {

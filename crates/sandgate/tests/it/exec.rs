@@ -420,7 +420,118 @@ async fn a_client_that_goes_away_kills_its_command(kind: Kind) {
     gw.delete_sandbox(&id).await;
 }
 
+/// Reads events (NDJSON lines) from `body` until `until` returns true for one; each with the
+/// time it arrived.
+async fn read_events(
+    body: &mut hyper::body::Incoming,
+    buf: &mut Vec<u8>,
+    mut until: impl FnMut(&Value) -> bool,
+) -> Vec<(Value, Instant)> {
+    use http_body_util::BodyExt;
+    let mut events = Vec::new();
+    loop {
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let v: Value = serde_json::from_slice(&line).expect("an NDJSON line");
+            let done = until(&v);
+            events.push((v, Instant::now()));
+            if done {
+                return events;
+            }
+        }
+        let frame = tokio::time::timeout(Duration::from_secs(20), body.frame())
+            .await
+            .expect("an event within 20 s")
+            .expect("the stream goes on")
+            .expect("a body frame");
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+        }
+    }
+}
+
+async fn output_streams_as_it_is_written(kind: Kind) {
+    let Some((gw, _left)) = gateway(kind).await else {
+        return;
+    };
+    let id = shell(&gw).await;
+    let path = format!("/sandboxes/{id}/exec");
+    let resp = gw
+        .post(&path)
+        .header("accept", "application/x-ndjson")
+        .json(&json!({"command": "echo first; sleep 1.5; printf 'second\\377' >&2; exit 4"}))
+        .send_streaming()
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let mut body = resp.into_body();
+    let mut buf = Vec::new();
+    let events = read_events(&mut body, &mut buf, |v| v["type"] == "exit").await;
+    let kinds: Vec<_> = events
+        .iter()
+        .map(|(v, _)| v["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["start", "stdout", "stderr", "exit"], "{events:?}");
+    let (start, first, second, exit) = (&events[0], &events[1], &events[2], &events[3]);
+    assert!(start.0["exec_id"].as_str().unwrap().starts_with("ex-"));
+    assert_eq!(first.0["data"], "first\n");
+    assert_eq!(first.0["encoding"], "utf-8");
+    assert_eq!(first.0["offset"], 0);
+    // The first line arrived as it was written, not with the rest at the end.
+    assert!(
+        second.1.duration_since(first.1) > Duration::from_secs(1),
+        "{events:?}"
+    );
+    assert_eq!(second.0["encoding"], "base64", "{events:?}");
+    assert_eq!(exit.0["status"], "exited");
+    assert_eq!(exit.0["exit_code"], 4);
+    assert_eq!(exit.0["stdout_bytes"], 6);
+    assert_eq!(exit.0["stderr_bytes"], 7);
+    assert!(exit.0.get("stdout").is_none(), "{}", exit.0);
+    // Server-sent events carry the same objects, framed.
+    let r = gw
+        .post(&path)
+        .header("accept", "text/event-stream")
+        .json(&json!({"command": "echo hi"}))
+        .send()
+        .await;
+    r.expect(200);
+    assert_eq!(r.header("content-type"), "text/event-stream");
+    let text = r.text();
+    assert!(text.starts_with("id: 1\nevent: start\ndata: {"), "{text}");
+    assert!(
+        text.contains("event: stdout\ndata: {\"type\":\"stdout\",\"data\":\"hi\\n\""),
+        "{text}"
+    );
+    assert!(text.contains("event: exit\n"), "{text}");
+    // A client that leaves a stream kills its command.
+    let mark = format!("SANDGATE_TEST_MARK=stream-{id}");
+    let resp = gw
+        .post(&path)
+        .header("accept", "application/x-ndjson")
+        .json(&json!({"command": "echo up; sleep 30",
+                      "env": {"SANDGATE_TEST_MARK": mark.split('=').nth(1).unwrap()}}))
+        .send_streaming()
+        .await;
+    let mut body = resp.into_body();
+    let mut buf = Vec::new();
+    read_events(&mut body, &mut buf, |v| v["type"] == "stdout").await;
+    assert!(!processes_with(&mark).is_empty());
+    drop(body);
+    eventually(
+        Duration::from_secs(5),
+        "the streamed command dies with its client",
+        || {
+            let n = processes_with(&mark).len();
+            async move { (n == 0).then_some(()) }
+        },
+    )
+    .await;
+    gw.delete_sandbox(&id).await;
+}
+
 every_backend!(
+    output_streams_as_it_is_written,
     exit_codes_signals_and_output,
     start_failures_are_told_apart_from_failed_commands,
     timeouts_kill_the_whole_command,
