@@ -98,6 +98,10 @@ pub enum Error {
     KeyNotFound(String),
     #[error("no team {0:?}")]
     TeamNotFound(String),
+    #[error("{0}")]
+    UnsupportedOperation(String),
+    #[error("{0}")]
+    UnsupportedLanguage(String),
     #[error("the {0} backend cannot run commands in sandboxes")]
     ExecUnsupported(&'static str),
     #[error("internal error")]
@@ -150,6 +154,8 @@ impl Error {
             RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             KeyNotFound(_) => (StatusCode::NOT_FOUND, "key_not_found"),
             TeamNotFound(_) => (StatusCode::NOT_FOUND, "team_not_found"),
+            UnsupportedOperation(_) => (StatusCode::BAD_REQUEST, "unsupported_operation"),
+            UnsupportedLanguage(_) => (StatusCode::BAD_REQUEST, "unsupported_language"),
             ExecUnsupported(_) => (StatusCode::NOT_IMPLEMENTED, "exec_unsupported"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

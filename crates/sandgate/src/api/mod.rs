@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod exec;
+pub mod execute;
 pub mod guard;
 pub mod health;
 pub mod keys;
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .merge(keys::router())
         .merge(audit::router())
         .merge(exec::router())
+        .merge(execute::router())
         .fallback(|req: Request| async move {
             Error::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
         })

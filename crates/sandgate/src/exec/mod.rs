@@ -270,6 +270,21 @@ pub fn render(outcome: &Outcome) -> (String, String, Encoding) {
     }
 }
 
+/// For answers with no room for a status (seeds 003 and 004): a last stderr line saying why
+/// there is no exit code.
+pub fn note(o: &Outcome) -> Option<String> {
+    let why = match (o.status, &o.start_error, o.signal) {
+        (Status::TimedOut, _, _) => {
+            "sandgate: the command ran past its time limit and was killed".to_string()
+        }
+        (Status::NotStarted, Some(e), _) => format!("sandgate: {}", e.message),
+        (Status::Signaled, _, Some(s)) => format!("sandgate: the command was killed by signal {s}"),
+        _ => return None,
+    };
+    let lead = if o.stderr.total() > 0 { "\n" } else { "" };
+    Some(format!("{lead}{why}\n"))
+}
+
 /// Text for clients that cannot take bytes (seed 004's frames): invalid UTF-8 replaced.
 pub fn lossy(capture: &Capture) -> String {
     String::from_utf8_lossy(&capture.render()).into_owned()

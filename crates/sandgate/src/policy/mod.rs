@@ -168,6 +168,7 @@ impl Policy {
             Err(e) => return Decision::Deny(e),
         };
         let routes = &self.routes;
+        let by_path = matches!(route, Route::Path { .. });
         let (found, port, prefix) = match route {
             Route::Api => return self.api(head),
             Route::Host { id, port } => (routes.get(id).ok_or(id), Some(port), None),
@@ -238,6 +239,14 @@ impl Policy {
         }
         let port = match port.or(sandbox.port) {
             Some(p) => p,
+            // Seed 003: a sandbox with no server of its own has `/execute` answered by the
+            // gateway (one with a dev server receives it like any other path).
+            None if by_path
+                && head.method == "POST"
+                && prefix.is_some_and(|p| &head.path[p.len()..] == "/execute") =>
+            {
+                return Decision::Api(Some(who.principal));
+            }
             None => return Decision::Deny(port_not_exposed(&sandbox, 0)),
         };
         let upstream = match sandbox.status {

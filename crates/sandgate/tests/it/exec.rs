@@ -625,3 +625,125 @@ async fn only_members_of_the_team_may_run_commands() {
     let text = log.to_string();
     assert!(text.contains("command=echo hi"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_002_run_code_passes_the_code_on_stdin() {
+    let gw = TestGateway::start().await;
+    let id = shell(&gw).await;
+    let run = |language: &str, code: &str| {
+        let body = json!({"sandbox_id": id, "operation": "run_code",
+                          "payload": {"code": code, "language": language}});
+        gw.post("/api/v1/sandbox/execute").json(&body).send()
+    };
+    // The program reads its code from stdin: argv holds only the interpreter's `-`.
+    let r = run("python", "import sys\nprint('hello', sys.argv)").await;
+    r.expect(200);
+    let v = r.json();
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["stdout"], "hello ['-']\n", "{v}");
+    for key in [
+        "sandbox_id",
+        "operation",
+        "language",
+        "stdout",
+        "stderr",
+        "exit_code",
+        "timed_out",
+        "duration_ms",
+    ] {
+        assert!(v.get(key).is_some(), "{key} missing from {v}");
+    }
+    assert_eq!(v["sandbox_id"], id.as_str());
+    assert_eq!(v["operation"], "run_code");
+    assert_eq!(v["language"], "python");
+    let v = run("javascript", "console.log(6 * 7)").await.json();
+    assert_eq!(v["stdout"], "42\n", "{v}");
+    let v = run("node", "process.exit(5)").await.json();
+    assert_eq!(
+        (v["success"].clone(), v["exit_code"].clone()),
+        (json!(false), json!(5))
+    );
+    let v = run("bash", "echo $((6 * 7)) >&2; exit 3").await.json();
+    assert_eq!(v["stderr"], "42\n", "{v}");
+    assert_eq!(v["exit_code"], 3, "{v}");
+    assert_eq!(v["success"], false, "{v}");
+    // What is not supported says what is.
+    let message = run("cobol", "DISPLAY 'HI'")
+        .await
+        .expect_error(400, "unsupported_language");
+    assert!(
+        message.contains("python") && message.contains("node"),
+        "{message}"
+    );
+    let r = gw
+        .post("/api/v1/sandbox/execute")
+        .json(&json!({"sandbox_id": id, "operation": "read_file", "payload": {}}))
+        .send()
+        .await;
+    let message = r.expect_error(400, "unsupported_operation");
+    assert!(message.contains("run_code"), "{message}");
+    gw.post("/api/v1/sandbox/execute")
+        .json(&json!({"operation": "run_code", "payload": {"code": "", "language": "bash"}}))
+        .send()
+        .await
+        .expect_error(422, "validation_failed");
+    gw.post("/api/v1/sandbox/execute")
+        .json(&json!({"sandbox_id": id, "operation": "run_code", "payload": {"code": 1}}))
+        .send()
+        .await
+        .expect_error(400, "bad_request");
+    gw.delete_sandbox(&id).await;
+}
+
+/// Seed 003's `POST /{owner}/{name}/execute`: answered by the gateway for a sandbox without a
+/// dev server, proxied to one that has its own.
+async fn seed_003_execute(lane: Lane) {
+    let gw = TestGateway::on(lane).await;
+    let v = gw
+        .create(&json!({"runtime": "shell", "owner": "alice", "name": "box"}))
+        .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    let r = gw
+        .post("/alice/box/execute")
+        .json(&json!({"command": "echo hi; echo err >&2; exit 2"}))
+        .send()
+        .await;
+    r.expect(200);
+    assert_eq!(
+        r.json(),
+        json!({"stdout": "hi\n", "stderr": "err\n", "exit_code": 2})
+    );
+    let v = gw
+        .post("/alice/box/execute")
+        .json(&json!({"command": "sleep 5", "timeout_ms": 100}))
+        .send()
+        .await
+        .json();
+    assert_eq!(v["exit_code"], Value::Null, "{v}");
+    assert!(v["stderr"].as_str().unwrap().contains("time limit"), "{v}");
+    // Only that path and method: the rest still has no server to go to.
+    gw.get("/alice/box/execute")
+        .send()
+        .await
+        .expect_error(400, "port_not_exposed");
+    gw.post("/alice/nobox/execute")
+        .json(&json!({"command": "true"}))
+        .send()
+        .await
+        .expect_error(404, "sandbox_not_found");
+    // A sandbox with its own server answers `/execute` itself (the fixture: 404, its own).
+    let web = gw
+        .create_fixture_with("", json!({"owner": "alice", "name": "web"}))
+        .await;
+    let r = gw
+        .post("/alice/web/execute")
+        .json(&json!({"command": "true"}))
+        .send()
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert!(r.headers.get("x-sandgate-error").is_none(), "{}", r.text());
+    gw.delete_sandbox(&id).await;
+    gw.delete_sandbox(&web.id).await;
+}
+
+both_lanes!(seed_003_execute);
