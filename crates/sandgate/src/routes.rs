@@ -18,6 +18,9 @@ pub struct Activity {
     last_active_ms: AtomicI64,
     /// Proxied requests whose responses are still streaming.
     in_flight: AtomicUsize,
+    /// Commands running, and command sockets open (`/ws`), for the sandbox object.
+    commands: AtomicUsize,
+    sockets: AtomicUsize,
     /// The sandbox id, shared: what per-sandbox tables (rate limits) are keyed by, so that a
     /// request hashes it without allocating.
     key: Arc<str>,
@@ -80,9 +83,49 @@ impl Entry {
     pub fn key(&self) -> &Arc<str> {
         &self.activity.key
     }
+
+    /// Counts a running command (`Use::Command`) or an open command socket (`Use::Socket`)
+    /// until the guard drops.
+    pub fn count(&self, kind: Use) -> Counted {
+        self.activity.counter(kind).fetch_add(1, Ordering::Relaxed);
+        Counted(self.activity.clone(), kind)
+    }
+
+    /// Commands running and command sockets open.
+    pub fn connections(&self) -> (usize, usize) {
+        (
+            self.activity.commands.load(Ordering::Relaxed),
+            self.activity.sockets.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// What [`Entry::count`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    Command,
+    Socket,
+}
+
+/// A counted command or socket; dropping it ends it.
+#[derive(Debug)]
+pub struct Counted(Arc<Activity>, Use);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.counter(self.1).fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
 }
 
 impl Activity {
+    fn counter(&self, kind: Use) -> &AtomicUsize {
+        match kind {
+            Use::Command => &self.commands,
+            Use::Socket => &self.sockets,
+        }
+    }
+
     fn begin(&self) {
         self.touch();
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -201,6 +244,8 @@ impl Routes {
                 Arc::new(Activity {
                     last_active_ms: AtomicI64::new(now_ms()),
                     in_flight: AtomicUsize::new(0),
+                    commands: AtomicUsize::new(0),
+                    sockets: AtomicUsize::new(0),
                     key: sb.id.as_str().into(),
                 })
             },

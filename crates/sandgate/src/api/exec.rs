@@ -23,8 +23,9 @@ use crate::error::Error;
 use crate::exec::events::{Encoder, Format};
 use crate::exec::{self, Encoding, Outcome, RunLimits, StartError, Status};
 use crate::model::{Mode, Sandbox, Status as SandboxStatus};
-use crate::routes::InUse;
+use crate::routes::{Counted, Entry, InUse, Use};
 use futures_util::StreamExt;
+use std::sync::Arc;
 
 /// Largest shell command, and largest environment value.
 const MAX_COMMAND: usize = 64 * 1024;
@@ -210,7 +211,7 @@ pub async fn acquire(
     state: &AppState,
     caller: &Caller,
     id: &str,
-) -> Result<(Sandbox, InUse), Error> {
+) -> Result<(Sandbox, InUse, Arc<Entry>), Error> {
     let mut sb = caller.sandbox(state, id).await?;
     match sb.status {
         SandboxStatus::Running => {}
@@ -235,7 +236,7 @@ pub async fn acquire(
     let in_use = entry
         .try_in_use(cap)
         .ok_or_else(|| crate::rates::too_many_connections(cap))?;
-    Ok((sb, in_use))
+    Ok((sb, in_use, entry))
 }
 
 /// A fresh exec id: `ex-` and 16 characters of the sandbox-id alphabet.
@@ -301,7 +302,7 @@ const KEEPALIVE: Duration = Duration::from_secs(10);
 async fn stream(
     state: &AppState,
     sb: Sandbox,
-    in_use: InUse,
+    in_use: (InUse, Counted),
     exec_id: String,
     req: ExecRequest,
     format: Format,
@@ -439,7 +440,7 @@ async fn exec_http(
     ApiJson(body): ApiJson<ExecBody>,
 ) -> Result<Response, Error> {
     let acquired = acquire(&state, &caller, &id).await;
-    let (sb, in_use) = match acquired {
+    let (sb, in_use, entry) = match acquired {
         Ok(a) => a,
         Err(e) => return audited(&state, &actor, "sandbox.exec", Some(&id), Err(e)),
     };
@@ -450,10 +451,11 @@ async fn exec_http(
         .get(http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .and_then(Format::from_accept);
+    let running = entry.count(Use::Command);
     if let Some(format) = format {
-        return stream(&state, sb, in_use, exec_id, req, format).await;
+        return stream(&state, sb, (in_use, running), exec_id, req, format).await;
     }
     let outcome = run(&state, &sb, &exec_id, req).await?;
-    drop(in_use);
+    drop((in_use, running));
     Ok(Json(ExecResult::new(exec_id, sb.id, outcome)).into_response())
 }

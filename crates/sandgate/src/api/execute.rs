@@ -15,6 +15,7 @@ use super::{audited, ApiJson, ApiPath, AppState, Caller};
 use crate::audit::Actor;
 use crate::error::Error;
 use crate::exec::{self, Outcome, Status};
+use crate::routes::Use;
 
 /// Operations of seed 002's `execute`.
 const OPERATIONS: &str = "run_code";
@@ -80,7 +81,7 @@ async fn execute_seed002(
             payload.language
         )));
     };
-    let (sb, _in_use) = match acquire(&state, &caller, &id).await {
+    let (sb, _in_use, entry) = match acquire(&state, &caller, &id).await {
         Ok(a) => a,
         Err(e) => return audited(&state, &actor, "sandbox.exec", Some(&id), Err(e)),
     };
@@ -93,6 +94,7 @@ async fn execute_seed002(
         limits: run_limits(&state, payload.timeout_ms, None)?,
     };
     audit_start(&state, &actor, &id, "seed002", &req.summary);
+    let _running = entry.count(Use::Command);
     let exec_id = new_exec_id();
     let outcome = run(&state, &sb, &exec_id, req).await?;
     let success = outcome.status == Status::Exited && outcome.exit_code == Some(0);
@@ -129,7 +131,7 @@ async fn execute_seed003(
         return Err(Error::SandboxNotFound(path));
     }
     let id = entry.id.clone();
-    let (sb, _in_use) = match acquire(&state, &caller, &id).await {
+    let (sb, _in_use, entry) = match acquire(&state, &caller, &id).await {
         Ok(a) => a,
         Err(e) => return audited(&state, &actor, "sandbox.exec", Some(&id), Err(e)),
     };
@@ -140,6 +142,7 @@ async fn execute_seed003(
     }
     .check(&state)?;
     audit_start(&state, &actor, &id, "seed003", &req.summary);
+    let _running = entry.count(Use::Command);
     let outcome = run(&state, &sb, &new_exec_id(), req).await?;
     Ok(Json(plain(&outcome)))
 }

@@ -105,7 +105,8 @@ impl Guard {
 }
 
 /// The middleware: the host check for every request, the origin and media-type checks for
-/// state-changing ones.
+/// state-changing ones. A protocol upgrade (seed 004's command socket) changes state too: its
+/// origin is checked (cross-site WebSocket hijacking), though it has no body.
 pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
     match admit(&guard, &req) {
         Ok(()) => next.run(req).await,
@@ -115,11 +116,12 @@ pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) ->
 
 fn admit(guard: &Guard, req: &Request) -> Result<(), Error> {
     let host = guard.check_host(req)?;
-    if !changes_state(req.method()) {
+    let upgrade = req.headers().contains_key(http::header::UPGRADE);
+    if !changes_state(req.method()) && !upgrade {
         return Ok(());
     }
     guard.check_origin(req.headers(), &host)?;
-    if has_body(req) {
+    if changes_state(req.method()) && has_body(req) {
         let ctypes: Vec<_> = req.headers().get_all(CONTENT_TYPE).iter().collect();
         let ok = match ctypes.as_slice() {
             [one] => one.to_str().is_ok_and(is_json),

@@ -9,6 +9,7 @@ pub mod guard;
 pub mod health;
 pub mod keys;
 pub mod sandboxes;
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .merge(audit::router())
         .merge(exec::router())
         .merge(execute::router())
+        .merge(ws::router())
         .fallback(|req: Request| async move {
             Error::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
         })

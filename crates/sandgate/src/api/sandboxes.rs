@@ -59,6 +59,8 @@ pub struct SandboxView {
     pub host_url: Option<String>,
     /// Seed 003: whether the sandbox is up (the port check lives in `/health/sandboxes`).
     pub ready: bool,
+    /// Commands running in it and command sockets (`/ws`) open to it right now.
+    pub connections: Connections,
     pub ip_address: Option<String>,
     /// Seed 004: seconds since the Unix epoch.
     pub created_at: f64,
@@ -99,6 +101,10 @@ impl SandboxView {
             dev_server_url: proxy_enabled.then(|| format!("{base}/sandbox/{}/", sb.id)),
             host_url,
             ready: sb.status == Status::Running,
+            connections: {
+                let (exec, ws) = state.routes.get(&sb.id).map_or((0, 0), |e| e.connections());
+                Connections { exec, ws }
+            },
             ip_address: sb.ip_address.clone(),
             created_at: sb.created_at.timestamp_millis() as f64 / 1000.0,
             created: sb
@@ -109,6 +115,13 @@ impl SandboxView {
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         }
     }
+}
+
+/// Seed 004's "connected" sandboxes: what is using one right now.
+#[derive(Debug, Serialize)]
+pub struct Connections {
+    pub exec: usize,
+    pub ws: usize,
 }
 
 #[derive(Serialize)]

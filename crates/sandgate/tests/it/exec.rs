@@ -747,3 +747,122 @@ async fn seed_003_execute(lane: Lane) {
 }
 
 both_lanes!(seed_003_execute);
+
+/// Seed 004's client, in Python with the `websockets` library (Debian's `python3-websockets`
+/// for `/usr/bin/python3`): exact keys, `fromisoformat` timestamps, generated ids,
+/// concurrent commands answered in completion order, error frames on a socket that stays
+/// open. Exits non-zero with the reason on any mismatch.
+const SEED_004_CLIENT: &str = r#"
+import asyncio, datetime, json, sys
+import websockets
+
+KEYS = {"request_id", "command", "success", "output", "error", "returncode", "timestamp"}
+
+async def ask(ws, message):
+    await ws.send(message if isinstance(message, str) else json.dumps(message))
+    reply = json.loads(await asyncio.wait_for(ws.recv(), 20))
+    assert set(reply) == KEYS, reply
+    datetime.datetime.fromisoformat(reply["timestamp"])
+    return reply
+
+async def main(url):
+    async with websockets.connect(url) as ws:
+        r = await ask(ws, {"command": "echo hi; echo err >&2", "request_id": "a"})
+        assert (r["request_id"], r["command"], r["output"], r["error"]) == ("a", "echo hi; echo err >&2", "hi\n", "err\n"), r
+        assert r["success"] is True and r["returncode"] == 0, r
+        r = await ask(ws, {"command": "exit 3"})
+        assert r["request_id"] and r["returncode"] == 3 and r["success"] is False, r
+        r = await ask(ws, {"command": "kill -9 $$"})
+        assert r["returncode"] == -9 and r["success"] is False, r
+        # Bad messages: an error frame each, and the socket stays open.
+        r = await ask(ws, "not json")
+        assert r["success"] is False and r["returncode"] is None and "invalid message" in r["error"], r
+        r = await ask(ws, {"request_id": "m"})
+        assert r["request_id"] == "m" and r["returncode"] is None and "command" in r["error"], r
+        # Five at once, answered as they finish.
+        for i, delay in enumerate(["0.8", "0.6", "0.4", "0.2", "0"]):
+            await ws.send(json.dumps({"command": f"sleep {delay}; echo {i}", "request_id": f"s{i}"}))
+        order = []
+        for _ in range(5):
+            r = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            assert r["output"] == r["request_id"][1:] + "\n", r
+            order.append(r["request_id"])
+        assert order == ["s4", "s3", "s2", "s1", "s0"], order
+        r = await ask(ws, {"command": "echo still open"})
+        assert r["output"] == "still open\n", r
+    print("seed 004 client: ok")
+
+asyncio.run(main(sys.argv[1]))
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_004_command_socket() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let gw = TestGateway::start().await;
+    let id = shell(&gw).await;
+    let url = format!("ws://{}/ws/{id}", gw.addr);
+    let out = tokio::process::Command::new("/usr/bin/python3")
+        .args(["-c", SEED_004_CLIENT, &url])
+        .output()
+        .await
+        .expect("/usr/bin/python3 runs (CI installs python3-websockets)");
+    assert!(
+        out.status.success(),
+        "the Python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // While a socket is open the sandbox says so; closing it kills its running command and
+    // leaves the sandbox running.
+    let mut ws = gw.websocket(&format!("/ws/{id}"), None).await;
+    let mark = format!("SANDGATE_TEST_MARK=ws-{id}");
+    ws.send(Message::text(
+        json!({"command": format!("{mark} sleep 30"), "request_id": "long"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "the command runs", || {
+        let n = processes_with(&mark).len();
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
+    let v = gw.sandbox(&id).await;
+    assert_eq!(v["connections"], json!({"exec": 1, "ws": 1}), "{v}");
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    eventually(
+        Duration::from_secs(5),
+        "the socket's command dies with it",
+        || {
+            let n = processes_with(&mark).len();
+            async move { (n == 0).then_some(()) }
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "the socket is no longer counted",
+        || async {
+            let v = gw.sandbox(&id).await;
+            (v["connections"] == json!({"exec": 0, "ws": 0})).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(gw.sandbox(&id).await["status"], "running");
+    // Not a WebSocket handshake: a clear error. A page of another site may not open one.
+    gw.get(&format!("/ws/{id}"))
+        .send()
+        .await
+        .expect_error(400, "bad_request");
+    gw.get(&format!("/ws/{id}"))
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .expect_error(403, "forbidden_origin");
+    gw.delete_sandbox(&id).await;
+}
