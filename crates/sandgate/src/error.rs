@@ -98,6 +98,10 @@ pub enum Error {
     KeyNotFound(String),
     #[error("no team {0:?}")]
     TeamNotFound(String),
+    #[error("no exec {0:?} in this sandbox (finished background commands are kept 15 minutes)")]
+    ExecNotFound(String),
+    #[error("{0}")]
+    ExecLimit(String),
     #[error("{0}")]
     UnsupportedOperation(String),
     #[error("{0}")]
@@ -154,6 +158,8 @@ impl Error {
             RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             KeyNotFound(_) => (StatusCode::NOT_FOUND, "key_not_found"),
             TeamNotFound(_) => (StatusCode::NOT_FOUND, "team_not_found"),
+            ExecNotFound(_) => (StatusCode::NOT_FOUND, "exec_not_found"),
+            ExecLimit(_) => (StatusCode::TOO_MANY_REQUESTS, "exec_limit"),
             UnsupportedOperation(_) => (StatusCode::BAD_REQUEST, "unsupported_operation"),
             UnsupportedLanguage(_) => (StatusCode::BAD_REQUEST, "unsupported_language"),
             ExecUnsupported(_) => (StatusCode::NOT_IMPLEMENTED, "exec_unsupported"),

@@ -229,6 +229,7 @@ pub async fn run(
         proxy,
         limits,
         rates,
+        execs: Default::default(),
         bound_port,
         started: Instant::now(),
     };

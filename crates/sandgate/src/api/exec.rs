@@ -21,7 +21,7 @@ use crate::backend::exec::ExecHandle;
 use crate::backend::exec::{ExecError, ExecSpec};
 use crate::error::Error;
 use crate::exec::events::{Encoder, Format};
-use crate::exec::{self, Encoding, Outcome, RunLimits, StartError, Status};
+use crate::exec::{self, Encoding, Outcome, RunLimits, StartError};
 use crate::model::{Mode, Sandbox, Status as SandboxStatus};
 use crate::routes::{Counted, Entry, InUse, Use};
 use futures_util::StreamExt;
@@ -38,7 +38,10 @@ const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
 const AUDIT_COMMAND: usize = 256;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/sandboxes/{id}/exec", post(exec_http))
+    Router::new().route(
+        "/sandboxes/{id}/exec",
+        post(exec_http).get(super::exec_jobs::list),
+    )
 }
 
 /// The body of `POST /sandboxes/{id}/exec`. Unknown fields are refused.
@@ -59,10 +62,18 @@ pub struct ExecBody {
     pub timeout_ms: Option<u64>,
     /// Per stream.
     pub max_output_bytes: Option<usize>,
+    /// Answer 202 at once and keep the command running (`GET …/exec/{exec_id}` and friends).
+    #[serde(default)]
+    pub background: bool,
+    /// Background only: keep stdin open for `POST …/exec/{exec_id}/stdin`.
+    #[serde(default)]
+    pub stdin_open: bool,
 }
 
 /// A checked exec request, whichever entry point it came from.
 pub struct ExecRequest {
+    pub background: bool,
+    pub stdin_open: bool,
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
@@ -133,9 +144,14 @@ impl ExecBody {
             }
             (None, None) => None,
         };
+        if self.stdin_open && !self.background {
+            return Err(invalid("stdin_open needs background: true"));
+        }
         let limits = run_limits(state, self.timeout_ms, self.max_output_bytes)?;
         let summary = summarize(&argv);
         Ok(ExecRequest {
+            background: self.background,
+            stdin_open: self.stdin_open,
             argv,
             env: self.env,
             cwd: self.cwd,
@@ -262,7 +278,7 @@ pub async fn start(
         argv: req.argv.clone(),
         env: req.env.clone(),
         cwd: req.cwd.clone(),
-        stdin: req.stdin.is_some(),
+        stdin: req.stdin.is_some() || req.stdin_open,
         tag: exec_id.to_string(),
     };
     match state.manager.backend().exec(sb, spec).await {
@@ -381,7 +397,9 @@ async fn stream(
 pub struct ExecResult {
     pub exec_id: String,
     pub sandbox_id: String,
-    pub status: Status,
+    /// `exited`, `signaled`, `timed_out`, `not_started`; background commands also `running`
+    /// and `killed`.
+    pub status: &'static str,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub timed_out: bool,
@@ -402,7 +420,7 @@ impl ExecResult {
         ExecResult {
             exec_id,
             sandbox_id,
-            status: o.status,
+            status: o.status.as_str(),
             exit_code: o.exit_code,
             signal: o.signal,
             timed_out: o.timed_out,
@@ -452,6 +470,10 @@ async fn exec_http(
         .and_then(|v| v.to_str().ok())
         .and_then(Format::from_accept);
     let running = entry.count(Use::Command);
+    if req.background {
+        return super::exec_jobs::start_background(&state, sb, (in_use, running), exec_id, req)
+            .await;
+    }
     if let Some(format) = format {
         return stream(&state, sb, (in_use, running), exec_id, req, format).await;
     }

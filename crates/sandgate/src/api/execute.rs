@@ -86,6 +86,8 @@ async fn execute_seed002(
         Err(e) => return audited(&state, &actor, "sandbox.exec", Some(&id), Err(e)),
     };
     let req = ExecRequest {
+        background: false,
+        stdin_open: false,
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: Default::default(),
         cwd: None,

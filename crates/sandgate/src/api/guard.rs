@@ -123,8 +123,11 @@ fn admit(guard: &Guard, req: &Request) -> Result<(), Error> {
     guard.check_origin(req.headers(), &host)?;
     if changes_state(req.method()) && has_body(req) {
         let ctypes: Vec<_> = req.headers().get_all(CONTENT_TYPE).iter().collect();
+        let bytes_ok = takes_bytes(req.uri().path());
         let ok = match ctypes.as_slice() {
-            [one] => one.to_str().is_ok_and(is_json),
+            [one] => one
+                .to_str()
+                .is_ok_and(|v| is_json(v) || (bytes_ok && is_octet_stream(v))),
             _ => false,
         };
         if !ok {
@@ -156,6 +159,21 @@ fn has_body(req: &Request) -> bool {
     h.contains_key(TRANSFER_ENCODING)
         || length.is_some_and(|n| n != Some(0))
         || !req.body().is_end_stream()
+}
+
+/// Routes whose body is raw bytes (`application/octet-stream`), not JSON: a background
+/// command's stdin. Cross-site, such a body still needs a CORS preflight the gateway never
+/// grants.
+fn takes_bytes(path: &str) -> bool {
+    let segs: Vec<_> = path.trim_start_matches('/').split('/').collect();
+    matches!(segs.as_slice(), ["sandboxes", _, "exec", _, "stdin"])
+}
+
+fn is_octet_stream(value: &str) -> bool {
+    value
+        .split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/octet-stream"))
 }
 
 /// `application/json`, any case, optionally with `charset=utf-8` and nothing else.

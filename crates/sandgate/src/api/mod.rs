@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod exec;
+pub mod exec_jobs;
 pub mod execute;
 pub mod guard;
 pub mod health;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// Rate limits and the failed-credential throttle.
     pub rates: Arc<Rates>,
+    /// Background commands.
+    pub execs: Arc<crate::exec::registry::Registry>,
     /// Base URL of this gateway as clients reach it (for `dev_server_url`).
     pub public_base: Arc<str>,
     pub bound_port: u16,
@@ -56,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .merge(keys::router())
         .merge(audit::router())
         .merge(exec::router())
+        .merge(exec_jobs::router())
         .merge(execute::router())
         .merge(ws::router())
         .fallback(|req: Request| async move {

@@ -249,15 +249,17 @@ impl Session {
     ) -> Option<Message> {
         let msg: Message004 = match serde_json::from_str(text) {
             Ok(m) => m,
-            Err(e) => return Some(frame(
-                &generated_id(),
-                None,
-                String::new(),
-                format!(
+            Err(e) => {
+                return Some(frame(
+                    &generated_id(),
+                    None,
+                    String::new(),
+                    format!(
                     "invalid message: {e}; send {{\"command\": \"...\", \"request_id\": \"...\"}}"
                 ),
-                None,
-            )),
+                    None,
+                ))
+            }
         };
         let request_id = match &msg.request_id {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),

@@ -46,6 +46,24 @@ impl Capture {
         }
     }
 
+    /// What is still kept from `offset` on, as `(offset, bytes)` pieces in order: a piece
+    /// that starts after the end of the one before (or after `offset`) means the bytes
+    /// between were dropped.
+    pub fn since(&self, offset: u64) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        let head = self.head.len() as u64;
+        if offset < head {
+            out.push((offset, self.head[offset as usize..].to_vec()));
+        }
+        let tail_start = self.total - self.tail.len() as u64;
+        let from = offset.max(tail_start).max(head);
+        if from < self.total {
+            let skip = (from - tail_start) as usize;
+            out.push((from, self.tail.iter().skip(skip).copied().collect()));
+        }
+        out
+    }
+
     /// Bytes the command wrote to this stream.
     pub fn total(&self) -> u64 {
         self.total
@@ -120,6 +138,21 @@ mod tests {
             c.render().len(),
             4 + "\n[sandgate: 996 bytes omitted]\n".len()
         );
+    }
+
+    #[test]
+    fn replays_what_it_kept_from_an_offset() {
+        let mut c = Capture::new(6);
+        c.push(b"abc");
+        assert_eq!(c.since(0), vec![(0, b"abc".to_vec())]);
+        assert_eq!(c.since(2), vec![(2, b"c".to_vec())]);
+        assert!(c.since(3).is_empty());
+        c.push(b"defghijkl");
+        // Head "abc", tail "jkl": "defghi" is gone.
+        assert_eq!(c.since(1), vec![(1, b"bc".to_vec()), (9, b"jkl".to_vec())]);
+        assert_eq!(c.since(4), vec![(9, b"jkl".to_vec())]);
+        assert_eq!(c.since(10), vec![(10, b"kl".to_vec())]);
+        assert!(c.since(12).is_empty());
     }
 
     #[test]

@@ -82,6 +82,32 @@ impl Encoder {
         }
     }
 
+    /// Bytes of each stream (stdout, stderr) taken in so far: sent, or held back.
+    pub fn consumed(&self) -> [u64; 2] {
+        [0, 1].map(|i| self.offsets[i] + self.pending[i].len() as u64)
+    }
+
+    /// Output of stream `0` (stdout) or `1` (stderr) resumes at `offset`: when bytes were
+    /// dropped before it, a `truncated` event says how many (never a silent gap).
+    pub fn skip_to(&mut self, stream: usize, offset: u64) -> Option<Bytes> {
+        if offset <= self.consumed()[stream] {
+            return None;
+        }
+        let omitted = offset - self.offsets[stream];
+        self.pending[stream].clear();
+        self.offsets[stream] = offset;
+        let name = if stream == 0 { "stdout" } else { "stderr" };
+        Some(self.event(
+            "truncated",
+            json!({"stream": name, "omitted_bytes": omitted, "offset": offset}),
+        ))
+    }
+
+    /// Starts the streams at these offsets (a follower resuming where it was).
+    pub fn resume(&mut self, stdout: u64, stderr: u64) {
+        self.offsets = [stdout, stderr];
+    }
+
     /// The event for a piece of output, if there is anything to send yet.
     pub fn chunk(&mut self, chunk: Chunk) -> Option<Bytes> {
         let (i, name, bytes) = match chunk {

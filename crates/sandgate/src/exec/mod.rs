@@ -5,6 +5,7 @@
 
 pub mod capture;
 pub mod events;
+pub mod registry;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -50,6 +51,17 @@ pub enum Status {
     TimedOut,
     /// It never ran: the program or working directory is missing.
     NotStarted,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Exited => "exited",
+            Status::Signaled => "signaled",
+            Status::TimedOut => "timed_out",
+            Status::NotStarted => "not_started",
+        }
+    }
 }
 
 /// Why a command never ran.

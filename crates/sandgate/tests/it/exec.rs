@@ -530,7 +530,173 @@ async fn output_streams_as_it_is_written(kind: Kind) {
     gw.delete_sandbox(&id).await;
 }
 
+async fn background_commands(kind: Kind) {
+    let Some((gw, _left)) = gateway(kind).await else {
+        return;
+    };
+    let id = shell(&gw).await;
+    let base = format!("/sandboxes/{id}/exec");
+    // A command fed through its open stdin, followed live.
+    let r = gw
+        .post(&base)
+        .json(&json!({"command": "echo begin; cat; echo end", "background": true, "stdin_open": true}))
+        .send()
+        .await;
+    r.expect(202);
+    let v = r.json();
+    let exec_id = v["exec_id"].as_str().unwrap().to_string();
+    assert_eq!(v["status"], "running", "{v}");
+    let at = format!("{base}/{exec_id}");
+    assert_eq!(r.header("location"), at);
+    let resp = gw
+        .get(&format!("{at}/logs?follow=true"))
+        .send_streaming()
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut buf = Vec::new();
+    let first = read_events(&mut body, &mut buf, |v| v["type"] == "stdout").await;
+    assert_eq!(first[0].0["data"], "begin\n", "{first:?}");
+    gw.post(&format!("{at}/stdin"))
+        .header("content-type", "application/octet-stream")
+        .body("hello\n")
+        .send()
+        .await
+        .expect(204);
+    gw.post(&format!("{at}/stdin?eof=true"))
+        .header("content-type", "application/octet-stream")
+        .send()
+        .await
+        .expect(204);
+    let rest = read_events(&mut body, &mut buf, |v| v["type"] == "exit").await;
+    let out: String = rest
+        .iter()
+        .filter(|(v, _)| v["type"] == "stdout")
+        .map(|(v, _)| v["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(out, "hello\nend\n", "{rest:?}");
+    let exit = &rest.last().unwrap().0;
+    assert_eq!(
+        (exit["status"].clone(), exit["exit_code"].clone()),
+        (json!("exited"), json!(0)),
+        "{exit}"
+    );
+    let v = gw.get(&at).send().await.expect(200).json();
+    assert_eq!(v["stdout"], "begin\nhello\nend\n", "{v}");
+    assert_eq!(v["status"], "exited", "{v}");
+    // A replay from an offset, without following.
+    let r = gw.get(&format!("{at}/logs?stdout_offset=6")).send().await;
+    let lines: Vec<Value> = r
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["data"], "hello\nend\n", "{lines:?}");
+    assert_eq!(lines[0]["offset"], 6, "{lines:?}");
+    assert_eq!(lines.last().unwrap()["type"], "exit", "{lines:?}");
+    let list = gw.get(&base).send().await.expect(200).json();
+    assert_eq!(list["count"], 1, "{list}");
+    assert!(list["execs"][0].get("stdout").is_none(), "{list}");
+    // Writing to a command without an open stdin is a conflict.
+    let v = gw
+        .post(&base)
+        .json(&json!({"command": "sleep 0.2", "background": true}))
+        .send()
+        .await
+        .json();
+    let short = format!("{base}/{}", v["exec_id"].as_str().unwrap());
+    gw.post(&format!("{short}/stdin"))
+        .header("content-type", "application/octet-stream")
+        .body("x")
+        .send()
+        .await
+        .expect_error(409, "conflict");
+    // What the cap dropped is reported to a follower, never skipped silently.
+    let v = gw
+        .post(&base)
+        .json(&json!({"command": "printf 0123456789abcdefghij", "background": true, "max_output_bytes": 10}))
+        .send()
+        .await
+        .json();
+    let capped = format!("{base}/{}", v["exec_id"].as_str().unwrap());
+    let r = gw.get(&format!("{capped}/logs?follow=true")).send().await;
+    let lines: Vec<Value> = r
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<_> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["stdout", "truncated", "stdout", "exit"],
+        "{lines:?}"
+    );
+    assert_eq!(lines[0]["data"], "01234");
+    assert_eq!(lines[1]["omitted_bytes"], 10);
+    assert_eq!(
+        (lines[2]["data"].clone(), lines[2]["offset"].clone()),
+        (json!("fghij"), json!(15))
+    );
+    // A signal goes to the command; DELETE kills one that ignores SIGTERM.
+    let v = gw
+        .post(&base)
+        .json(&json!({"command": "trap 'echo got INT; exit 7' INT; echo ready; while true; do sleep 0.1; done", "background": true}))
+        .send()
+        .await
+        .json();
+    let trapped = format!("{base}/{}", v["exec_id"].as_str().unwrap());
+    eventually(Duration::from_secs(10), "the trap is set", || async {
+        let v = gw.get(&trapped).send().await.json();
+        (v["stdout"] == "ready\n").then_some(())
+    })
+    .await;
+    gw.post(&format!("{trapped}/signal"))
+        .json(&json!({"signal": "SIGINT"}))
+        .send()
+        .await
+        .expect(200);
+    let v = eventually(
+        Duration::from_secs(10),
+        "the trapped command exits",
+        || async {
+            let v = gw.get(&trapped).send().await.json();
+            (v["status"] != "running").then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(
+        (v["exit_code"].clone(), v["stdout"].clone()),
+        (json!(7), json!("ready\ngot INT\n")),
+        "{v}"
+    );
+    let v = gw
+        .post(&base)
+        .json(&json!({"command": "trap '' TERM; sleep 60", "background": true}))
+        .send()
+        .await
+        .json();
+    let stubborn = format!("{base}/{}", v["exec_id"].as_str().unwrap());
+    let tag = exec_tag(&v);
+    let v = gw.delete(&stubborn).send().await.expect(200).json();
+    assert_eq!(v["status"], "killed", "{v}");
+    assert!(processes_with(&tag).is_empty());
+    // A finished one is forgotten by DELETE; another sandbox's exec id is not found.
+    gw.delete(&stubborn).send().await.expect(204);
+    gw.get(&stubborn)
+        .send()
+        .await
+        .expect_error(404, "exec_not_found");
+    let other = shell(&gw).await;
+    gw.get(&format!("/sandboxes/{other}/exec/{exec_id}"))
+        .send()
+        .await
+        .expect_error(404, "exec_not_found");
+    gw.delete_sandbox(&id).await;
+    gw.delete_sandbox(&other).await;
+}
+
 every_backend!(
+    background_commands,
     output_streams_as_it_is_written,
     exit_codes_signals_and_output,
     start_failures_are_told_apart_from_failed_commands,
