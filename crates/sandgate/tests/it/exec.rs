@@ -695,7 +695,44 @@ async fn background_commands(kind: Kind) {
     gw.delete_sandbox(&other).await;
 }
 
+async fn stopping_a_sandbox_ends_its_commands(kind: Kind) {
+    let Some((gw, _left)) = gateway(kind).await else {
+        return;
+    };
+    let v = gw
+        .create(&json!({"runtime": "shell", "mode": "persistent"}))
+        .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    let v = gw
+        .post(&format!("/sandboxes/{id}/exec"))
+        .json(&json!({"command": "setsid sleep 60 & sleep 60", "background": true}))
+        .send()
+        .await
+        .json();
+    let tag = exec_tag(&v);
+    eventually(Duration::from_secs(10), "both sleeps run", || {
+        let n = processes_with(&tag).len();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+    gw.post(&format!("/sandboxes/{id}/stop"))
+        .send()
+        .await
+        .expect(200);
+    eventually(
+        Duration::from_secs(10),
+        "the commands end with the sandbox",
+        || {
+            let n = processes_with(&tag).len();
+            async move { (n == 0).then_some(()) }
+        },
+    )
+    .await;
+    gw.delete_sandbox(&id).await;
+}
+
 every_backend!(
+    stopping_a_sandbox_ends_its_commands,
     background_commands,
     output_streams_as_it_is_written,
     exit_codes_signals_and_output,

@@ -26,7 +26,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 mod exec;
 
-use super::exec::{ExecError, ExecHandle, ExecSpec};
+use super::exec::{tagged_processes, ExecError, ExecHandle, ExecSpec};
 use super::{Backend, BackendError, Exit, LogStream, Started};
 use crate::model::Sandbox;
 use crate::runtimes::Runtime;
@@ -246,20 +246,36 @@ impl Backend for ProcessBackend {
     }
 
     async fn stop(&self, sb: &Sandbox) -> Result<(), BackendError> {
+        // Commands run in a shared-host sandbox lead process groups of their own: they are
+        // found by the sandbox id every one of its processes inherits. (An isolated sandbox's
+        // commands die with its PID namespace.)
+        let own = format!("SANDBOX_ID={}", sb.id).into_bytes();
+        let commands = |signal: Signal| {
+            if !self.isolated {
+                for pid in tagged_processes(&own) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+                }
+            }
+        };
         let Some(r) = parse_ref(sb) else {
+            commands(Signal::SIGKILL);
             return Ok(());
         };
         // The group outlives its leader only if the leader is the process we started.
         if !is_same_process(r) && !group_alive(r.pid) {
+            commands(Signal::SIGKILL);
             return Ok(());
         }
         let pgid = Pid::from_raw(r.pid);
         let _ = killpg(pgid, Signal::SIGTERM);
+        commands(Signal::SIGTERM);
         if wait_group_gone(r.pid, self.grace).await {
+            commands(Signal::SIGKILL);
             return Ok(());
         }
         tracing::warn!(sandbox = %sb.id, "did not stop within the grace period; killing");
         let _ = killpg(pgid, Signal::SIGKILL);
+        commands(Signal::SIGKILL);
         if wait_group_gone(r.pid, Duration::from_secs(5)).await {
             Ok(())
         } else {
