@@ -151,6 +151,9 @@ pub struct ServeArgs {
     /// Seconds a killed command gets between SIGTERM and SIGKILL.
     #[arg(long, env = "SANDGATE_EXEC_KILL_GRACE")]
     pub exec_kill_grace: Option<f64>,
+    /// Largest file `PUT /sandboxes/{id}/files` accepts, in bytes.
+    #[arg(long, env = "SANDGATE_FILES_MAX_UPLOAD_BYTES")]
+    pub files_max_upload_bytes: Option<u64>,
     /// Extra `Host` names the control API answers to, comma-separated (besides IP addresses,
     /// `localhost`, the domain and the public URL's host); `*` accepts any.
     #[arg(long, env = "SANDGATE_ALLOWED_HOSTS", value_delimiter = ',')]
@@ -267,6 +270,7 @@ struct FileConfig {
     exec_max_timeout: Option<f64>,
     exec_max_output_bytes: Option<usize>,
     exec_kill_grace: Option<f64>,
+    files_max_upload_bytes: Option<u64>,
     allowed_hosts: Option<Vec<String>>,
     upgrade_protocols: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
@@ -468,6 +472,8 @@ pub struct Config {
     pub exec_max_output_bytes: usize,
     /// Between SIGTERM and SIGKILL when a command is killed.
     pub exec_kill_grace: Duration,
+    /// Largest file upload.
+    pub files_max_upload_bytes: u64,
     /// Extra `Host` names the control API answers to (lowercase, without port; `*`: any).
     pub allowed_hosts: Vec<String>,
     /// Protocols clients may upgrade to through the proxy (lowercase).
@@ -604,6 +610,7 @@ impl Config {
             exec_max_timeout: Duration::from_secs(3600),
             exec_max_output_bytes: 64 * 1024 * 1024,
             exec_kill_grace: Duration::from_secs(2),
+            files_max_upload_bytes: 2 << 30,
             allowed_hosts: Vec::new(),
             upgrade_protocols: vec!["websocket".into()],
             auth_enabled: true,
@@ -719,6 +726,10 @@ impl Config {
         if let Some(secs) = args.exec_kill_grace.or(file.exec_kill_grace) {
             c.exec_kill_grace = seconds("SANDGATE_EXEC_KILL_GRACE", secs)?;
         }
+        c.files_max_upload_bytes = args
+            .files_max_upload_bytes
+            .or(file.files_max_upload_bytes)
+            .unwrap_or(c.files_max_upload_bytes);
         if let Some(hosts) = args.allowed_hosts.clone().or(file.allowed_hosts) {
             c.allowed_hosts = lowercase_list(hosts);
         }

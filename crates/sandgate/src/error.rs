@@ -103,6 +103,14 @@ pub enum Error {
     #[error("{0}")]
     ExecLimit(String),
     #[error("{0}")]
+    InvalidPath(String),
+    #[error("{0}")]
+    PathOutside(String),
+    #[error("{0}")]
+    FileNotFound(String),
+    #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("{0}")]
     UnsupportedOperation(String),
     #[error("{0}")]
     UnsupportedLanguage(String),
@@ -160,6 +168,10 @@ impl Error {
             TeamNotFound(_) => (StatusCode::NOT_FOUND, "team_not_found"),
             ExecNotFound(_) => (StatusCode::NOT_FOUND, "exec_not_found"),
             ExecLimit(_) => (StatusCode::TOO_MANY_REQUESTS, "exec_limit"),
+            InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
+            PathOutside(_) => (StatusCode::FORBIDDEN, "path_outside_sandbox"),
+            FileNotFound(_) => (StatusCode::NOT_FOUND, "file_not_found"),
+            PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "already_exists"),
             UnsupportedOperation(_) => (StatusCode::BAD_REQUEST, "unsupported_operation"),
             UnsupportedLanguage(_) => (StatusCode::BAD_REQUEST, "unsupported_language"),
             ExecUnsupported(_) => (StatusCode::NOT_IMPLEMENTED, "exec_unsupported"),

@@ -30,6 +30,7 @@ pub mod error;
 pub mod event_loop;
 pub mod exec;
 pub mod fastlane;
+pub mod files;
 pub mod gateway;
 pub mod hyperlane;
 pub mod lifecycle;

@@ -162,11 +162,14 @@ fn has_body(req: &Request) -> bool {
 }
 
 /// Routes whose body is raw bytes (`application/octet-stream`), not JSON: a background
-/// command's stdin. Cross-site, such a body still needs a CORS preflight the gateway never
+/// command's stdin, a file upload. Cross-site, such a body still needs a CORS preflight the gateway never
 /// grants.
 fn takes_bytes(path: &str) -> bool {
     let segs: Vec<_> = path.trim_start_matches('/').split('/').collect();
-    matches!(segs.as_slice(), ["sandboxes", _, "exec", _, "stdin"])
+    matches!(
+        segs.as_slice(),
+        ["sandboxes", _, "exec", _, "stdin"] | ["sandboxes", _, "files"]
+    )
 }
 
 fn is_octet_stream(value: &str) -> bool {

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod exec;
 pub mod exec_jobs;
 pub mod execute;
+pub mod files;
 pub mod guard;
 pub mod health;
 pub mod keys;
@@ -62,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .merge(exec_jobs::router())
         .merge(execute::router())
         .merge(ws::router())
+        .merge(files::router())
         .fallback(|req: Request| async move {
             Error::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
         })

@@ -137,4 +137,11 @@ pub trait Backend: Send + Sync {
         let _ = (sandbox, spec);
         Err(ExecError::Unsupported(self.kind()))
     }
+    /// A path on this host to the sandbox's working tree, for the files API (which resolves
+    /// everything beneath it): a directory of the data directory, or a running container's
+    /// through `/proc/<pid>/root`.
+    async fn working_tree(&self, sandbox: &Sandbox) -> Result<std::path::PathBuf, ExecError> {
+        let _ = sandbox;
+        Err(ExecError::Unsupported(self.kind()))
+    }
 }

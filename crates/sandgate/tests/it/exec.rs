@@ -47,7 +47,7 @@ macro_rules! every_backend {
 
 /// A gateway whose `shell` sandboxes run as `kind` says, and what removes its containers
 /// if the test fails; `None` (after saying so) when this machine cannot run `kind`.
-async fn gateway(kind: Kind) -> Option<(TestGateway, Leftovers)> {
+pub(crate) async fn gateway(kind: Kind) -> Option<(TestGateway, Leftovers)> {
     let builder = match kind {
         Kind::SharedHost => TestGateway::builder().isolation(Isolation::None),
         Kind::Isolated => {

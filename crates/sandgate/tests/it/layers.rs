@@ -13,6 +13,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("error", 2),
     ("tls", 2),
     ("backend", 3),
+    ("files", 3),
     ("routing", 3),
     ("admission", 3),
     ("addresses", 3),

@@ -9,8 +9,10 @@ mod audit;
 mod auth;
 mod cli;
 mod docker;
+#[macro_use]
 mod exec;
 mod fastlane;
+mod files;
 mod framing;
 mod frontdoor;
 mod health;

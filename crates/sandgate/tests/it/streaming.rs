@@ -8,7 +8,7 @@ use hyper::{Method, Request, StatusCode};
 
 use crate::common::{send_request, Lane, RepeatBody, SpawnedGateway, TestGateway};
 
-const GIB: u64 = 1 << 30;
+pub(crate) const GIB: u64 = 1 << 30;
 /// How much the gateway's peak RSS may grow over its baseline while moving 1 GiB.
 const MEMORY_SLACK_KIB: u64 = 100 * 1024;
 /// Bound for one 1 GiB transfer (debug builds on a small machine).
@@ -49,7 +49,7 @@ async fn sse_first_event_arrives_while_the_stream_stays_open(lane: Lane) {
 }
 
 /// The gateway's memory before and after `transfer`, asserting the peak stayed in bounds.
-async fn assert_bounded_memory<F: std::future::Future<Output = ()>>(
+pub(crate) async fn assert_bounded_memory<F: std::future::Future<Output = ()>>(
     gw: &SpawnedGateway,
     what: &str,
     transfer: F,

@@ -695,6 +695,35 @@ impl Backend for DockerBackend {
     async fn exec(&self, sb: &Sandbox, spec: ExecSpec) -> Result<ExecHandle, ExecError> {
         self.exec_in(sb, spec).await
     }
+
+    /// The container's `/sandbox` through its init's `/proc/<pid>/root`: this needs the engine
+    /// on this machine and the privilege to look into other processes (the namespace
+    /// connector's condition).
+    async fn working_tree(&self, sb: &Sandbox) -> Result<std::path::PathBuf, ExecError> {
+        if !(engine_is_local() && super::netns::available()) {
+            return Err(ExecError::Unsupported(
+                "docker (files need a local engine and CAP_SYS_ADMIN)",
+            ));
+        }
+        let info = self
+            .docker
+            .inspect_container(&container_name(&sb.id), None)
+            .await
+            .map_err(|e| match status_of(&e) {
+                Some(404) => ExecError::NotRunning,
+                _ => ExecError::Backend(format!("inspecting the container: {e}")),
+            })?;
+        let pid = info
+            .state
+            .as_ref()
+            .filter(|s| s.running == Some(true))
+            .and_then(|s| s.pid)
+            .filter(|p| *p > 0)
+            .ok_or(ExecError::NotRunning)?;
+        Ok(std::path::PathBuf::from(format!(
+            "/proc/{pid}/root{WORK_DIR}"
+        )))
+    }
 }
 
 #[cfg(test)]

@@ -337,6 +337,10 @@ impl Backend for ProcessBackend {
     async fn exec(&self, sb: &Sandbox, spec: ExecSpec) -> Result<ExecHandle, ExecError> {
         self.exec_in(sb, spec).await
     }
+
+    async fn working_tree(&self, sb: &Sandbox) -> Result<PathBuf, ExecError> {
+        Ok(self.dir(sb).join(WORK_DIR))
+    }
 }
 
 #[cfg(test)]
