@@ -231,6 +231,7 @@ pub async fn run(
         limits,
         rates,
         execs: Default::default(),
+        terminals: Default::default(),
         bound_port,
         started: Instant::now(),
     };

@@ -21,6 +21,7 @@ pub struct Activity {
     /// Commands running, and command sockets open (`/ws`), for the sandbox object.
     commands: AtomicUsize,
     sockets: AtomicUsize,
+    terminals: AtomicUsize,
     /// The sandbox id, shared: what per-sandbox tables (rate limits) are keyed by, so that a
     /// request hashes it without allocating.
     key: Arc<str>,
@@ -91,11 +92,12 @@ impl Entry {
         Counted(self.activity.clone(), kind)
     }
 
-    /// Commands running and command sockets open.
-    pub fn connections(&self) -> (usize, usize) {
+    /// Commands running, command sockets open, terminal sessions alive.
+    pub fn connections(&self) -> (usize, usize, usize) {
         (
             self.activity.commands.load(Ordering::Relaxed),
             self.activity.sockets.load(Ordering::Relaxed),
+            self.activity.terminals.load(Ordering::Relaxed),
         )
     }
 }
@@ -105,6 +107,7 @@ impl Entry {
 pub enum Use {
     Command,
     Socket,
+    Terminal,
 }
 
 /// A counted command or socket; dropping it ends it.
@@ -123,6 +126,7 @@ impl Activity {
         match kind {
             Use::Command => &self.commands,
             Use::Socket => &self.sockets,
+            Use::Terminal => &self.terminals,
         }
     }
 
@@ -246,6 +250,7 @@ impl Routes {
                     in_flight: AtomicUsize::new(0),
                     commands: AtomicUsize::new(0),
                     sockets: AtomicUsize::new(0),
+                    terminals: AtomicUsize::new(0),
                     key: sb.id.as_str().into(),
                 })
             },

@@ -10,6 +10,7 @@ pub mod files;
 pub mod guard;
 pub mod health;
 pub mod keys;
+pub mod pty;
 pub mod sandboxes;
 pub mod ws;
 
@@ -46,6 +47,8 @@ pub struct AppState {
     pub rates: Arc<Rates>,
     /// Background commands.
     pub execs: Arc<crate::exec::registry::Registry>,
+    /// Terminal sessions.
+    pub terminals: Arc<crate::exec::terminals::Terminals>,
     /// Base URL of this gateway as clients reach it (for `dev_server_url`).
     pub public_base: Arc<str>,
     pub bound_port: u16,
@@ -64,6 +67,7 @@ pub fn router(state: AppState) -> Router {
         .merge(execute::router())
         .merge(ws::router())
         .merge(files::router())
+        .merge(pty::router())
         .fallback(|req: Request| async move {
             Error::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
         })

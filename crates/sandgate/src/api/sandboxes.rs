@@ -102,8 +102,11 @@ impl SandboxView {
             host_url,
             ready: sb.status == Status::Running,
             connections: {
-                let (exec, ws) = state.routes.get(&sb.id).map_or((0, 0), |e| e.connections());
-                Connections { exec, ws }
+                let (exec, ws, pty) = state
+                    .routes
+                    .get(&sb.id)
+                    .map_or((0, 0, 0), |e| e.connections());
+                Connections { exec, ws, pty }
             },
             ip_address: sb.ip_address.clone(),
             created_at: sb.created_at.timestamp_millis() as f64 / 1000.0,
@@ -122,6 +125,8 @@ impl SandboxView {
 pub struct Connections {
     pub exec: usize,
     pub ws: usize,
+    /// Terminal sessions (attached or waiting to be re-attached).
+    pub pty: usize,
 }
 
 #[derive(Serialize)]

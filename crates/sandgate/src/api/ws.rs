@@ -47,7 +47,7 @@ pub fn router() -> Router<AppState> {
 
 /// The `Sec-WebSocket-Key` of a WebSocket opening handshake (RFC 6455 §4.2.1), or why this
 /// is not one.
-fn websocket_key(headers: &HeaderMap) -> Result<&HeaderValue, Error> {
+pub(super) fn websocket_key(headers: &HeaderMap) -> Result<&HeaderValue, Error> {
     let has = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
             v.to_str()

@@ -85,7 +85,7 @@ pub fn api(method: &str, path: &str) -> Need {
         "ws" => Need::Write,
         // Exec results and logs are the output of a member's commands: members only, reads
         // too.
-        "sandboxes" if segs.nth(1) == Some("exec") => Need::Write,
+        "sandboxes" if matches!(segs.nth(1), Some("exec" | "pty")) => Need::Write,
         "audit" => Need::Admin,
         "auth" => match segs.next() {
             Some("keys") => Need::Admin,

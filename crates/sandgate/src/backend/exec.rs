@@ -116,10 +116,31 @@ impl ExecError {
     }
 }
 
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// A shell started on a terminal: its input and output are the terminal's (no separate
+/// stderr).
+pub struct PtyHandle {
+    pub input: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    pub output: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    pub exit: BoxFuture<'static, ExecExit>,
+    pub control: std::sync::Arc<dyn ExecControl>,
+}
+
 /// Signals and kills a running command: always its whole process group and everything
 /// carrying its tag, never only the leader.
 #[async_trait]
 pub trait ExecControl: Send + Sync {
+    /// Changes the size of the command's terminal (the kernel tells it with SIGWINCH).
+    async fn resize(&self, size: TtySize) -> Result<(), ExecError> {
+        let _ = size;
+        Err(ExecError::Backend("this command has no terminal".into()))
+    }
     /// Sends `signal` (a number, e.g. 2 for SIGINT) to the command's processes.
     async fn signal(&self, signal: i32) -> Result<(), ExecError>;
     /// SIGTERM, up to `grace` for everything to end, then SIGKILL; returns once nothing of

@@ -137,6 +137,16 @@ pub trait Backend: Send + Sync {
         let _ = (sandbox, spec);
         Err(ExecError::Unsupported(self.kind()))
     }
+    /// Starts `spec` (a shell) on a new terminal of `size` inside the running sandbox.
+    async fn pty(
+        &self,
+        sandbox: &Sandbox,
+        spec: ExecSpec,
+        size: exec::TtySize,
+    ) -> Result<exec::PtyHandle, ExecError> {
+        let _ = (sandbox, spec, size);
+        Err(ExecError::Unsupported(self.kind()))
+    }
     /// A path on this host to the sandbox's working tree, for the files API (which resolves
     /// everything beneath it): a directory of the data directory, or a running container's
     /// through `/proc/<pid>/root`.

@@ -27,6 +27,17 @@ impl Capture {
         }
     }
 
+    /// Keeps only the last `cap` bytes (a terminal's replay buffer).
+    pub fn ring(cap: usize) -> Capture {
+        Capture {
+            head: Vec::new(),
+            tail: VecDeque::new(),
+            head_cap: 0,
+            tail_cap: cap,
+            total: 0,
+        }
+    }
+
     pub fn push(&mut self, mut bytes: &[u8]) {
         self.total += bytes.len() as u64;
         let room = self.head_cap - self.head.len();

@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod events;
 pub mod registry;
+pub mod terminals;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;

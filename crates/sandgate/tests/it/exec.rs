@@ -91,7 +91,7 @@ async fn exec(gw: &Client, id: &str, body: Value) -> Value {
 }
 
 /// Processes whose environment holds `entry` (e.g. `SANDGATE_EXEC=ex-…`) as a whole entry.
-fn processes_with(entry: &str) -> Vec<i32> {
+pub(crate) fn processes_with(entry: &str) -> Vec<i32> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
@@ -1031,7 +1031,11 @@ async fn seed_004_command_socket() {
     })
     .await;
     let v = gw.sandbox(&id).await;
-    assert_eq!(v["connections"], json!({"exec": 1, "ws": 1}), "{v}");
+    assert_eq!(
+        v["connections"],
+        json!({"exec": 1, "ws": 1, "pty": 0}),
+        "{v}"
+    );
     ws.close(None).await.unwrap();
     while ws.next().await.is_some() {}
     eventually(
@@ -1048,7 +1052,7 @@ async fn seed_004_command_socket() {
         "the socket is no longer counted",
         || async {
             let v = gw.sandbox(&id).await;
-            (v["connections"] == json!({"exec": 0, "ws": 0})).then_some(())
+            (v["connections"] == json!({"exec": 0, "ws": 0, "pty": 0})).then_some(())
         },
     )
     .await;

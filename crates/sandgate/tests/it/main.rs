@@ -24,6 +24,7 @@ mod limits;
 mod policy;
 mod preview;
 mod proxy;
+mod pty;
 mod restart;
 mod streaming;
 mod tls;

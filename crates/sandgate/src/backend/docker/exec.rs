@@ -157,7 +157,7 @@ impl DockerBackend {
 
 /// Waits for the exec to end (its output ending is the usual sign; the engine is asked again
 /// with a backoff in case the output outlives it) and reads its exit code.
-async fn exit_status(
+pub(super) async fn exit_status(
     docker: Docker,
     exec_id: String,
     ended: Arc<Notify>,
@@ -216,15 +216,15 @@ fn start_kind(message: &str) -> StartKind {
     }
 }
 
-struct DockerExec {
-    docker: Docker,
-    container: String,
-    exec_id: String,
-    tag: String,
+pub(super) struct DockerExec {
+    pub(super) docker: Docker,
+    pub(super) container: String,
+    pub(super) exec_id: String,
+    pub(super) tag: String,
     /// The engine shares this machine's `/proc`.
-    local: bool,
+    pub(super) local: bool,
     /// The signals the gateway sent, one bit each.
-    sent: Arc<AtomicU64>,
+    pub(super) sent: Arc<AtomicU64>,
 }
 
 impl DockerExec {

@@ -41,6 +41,7 @@ use rand::Rng;
 use tokio::sync::mpsc::UnboundedSender;
 
 mod exec;
+mod pty;
 
 use super::exec::{ExecError, ExecHandle, ExecSpec};
 use super::{Backend, BackendError, Exit, LogStream, Started};
@@ -694,6 +695,15 @@ impl Backend for DockerBackend {
 
     async fn exec(&self, sb: &Sandbox, spec: ExecSpec) -> Result<ExecHandle, ExecError> {
         self.exec_in(sb, spec).await
+    }
+
+    async fn pty(
+        &self,
+        sb: &Sandbox,
+        spec: ExecSpec,
+        size: super::exec::TtySize,
+    ) -> Result<super::exec::PtyHandle, ExecError> {
+        self.pty_in(sb, spec, size).await
     }
 
     /// The container's `/sandbox` through its init's `/proc/<pid>/root`: this needs the engine

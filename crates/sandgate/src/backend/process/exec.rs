@@ -66,13 +66,16 @@ impl ProcessBackend {
             // Kills are explicit (a timeout, a disconnect, `DELETE`): a command outlives the
             // response only when it was started to.
             .kill_on_drop(false);
+        let program = program.clone();
+        let mut spawn = move || {
+            cmd.spawn()
+                .map_err(|e| ExecError::not_started(StartKind::of(&e), spawn_message(&program, &e)))
+        };
         let mut child = if self.isolated {
-            spawn_inside(leader, cmd, cwd).await?
+            spawn_inside(leader, cwd, spawn).await?
         } else {
             check_cwd(&cwd)?;
-            cmd.spawn().map_err(|e| {
-                ExecError::not_started(StartKind::of(&e), spawn_message(program, &e))
-            })?
+            spawn()?
         };
         let pgid = child
             .id()
@@ -120,7 +123,7 @@ impl ProcessBackend {
     }
 }
 
-fn spawn_message(program: &str, e: &std::io::Error) -> String {
+pub(super) fn spawn_message(program: &str, e: &std::io::Error) -> String {
     match StartKind::of(e) {
         StartKind::NotFound => format!("{program}: command not found"),
         StartKind::PermissionDenied => format!("{program}: permission denied"),
@@ -130,7 +133,7 @@ fn spawn_message(program: &str, e: &std::io::Error) -> String {
 
 /// A missing working directory is told apart from a missing program (both are `ENOENT` from
 /// the spawn itself).
-fn check_cwd(cwd: &Path) -> Result<(), ExecError> {
+pub(super) fn check_cwd(cwd: &Path) -> Result<(), ExecError> {
     if cwd.is_dir() {
         Ok(())
     } else {
@@ -141,12 +144,13 @@ fn check_cwd(cwd: &Path) -> Result<(), ExecError> {
     }
 }
 
-/// Spawns `cmd` inside the namespaces of the sandbox led by `leader`.
-async fn spawn_inside(
+/// Runs `spawn` (which starts a child) inside the namespaces of the sandbox led by `leader`,
+/// after checking that `cwd` exists there.
+pub(super) async fn spawn_inside<T: Send + 'static>(
     leader: ProcRef,
-    mut cmd: tokio::process::Command,
     cwd: PathBuf,
-) -> Result<tokio::process::Child, ExecError> {
+    spawn: impl FnOnce() -> Result<T, ExecError> + Send + 'static,
+) -> Result<T, ExecError> {
     let open = |ns: &str| std::fs::File::open(format!("/proc/{}/ns/{ns}", leader.pid));
     let namespaces = (open("mnt"), open("net"), open("pid_for_children"));
     let (Ok(mnt), Ok(net), Ok(pid)) = namespaces else {
@@ -162,7 +166,7 @@ async fn spawn_inside(
     std::thread::Builder::new()
         .name("exec-spawn".into())
         .spawn(move || {
-            let mut enter = || -> Result<tokio::process::Child, ExecError> {
+            let enter = || -> Result<T, ExecError> {
                 let ns_err = |e: nix::Error| ExecError::Backend(format!("setns: {e}"));
                 // A thread sharing its filesystem context may not join a mount namespace.
                 nix::sched::unshare(CloneFlags::CLONE_FS).map_err(ns_err)?;
@@ -171,10 +175,7 @@ async fn spawn_inside(
                 nix::sched::setns(&pid, CloneFlags::CLONE_NEWPID).map_err(ns_err)?;
                 check_cwd(&cwd)?;
                 let _runtime = runtime.enter();
-                let program = cmd.as_std().get_program().to_string_lossy().into_owned();
-                cmd.spawn().map_err(|e| {
-                    ExecError::not_started(StartKind::of(&e), spawn_message(&program, &e))
-                })
+                spawn()
             };
             let _ = tx.send(enter());
         })
@@ -184,10 +185,10 @@ async fn spawn_inside(
 }
 
 /// Signals one process command: its group, and everything carrying its tag.
-struct ProcessExec {
-    pgid: i32,
+pub(super) struct ProcessExec {
+    pub(super) pgid: i32,
     /// `SANDGATE_EXEC=<tag>`, as it appears in `/proc/<pid>/environ`.
-    tag: Vec<u8>,
+    pub(super) tag: Vec<u8>,
 }
 
 impl ProcessExec {

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
 mod exec;
+mod pty;
 
 use super::exec::{tagged_processes, ExecError, ExecHandle, ExecSpec};
 use super::{Backend, BackendError, Exit, LogStream, Started};
@@ -336,6 +337,15 @@ impl Backend for ProcessBackend {
 
     async fn exec(&self, sb: &Sandbox, spec: ExecSpec) -> Result<ExecHandle, ExecError> {
         self.exec_in(sb, spec).await
+    }
+
+    async fn pty(
+        &self,
+        sb: &Sandbox,
+        spec: ExecSpec,
+        size: super::exec::TtySize,
+    ) -> Result<super::exec::PtyHandle, ExecError> {
+        self.pty_in(sb, spec, size).await
     }
 
     async fn working_tree(&self, sb: &Sandbox) -> Result<PathBuf, ExecError> {
