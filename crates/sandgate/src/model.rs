@@ -25,6 +25,7 @@ pub const RESERVED_OWNERS: &[&str] = &[
     "favicon.ico",
     "auth",
     "teams",
+    "ui",
 ];
 
 const ID_PREFIX: &str = "sb-";

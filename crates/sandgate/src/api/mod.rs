@@ -12,6 +12,7 @@ pub mod health;
 pub mod keys;
 pub mod pty;
 pub mod sandboxes;
+pub mod ui;
 pub mod ws;
 
 use std::sync::Arc;
@@ -68,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ws::router())
         .merge(files::router())
         .merge(pty::router())
+        .merge(ui::router())
         .fallback(|req: Request| async move {
             Error::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
         })

@@ -104,6 +104,10 @@ pub struct Credentials<'a> {
     /// `sandgate_preview` cookie values (the first few).
     pub previews: [&'a [u8]; 4],
     pub preview_count: u8,
+    /// A credential offered as the WebSocket subprotocol `sandgate.auth.<credential>` (how a
+    /// browser authenticates a WebSocket: it cannot set headers). Honoured only where the
+    /// request policy allows it (the terminal and command sockets).
+    pub subprotocol: Option<&'a [u8]>,
 }
 
 /// A verified request: who, and whether its `Authorization` field was the gateway's
@@ -289,7 +293,8 @@ impl Auth {
                 consumed_authorization,
             }));
         }
-        let Some(token) = creds.authorization.and_then(bearer) else {
+        let from_header = creds.authorization.and_then(bearer);
+        let Some(token) = from_header.or(creds.subprotocol) else {
             return Ok(None);
         };
         let principal = match &self.tokens {
@@ -308,7 +313,7 @@ impl Auth {
         };
         Ok(Some(Authenticated {
             principal,
-            consumed_authorization: true,
+            consumed_authorization: from_header.is_some(),
         }))
     }
 

@@ -81,6 +81,9 @@ pub fn api(method: &str, path: &str) -> Need {
             _ => Need::Read,
         },
         "teams" => Need::Owner,
+        // The terminal page and its assets: static, no data (the page authenticates its
+        // WebSocket itself).
+        "ui" => Need::Nothing,
         // Seed 004's command socket: opening it (a GET upgrade) runs commands.
         "ws" => Need::Write,
         // Exec results and logs are the output of a member's commands: members only, reads
@@ -124,6 +127,8 @@ mod tests {
         assert_eq!(api("GET", "/teams"), Need::Owner);
         assert_eq!(api("GET", "/nowhere"), Need::Read);
         assert_eq!(api("GET", "/ws/sb"), Need::Write);
+        assert_eq!(api("GET", "/ui/assets/xterm.js"), Need::Nothing);
+        assert_eq!(api("GET", "/sandboxes/sb/pty"), Need::Write);
         assert_eq!(api("POST", "/sandboxes/sb/exec"), Need::Write);
         assert_eq!(api("GET", "/sandboxes/sb/exec/ex-1"), Need::Write);
         assert_eq!(api("GET", "/sandboxes/sb/logs"), Need::Read);

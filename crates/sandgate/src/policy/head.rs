@@ -123,6 +123,13 @@ pub fn facts<'a, F: Fields + ?Sized + 'a>(method: &str, fields: &'a F) -> Facts<
                     }
                 }
             }
+            22 if is("sec-websocket-protocol") => {
+                for p in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if let Some(cred) = p.strip_prefix(b"sandgate.auth.") {
+                        f.credentials.subprotocol.get_or_insert(cred);
+                    }
+                }
+            }
             13 if is("authorization") => {
                 f.credentials.authorization.get_or_insert(value);
             }

@@ -287,8 +287,12 @@ impl Policy {
         if need == permissions::Need::Nothing {
             return Decision::Api(None);
         }
-        let who = match self.authenticate(head) {
-            Ok(who) => who,
+        // A browser's WebSocket carries its credential as a subprotocol: honoured on the
+        // gateway's own sockets only, never on proxied ones (an app's subprotocols are its own).
+        let sockets = head.facts.upgrade.is_some() && socket_route(head.path);
+        let who = match self.credentials_with(head, sockets) {
+            Ok(Some(who)) => who,
+            Ok(None) => return Decision::Deny(Error::Unauthenticated),
             Err(e) => return Decision::Deny(e),
         };
         match who.principal.require(need) {
@@ -352,16 +356,25 @@ impl Policy {
     }
 
     /// The request's principal, or why it has none.
-    fn authenticate(&self, head: &Head<'_>) -> Result<Authenticated, Error> {
-        self.credentials(head)?.ok_or(Error::Unauthenticated)
-    }
-
     /// The principal of the request's headers' credentials (`None`: it carries none), within
     /// its team's address rules. An address that spent its budget of refused credentials gets
     /// no credential checked.
     fn credentials(&self, head: &Head<'_>) -> Result<Option<Authenticated>, Error> {
+        self.credentials_with(head, false)
+    }
+
+    /// `credentials`, taking a subprotocol credential too when `subprotocol`.
+    fn credentials_with(
+        &self,
+        head: &Head<'_>,
+        subprotocol: bool,
+    ) -> Result<Option<Authenticated>, Error> {
         self.rates.throttled(head.client)?;
-        let Some(who) = self.auth.authenticate(&head.facts.credentials)? else {
+        let mut creds = head.facts.credentials;
+        if !subprotocol {
+            creds.subprotocol = None;
+        }
+        let Some(who) = self.auth.authenticate(&creds)? else {
             return Ok(None);
         };
         self.addresses
@@ -481,6 +494,13 @@ impl Policy {
             pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
+}
+
+/// The gateway's own WebSockets, which may authenticate with a subprotocol credential:
+/// `/sandboxes/{id}/pty` and `/ws/{id}`.
+fn socket_route(path: &str) -> bool {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    matches!(segs.as_slice(), ["sandboxes", _, "pty"] | ["ws", _])
 }
 
 /// What an audit record says about a refusal.

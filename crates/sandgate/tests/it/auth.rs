@@ -377,6 +377,31 @@ async fn the_permission_table(lane: Lane) {
             &["owner", "admin", "member"],
         ),
         (
+            "GET",
+            format!("/sandboxes/{none}/pty"),
+            None,
+            &["owner", "admin", "member"],
+        ),
+        (
+            "GET",
+            format!("/sandboxes/{none}/files"),
+            None,
+            &["owner", "admin", "member", "viewer"],
+        ),
+        (
+            "DELETE",
+            format!("/sandboxes/{none}/files?path=x"),
+            None,
+            &["owner", "admin", "member"],
+        ),
+        (
+            "GET",
+            format!("/ui/sandboxes/{none}/terminal"),
+            None,
+            &["*"],
+        ),
+        ("GET", "/ui/assets/terminal.js".into(), None, &["*"]),
+        (
             "POST",
             "/auth/token".into(),
             None,

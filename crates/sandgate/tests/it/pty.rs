@@ -182,3 +182,73 @@ async fn terminal_sessions(kind: Kind) {
 }
 
 every_backend!(terminal_sessions);
+
+/// The terminal page in headless Chromium: the credential from the URL fragment (then gone
+/// from the address bar), typed keys reach the shell, the shell's answer shows, and a reload
+/// re-attaches to the same session and replays its output.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_terminal_page_in_a_real_browser() {
+    use crate::common::browser::{available, Browser};
+    if !available() {
+        return;
+    }
+    let gw = crate::common::auth_gateway(crate::common::Lane::Fast, |_| {}).await;
+    let (key, _) = crate::common::team_key(&gw, "term", "member").await;
+    let member = gw.with_key(&key);
+    let v = member.create(&json!({"runtime": "shell"})).await;
+    let id = v["id"].as_str().unwrap().to_string();
+    // The page itself needs no credential.
+    let page = gw.get(&format!("/ui/sandboxes/{id}/terminal")).send().await;
+    page.expect(200);
+    assert!(page
+        .header("content-security-policy")
+        .contains("frame-ancestors 'none'"));
+    gw.get("/ui/assets/xterm.js").send().await.expect(200);
+    // Without a credential, no terminal.
+    gw.get(&format!("/sandboxes/{id}/pty"))
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .expect_error(401, "AUTH_002");
+    let mut browser = Browser::start().await;
+    let url = format!(
+        "http://127.0.0.1:{}/ui/sandboxes/{id}/terminal#token={key}",
+        gw.addr.port()
+    );
+    let tab = browser.open(&url).await;
+    let status = "document.getElementById('status').textContent";
+    // What the terminal shows, read from its buffer (a headless tab need not paint).
+    let rows = "(() => { const t = window.sandgateTerminal; if (!t) return ''; \
+                const b = t.buffer.active; let s = ''; \
+                for (let i = 0; i < b.length; i++) s += b.getLine(i).translateToString(true) + '\\n'; \
+                return s; })()";
+    browser.wait_for(&tab, status, |s| s == "connected").await;
+    let href = browser.eval(&tab, "location.href").await;
+    assert!(!href.as_str().unwrap().contains("token"), "{href}");
+    browser
+        .eval(
+            &tab,
+            "document.querySelector('.xterm-helper-textarea').focus()",
+        )
+        .await;
+    browser.type_text(&tab, "echo sg-$((6*7))\r").await;
+    browser.wait_for(&tab, rows, |t| t.contains("sg-42")).await;
+    // A reload comes back to the same session, whose output is replayed.
+    browser
+        .eval(&tab, "setTimeout(() => location.reload(), 0); true")
+        .await;
+    browser
+        .wait_for(
+            &tab,
+            "document.readyState + ':' + (document.getElementById('status') || {}).textContent",
+            |s| s == "complete:connected",
+        )
+        .await;
+    browser.wait_for(&tab, rows, |t| t.contains("sg-42")).await;
+    let v = member.sandbox(&id).await;
+    assert_eq!(v["connections"]["pty"], 1, "one session, re-attached: {v}");
+    member.delete_sandbox(&id).await;
+}

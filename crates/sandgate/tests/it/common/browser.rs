@@ -144,6 +144,27 @@ impl Browser {
         r["result"]["value"].clone()
     }
 
+    /// Types `text` into the focused element, as a keyboard would (`\r` presses Enter).
+    pub async fn type_text(&mut self, session: &str, text: &str) {
+        for (i, line) in text.split('\r').enumerate() {
+            if i > 0 {
+                for kind in ["keyDown", "keyUp"] {
+                    let mut key = json!({"type": kind, "key": "Enter", "code": "Enter",
+                                         "windowsVirtualKeyCode": 13});
+                    if kind == "keyDown" {
+                        key["text"] = json!("\r");
+                    }
+                    self.call(Some(session), "Input.dispatchKeyEvent", key)
+                        .await;
+                }
+            }
+            if !line.is_empty() {
+                self.call(Some(session), "Input.insertText", json!({"text": line}))
+                    .await;
+            }
+        }
+    }
+
     /// Polls `expr` in the tab until it is a string satisfying `done` (bounded).
     pub async fn wait_for(
         &mut self,
