@@ -1063,10 +1063,7 @@ async fn seed_004_command_socket() {
         .await
         .expect_error(400, "bad_request");
     gw.get(&format!("/ws/{id}"))
-        .header("upgrade", "websocket")
-        .header("connection", "upgrade")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .websocket_handshake()
         .header("origin", "https://evil.example")
         .send()
         .await

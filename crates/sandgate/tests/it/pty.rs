@@ -167,10 +167,7 @@ async fn terminal_sessions(kind: Kind) {
     .await;
     // An unknown session is not found; a plain GET is no handshake.
     gw.get(&format!("/sandboxes/{id}/pty?session=pt-nope"))
-        .header("upgrade", "websocket")
-        .header("connection", "upgrade")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .websocket_handshake()
         .send()
         .await
         .expect_error(404, "exec_not_found");
@@ -206,10 +203,7 @@ async fn the_terminal_page_in_a_real_browser() {
     gw.get("/ui/assets/xterm.js").send().await.expect(200);
     // Without a credential, no terminal.
     gw.get(&format!("/sandboxes/{id}/pty"))
-        .header("upgrade", "websocket")
-        .header("connection", "upgrade")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .websocket_handshake()
         .send()
         .await
         .expect_error(401, "AUTH_002");

@@ -429,6 +429,14 @@ impl Req {
         self
     }
 
+    /// The headers of a WebSocket opening handshake (RFC 6455 §4.1).
+    pub fn websocket_handshake(self) -> Req {
+        self.header("upgrade", "websocket")
+            .header("connection", "upgrade")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+    }
+
     pub fn body(mut self, body: impl Into<Bytes>) -> Req {
         self.body = body.into();
         self
