@@ -15,6 +15,13 @@
 //! - `ws-idle --conns N [--max-hold S]`: opens N WebSocket connections, echoes one message on
 //!   each, prints `{"opened":..}` and holds them until a line (or EOF) arrives on stdin (or
 //!   `--max-hold` seconds pass), then echoes once more on each and prints `{"alive":..}`.
+//! - `exec-http --path /sandboxes/ID/exec [--body JSON] [--conns C] [--seconds S]`: exec round
+//!   trips (each answer awaited) on C kept-alive connections. Reports execs/s and latency.
+//! - `exec-ws --path /ws/ID [--command CMD] [--seconds S]`: the same through seed 004's socket.
+//! - `exec-first-byte --path /sandboxes/ID/exec [--count N]`: time from sending a streamed exec
+//!   to its first `stdout` event, connection setup included.
+//! - `spawn [--argv "true"] [--seconds S]`: the floor: this process spawning the command and
+//!   waiting for it (`--addr` is still required, and unused).
 //!
 //! Standard library only: no async runtime, one thread per busy connection.
 
@@ -31,7 +38,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 fn main() -> ExitCode {
     let mut argv = std::env::args().skip(1);
     let Some(cmd) = argv.next() else {
-        eprintln!("usage: sandgate-loadgen ws-echo|sse-first|upload|ws-idle --addr HOST:PORT [--host H] [--path P] ...");
+        eprintln!("usage: sandgate-loadgen ws-echo|sse-first|upload|ws-idle|exec-http|exec-ws|exec-first-byte|spawn --addr HOST:PORT [--host H] [--path P] ...");
         return ExitCode::from(2);
     };
     let mut opts = HashMap::new();
@@ -51,6 +58,10 @@ fn main() -> ExitCode {
         "sse-first" => sse_first(&o),
         "upload" => upload(&o),
         "ws-idle" => ws_idle(&o),
+        "exec-http" => exec_http(&o),
+        "exec-ws" => exec_ws(&o),
+        "exec-first-byte" => exec_first_byte(&o),
+        "spawn" => spawn(&o),
         other => Err(format!("unknown subcommand {other:?}")),
     });
     match result {
@@ -495,5 +506,197 @@ fn ws_idle(o: &Opts) -> Result<String, String> {
     Ok(format!(
         "{{\"alive\":{alive},\"held_s\":{:.1}}}",
         t0.elapsed().as_secs_f64()
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands in sandboxes (issue 15's benchmark)
+// ---------------------------------------------------------------------------------------------
+
+/// `POST {path}` with `--body` (JSON) on one kept-alive connection per `--conns`, each waiting
+/// for its answer before the next, for `--seconds`: latency of a whole exec round trip, and
+/// execs per second with several at once.
+fn exec_http(o: &Opts) -> Result<String, String> {
+    let conns = o.num("conns", 1.0)? as usize;
+    let seconds = o.num("seconds", 3.0)?;
+    let warmup = o.num("warmup", 0.3)?;
+    let body = o.map.get("body").cloned().unwrap_or_else(|| r#"{"command":"true"}"#.into());
+    let req = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        o.path,
+        o.host,
+        body.len()
+    );
+    let barrier = Arc::new(Barrier::new(conns + 1));
+    let mut handles = Vec::new();
+    for _ in 0..conns {
+        let stream = o.connect().map_err(err("connect"))?;
+        let mut writer = stream.try_clone().map_err(err("clone"))?;
+        let mut reader = BufReader::with_capacity(64 * 1024, stream);
+        let (req, barrier) = (req.clone(), barrier.clone());
+        handles.push(thread::spawn(move || -> io::Result<(Vec<u64>, u64)> {
+            let mut once = |samples: Option<&mut Vec<u64>>| -> io::Result<()> {
+                let t0 = Instant::now();
+                writer.write_all(req.as_bytes())?;
+                let (status, headers) = read_head(&mut reader)?;
+                let body = read_body(&mut reader, &headers)?;
+                if status != 200 || find(&body, b"\"exit_code\":0").is_none() {
+                    return Err(io::Error::other(format!(
+                        "exec answered {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    )));
+                }
+                if let Some(s) = samples {
+                    s.push(t0.elapsed().as_nanos() as u64);
+                }
+                Ok(())
+            };
+            once(None)?;
+            barrier.wait();
+            let start = Instant::now();
+            let measure_from = start + Duration::from_secs_f64(warmup);
+            let end = measure_from + Duration::from_secs_f64(seconds);
+            let mut samples = Vec::new();
+            let mut total = 0;
+            while Instant::now() < end {
+                let measured = Instant::now() >= measure_from;
+                once(measured.then_some(&mut samples))?;
+                total += 1;
+            }
+            Ok((samples, total))
+        }));
+    }
+    barrier.wait();
+    collect(handles, conns, seconds, "execs_per_s")
+}
+
+/// Seed 004's socket: `{"command": --command}` on `--path`, each answer awaited.
+fn exec_ws(o: &Opts) -> Result<String, String> {
+    let seconds = o.num("seconds", 3.0)?;
+    let warmup = o.num("warmup", 0.3)?;
+    let command = o.map.get("command").cloned().unwrap_or_else(|| "true".into());
+    let msg = format!(r#"{{"command":"{command}"}}"#);
+    let mut ws = Ws::connect(o).map_err(err("connect"))?;
+    let once = |ws: &mut Ws| -> io::Result<()> {
+        ws.send(0x1, msg.as_bytes())?;
+        ws.recv()?;
+        Ok(())
+    };
+    once(&mut ws).map_err(err("first command"))?;
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs_f64(warmup);
+    let end = measure_from + Duration::from_secs_f64(seconds);
+    let mut samples = Vec::new();
+    while Instant::now() < end {
+        let t0 = Instant::now();
+        once(&mut ws).map_err(err("command"))?;
+        if t0 >= measure_from {
+            samples.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    let rate = samples.len() as f64 / seconds;
+    Ok(format!("{{\"execs_per_s\":{rate:.1},{}}}", percentiles(&mut samples)))
+}
+
+/// Time from sending a streamed exec (`Accept: application/x-ndjson`) of `echo x; sleep 0.05`
+/// to the arrival of its first `stdout` event, `--count` times.
+fn exec_first_byte(o: &Opts) -> Result<String, String> {
+    let count = o.num("count", 50.0)? as usize;
+    let body = r#"{"command":"echo x; sleep 0.05"}"#;
+    let req = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nAccept: application/x-ndjson\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        o.path,
+        o.host,
+        body.len()
+    );
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let stream = o.connect().map_err(err("connect"))?;
+        let mut writer = stream.try_clone().map_err(err("clone"))?;
+        let mut reader = BufReader::new(stream);
+        let t0 = Instant::now();
+        writer.write_all(req.as_bytes()).map_err(err("send"))?;
+        let (status, _) = read_head(&mut reader).map_err(err("head"))?;
+        if status != 200 {
+            return Err(format!("streamed exec answered {status}"));
+        }
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = reader.read(&mut buf).map_err(err("read"))?;
+            if n == 0 {
+                return Err("the stream ended before any output".into());
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if find(&seen, b"\"type\":\"stdout\"").is_some() {
+                samples.push(t0.elapsed().as_nanos() as u64);
+                break;
+            }
+        }
+    }
+    Ok(format!("{{\"count\":{count},{}}}", percentiles(&mut samples)))
+}
+
+/// The floor: this process spawning `--argv` (space-separated) and waiting for it, for
+/// `--seconds`.
+fn spawn(o: &Opts) -> Result<String, String> {
+    let seconds = o.num("seconds", 3.0)?;
+    let argv: Vec<String> = o
+        .map
+        .get("argv")
+        .cloned()
+        .unwrap_or_else(|| "true".into())
+        .split(' ')
+        .map(str::to_string)
+        .collect();
+    let run = || -> Result<u64, String> {
+        let t0 = Instant::now();
+        let status = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .map_err(|e| format!("{}: {e}", argv[0]))?
+            .status;
+        if !status.success() {
+            return Err(format!("{argv:?} failed: {status}"));
+        }
+        Ok(t0.elapsed().as_nanos() as u64)
+    };
+    run()?;
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut samples = Vec::new();
+    while Instant::now() < end {
+        samples.push(run()?);
+    }
+    let rate = samples.len() as f64 / seconds;
+    Ok(format!("{{\"spawns_per_s\":{rate:.1},{}}}", percentiles(&mut samples)))
+}
+
+/// Joins per-connection samples into one result.
+fn collect(
+    handles: Vec<thread::JoinHandle<io::Result<(Vec<u64>, u64)>>>,
+    conns: usize,
+    seconds: f64,
+    rate_name: &str,
+) -> Result<String, String> {
+    let mut all = Vec::new();
+    let mut errors = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(Ok((s, _))) => all.extend(s),
+            Ok(Err(e)) => errors.push(e.to_string()),
+            Err(_) => errors.push("a thread panicked".into()),
+        }
+    }
+    if errors.len() == conns {
+        return Err(format!("every connection failed: {}", errors[0]));
+    }
+    let rate = all.len() as f64 / seconds;
+    Ok(format!(
+        "{{\"conns\":{conns},\"errors\":{},\"{rate_name}\":{rate:.1},{}}}",
+        errors.len(),
+        percentiles(&mut all)
     ))
 }

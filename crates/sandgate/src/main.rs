@@ -109,6 +109,9 @@ async fn serve(config: Config) -> ExitCode {
         tracing::info!("shutting down");
         signals.cancel();
     });
+    // Orphans of commands are handed to the gateway, which reaps them (never its own
+    // children: their exit codes are results).
+    tokio::spawn(sandgate::backend::process::reaper::enable(shutdown.clone()));
     match sandgate::run(config, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

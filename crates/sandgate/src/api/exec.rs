@@ -228,7 +228,13 @@ pub async fn acquire(
     caller: &Caller,
     id: &str,
 ) -> Result<(Sandbox, InUse, Arc<Entry>), Error> {
-    let mut sb = caller.sandbox(state, id).await?;
+    // The route table has every sandbox's current record: a running one needs no store read.
+    let mut sb = match state.routes.get(id) {
+        Some(e) if e.status == SandboxStatus::Running && caller.0.sees(&e.team) => {
+            Sandbox::clone(&e)
+        }
+        _ => caller.sandbox(state, id).await?,
+    };
     match sb.status {
         SandboxStatus::Running => {}
         SandboxStatus::Stopped if sb.mode == Mode::Persistent => {

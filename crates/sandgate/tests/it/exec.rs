@@ -1070,3 +1070,68 @@ async fn seed_004_command_socket() {
         .expect_error(403, "forbidden_origin");
     gw.delete_sandbox(&id).await;
 }
+
+/// The state letter and parent of `pid` (`/proc/<pid>/stat` fields 3 and 4).
+fn state_and_parent(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    let state = fields.next()?.chars().next()?;
+    let parent = fields.next()?.parse().ok()?;
+    Some((state, parent))
+}
+
+/// `sandgate serve` (the binary) is its commands' subreaper: an orphan of a shared-host
+/// command is handed to the gateway, which reaps it when it ends (no zombie), while the exit
+/// codes of its own children, many at once, stay true.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_reaps_orphans_and_never_steals_an_exit_code() {
+    use crate::common::SpawnedGateway;
+    let gw = SpawnedGateway::start(2, &[]).await;
+    let id = shell(&gw).await;
+    let mark = format!("SANDGATE_TEST_MARK=orphan-{id}");
+    let v = exec(
+        &gw,
+        &id,
+        json!({"command": "(SANDGATE_TEST_MARK=$M sleep 1 &); exit 0",
+               "env": {"M": mark.split('=').nth(1).unwrap()}}),
+    )
+    .await;
+    assert_eq!(v["exit_code"], 0, "{v}");
+    let orphan = eventually(Duration::from_secs(5), "the orphan is found", || {
+        let found = processes_with(&mark).first().copied();
+        async move { found }
+    })
+    .await;
+    let (_, parent) = state_and_parent(orphan).expect("the orphan runs");
+    assert_eq!(parent, gw.pid(), "the orphan was handed to the gateway");
+    let gateway = gw.pid();
+    eventually(
+        Duration::from_secs(10),
+        "the orphan ends and is reaped",
+        || {
+            let running = !processes_with(&mark).is_empty();
+            let zombie = matches!(state_and_parent(orphan), Some(('Z', p)) if p == gateway);
+            async move { (!running && !zombie).then_some(()) }
+        },
+    )
+    .await;
+    // Many commands at once, each orphaning a process, each with its own exit code.
+    let runs = (0..12).map(|i| {
+        let gw = gw.client.clone();
+        let id = id.clone();
+        async move {
+            let v = exec(
+                &gw,
+                &id,
+                json!({"command": format!("(sleep 0.05 &); (true &); exit {}", 10 + i)}),
+            )
+            .await;
+            (i, v)
+        }
+    });
+    for (i, v) in futures_util::future::join_all(runs).await {
+        assert_eq!(v["exit_code"], 10 + i, "{v}");
+    }
+    gw.delete_sandbox(&id).await;
+}

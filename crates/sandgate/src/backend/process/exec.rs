@@ -68,8 +68,14 @@ impl ProcessBackend {
             .kill_on_drop(false);
         let program = program.clone();
         let mut spawn = move || {
-            cmd.spawn()
-                .map_err(|e| ExecError::not_started(StartKind::of(&e), spawn_message(&program, &e)))
+            let _gate = super::reaper::spawning();
+            let child = cmd.spawn().map_err(|e| {
+                ExecError::not_started(StartKind::of(&e), spawn_message(&program, &e))
+            })?;
+            if let Some(pid) = child.id() {
+                super::reaper::own(pid as i32);
+            }
+            Ok(child)
         };
         let mut child = if self.isolated {
             spawn_inside(leader, cwd, spawn).await?
@@ -101,7 +107,9 @@ impl ProcessBackend {
             .map(|w| Box::new(w) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>);
         let exit = async move {
             use std::os::unix::process::ExitStatusExt;
-            match child.wait().await {
+            let status = child.wait().await;
+            super::reaper::disown(pgid);
+            match status {
                 Ok(s) => match (s.code(), s.signal()) {
                     (Some(code), _) => ExecExit::Exited(code),
                     (None, Some(sig)) => ExecExit::Signaled(sig),

@@ -26,6 +26,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 mod exec;
 mod pty;
+pub mod reaper;
 
 use super::exec::{tagged_processes, ExecError, ExecHandle, ExecSpec};
 use super::{Backend, BackendError, Exit, LogStream, Started};
@@ -220,6 +221,7 @@ impl Backend for ProcessBackend {
             .stderr(log)
             .process_group(0)
             .kill_on_drop(false);
+        let gate = reaper::spawning();
         let mut child = cmd
             .spawn()
             .map_err(|e| BackendError::Start(format!("cannot start the sandbox process: {e}")))?;
@@ -227,10 +229,13 @@ impl Backend for ProcessBackend {
             .id()
             .ok_or_else(|| BackendError::Start("the process exited at once".into()))?
             as i32;
+        reaper::own(pid);
+        drop(gate);
         let start = start_time(pid).unwrap_or(0);
         let (id, generation, exits) = (sb.id.clone(), sb.generation, self.exits.clone());
         tokio::spawn(async move {
             let status = child.wait().await;
+            reaper::disown(pid);
             use std::os::unix::process::ExitStatusExt;
             let (code, signal) = match status {
                 Ok(s) => (s.code(), s.signal()),

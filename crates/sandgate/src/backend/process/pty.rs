@@ -59,12 +59,17 @@ impl ProcessBackend {
             .current_dir(&cwd)
             .kill_on_drop(false);
         let spawn = move || {
-            cmd.spawn(pts).map_err(|e| match e {
+            let _gate = super::reaper::spawning();
+            let child = cmd.spawn(pts).map_err(|e| match e {
                 pty_process::Error::Io(e) => {
                     ExecError::not_started(StartKind::of(&e), spawn_message(&program, &e))
                 }
                 other => pty_error(other),
-            })
+            })?;
+            if let Some(pid) = child.id() {
+                super::reaper::own(pid as i32);
+            }
+            Ok(child)
         };
         let mut child = if self.isolated {
             spawn_inside(leader, cwd, spawn).await?
@@ -79,7 +84,9 @@ impl ProcessBackend {
             .ok_or_else(|| ExecError::Backend("the shell vanished at once".into()))?;
         let exit = async move {
             use std::os::unix::process::ExitStatusExt;
-            match child.wait().await {
+            let status = child.wait().await;
+            super::reaper::disown(pgid);
+            match status {
                 Ok(s) => match (s.code(), s.signal()) {
                     (Some(code), _) => ExecExit::Exited(code),
                     (None, Some(sig)) => ExecExit::Signaled(sig),
