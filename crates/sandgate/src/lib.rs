@@ -220,6 +220,8 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
+    let execs: Arc<exec::registry::Registry> = Default::default();
+    let terminals: Arc<exec::terminals::Terminals> = Default::default();
     let state = AppState {
         public_base: config.public_base(bound_port).into(),
         config: config.clone(),
@@ -230,8 +232,8 @@ pub async fn run(
         proxy,
         limits,
         rates,
-        execs: Default::default(),
-        terminals: Default::default(),
+        execs: execs.clone(),
+        terminals: terminals.clone(),
         bound_port,
         started: Instant::now(),
     };
@@ -265,6 +267,8 @@ pub async fn run(
     if let Some(reaper) = reaper {
         let _ = reaper.await;
     }
+    // Commands and terminals end with the gateway, even in containers that outlive it.
+    tokio::join!(execs.kill_all(), terminals.kill_all());
     manager.shutdown().await;
     workers.finish().await;
     sweeper.abort();

@@ -321,6 +321,17 @@ impl Registry {
         mine
     }
 
+    /// Kills every running command (the gateway is stopping).
+    pub async fn kill_all(&self) {
+        let running: Vec<_> = self
+            .jobs()
+            .values()
+            .filter(|j| j.running())
+            .cloned()
+            .collect();
+        futures_util::future::join_all(running.iter().map(|j| j.kill())).await;
+    }
+
     /// Forgets a finished command; whether it was there.
     pub fn forget(&self, sandbox: &str, id: &str) -> bool {
         let mut jobs = self.jobs();

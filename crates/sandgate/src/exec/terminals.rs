@@ -211,6 +211,12 @@ impl Terminals {
         term
     }
 
+    /// Kills every session (the gateway is stopping).
+    pub async fn kill_all(&self) {
+        let all: Vec<_> = self.sessions().values().cloned().collect();
+        futures_util::future::join_all(all.iter().map(|t| t.kill())).await;
+    }
+
     /// Attachment `owner` of `term` ended; unless another takes it over within
     /// [`DETACH_TIMEOUT`], the session is killed.
     pub fn detach(self: &Arc<Self>, term: &Arc<Terminal>, owner: u64) {

@@ -1135,3 +1135,30 @@ async fn the_gateway_reaps_orphans_and_never_steals_an_exit_code() {
     }
     gw.delete_sandbox(&id).await;
 }
+
+/// Containers outlive a gateway that shuts down cleanly (the next one re-adopts them); the
+/// commands it was running in them do not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clean_shutdown_ends_background_commands_in_surviving_containers() {
+    let Some((gw, _left)) = gateway(Kind::Docker).await else {
+        return;
+    };
+    let id = shell(&gw).await;
+    let v = gw
+        .post(&format!("/sandboxes/{id}/exec"))
+        .json(&json!({"command": "sleep 60", "background": true}))
+        .send()
+        .await
+        .json();
+    let tag = exec_tag(&v);
+    eventually(Duration::from_secs(10), "the command runs", || {
+        let n = processes_with(&tag).len();
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
+    gw.shutdown().await;
+    assert!(
+        processes_with(&tag).is_empty(),
+        "the command outlived the gateway"
+    );
+}
