@@ -731,7 +731,45 @@ async fn stopping_a_sandbox_ends_its_commands(kind: Kind) {
     gw.delete_sandbox(&id).await;
 }
 
+async fn orphans_leave_no_zombie(kind: Kind) {
+    let Some((gw, _left)) = gateway(kind).await else {
+        return;
+    };
+    let id = shell(&gw).await;
+    let mark = format!("SANDGATE_TEST_MARK=zombie-{id}");
+    let v = exec(
+        &gw,
+        &id,
+        json!({"command": "(SANDGATE_TEST_MARK=$M sleep 0.3 &); (true &); exit 0",
+               "env": {"M": mark.split('=').nth(1).unwrap()}}),
+    )
+    .await;
+    assert_eq!(v["exit_code"], 0, "{v}");
+    eventually(Duration::from_secs(10), "the orphan has ended", || {
+        let n = processes_with(&mark).len();
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+    // Whoever adopted the orphans inside the sandbox (its PID 1, the container's init) reaped
+    // them.
+    eventually(Duration::from_secs(5), "no zombie in the sandbox", || {
+        let sandbox = crate::common::sandbox_processes(&id);
+        let zombies: Vec<i32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&p| {
+                matches!(state_and_parent(p), Some(('Z', parent)) if sandbox.contains(&parent))
+            })
+            .collect();
+        async move { zombies.is_empty().then_some(()) }
+    })
+    .await;
+    gw.delete_sandbox(&id).await;
+}
+
 every_backend!(
+    orphans_leave_no_zombie,
     stopping_a_sandbox_ends_its_commands,
     background_commands,
     output_streams_as_it_is_written,
