@@ -186,7 +186,15 @@ mod tests {
             .env("OTHER", &tag)
             .spawn()
             .unwrap();
-        let found = tagged_processes(tag.as_bytes());
+        // Until the child has `exec`ed, its environment is still the parent's.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let found = loop {
+            let found = tagged_processes(tag.as_bytes());
+            if !found.is_empty() || std::time::Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
         assert_eq!(found, vec![child.id() as i32]);
         assert!(tagged_processes(format!("{tag}x").as_bytes()).is_empty());
         child.kill().unwrap();
