@@ -26,6 +26,7 @@ pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod datadir;
 pub mod error;
 pub mod event_loop;
 pub mod exec;
@@ -76,6 +77,8 @@ pub enum RunError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Locked(#[from] datadir::LockError),
     #[error("store: {0}")]
     Store(#[from] store::StoreError),
     #[error("authentication: {0}")]
@@ -143,6 +146,9 @@ pub async fn run(
         path: data_dir.clone(),
         source,
     })?;
+    // Before the store or any sandbox is touched: a second gateway here must change nothing.
+    let mut dir_lock = datadir::lock(data_dir)?;
+    dir_lock.record(listener.local_addr()?)?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_url).await?);
     let auth = Arc::new(Auth::load(store.clone(), &config).await?);
     let audit = Audit::start(store.clone());
@@ -275,6 +281,7 @@ pub async fn run(
     auth.flush_last_used().await;
     audit.flush().await;
     exit_watcher.abort();
+    drop(dir_lock);
     if let Some(watcher) = cert_watcher {
         watcher.abort();
     }

@@ -142,3 +142,45 @@ both_lanes!(
     sigterm_with_four_workers_stops_sandboxes_created_through_each,
     ports_allocated_before_a_restart_are_not_handed_out_again,
 );
+
+/// A second gateway on a data directory in use refuses to start, names the first (pid and
+/// address), exits non-zero and changes nothing: the first's sandbox keeps running and
+/// answering.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_gateway_on_the_same_data_directory_refuses_to_start() {
+    let gw = SpawnedGateway::start(2, &[]).await;
+    let sb = gw.create_fixture().await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandgate"))
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--isolation",
+            "none",
+            "--auth-enabled",
+            "false",
+        ])
+        .arg("--data-dir")
+        .arg(gw.data_dir())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("the second gateway exits at once")
+        .expect("it runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("in use by another sandgate"), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", gw.pid())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("listening on {}", gw.addr)),
+        "{stderr}"
+    );
+    assert!(
+        crate::common::process_alive(sb.pid),
+        "the sandbox was touched"
+    );
+    let r = gw.get(&sb.path("/")).send().await;
+    r.expect(200);
+    assert_eq!(gw.sandbox(&sb.id).await["status"], "running");
+    gw.delete_sandbox(&sb.id).await;
+}
