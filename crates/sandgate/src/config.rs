@@ -583,7 +583,9 @@ pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=29999;
 impl Config {
     /// Defaults for a data directory: what `sandgate serve` uses with no flags.
     pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Config {
+        // Absolute, so every path handed to a sandbox (`HOME`, its working tree) is too.
         let data_dir = data_dir.into();
+        let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
         Config {
             host: IpAddr::from([127, 0, 0, 1]),
             port: DEFAULT_PORT,
@@ -1124,8 +1126,12 @@ mod tests {
         let c = Config::load(&ServeArgs::default(), no_env).unwrap();
         assert_eq!(c.port, 8070);
         assert_eq!(c.host.to_string(), "127.0.0.1");
-        assert_eq!(c.data_dir, PathBuf::from("sandgate-data"));
-        assert_eq!(c.database_url, "sqlite://sandgate-data/sandgate.db");
+        let dir = std::env::current_dir().unwrap().join("sandgate-data");
+        assert_eq!(c.data_dir, dir);
+        assert_eq!(
+            c.database_url,
+            format!("sqlite://{}", dir.join("sandgate.db").display())
+        );
         assert_eq!(c.backend, BackendKind::Process);
         assert_eq!(c.proxy_timeout, Duration::from_secs(30));
     }

@@ -65,6 +65,12 @@ fn validate_public_ports(ports: &[u16]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Variables the gateway gives every sandbox; a create may not set them (they would be
+/// silently overridden, or override what the gateway promises).
+pub fn reserved_env_key(k: &str) -> bool {
+    matches!(k, "PORT" | "HOST" | "HOME" | "SANDBOX_ID") || k.starts_with("SANDGATE_")
+}
+
 /// An environment variable name a sandbox or a command may set: `[A-Za-z_][A-Za-z0-9_]*`.
 pub fn valid_env_key(k: &str) -> bool {
     let mut b = k.bytes();
@@ -147,6 +153,12 @@ impl Manager {
         for (k, v) in &req.env {
             if !valid_env_key(k) || v.contains('\0') || v.len() > MAX_COMMAND {
                 return bad(format!("invalid environment variable {k:?}"));
+            }
+            if reserved_env_key(k) {
+                return bad(format!(
+                    "environment variable {k} is the gateway's to set \
+                     (PORT, HOST, HOME, SANDBOX_ID and SANDGATE_*): remove it"
+                ));
             }
         }
         let owner = req.owner.unwrap_or_else(|| DEFAULT_OWNER.into());

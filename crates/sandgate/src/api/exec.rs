@@ -204,6 +204,12 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), Error> {
         if !crate::manager::valid_env_key(k) || v.contains('\0') || v.len() > MAX_COMMAND {
             return Err(invalid(format!("invalid environment variable {k:?}")));
         }
+        // A command may point PORT elsewhere, but not drop the mark that finds its processes.
+        if k.starts_with("SANDGATE_") {
+            return Err(invalid(format!(
+                "environment variable {k} is the gateway's to set (SANDGATE_*)"
+            )));
+        }
     }
     Ok(())
 }

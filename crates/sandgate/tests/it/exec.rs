@@ -1200,3 +1200,32 @@ async fn a_clean_shutdown_ends_background_commands_in_surviving_containers() {
         "the command outlived the gateway"
     );
 }
+
+/// What the gateway gives a sandbox is the gateway's: a create may not set it (422, naming
+/// the variable), and every path it hands over is absolute, even for a relative data
+/// directory.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateways_variables_are_refused_and_its_paths_absolute() {
+    let gw = TestGateway::start().await;
+    for key in ["PORT", "HOME", "SANDBOX_ID", "HOST", "SANDGATE_EXEC"] {
+        let msg = gw
+            .post("/sandboxes")
+            .json(&json!({"runtime": "shell", "env": {key: "x"}}))
+            .send()
+            .await
+            .expect_error(422, "validation_failed");
+        assert!(msg.contains(key), "{msg}");
+    }
+    let id = shell(&gw).await;
+    gw.post(&format!("/sandboxes/{id}/exec"))
+        .json(&json!({"command": "true", "env": {"SANDGATE_EXEC": "x"}}))
+        .send()
+        .await
+        .expect_error(422, "validation_failed");
+    let v = exec(&gw, &id, json!({"command": "echo $HOME; pwd"})).await;
+    for line in v["stdout"].as_str().unwrap().lines() {
+        assert!(line.starts_with('/'), "{v}");
+    }
+    let config = sandgate::config::Config::for_data_dir("relative-dir");
+    assert!(config.data_dir.is_absolute(), "{:?}", config.data_dir);
+}
