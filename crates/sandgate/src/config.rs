@@ -68,8 +68,8 @@ pub struct ServeArgs {
     /// TOML configuration file (lowest precedence: file < environment < flags).
     #[arg(long, env = "SANDGATE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address to listen on.
-    #[arg(long, env = "GATEWAY_HOST")]
+    /// Address to listen on: an IP address, or `localhost` (127.0.0.1) [default: 127.0.0.1].
+    #[arg(long, env = "GATEWAY_HOST", value_parser = parse_host)]
     pub host: Option<IpAddr>,
     /// Port to listen on (0 picks a free port). Also read from `PORT` when `GATEWAY_PORT` is unset.
     #[arg(long, env = "GATEWAY_PORT")]
@@ -241,10 +241,27 @@ pub struct ServeArgs {
     pub check_config: bool,
 }
 
+/// `--host`: an IP address, or `localhost` for 127.0.0.1 (the one name that needs no
+/// resolver and means one thing).
+pub fn parse_host(s: &str) -> Result<IpAddr, String> {
+    if s.eq_ignore_ascii_case("localhost") {
+        return Ok(IpAddr::from([127, 0, 0, 1]));
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is neither an IP address nor localhost"))
+}
+
+fn host_from_file<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    s.map(|s| parse_host(&s).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
 /// The configuration file: same settings as the flags, in snake_case, plus runtime definitions.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    #[serde(default, deserialize_with = "host_from_file")]
     host: Option<IpAddr>,
     port: Option<u16>,
     data_dir: Option<PathBuf>,

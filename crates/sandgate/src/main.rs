@@ -27,7 +27,23 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // `--help`, `--version`: clap prints them; exit 0.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        // A bad flag or environment value is a bad configuration like any other: one line
+        // naming the setting, status 64.
+        Err(e) => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            eprintln!("sandgate: bad configuration: {line} (see sandgate serve --help)");
+            return ExitCode::from(64);
+        }
+    };
     let Command::Serve(args) = cli.command;
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -138,3 +138,59 @@ fn check_config_never_prints_secrets() {
         "{text}"
     );
 }
+
+/// A bad flag or environment value (clap's own errors) is a bad configuration too: status 64
+/// and one line naming the setting. `--host localhost` works, on the command line and in the
+/// file.
+#[test]
+fn bad_flags_exit_64_with_one_line_and_localhost_is_a_host() {
+    for (args, env, names) in [
+        (vec!["serve", "--port", "abc"], None, "--port"),
+        (vec!["serve", "--bogus"], None, "--bogus"),
+        (
+            vec!["serve", "--check-config"],
+            Some(("GATEWAY_PORT", "xyz")),
+            "--port",
+        ),
+        (vec!["serve", "--host", "example.com"], None, "--host"),
+    ] {
+        let mut cmd = sandgate();
+        cmd.args(&args);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+    }
+    let out = sandgate()
+        .args(["serve", "--check-config", "--host", "localhost"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("host: 127.0.0.1"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sandgate.toml");
+    std::fs::write(&file, "host = \"localhost\"\n").unwrap();
+    let out = sandgate()
+        .args(["serve", "--check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // --help and --version still succeed.
+    for flag in ["--help", "--version"] {
+        let out = sandgate().arg(flag).output().unwrap();
+        assert!(out.status.success(), "{flag}");
+    }
+}
