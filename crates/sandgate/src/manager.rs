@@ -44,6 +44,8 @@ pub struct CreateSandbox {
     pub public: Option<bool>,
     /// These ports answer without a credential.
     pub public_ports: Option<Vec<u16>>,
+    /// Whether path routes keep their prefix (`keep`) or strip it (`strip`, the default).
+    pub path_prefix: Option<model::PathPrefix>,
 }
 
 pub struct Manager {
@@ -213,6 +215,7 @@ impl Manager {
             public: req.public.unwrap_or(false),
             public_ports: req.public_ports.unwrap_or_default(),
             preview_generation: 0,
+            keep_prefix: req.path_prefix == Some(model::PathPrefix::Keep),
             created_at: now,
             updated_at: now,
         };
@@ -283,6 +286,7 @@ impl Manager {
         id: &str,
         public: Option<bool>,
         public_ports: Option<Vec<u16>>,
+        path_prefix: Option<model::PathPrefix>,
     ) -> Result<Sandbox, Error> {
         if let Some(ports) = &public_ports {
             validate_public_ports(ports)?;
@@ -296,6 +300,9 @@ impl Manager {
         }
         if let Some(ports) = public_ports {
             sb.public_ports = ports;
+        }
+        if let Some(p) = path_prefix {
+            sb.keep_prefix = p == model::PathPrefix::Keep;
         }
         self.save(&mut sb).await?;
         Ok(sb)

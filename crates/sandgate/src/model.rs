@@ -230,8 +230,22 @@ pub struct Sandbox {
     pub public_ports: Vec<u16>,
     /// Bumped to revoke every preview token of the sandbox.
     pub preview_generation: i64,
+    /// Path routes forward the path with its route prefix (`/sandbox/{id}`, `/{owner}/{name}`)
+    /// instead of stripping it: for apps built to live under that base path.
+    pub keep_prefix: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// What a path route does with its prefix (`/sandbox/{id}`, `/{owner}/{name}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathPrefix {
+    /// Removed: the app sees `/`-rooted paths (most dev servers, by default).
+    #[default]
+    Strip,
+    /// Forwarded: for an app built to live under that base path (`vite --base`).
+    Keep,
 }
 
 impl Sandbox {
@@ -286,6 +300,7 @@ impl Sandbox {
             public: false,
             public_ports: Vec::new(),
             preview_generation: 0,
+            keep_prefix: false,
             created_at: now,
             updated_at: now,
         }

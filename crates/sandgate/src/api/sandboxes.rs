@@ -47,6 +47,8 @@ pub struct SandboxView {
     pub name: Option<String>,
     /// Seed 003: `owner/name`, routable as `/{owner}/{name}/`.
     pub path: Option<String>,
+    /// Whether path routes forward their prefix (`keep`) or strip it (`strip`).
+    pub path_prefix: crate::model::PathPrefix,
     pub port: Option<u16>,
     pub allocated_port: Option<u16>,
     pub proxy_enabled: bool,
@@ -93,6 +95,11 @@ impl SandboxView {
             owner: sb.owner.clone(),
             name: sb.name.clone(),
             path: sb.path(),
+            path_prefix: if sb.keep_prefix {
+                crate::model::PathPrefix::Keep
+            } else {
+                crate::model::PathPrefix::Strip
+            },
             port: sb.port,
             allocated_port: sb.allocated_port,
             proxy_enabled,
@@ -247,6 +254,7 @@ async fn remove(
 struct Access {
     public: Option<bool>,
     public_ports: Option<Vec<u16>>,
+    path_prefix: Option<crate::model::PathPrefix>,
 }
 
 /// `PATCH /sandboxes/{id}`: which ports answer without a credential.
@@ -261,7 +269,7 @@ async fn update(
         caller.sandbox(&state, &id).await?;
         state
             .manager
-            .set_access(&id, req.public, req.public_ports)
+            .set_access(&id, req.public, req.public_ports, req.path_prefix)
             .await
     }
     .await;

@@ -420,7 +420,10 @@ impl Lane {
         };
         let target_route = grant.target;
         let prefix = target_route.prefix.as_ref().map(|p| p.as_bytes());
-        let rest = &target[prefix.map_or(0, <[u8]>::len).min(target.len())..];
+        let strip = prefix
+            .filter(|_| !target_route.keep_prefix)
+            .map_or(0, <[u8]>::len);
+        let rest = &target[strip.min(target.len())..];
         let rebuilt;
         let upstream_path = match query.and_then(headers::query_without_credentials) {
             // The gateway's credential parameter never reaches a sandbox.
@@ -712,7 +715,12 @@ impl Lane {
         // A body the client never sees (HEAD, 304) keeps the sandbox's stated length.
         let keep_length = facts.framing == Framing::Empty && (f.facts.is_head || status == 304);
         let close = !f.facts.keep_alive || request_unfinished;
-        let prefix = f.target.prefix.as_ref().map_or(&b""[..], |p| p.as_bytes());
+        // An app that keeps its prefix writes its own `Location`s under it: only absolute local
+        // ones are rewritten to the gateway's origin.
+        let prefix = match (&f.target.prefix, f.target.keep_prefix) {
+            (Some(p), false) => p.as_bytes(),
+            _ => &b""[..],
+        };
         head::write_response(
             &mut self.rout,
             resp.headers,

@@ -39,6 +39,8 @@ pub struct Target {
     /// forwarding and sent as `X-Forwarded-Prefix` (built once, as the header value it becomes);
     /// `None` for host routes.
     pub prefix: Option<HeaderValue>,
+    /// The prefix is forwarded with the path (the sandbox's `path_prefix: keep`).
+    pub keep_prefix: bool,
     /// The request's `Authorization` field was the gateway's credential: it is not forwarded.
     pub strip_authorization: bool,
 }
@@ -213,9 +215,12 @@ impl Proxy {
         if let Some(loc) = parts.headers.get(LOCATION) {
             let origin = public_origin(self.scheme, public_host.as_ref());
             let ports = [target.port, upstream.port()];
+            // An app that keeps its prefix writes its own `Location`s under it: only absolute
+            // local ones are rewritten to the gateway's origin.
             let prefix = target
                 .prefix
                 .as_ref()
+                .filter(|_| !target.keep_prefix)
                 .and_then(|p| p.to_str().ok())
                 .unwrap_or("");
             if let Some(new) = headers::rewrite_location(loc, &ports, &origin, prefix) {
@@ -361,7 +366,10 @@ fn upstream_request(
     protocol: Option<&HeaderValue>,
 ) -> Result<Request<ClientBody>, Error> {
     let pq = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-    let prefix_len = target.prefix.as_ref().map_or(0, |p| p.len());
+    let prefix_len = match (&target.prefix, target.keep_prefix) {
+        (Some(p), false) => p.len(),
+        _ => 0,
+    };
     let rest = &pq[prefix_len.min(pq.len())..];
     let (path, query) = match rest.split_once('?') {
         Some((p, q)) => (p, Some(q)),

@@ -82,6 +82,9 @@ CREATE TABLE audit (
 CREATE INDEX audit_at ON audit(at);
 CREATE INDEX audit_team_at ON audit(team_id, at);
 "#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN keep_prefix INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -178,6 +181,7 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
         public: row.try_get("public")?,
         public_ports: serde_json::from_str(&public_ports).map_err(|e| corrupt(&id, e))?,
         preview_generation: row.try_get("preview_generation")?,
+        keep_prefix: row.try_get("keep_prefix")?,
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
         id,
@@ -280,8 +284,8 @@ impl Store for SqliteStore {
             "INSERT INTO sandboxes (id, team_id, owner, name, runtime, mode, dev_server, command, \
              env, limits, port, allocated_port, status, status_reason, backend_ref, ip_address, \
              netns_pid, generation, created_at, updated_at, public, public_ports, \
-             preview_generation) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             preview_generation, keep_prefix) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&sb.id)
         .bind(team)
@@ -306,6 +310,7 @@ impl Store for SqliteStore {
         .bind(sb.public)
         .bind(serde_json::to_string(&sb.public_ports).map_err(|e| corrupt(&sb.id, e))?)
         .bind(sb.preview_generation)
+        .bind(sb.keep_prefix)
         .execute(&mut *tx)
         .await;
         match res {
@@ -324,7 +329,7 @@ impl Store for SqliteStore {
         sqlx::query(
             "UPDATE sandboxes SET command = ?, env = ?, port = ?, status = ?, status_reason = ?, \
              backend_ref = ?, ip_address = ?, netns_pid = ?, generation = ?, updated_at = ?, \
-             public = ?, public_ports = ?, preview_generation = ? WHERE id = ?",
+             public = ?, public_ports = ?, preview_generation = ?, keep_prefix = ? WHERE id = ?",
         )
         .bind(&sb.command)
         .bind(env)
@@ -339,6 +344,7 @@ impl Store for SqliteStore {
         .bind(sb.public)
         .bind(serde_json::to_string(&sb.public_ports).map_err(|e| corrupt(&sb.id, e))?)
         .bind(sb.preview_generation)
+        .bind(sb.keep_prefix)
         .bind(&sb.id)
         .execute(&self.pool)
         .await?;
@@ -571,6 +577,7 @@ mod tests {
             public: false,
             public_ports: vec![8080],
             preview_generation: 0,
+            keep_prefix: false,
             created_at: now,
             updated_at: now,
         }

@@ -22,6 +22,7 @@ mod layers;
 mod lifecycle;
 mod limits;
 mod policy;
+mod prefix;
 mod preview;
 mod proxy;
 mod pty;

@@ -801,6 +801,7 @@ mod tests {
             public: false,
             public_ports: Vec::new(),
             preview_generation: 0,
+            keep_prefix: false,
             created_at: now,
             updated_at: now,
         }
