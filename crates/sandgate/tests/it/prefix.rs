@@ -88,3 +88,103 @@ async fn path_routes_can_keep_their_prefix(lane: Lane) {
 }
 
 both_lanes!(path_routes_can_keep_their_prefix);
+
+/// Vite from the npm registry (`tests/vite`, installed by `.ci/run`), or `None` after saying
+/// so; under CI its absence is a failure.
+fn vite() -> Option<String> {
+    let js = format!(
+        "{}/tests/vite/node_modules/vite/bin/vite.js",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let found = std::path::Path::new(&js).exists();
+    assert!(
+        found || std::env::var_os("CI").is_none(),
+        "vite is not installed (.ci/run runs npm ci in crates/sandgate/tests/vite)"
+    );
+    if !found {
+        eprintln!("SKIPPED: vite is not installed (npm ci in crates/sandgate/tests/vite)");
+    }
+    found.then_some(js)
+}
+
+const MAIN_JS: &str =
+    "document.getElementById('out').textContent = 'VERSION'; if (import.meta.hot) import.meta.hot.accept();";
+
+/// A real Vite dev server started with `--base` set to its path route (by id, and by
+/// owner/name) loads in headless Chromium through that route with `path_prefix: keep`, and
+/// a change to a module reaches the page over the proxied HMR WebSocket without a reload.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vite_app_under_its_path_route_gets_hot_updates() {
+    use crate::common::browser::{available, Browser};
+    let Some(vite) = vite() else {
+        return;
+    };
+    if !available() {
+        return;
+    }
+    let gw = TestGateway::start().await;
+    let mut browser = Browser::start().await;
+    for (base, extra) in [
+        ("/sandbox/$SANDBOX_ID/", json!({})),
+        ("/kp/vite/", json!({"owner": "kp", "name": "vite"})),
+    ] {
+        let mut body = json!({
+            "runtime": "shell", "dev_server": true, "path_prefix": "keep",
+            "command": format!("exec node {vite} --base {base} --port $PORT --host 127.0.0.1 --strictPort --clearScreen false"),
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let v = gw.create(&body).await;
+        let id = v["id"].as_str().unwrap().to_string();
+        let base = base.replace("$SANDBOX_ID", &id);
+        let files = format!("/sandboxes/{id}/files");
+        for (path, text) in [
+            (
+                "index.html",
+                "<!doctype html><div id=\"out\"></div><script type=\"module\" src=\"./main.js\"></script>".to_string(),
+            ),
+            ("main.js", MAIN_JS.replace("VERSION", "v1")),
+        ] {
+            gw.req(hyper::Method::PUT, &format!("{files}?path={path}"))
+                .header("content-type", "application/octet-stream")
+                .body(text)
+                .send()
+                .await
+                .expect(201);
+        }
+        eventually(
+            Duration::from_secs(30),
+            "vite answers through the path route",
+            || async {
+                let r = gw.get(&base).try_send().await.ok()?;
+                (r.status == 200 && r.text().contains("main.js")).then_some(())
+            },
+        )
+        .await;
+        let tab = browser
+            .open(&format!("http://127.0.0.1:{}{base}", gw.addr.port()))
+            .await;
+        let out = "(document.getElementById('out') || {}).textContent || ''";
+        browser.wait_for(&tab, out, |t| t == "v1").await;
+        browser.eval(&tab, "window.sandgateMarker = 42").await;
+        // Written in place (not renamed), as an editor would.
+        let cmd = format!(
+            "printf '%s' \"{}\" > main.js",
+            MAIN_JS.replace("VERSION", "v2")
+        );
+        gw.post(&format!("/sandboxes/{id}/exec"))
+            .json(&json!({"command": cmd}))
+            .send()
+            .await
+            .expect(200);
+        browser.wait_for(&tab, out, |t| t == "v2").await;
+        let marker = browser.eval(&tab, "window.sandgateMarker").await;
+        assert_eq!(
+            marker,
+            json!(42),
+            "{base}: the page reloaded instead of a hot update"
+        );
+        gw.delete_sandbox(&id).await;
+    }
+}
