@@ -182,9 +182,11 @@ impl Error {
     fn details(&self) -> Option<String> {
         match self {
             Error::NotRunning { status, .. } => Some(format!("status: {status}")),
-            Error::UpstreamUnreachable { .. } => {
-                Some("is the dev server started and listening on its port?".into())
-            }
+            Error::UpstreamUnreachable { .. } => Some(
+                "is the dev server started and listening on its port? (a browser retries \
+                 every 2 s while it starts)"
+                    .into(),
+            ),
             Error::ForbiddenHost(_) => {
                 Some("use the gateway's address, or add the name to SANDGATE_ALLOWED_HOSTS".into())
             }
@@ -240,8 +242,13 @@ impl Error {
         let message = self.to_string();
         let details = self.details();
         let (body, ctype) = if html {
+            // A browser waiting for a dev server that is still starting keeps retrying.
+            let refresh = match self {
+                Error::UpstreamUnreachable { .. } => Some(2),
+                _ => self.retry_after(),
+            };
             (
-                html_page(status, &message, details.as_deref(), self.retry_after()),
+                html_page(status, &message, details.as_deref(), refresh),
                 "text/html; charset=utf-8",
             )
         } else {

@@ -70,12 +70,48 @@ pub fn router(state: AppState) -> Router {
         .merge(files::router())
         .merge(pty::router())
         .merge(ui::router())
+        .route("/", axum::routing::get(index))
         .fallback(|req: Request| async move {
+            let html = crate::error::wants_html(req.headers());
             Error::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
+                .to_response(html)
+                .map(axum::body::Body::from)
         })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(guard, guard::check))
         .with_state(state)
+}
+
+/// `GET /`: what this is, as a small page for browsers and JSON for everything else.
+async fn index(headers: http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let version = env!("CARGO_PKG_VERSION");
+    if crate::error::wants_html(&headers) {
+        let page = format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>sandgate</title>\
+             <style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:4em auto;\
+             color:#222}}</style></head><body><h1>sandgate {version}</h1>\
+             <p>A gateway for sandboxes: a control API to create and manage them, and a proxy \
+             to every port inside them.</p><ul><li><a href=\"/health\">/health</a>: is it up\
+             </li><li><code>/sandboxes</code>: the control API (with a credential)</li>\
+             <li><code>/sandbox/{{id}}/</code>, <code>/{{owner}}/{{name}}/</code>, \
+             <code>{{port}}-{{id}}.{{domain}}</code>: a sandbox's ports</li></ul>\
+             <p>The API and its routes: the README of the sandgate repository.</p></body></html>"
+        );
+        return (
+            [(http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            page,
+        )
+            .into_response();
+    }
+    axum::Json(serde_json::json!({
+        "name": "sandgate",
+        "version": version,
+        "health": "/health",
+        "api": "/sandboxes",
+        "proxy": ["/sandbox/{id}/", "/{owner}/{name}/", "{port}-{id}.{domain}"],
+    }))
+    .into_response()
 }
 
 /// A JSON body, read up to the configured limit. An empty body deserialises as `T::default()`

@@ -256,10 +256,15 @@ impl Policy {
             },
             Status::Stopped if sandbox.mode == Mode::Persistent => None,
             status => {
+                // A failed start says why (a browser shows it instead of a bare status).
+                let status = match (&sandbox.status_reason, status) {
+                    (Some(why), Status::Failed | Status::Stopped) => format!("{status}: {why}"),
+                    _ => status.to_string(),
+                };
                 return Decision::Deny(Error::NotRunning {
                     id: sandbox.id.clone(),
-                    status: status.to_string(),
-                })
+                    status,
+                });
             }
         };
         let upgrade = head.facts.upgrade.is_some_and(|p| {

@@ -576,3 +576,59 @@ async fn a_fast_lane_400_reaches_a_client_that_writes_its_whole_body_first() {
     gw.get("/health").send().await.expect(200);
     gw.shutdown().await;
 }
+
+/// Browsers get pages, everything else JSON: the gateway's root says what it is (no
+/// credential needed), an unknown route is a 404 page, a sandbox whose server is still
+/// starting is a page that retries by itself, and one that failed says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn browsers_get_pages_that_say_what_to_do() {
+    let gw = crate::common::auth_gateway(crate::common::Lane::Fast, |_| {}).await;
+    let r = gw.get("/").header("accept", "text/html").send().await;
+    r.expect(200);
+    assert!(r.header("content-type").starts_with("text/html"));
+    assert!(r.text().contains("/health"), "{}", r.text());
+    let v = gw.get("/").send().await.expect(200).json();
+    assert_eq!(v["name"], "sandgate", "{v}");
+    let open = TestGateway::start().await;
+    let r = open
+        .get("/nowhere")
+        .header("accept", "text/html")
+        .send()
+        .await;
+    assert_eq!(r.status, 404);
+    assert!(r.header("content-type").starts_with("text/html"));
+    open.get("/nowhere")
+        .send()
+        .await
+        .expect_error(404, "not_found");
+    // Running, its server not up yet: a page that refreshes itself.
+    let slow = open
+        .create_program("sleep 30;", &crate::common::fixture_program(), json!({}))
+        .await;
+    let r = open
+        .get(&slow.path("/"))
+        .header("accept", "text/html")
+        .send()
+        .await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("http-equiv=\"refresh\""), "{}", r.text());
+    // Failed: the reason is on the page.
+    let v = open
+        .create(&json!({"runtime": "shell", "dev_server": true, "command": "exit 3"}))
+        .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    crate::common::eventually(
+        Duration::from_secs(10),
+        "the sandbox has failed",
+        || async { (open.sandbox(&id).await["status"] == "failed").then_some(()) },
+    )
+    .await;
+    let r = open
+        .get(&format!("/sandbox/{id}/"))
+        .header("accept", "text/html")
+        .send()
+        .await;
+    assert_eq!(r.status, 409);
+    assert!(r.text().contains("exited with code 3"), "{}", r.text());
+    open.delete_sandbox(&slow.id).await;
+}
