@@ -218,14 +218,12 @@ pub async fn run(
     let cert_watcher = tls
         .as_ref()
         .map(|tls| tokio::spawn(tls.clone().watch(tls::RELOAD_POLL, shutdown.child_token())));
-    let reaper = config.idle_timeout.map(|idle| {
-        tokio::spawn(lifecycle::reap_idle(
-            manager.clone(),
-            routes.clone(),
-            idle,
-            shutdown.clone(),
-        ))
-    });
+    let reaper = Some(tokio::spawn(lifecycle::reap_idle(
+        manager.clone(),
+        routes.clone(),
+        config.idle_timeout,
+        shutdown.clone(),
+    )));
     let execs: Arc<exec::registry::Registry> = Default::default();
     let terminals: Arc<exec::terminals::Terminals> = Default::default();
     let state = AppState {

@@ -46,7 +46,67 @@ pub struct CreateSandbox {
     pub public_ports: Option<Vec<u16>>,
     /// Whether path routes keep their prefix (`keep`) or strip it (`strip`, the default).
     pub path_prefix: Option<model::PathPrefix>,
+    /// String metadata.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Seconds without use before the idle reaper acts (0: never; absent: the gateway's).
+    pub idle_timeout: Option<u64>,
 }
+
+/// A change to a sandbox's settings (`PATCH /sandboxes/{id}`): absent fields stay as they are.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSandbox {
+    pub public: Option<bool>,
+    pub public_ports: Option<Vec<u16>>,
+    pub path_prefix: Option<model::PathPrefix>,
+    pub mode: Option<Mode>,
+    /// Merged into the labels; a `null` value removes that label.
+    pub labels: Option<BTreeMap<String, Option<String>>>,
+    /// Seconds (0: never); `null`: back to the gateway's `idle_timeout`.
+    #[serde(default, deserialize_with = "present")]
+    pub idle_timeout: Option<Option<u64>>,
+}
+
+/// Tells a field that is `null` (`Some(None)`) from one that is absent (`None`).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// At most 32 labels; keys `[a-z0-9][a-z0-9._/-]{0,62}`, values at most 256 bytes without
+/// control characters.
+pub fn validate_labels<'a>(
+    labels: impl Iterator<Item = (&'a String, Option<&'a String>)>,
+) -> Result<(), Error> {
+    for (k, v) in labels {
+        let key_ok = k.len() <= 63
+            && k.bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && k.bytes().all(|b| {
+                b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || matches!(b, b'.' | b'_' | b'/' | b'-')
+            });
+        if !key_ok {
+            return Err(Error::Validation(format!(
+                "label key {k:?} must be 1-63 characters of a-z, 0-9, '.', '_', '/', '-', \
+                 starting with a letter or digit"
+            )));
+        }
+        if v.is_some_and(|v| v.len() > 256 || v.chars().any(char::is_control)) {
+            return Err(Error::Validation(format!(
+                "label {k:?}: values are at most 256 bytes, without control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The longest per-sandbox idle timeout: 30 days.
+const MAX_IDLE_TIMEOUT: u64 = 30 * 24 * 3600;
 
 pub struct Manager {
     config: Arc<Config>,
@@ -192,6 +252,15 @@ impl Manager {
         if let Some(ports) = &req.public_ports {
             validate_public_ports(ports)?;
         }
+        if req.labels.len() > 32 {
+            return bad("at most 32 labels".into());
+        }
+        validate_labels(req.labels.iter().map(|(k, v)| (k, Some(v))))?;
+        if req.idle_timeout.is_some_and(|t| t > MAX_IDLE_TIMEOUT) {
+            return bad(format!(
+                "idle_timeout is at most {MAX_IDLE_TIMEOUT} seconds"
+            ));
+        }
         let now = model::now();
         let sandbox = Sandbox {
             id: model::new_id(),
@@ -216,6 +285,8 @@ impl Manager {
             public_ports: req.public_ports.unwrap_or_default(),
             preview_generation: 0,
             keep_prefix: req.path_prefix == Some(model::PathPrefix::Keep),
+            labels: req.labels,
+            idle_timeout: req.idle_timeout,
             created_at: now,
             updated_at: now,
         };
@@ -281,15 +352,26 @@ impl Manager {
     }
 
     /// Changes which ports answer without a credential (`None`: unchanged).
-    pub async fn set_access(
-        &self,
-        id: &str,
-        public: Option<bool>,
-        public_ports: Option<Vec<u16>>,
-        path_prefix: Option<model::PathPrefix>,
-    ) -> Result<Sandbox, Error> {
+    /// Applies a `PATCH`: only the fields it names change.
+    pub async fn update(&self, id: &str, req: UpdateSandbox) -> Result<Sandbox, Error> {
+        let UpdateSandbox {
+            public,
+            public_ports,
+            path_prefix,
+            mode,
+            labels,
+            idle_timeout,
+        } = req;
         if let Some(ports) = &public_ports {
             validate_public_ports(ports)?;
+        }
+        if let Some(labels) = &labels {
+            validate_labels(labels.iter().map(|(k, v)| (k, v.as_ref())))?;
+        }
+        if idle_timeout.flatten().is_some_and(|t| t > MAX_IDLE_TIMEOUT) {
+            return Err(Error::Validation(format!(
+                "idle_timeout is at most {MAX_IDLE_TIMEOUT} seconds"
+            )));
         }
         self.get(id).await?;
         let lock = self.lock_for(id);
@@ -303,6 +385,23 @@ impl Manager {
         }
         if let Some(p) = path_prefix {
             sb.keep_prefix = p == model::PathPrefix::Keep;
+        }
+        if let Some(m) = mode {
+            sb.mode = m;
+        }
+        if let Some(labels) = labels {
+            for (k, v) in labels {
+                match v {
+                    Some(v) => sb.labels.insert(k, v),
+                    None => sb.labels.remove(&k),
+                };
+            }
+            if sb.labels.len() > 32 {
+                return Err(Error::Validation("at most 32 labels".into()));
+            }
+        }
+        if let Some(t) = idle_timeout {
+            sb.idle_timeout = t;
         }
         self.save(&mut sb).await?;
         Ok(sb)

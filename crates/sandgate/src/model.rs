@@ -233,6 +233,11 @@ pub struct Sandbox {
     /// Path routes forward the path with its route prefix (`/sandbox/{id}`, `/{owner}/{name}`)
     /// instead of stripping it: for apps built to live under that base path.
     pub keep_prefix: bool,
+    /// String metadata for the user's own bookkeeping (filterable in lists).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Seconds without use before the idle reaper acts on this sandbox (`None`: the
+    /// gateway's `idle_timeout`; `Some(0)`: never).
+    pub idle_timeout: Option<u64>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -301,6 +306,8 @@ impl Sandbox {
             public_ports: Vec::new(),
             preview_generation: 0,
             keep_prefix: false,
+            labels: Default::default(),
+            idle_timeout: None,
             created_at: now,
             updated_at: now,
         }

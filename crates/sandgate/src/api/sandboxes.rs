@@ -49,6 +49,10 @@ pub struct SandboxView {
     pub path: Option<String>,
     /// Whether path routes forward their prefix (`keep`) or strip it (`strip`).
     pub path_prefix: crate::model::PathPrefix,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Seconds without use before the idle reaper acts on it (0: never; `null`: the
+    /// gateway's).
+    pub idle_timeout: Option<u64>,
     pub port: Option<u16>,
     pub allocated_port: Option<u16>,
     pub proxy_enabled: bool,
@@ -100,6 +104,8 @@ impl SandboxView {
             } else {
                 crate::model::PathPrefix::Strip
             },
+            labels: sb.labels.clone(),
+            idle_timeout: sb.idle_timeout,
             port: sb.port,
             allocated_port: sb.allocated_port,
             proxy_enabled,
@@ -169,23 +175,110 @@ async fn create(
 struct List {
     count: usize,
     sandboxes: Vec<SandboxView>,
+    /// Where the next page starts (`?cursor=`), when `limit` cut this one short.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+/// `GET /sandboxes` filters: `owner`, `name`, `runtime` (exact), `status` (comma-separated),
+/// `label` (repeatable: `key=value`, or `key` for "has it"); pages with `limit` and `cursor`.
+#[derive(Debug, Default)]
+struct ListQuery {
+    owner: Option<String>,
+    name: Option<String>,
+    runtime: Option<String>,
+    status: Option<Vec<String>>,
+    labels: Vec<(String, Option<String>)>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+impl ListQuery {
+    fn parse(pairs: Vec<(String, String)>) -> Result<ListQuery, Error> {
+        let mut q = ListQuery::default();
+        for (k, v) in pairs {
+            match k.as_str() {
+                "owner" => q.owner = Some(v),
+                "name" => q.name = Some(v),
+                "runtime" => q.runtime = Some(v),
+                "status" => q.status = Some(v.split(',').map(str::to_string).collect()),
+                "label" => q.labels.push(match v.split_once('=') {
+                    Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                    None => (v, None),
+                }),
+                "limit" => {
+                    let n = v.parse::<usize>().ok().filter(|n| (1..=1000).contains(n));
+                    q.limit =
+                        Some(n.ok_or_else(|| {
+                            Error::Validation("limit must be from 1 to 1000".into())
+                        })?);
+                }
+                "cursor" => q.cursor = Some(v),
+                other => {
+                    return Err(Error::BadRequest(format!(
+                        "unknown query parameter {other:?}: one of owner, name, runtime, \
+                         status, label, limit, cursor"
+                    )))
+                }
+            }
+        }
+        Ok(q)
+    }
+
+    fn matches(&self, sb: &Sandbox) -> bool {
+        let eq = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_none_or(|w| have == Some(w))
+        };
+        eq(&self.owner, Some(&sb.owner))
+            && eq(&self.name, sb.name.as_deref())
+            && eq(&self.runtime, Some(&sb.runtime))
+            && self
+                .status
+                .as_ref()
+                .is_none_or(|s| s.iter().any(|s| s == sb.status.as_str()))
+            && self.labels.iter().all(|(k, v)| match v {
+                Some(v) => sb.labels.get(k) == Some(v),
+                None => sb.labels.contains_key(k),
+            })
+    }
 }
 
 async fn list(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    axum::extract::Query(pairs): axum::extract::Query<Vec<(String, String)>>,
 ) -> Result<Json<impl Serialize>, Error> {
-    let sandboxes: Vec<_> = state
-        .manager
-        .list()
-        .await?
+    let q = ListQuery::parse(pairs)?;
+    // The store lists in creation order (then id): a cursor is the last id of a page.
+    let all = state.manager.list().await?;
+    let mut visible = all
         .iter()
-        .filter(|sb| caller.sees(&sb.team))
-        .map(|sb| SandboxView::new(sb, &state))
-        .collect();
+        .filter(|sb| caller.sees(&sb.team) && q.matches(sb))
+        .peekable();
+    if let Some(cursor) = &q.cursor {
+        let mut skipped = false;
+        for sb in visible.by_ref() {
+            if &sb.id == cursor {
+                skipped = true;
+                break;
+            }
+        }
+        if !skipped {
+            return Err(Error::Validation(format!(
+                "cursor {cursor:?} is not a sandbox of this listing"
+            )));
+        }
+    }
+    let limit = q.limit.unwrap_or(usize::MAX);
+    let page: Vec<&Sandbox> = visible.by_ref().take(limit).collect();
+    let next_cursor = (visible.peek().is_some() && page.len() == limit)
+        .then(|| page.last().map(|sb| sb.id.clone()))
+        .flatten();
+    let sandboxes: Vec<SandboxView> = page.iter().map(|sb| SandboxView::new(sb, &state)).collect();
     Ok(Json(List {
         count: sandboxes.len(),
         sandboxes,
+        next_cursor,
     }))
 }
 
@@ -249,28 +342,17 @@ async fn remove(
     })))
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Access {
-    public: Option<bool>,
-    public_ports: Option<Vec<u16>>,
-    path_prefix: Option<crate::model::PathPrefix>,
-}
-
 /// `PATCH /sandboxes/{id}`: which ports answer without a credential.
 async fn update(
     State(state): State<AppState>,
     caller: Caller,
     actor: Actor,
     ApiPath(id): ApiPath<String>,
-    ApiJson(req): ApiJson<Access>,
+    ApiJson(req): ApiJson<crate::manager::UpdateSandbox>,
 ) -> Result<Json<SandboxView>, Error> {
     let done = async {
         caller.sandbox(&state, &id).await?;
-        state
-            .manager
-            .set_access(&id, req.public, req.public_ports, req.path_prefix)
-            .await
+        state.manager.update(&id, req).await
     }
     .await;
     let sb = audited(&state, &actor, "sandbox.update", Some(&id), done)?;

@@ -85,6 +85,10 @@ CREATE INDEX audit_team_at ON audit(team_id, at);
     r#"
 ALTER TABLE sandboxes ADD COLUMN keep_prefix INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE sandboxes ADD COLUMN idle_timeout INTEGER;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -182,6 +186,15 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
         public_ports: serde_json::from_str(&public_ports).map_err(|e| corrupt(&id, e))?,
         preview_generation: row.try_get("preview_generation")?,
         keep_prefix: row.try_get("keep_prefix")?,
+        labels: {
+            let labels: String = row.try_get("labels")?;
+            serde_json::from_str(&labels).map_err(|e| corrupt(&id, e))?
+        },
+        idle_timeout: {
+            let t: Option<i64> = row.try_get("idle_timeout")?;
+            t.map(|t| u64::try_from(t).map_err(|e| corrupt(&id, e)))
+                .transpose()?
+        },
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
         id,
@@ -284,8 +297,8 @@ impl Store for SqliteStore {
             "INSERT INTO sandboxes (id, team_id, owner, name, runtime, mode, dev_server, command, \
              env, limits, port, allocated_port, status, status_reason, backend_ref, ip_address, \
              netns_pid, generation, created_at, updated_at, public, public_ports, \
-             preview_generation, keep_prefix) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             preview_generation, keep_prefix, labels, idle_timeout) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&sb.id)
         .bind(team)
@@ -311,6 +324,8 @@ impl Store for SqliteStore {
         .bind(serde_json::to_string(&sb.public_ports).map_err(|e| corrupt(&sb.id, e))?)
         .bind(sb.preview_generation)
         .bind(sb.keep_prefix)
+        .bind(serde_json::to_string(&sb.labels).map_err(|e| corrupt(&sb.id, e))?)
+        .bind(sb.idle_timeout.map(|t| t as i64))
         .execute(&mut *tx)
         .await;
         match res {
@@ -329,7 +344,8 @@ impl Store for SqliteStore {
         sqlx::query(
             "UPDATE sandboxes SET command = ?, env = ?, port = ?, status = ?, status_reason = ?, \
              backend_ref = ?, ip_address = ?, netns_pid = ?, generation = ?, updated_at = ?, \
-             public = ?, public_ports = ?, preview_generation = ?, keep_prefix = ? WHERE id = ?",
+             public = ?, public_ports = ?, preview_generation = ?, keep_prefix = ?, mode = ?, \
+             labels = ?, idle_timeout = ? WHERE id = ?",
         )
         .bind(&sb.command)
         .bind(env)
@@ -345,6 +361,9 @@ impl Store for SqliteStore {
         .bind(serde_json::to_string(&sb.public_ports).map_err(|e| corrupt(&sb.id, e))?)
         .bind(sb.preview_generation)
         .bind(sb.keep_prefix)
+        .bind(sb.mode.as_str())
+        .bind(serde_json::to_string(&sb.labels).map_err(|e| corrupt(&sb.id, e))?)
+        .bind(sb.idle_timeout.map(|t| t as i64))
         .bind(&sb.id)
         .execute(&self.pool)
         .await?;
@@ -578,6 +597,8 @@ mod tests {
             public_ports: vec![8080],
             preview_generation: 0,
             keep_prefix: false,
+            labels: Default::default(),
+            idle_timeout: None,
             created_at: now,
             updated_at: now,
         }

@@ -632,3 +632,118 @@ async fn browsers_get_pages_that_say_what_to_do() {
     assert!(r.text().contains("exited with code 3"), "{}", r.text());
     open.delete_sandbox(&slow.id).await;
 }
+
+/// Labels on create and in every object, list filters and pages, and `PATCH` of mode,
+/// labels and the sandbox's own idle timeout, which the reaper honours.
+#[tokio::test(flavor = "multi_thread")]
+async fn labels_filters_pages_and_a_sandboxs_own_idle_timeout() {
+    let gw = TestGateway::start().await;
+    let mut ids = Vec::new();
+    for (i, (owner, tier)) in [
+        ("ann", "web"),
+        ("ann", "job"),
+        ("bob", "web"),
+        ("bob", "web"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let v = gw
+            .create(
+                &json!({"runtime": "shell", "owner": owner, "name": format!("s{i}"),
+                            "labels": {"tier": tier, "team.example/n": i.to_string()}}),
+            )
+            .await;
+        assert_eq!(v["labels"]["tier"], tier, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let list = |q: String| {
+        let gw = gw.client.clone();
+        async move {
+            gw.get(&format!("/sandboxes?{q}"))
+                .send()
+                .await
+                .expect(200)
+                .json()
+        }
+    };
+    let v = list("owner=ann".into()).await;
+    assert_eq!(v["count"], 2, "{v}");
+    let v = list("label=tier=web".into()).await;
+    assert_eq!(v["count"], 3, "{v}");
+    let v = list("label=tier=web&owner=bob&status=running,stopped".into()).await;
+    assert_eq!(v["count"], 2, "{v}");
+    let v = list("label=nothere".into()).await;
+    assert_eq!(v["count"], 0, "{v}");
+    // Pages of two, in creation order, each naming where the next starts.
+    let first = list("limit=2".into()).await;
+    assert_eq!(first["count"], 2);
+    let cursor = first["next_cursor"].as_str().unwrap().to_string();
+    assert_eq!(cursor, ids[1]);
+    let second = list(format!("limit=2&cursor={cursor}")).await;
+    let got: Vec<_> = second["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].clone())
+        .collect();
+    assert_eq!(got, vec![json!(ids[2]), json!(ids[3])]);
+    assert!(second.get("next_cursor").is_none(), "{second}");
+    for bad in ["limit=0", "limit=x", "cursor=sb-aaaaaaaaaaaaaaaa"] {
+        gw.get(&format!("/sandboxes?{bad}"))
+            .send()
+            .await
+            .expect_error(422, "validation_failed");
+    }
+    gw.get("/sandboxes?colour=red")
+        .send()
+        .await
+        .expect_error(400, "bad_request");
+    gw.post("/sandboxes")
+        .json(&json!({"runtime": "shell", "labels": {"Bad Key": "x"}}))
+        .send()
+        .await
+        .expect_error(422, "validation_failed");
+    // PATCH: labels merge (null removes), mode, and an idle timeout of the sandbox's own.
+    let id = &ids[0];
+    let v = gw
+        .req(Method::PATCH, &format!("/sandboxes/{id}"))
+        .json(&json!({"labels": {"tier": null, "new": "yes"}, "mode": "persistent", "idle_timeout": 1}))
+        .send()
+        .await;
+    v.expect(200);
+    let v = v.json();
+    assert_eq!(
+        v["labels"],
+        json!({"new": "yes", "team.example/n": "0"}),
+        "{v}"
+    );
+    assert_eq!(v["mode"], "persistent");
+    assert_eq!(v["idle_timeout"], 1);
+    // The gateway reaps nothing by default here; this sandbox's own second does.
+    crate::common::eventually(
+        Duration::from_secs(15),
+        "the sandbox is stopped",
+        || async {
+            let v = list("owner=ann&name=s0".to_string()).await;
+            (v["sandboxes"][0]["status"] == "stopped").then_some(())
+        },
+    )
+    .await;
+    let v = list("owner=bob".into()).await;
+    assert!(
+        v["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] == "running"),
+        "{v}"
+    );
+    let v = gw
+        .req(Method::PATCH, &format!("/sandboxes/{id}"))
+        .json(&json!({"idle_timeout": null}))
+        .send()
+        .await
+        .json();
+    assert_eq!(v["idle_timeout"], Value::Null, "{v}");
+}

@@ -802,6 +802,8 @@ mod tests {
             public_ports: Vec::new(),
             preview_generation: 0,
             keep_prefix: false,
+            labels: Default::default(),
+            idle_timeout: None,
             created_at: now,
             updated_at: now,
         }
