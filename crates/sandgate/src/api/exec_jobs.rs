@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -165,7 +165,7 @@ async fn show(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath((id, exec_id)): ApiPath<(String, String)>,
-    Query(q): Query<ShowQuery>,
+    super::ApiQuery(q): super::ApiQuery<ShowQuery>,
 ) -> Result<Json<Value>, Error> {
     let job = job(&state, &caller, &id, &exec_id).await?;
     Ok(Json(view(&job.snapshot(), q.output.unwrap_or(true))))
@@ -243,7 +243,7 @@ async fn stdin(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath((id, exec_id)): ApiPath<(String, String)>,
-    Query(q): Query<StdinQuery>,
+    super::ApiQuery(q): super::ApiQuery<StdinQuery>,
     body: Body,
 ) -> Result<StatusCode, Error> {
     let job = job(&state, &caller, &id, &exec_id).await?;
@@ -275,7 +275,7 @@ async fn logs(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath((id, exec_id)): ApiPath<(String, String)>,
-    Query(q): Query<LogsQuery>,
+    super::ApiQuery(q): super::ApiQuery<LogsQuery>,
     headers: http::HeaderMap,
 ) -> Result<Response, Error> {
     let job = job(&state, &caller, &id, &exec_id).await?;

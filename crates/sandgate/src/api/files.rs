@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -78,7 +78,7 @@ async fn download(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
-    Query(q): Query<FileQuery>,
+    super::ApiQuery(q): super::ApiQuery<FileQuery>,
 ) -> Result<Response, Error> {
     let tree = tree(&state, &caller, &id).await?;
     let path = path_of(&q);
@@ -128,7 +128,7 @@ async fn upload(
     caller: Caller,
     actor: Actor,
     ApiPath(id): ApiPath<String>,
-    Query(q): Query<FileQuery>,
+    super::ApiQuery(q): super::ApiQuery<FileQuery>,
     body: Body,
 ) -> Result<Response, Error> {
     let done = upload_to(&state, &caller, &id, q, body).await;
@@ -184,7 +184,7 @@ async fn remove(
     caller: Caller,
     actor: Actor,
     ApiPath(id): ApiPath<String>,
-    Query(q): Query<FileQuery>,
+    super::ApiQuery(q): super::ApiQuery<FileQuery>,
 ) -> Result<Json<serde_json::Value>, Error> {
     let done = async {
         let tree = tree(&state, &caller, &id).await?;

@@ -205,6 +205,21 @@ pub fn audited<T>(
     result
 }
 
+/// Query parameters; a rejection (an unknown or mistyped parameter) becomes a 400 in the
+/// gateway's error shape instead of axum's plain text.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| ApiQuery(v))
+            .map_err(|e| Error::BadRequest(format!("invalid query: {}", e.body_text())))
+    }
+}
+
 /// Path parameters; a rejection (percent-decoding to invalid UTF-8, a wrong type) becomes a
 /// 400 in the gateway's error shape instead of axum's plain text.
 pub struct ApiPath<T>(pub T);

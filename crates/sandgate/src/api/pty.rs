@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -85,7 +85,7 @@ async fn open(
     caller: Caller,
     actor: Actor,
     ApiPath(id): ApiPath<String>,
-    Query(q): Query<PtyQuery>,
+    super::ApiQuery(q): super::ApiQuery<PtyQuery>,
     mut req: Request,
 ) -> Result<Response, Error> {
     let accept = derive_accept_key(websocket_key(req.headers())?.as_bytes());

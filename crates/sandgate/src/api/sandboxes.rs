@@ -246,7 +246,7 @@ impl ListQuery {
 async fn list(
     State(state): State<AppState>,
     Caller(caller): Caller,
-    axum::extract::Query(pairs): axum::extract::Query<Vec<(String, String)>>,
+    super::ApiQuery(pairs): super::ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<impl Serialize>, Error> {
     let q = ListQuery::parse(pairs)?;
     // The store lists in creation order (then id): a cursor is the last id of a page.
@@ -449,20 +449,40 @@ async fn revoke_previews(
     Ok(Json(serde_json::json!({"id": id, "status": "revoked"})))
 }
 
-/// The sandbox's captured stdout and stderr, streamed as plain text.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    follow: Option<bool>,
+    tail: Option<usize>,
+    timestamps: Option<bool>,
+}
+
+/// The sandbox's captured stdout and stderr, streamed as plain text: all of it or its last
+/// `tail` lines, and with `follow=true` what it writes next, until the client leaves.
 async fn logs(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
+    super::ApiQuery(q): super::ApiQuery<LogsQuery>,
 ) -> Result<Response, Error> {
     let sb = caller.sandbox(&state, &id).await?;
+    let backend = state.manager.backend();
+    let timestamps = q.timestamps.unwrap_or(false);
+    if timestamps && backend.kind() == "process" {
+        return Err(Error::BadRequest(
+            "timestamps=true needs the docker backend, whose engine records when each line \
+             was written (process sandboxes write straight to a file; its [sandgate] \
+             lifecycle lines carry their time)"
+                .into(),
+        ));
+    }
     state.routes.touch(&id);
-    let stream = state
-        .manager
-        .backend()
-        .logs(&sb)
-        .await
-        .map_err(Error::internal)?;
+    let options = crate::backend::LogOptions {
+        follow: q.follow.unwrap_or(false),
+        tail: q.tail,
+        timestamps,
+    };
+    let stream = backend.logs(&sb, options).await.map_err(Error::internal)?;
     let body = Body::from_stream(stream);
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
 }

@@ -27,6 +27,17 @@ pub enum BackendError {
 /// A sandbox's output, streamed.
 pub type LogStream = futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;
 
+/// What part of a sandbox's output to stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogOptions {
+    /// Keep streaming what it writes from now on, until the reader leaves.
+    pub follow: bool,
+    /// Only the last this many lines of what it wrote so far.
+    pub tail: Option<usize>,
+    /// Prefix each line with the time it was written (where the backend records it).
+    pub timestamps: bool,
+}
+
 /// What a successful start hands back, to be stored with the sandbox.
 #[derive(Debug, Clone, Default)]
 pub struct Started {
@@ -130,7 +141,8 @@ pub trait Backend: Send + Sync {
     }
     /// The sandbox's captured stdout and stderr so far, as a stream of bytes (empty if it has
     /// printed nothing yet).
-    async fn logs(&self, sandbox: &Sandbox) -> Result<LogStream, BackendError>;
+    async fn logs(&self, sandbox: &Sandbox, options: LogOptions)
+        -> Result<LogStream, BackendError>;
     /// Starts one command inside the running sandbox, as its own user, in its namespaces or
     /// container, with its working tree and environment (see [`exec`]).
     async fn exec(&self, sandbox: &Sandbox, spec: ExecSpec) -> Result<ExecHandle, ExecError> {

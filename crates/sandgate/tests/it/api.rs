@@ -747,3 +747,72 @@ async fn labels_filters_pages_and_a_sandboxs_own_idle_timeout() {
         .json();
     assert_eq!(v["idle_timeout"], Value::Null, "{v}");
 }
+
+/// `GET /sandboxes/{id}/logs?tail=N` gives the last lines, `follow=true` streams what the
+/// sandbox writes next until the client leaves, and the log has lifecycle markers.
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_tail_follow_and_lifecycle_markers() {
+    let gw = TestGateway::start().await;
+    let v = gw
+        .create(&json!({"runtime": "shell", "dev_server": false, "mode": "persistent",
+                        "command": "for i in 1 2 3 4 5; do echo line-$i; done; while read x; do :; done < /dev/null; exec sleep 1000"}))
+        .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    let path = format!("/sandboxes/{id}/logs");
+    crate::common::eventually(Duration::from_secs(10), "five lines are logged", || async {
+        let r = gw.get(&path).send().await;
+        r.text().contains("line-5").then_some(())
+    })
+    .await;
+    let all = gw.get(&path).send().await.text();
+    assert!(
+        all.starts_with("[sandgate] ") && all.contains(" starting (generation 1)"),
+        "{all}"
+    );
+    let r = gw.get(&format!("{path}?tail=2")).send().await.text();
+    assert_eq!(r, "line-4\nline-5\n");
+    // Following: what a command writes into the log file arrives while the stream is open.
+    let resp = gw
+        .get(&format!("{path}?follow=true&tail=1"))
+        .send_streaming()
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    read_until("line-5", &mut body, &mut seen).await;
+    gw.post(&format!("/sandboxes/{id}/stop"))
+        .send()
+        .await
+        .expect(200);
+    // The stop's marker arrives while following.
+    read_until("[sandgate]", &mut body, &mut seen).await;
+    assert!(
+        seen.contains("ended by signal") || seen.contains("exited with code"),
+        "{seen}"
+    );
+    drop(body);
+    gw.get(&format!("{path}?timestamps=true"))
+        .send()
+        .await
+        .expect_error(400, "bad_request");
+    gw.get(&format!("{path}?tails=1"))
+        .send()
+        .await
+        .expect_error(400, "bad_request");
+}
+
+/// Reads `body` into `seen` until it holds `want` (bounded).
+async fn read_until(want: &str, body: &mut hyper::body::Incoming, seen: &mut String) {
+    use http_body_util::BodyExt;
+    let read = async {
+        while !seen.contains(want) {
+            let frame = body.frame().await.expect("open").expect("frame");
+            if let Ok(d) = frame.into_data() {
+                seen.push_str(&String::from_utf8_lossy(&d));
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .unwrap_or_else(|_| panic!("no {want:?} within 10 s; got {seen:?}"));
+}

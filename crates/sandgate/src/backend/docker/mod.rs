@@ -669,10 +669,16 @@ impl Backend for DockerBackend {
         Ok(Some(started))
     }
 
-    async fn logs(&self, sb: &Sandbox) -> Result<LogStream, BackendError> {
+    async fn logs(&self, sb: &Sandbox, opts: super::LogOptions) -> Result<LogStream, BackendError> {
+        let tail = opts
+            .tail
+            .map_or_else(|| "all".to_string(), |n| n.to_string());
         let options = LogsOptionsBuilder::default()
             .stdout(true)
             .stderr(true)
+            .follow(opts.follow)
+            .timestamps(opts.timestamps)
+            .tail(&tail)
             .build();
         let id = sb.id.clone();
         let stream = self

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
 mod exec;
+mod logs;
 mod pty;
 pub mod reaper;
 
@@ -221,6 +222,12 @@ impl Backend for ProcessBackend {
             .stderr(log)
             .process_group(0)
             .kill_on_drop(false);
+        let log_path = dir.join(LOG_FILE);
+        // Before the command's first line.
+        logs::mark(
+            &log_path,
+            &format!("starting (generation {})", sb.generation),
+        );
         let gate = reaper::spawning();
         let mut child = cmd
             .spawn()
@@ -241,6 +248,14 @@ impl Backend for ProcessBackend {
                 Ok(s) => (s.code(), s.signal()),
                 Err(_) => (None, None),
             };
+            logs::mark(
+                &log_path,
+                &match (code, signal) {
+                    (Some(c), _) => format!("exited with code {c}"),
+                    (None, Some(s)) => format!("ended by signal {s}"),
+                    _ => "ended".to_string(),
+                },
+            );
             let _ = exits.send(Exit {
                 id,
                 generation,
@@ -329,15 +344,8 @@ impl Backend for ProcessBackend {
         }))
     }
 
-    async fn logs(&self, sb: &Sandbox) -> Result<LogStream, BackendError> {
-        use futures_util::StreamExt;
-        match tokio::fs::File::open(self.dir(sb).join(LOG_FILE)).await {
-            Ok(f) => Ok(tokio_util::io::ReaderStream::new(f).boxed()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(futures_util::stream::empty().boxed())
-            }
-            Err(e) => Err(e.into()),
-        }
+    async fn logs(&self, sb: &Sandbox, opts: super::LogOptions) -> Result<LogStream, BackendError> {
+        logs::stream(self.dir(sb).join(LOG_FILE), opts).await
     }
 
     async fn exec(&self, sb: &Sandbox, spec: ExecSpec) -> Result<ExecHandle, ExecError> {
