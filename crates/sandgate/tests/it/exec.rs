@@ -393,9 +393,10 @@ async fn a_client_that_goes_away_kills_its_command(kind: Kind) {
         return;
     };
     let id = shell(&gw).await;
-    let mark = format!("SANDGATE_TEST_MARK=gone-{id}");
-    let body = json!({"command": "sleep 30", "env": {"SANDGATE_TEST_MARK": mark.split('=').nth(1).unwrap()}})
-        .to_string();
+    let mark = format!("SG_TEST_MARK=gone-{id}");
+    let body =
+        json!({"command": "sleep 30", "env": {"SG_TEST_MARK": mark.split('=').nth(1).unwrap()}})
+            .to_string();
     let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let head = format!(
         "POST /sandboxes/{id}/exec HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
@@ -505,12 +506,12 @@ async fn output_streams_as_it_is_written(kind: Kind) {
     );
     assert!(text.contains("event: exit\n"), "{text}");
     // A client that leaves a stream kills its command.
-    let mark = format!("SANDGATE_TEST_MARK=stream-{id}");
+    let mark = format!("SG_TEST_MARK=stream-{id}");
     let resp = gw
         .post(&path)
         .header("accept", "application/x-ndjson")
         .json(&json!({"command": "echo up; sleep 30",
-                      "env": {"SANDGATE_TEST_MARK": mark.split('=').nth(1).unwrap()}}))
+                      "env": {"SG_TEST_MARK": mark.split('=').nth(1).unwrap()}}))
         .send_streaming()
         .await;
     let mut body = resp.into_body();
@@ -736,11 +737,11 @@ async fn orphans_leave_no_zombie(kind: Kind) {
         return;
     };
     let id = shell(&gw).await;
-    let mark = format!("SANDGATE_TEST_MARK=zombie-{id}");
+    let mark = format!("SG_TEST_MARK=zombie-{id}");
     let v = exec(
         &gw,
         &id,
-        json!({"command": "(SANDGATE_TEST_MARK=$M sleep 0.3 &); (true &); exit 0",
+        json!({"command": "(SG_TEST_MARK=$M sleep 0.3 &); (true &); exit 0",
                "env": {"M": mark.split('=').nth(1).unwrap()}}),
     )
     .await;
@@ -1057,7 +1058,7 @@ async fn seed_004_command_socket() {
     // While a socket is open the sandbox says so; closing it kills its running command and
     // leaves the sandbox running.
     let mut ws = gw.websocket(&format!("/ws/{id}"), None).await;
-    let mark = format!("SANDGATE_TEST_MARK=ws-{id}");
+    let mark = format!("SG_TEST_MARK=ws-{id}");
     ws.send(Message::text(
         json!({"command": format!("{mark} sleep 30"), "request_id": "long"}).to_string(),
     ))
@@ -1127,11 +1128,11 @@ async fn the_gateway_reaps_orphans_and_never_steals_an_exit_code() {
     use crate::common::SpawnedGateway;
     let gw = SpawnedGateway::start(2, &[]).await;
     let id = shell(&gw).await;
-    let mark = format!("SANDGATE_TEST_MARK=orphan-{id}");
+    let mark = format!("SG_TEST_MARK=orphan-{id}");
     let v = exec(
         &gw,
         &id,
-        json!({"command": "(SANDGATE_TEST_MARK=$M sleep 1 &); exit 0",
+        json!({"command": "(SG_TEST_MARK=$M sleep 1 &); exit 0",
                "env": {"M": mark.split('=').nth(1).unwrap()}}),
     )
     .await;
