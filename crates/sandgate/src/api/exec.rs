@@ -390,10 +390,15 @@ async fn stream(
         }
         let _ = body_tx.send(enc.event("exit", exit)).await;
     });
-    let mut body_rx = body_rx;
-    let events = futures_util::stream::poll_fn(move |cx| body_rx.poll_recv(cx));
+    Ok(event_response(body_rx, format))
+}
+
+/// A response streaming the events `rx` receives (each its own body frame), until the sender
+/// is done; never buffered by the gateway or a front proxy.
+pub fn event_response(mut rx: tokio::sync::mpsc::Receiver<Bytes>, format: Format) -> Response {
+    let events = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let body = axum::body::Body::from_stream(events.map(Ok::<_, std::convert::Infallible>));
-    Ok((
+    (
         [
             (http::header::CONTENT_TYPE, format.content_type()),
             (http::header::CACHE_CONTROL, "no-cache"),
@@ -401,7 +406,27 @@ async fn stream(
         ],
         body,
     )
-        .into_response())
+        .into_response()
+}
+
+/// A signal by number (`2`) or name (`"SIGINT"`, `"INT"`), if it is one (1 to 64).
+pub fn signal_number(v: &serde_json::Value) -> Option<i32> {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) => n.as_i64().and_then(|n| i32::try_from(n).ok()),
+        Value::String(s) => {
+            let name = if s.starts_with("SIG") {
+                s.clone()
+            } else {
+                format!("SIG{s}")
+            };
+            name.parse::<nix::sys::signal::Signal>()
+                .ok()
+                .map(|s| s as i32)
+        }
+        _ => None,
+    }
+    .filter(|n| (1..=64).contains(n))
 }
 
 /// The JSON result of an exec.

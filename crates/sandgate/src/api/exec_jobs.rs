@@ -13,11 +13,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::exec::{start, ExecRequest, ExecResult};
+use super::exec::{event_response, signal_number, start, ExecRequest, ExecResult};
 use super::{audited, ApiJson, ApiPath, AppState, Caller};
 use crate::audit::Actor;
 use crate::backend::exec::Chunk;
@@ -193,25 +192,6 @@ struct SignalBody {
     signal: Option<Value>,
 }
 
-/// A signal by number (`2`) or name (`"SIGINT"`, `"INT"`).
-fn signal_number(v: &Value) -> Option<i32> {
-    match v {
-        Value::Number(n) => n.as_i64().and_then(|n| i32::try_from(n).ok()),
-        Value::String(s) => {
-            let name = if s.starts_with("SIG") {
-                s.clone()
-            } else {
-                format!("SIG{s}")
-            };
-            name.parse::<nix::sys::signal::Signal>()
-                .ok()
-                .map(|s| s as i32)
-        }
-        _ => None,
-    }
-    .filter(|n| (1..=64).contains(n))
-}
-
 async fn signal(
     State(state): State<AppState>,
     caller: Caller,
@@ -287,7 +267,7 @@ async fn logs(
     let follow = q.follow.unwrap_or(false);
     let mut enc = Encoder::new(format);
     enc.resume(q.stdout_offset.unwrap_or(0), q.stderr_offset.unwrap_or(0));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
         let mut changed = job.subscribe();
         loop {
@@ -324,16 +304,7 @@ async fn logs(
             }
         }
     });
-    let events = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let body = Body::from_stream(events.map(Ok::<_, std::convert::Infallible>));
-    Ok((
-        [
-            (header::CONTENT_TYPE, format.content_type()),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        body,
-    )
-        .into_response())
+    Ok(event_response(rx, format))
 }
 
 /// The `exit` event of a followed log: the result without its output.

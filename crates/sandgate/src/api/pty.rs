@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::{header, HeaderValue, StatusCode};
+use http::header;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -27,8 +27,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::exec::{acquire, new_exec_id};
-use super::ws::websocket_key;
+use super::exec::{acquire, new_exec_id, signal_number};
+use super::ws::{switching_protocols, websocket_key};
 use super::{audited, ApiPath, AppState, Caller};
 use crate::audit::Actor;
 use crate::backend::exec::{ExecError, ExecExit, ExecSpec, TtySize};
@@ -121,23 +121,7 @@ async fn open(
         show(&term, owner, since, ws).await;
         state.terminals.detach(&term, owner);
     });
-    let mut resp = (
-        StatusCode::SWITCHING_PROTOCOLS,
-        [
-            (header::UPGRADE, HeaderValue::from_static("websocket")),
-            (header::CONNECTION, HeaderValue::from_static("upgrade")),
-            (
-                header::SEC_WEBSOCKET_ACCEPT,
-                HeaderValue::from_str(&accept).map_err(Error::internal)?,
-            ),
-        ],
-    )
-        .into_response();
-    if let Some(p) = protocol {
-        resp.headers_mut()
-            .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
-    }
-    Ok(resp)
+    switching_protocols(&accept, protocol)
 }
 
 /// The subprotocol the gateway speaks back, when the client offered it (a browser fails a
@@ -198,23 +182,6 @@ enum Control {
     Resize { cols: u16, rows: u16 },
     Signal { signal: Value },
     Ping,
-}
-
-fn signal_number(v: &Value) -> Option<i32> {
-    match v {
-        Value::Number(n) => n.as_i64().and_then(|n| i32::try_from(n).ok()),
-        Value::String(s) => {
-            let name = if s.starts_with("SIG") {
-                s.clone()
-            } else {
-                format!("SIG{s}")
-            };
-            name.parse::<nix::sys::signal::Signal>()
-                .ok()
-                .map(|s| s as i32)
-        }
-        _ => None,
-    }
 }
 
 /// Shows `term` on `ws` until the socket ends, the shell ends, or another socket takes over.

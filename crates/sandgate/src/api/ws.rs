@@ -103,18 +103,31 @@ async fn socket(
                 .await;
         session.serve(ws).await;
     });
-    Ok((
+    switching_protocols(&accept, None)
+}
+
+/// The answer that completes a WebSocket handshake, selecting `protocol` if given.
+pub(super) fn switching_protocols(
+    accept: &str,
+    protocol: Option<&'static str>,
+) -> Result<Response, Error> {
+    let mut resp = (
         StatusCode::SWITCHING_PROTOCOLS,
         [
             (header::UPGRADE, HeaderValue::from_static("websocket")),
             (header::CONNECTION, HeaderValue::from_static("upgrade")),
             (
                 header::SEC_WEBSOCKET_ACCEPT,
-                HeaderValue::from_str(&accept).map_err(Error::internal)?,
+                HeaderValue::from_str(accept).map_err(Error::internal)?,
             ),
         ],
     )
-        .into_response())
+        .into_response();
+    if let Some(p) = protocol {
+        resp.headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    Ok(resp)
 }
 
 /// A client's message: `{"command", "request_id"?, "timeout_ms"?}` (other keys ignored).

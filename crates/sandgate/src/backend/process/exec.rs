@@ -106,17 +106,9 @@ impl ProcessBackend {
             .take()
             .map(|w| Box::new(w) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>);
         let exit = async move {
-            use std::os::unix::process::ExitStatusExt;
             let status = child.wait().await;
             super::reaper::disown(pgid);
-            match status {
-                Ok(s) => match (s.code(), s.signal()) {
-                    (Some(code), _) => ExecExit::Exited(code),
-                    (None, Some(sig)) => ExecExit::Signaled(sig),
-                    _ => ExecExit::Unknown,
-                },
-                Err(_) => ExecExit::Unknown,
-            }
+            exit_of(status)
         }
         .boxed();
         Ok(ExecHandle {
@@ -128,6 +120,19 @@ impl ProcessBackend {
                 tag: format!("{EXEC_TAG_VAR}={}", spec.tag).into_bytes(),
             }),
         })
+    }
+}
+
+/// How a waited-for child ended.
+pub(super) fn exit_of(status: std::io::Result<std::process::ExitStatus>) -> ExecExit {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => ExecExit::Exited(code),
+            (None, Some(sig)) => ExecExit::Signaled(sig),
+            _ => ExecExit::Unknown,
+        },
+        Err(_) => ExecExit::Unknown,
     }
 }
 

@@ -11,10 +11,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::FutureExt;
 
-use super::exec::{check_cwd, spawn_inside, spawn_message, ProcessExec};
+use super::exec::{check_cwd, exit_of, spawn_inside, spawn_message, ProcessExec};
 use super::{base_env, is_same_process, parse_ref, ProcessBackend, WORK_DIR};
 use crate::backend::exec::{
-    ExecControl, ExecError, ExecExit, ExecSpec, PtyHandle, StartKind, TtySize, EXEC_TAG_VAR,
+    ExecControl, ExecError, ExecSpec, PtyHandle, StartKind, TtySize, EXEC_TAG_VAR,
 };
 use crate::model::Sandbox;
 
@@ -83,17 +83,9 @@ impl ProcessBackend {
             .map(|p| p as i32)
             .ok_or_else(|| ExecError::Backend("the shell vanished at once".into()))?;
         let exit = async move {
-            use std::os::unix::process::ExitStatusExt;
             let status = child.wait().await;
             super::reaper::disown(pgid);
-            match status {
-                Ok(s) => match (s.code(), s.signal()) {
-                    (Some(code), _) => ExecExit::Exited(code),
-                    (None, Some(sig)) => ExecExit::Signaled(sig),
-                    _ => ExecExit::Unknown,
-                },
-                Err(_) => ExecExit::Unknown,
-            }
+            exit_of(status)
         }
         .boxed();
         let (read, write) = pty.into_split();
