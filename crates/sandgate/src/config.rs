@@ -52,10 +52,16 @@ impl BackendKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Isolation {
-    /// `netns` when the gateway has the privilege (root, CAP_SYS_ADMIN), else `none`.
+    /// `sandbox` when the gateway has the privilege (root, CAP_SYS_ADMIN) and bubblewrap is
+    /// installed, else `netns` when privileged, else `none`.
     #[default]
     Auto,
-    /// Every sandbox in its own network (and PID) namespace; refuse to start without it.
+    /// Every sandbox in its own namespaces, as its own unprivileged user, on a read-only view
+    /// of the host's system directories with only its working tree writable (bubblewrap and
+    /// setpriv); refuse to start without it.
+    Sandbox,
+    /// Every sandbox in its own network (and PID) namespace, as the gateway's user on the
+    /// host's filesystem; refuse to start without it.
     Netns,
     /// Sandboxes share the host network and listen on allocated host ports.
     None,
@@ -83,9 +89,14 @@ pub struct ServeArgs {
     /// Backend that runs sandboxes.
     #[arg(long, env = "SANDGATE_BACKEND", value_enum)]
     pub backend: Option<BackendKind>,
-    /// Sandbox isolation: own network namespaces (`netns`), shared host (`none`), or `auto`.
+    /// Sandbox isolation: own user, filesystem view and namespaces (`sandbox`), own network
+    /// namespaces only (`netns`), shared host (`none`), or `auto` (the strongest available).
     #[arg(long, env = "SANDGATE_ISOLATION", value_enum)]
     pub isolation: Option<Isolation>,
+    /// Host paths every `sandbox`-isolated sandbox sees read-only, comma-separated (besides
+    /// /usr, /etc and /opt), e.g. a toolchain installed under /srv.
+    #[arg(long, env = "SANDGATE_SANDBOX_RO_PATHS", value_delimiter = ',')]
+    pub sandbox_ro_paths: Option<Vec<PathBuf>>,
     /// Base domain for host routing: `{port}-{id}.{domain}`.
     #[arg(long, env = "SANDGATE_DOMAIN")]
     pub domain: Option<String>,
@@ -268,6 +279,7 @@ struct FileConfig {
     database_url: Option<String>,
     backend: Option<BackendKind>,
     isolation: Option<Isolation>,
+    sandbox_ro_paths: Option<Vec<PathBuf>>,
     domain: Option<String>,
     public_url: Option<String>,
     port_range: Option<String>,
@@ -461,6 +473,10 @@ pub struct Config {
     pub database_url: String,
     pub backend: BackendKind,
     pub isolation: Isolation,
+    /// Host paths bound read-only into `sandbox`-isolated sandboxes (absolute).
+    pub sandbox_ro_paths: Vec<PathBuf>,
+    /// The configuration file read, if any (hidden from sandboxes: it may hold secrets).
+    pub config_file: Option<PathBuf>,
     pub domain: String,
     pub public_url: Option<String>,
     pub port_range: RangeInclusive<u16>,
@@ -610,6 +626,8 @@ impl Config {
             data_dir,
             backend: BackendKind::Process,
             isolation: Isolation::Auto,
+            sandbox_ro_paths: Vec::new(),
+            config_file: None,
             domain: "localhost".into(),
             public_url: None,
             port_range: DEFAULT_PORT_RANGE,
@@ -687,6 +705,10 @@ impl Config {
         }
         c.backend = args.backend.or(file.backend).unwrap_or(c.backend);
         c.isolation = args.isolation.or(file.isolation).unwrap_or(c.isolation);
+        if let Some(paths) = args.sandbox_ro_paths.clone().or(file.sandbox_ro_paths) {
+            c.sandbox_ro_paths = paths;
+        }
+        c.config_file = args.config.clone();
         c.domain = args.domain.clone().or(file.domain).unwrap_or(c.domain);
         c.public_url = args.public_url.clone().or(file.public_url);
         if let Some(range) = args.port_range.as_deref().or(file.port_range.as_deref()) {
@@ -853,6 +875,12 @@ impl Config {
             return bad(format!(
                 "domain {:?} is not a valid DNS name (lowercase labels of a-z, 0-9 and '-')",
                 self.domain
+            ));
+        }
+        if let Some(p) = self.sandbox_ro_paths.iter().find(|p| !p.is_absolute()) {
+            return bad(format!(
+                "sandbox_ro_paths (SANDGATE_SANDBOX_RO_PATHS) must be absolute paths, got {}",
+                p.display()
             ));
         }
         if self.max_concurrent_requests == 0 {

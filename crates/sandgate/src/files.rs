@@ -95,6 +95,8 @@ const BENEATH: ResolveFlags = ResolveFlags::BENEATH
 #[derive(Debug)]
 pub struct Tree {
     root: OwnedFd,
+    /// The tree's owner when it is not the gateway's own user.
+    owner: Option<(rustix::fs::Uid, rustix::fs::Gid)>,
 }
 
 /// What a path names.
@@ -156,7 +158,28 @@ impl Tree {
             Mode::empty(),
         )
         .map_err(|e| FilesError::Io(format!("the working tree: {e}")))?;
-        Ok(Tree { root })
+        let st = rustix::fs::fstat(&root)
+            .map_err(|e| FilesError::Io(format!("the working tree: {e}")))?;
+        // What the gateway creates belongs to whoever owns the tree (a jailed sandbox's own
+        // user), not to the gateway.
+        let owner = (st.st_uid != rustix::process::geteuid().as_raw()
+            || st.st_gid != rustix::process::getegid().as_raw())
+        .then(|| {
+            (
+                rustix::fs::Uid::from_raw(st.st_uid),
+                rustix::fs::Gid::from_raw(st.st_gid),
+            )
+        });
+        Ok(Tree { root, owner })
+    }
+
+    /// Gives `name` in `dir` to the tree's owner.
+    fn own(&self, dir: &OwnedFd, name: &str, path: &str) -> Result<(), FilesError> {
+        if let Some((uid, gid)) = self.owner {
+            rustix::fs::chownat(dir, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| errno(path, e))?;
+        }
+        Ok(())
     }
 
     fn open_beneath(
@@ -189,7 +212,8 @@ impl Tree {
                 Ok(next) => next,
                 Err(Errno::NOENT) if create => {
                     match rustix::fs::mkdirat(&fd, *part, Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
+                        Ok(()) => self.own(&fd, part, path)?,
+                        Err(Errno::EXIST) => {}
                         Err(e) => return Err(errno(path, e)),
                     }
                     rustix::fs::openat2(&fd, *part, flags, Mode::empty(), BENEATH)
@@ -264,7 +288,10 @@ impl Tree {
         };
         let parent = self.dir(path, parents, true)?;
         let created = match rustix::fs::mkdirat(&parent, *name, Mode::from_raw_mode(mode)) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.own(&parent, name, path)?;
+                true
+            }
             Err(Errno::EXIST) => false,
             Err(e) => return Err(errno(path, e)),
         };
@@ -308,7 +335,7 @@ impl Tree {
             Mode::from_raw_mode(mode),
         )
         .map_err(|e| errno(path, e))?;
-        Ok(Upload {
+        let upload = Upload {
             parent,
             temp,
             name: name.to_string(),
@@ -316,7 +343,12 @@ impl Tree {
             file: Some(std::fs::File::from(fd)),
             mode,
             existed,
-        })
+        };
+        if let (Some((uid, gid)), Some(file)) = (self.owner, &upload.file) {
+            // On failure the dropped upload removes its temporary file.
+            rustix::fs::fchown(file, Some(uid), Some(gid)).map_err(|e| errno(path, e))?;
+        }
+        Ok(upload)
     }
 
     /// Deletes `path`: a file or link itself, or a directory (with everything in it when

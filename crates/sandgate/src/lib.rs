@@ -59,7 +59,7 @@ use crate::api::AppState;
 use crate::audit::Audit;
 use crate::auth::Auth;
 use crate::backend::docker::DockerBackend;
-use crate::backend::process::{self, ProcessBackend};
+use crate::backend::process::{self, ProcessBackend, ProcessIsolation};
 use crate::backend::Backend;
 use crate::config::{BackendKind, Config, Isolation};
 use crate::manager::Manager;
@@ -87,6 +87,10 @@ pub enum RunError {
     Reconcile(#[from] error::Error),
     #[error("isolation = netns, but this gateway cannot create network namespaces (needs root with CAP_SYS_ADMIN and the unshare and ip programs)")]
     NoIsolation,
+    #[error("isolation = sandbox, but this gateway cannot jail sandboxes (needs root with CAP_SYS_ADMIN and the bwrap and setpriv programs: apt install bubblewrap util-linux)")]
+    NoJail,
+    #[error("the sandboxes' uid range ({first}-{last}) is in use on this host: {0}", first = process::jail::UID_BASE, last = process::jail::UID_BASE + process::jail::UID_COUNT - 1)]
+    UidClash(String),
     #[error("docker backend: {0}")]
     Docker(String),
     #[error("{0}")]
@@ -104,17 +108,45 @@ async fn build_backend(
 ) -> Result<Arc<dyn Backend>, RunError> {
     Ok(match config.backend {
         BackendKind::Process => {
-            let isolated = match config.isolation {
-                Isolation::None => false,
-                Isolation::Auto => process::isolation_available(),
-                Isolation::Netns if process::isolation_available() => true,
+            let jail = || -> Result<ProcessIsolation, RunError> {
+                if let Some(clash) = process::jail::range_clash() {
+                    return Err(RunError::UidClash(clash));
+                }
+                // What a sandbox must not see even where a bound directory would show it.
+                let mut hidden = vec![config.data_dir.clone()];
+                hidden.extend(config.config_file.clone());
+                hidden.extend(config.tls.as_ref().map(|t| t.key.clone()));
+                let hidden = hidden
+                    .into_iter()
+                    .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+                    .collect();
+                Ok(ProcessIsolation::Sandbox(process::jail::Jail::new(
+                    sandboxes_dir.clone(),
+                    config.sandbox_ro_paths.clone(),
+                    hidden,
+                )))
+            };
+            let isolation = match config.isolation {
+                Isolation::None => ProcessIsolation::SharedHost,
+                Isolation::Auto if process::jail::available() => jail()?,
+                Isolation::Auto if process::isolation_available() => {
+                    tracing::warn!(
+                        "isolation: netns (sandboxes run as root on the host's filesystem); \
+                         install bubblewrap for isolation = sandbox"
+                    );
+                    ProcessIsolation::Netns
+                }
+                Isolation::Auto => ProcessIsolation::SharedHost,
+                Isolation::Sandbox if process::jail::available() => jail()?,
+                Isolation::Sandbox => return Err(RunError::NoJail),
+                Isolation::Netns if process::isolation_available() => ProcessIsolation::Netns,
                 Isolation::Netns => return Err(RunError::NoIsolation),
             };
             Arc::new(ProcessBackend::new(
                 sandboxes_dir,
                 config.stop_grace,
                 exits,
-                isolated,
+                isolation,
             ))
         }
         BackendKind::Docker => Arc::new(

@@ -126,12 +126,20 @@ async fn files_in_the_working_tree(kind: Kind) {
             .expect_error(400, "invalid_path");
     }
     // Planted links lead nowhere outside; a write at a link replaces the link.
-    // The canary sits just outside the working tree (its parent), linked by absolute path.
+    // The canary sits just outside the working tree (its parent), linked by absolute path; a
+    // jailed sandbox cannot write its root, so there it sits in its /tmp.
+    let canary = if kind == Kind::Isolated {
+        "/tmp/sg-canary"
+    } else {
+        "../sg-canary"
+    };
     run(
         &gw,
         &id,
-        "c=$(cd .. && pwd)/sg-canary && echo canary > $c && ln -s / escape && ln -s escape chain \
-         && ln -s $c pw && ln -s a/b inside",
+        &format!(
+            "c=$(cd $(dirname {canary}) && pwd)/sg-canary && echo canary > $c && ln -s / escape \
+             && ln -s escape chain && ln -s $c pw && ln -s a/b inside"
+        ),
     )
     .await;
     for outside in ["escape/etc/passwd", "chain/etc", "pw", "escape"] {
@@ -144,7 +152,7 @@ async fn files_in_the_working_tree(kind: Kind) {
     assert_eq!(r.text(), "echo made");
     put(&gw, &id, "path=pw", "evil").send().await.expect(200);
     assert_eq!(
-        run(&gw, &id, "cat ../sg-canary").await["stdout"],
+        run(&gw, &id, &format!("cat {canary}")).await["stdout"],
         "canary\n"
     );
     assert_eq!(run(&gw, &id, "cat pw").await["stdout"], "evil");
@@ -170,7 +178,7 @@ async fn files_in_the_working_tree(kind: Kind) {
         .send()
         .await
         .expect_error(400, "invalid_path");
-    run(&gw, &id, "rm -f ../sg-canary").await;
+    run(&gw, &id, &format!("rm -f {canary}")).await;
     gw.delete_sandbox(&id).await;
 }
 

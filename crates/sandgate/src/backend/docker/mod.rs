@@ -175,11 +175,15 @@ impl DockerBackend {
         let netns = match config.isolation {
             Isolation::None => false,
             Isolation::Auto => can_enter,
-            Isolation::Netns if can_enter => true,
-            Isolation::Netns => {
-                return Err("isolation = netns needs root with CAP_SYS_ADMIN \
+            // A container already has its own user and filesystem; `sandbox` asks for the
+            // same namespace dial as `netns`.
+            Isolation::Netns | Isolation::Sandbox if can_enter => true,
+            Isolation::Netns | Isolation::Sandbox => {
+                return Err(
+                    "isolation = netns or sandbox needs root with CAP_SYS_ADMIN \
                             and a Docker engine on this machine"
-                    .into())
+                        .into(),
+                )
             }
         };
         tracing::info!(

@@ -19,8 +19,7 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tokio_util::io::ReaderStream;
 
-use super::{base_env, group_alive, is_same_process, parse_ref, wait_group_gone, ProcRef};
-use super::{ProcessBackend, WORK_DIR};
+use super::{group_alive, is_same_process, parse_ref, wait_group_gone, ProcRef, ProcessBackend};
 use crate::backend::exec::{
     tagged_processes, Chunk, ExecControl, ExecError, ExecExit, ExecHandle, ExecSpec, StartKind,
     EXEC_TAG_VAR,
@@ -42,15 +41,14 @@ impl ProcessBackend {
         let Some(program) = spec.argv.first() else {
             return Err(ExecError::not_started(StartKind::Other, "empty argv"));
         };
-        let work = self.dir(sb).join(WORK_DIR);
-        let cwd = match &spec.cwd {
-            None => work.clone(),
-            Some(c) => work.join(c),
-        };
-        let mut env = base_env(sb, &work, self.isolated);
+        let cwd = self.command_dir(sb, spec.cwd.as_deref());
+        let mut env = self.base_env(sb);
         env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.insert(EXEC_TAG_VAR.into(), spec.tag.clone());
         let mut cmd = tokio::process::Command::new(program);
+        if let Some(uid) = leader.uid {
+            cmd.uid(uid).gid(uid);
+        }
         cmd.args(&spec.argv[1..])
             .current_dir(&cwd)
             .env_clear()
@@ -158,20 +156,32 @@ pub(super) fn check_cwd(cwd: &Path) -> Result<(), ExecError> {
 }
 
 /// Runs `spawn` (which starts a child) inside the namespaces of the sandbox led by `leader`,
-/// after checking that `cwd` exists there.
+/// after checking that `cwd` exists there. For a jailed sandbox (`leader.uid`), the thread
+/// also joins its IPC and UTS namespaces, sets `no_new_privs` and empties its capability
+/// bounding set, all inherited by the child (which `spawn` gives the sandbox's uid).
 pub(super) async fn spawn_inside<T: Send + 'static>(
     leader: ProcRef,
     cwd: PathBuf,
     spawn: impl FnOnce() -> Result<T, ExecError> + Send + 'static,
 ) -> Result<T, ExecError> {
-    let open = |ns: &str| std::fs::File::open(format!("/proc/{}/ns/{ns}", leader.pid));
+    let jailed = leader.uid.is_some();
+    let holder = leader.namespaces();
+    let open = |ns: &str| std::fs::File::open(format!("/proc/{}/ns/{ns}", holder.pid));
     let namespaces = (open("mnt"), open("net"), open("pid_for_children"));
     let (Ok(mnt), Ok(net), Ok(pid)) = namespaces else {
         return Err(ExecError::NotRunning);
     };
+    let extra = if jailed {
+        match (open("ipc"), open("uts")) {
+            (Ok(ipc), Ok(uts)) => Some((ipc, uts)),
+            _ => return Err(ExecError::NotRunning),
+        }
+    } else {
+        None
+    };
     // The descriptors now pin the namespaces; make sure they are the sandbox's, not those of
     // a process that reused its pid.
-    if !is_same_process(leader) {
+    if !is_same_process(holder) {
         return Err(ExecError::NotRunning);
     }
     let runtime = tokio::runtime::Handle::current();
@@ -186,6 +196,11 @@ pub(super) async fn spawn_inside<T: Send + 'static>(
                 nix::sched::setns(&mnt, CloneFlags::CLONE_NEWNS).map_err(ns_err)?;
                 nix::sched::setns(&net, CloneFlags::CLONE_NEWNET).map_err(ns_err)?;
                 nix::sched::setns(&pid, CloneFlags::CLONE_NEWPID).map_err(ns_err)?;
+                if let Some((ipc, uts)) = &extra {
+                    nix::sched::setns(ipc, CloneFlags::CLONE_NEWIPC).map_err(ns_err)?;
+                    nix::sched::setns(uts, CloneFlags::CLONE_NEWUTS).map_err(ns_err)?;
+                    drop_privileges()?;
+                }
                 check_cwd(&cwd)?;
                 let _runtime = runtime.enter();
                 spawn()
@@ -195,6 +210,23 @@ pub(super) async fn spawn_inside<T: Send + 'static>(
         .map_err(|e| ExecError::Backend(format!("cannot start the spawner thread: {e}")))?;
     rx.await
         .map_err(|_| ExecError::Backend("the spawner thread vanished".into()))?
+}
+
+/// On the spawner thread of a jailed sandbox: nothing the child executes may gain privileges
+/// (`no_new_privs`: setuid programs and file capabilities grant nothing), and no capability
+/// stays in its bounding set.
+fn drop_privileges() -> Result<(), ExecError> {
+    use rustix::thread::{remove_capability_from_bounding_set, CapabilitySet};
+    let err = |e: rustix::io::Errno| ExecError::Backend(format!("dropping privileges: {e}"));
+    rustix::thread::set_no_new_privs(true).map_err(err)?;
+    for bit in 0..64 {
+        match remove_capability_from_bounding_set(CapabilitySet::from_bits_retain(1 << bit)) {
+            // Past the last capability this kernel knows.
+            Err(rustix::io::Errno::INVAL) => break,
+            other => other.map_err(err)?,
+        }
+    }
+    Ok(())
 }
 
 /// Signals one process command: its group, and everything carrying its tag.

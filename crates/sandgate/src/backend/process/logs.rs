@@ -119,6 +119,23 @@ fn follow(
     )
 }
 
+/// The last `n` lines of the log at `path` (at most 4 KiB of it), as one line of text for
+/// an error message.
+pub fn tail_text(path: &std::path::Path, n: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+        let _ = f.read_to_end(&mut buf);
+    }
+    let text = String::from_utf8_lossy(last_lines(&buf, n));
+    text.lines()
+        .filter(|l| !l.starts_with("[sandgate]"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
 /// Appends a lifecycle marker line to a sandbox's log.
 pub fn mark(path: &std::path::Path, what: &str) {
     use std::io::Write;

@@ -1,12 +1,13 @@
 //! Local-process backend: each sandbox is a supervised child process group with its own working
 //! directory and log file under the data directory, listening on its allocated port (`PORT`).
 //!
-//! With the privilege to do so (root with CAP_SYS_ADMIN, and `unshare` and `ip` installed),
-//! each sandbox runs in its own network, PID and mount namespaces (`isolation = netns`): it
-//! listens on its own `127.0.0.1:PORT` (default 3000), two sandboxes may bind the same port,
-//! and the proxy connects from inside the namespace, so a sandbox can reach neither another
-//! sandbox nor the host's services through it. Without the privilege (`shared-host`), each
-//! sandbox listens on an allocated host port.
+//! With the privilege to do so (root with CAP_SYS_ADMIN), each sandbox runs in namespaces of
+//! its own: it listens on its own `127.0.0.1:PORT` (default 3000), two sandboxes may bind the
+//! same port, and the proxy connects from inside the namespace, so a sandbox can reach neither
+//! another sandbox nor the host's services through it. `isolation = sandbox` (bubblewrap and
+//! setpriv installed; see [`jail`]) also gives it its own uid and a filesystem view of its
+//! own; `netns` (`unshare`) leaves it root on the host's filesystem. Without the privilege
+//! (`shared-host`), each sandbox listens on an allocated host port.
 //!
 //! Children run in their own process group with stdout/stderr written straight to a file, so
 //! they outlive a crashed gateway undisturbed; the restarted gateway re-adopts them (verified by
@@ -14,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
 mod exec;
+pub mod jail;
 mod logs;
 mod pty;
 pub mod reaper;
@@ -43,6 +45,32 @@ struct ProcRef {
     pid: i32,
     /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
     start: u64,
+    /// A jailed sandbox's PID 1 (pid, start time), whose namespaces are the sandbox's (the
+    /// leader, bubblewrap, stays in the host's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    init: Option<(i32, u64)>,
+    /// A jailed sandbox's uid (and gid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
+}
+
+impl ProcRef {
+    fn new(pid: i32, start: u64) -> ProcRef {
+        ProcRef {
+            pid,
+            start,
+            init: None,
+            uid: None,
+        }
+    }
+
+    /// The process whose namespaces are the sandbox's.
+    fn namespaces(&self) -> ProcRef {
+        match self.init {
+            Some((pid, start)) => ProcRef::new(pid, start),
+            None => *self,
+        }
+    }
 }
 
 /// Dev-server port of an isolated sandbox when the create names none.
@@ -60,27 +88,55 @@ status=$?
 while kill -0 "$child" 2>/dev/null; do wait "$child"; status=$?; done
 exit "$status""#;
 
+/// PID 1 of a jailed sandbox, run as the sandbox's user: the same duties as [`ISOLATE_INIT`]
+/// (bubblewrap brings loopback up), after giving back the standard input bubblewrap closed.
+const JAIL_INIT: &str = r#"exec 0</dev/null
+trap 'kill -TERM -1 2>/dev/null' TERM INT HUP
+/bin/sh -c "$1" &
+child=$!
+wait "$child"
+status=$?
+while kill -0 "$child" 2>/dev/null; do wait "$child"; status=$?; done
+exit "$status""#;
+
+/// How far process sandboxes are kept apart.
+pub enum ProcessIsolation {
+    /// Host network, allocated host ports, the gateway's user.
+    SharedHost,
+    /// Own namespaces (`unshare`), the gateway's user and filesystem.
+    Netns,
+    /// Own namespaces, uid and filesystem view (bubblewrap; see [`jail`]).
+    Sandbox(jail::Jail),
+}
+
 pub struct ProcessBackend {
     root: PathBuf,
     grace: Duration,
     exits: UnboundedSender<Exit>,
+    /// Whether each sandbox has namespaces of its own.
     isolated: bool,
+    jail: Option<std::sync::Arc<jail::Jail>>,
 }
 
 impl ProcessBackend {
-    /// `root` holds one directory per sandbox; exits are reported on `exits`; `isolated`
-    /// runs each sandbox in its own namespaces (see [`isolation_available`]).
+    /// `root` holds one directory per sandbox; exits are reported on `exits`.
     pub fn new(
         root: PathBuf,
         grace: Duration,
         exits: UnboundedSender<Exit>,
-        isolated: bool,
+        isolation: ProcessIsolation,
     ) -> ProcessBackend {
+        let (isolated, jail) = match isolation {
+            ProcessIsolation::SharedHost => (false, None),
+            ProcessIsolation::Netns => (true, None),
+            ProcessIsolation::Sandbox(j) => (true, Some(std::sync::Arc::new(j))),
+        };
         ProcessBackend {
             root,
             grace,
             exits,
             isolated,
+            jail,
         }
     }
 
@@ -97,23 +153,92 @@ pub fn isolation_available() -> bool {
         && crate::runtimes::program_installed("ip")
 }
 
-/// The environment a sandbox starts with: nothing of the gateway's own (no secrets leak).
-fn base_env(sb: &Sandbox, work: &Path, isolated: bool) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    env.insert(
-        "PATH".to_string(),
-        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-    );
-    env.insert("HOME".into(), work.display().to_string());
-    env.insert("LANG".into(), "C.UTF-8".into());
-    env.insert("SANDBOX_ID".into(), sb.id.clone());
-    env.extend(sb.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let port = if isolated { sb.port } else { sb.allocated_port };
-    if let Some(port) = port {
-        env.insert("PORT".into(), port.to_string());
-        env.insert("HOST".into(), "127.0.0.1".into());
+impl ProcessBackend {
+    /// The environment a sandbox starts with: nothing of the gateway's own (no secrets leak).
+    fn base_env(&self, sb: &Sandbox) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        let (path, home) = match &self.jail {
+            Some(_) => (jail::PATH.to_string(), jail::HOME.to_string()),
+            None => (
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+                self.work(sb).display().to_string(),
+            ),
+        };
+        env.insert("PATH".to_string(), path);
+        env.insert("HOME".into(), home);
+        env.insert("LANG".into(), "C.UTF-8".into());
+        env.insert("SANDBOX_ID".into(), sb.id.clone());
+        env.extend(sb.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let port = if self.isolated {
+            sb.port
+        } else {
+            sb.allocated_port
+        };
+        if let Some(port) = port {
+            env.insert("PORT".into(), port.to_string());
+            env.insert("HOST".into(), "127.0.0.1".into());
+        }
+        env
     }
-    env
+
+    fn work(&self, sb: &Sandbox) -> PathBuf {
+        self.dir(sb).join(WORK_DIR)
+    }
+
+    /// Where a command's working directory `cwd` (relative to the working tree) is, as the
+    /// command sees it.
+    fn command_dir(&self, sb: &Sandbox, cwd: Option<&str>) -> PathBuf {
+        let base = match &self.jail {
+            Some(_) => PathBuf::from(jail::HOME),
+            None => self.work(sb),
+        };
+        cwd.map_or_else(|| base.clone(), |c| base.join(c))
+    }
+}
+
+/// The sandbox's PID 1 as bubblewrap reports it on its info pipe (`{"child-pid": N, …}`),
+/// once it runs as `uid`; `None` if bubblewrap ended (or stalled) before.
+async fn read_child_pid(reader: std::fs::File, uid: u32) -> Option<i32> {
+    let read = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut text = String::new();
+        reader.take(64 * 1024).read_to_string(&mut text).ok()?;
+        let info: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let pid = info["child-pid"]
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())?;
+        jail_ready(pid, uid).then_some(pid)
+    });
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .ok()?
+        .ok()?
+}
+
+/// Waits (up to 30 s) until bubblewrap's child `init` runs as `uid`: it switches only after
+/// the sandbox's root and mounts are complete, so a command joining its namespaces earlier
+/// would see them half built. False if it ends or stalls first.
+fn jail_ready(init: i32, uid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut pause = Duration::from_micros(200);
+    loop {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{init}/status")) else {
+            return false;
+        };
+        let real = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|u| u.parse::<u32>().ok());
+        if real == Some(uid) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
 }
 
 /// Kernel start time of `pid`, or `None` if it does not exist.
@@ -156,8 +281,8 @@ impl ProcessBackend {
         Started {
             backend_ref: serde_json::to_string(&r).ok(),
             ip_address: Some(Ipv4Addr::LOCALHOST.to_string()),
-            // The leader (`unshare`) lives in the sandbox's namespace itself.
-            netns_pid: self.isolated.then_some(r.pid),
+            // `unshare` lives in the sandbox's namespace itself; bubblewrap's child does.
+            netns_pid: self.isolated.then_some(r.namespaces().pid),
         }
     }
 }
@@ -169,14 +294,27 @@ impl Backend for ProcessBackend {
     }
 
     fn isolation(&self) -> &'static str {
-        if self.isolated {
-            "netns"
-        } else {
-            "shared-host"
+        match (&self.jail, self.isolated) {
+            (Some(_), _) => "sandbox",
+            (None, true) => "netns",
+            (None, false) => "shared-host",
         }
     }
 
     async fn check_runtime(&self, runtime: &Runtime) -> Result<(), String> {
+        if let Some(jail) = &self.jail {
+            return if jail.program_visible(&runtime.program) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "runtime {:?} needs the program {:?}, which sandboxes cannot see: it is \
+                     not on their PATH ({}) nor under /usr, /etc, /opt or sandbox_ro_paths",
+                    runtime.name,
+                    runtime.program,
+                    jail::PATH
+                ))
+            };
+        }
         if crate::runtimes::program_installed(&runtime.program) {
             Ok(())
         } else {
@@ -203,21 +341,49 @@ impl Backend for ProcessBackend {
             .create(true)
             .append(true)
             .open(dir.join(LOG_FILE))?;
-        let mut cmd = if self.isolated {
+        // A jailed sandbox's leader reports the sandbox's PID 1 on this pipe.
+        let mut info = None;
+        let mut uid = None;
+        let mut cmd = if let Some(jail) = &self.jail {
+            let (jail, dir, work, id) = (jail.clone(), dir.clone(), work.clone(), sb.id.clone());
+            let (u, args) = tokio::task::spawn_blocking(move || {
+                let u = jail.uid(&dir)?;
+                let etc = dir.join("etc");
+                jail.prepare(&etc, &work, &id, u)?;
+                let args = jail.bwrap_args(&jail::Layout {
+                    work: &work,
+                    etc: &etc,
+                    hostname: &id,
+                    uid: u,
+                    init: &["/bin/sh", "-c", JAIL_INIT, "sandgate-init"],
+                });
+                Ok::<_, std::io::Error>((u, args))
+            })
+            .await
+            .map_err(|e| BackendError::Start(format!("preparing the sandbox: {e}")))?
+            .map_err(|e| BackendError::Start(format!("preparing the sandbox: {e}")))?;
+            uid = Some(u);
+            let (reader, writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(std::io::Error::from)?;
+            info = Some(std::fs::File::from(reader));
+            let mut c = tokio::process::Command::new("bwrap");
+            c.args(args).arg(&sb.command).stdin(Stdio::from(writer));
+            c
+        } else if self.isolated {
             let mut c = tokio::process::Command::new("unshare");
             c.args(["--net", "--pid", "--mount-proc", "--fork", "--kill-child"])
                 .args(["/bin/sh", "-c", ISOLATE_INIT, "sandgate-init"])
-                .arg(&sb.command);
+                .arg(&sb.command)
+                .stdin(Stdio::null());
             c
         } else {
             let mut c = tokio::process::Command::new("/bin/sh");
-            c.arg("-c").arg(&sb.command);
+            c.arg("-c").arg(&sb.command).stdin(Stdio::null());
             c
         };
         cmd.current_dir(&work)
             .env_clear()
-            .envs(base_env(sb, &work, self.isolated))
-            .stdin(Stdio::null())
+            .envs(self.base_env(sb))
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0)
@@ -229,8 +395,10 @@ impl Backend for ProcessBackend {
             &format!("starting (generation {})", sb.generation),
         );
         let gate = reaper::spawning();
-        let mut child = cmd
-            .spawn()
+        let spawned = cmd.spawn();
+        // The command keeps its copy of the info pipe's write end until it is dropped.
+        drop(cmd);
+        let mut child = spawned
             .map_err(|e| BackendError::Start(format!("cannot start the sandbox process: {e}")))?;
         let pid = child
             .id()
@@ -238,7 +406,24 @@ impl Backend for ProcessBackend {
             as i32;
         reaper::own(pid);
         drop(gate);
-        let start = start_time(pid).unwrap_or(0);
+        let mut handle = ProcRef::new(pid, start_time(pid).unwrap_or(0));
+        if let Some(reader) = info {
+            match read_child_pid(reader, uid.unwrap_or(0)).await {
+                Some(init) => {
+                    handle.init = Some((init, start_time(init).unwrap_or(0)));
+                    handle.uid = uid;
+                }
+                None => {
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                    reaper::disown(pid);
+                    let last = logs::tail_text(&log_path, 5);
+                    return Err(BackendError::Start(format!(
+                        "bubblewrap could not set the sandbox up: {last}"
+                    )));
+                }
+            }
+        }
         let (id, generation, exits) = (sb.id.clone(), sb.generation, self.exits.clone());
         tokio::spawn(async move {
             let status = child.wait().await;
@@ -263,9 +448,8 @@ impl Backend for ProcessBackend {
                 signal,
             });
         });
-        Ok(self.handle(ProcRef { pid, start }))
+        Ok(self.handle(handle))
     }
-
     async fn stop(&self, sb: &Sandbox) -> Result<(), BackendError> {
         // Commands run in a shared-host sandbox lead process groups of their own: they are
         // found by the sandbox id every one of its processes inherits. (An isolated sandbox's
@@ -308,6 +492,9 @@ impl Backend for ProcessBackend {
     }
 
     async fn remove(&self, sb: &Sandbox) -> Result<(), BackendError> {
+        if let Some(jail) = &self.jail {
+            jail.release(&self.dir(sb));
+        }
         match tokio::fs::remove_dir_all(self.dir(sb)).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
@@ -362,7 +549,7 @@ impl Backend for ProcessBackend {
     }
 
     async fn working_tree(&self, sb: &Sandbox) -> Result<PathBuf, ExecError> {
-        Ok(self.dir(sb).join(WORK_DIR))
+        Ok(self.work(sb))
     }
 }
 
@@ -375,11 +562,8 @@ mod tests {
         let me = std::process::id() as i32;
         let t = start_time(me).expect("own start time");
         assert!(t > 0);
-        assert!(is_same_process(ProcRef { pid: me, start: t }));
-        assert!(!is_same_process(ProcRef {
-            pid: me,
-            start: t + 1
-        }));
+        assert!(is_same_process(ProcRef::new(me, t)));
+        assert!(!is_same_process(ProcRef::new(me, t + 1)));
         assert_eq!(start_time(i32::MAX), None);
     }
 }

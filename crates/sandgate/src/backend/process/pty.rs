@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use futures_util::FutureExt;
 
 use super::exec::{check_cwd, exit_of, spawn_inside, spawn_message, ProcessExec};
-use super::{base_env, is_same_process, parse_ref, ProcessBackend, WORK_DIR};
+use super::{is_same_process, parse_ref, ProcessBackend};
 use crate::backend::exec::{
     ExecControl, ExecError, ExecSpec, PtyHandle, StartKind, TtySize, EXEC_TAG_VAR,
 };
@@ -35,12 +35,8 @@ impl ProcessBackend {
         let Some(program) = spec.argv.first().cloned() else {
             return Err(ExecError::not_started(StartKind::Other, "empty argv"));
         };
-        let work = self.dir(sb).join(WORK_DIR);
-        let cwd = spec
-            .cwd
-            .as_ref()
-            .map_or_else(|| work.clone(), |c| work.join(c));
-        let mut env = base_env(sb, &work, self.isolated);
+        let cwd = self.command_dir(sb, spec.cwd.as_deref());
+        let mut env = self.base_env(sb);
         env.extend(spec.env.clone());
         env.insert(EXEC_TAG_VAR.into(), spec.tag.clone());
         env.entry("TERM".into())
@@ -52,12 +48,18 @@ impl ProcessBackend {
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| ExecError::Backend(format!("terminal: {e}")))?;
-        let cmd = pty_process::Command::new(&program)
+        let mut cmd = pty_process::Command::new(&program)
             .args(&spec.argv[1..])
             .env_clear()
             .envs(env)
             .current_dir(&cwd)
             .kill_on_drop(false);
+        if let Some(uid) = leader.uid {
+            // The shell owns its terminal, as after a login.
+            std::os::unix::fs::fchown(&pts, Some(uid), Some(uid))
+                .map_err(|e| ExecError::Backend(format!("terminal: {e}")))?;
+            cmd = cmd.uid(uid).gid(uid);
+        }
         let spawn = move || {
             let _gate = super::reaper::spawning();
             let child = cmd.spawn(pts).map_err(|e| match e {

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::io::BufRead;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Deref;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,6 +56,14 @@ pub fn port_block() -> u16 {
 }
 
 /// The fixture upstream binary built by Cargo for these tests.
+/// The directory holding the fixture (bound read-only into jailed sandboxes).
+pub fn fixture_dir() -> PathBuf {
+    Path::new(fixture_path())
+        .parent()
+        .expect("the fixture's directory")
+        .to_path_buf()
+}
+
 pub fn fixture_path() -> &'static str {
     env!("CARGO_BIN_EXE_sandgate-fixture")
 }
@@ -865,6 +873,8 @@ impl GatewayBuilder {
         config.port = 0;
         config.port_range = lo..=lo + self.ports - 1;
         config.isolation = self.isolation;
+        // Jailed sandboxes see the fixture program where the tests run it from.
+        config.sandbox_ro_paths = vec![fixture_dir()];
         // Authentication is its own suite (`auth`); the others talk to an open gateway. The
         // throttle on refused credentials is `limits`'s to test: a suite that walks many bad
         // credentials from 127.0.0.1 would otherwise meet it.
@@ -1052,6 +1062,12 @@ impl SpawnedGateway {
             .any(|a| a == "--isolation" || a == "--config")
         {
             extra_args.extend(["--isolation".to_string(), "none".to_string()]);
+        }
+        if !extra_args.iter().any(|a| a == "--sandbox-ro-paths") {
+            extra_args.extend([
+                "--sandbox-ro-paths".to_string(),
+                fixture_dir().display().to_string(),
+            ]);
         }
         if !extra_args.iter().any(|a| a == "--auth-enabled") {
             extra_args.extend(["--auth-enabled".to_string(), "false".to_string()]);
