@@ -7,8 +7,8 @@ use std::time::Duration;
 use hyper::{Request, StatusCode};
 
 use crate::common::{
-    eventually, fixture_body, process_alive, send_request, wait_process_gone, Lane, Reply,
-    SpawnedGateway, READY_TIMEOUT,
+    eventually, fixture_body, process_alive, sandbox_processes, send_request, wait_process_gone,
+    wait_sandbox_processes_gone, Lane, Reply, SpawnedGateway, READY_TIMEOUT,
 };
 
 async fn sigkill_leaves_sandboxes_running_and_restart_readopts_them(lane: Lane) {
@@ -183,4 +183,79 @@ async fn a_second_gateway_on_the_same_data_directory_refuses_to_start() {
     r.expect(200);
     assert_eq!(gw.sandbox(&sb.id).await["status"], "running");
     gw.delete_sandbox(&sb.id).await;
+}
+
+/// A gateway killed while 20 creates are in flight leaves no orphan: after the restart every
+/// sandbox the API lists as running has its processes and answers, every other one has none
+/// (the interrupted creates' processes are found by the sandbox id they carry), and deleting
+/// them all leaves nothing behind.
+async fn a_crash_during_creates_leaves_no_orphan(isolation: &str) {
+    let mut gw = SpawnedGateway::start(40, &["--isolation", isolation]).await;
+    let creates: Vec<_> = (0..20)
+        .map(|_| {
+            let c = (*gw).clone();
+            // The crash cuts some of them off: an error, not a panic.
+            tokio::spawn(async move { c.post("/sandboxes").json(&fixture_body()).try_send().await })
+        })
+        .collect();
+    // Kill once the first of them has started a process: the rest are in flight.
+    eventually(READY_TIMEOUT, "a create starts a process", || async {
+        let listed = gw.list().await;
+        listed
+            .iter()
+            .any(|s| !sandbox_processes(s["id"].as_str().unwrap_or("-")).is_empty())
+            .then_some(())
+    })
+    .await;
+    gw.kill().await;
+    for c in creates {
+        let _ = c.await;
+    }
+    gw.restart().await;
+    let listed = gw.list().await;
+    assert!(!listed.is_empty(), "{}", gw.log());
+    let running = listed.iter().filter(|s| s["status"] == "running").count();
+    eprintln!(
+        "after the crash: {} listed, {running} running",
+        listed.len()
+    );
+    for sb in &listed {
+        let id = sb["id"].as_str().unwrap().to_string();
+        if sb["status"] == "running" {
+            assert!(!sandbox_processes(&id).is_empty(), "{sb}");
+            gw.wait_ready(&id).await;
+        } else {
+            eventually(
+                Duration::from_secs(5),
+                &format!("no process of {id}, listed {}", sb["status"]),
+                || async { sandbox_processes(&id).is_empty().then_some(()) },
+            )
+            .await;
+        }
+    }
+    for sb in &listed {
+        gw.delete_sandbox(sb["id"].as_str().unwrap()).await;
+    }
+    for sb in &listed {
+        wait_sandbox_processes_gone(sb["id"].as_str().unwrap(), Duration::from_secs(5)).await;
+    }
+    assert!(gw.terminate().await.success(), "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_during_creates_leaves_no_orphan_shared_host() {
+    a_crash_during_creates_leaves_no_orphan("none").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_during_creates_leaves_no_orphan_jailed() {
+    if !sandgate::backend::process::jail::available() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run jailed sandboxes"
+        );
+        eprintln!("SKIPPED: no privilege to jail sandboxes (root, bwrap, setpriv)");
+        return;
+    }
+    a_crash_during_creates_leaves_no_orphan("sandbox").await;
 }

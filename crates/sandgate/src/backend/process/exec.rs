@@ -60,10 +60,10 @@ impl ProcessBackend {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
             // Kills are explicit (a timeout, a disconnect, `DELETE`): a command outlives the
             // response only when it was started to.
             .kill_on_drop(false);
+        lead_session(&mut cmd);
         let program = program.clone();
         let mut spawn = move || {
             let _gate = super::reaper::spawning();
@@ -118,6 +118,24 @@ impl ProcessBackend {
                 tag: format!("{EXEC_TAG_VAR}={}", spec.tag).into_bytes(),
             }),
         })
+    }
+}
+
+/// Makes the command lead a session of its own (and so a process group whose id is its pid).
+/// Left in the gateway's session, a command would share its controlling terminal when the
+/// gateway runs in one, and could open `/dev/tty` to read the operator's keys or push
+/// keystrokes into their shell (`TIOCSTI`) for it to run after the gateway exits.
+/// `std`'s `setsid` for commands is unstable, and the crate denies `unsafe` otherwise.
+#[allow(unsafe_code)]
+fn lead_session(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the child between fork and exec and calls only `setsid`,
+    // which is async-signal-safe; it allocates nothing and touches no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
     }
 }
 

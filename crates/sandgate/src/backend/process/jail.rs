@@ -189,6 +189,8 @@ impl Jail {
             &"--unshare-uts",
             &"--unshare-cgroup-try",
             &"--unshare-net",
+            // A session of its own: no controlling terminal to read or push keys into.
+            &"--new-session",
             &"--hostname",
             &l.hostname,
         ]);

@@ -263,6 +263,43 @@ fn parse_ref(sb: &Sandbox) -> Option<ProcRef> {
     serde_json::from_str(sb.backend_ref.as_deref()?).ok()
 }
 
+/// Signals every process carrying the sandbox's id (`SANDBOX_ID=<id>` in its environment):
+/// what the gateway started for it, wherever it went.
+fn kill_tagged(sb: &Sandbox, signal: Signal) {
+    let own = format!("SANDBOX_ID={}", sb.id).into_bytes();
+    for pid in tagged_processes(&own) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+    }
+}
+
+/// Waits until the group led by `pgid` and the jailed sandbox's `init` are gone.
+async fn wait_gone(pgid: i32, init: Option<ProcRef>, limit: Duration) -> bool {
+    let started = Instant::now();
+    if !wait_group_gone(pgid, limit).await {
+        return false;
+    }
+    let Some(init) = init else {
+        return true;
+    };
+    let mut pause = Duration::from_millis(5);
+    while is_same_process(init) && !is_zombie(init.pid) {
+        if started.elapsed() >= limit {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+    true
+}
+
+/// Whether `pid` has exited and waits to be reaped.
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s[s.rfind(')')? + 2..].starts_with('Z')))
+        .unwrap_or(false)
+}
+
 async fn wait_group_gone(pgid: i32, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     let mut pause = Duration::from_millis(5);
@@ -451,37 +488,53 @@ impl Backend for ProcessBackend {
         Ok(self.handle(handle))
     }
     async fn stop(&self, sb: &Sandbox) -> Result<(), BackendError> {
+        let Some(r) = parse_ref(sb) else {
+            // No handle: a create the gateway crashed in. Whatever it started carries the
+            // sandbox's id.
+            kill_tagged(sb, Signal::SIGKILL);
+            return Ok(());
+        };
+        // A jailed sandbox's PID 1 leads a session of its own; the leader (bubblewrap) ends
+        // when it does.
+        let init = r
+            .init
+            .map(|(pid, start)| ProcRef::new(pid, start))
+            .filter(|i| is_same_process(*i));
+        // The group outlives its leader only if the leader is the process we started.
+        if !is_same_process(r) && !group_alive(r.pid) && init.is_none() {
+            kill_tagged(sb, Signal::SIGKILL);
+            return Ok(());
+        }
         // Commands run in a shared-host sandbox lead process groups of their own: they are
         // found by the sandbox id every one of its processes inherits. (An isolated sandbox's
         // commands die with its PID namespace.)
-        let own = format!("SANDBOX_ID={}", sb.id).into_bytes();
         let commands = |signal: Signal| {
             if !self.isolated {
-                for pid in tagged_processes(&own) {
-                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
-                }
+                kill_tagged(sb, signal);
             }
         };
-        let Some(r) = parse_ref(sb) else {
-            commands(Signal::SIGKILL);
-            return Ok(());
+        let send = |signal: Signal| match init {
+            // The init passes SIGTERM on to everything in the sandbox.
+            Some(i) => {
+                let _ = nix::sys::signal::kill(Pid::from_raw(i.pid), signal);
+                if signal == Signal::SIGKILL {
+                    let _ = killpg(Pid::from_raw(r.pid), signal);
+                }
+            }
+            None => {
+                let _ = killpg(Pid::from_raw(r.pid), signal);
+            }
         };
-        // The group outlives its leader only if the leader is the process we started.
-        if !is_same_process(r) && !group_alive(r.pid) {
-            commands(Signal::SIGKILL);
-            return Ok(());
-        }
-        let pgid = Pid::from_raw(r.pid);
-        let _ = killpg(pgid, Signal::SIGTERM);
+        send(Signal::SIGTERM);
         commands(Signal::SIGTERM);
-        if wait_group_gone(r.pid, self.grace).await {
+        if wait_gone(r.pid, init, self.grace).await {
             commands(Signal::SIGKILL);
             return Ok(());
         }
         tracing::warn!(sandbox = %sb.id, "did not stop within the grace period; killing");
-        let _ = killpg(pgid, Signal::SIGKILL);
+        send(Signal::SIGKILL);
         commands(Signal::SIGKILL);
-        if wait_group_gone(r.pid, Duration::from_secs(5)).await {
+        if wait_gone(r.pid, init, Duration::from_secs(5)).await {
             Ok(())
         } else {
             Err(BackendError::Stop(format!(
@@ -506,10 +559,12 @@ impl Backend for ProcessBackend {
             return Ok(None);
         };
         if !is_same_process(r) {
-            // The leader is gone; make sure nothing of its group lingers.
+            // The leader is gone; make sure nothing of it lingers (a jailed sandbox's init,
+            // in a session of its own, included).
             if group_alive(r.pid) {
                 let _ = killpg(Pid::from_raw(r.pid), Signal::SIGKILL);
             }
+            kill_tagged(sb, Signal::SIGKILL);
             return Ok(None);
         }
         // Not our child any more: watch it by polling until it is gone.
