@@ -48,6 +48,16 @@ impl BackendKind {
     }
 }
 
+/// `--network`: what a sandbox whose create names no network gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultNetwork {
+    /// Its own loopback only.
+    None,
+    /// Outbound connections through the gateway host (NAT).
+    Egress,
+}
+
 /// Whether sandboxes get namespaces of their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
@@ -97,6 +107,19 @@ pub struct ServeArgs {
     /// /usr, /etc and /opt), e.g. a toolchain installed under /srv.
     #[arg(long, env = "SANDGATE_SANDBOX_RO_PATHS", value_delimiter = ',')]
     pub sandbox_ro_paths: Option<Vec<PathBuf>>,
+    /// Outbound network of a sandbox whose create names none: `none` (its own loopback) or
+    /// `egress` (NAT to the outside, never to the gateway host, other sandboxes or
+    /// --egress-deny); `sandbox` isolation only.
+    #[arg(long, env = "SANDGATE_NETWORK", value_enum)]
+    pub network: Option<DefaultNetwork>,
+    /// IPv4 range carved into a /30 per egress sandbox (host side .1, sandbox .2).
+    #[arg(long, env = "SANDGATE_EGRESS_SUBNET")]
+    pub egress_subnet: Option<String>,
+    /// Ranges egress sandboxes may not reach, comma-separated (default: RFC 1918 and
+    /// 100.64.0.0/10; link-local (cloud metadata), loopback, multicast and the egress subnet
+    /// are always refused, and so are the gateway host's own addresses).
+    #[arg(long, env = "SANDGATE_EGRESS_DENY", value_delimiter = ',')]
+    pub egress_deny: Option<Vec<String>>,
     /// Base domain for host routing: `{port}-{id}.{domain}`.
     #[arg(long, env = "SANDGATE_DOMAIN")]
     pub domain: Option<String>,
@@ -280,6 +303,9 @@ struct FileConfig {
     backend: Option<BackendKind>,
     isolation: Option<Isolation>,
     sandbox_ro_paths: Option<Vec<PathBuf>>,
+    network: Option<DefaultNetwork>,
+    egress_subnet: Option<String>,
+    egress_deny: Option<Vec<Cidr>>,
     domain: Option<String>,
     public_url: Option<String>,
     port_range: Option<String>,
@@ -379,6 +405,14 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The network address and prefix length of an IPv4 range.
+    pub fn ipv4(&self) -> Option<(std::net::Ipv4Addr, u8)> {
+        match self.net {
+            IpAddr::V4(net) => Some((net, self.len)),
+            IpAddr::V6(_) => None,
+        }
+    }
+
     /// Whether `ip` (in its canonical form) lies in this range.
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.net, ip.to_canonical()) {
@@ -477,6 +511,12 @@ pub struct Config {
     pub sandbox_ro_paths: Vec<PathBuf>,
     /// The configuration file read, if any (hidden from sandboxes: it may hold secrets).
     pub config_file: Option<PathBuf>,
+    /// The network of a sandbox whose create names none (where the backend can choose).
+    pub network: crate::model::Network,
+    /// IPv4 range of egress sandboxes' links (a /30 each).
+    pub egress_subnet: Cidr,
+    /// Ranges egress sandboxes may not reach (besides those always refused).
+    pub egress_deny: Vec<Cidr>,
     pub domain: String,
     pub public_url: Option<String>,
     pub port_range: RangeInclusive<u16>,
@@ -628,6 +668,17 @@ impl Config {
             isolation: Isolation::Auto,
             sandbox_ro_paths: Vec::new(),
             config_file: None,
+            network: crate::model::Network::None,
+            egress_subnet: "10.201.0.0/16".parse().expect("a valid CIDR"),
+            egress_deny: [
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "100.64.0.0/10",
+            ]
+            .iter()
+            .map(|c| c.parse().expect("a valid CIDR"))
+            .collect(),
             domain: "localhost".into(),
             public_url: None,
             port_range: DEFAULT_PORT_RANGE,
@@ -709,6 +760,26 @@ impl Config {
             c.sandbox_ro_paths = paths;
         }
         c.config_file = args.config.clone();
+        if let Some(n) = args.network.or(file.network) {
+            c.network = match n {
+                DefaultNetwork::None => crate::model::Network::None,
+                DefaultNetwork::Egress => crate::model::Network::Egress,
+            };
+        }
+        if let Some(s) = args
+            .egress_subnet
+            .as_deref()
+            .or(file.egress_subnet.as_deref())
+        {
+            c.egress_subnet = s.parse().map_err(|e| {
+                ConfigError::Invalid(format!("egress_subnet (SANDGATE_EGRESS_SUBNET): {e}"))
+            })?;
+        }
+        if let Some(deny) = cidr_list("SANDGATE_EGRESS_DENY", &args.egress_deny)? {
+            c.egress_deny = deny;
+        } else if let Some(deny) = file.egress_deny {
+            c.egress_deny = deny;
+        }
         c.domain = args.domain.clone().or(file.domain).unwrap_or(c.domain);
         c.public_url = args.public_url.clone().or(file.public_url);
         if let Some(range) = args.port_range.as_deref().or(file.port_range.as_deref()) {
@@ -882,6 +953,16 @@ impl Config {
                 "sandbox_ro_paths (SANDGATE_SANDBOX_RO_PATHS) must be absolute paths, got {}",
                 p.display()
             ));
+        }
+        match self.egress_subnet.ipv4() {
+            Some((_, len)) if (8..=30).contains(&len) => {}
+            _ => {
+                return bad(format!(
+                    "egress_subnet (SANDGATE_EGRESS_SUBNET) must be an IPv4 range from /8 to \
+                     /30, got {}",
+                    self.egress_subnet
+                ))
+            }
         }
         if self.max_concurrent_requests == 0 {
             return bad("MAX_CONCURRENT_REQUESTS must be at least 1".into());

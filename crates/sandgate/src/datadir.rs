@@ -5,7 +5,9 @@
 //! when the process ends however it ends, so a crashed gateway never blocks its successor.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{self, Write};
+
+use rand::Rng;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -73,6 +75,45 @@ impl DataDirLock {
         self.file.seek(std::io::SeekFrom::Start(0))?;
         self.file.write_all(text.as_bytes())?;
         self.file.flush()
+    }
+}
+
+/// The file holding this gateway's id in the data directory.
+pub const GATEWAY_ID_FILE: &str = "gateway-id";
+
+/// This gateway's stable instance id, kept in `<data_dir>/gateway-id` (created with a random id
+/// on first use). Containers are labelled with it, so orphans can be told from other gateways'.
+pub fn gateway_id(data_dir: &Path) -> io::Result<String> {
+    let path = data_dir.join(GATEWAY_ID_FILE);
+    let read = |p: &Path| -> io::Result<Option<String>> {
+        match std::fs::read_to_string(p) {
+            Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    if let Some(id) = read(&path)? {
+        return Ok(id);
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let mut rng = rand::thread_rng();
+    let id: String = (0..16)
+        .map(|_| b"abcdefghijklmnopqrstuvwxyz234567"[rng.gen_range(0..32)] as char)
+        .collect();
+    let id = format!("gw-{id}");
+    // Written to a temporary file and linked into place, so a concurrent first start never
+    // sees a half-written id and the first writer wins.
+    let tmp = data_dir.join(format!(".{GATEWAY_ID_FILE}.{}", std::process::id()));
+    std::fs::write(&tmp, format!("{id}\n"))?;
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(id),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            read(&path)?.ok_or_else(|| io::Error::other(format!("{} is empty", path.display())))
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -120,11 +120,29 @@ async fn build_backend(
                     .into_iter()
                     .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
                     .collect();
-                Ok(ProcessIsolation::Sandbox(process::jail::Jail::new(
+                let jail = process::jail::Jail::new(
                     sandboxes_dir.clone(),
                     config.sandbox_ro_paths.clone(),
                     hidden,
-                )))
+                );
+                let egress = if process::egress::available() {
+                    let id = datadir::gateway_id(&config.data_dir)?;
+                    Some(process::egress::Egress::new(
+                        &id,
+                        &config.egress_subnet,
+                        &config.egress_deny,
+                    ))
+                } else {
+                    tracing::warn!(
+                        "network = egress is unavailable: install iproute2 and nftables"
+                    );
+                    None
+                };
+                Ok(ProcessIsolation::Sandbox {
+                    jail,
+                    egress,
+                    network: config.network,
+                })
             };
             let isolation = match config.isolation {
                 Isolation::None => ProcessIsolation::SharedHost,

@@ -51,6 +51,8 @@ pub struct CreateSandbox {
     pub labels: BTreeMap<String, String>,
     /// Seconds without use before the idle reaper acts (0: never; absent: the gateway's).
     pub idle_timeout: Option<u64>,
+    /// `none` or `egress` (absent: the gateway's `network` where the backend can choose).
+    pub network: Option<model::Network>,
 }
 
 /// A change to a sandbox's settings (`PATCH /sandboxes/{id}`): absent fields stay as they are.
@@ -261,6 +263,13 @@ impl Manager {
                 "idle_timeout is at most {MAX_IDLE_TIMEOUT} seconds"
             ));
         }
+        if req.network == Some(model::Network::Host) {
+            return bad("network must be \"none\" or \"egress\"".into());
+        }
+        let network = self
+            .backend
+            .network(req.network)
+            .map_err(Error::Validation)?;
         let now = model::now();
         let sandbox = Sandbox {
             id: model::new_id(),
@@ -287,6 +296,7 @@ impl Manager {
             keep_prefix: req.path_prefix == Some(model::PathPrefix::Keep),
             labels: req.labels,
             idle_timeout: req.idle_timeout,
+            network,
             created_at: now,
             updated_at: now,
         };
@@ -631,6 +641,7 @@ impl Manager {
             }
         });
         futures_util::future::join_all(stops).await;
+        self.backend.closed().await;
     }
 }
 

@@ -238,8 +238,40 @@ pub struct Sandbox {
     /// Seconds without use before the idle reaper acts on this sandbox (`None`: the
     /// gateway's `idle_timeout`; `Some(0)`: never).
     pub idle_timeout: Option<u64>,
+    /// What the sandbox can reach outside itself.
+    pub network: Network,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// A sandbox's outbound network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// Its own loopback only.
+    #[default]
+    None,
+    /// Outbound connections through the gateway host (NAT), never to the host itself, other
+    /// sandboxes or denied ranges.
+    Egress,
+    /// The host's own network, shared (no isolation); never asked for, only reported.
+    Host,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::None => "none",
+            Network::Egress => "egress",
+            Network::Host => "host",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Network> {
+        [Network::None, Network::Egress, Network::Host]
+            .into_iter()
+            .find(|n| n.as_str() == s)
+    }
 }
 
 /// What a path route does with its prefix (`/sandbox/{id}`, `/{owner}/{name}`).
@@ -308,6 +340,7 @@ impl Sandbox {
             keep_prefix: false,
             labels: Default::default(),
             idle_timeout: None,
+            network: Network::None,
             created_at: now,
             updated_at: now,
         }

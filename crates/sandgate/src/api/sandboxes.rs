@@ -53,6 +53,8 @@ pub struct SandboxView {
     /// Seconds without use before the idle reaper acts on it (0: never; `null`: the
     /// gateway's).
     pub idle_timeout: Option<u64>,
+    /// What it can reach outside itself: `none`, `egress` or `host` (shared-host processes).
+    pub network: crate::model::Network,
     pub port: Option<u16>,
     pub allocated_port: Option<u16>,
     pub proxy_enabled: bool,
@@ -106,6 +108,7 @@ impl SandboxView {
             },
             labels: sb.labels.clone(),
             idle_timeout: sb.idle_timeout,
+            network: sb.network,
             port: sb.port,
             allocated_port: sb.allocated_port,
             proxy_enabled,

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use async_trait::async_trait;
 
-use crate::model::Sandbox;
+use crate::model::{Network, Sandbox};
 use crate::runtimes::Runtime;
 use exec::{ExecError, ExecHandle, ExecSpec};
 
@@ -117,6 +117,22 @@ pub trait Backend: Send + Sync {
     /// The dev-server port a sandbox gets when the create names none (`None`: the
     /// allocated host port).
     fn default_port(&self) -> Option<u16>;
+    /// The network a new sandbox gets when it asks for `requested` (absent: the gateway's
+    /// `network` where the backend can choose); a message saying why not otherwise.
+    /// Containers join the engine's configured network: `egress`.
+    fn network(&self, requested: Option<Network>) -> Result<Network, String> {
+        match requested {
+            None | Some(Network::Egress) => Ok(Network::Egress),
+            Some(other) => Err(format!(
+                "network {:?} is not available on the {} backend",
+                other.as_str(),
+                self.kind()
+            )),
+        }
+    }
+    /// Called once at a clean shutdown, after every sandbox that must not outlive the gateway
+    /// has stopped: removes what the backend set up for all of them.
+    async fn closed(&self) {}
     /// Starts the sandbox's process or container. Must leave nothing behind on error.
     async fn start(&self, sandbox: &Sandbox) -> Result<Started, BackendError>;
     /// Stops it (gracefully, then forcibly). Stopping something already gone is not an error.

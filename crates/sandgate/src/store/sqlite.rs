@@ -89,6 +89,9 @@ ALTER TABLE sandboxes ADD COLUMN keep_prefix INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sandboxes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE sandboxes ADD COLUMN idle_timeout INTEGER;
 "#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN network TEXT NOT NULL DEFAULT 'none';
+"#,
 ];
 
 pub struct SqliteStore {
@@ -195,6 +198,11 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
             t.map(|t| u64::try_from(t).map_err(|e| corrupt(&id, e)))
                 .transpose()?
         },
+        network: {
+            let n: String = row.try_get("network")?;
+            crate::model::Network::parse(&n)
+                .ok_or_else(|| corrupt(&id, format!("unknown network {n:?}")))?
+        },
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
         id,
@@ -297,8 +305,8 @@ impl Store for SqliteStore {
             "INSERT INTO sandboxes (id, team_id, owner, name, runtime, mode, dev_server, command, \
              env, limits, port, allocated_port, status, status_reason, backend_ref, ip_address, \
              netns_pid, generation, created_at, updated_at, public, public_ports, \
-             preview_generation, keep_prefix, labels, idle_timeout) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             preview_generation, keep_prefix, labels, idle_timeout, network) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&sb.id)
         .bind(team)
@@ -326,6 +334,7 @@ impl Store for SqliteStore {
         .bind(sb.keep_prefix)
         .bind(serde_json::to_string(&sb.labels).map_err(|e| corrupt(&sb.id, e))?)
         .bind(sb.idle_timeout.map(|t| t as i64))
+        .bind(sb.network.as_str())
         .execute(&mut *tx)
         .await;
         match res {
@@ -599,6 +608,7 @@ mod tests {
             keep_prefix: false,
             labels: Default::default(),
             idle_timeout: None,
+            network: crate::model::Network::None,
             created_at: now,
             updated_at: now,
         }

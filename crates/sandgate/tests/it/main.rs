@@ -11,6 +11,7 @@ mod cli;
 mod docker;
 #[macro_use]
 mod exec;
+mod egress;
 mod fastlane;
 mod files;
 mod framing;

@@ -22,7 +22,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,7 +36,6 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures_util::StreamExt;
-use rand::Rng;
 use tokio::sync::mpsc::UnboundedSender;
 
 mod exec;
@@ -46,6 +44,7 @@ mod pty;
 use super::exec::{ExecError, ExecHandle, ExecSpec};
 use super::{Backend, BackendError, Exit, LogStream, Started};
 use crate::config::{Config, Isolation};
+use crate::datadir::{gateway_id, GATEWAY_ID_FILE};
 use crate::model::Sandbox;
 use crate::runtimes::{Runtime, Runtimes};
 use crate::store::Store;
@@ -74,49 +73,12 @@ pub const LABEL_GENERATION: &str = "sandgate.generation";
 pub const LABEL_PORTS: &str = "sandgate.ports";
 /// Working directory (and `HOME`) of a sandbox inside its container.
 pub const WORK_DIR: &str = "/sandbox";
-const GATEWAY_ID_FILE: &str = "gateway-id";
 /// Bound for reaching the engine at startup.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The container name of sandbox `id`.
 pub fn container_name(id: &str) -> String {
     format!("sandgate-{id}")
-}
-
-/// This gateway's stable instance id, kept in `<data_dir>/gateway-id` (created with a random id
-/// on first use). Containers are labelled with it, so orphans can be told from other gateways'.
-pub fn gateway_id(data_dir: &Path) -> io::Result<String> {
-    let path = data_dir.join(GATEWAY_ID_FILE);
-    let read = |p: &Path| -> io::Result<Option<String>> {
-        match std::fs::read_to_string(p) {
-            Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    };
-    if let Some(id) = read(&path)? {
-        return Ok(id);
-    }
-    std::fs::create_dir_all(data_dir)?;
-    let mut rng = rand::thread_rng();
-    let id: String = (0..16)
-        .map(|_| b"abcdefghijklmnopqrstuvwxyz234567"[rng.gen_range(0..32)] as char)
-        .collect();
-    let id = format!("gw-{id}");
-    // Written to a temporary file and linked into place, so a concurrent first start never
-    // sees a half-written id and the first writer wins.
-    let tmp = data_dir.join(format!(".{GATEWAY_ID_FILE}.{}", std::process::id()));
-    std::fs::write(&tmp, format!("{id}\n"))?;
-    let linked = std::fs::hard_link(&tmp, &path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok(id),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            read(&path)?.ok_or_else(|| io::Error::other(format!("{} is empty", path.display())))
-        }
-        Err(e) => Err(e),
-    }
 }
 
 /// The HTTP status of an engine error answer, if it is one.
@@ -812,6 +774,7 @@ mod tests {
             public_ports: Vec::new(),
             preview_generation: 0,
             keep_prefix: false,
+            network: crate::model::Network::Egress,
             labels: Default::default(),
             idle_timeout: None,
             created_at: now,

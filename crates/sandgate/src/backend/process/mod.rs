@@ -25,6 +25,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
+pub mod egress;
 mod exec;
 pub mod jail;
 mod logs;
@@ -33,7 +34,7 @@ pub mod reaper;
 
 use super::exec::{tagged_processes, ExecError, ExecHandle, ExecSpec};
 use super::{Backend, BackendError, Exit, LogStream, Started};
-use crate::model::Sandbox;
+use crate::model::{Network, Sandbox};
 use crate::runtimes::Runtime;
 
 const LOG_FILE: &str = "sandbox.log";
@@ -92,6 +93,13 @@ exit "$status""#;
 /// (bubblewrap brings loopback up), after giving back the standard input bubblewrap closed.
 const JAIL_INIT: &str = r#"exec 0</dev/null
 trap 'kill -TERM -1 2>/dev/null' TERM INT HUP
+if [ "$2" = egress ]; then
+  # The gateway links the namespace once this process runs: wait (up to 5 s) for the route.
+  n=0
+  until awk '$1 == "eth0" && $2 == "00000000" { found = 1 } END { exit !found }' /proc/net/route; do
+    n=$((n + 1)); [ "$n" -gt 500 ] && break; sleep 0.01
+  done
+fi
 /bin/sh -c "$1" &
 child=$!
 wait "$child"
@@ -105,8 +113,14 @@ pub enum ProcessIsolation {
     SharedHost,
     /// Own namespaces (`unshare`), the gateway's user and filesystem.
     Netns,
-    /// Own namespaces, uid and filesystem view (bubblewrap; see [`jail`]).
-    Sandbox(jail::Jail),
+    /// Own namespaces, uid and filesystem view (bubblewrap; see [`jail`]), and outbound
+    /// network on request (`egress`, when the programs it needs are installed).
+    Sandbox {
+        jail: jail::Jail,
+        egress: Option<egress::Egress>,
+        /// The network of a sandbox whose create names none.
+        network: Network,
+    },
 }
 
 pub struct ProcessBackend {
@@ -116,6 +130,8 @@ pub struct ProcessBackend {
     /// Whether each sandbox has namespaces of its own.
     isolated: bool,
     jail: Option<std::sync::Arc<jail::Jail>>,
+    egress: Option<std::sync::Arc<egress::Egress>>,
+    network: Network,
 }
 
 impl ProcessBackend {
@@ -126,10 +142,19 @@ impl ProcessBackend {
         exits: UnboundedSender<Exit>,
         isolation: ProcessIsolation,
     ) -> ProcessBackend {
-        let (isolated, jail) = match isolation {
-            ProcessIsolation::SharedHost => (false, None),
-            ProcessIsolation::Netns => (true, None),
-            ProcessIsolation::Sandbox(j) => (true, Some(std::sync::Arc::new(j))),
+        let (isolated, jail, egress, network) = match isolation {
+            ProcessIsolation::SharedHost => (false, None, None, Network::Host),
+            ProcessIsolation::Netns => (true, None, None, Network::None),
+            ProcessIsolation::Sandbox {
+                jail,
+                egress,
+                network,
+            } => (
+                true,
+                Some(std::sync::Arc::new(jail)),
+                egress.map(std::sync::Arc::new),
+                network,
+            ),
         };
         ProcessBackend {
             root,
@@ -137,6 +162,8 @@ impl ProcessBackend {
             exits,
             isolated,
             jail,
+            egress,
+            network,
         }
     }
 
@@ -362,6 +389,36 @@ impl Backend for ProcessBackend {
         }
     }
 
+    fn network(&self, requested: Option<Network>) -> Result<Network, String> {
+        match (&self.jail, self.isolated) {
+            (None, false) => match requested {
+                Some(Network::None) => Err("network \"none\" needs isolation: shared-host \
+                                            sandboxes use the host's network"
+                    .into()),
+                _ => Ok(Network::Host),
+            },
+            (None, true) => match requested {
+                Some(Network::Egress) => {
+                    Err("network \"egress\" needs isolation = sandbox (bubblewrap)".into())
+                }
+                _ => Ok(Network::None),
+            },
+            (Some(_), _) => match requested.unwrap_or(self.network) {
+                Network::Egress if self.egress.is_none() => Err("network \"egress\" needs the \
+                     ip and nft programs on the gateway host (apt install iproute2 nftables)"
+                    .into()),
+                n => Ok(n),
+            },
+        }
+    }
+
+    async fn closed(&self) {
+        if let Some(egress) = &self.egress {
+            let egress = egress.clone();
+            let _ = tokio::task::spawn_blocking(move || egress.remove_firewall()).await;
+        }
+    }
+
     fn needs_host_port(&self) -> bool {
         !self.isolated
     }
@@ -404,7 +461,10 @@ impl Backend for ProcessBackend {
                 .map_err(std::io::Error::from)?;
             info = Some(std::fs::File::from(reader));
             let mut c = tokio::process::Command::new("bwrap");
-            c.args(args).arg(&sb.command).stdin(Stdio::from(writer));
+            c.args(args)
+                .arg(&sb.command)
+                .arg(sb.network.as_str())
+                .stdin(Stdio::from(writer));
             c
         } else if self.isolated {
             let mut c = tokio::process::Command::new("unshare");
@@ -449,6 +509,25 @@ impl Backend for ProcessBackend {
                 Some(init) => {
                     handle.init = Some((init, start_time(init).unwrap_or(0)));
                     handle.uid = uid;
+                    if let (Network::Egress, Some(egress), Some(u)) =
+                        (sb.network, &self.egress, uid)
+                    {
+                        let egress = egress.clone();
+                        let slot = u - jail::UID_BASE;
+                        let linked = tokio::task::spawn_blocking(move || egress.attach(init, slot))
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string()));
+                        if let Err(e) = linked {
+                            let _ = nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGKILL);
+                            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                            reaper::disown(pid);
+                            return Err(BackendError::Start(format!(
+                                "cannot give the sandbox its outbound network: {e}"
+                            )));
+                        }
+                    }
                 }
                 None => {
                     let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);

@@ -1025,6 +1025,10 @@ pub struct SpawnedGateway {
     child: Option<std::process::Child>,
     /// Kept open so the gateway never writes to a closed pipe.
     _stdout: Option<std::process::ChildStdout>,
+    /// The network namespace (`ip netns` name) the gateway runs in, reached through a
+    /// forwarder on the test's own loopback.
+    netns: Option<String>,
+    forwarder: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Deref for SpawnedGateway {
@@ -1086,7 +1090,37 @@ impl SpawnedGateway {
             extra_args,
             child: None,
             _stdout: None,
+            netns: None,
+            forwarder: None,
         };
+        gw.restart().await;
+        gw
+    }
+
+    /// `start`, with the gateway inside network namespace `netns` (made by the test): the
+    /// client reaches it through a forwarder on 127.0.0.1 that dials inside the namespace.
+    pub async fn start_in_netns(ports: u16, extra_args: &[&str], netns: &str) -> SpawnedGateway {
+        let mut extra: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        extra.extend([
+            "--auth-enabled".to_string(),
+            "false".to_string(),
+            "--sandbox-ro-paths".to_string(),
+            fixture_dir().display().to_string(),
+        ]);
+        let mut gw = SpawnedGateway {
+            client: Client::new(
+                "127.0.0.1:9".parse().expect("placeholder"),
+                PidRegistry::default(),
+            ),
+            data_dir: tempfile::tempdir().expect("tempdir"),
+            port_range: (port_block(), 0),
+            extra_args: extra,
+            child: None,
+            _stdout: None,
+            netns: Some(netns.to_string()),
+            forwarder: None,
+        };
+        gw.port_range.1 = gw.port_range.0 + ports - 1;
         gw.restart().await;
         gw
     }
@@ -1119,7 +1153,14 @@ impl SpawnedGateway {
             .append(true)
             .open(self.data_dir.path().join("gateway.log"))
             .expect("gateway log");
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sandgate"));
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_sandgate")]);
+                c
+            }
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_sandgate")),
+        };
         cmd.arg("serve")
             .arg("--port")
             .arg("0")
@@ -1178,6 +1219,28 @@ impl SpawnedGateway {
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line {line:?}; log:\n{}", self.log()));
         self.client.addr = addr;
+        if self.netns.is_some() {
+            // `ip netns exec` becomes the gateway: its pid's namespace is the gateway's.
+            let pid = self.pid();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind the forwarder");
+            self.client.addr = listener.local_addr().expect("forwarder address");
+            if let Some(old) = self.forwarder.take() {
+                old.abort();
+            }
+            self.forwarder = Some(tokio::spawn(async move {
+                while let Ok((mut conn, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        if let Ok(mut inner) =
+                            sandgate::backend::netns::connect(pid, addr.port()).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut conn, &mut inner).await;
+                        }
+                    });
+                }
+            }));
+        }
         let client = self.client.clone();
         eventually(READY_TIMEOUT, "the spawned gateway answers /health", || {
             let client = client.clone();
