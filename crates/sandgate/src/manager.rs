@@ -556,12 +556,17 @@ impl Manager {
         if sb.generation != exit.generation || sb.status != Status::Running {
             return;
         }
-        let (status, reason) = match (exit.code, exit.signal) {
+        let (status, mut reason) = match (exit.code, exit.signal) {
             (Some(0), _) => (Status::Stopped, "exited with code 0".to_string()),
             (Some(c), _) => (Status::Failed, format!("exited with code {c}")),
             (None, Some(s)) => (Status::Failed, format!("killed by signal {s}")),
             (None, None) => (Status::Stopped, "exited".to_string()),
         };
+        if let Some(last) = exit.last_output.filter(|_| status == Status::Failed) {
+            // What a user needs to see on the failure page and in the API.
+            let last: String = last.chars().take(600).collect();
+            reason = format!("{reason}; last output: {last}");
+        }
         tracing::info!(sandbox = %sb.id, %reason, "sandbox process ended");
         sb.status = status;
         sb.status_reason = Some(reason);

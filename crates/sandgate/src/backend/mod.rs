@@ -67,6 +67,8 @@ pub struct Exit {
     pub code: Option<i32>,
     /// Terminating signal, when known.
     pub signal: Option<i32>,
+    /// The last lines the sandbox printed, when it failed (for the failure's reason).
+    pub last_output: Option<String>,
 }
 
 /// Where the proxy connects for one port of one sandbox.

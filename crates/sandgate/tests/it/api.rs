@@ -612,9 +612,10 @@ async fn browsers_get_pages_that_say_what_to_do() {
         .await;
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(r.text().contains("http-equiv=\"refresh\""), "{}", r.text());
-    // Failed: the reason is on the page.
+    // Failed: the reason and the last lines it printed are on the page.
     let v = open
-        .create(&json!({"runtime": "shell", "dev_server": true, "command": "exit 3"}))
+        .create(&json!({"runtime": "shell", "dev_server": true,
+                        "command": "echo 'Error: Cannot find module vite' >&2; exit 3"}))
         .await;
     let id = v["id"].as_str().unwrap().to_string();
     crate::common::eventually(
@@ -630,6 +631,18 @@ async fn browsers_get_pages_that_say_what_to_do() {
         .await;
     assert_eq!(r.status, 409);
     assert!(r.text().contains("exited with code 3"), "{}", r.text());
+    assert!(
+        r.text().contains("last output: Error: Cannot find module vite"),
+        "{}",
+        r.text()
+    );
+    let v = open.sandbox(&id).await;
+    assert!(
+        v["status_reason"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("last output: Error: Cannot find module vite")),
+        "{v}"
+    );
     open.delete_sandbox(&slow.id).await;
 }
 

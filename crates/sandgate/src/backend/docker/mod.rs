@@ -460,6 +460,7 @@ impl DockerBackend {
                 generation,
                 code: code.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
                 signal: None,
+                last_output: None,
             });
         });
     }

@@ -549,6 +549,10 @@ impl Backend for ProcessBackend {
                 Ok(s) => (s.code(), s.signal()),
                 Err(_) => (None, None),
             };
+            // Read before the marker below is appended.
+            let last_output = (code != Some(0))
+                .then(|| logs::tail_text(&log_path, 5))
+                .filter(|t| !t.is_empty());
             logs::mark(
                 &log_path,
                 &match (code, signal) {
@@ -562,6 +566,7 @@ impl Backend for ProcessBackend {
                 generation,
                 code,
                 signal,
+                last_output,
             });
         });
         Ok(self.handle(handle))
@@ -657,6 +662,7 @@ impl Backend for ProcessBackend {
                 generation,
                 code: None,
                 signal: None,
+                last_output: None,
             });
         });
         Ok(Some(Started {
