@@ -84,7 +84,7 @@ pub struct ServeArgs {
     /// TOML configuration file (lowest precedence: file < environment < flags).
     #[arg(long, env = "SANDGATE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address to listen on: an IP address, or `localhost` (127.0.0.1) [default: 127.0.0.1].
+    /// Address to listen on: an IP address, or `localhost` (127.0.0.1).
     #[arg(long, env = "GATEWAY_HOST", value_parser = parse_host)]
     pub host: Option<IpAddr>,
     /// Port to listen on (0 picks a free port). Also read from `PORT` when `GATEWAY_PORT` is unset.
@@ -939,6 +939,198 @@ impl Config {
         Ok(c)
     }
 
+    /// The effective configuration as a TOML document that `--config` reads back to the same
+    /// configuration (`--check-config`): every setting with its value, `auto` ones resolved
+    /// (`workers`), unset optional ones left out. Secrets, which only the environment sets
+    /// (`SANDGATE_ADMIN_KEY`, `TOKEN_SECRET`), are never printed.
+    pub fn to_toml(&self) -> String {
+        use toml::Value as V;
+        let mut t = toml::Table::new();
+        let mut put = |k: &str, v: V| {
+            t.insert(k.to_string(), v);
+        };
+        let text = |s: &str| V::String(s.to_string());
+        let path = |p: &std::path::Path| V::String(p.display().to_string());
+        let secs = |d: Duration| V::Float(d.as_secs_f64());
+        let int = |n: u64| V::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+        let strings = |items: Vec<String>| V::Array(items.into_iter().map(V::String).collect());
+        let cidrs = |c: &[Cidr]| strings(c.iter().map(ToString::to_string).collect());
+        put("host", V::String(self.host.to_string()));
+        put("port", int(self.port.into()));
+        put("data_dir", path(&self.data_dir));
+        put("database_url", text(&self.database_url));
+        put("backend", text(self.backend.as_str()));
+        let isolation = match self.isolation {
+            Isolation::Auto => "auto",
+            Isolation::Sandbox => "sandbox",
+            Isolation::Netns => "netns",
+            Isolation::None => "none",
+        };
+        put("isolation", text(isolation));
+        put(
+            "sandbox_ro_paths",
+            strings(
+                self.sandbox_ro_paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+            ),
+        );
+        put("network", text(self.network.as_str()));
+        put("egress_subnet", V::String(self.egress_subnet.to_string()));
+        put("egress_deny", cidrs(&self.egress_deny));
+        put("domain", text(&self.domain));
+        if let Some(url) = &self.public_url {
+            put("public_url", text(url));
+        }
+        put(
+            "port_range",
+            V::String(format!(
+                "{}-{}",
+                self.port_range.start(),
+                self.port_range.end()
+            )),
+        );
+        put("proxy_timeout", secs(self.proxy_timeout));
+        put("header_timeout", secs(self.header_timeout));
+        put(
+            "max_concurrent_requests",
+            int(self.max_concurrent_requests as u64),
+        );
+        put("max_retries", int(self.max_retries.into()));
+        put("stop_grace", secs(self.stop_grace));
+        put(
+            "idle_timeout",
+            self.idle_timeout.map_or(V::Float(0.0), secs),
+        );
+        put("wake_timeout", secs(self.wake_timeout));
+        put("workers", int(self.workers as u64));
+        put("api_body_limit", int(self.api_body_limit as u64));
+        put("fast_lane", text(if self.fast_lane { "on" } else { "off" }));
+        put("body_timeout", secs(self.body_timeout));
+        put(
+            "max_requests_per_client",
+            int(self.max_requests_per_client as u64),
+        );
+        put("exec_timeout", secs(self.exec_timeout));
+        put("exec_max_timeout", secs(self.exec_max_timeout));
+        put(
+            "exec_max_output_bytes",
+            int(self.exec_max_output_bytes as u64),
+        );
+        put("exec_kill_grace", secs(self.exec_kill_grace));
+        put("files_max_upload_bytes", int(self.files_max_upload_bytes));
+        put("allowed_hosts", strings(self.allowed_hosts.clone()));
+        put("upgrade_protocols", strings(self.upgrade_protocols.clone()));
+        if let Some(tls) = &self.tls {
+            put("tls_cert", path(&tls.cert));
+            put("tls_key", path(&tls.key));
+        }
+        put("auth_enabled", V::Boolean(self.auth_enabled));
+        let provider = match self.auth_provider {
+            AuthProvider::Jwt => "jwt",
+            AuthProvider::ApiKey => "api_key",
+        };
+        put("auth_provider", text(provider));
+        put("auth_token_expiry", int(self.auth_token_expiry));
+        let jwt = &self.jwt;
+        for (key, value) in [
+            ("jwt_public_key", &jwt.public_key),
+            ("jwt_jwks", &jwt.jwks),
+            ("jwt_jwks_ca", &jwt.jwks_ca),
+        ] {
+            if let Some(p) = value {
+                put(key, path(p));
+            }
+        }
+        for (key, value) in [("jwt_issuer", &jwt.issuer), ("jwt_audience", &jwt.audience)] {
+            if let Some(v) = value {
+                put(key, text(v));
+            }
+        }
+        put("jwt_team_claim", text(&jwt.team_claim));
+        put("jwt_role_claim", text(&jwt.role_claim));
+        put(
+            "audit_retention_days",
+            int(self.audit_retention_days.unwrap_or(0).into()),
+        );
+        if let Some(r) = self.rate_limit_per_key {
+            put("rate_limit_per_key", V::Float(r));
+        }
+        if let Some(r) = self.rate_limit_per_sandbox {
+            put("rate_limit_per_sandbox", V::Float(r));
+        }
+        if let Some(b) = self.rate_limit_burst {
+            put("rate_limit_burst", int(b.into()));
+        }
+        if let Some(n) = self.max_connections_per_sandbox {
+            put("max_connections_per_sandbox", int(n as u64));
+        }
+        put(
+            "auth_failures_per_minute",
+            V::Float(self.auth_failures_per_minute.unwrap_or(0.0)),
+        );
+        put("auth_failure_burst", int(self.auth_failure_burst.into()));
+        if !self.allowed_ips.is_empty() {
+            put("allowed_ips", cidrs(&self.allowed_ips));
+        }
+        put("trusted_proxies", cidrs(&self.trusted_proxies));
+        let limits = |l: &Limits, t: &mut toml::Table| {
+            if let Some(c) = l.cpus {
+                t.insert("cpus".into(), V::Float(c));
+            }
+            if let Some(m) = l.memory_mb {
+                t.insert("memory_mb".into(), int(m));
+            }
+            if let Some(p) = l.pids_limit {
+                t.insert("pids_limit".into(), V::Integer(p));
+            }
+        };
+        let mut teams = toml::Table::new();
+        for (name, team) in &self.teams {
+            let mut tt = toml::Table::new();
+            if let Some(r) = team.rate_limit_per_key {
+                tt.insert("rate_limit_per_key".into(), V::Float(r));
+            }
+            if let Some(r) = team.rate_limit_per_sandbox {
+                tt.insert("rate_limit_per_sandbox".into(), V::Float(r));
+            }
+            if let Some(b) = team.rate_limit_burst {
+                tt.insert("rate_limit_burst".into(), int(b.into()));
+            }
+            if let Some(n) = team.max_connections_per_sandbox {
+                tt.insert("max_connections_per_sandbox".into(), int(n as u64));
+            }
+            if let Some(ips) = &team.allowed_ips {
+                tt.insert("allowed_ips".into(), cidrs(ips));
+            }
+            teams.insert(name.clone(), V::Table(tt));
+        }
+        let mut runtimes = toml::Table::new();
+        for (name, rt) in &self.runtimes {
+            let mut rtt = toml::Table::new();
+            for (key, value) in [
+                ("program", &rt.program),
+                ("command", &rt.command),
+                ("image", &rt.image),
+            ] {
+                if let Some(v) = value {
+                    rtt.insert(key.into(), text(v));
+                }
+            }
+            runtimes.insert(name.clone(), V::Table(rtt));
+        }
+        let mut docker = toml::Table::new();
+        limits(&self.docker.limits, &mut docker);
+        if let Some(n) = &self.docker.network {
+            docker.insert("network".into(), text(n));
+        }
+        put("teams", V::Table(teams));
+        put("runtimes", V::Table(runtimes));
+        put("docker", V::Table(docker));
+        t.to_string()
+    }
+
     /// Checks every invariant the rest of the gateway relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
@@ -1260,6 +1452,56 @@ mod tests {
         );
         assert_eq!(c.backend, BackendKind::Process);
         assert_eq!(c.proxy_timeout, Duration::from_secs(30));
+    }
+
+    /// `--check-config`'s TOML, saved and read back with `--config`, is the same
+    /// configuration: for the defaults, and for one that sets nearly everything.
+    #[test]
+    fn the_printed_configuration_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let round_trip = |c: &Config, n: usize| {
+            let path = dir.path().join(format!("printed-{n}.toml"));
+            std::fs::write(&path, c.to_toml()).unwrap();
+            let args = ServeArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            };
+            let mut back =
+                Config::load(&args, no_env).unwrap_or_else(|e| panic!("{e}\n{}", c.to_toml()));
+            assert_eq!(back.config_file, Some(path));
+            back.config_file = c.config_file.clone();
+            assert_eq!(format!("{back:#?}"), format!("{c:#?}"), "{}", c.to_toml());
+        };
+        round_trip(&Config::load(&ServeArgs::default(), no_env).unwrap(), 0);
+        let full = dir.path().join("full.toml");
+        std::fs::write(
+            &full,
+            "host = \"::1\"\nport = 9000\ndata_dir = \"/srv/sg\"\nbackend = \"docker\"\n\
+             isolation = \"none\"\nsandbox_ro_paths = [\"/srv/tools\"]\nnetwork = \"egress\"\n\
+             egress_subnet = \"10.9.0.0/20\"\negress_deny = [\"203.0.113.0/24\"]\n\
+             domain = \"sb.example.test\"\npublic_url = \"https://sb.example.test\"\n\
+             port_range = \"30000-30100\"\nproxy_timeout = 2.5\nidle_timeout = 0\n\
+             workers = 3\nfast_lane = \"off\"\nallowed_hosts = [\"gw.example.test\"]\n\
+             auth_enabled = false\nauth_provider = \"jwt\"\njwt_issuer = \"https://idp\"\n\
+             jwt_jwks = \"/etc/jwks.json\"\naudit_retention_days = 0\n\
+             rate_limit_per_key = 5\nrate_limit_burst = 7\nmax_connections_per_sandbox = 9\n\
+             auth_failures_per_minute = 0\nallowed_ips = [\"10.0.0.0/8\"]\n\
+             trusted_proxies = [\"192.0.2.1\"]\n\
+             [teams.acme]\nrate_limit_per_key = 0\nallowed_ips = [\"192.0.2.0/24\"]\n\
+             [runtimes.ruby]\nprogram = \"ruby\"\ncommand = \"ruby -run -e httpd . -p $PORT\"\n\
+             [docker]\ncpus = 0.5\nmemory_mb = 256\nnetwork = \"sg\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(full),
+            ..Default::default()
+        };
+        let mut c = Config::load(&args, no_env).unwrap();
+        c.config_file = None;
+        round_trip(&c, 1);
+        let printed = c.to_toml();
+        assert!(printed.contains("workers = 3"), "{printed}");
+        assert!(!printed.contains("token_secret"), "{printed}");
     }
 
     #[test]

@@ -99,6 +99,24 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
+/// What `isolation` means on this host for the process backend (`auto` resolved), as
+/// `/health` will report it; a refused explicit mode says so.
+pub fn resolved_isolation(config: &Config) -> &'static str {
+    if config.backend == BackendKind::Docker {
+        return "container (netns or published ports: decided when the engine answers)";
+    }
+    let (jail, netns) = (process::jail::available(), process::isolation_available());
+    match config.isolation {
+        Isolation::None => "shared-host",
+        Isolation::Auto if jail => "sandbox",
+        Isolation::Auto if netns => "netns",
+        Isolation::Auto => "shared-host",
+        Isolation::Sandbox if jail => "sandbox",
+        Isolation::Netns if netns => "netns",
+        Isolation::Sandbox | Isolation::Netns => "refused: this host lacks what it needs",
+    }
+}
+
 /// Builds the configured backend.
 async fn build_backend(
     config: &Config,

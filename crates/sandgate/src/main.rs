@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use sandgate::config::{Config, ServeArgs};
 use tokio_util::sync::CancellationToken;
 
@@ -26,8 +26,53 @@ enum Command {
     Serve(ServeArgs),
 }
 
+/// The command line, each `serve` flag's help ending with the value it takes when neither
+/// the file nor the environment sets it (the defaults `--check-config` prints).
+fn command() -> clap::Command {
+    let defaults: toml::Table = Config::load(&ServeArgs::default(), |_| None)
+        .ok()
+        .and_then(|c| c.to_toml().parse().ok())
+        .unwrap_or_default();
+    let show = |v: &toml::Value| match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Float(f) if f.fract() == 0.0 => format!("{f:.0}"),
+        toml::Value::Array(items) if items.is_empty() => "none".into(),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(","),
+        other => other.to_string(),
+    };
+    Cli::command().mut_subcommand("serve", |serve| {
+        let ids: Vec<String> = serve
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        ids.into_iter()
+            .fold(serve, |cmd, id| match defaults.get(&id) {
+                Some(v) if !v.is_table() => {
+                    let default = show(v);
+                    cmd.mut_arg(&id, |a| {
+                        let help = a.get_help().map(ToString::to_string).unwrap_or_default();
+                        let long = a.get_long_help().map(ToString::to_string);
+                        let a = a.help(format!("{help} [default: {default}]"));
+                        match long {
+                            Some(long) => a.long_help(format!("{long}\n\n[default: {default}]")),
+                            None => a,
+                        }
+                    })
+                }
+                _ => cmd,
+            })
+    })
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         // `--help`, `--version`: clap prints them; exit 0.
         Err(e) if !e.use_stderr() => {
@@ -68,7 +113,13 @@ fn main() -> ExitCode {
         }
     }
     if args.check_config {
-        println!("configuration ok: {config:#?}");
+        // TOML that `--config` reads back; comments name what `auto` resolved to here.
+        println!("# sandgate serve: configuration ok");
+        println!(
+            "# isolation resolves to: {}",
+            sandgate::resolved_isolation(&config)
+        );
+        print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
     // The main event loop; `sandgate::run` starts one more per extra worker.

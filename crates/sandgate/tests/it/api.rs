@@ -632,7 +632,8 @@ async fn browsers_get_pages_that_say_what_to_do() {
     assert_eq!(r.status, 409);
     assert!(r.text().contains("exited with code 3"), "{}", r.text());
     assert!(
-        r.text().contains("last output: Error: Cannot find module vite"),
+        r.text()
+            .contains("last output: Error: Cannot find module vite"),
         "{}",
         r.text()
     );

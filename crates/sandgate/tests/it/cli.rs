@@ -1,5 +1,6 @@
 //! The `sandgate` command line: `serve --check-config` accepts a good configuration and
-//! refuses a bad one with status 64 and a message naming the setting; `--help` lists features.
+//! refuses a bad one with status 64 and a message naming the setting, and prints the effective
+//! configuration as TOML that reads back; `--help` lists features and every default.
 
 use std::process::Command;
 
@@ -40,8 +41,19 @@ fn check_config_accepts_a_good_configuration() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("configuration ok"), "{stdout}");
-    assert!(stdout.contains("port: 9999"), "{stdout}");
-    assert!(stdout.contains("proxy_timeout: 7s"), "{stdout}");
+    assert!(stdout.contains("\nport = 9999\n"), "{stdout}");
+    assert!(stdout.contains("\nproxy_timeout = 7.0\n"), "{stdout}");
+    assert!(stdout.contains("memory_mb = 256"), "{stdout}");
+    // It is TOML that `--config` reads back to the same configuration.
+    let saved = dir.path().join("saved.toml");
+    std::fs::write(&saved, &*stdout).unwrap();
+    let again = sandgate()
+        .args(["serve", "--check-config", "--config"])
+        .arg(&saved)
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
 }
 
 #[test]
@@ -113,6 +125,10 @@ fn help_names_the_routes_and_settings() {
         "PROXY_TIMEOUT",
         "--isolation",
         "--check-config",
+        // Each setting's default, from the same table `--check-config` prints.
+        "[default: 8070]",
+        "[default: 30]",
+        "[default: 10.201.0.0/16]",
     ] {
         assert!(text.contains(needle), "--help lacks {needle}: {text}");
     }
@@ -132,7 +148,7 @@ fn check_config_never_prints_secrets() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("<redacted>"), "{text}");
+    assert!(text.contains("configuration ok"), "{text}");
     assert!(
         !text.contains(key) && !text.contains("another-secret"),
         "{text}"
@@ -174,7 +190,7 @@ fn bad_flags_exit_64_with_one_line_and_localhost_is_a_host() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("host: 127.0.0.1"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("host = \"127.0.0.1\""));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("sandgate.toml");
     std::fs::write(&file, "host = \"localhost\"\n").unwrap();
