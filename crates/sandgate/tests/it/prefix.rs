@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use sandgate::config::Isolation;
 use serde_json::json;
 
 use crate::common::{eventually, Lane, TestGateway};
@@ -112,9 +113,10 @@ const MAIN_JS: &str =
 
 /// A real Vite dev server started with `--base` set to its path route (by id, and by
 /// owner/name) loads in headless Chromium through that route with `path_prefix: keep`, and
-/// a change to a module reaches the page over the proxied HMR WebSocket without a reload.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_vite_app_under_its_path_route_gets_hot_updates() {
+/// a change to a module reaches the page over the proxied HMR WebSocket without a reload:
+/// on the shared host, and in a jailed sandbox (which sees Vite read-only, writes its cache
+/// in its own tree, and watches its files through its bind mount).
+async fn vite_app_under_its_path_route_gets_hot_updates(isolation: Isolation) {
     use crate::common::browser::{available, Browser};
     let Some(vite) = vite() else {
         return;
@@ -122,7 +124,12 @@ async fn a_vite_app_under_its_path_route_gets_hot_updates() {
     if !available() {
         return;
     }
-    let gw = TestGateway::start().await;
+    let vite_dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vite"));
+    let gw = TestGateway::builder()
+        .isolation(isolation)
+        .config(move |c| c.sandbox_ro_paths.push(vite_dir))
+        .start()
+        .await;
     let mut browser = Browser::start().await;
     for (base, extra) in [
         ("/sandbox/$SANDBOX_ID/", json!({})),
@@ -187,4 +194,22 @@ async fn a_vite_app_under_its_path_route_gets_hot_updates() {
         );
         gw.delete_sandbox(&id).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vite_app_under_its_path_route_gets_hot_updates() {
+    vite_app_under_its_path_route_gets_hot_updates(Isolation::None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vite_app_in_a_jailed_sandbox_gets_hot_updates() {
+    if !sandgate::backend::process::jail::available() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run jailed sandboxes"
+        );
+        eprintln!("SKIPPED: no privilege to jail sandboxes (root, bwrap, setpriv)");
+        return;
+    }
+    vite_app_under_its_path_route_gets_hot_updates(Isolation::Sandbox).await;
 }
