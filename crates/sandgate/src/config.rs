@@ -511,6 +511,9 @@ pub struct Config {
     pub sandbox_ro_paths: Vec<PathBuf>,
     /// The configuration file read, if any (hidden from sandboxes: it may hold secrets).
     pub config_file: Option<PathBuf>,
+    /// This program (`sandgate`), whose `log-writer` subcommand stamps sandbox output; not a
+    /// setting (an embedding, such as the test harness, points it at the binary).
+    pub program: PathBuf,
     /// The network of a sandbox whose create names none (where the backend can choose).
     pub network: crate::model::Network,
     /// IPv4 range of egress sandboxes' links (a /30 each).
@@ -668,6 +671,7 @@ impl Config {
             isolation: Isolation::Auto,
             sandbox_ro_paths: Vec::new(),
             config_file: None,
+            program: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("sandgate")),
             network: crate::model::Network::None,
             egress_subnet: "10.201.0.0/16".parse().expect("a valid CIDR"),
             egress_deny: [

@@ -178,12 +178,10 @@ async fn build_backend(
                 Isolation::Netns if process::isolation_available() => ProcessIsolation::Netns,
                 Isolation::Netns => return Err(RunError::NoIsolation),
             };
-            Arc::new(ProcessBackend::new(
-                sandboxes_dir,
-                config.stop_grace,
-                exits,
-                isolation,
-            ))
+            Arc::new(
+                ProcessBackend::new(sandboxes_dir, config.stop_grace, exits, isolation)
+                    .with_log_writer(config.program.clone()),
+            )
         }
         BackendKind::Docker => Arc::new(
             DockerBackend::open(config, store, exits)

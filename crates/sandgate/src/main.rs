@@ -23,7 +23,11 @@ struct Cli {
 enum Command {
     /// Run the gateway: control API on /sandboxes, proxy on /sandbox/{id}/, /{owner}/{name}/
     /// and {port}-{id}.{domain}, health on /health.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Copies standard input to the end of FILE, each line starting with the time it
+    /// arrived (what the process backend runs for each sandbox's output).
+    #[command(hide = true)]
+    LogWriter { file: std::path::PathBuf },
 }
 
 /// The command line, each `serve` flag's help ending with the value it takes when neither
@@ -89,7 +93,18 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => *args,
+        Command::LogWriter { file } => {
+            return match sandgate::backend::process::run_log_writer(&file) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sandgate log-writer: {}: {e}", file.display());
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

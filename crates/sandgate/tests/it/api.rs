@@ -763,7 +763,8 @@ async fn labels_filters_pages_and_a_sandboxs_own_idle_timeout() {
 }
 
 /// `GET /sandboxes/{id}/logs?tail=N` gives the last lines, `follow=true` streams what the
-/// sandbox writes next until the client leaves, and the log has lifecycle markers.
+/// sandbox writes next until the client leaves, `timestamps=true` starts each line with the
+/// time it was written, and the log has lifecycle markers.
 #[tokio::test(flavor = "multi_thread")]
 async fn logs_tail_follow_and_lifecycle_markers() {
     let gw = TestGateway::start().await;
@@ -780,8 +781,43 @@ async fn logs_tail_follow_and_lifecycle_markers() {
     .await;
     let all = gw.get(&path).send().await.text();
     assert!(
-        all.starts_with("[sandgate] ") && all.contains(" starting (generation 1)"),
+        all.starts_with("[sandgate] starting (generation 1)\n"),
         "{all}"
+    );
+    // With timestamps, each line starts with the time it was written.
+    let stamped = gw
+        .get(&format!("{path}?timestamps=true"))
+        .send()
+        .await
+        .text();
+    let lines: Vec<&str> = stamped.lines().collect();
+    assert!(lines.len() >= 6, "{stamped}");
+    let mut last = String::new();
+    for (line, want) in lines.iter().zip([
+        "[sandgate] starting (generation 1)",
+        "line-1",
+        "line-2",
+        "line-3",
+        "line-4",
+        "line-5",
+    ]) {
+        let (time, rest) = line.split_once(' ').expect("a time and a line");
+        assert_eq!(rest, want, "{stamped}");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(time).is_ok() && time.ends_with('Z'),
+            "{line}"
+        );
+        assert!(*time >= *last.as_str(), "times run forward: {stamped}");
+        last = time.to_string();
+    }
+    let r = gw
+        .get(&format!("{path}?tail=1&timestamps=true"))
+        .send()
+        .await
+        .text();
+    assert!(
+        r.ends_with(" line-5\n") && r.len() == 25 + "line-5\n".len(),
+        "{r}"
     );
     let r = gw.get(&format!("{path}?tail=2")).send().await.text();
     assert_eq!(r, "line-4\nline-5\n");
@@ -805,10 +841,6 @@ async fn logs_tail_follow_and_lifecycle_markers() {
         "{seen}"
     );
     drop(body);
-    gw.get(&format!("{path}?timestamps=true"))
-        .send()
-        .await
-        .expect_error(400, "bad_request");
     gw.get(&format!("{path}?tails=1"))
         .send()
         .await

@@ -259,3 +259,91 @@ async fn a_crash_during_creates_leaves_no_orphan_jailed() {
     }
     a_crash_during_creates_leaves_no_orphan("sandbox").await;
 }
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+/// A sandbox's log writer outlives a crashed gateway as the sandbox does: what it prints
+/// while no gateway runs is in its log, with its times, after the restart; deleting the
+/// sandbox ends the writer too.
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_keep_flowing_across_a_crash() {
+    let mut gw = SpawnedGateway::start(2, &[]).await;
+    let v = gw
+        .create(&serde_json::json!({"runtime": "shell", "dev_server": false,
+            "command": "i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.1; done"}))
+        .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    let logs = format!("/sandboxes/{id}/logs");
+    let count = |text: &str| text.lines().filter(|l| l.contains("tick-")).count();
+    eventually(READY_TIMEOUT, "ticks are logged", || async {
+        (count(&gw.get(&logs).send().await.text()) >= 2).then_some(())
+    })
+    .await;
+    gw.kill().await;
+    let before = count(&String::from_utf8_lossy(
+        &std::fs::read(
+            gw.data_dir()
+                .join("sandboxes")
+                .join(&id)
+                .join("sandbox.log"),
+        )
+        .unwrap(),
+    ));
+    // Written while no gateway runs.
+    eventually(
+        Duration::from_secs(10),
+        "ticks go on being written",
+        || async {
+            let text = std::fs::read(
+                gw.data_dir()
+                    .join("sandboxes")
+                    .join(&id)
+                    .join("sandbox.log"),
+            )
+            .unwrap_or_default();
+            (count(&String::from_utf8_lossy(&text)) >= before + 5).then_some(())
+        },
+    )
+    .await;
+    gw.restart().await;
+    let stamped = gw
+        .get(&format!("{logs}?timestamps=true"))
+        .send()
+        .await
+        .text();
+    let ticks: Vec<&str> = stamped.lines().filter(|l| l.contains("tick-")).collect();
+    assert!(ticks.len() >= before + 5, "{stamped}");
+    for line in &ticks {
+        let (time, rest) = line.split_once(' ').unwrap();
+        assert!(rest.starts_with("tick-"), "{line}");
+        assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok(), "{line}");
+    }
+    let log_path = gw
+        .data_dir()
+        .join("sandboxes")
+        .join(&id)
+        .join("sandbox.log");
+    let writer = processes_mentioning(&format!("log-writer\0{}", log_path.display()));
+    assert_eq!(writer.len(), 1, "one writer for the sandbox");
+    gw.delete_sandbox(&id).await;
+    for pid in writer {
+        wait_process_gone(
+            pid,
+            Duration::from_secs(5),
+            "the deleted sandbox's log writer",
+        )
+        .await;
+    }
+    assert!(gw.terminate().await.success(), "{}", gw.log());
+}

@@ -32,6 +32,8 @@ mod logs;
 mod pty;
 pub mod reaper;
 
+pub use logs::run_writer as run_log_writer;
+
 use super::exec::{tagged_processes, ExecError, ExecHandle, ExecSpec};
 use super::{Backend, BackendError, Exit, LogStream, Started};
 use crate::model::{Network, Sandbox};
@@ -132,6 +134,8 @@ pub struct ProcessBackend {
     jail: Option<std::sync::Arc<jail::Jail>>,
     egress: Option<std::sync::Arc<egress::Egress>>,
     network: Network,
+    /// The program whose `log-writer` subcommand stamps sandbox output (this gateway's own).
+    log_writer: Option<PathBuf>,
 }
 
 impl ProcessBackend {
@@ -164,7 +168,15 @@ impl ProcessBackend {
             jail,
             egress,
             network,
+            log_writer: None,
         }
+    }
+
+    /// Sandbox output goes through `program log-writer` (the gateway's own executable), which
+    /// gives each line its time.
+    pub fn with_log_writer(mut self, program: PathBuf) -> ProcessBackend {
+        self.log_writer = Some(program);
+        self
     }
 
     fn dir(&self, sb: &Sandbox) -> PathBuf {
@@ -341,6 +353,61 @@ async fn wait_group_gone(pgid: i32, limit: Duration) -> bool {
 }
 
 impl ProcessBackend {
+    /// Where a sandbox's output goes: the write end of a pipe read by a log writer
+    /// (`sandgate log-writer`, in a process group of its own so it outlives a crashed
+    /// gateway as the sandbox does), or the log file itself if no writer can be started.
+    fn log_writer(
+        &self,
+        log_path: &std::path::Path,
+    ) -> Result<(std::fs::File, Option<tokio::task::JoinHandle<()>>), BackendError> {
+        let direct = || -> Result<_, BackendError> {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log_path)?;
+            Ok((file, None))
+        };
+        let Some(program) = &self.log_writer else {
+            return direct();
+        };
+        let (reader, writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(std::io::Error::from)?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.arg("log-writer")
+            .arg(log_path)
+            .env_clear()
+            .stdin(Stdio::from(reader))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(false);
+        let gate = reaper::spawning();
+        match cmd.spawn() {
+            Ok(mut child) => {
+                let pid = child.id().map(|p| p as i32);
+                if let Some(pid) = pid {
+                    reaper::own(pid);
+                }
+                drop(gate);
+                // Ends when the pipe's last writer closes it (the sandbox, or this start
+                // failing before the sandbox ran).
+                let done = tokio::spawn(async move {
+                    let _ = child.wait().await;
+                    if let Some(pid) = pid {
+                        reaper::disown(pid);
+                    }
+                });
+                Ok((std::fs::File::from(writer), Some(done)))
+            }
+            Err(e) => {
+                drop(gate);
+                tracing::warn!(program = %program.display(), error = %e,
+                    "cannot start the log writer; logging without timestamps");
+                direct()
+            }
+        }
+    }
+
     fn handle(&self, r: ProcRef) -> Started {
         Started {
             backend_ref: serde_json::to_string(&r).ok(),
@@ -431,10 +498,13 @@ impl Backend for ProcessBackend {
         let dir = self.dir(sb);
         let work = dir.join(WORK_DIR);
         tokio::fs::create_dir_all(&work).await?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(LOG_FILE))?;
+        let log_path = dir.join(LOG_FILE);
+        // Before the command's first line.
+        logs::mark_first(
+            &log_path,
+            &format!("starting (generation {})", sb.generation),
+        );
+        let (output, writer) = self.log_writer(&log_path)?;
         // A jailed sandbox's leader reports the sandbox's PID 1 on this pipe.
         let mut info = None;
         let mut uid = None;
@@ -481,16 +551,10 @@ impl Backend for ProcessBackend {
         cmd.current_dir(&work)
             .env_clear()
             .envs(self.base_env(sb))
-            .stdout(log.try_clone()?)
-            .stderr(log)
+            .stdout(output.try_clone()?)
+            .stderr(output)
             .process_group(0)
             .kill_on_drop(false);
-        let log_path = dir.join(LOG_FILE);
-        // Before the command's first line.
-        logs::mark(
-            &log_path,
-            &format!("starting (generation {})", sb.generation),
-        );
         let gate = reaper::spawning();
         let spawned = cmd.spawn();
         // The command keeps its copy of the info pipe's write end until it is dropped.
@@ -544,6 +608,11 @@ impl Backend for ProcessBackend {
         tokio::spawn(async move {
             let status = child.wait().await;
             reaper::disown(pid);
+            // The writer ends when every holder of the pipe has; its last lines come before
+            // the exit's marker (bounded: an escapee may still hold the pipe).
+            if let Some(done) = writer {
+                let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
+            }
             use std::os::unix::process::ExitStatusExt;
             let (code, signal) = match status {
                 Ok(s) => (s.code(), s.signal()),
@@ -632,9 +701,19 @@ impl Backend for ProcessBackend {
         if let Some(jail) = &self.jail {
             jail.release(&self.dir(sb));
         }
-        match tokio::fs::remove_dir_all(self.dir(sb)).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+        let dir = self.dir(sb);
+        let mut attempt = 0;
+        loop {
+            match tokio::fs::remove_dir_all(&dir).await {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                // Something still ending (a log line being appended) wrote as it went.
+                Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty && attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+                Ok(()) => return Ok(()),
+            }
         }
     }
 

@@ -875,6 +875,8 @@ impl GatewayBuilder {
         config.isolation = self.isolation;
         // Jailed sandboxes see the fixture program where the tests run it from.
         config.sandbox_ro_paths = vec![fixture_dir()];
+        // Sandbox output is stamped by the binary's `log-writer` (this process is the test).
+        config.program = env!("CARGO_BIN_EXE_sandgate").into();
         // Authentication is its own suite (`auth`); the others talk to an open gateway. The
         // throttle on refused credentials is `limits`'s to test: a suite that walks many bad
         // credentials from 127.0.0.1 would otherwise meet it.
