@@ -834,8 +834,9 @@ async fn logs_tail_follow_and_lifecycle_markers() {
         .send()
         .await
         .expect(200);
-    // The stop's marker arrives while following.
-    read_until("[sandgate]", &mut body, &mut seen).await;
+    // The stop's markers arrive while following.
+    read_until("[sandgate] stopping (requested)", &mut body, &mut seen).await;
+    read_until("[sandgate] e", &mut body, &mut seen).await;
     assert!(
         seen.contains("ended by signal") || seen.contains("exited with code"),
         "{seen}"

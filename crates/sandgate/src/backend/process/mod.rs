@@ -666,6 +666,7 @@ impl Backend for ProcessBackend {
                 kill_tagged(sb, signal);
             }
         };
+        logs::mark(&self.dir(sb).join(LOG_FILE), "stopping (requested)");
         let send = |signal: Signal| match init {
             // The init passes SIGTERM on to everything in the sandbox.
             Some(i) => {
