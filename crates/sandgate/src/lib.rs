@@ -138,11 +138,15 @@ async fn build_backend(
                     .into_iter()
                     .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
                     .collect();
-                let jail = process::jail::Jail::new(
+                let mut jail = process::jail::Jail::new(
                     sandboxes_dir.clone(),
                     config.sandbox_ro_paths.clone(),
                     hidden,
                 );
+                // Behind systemd-resolved's loopback stub, sandboxes read its upstreams.
+                if let Some((source, target)) = process::egress::resolver_bind() {
+                    jail = jail.with_file(source, target);
+                }
                 let egress = if process::egress::available() {
                     let id = datadir::gateway_id(&config.data_dir)?;
                     Some(process::egress::Egress::new(
@@ -157,7 +161,7 @@ async fn build_backend(
                     None
                 };
                 Ok(ProcessIsolation::Sandbox {
-                    jail,
+                    jail: Box::new(jail),
                     egress,
                     network: config.network,
                 })

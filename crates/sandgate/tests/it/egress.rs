@@ -6,7 +6,9 @@
 //! An egress sandbox reaches the public address (seen from outside as the gateway host: NAT)
 //! and nothing else: not the metadata, private or denied addresses, not the gateway host's
 //! own services (by its loopback, its outside address or its side of the sandbox's link), not
-//! another egress sandbox's server. A sandbox without egress reaches nothing.
+//! another egress sandbox's server. A sandbox without egress reaches nothing. The gateway
+//! host's nameserver (on a private address, as on many hosts) answers on port 53 though the
+//! rest of its range stays refused.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -117,9 +119,17 @@ impl World {
         ip(&["-n", &gw, "route", "add", "default", "via", "192.0.2.2"]);
         ip(&["-n", &out, "addr", "add", "192.0.2.2/24", "dev", "ext0"]);
         ip(&["-n", &out, "link", "set", "ext0", "up"]);
-        for a in [PUBLIC, METADATA, PRIVATE, DENIED] {
+        for a in [PUBLIC, METADATA, PRIVATE, DENIED, NAMESERVER] {
             ip(&["-n", &out, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
+        // What `ip netns exec` shows the gateway as its /etc/resolv.conf.
+        let etc = format!("/etc/netns/{gw}");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(
+            format!("{etc}/resolv.conf"),
+            format!("nameserver {NAMESERVER}\n"),
+        )
+        .unwrap();
         World { gw, out }
     }
 
@@ -140,6 +150,7 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.gw));
         for ns in [&self.gw, &self.out] {
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", ns])
@@ -152,6 +163,32 @@ const PUBLIC: &str = "198.51.100.10";
 const METADATA: &str = "169.254.169.254";
 const PRIVATE: &str = "10.1.2.3";
 const DENIED: &str = "203.0.113.7";
+/// The gateway host's nameserver, in a private range egress sandboxes may not reach
+/// otherwise.
+const NAMESERVER: &str = "10.1.2.53";
+
+/// A UDP server on `ip:53` inside `ns` answering each datagram with `dns <what it got>`.
+fn udp_echo(ns: &str, ip: &str) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ns, ip, done) = (ns.to_string(), ip.to_string(), stop.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        enter(&ns);
+        let s = std::net::UdpSocket::bind((ip.as_str(), 53)).expect("bind udp 53");
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 512];
+        while !done.load(Ordering::Relaxed) {
+            if let Ok((n, peer)) = s.recv_from(&mut buf) {
+                let mut answer = b"dns ".to_vec();
+                answer.extend_from_slice(&buf[..n]);
+                let _ = s.send_to(&answer, peer);
+            }
+        }
+    });
+    rx.recv().expect("the udp server is up");
+    stop
+}
 
 /// Connects from inside sandbox `id` to `ip:port`: `ok <what it answered>` or
 /// `err <the error>`.
@@ -195,6 +232,7 @@ async fn egress_reaches_the_outside_and_nothing_it_must_not() {
     }
     let world = World::build();
     let outside = Listener::start(&world.out, 80);
+    let dns = udp_echo(&world.out, NAMESERVER);
     let host_service = Listener::start(&world.gw, 18181);
     let mut gw = SpawnedGateway::start_in_netns(
         8,
@@ -234,7 +272,24 @@ async fn egress_reaches_the_outside_and_nothing_it_must_not() {
         answer.starts_with(&format!("ok outside {PUBLIC}:80 from 192.0.2.1")),
         "{answer}"
     );
-    // Never: cloud metadata, a private range, a configured deny range.
+    // Its nameserver (the one in /etc/resolv.conf), on port 53 only.
+    let r = gw
+        .post(&format!("/sandboxes/{a}/exec"))
+        .json(&json!({"argv": ["python3", "-c",
+            "import socket\n\
+             ns = [l.split()[1] for l in open('/etc/resolv.conf') if l.startswith('nameserver')][0]\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)\n\
+             s.sendto(b'query', (ns, 53)); print(ns, s.recv(100).decode())"]}))
+        .send()
+        .await;
+    r.expect(200);
+    let v: Value = r.json();
+    assert_eq!(v["stdout"], format!("{NAMESERVER} dns query\n"), "{v}");
+    dns.store(true, Ordering::Relaxed);
+    // Never: cloud metadata, a private range, a configured deny range, the nameserver's
+    // other ports.
+    let answer = probe(&gw, &a, NAMESERVER, 80).await;
+    assert!(answer.starts_with("err"), "{NAMESERVER}:80: {answer}");
     for target in [METADATA, PRIVATE, DENIED] {
         let answer = probe(&gw, &a, target, 80).await;
         assert!(answer.starts_with("err"), "{target}: {answer}");

@@ -5,6 +5,12 @@
 //! included), other sandboxes, link-local (cloud metadata), multicast, IPv6, and the
 //! configured `egress_deny` ranges.
 //!
+//! DNS: the host's own nameservers (from its `resolv.conf`, which sandboxes read through the
+//! read-only `/etc`) stay reachable on port 53 whatever the deny ranges say: they are often
+//! on a private address (a LAN router, a cloud resolver), and without them `npm install`
+//! cannot resolve a name. A host that resolves through a loopback stub (systemd-resolved)
+//! gives sandboxes its upstream list instead ([`resolver_bind`]).
+//!
 //! The namespace is the one bubblewrap made (`--unshare-net`), held by the sandbox's PID 1:
 //! it dies with the sandbox, and the host side of its link with it, so a crash leaves no
 //! namespace or link behind. The table matches interfaces by this gateway's prefix and ranges
@@ -12,6 +18,7 @@
 
 use std::io::Write;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
@@ -40,6 +47,8 @@ pub struct Egress {
     net: Ipv4Addr,
     len: u8,
     deny: Vec<String>,
+    /// The host's nameservers, reachable on port 53.
+    dns: Vec<Ipv4Addr>,
     /// Whether the table is in place.
     installed: Mutex<bool>,
 }
@@ -62,8 +71,15 @@ impl Egress {
                 .filter(|c| c.ipv4().is_some())
                 .map(ToString::to_string)
                 .collect(),
+            dns: host_nameservers(),
             installed: Mutex::new(false),
         }
+    }
+
+    /// The same, with the nameservers given (tests).
+    pub fn with_nameservers(mut self, dns: Vec<Ipv4Addr>) -> Egress {
+        self.dns = dns;
+        self
     }
 
     /// The link of slot `slot` (a sandbox's uid offset), if the subnet has room for it.
@@ -95,20 +111,38 @@ impl Egress {
             .chain(self.deny.iter().map(String::as_str))
             .collect();
         let deny = deny.join(", ");
+        let (dns_set, dns_rules) = if self.dns.is_empty() {
+            (String::new(), String::new())
+        } else {
+            let list: Vec<String> = self.dns.iter().map(ToString::to_string).collect();
+            (
+                format!(
+                    "\tset dns4 {{ type ipv4_addr; elements = {{ {} }} }}\n",
+                    list.join(", ")
+                ),
+                format!(
+                    "\t\tiifname \"{p}*\" ip daddr @dns4 udp dport 53 accept\n\
+                     \t\tiifname \"{p}*\" ip daddr @dns4 tcp dport 53 accept\n"
+                ),
+            )
+        };
         format!(
             "table inet {table}\n\
              delete table inet {table}\n\
              table inet {table} {{\n\
              \tset deny4 {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {deny} }} }}\n\
+             {dns_set}\
              \tchain spoofing {{ type filter hook prerouting priority -150; policy accept;\n\
              \t\tiifname \"{p}*\" fib saddr . iif oif missing drop\n\
              \t}}\n\
              \tchain to_host {{ type filter hook input priority -10; policy accept;\n\
+             {dns_rules}\
              \t\tiifname \"{p}*\" reject with icmpx admin-prohibited\n\
              \t}}\n\
              \tchain through {{ type filter hook forward priority -10; policy accept;\n\
              \t\tiifname \"{p}*\" meta nfproto ipv6 reject with icmpx admin-prohibited\n\
              \t\tiifname \"{p}*\" oifname \"{p}*\" reject with icmpx admin-prohibited\n\
+             {dns_rules}\
              \t\tiifname \"{p}*\" ip daddr @deny4 reject with icmpx admin-prohibited\n\
              \t\tiifname \"{p}*\" accept\n\
              \t\toifname \"{p}*\" ct state established,related accept\n\
@@ -231,6 +265,48 @@ impl Egress {
     }
 }
 
+/// The IPv4 nameservers in a `resolv.conf`.
+fn nameservers(text: &str) -> Vec<Ipv4Addr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next()?.parse::<Ipv4Addr>().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// A resolver's upstream list that systemd-resolved keeps beside its loopback stub.
+const RESOLVED_UPSTREAMS: &str = "/run/systemd/resolve/resolv.conf";
+
+/// The nameservers sandboxes use: the host's, or, behind a loopback stub, its upstreams.
+fn host_nameservers() -> Vec<Ipv4Addr> {
+    let own = nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+    if !own.is_empty() && own.iter().all(Ipv4Addr::is_loopback) {
+        return nameservers(&std::fs::read_to_string(RESOLVED_UPSTREAMS).unwrap_or_default());
+    }
+    own.into_iter().filter(|a| !a.is_loopback()).collect()
+}
+
+/// Where the host resolves through a loopback stub (systemd-resolved: `/etc/resolv.conf`
+/// names `127.0.0.53`, which a sandbox cannot reach), the file with the upstream
+/// nameservers and the path a sandbox reads as its `resolv.conf` (the stub file's path,
+/// under the sandbox's own `/run`), for the jail to bind read-only.
+pub fn resolver_bind() -> Option<(PathBuf, PathBuf)> {
+    let own = nameservers(&std::fs::read_to_string("/etc/resolv.conf").ok()?);
+    if own.is_empty() || !own.iter().all(Ipv4Addr::is_loopback) {
+        return None;
+    }
+    let upstreams = PathBuf::from(RESOLVED_UPSTREAMS);
+    if nameservers(&std::fs::read_to_string(&upstreams).ok()?).is_empty() {
+        return None;
+    }
+    let target = std::fs::canonicalize("/etc/resolv.conf").ok()?;
+    // Only a target on a path the sandbox gets fresh (its own /run) can be bound.
+    target.starts_with("/run").then_some((upstreams, target))
+}
+
 /// Runs `program` with `args` (and `stdin`), an error naming its stderr if it fails.
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), String> {
     // Registered with the gateway's reaper, which would otherwise take its exit status.
@@ -280,6 +356,33 @@ mod tests {
                 "2001:db8::/32".parse().unwrap(),
             ],
         )
+    }
+
+    #[test]
+    fn nameservers_are_read_from_resolv_conf_and_let_through() {
+        let text = "# comment\nnameserver 10.255.255.53\nnameserver ::1\nsearch x\n\
+                    nameserver 127.0.0.53\n";
+        assert_eq!(
+            nameservers(text),
+            [
+                "10.255.255.53".parse::<Ipv4Addr>().unwrap(),
+                "127.0.0.53".parse().unwrap()
+            ]
+        );
+        let r = egress("10.201.0.0/16")
+            .with_nameservers(vec!["10.255.255.53".parse().unwrap()])
+            .ruleset();
+        assert!(
+            r.contains("set dns4 { type ipv4_addr; elements = { 10.255.255.53 } }"),
+            "{r}"
+        );
+        // Before the rejections in both chains.
+        let dns = r.find("ip daddr @dns4 udp dport 53 accept").unwrap();
+        assert!(dns < r.find("iifname \"sgabcd*\" reject").unwrap(), "{r}");
+        let second = r.rfind("ip daddr @dns4 tcp dport 53 accept").unwrap();
+        assert!(second < r.find("@deny4 reject").unwrap(), "{r}");
+        let none = egress("10.201.0.0/16").with_nameservers(vec![]).ruleset();
+        assert!(!none.contains("dns4"), "{none}");
     }
 
     #[test]

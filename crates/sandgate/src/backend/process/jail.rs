@@ -52,6 +52,8 @@ pub struct Jail {
     hidden: Vec<PathBuf>,
     /// Uids held by sandbox directories, read from them the first time one is needed.
     taken: Mutex<Option<BTreeSet<u32>>>,
+    /// Host files bound read-only at a path of the sandbox's own (its resolver list).
+    files: Vec<(PathBuf, PathBuf)>,
 }
 
 /// One sandbox's start: what [`bwrap_args`] needs.
@@ -72,7 +74,15 @@ impl Jail {
             ro_paths,
             hidden,
             taken: Mutex::new(None),
+            files: Vec::new(),
         }
+    }
+
+    /// Also binds host file `source` read-only at `target` in every sandbox (a path under
+    /// the sandbox's own `/run` or `/tmp`).
+    pub fn with_file(mut self, source: PathBuf, target: PathBuf) -> Jail {
+        self.files.push((source, target));
+        self
     }
 
     /// Paths visible in the sandbox, read-only.
@@ -236,14 +246,19 @@ impl Jail {
             &"--tmpfs",
             &"/var/tmp",
         ]);
-        for p in &self.ro_paths {
+        let binds = self
+            .files
+            .iter()
+            .map(|(s, t)| (s.as_path(), t.as_path()))
+            .chain(self.ro_paths.iter().map(|p| (p.as_path(), p.as_path())));
+        for (source, target) in binds {
             // bubblewrap would create the missing parents for the sandbox's root only.
-            let mut parents: Vec<&Path> = p.ancestors().skip(1).collect();
+            let mut parents: Vec<&Path> = target.ancestors().skip(1).collect();
             parents.pop(); // "/"
             for dir in parents.into_iter().rev() {
                 push(&[&"--perms", &"0755", &"--dir", &dir]);
             }
-            push(&[&"--ro-bind-try", p, p]);
+            push(&[&"--ro-bind-try", &source, &target]);
         }
         // Secrets and the data directory, wherever a bound path would show them.
         for h in &self.hidden {

@@ -118,7 +118,7 @@ pub enum ProcessIsolation {
     /// Own namespaces, uid and filesystem view (bubblewrap; see [`jail`]), and outbound
     /// network on request (`egress`, when the programs it needs are installed).
     Sandbox {
-        jail: jail::Jail,
+        jail: Box<jail::Jail>,
         egress: Option<egress::Egress>,
         /// The network of a sandbox whose create names none.
         network: Network,
@@ -155,7 +155,7 @@ impl ProcessBackend {
                 network,
             } => (
                 true,
-                Some(std::sync::Arc::new(jail)),
+                Some(std::sync::Arc::from(jail)),
                 egress.map(std::sync::Arc::new),
                 network,
             ),
