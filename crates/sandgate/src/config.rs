@@ -107,6 +107,21 @@ pub struct ServeArgs {
     /// /usr, /etc and /opt), e.g. a toolchain installed under /srv.
     #[arg(long, env = "SANDGATE_SANDBOX_RO_PATHS", value_delimiter = ',')]
     pub sandbox_ro_paths: Option<Vec<PathBuf>>,
+    /// Seconds the gateway keeps serving after SIGTERM with `/health/ready` answering 503, so
+    /// a load balancer stops sending before connections drain (e.g. 5 behind Kubernetes).
+    #[arg(long, env = "SANDGATE_SHUTDOWN_DELAY")]
+    pub shutdown_delay: Option<f64>,
+    /// Seconds between health checks of each running sandbox's dev-server port (a TCP
+    /// connect); 0 turns them off (every running sandbox counts as ready).
+    #[arg(long, env = "SANDGATE_HEALTH_INTERVAL")]
+    pub health_interval: Option<f64>,
+    /// Passed checks in a row that make a sandbox ready.
+    #[arg(long, env = "SANDGATE_HEALTH_RISE")]
+    pub health_rise: Option<u32>,
+    /// Failed checks in a row that make a sandbox not ready (its requests then get 503
+    /// sandbox_not_ready after a short wait).
+    #[arg(long, env = "SANDGATE_HEALTH_FALL")]
+    pub health_fall: Option<u32>,
     /// Outbound network of a sandbox whose create names none: `none` (its own loopback) or
     /// `egress` (NAT to the outside, never to the gateway host, other sandboxes or
     /// --egress-deny); `sandbox` isolation only.
@@ -304,6 +319,10 @@ struct FileConfig {
     isolation: Option<Isolation>,
     sandbox_ro_paths: Option<Vec<PathBuf>>,
     network: Option<DefaultNetwork>,
+    shutdown_delay: Option<f64>,
+    health_interval: Option<f64>,
+    health_rise: Option<u32>,
+    health_fall: Option<u32>,
     egress_subnet: Option<String>,
     egress_deny: Option<Vec<Cidr>>,
     domain: Option<String>,
@@ -516,6 +535,14 @@ pub struct Config {
     pub program: PathBuf,
     /// The network of a sandbox whose create names none (where the backend can choose).
     pub network: crate::model::Network,
+    /// Serving on, not ready, after SIGTERM.
+    pub shutdown_delay: Duration,
+    /// Between health checks of each running sandbox's port (`None`: no checks).
+    pub health_interval: Option<Duration>,
+    /// Passes in a row that make a sandbox ready.
+    pub health_rise: u32,
+    /// Failures in a row that make it not ready.
+    pub health_fall: u32,
     /// IPv4 range of egress sandboxes' links (a /30 each).
     pub egress_subnet: Cidr,
     /// Ranges egress sandboxes may not reach (besides those always refused).
@@ -673,6 +700,10 @@ impl Config {
             config_file: None,
             program: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("sandgate")),
             network: crate::model::Network::None,
+            shutdown_delay: Duration::ZERO,
+            health_interval: Some(Duration::from_secs(2)),
+            health_rise: 1,
+            health_fall: 2,
             egress_subnet: "10.201.0.0/16".parse().expect("a valid CIDR"),
             egress_deny: [
                 "10.0.0.0/8",
@@ -770,6 +801,26 @@ impl Config {
                 DefaultNetwork::Egress => crate::model::Network::Egress,
             };
         }
+        if let Some(secs) = args.shutdown_delay.or(file.shutdown_delay) {
+            c.shutdown_delay = if secs == 0.0 {
+                Duration::ZERO
+            } else {
+                seconds("SANDGATE_SHUTDOWN_DELAY", secs)?
+            };
+        }
+        match args.health_interval.or(file.health_interval) {
+            Some(0.0) => c.health_interval = None,
+            Some(secs) => c.health_interval = Some(seconds("SANDGATE_HEALTH_INTERVAL", secs)?),
+            None => {}
+        }
+        c.health_rise = args
+            .health_rise
+            .or(file.health_rise)
+            .unwrap_or(c.health_rise);
+        c.health_fall = args
+            .health_fall
+            .or(file.health_fall)
+            .unwrap_or(c.health_fall);
         if let Some(s) = args
             .egress_subnet
             .as_deref()
@@ -981,6 +1032,13 @@ impl Config {
             ),
         );
         put("network", text(self.network.as_str()));
+        put("shutdown_delay", secs(self.shutdown_delay));
+        put(
+            "health_interval",
+            self.health_interval.map_or(V::Float(0.0), secs),
+        );
+        put("health_rise", int(self.health_rise.into()));
+        put("health_fall", int(self.health_fall.into()));
         put("egress_subnet", V::String(self.egress_subnet.to_string()));
         put("egress_deny", cidrs(&self.egress_deny));
         put("domain", text(&self.domain));
@@ -1149,6 +1207,13 @@ impl Config {
                 "sandbox_ro_paths (SANDGATE_SANDBOX_RO_PATHS) must be absolute paths, got {}",
                 p.display()
             ));
+        }
+        if !(1..=100).contains(&self.health_rise) || !(1..=100).contains(&self.health_fall) {
+            return bad(
+                "health_rise and health_fall (SANDGATE_HEALTH_RISE, SANDGATE_HEALTH_FALL) must \
+                 be from 1 to 100"
+                    .into(),
+            );
         }
         match self.egress_subnet.ipv4() {
             Some((_, len)) if (8..=30).contains(&len) => {}

@@ -59,6 +59,8 @@ pub enum Error {
     Conflict(String),
     #[error("sandbox {0} is starting; retry shortly")]
     Starting(String),
+    #[error("sandbox {0} is running but its server is not ready (its health checks fail); retry shortly")]
+    NotReady(String),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
     #[error("too many requests in flight from this client address; retry shortly")]
@@ -147,6 +149,7 @@ impl Error {
             ForbiddenHost(_) => (StatusCode::MISDIRECTED_REQUEST, "forbidden_host"),
             Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Starting(_) => (StatusCode::SERVICE_UNAVAILABLE, "sandbox_starting"),
+            NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "sandbox_not_ready"),
             Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ClientOverloaded => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             BadFraming(_) => (StatusCode::BAD_REQUEST, "bad_request"),
@@ -217,7 +220,7 @@ impl Error {
     fn retry_after(&self) -> Option<u64> {
         match self {
             Error::Overloaded | Error::ClientOverloaded => Some(1),
-            Error::Starting(_) => Some(2),
+            Error::Starting(_) | Error::NotReady(_) => Some(2),
             Error::PortsExhausted(_) => Some(30),
             Error::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,

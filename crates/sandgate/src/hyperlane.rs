@@ -178,6 +178,17 @@ impl Gateway {
                 return Err(e);
             }
         };
+        let waited = match grant.unready {
+            false => Ok(grant),
+            true => self.policy.await_ready(grant).await,
+        };
+        let grant = match waited {
+            Ok(g) => g,
+            Err(e) => {
+                admission.answered();
+                return Err(e);
+            }
+        };
         let grant = match grant.needs_wake() {
             false => grant,
             true => match self.policy.wake(grant).await {

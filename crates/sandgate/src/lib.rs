@@ -294,6 +294,16 @@ pub async fn run(
         config.idle_timeout,
         shutdown.clone(),
     )));
+    let checker = config.health_interval.map(|interval| {
+        tokio::spawn(lifecycle::check_health(
+            routes.clone(),
+            manager.backend().clone(),
+            interval,
+            config.health_rise,
+            config.health_fall,
+            shutdown.clone(),
+        ))
+    });
     let execs: Arc<exec::registry::Registry> = Default::default();
     let terminals: Arc<exec::terminals::Terminals> = Default::default();
     let state = AppState {
@@ -310,6 +320,7 @@ pub async fn run(
         terminals: terminals.clone(),
         bound_port,
         started: Instant::now(),
+        draining: shutdown.clone(),
     };
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -331,15 +342,38 @@ pub async fn run(
     // Each extra worker gets a listening socket of its own on the same address (one
     // SO_REUSEPORT group, see `workers`); this loop keeps the one it was given.
     let listener = listener.into_std()?;
-    let mut workers = Workers::spawn(config.workers - 1, &listener, &gateway, &shutdown)?;
-    let served = server::serve(listener, gateway, shutdown.clone()).await;
+    // Shutting down: `/health/ready` turns 503 at once (`draining`, which is `shutdown`), the
+    // listeners keep serving for `shutdown_delay` so a load balancer sees it and stops
+    // sending, then they stop accepting and drain.
+    let stop = CancellationToken::new();
+    let delayed_stop = {
+        let (shutdown, stop, delay) = (shutdown.clone(), stop.clone(), config.shutdown_delay);
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            if !delay.is_zero() {
+                tracing::info!(
+                    ?delay,
+                    "shutting down: not ready; serving on until the delay ends"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            stop.cancel();
+        })
+    };
+    let mut workers = Workers::spawn(config.workers - 1, &listener, &gateway, &stop)?;
+    let served = server::serve(listener, gateway, stop.clone()).await;
     if served.is_err() {
         // This loop cannot listen: stop everything the usual way, then report why.
         shutdown.cancel();
+        stop.cancel();
     }
+    delayed_stop.abort();
     workers.drained().await;
     if let Some(reaper) = reaper {
         let _ = reaper.await;
+    }
+    if let Some(checker) = checker {
+        let _ = checker.await;
     }
     // Commands and terminals end with the gateway, even in containers that outlive it.
     tokio::join!(execs.kill_all(), terminals.kill_all());

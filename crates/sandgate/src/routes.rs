@@ -25,6 +25,42 @@ pub struct Activity {
     /// The sandbox id, shared: what per-sandbox tables (rate limits) are keyed by, so that a
     /// request hashes it without allocating.
     key: Arc<str>,
+    /// Its dev-server port's health checks ([`Health`]).
+    health: HealthState,
+}
+
+/// What the health checks say about a sandbox's dev-server port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Not checked since it (re)started.
+    Unknown,
+    /// The last `rise` checks passed.
+    Ready,
+    /// The last `fall` checks failed.
+    NotReady,
+}
+
+/// Check results of one incarnation (generation) of a sandbox; a new one starts unknown.
+#[derive(Debug, Default)]
+struct HealthState {
+    generation: AtomicI64,
+    /// 0 unknown, 1 ready, 2 not ready.
+    state: std::sync::atomic::AtomicU8,
+    /// Consecutive passes (positive) or failures (negative).
+    streak: std::sync::atomic::AtomicI32,
+    /// When it was last checked ([`now_ms`]), 0 never.
+    checked_ms: AtomicI64,
+}
+
+/// A sandbox's check state as `/health/sandboxes` reports it.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct HealthReport {
+    pub state: Health,
+    /// Consecutive passes (positive) or failures (negative).
+    pub streak: i32,
+    /// Milliseconds since the last check (`None`: never checked).
+    pub checked_ms_ago: Option<i64>,
 }
 
 /// A routed sandbox: its record plus its activity.
@@ -90,6 +126,74 @@ impl Entry {
     pub fn count(&self, kind: Use) -> Counted {
         self.activity.counter(kind).fetch_add(1, Ordering::Relaxed);
         Counted(self.activity.clone(), kind)
+    }
+
+    /// What the checks say about this incarnation's dev-server port.
+    pub fn health(&self) -> Health {
+        let h = &self.activity.health;
+        if h.generation.load(Ordering::Relaxed) != self.sandbox.generation {
+            return Health::Unknown;
+        }
+        match h.state.load(Ordering::Relaxed) {
+            1 => Health::Ready,
+            2 => Health::NotReady,
+            _ => Health::Unknown,
+        }
+    }
+
+    /// The check state for reports.
+    pub fn health_report(&self) -> HealthReport {
+        let h = &self.activity.health;
+        let current = h.generation.load(Ordering::Relaxed) == self.sandbox.generation;
+        let checked = h.checked_ms.load(Ordering::Relaxed);
+        HealthReport {
+            state: self.health(),
+            streak: if current {
+                h.streak.load(Ordering::Relaxed)
+            } else {
+                0
+            },
+            checked_ms_ago: (current && checked > 0).then(|| now_ms() - checked),
+        }
+    }
+
+    /// Records one check of this incarnation's port (`ok`: it accepted a connection): after
+    /// `rise` passes in a row it is ready, after `fall` failures not ready. Returns the new
+    /// state when it changed.
+    pub fn record_check(&self, ok: bool, rise: u32, fall: u32) -> Option<Health> {
+        let h = &self.activity.health;
+        let before = self.health();
+        if h.generation
+            .swap(self.sandbox.generation, Ordering::Relaxed)
+            != self.sandbox.generation
+        {
+            h.streak.store(0, Ordering::Relaxed);
+            h.state.store(0, Ordering::Relaxed);
+        }
+        h.checked_ms.store(now_ms(), Ordering::Relaxed);
+        let streak = h
+            .streak
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(if ok {
+                    s.max(0).saturating_add(1)
+                } else {
+                    s.min(0).saturating_sub(1)
+                })
+            })
+            .map_or(0, |old| {
+                if ok {
+                    old.max(0).saturating_add(1)
+                } else {
+                    old.min(0).saturating_sub(1)
+                }
+            });
+        if ok && streak >= rise.max(1) as i32 {
+            h.state.store(1, Ordering::Relaxed);
+        } else if !ok && -streak >= fall.max(1) as i32 {
+            h.state.store(2, Ordering::Relaxed);
+        }
+        let after = self.health();
+        (after != before).then_some(after)
     }
 
     /// Commands running, command sockets open, terminal sessions alive.
@@ -252,6 +356,7 @@ impl Routes {
                     sockets: AtomicUsize::new(0),
                     terminals: AtomicUsize::new(0),
                     key: sb.id.as_str().into(),
+                    health: HealthState::default(),
                 })
             },
             |e| e.activity.clone(),

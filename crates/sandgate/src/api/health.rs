@@ -1,7 +1,6 @@
 //! Health endpoints (seeds 002 and 003): `/health`, `/health/proxy`, `/health/sandboxes`
-//! (per-sandbox readiness: does its port accept a connection?) and `/health/auth`.
-
-use std::time::Duration;
+//! (what each sandbox's health checks say), `/health/auth`, and `/health/live` and
+//! `/health/ready` for Kubernetes probes (ready turns 503 as soon as shutdown begins).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -10,8 +9,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{AppState, Caller};
-use crate::backend::Upstream;
 use crate::model::Status;
+use crate::routes::Health;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -19,6 +18,8 @@ pub fn router() -> Router<AppState> {
         .route("/health/proxy", get(proxy))
         .route("/health/sandboxes", get(sandboxes))
         .route("/health/auth", get(auth))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
 }
 
 fn now() -> String {
@@ -39,6 +40,31 @@ async fn overall(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         "store": if store_ok { "ok" } else { "unavailable" },
     });
     let code = if store_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body))
+}
+
+/// Liveness (a Kubernetes `livenessProbe`): the process answers.
+async fn live() -> Json<Value> {
+    Json(json!({"status": "ok", "timestamp": now()}))
+}
+
+/// Readiness (a `readinessProbe`): the store answers and the gateway is not shutting down;
+/// 503 otherwise, so a load balancer stops sending new connections before they drain.
+async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let store_ok = state.manager.store().ping().await.is_ok();
+    let draining = state.draining.is_cancelled();
+    let ok = store_ok && !draining;
+    let body = json!({
+        "status": if ok { "ok" } else { "unavailable" },
+        "store": if store_ok { "ok" } else { "unavailable" },
+        "draining": draining,
+        "timestamp": now(),
+    });
+    let code = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -88,36 +114,29 @@ async fn auth(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// Whether something accepts connections at `upstream` right now.
-async fn port_open(upstream: Upstream) -> bool {
-    matches!(
-        tokio::time::timeout(Duration::from_millis(500), upstream.dial()).await,
-        Ok(Ok(_))
-    )
-}
-
-/// The caller's team's sandboxes (every team's for the owner), each with a port check.
+/// The caller's team's sandboxes (every team's for the owner), each with what its health
+/// checks say: `ready` as in the sandbox object, `health` the checker's state.
 async fn sandboxes(State(state): State<AppState>, Caller(caller): Caller) -> Json<Value> {
     let mut all = state.routes.all();
     all.retain(|sb| caller.sees(&sb.team));
-    let backend = state.manager.backend();
-    let checks = all.iter().map(|sb| {
-        let upstream = sb.port.and_then(|p| backend.upstream(sb, p));
-        async move {
-            let ready = match (sb.status, upstream) {
-                (Status::Running, Some(u)) => port_open(u).await,
-                (Status::Running, None) => true,
-                _ => false,
-            };
+    let checks_run = state.config.health_interval.is_some();
+    let items: Vec<Value> = all
+        .iter()
+        .map(|sb| {
+            let report = sb.health_report();
+            let proxied = sb.dev_server && sb.port.is_some();
+            let ready = sb.status == Status::Running
+                && (!proxied || !checks_run || report.state == Health::Ready);
             json!({
                 "id": sb.id,
                 "path": sb.path(),
                 "status": sb.status,
                 "port": sb.port,
                 "ready": ready,
+                "health": proxied.then_some(report),
             })
-        }
-    });
-    let items = futures_util::future::join_all(checks).await;
+        })
+        .collect();
     let ready = items.iter().filter(|i| i["ready"] == true).count();
     Json(json!({
         "status": "ok",

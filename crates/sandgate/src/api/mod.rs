@@ -54,6 +54,8 @@ pub struct AppState {
     pub public_base: Arc<str>,
     pub bound_port: u16,
     pub started: Instant,
+    /// Cancelled when the gateway starts shutting down (`/health/ready` turns 503).
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(state: AppState) -> Router {

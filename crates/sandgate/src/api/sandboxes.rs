@@ -116,7 +116,14 @@ impl SandboxView {
             public_ports: sb.public_ports.clone(),
             dev_server_url: proxy_enabled.then(|| format!("{base}/sandbox/{}/", sb.id)),
             host_url,
-            ready: sb.status == Status::Running,
+            // Running, and (for a dev server, when checks run) its last checks passed.
+            ready: sb.status == Status::Running
+                && (!proxy_enabled
+                    || state.config.health_interval.is_none()
+                    || state
+                        .routes
+                        .get(&sb.id)
+                        .is_some_and(|e| e.health() == crate::routes::Health::Ready)),
             connections: {
                 let (exec, ws, pty) = state
                     .routes

@@ -77,7 +77,10 @@ pub fn api(method: &str, path: &str) -> Need {
     let read_only = matches!(method, "GET" | "HEAD");
     match first {
         "health" => match segs.next() {
-            None | Some("") | Some("auth") | Some("proxy") => Need::Nothing,
+            // Kubernetes probes (`live`, `ready`) carry no credential.
+            None | Some("") | Some("auth") | Some("proxy") | Some("live") | Some("ready") => {
+                Need::Nothing
+            }
             _ => Need::Read,
         },
         "teams" => Need::Owner,
@@ -120,6 +123,8 @@ mod tests {
     fn the_table() {
         assert_eq!(api("GET", "/health"), Need::Nothing);
         assert_eq!(api("GET", "/health/auth"), Need::Nothing);
+        assert_eq!(api("GET", "/health/live"), Need::Nothing);
+        assert_eq!(api("GET", "/health/ready"), Need::Nothing);
         assert_eq!(api("GET", "/health/sandboxes"), Need::Read);
         assert_eq!(api("GET", "/sandboxes"), Need::Read);
         assert_eq!(api("POST", "/sandboxes"), Need::Write);

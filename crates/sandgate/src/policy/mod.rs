@@ -73,8 +73,12 @@ pub enum Decision {
 /// A request the policy lets through to a sandbox.
 pub struct Grant {
     pub target: Target,
-    /// Where to connect; `None` while the sandbox is stopped and must be woken first.
+    /// Where to connect; `None` while the sandbox is stopped and must be woken first, or
+    /// its server failed its health checks (`unready`).
     pub upstream: Option<Upstream>,
+    /// The sandbox runs but its health checks fail: the request waits briefly for its port
+    /// ([`Policy::await_ready`]) instead of being sent to a server that is down.
+    pub unready: bool,
     /// The request asks for a protocol switch the gateway splices (`upgrade_protocols`).
     pub upgrade: bool,
     /// The client prefers HTML error pages.
@@ -86,7 +90,7 @@ pub struct Grant {
 impl Grant {
     /// The sandbox is stopped (and persistent): it is started before the request goes on.
     pub fn needs_wake(&self) -> bool {
-        self.upstream.is_none()
+        self.upstream.is_none() && !self.unready
     }
 }
 
@@ -104,6 +108,8 @@ pub struct Policy {
     secure_cookies: bool,
     upgrade_protocols: Vec<String>,
     wake_timeout: Duration,
+    health_rise: u32,
+    health_fall: u32,
 }
 
 impl Policy {
@@ -133,6 +139,8 @@ impl Policy {
                     .is_some_and(|u| u.starts_with("https://")),
             upgrade_protocols: config.upgrade_protocols.clone(),
             wake_timeout: config.wake_timeout,
+            health_rise: config.health_rise,
+            health_fall: config.health_fall,
         }
     }
 
@@ -249,8 +257,17 @@ impl Policy {
             }
             None => return Decision::Deny(port_not_exposed(&sandbox, 0)),
         };
+        let mut unready = false;
         let upstream = match sandbox.status {
             Status::Running => match self.backend.upstream(&sandbox, port) {
+                // Its dev server failed its checks: only that port waits (others may serve).
+                Some(_)
+                    if Some(port) == sandbox.port
+                        && sandbox.health() == crate::routes::Health::NotReady =>
+                {
+                    unready = true;
+                    None
+                }
                 Some(u) => Some(u),
                 None => return Decision::Deny(port_not_exposed(&sandbox, port)),
             },
@@ -282,6 +299,7 @@ impl Policy {
                 strip_authorization: who.consumed_authorization,
             },
             upstream,
+            unready,
             upgrade,
             html: head.facts.html,
             principal: who.principal,
@@ -499,6 +517,37 @@ impl Policy {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+}
+
+/// How long a request to a sandbox whose server failed its checks waits for its port.
+const READY_WAIT: Duration = Duration::from_secs(2);
+
+impl Policy {
+    /// A running sandbox's server failed its health checks: waits (up to [`READY_WAIT`]) for
+    /// its port to accept a connection (a pass, recorded), else `503 sandbox_not_ready`.
+    pub async fn await_ready(&self, mut grant: Grant) -> Result<Grant, Error> {
+        let entry = grant.target.sandbox.clone();
+        let upstream = self
+            .backend
+            .upstream(&entry, grant.target.port)
+            .ok_or_else(|| port_not_exposed(&entry, grant.target.port))?;
+        let deadline = tokio::time::Instant::now() + READY_WAIT;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let dial = tokio::time::timeout(Duration::from_millis(500), upstream.dial());
+            if matches!(dial.await, Ok(Ok(_))) {
+                entry.record_check(true, self.health_rise, self.health_fall);
+                grant.upstream = Some(upstream);
+                grant.unready = false;
+                return Ok(grant);
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(Error::NotReady(entry.id.clone()));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
         }
     }
 }

@@ -1,9 +1,12 @@
-//! Health endpoints: `/health`, `/health/sandboxes` (per-sandbox readiness) and
-//! `/health/proxy`.
+//! Health endpoints: `/health`, `/health/sandboxes` (what each sandbox's health checks say),
+//! `/health/proxy`, `/health/live` and `/health/ready`; a sandbox whose server fails its
+//! checks is not ready and answers 503 `sandbox_not_ready`, in both lanes.
+
+use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::{eventually, TestGateway, READY_TIMEOUT};
+use crate::common::{eventually, Lane, SpawnedGateway, TestGateway, READY_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_reports_status_sandboxes_and_timestamp() {
@@ -21,17 +24,30 @@ async fn health_reports_status_sandboxes_and_timestamp() {
     gw.shutdown().await;
 }
 
+/// A gateway whose health checks run every 100 ms (rise 1, fall 2).
+async fn checked_gateway(lane: Lane) -> TestGateway {
+    TestGateway::builder()
+        .lane(lane)
+        .config(|c| c.health_interval = Some(Duration::from_millis(100)))
+        .start()
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_sandboxes_reports_readiness() {
-    let gw = TestGateway::start().await;
+    let gw = checked_gateway(Lane::Fast).await;
     let up = gw.create_fixture().await;
     // A dev server that never listens.
     let down = gw
         .create_program("", "sleep 1000", json!({"dev_server": true}))
         .await;
-    let v = eventually(READY_TIMEOUT, "/health/sandboxes lists both", || async {
+    let v = eventually(READY_TIMEOUT, "the checks have judged both", || async {
         let v = gw.get("/health/sandboxes").try_send().await.ok()?.json();
-        (v["count"] == 2).then_some(v)
+        let judged = v["sandboxes"]
+            .as_array()?
+            .iter()
+            .all(|s| s["health"]["state"] == "ready" || s["health"]["state"] == "not_ready");
+        (v["count"] == 2 && judged).then_some(v)
     })
     .await;
     let entry = |id: &str| {
@@ -44,9 +60,112 @@ async fn health_sandboxes_reports_readiness() {
             .clone()
     };
     assert_eq!(entry(&up.id)["ready"], true, "{v}");
+    assert_eq!(entry(&up.id)["health"]["state"], "ready", "{v}");
     assert_eq!(entry(&down.id)["ready"], false, "{v}");
+    assert_eq!(entry(&down.id)["health"]["state"], "not_ready", "{v}");
+    assert!(
+        entry(&down.id)["health"]["streak"].as_i64().unwrap() <= -2,
+        "{v}"
+    );
     assert_eq!(v["ready"], 1, "{v}");
+    // The sandbox object says the same.
+    assert_eq!(gw.sandbox(&down.id).await["ready"], false);
+    assert_eq!(gw.sandbox(&up.id).await["ready"], true);
     gw.shutdown().await;
+}
+
+/// A running sandbox whose server went down fails its checks: `ready` turns false, and a
+/// request to it waits briefly, then gets `503 sandbox_not_ready` with `Retry-After` (not a
+/// 502 blaming the sandbox, nor a wait for `PROXY_TIMEOUT`); once the server is back, the
+/// next request goes through at once and the checks say ready again.
+async fn a_sandbox_whose_server_is_down_is_not_ready(lane: Lane) {
+    let gw = checked_gateway(lane).await;
+    let fixture = crate::common::fixture_program();
+    // The server runs beside a shell that outlives it: the sandbox stays running.
+    let sb = gw
+        .create_program(
+            &format!("{fixture} & echo $! > server.pid; wait; exec sleep 1000;"),
+            "true",
+            json!({}),
+        )
+        .await;
+    let state = |gw: &TestGateway, id: String| {
+        let gw = (**gw).clone();
+        async move {
+            let v = gw.get("/health/sandboxes").send().await.json();
+            v["sandboxes"]
+                .as_array()
+                .and_then(|a| a.iter().find(|s| s["id"] == id.as_str()).cloned())
+                .map(|s| s["health"]["state"].as_str().unwrap_or("").to_string())
+                .unwrap_or_default()
+        }
+    };
+    eventually(READY_TIMEOUT, "the sandbox is ready", || async {
+        (gw.sandbox(&sb.id).await["ready"] == true).then_some(())
+    })
+    .await;
+    gw.post(&format!("/sandboxes/{}/exec", sb.id))
+        .json(&json!({"command": "kill $(cat server.pid)"}))
+        .send()
+        .await
+        .expect(200);
+    eventually(READY_TIMEOUT, "its checks fail", || async {
+        (state(&gw, sb.id.clone()).await == "not_ready").then_some(())
+    })
+    .await;
+    assert_eq!(gw.sandbox(&sb.id).await["ready"], false);
+    assert_eq!(gw.sandbox(&sb.id).await["status"], "running");
+    let started = std::time::Instant::now();
+    let r = gw.get(&sb.path("/")).send().await;
+    r.expect_error(503, "sandbox_not_ready");
+    assert_eq!(r.header("retry-after"), "2");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // Back: started again as a background command of the sandbox.
+    gw.post(&format!("/sandboxes/{}/exec", sb.id))
+        .json(&json!({"command": format!("exec {fixture}"), "background": true}))
+        .send()
+        .await
+        .expect(202);
+    eventually(READY_TIMEOUT, "the server answers again", || async {
+        let r = gw.get(&sb.path("/")).try_send().await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    eventually(READY_TIMEOUT, "the sandbox is ready again", || async {
+        (gw.sandbox(&sb.id).await["ready"] == true).then_some(())
+    })
+    .await;
+    gw.shutdown().await;
+}
+
+both_lanes!(a_sandbox_whose_server_is_down_is_not_ready);
+
+/// `/health/live` and `/health/ready` for Kubernetes probes; `/health/ready` turns 503 as
+/// soon as shutdown begins, while `--shutdown-delay` keeps the gateway serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn liveness_and_readiness_probes() {
+    let mut gw = SpawnedGateway::start(1, &["--shutdown-delay", "3"]).await;
+    gw.get("/health/live").send().await.expect(200);
+    let v = gw.get("/health/ready").send().await.expect(200).json();
+    assert_eq!(v["status"], "ok", "{v}");
+    let pid = gw.pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let v = eventually(Duration::from_secs(2), "readiness turns 503", || async {
+        let r = gw.get("/health/ready").try_send().await.ok()?;
+        (r.status == 503).then(|| r.json())
+    })
+    .await;
+    assert_eq!(v["draining"], true, "{v}");
+    gw.get("/health/live").send().await.expect(200);
+    assert!(gw.terminate().await.success(), "{}", gw.log());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -729,6 +729,13 @@ impl Client {
                 (r.status == StatusCode::OK && r.body == "fixture ok").then_some(())
             },
         )
+        .await;
+        // And its health checks have seen it answer (`ready` in the sandbox object).
+        let sandbox = format!("/sandboxes/{id}");
+        eventually(READY_TIMEOUT, &format!("sandbox {id} is ready"), || async {
+            let r = self.get(&sandbox).try_send().await.ok()?;
+            (r.status == StatusCode::OK && r.json()["ready"] == true).then_some(())
+        })
         .await
     }
 
