@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Upstream};
 use crate::manager::Manager;
 use crate::model::Status;
 use crate::routes::{Health, Routes};
@@ -99,10 +99,7 @@ pub async fn check_health(
                 let Some(upstream) = entry.port.and_then(|p| backend.upstream(&entry, p)) else {
                     return;
                 };
-                let ok = matches!(
-                    tokio::time::timeout(CHECK_TIMEOUT, upstream.dial()).await,
-                    Ok(Ok(_))
-                );
+                let ok = probe(upstream, entry.health_path.as_deref()).await;
                 if let Some(now) = entry.record_check(ok, rise, fall) {
                     tracing::info!(sandbox = %entry.id, health = ?now, "health check changed");
                 }
@@ -117,4 +114,34 @@ pub async fn check_health(
             _ = tokio::time::sleep(CHECK_TICK) => {}
         }
     }
+}
+
+/// One health check of a sandbox port, bounded by [`CHECK_TIMEOUT`]: it accepts a connection
+/// and, with `path`, answers `GET path` with a 2xx or 3xx status.
+pub async fn probe(upstream: Upstream, path: Option<&str>) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let check = async {
+        let mut stream = upstream.dial().await.ok()?;
+        let Some(path) = path else {
+            return Some(true);
+        };
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: sandgate-health\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 16];
+        let mut got = 0;
+        while got < head.len() {
+            match stream.read(&mut head[got..]).await.ok()? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        // `HTTP/1.1 204 …`: the status code's first digit.
+        let line = &head[..got];
+        Some(line.starts_with(b"HTTP/1.") && matches!(line.get(9), Some(b'2' | b'3')))
+    };
+    matches!(
+        tokio::time::timeout(CHECK_TIMEOUT, check).await,
+        Ok(Some(true))
+    )
 }

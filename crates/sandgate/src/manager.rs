@@ -53,6 +53,8 @@ pub struct CreateSandbox {
     pub idle_timeout: Option<u64>,
     /// `none` or `egress` (absent: the gateway's `network` where the backend can choose).
     pub network: Option<model::Network>,
+    /// An HTTP path the health checks GET (absent: they only connect).
+    pub health_path: Option<String>,
 }
 
 /// A change to a sandbox's settings (`PATCH /sandboxes/{id}`): absent fields stay as they are.
@@ -263,6 +265,15 @@ impl Manager {
                 "idle_timeout is at most {MAX_IDLE_TIMEOUT} seconds"
             ));
         }
+        if let Some(p) = &req.health_path {
+            let printable = p.bytes().all(|b| (0x21..=0x7e).contains(&b));
+            if !p.starts_with('/') || p.len() > 256 || !printable {
+                return bad(format!(
+                    "health_path {p:?} must be an absolute path of at most 256 printable \
+                     characters without spaces (like \"/healthz\")"
+                ));
+            }
+        }
         if req.network == Some(model::Network::Host) {
             return bad("network must be \"none\" or \"egress\"".into());
         }
@@ -297,6 +308,7 @@ impl Manager {
             labels: req.labels,
             idle_timeout: req.idle_timeout,
             network,
+            health_path: req.health_path,
             created_at: now,
             updated_at: now,
         };

@@ -240,6 +240,8 @@ pub struct Sandbox {
     pub idle_timeout: Option<u64>,
     /// What the sandbox can reach outside itself.
     pub network: Network,
+    /// An HTTP path its health checks GET (2xx or 3xx passes) instead of only connecting.
+    pub health_path: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -341,6 +343,7 @@ impl Sandbox {
             labels: Default::default(),
             idle_timeout: None,
             network: Network::None,
+            health_path: None,
             created_at: now,
             updated_at: now,
         }

@@ -55,6 +55,8 @@ pub struct SandboxView {
     pub idle_timeout: Option<u64>,
     /// What it can reach outside itself: `none`, `egress` or `host` (shared-host processes).
     pub network: crate::model::Network,
+    /// The HTTP path its health checks GET (`null`: they only connect).
+    pub health_path: Option<String>,
     pub port: Option<u16>,
     pub allocated_port: Option<u16>,
     pub proxy_enabled: bool,
@@ -109,6 +111,7 @@ impl SandboxView {
             labels: sb.labels.clone(),
             idle_timeout: sb.idle_timeout,
             network: sb.network,
+            health_path: sb.health_path.clone(),
             port: sb.port,
             allocated_port: sb.allocated_port,
             proxy_enabled,

@@ -526,7 +526,8 @@ const READY_WAIT: Duration = Duration::from_secs(2);
 
 impl Policy {
     /// A running sandbox's server failed its health checks: waits (up to [`READY_WAIT`]) for
-    /// its port to accept a connection (a pass, recorded), else `503 sandbox_not_ready`.
+    /// it to pass one (a connection, or its `health_path` answering 2xx/3xx; recorded), else
+    /// `503 sandbox_not_ready`.
     pub async fn await_ready(&self, mut grant: Grant) -> Result<Grant, Error> {
         let entry = grant.target.sandbox.clone();
         let upstream = self
@@ -536,8 +537,7 @@ impl Policy {
         let deadline = tokio::time::Instant::now() + READY_WAIT;
         let mut pause = Duration::from_millis(50);
         loop {
-            let dial = tokio::time::timeout(Duration::from_millis(500), upstream.dial());
-            if matches!(dial.await, Ok(Ok(_))) {
+            if crate::lifecycle::probe(upstream, entry.health_path.as_deref()).await {
                 entry.record_check(true, self.health_rise, self.health_fall);
                 grant.upstream = Some(upstream);
                 grant.unready = false;

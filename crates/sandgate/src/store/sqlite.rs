@@ -92,6 +92,9 @@ ALTER TABLE sandboxes ADD COLUMN idle_timeout INTEGER;
     r#"
 ALTER TABLE sandboxes ADD COLUMN network TEXT NOT NULL DEFAULT 'none';
 "#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN health_path TEXT;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -203,6 +206,7 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
             crate::model::Network::parse(&n)
                 .ok_or_else(|| corrupt(&id, format!("unknown network {n:?}")))?
         },
+        health_path: row.try_get("health_path")?,
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
         id,
@@ -305,8 +309,8 @@ impl Store for SqliteStore {
             "INSERT INTO sandboxes (id, team_id, owner, name, runtime, mode, dev_server, command, \
              env, limits, port, allocated_port, status, status_reason, backend_ref, ip_address, \
              netns_pid, generation, created_at, updated_at, public, public_ports, \
-             preview_generation, keep_prefix, labels, idle_timeout, network) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             preview_generation, keep_prefix, labels, idle_timeout, network, health_path) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&sb.id)
         .bind(team)
@@ -335,6 +339,7 @@ impl Store for SqliteStore {
         .bind(serde_json::to_string(&sb.labels).map_err(|e| corrupt(&sb.id, e))?)
         .bind(sb.idle_timeout.map(|t| t as i64))
         .bind(sb.network.as_str())
+        .bind(&sb.health_path)
         .execute(&mut *tx)
         .await;
         match res {
@@ -609,6 +614,7 @@ mod tests {
             labels: Default::default(),
             idle_timeout: None,
             network: crate::model::Network::None,
+            health_path: None,
             created_at: now,
             updated_at: now,
         }

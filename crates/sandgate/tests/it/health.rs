@@ -180,3 +180,50 @@ async fn health_proxy_answers() {
     assert_eq!(v["in_flight"], 0, "{v}");
     gw.shutdown().await;
 }
+
+/// With `health_path`, a check is a `GET` that must answer 2xx or 3xx: a server that accepts
+/// connections but answers 503 there is not ready, and its requests get 503
+/// `sandbox_not_ready`; a bad path is refused at create.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http_health_path_decides_readiness() {
+    let gw = checked_gateway(Lane::Fast).await;
+    let good = gw
+        .create_program(
+            "",
+            &crate::common::fixture_program(),
+            json!({"health_path": "/status/204"}),
+        )
+        .await;
+    let sick = gw
+        .create_program(
+            "",
+            &crate::common::fixture_program(),
+            json!({"health_path": "/status/503"}),
+        )
+        .await;
+    assert_eq!(sick.view["health_path"], "/status/503", "{}", sick.view);
+    eventually(READY_TIMEOUT, "the checks judge both", || async {
+        let v = gw.get("/health/sandboxes").send().await.json();
+        let state = |id: &str| {
+            v["sandboxes"]
+                .as_array()
+                .and_then(|a| a.iter().find(|s| s["id"] == id).cloned())
+                .map(|s| s["health"]["state"].clone())
+        };
+        (state(&good.id)? == "ready" && state(&sick.id)? == "not_ready").then_some(())
+    })
+    .await;
+    gw.get(&good.path("/")).send().await.expect(200);
+    gw.get(&sick.path("/"))
+        .send()
+        .await
+        .expect_error(503, "sandbox_not_ready");
+    for bad in ["healthz", "/with space", "/\u{e9}"] {
+        gw.post("/sandboxes")
+            .json(&json!({"runtime": "shell", "health_path": bad}))
+            .send()
+            .await
+            .expect_error(422, "validation_failed");
+    }
+    gw.shutdown().await;
+}

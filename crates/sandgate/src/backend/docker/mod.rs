@@ -776,6 +776,7 @@ mod tests {
             preview_generation: 0,
             keep_prefix: false,
             network: crate::model::Network::Egress,
+            health_path: None,
             labels: Default::default(),
             idle_timeout: None,
             created_at: now,
