@@ -304,6 +304,8 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
+    // Cancelled when the listeners stop accepting (below).
+    let stop = CancellationToken::new();
     let execs: Arc<exec::registry::Registry> = Default::default();
     let terminals: Arc<exec::terminals::Terminals> = Default::default();
     let state = AppState {
@@ -321,6 +323,7 @@ pub async fn run(
         bound_port,
         started: Instant::now(),
         draining: shutdown.clone(),
+        stopping: stop.clone(),
     };
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -345,7 +348,6 @@ pub async fn run(
     // Shutting down: `/health/ready` turns 503 at once (`draining`, which is `shutdown`), the
     // listeners keep serving for `shutdown_delay` so a load balancer sees it and stops
     // sending, then they stop accepting and drain.
-    let stop = CancellationToken::new();
     let delayed_stop = {
         let (shutdown, stop, delay) = (shutdown.clone(), stop.clone(), config.shutdown_delay);
         tokio::spawn(async move {

@@ -56,6 +56,9 @@ pub struct AppState {
     pub started: Instant,
     /// Cancelled when the gateway starts shutting down (`/health/ready` turns 503).
     pub draining: tokio_util::sync::CancellationToken,
+    /// Cancelled when the listeners stop and connections drain (`--shutdown-delay` after
+    /// `draining`): the gateway's own WebSockets close with 1001 (going away).
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -118,7 +118,7 @@ async fn open(
         if q.session.is_some() {
             term.resize(size).await;
         }
-        show(&term, owner, since, ws).await;
+        show(&term, owner, since, ws, &state.stopping).await;
         state.terminals.detach(&term, owner);
     });
     switching_protocols(&accept, protocol)
@@ -190,6 +190,7 @@ async fn show(
     owner: u64,
     since: Option<u64>,
     ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+    stopping: &tokio_util::sync::CancellationToken,
 ) {
     let (mut sink, mut stream) = ws.split();
     let mut changed = term.subscribe();
@@ -250,6 +251,10 @@ async fn show(
             return;
         }
         tokio::select! {
+            () = stopping.cancelled() => {
+                let _ = sink.send(super::ws::going_away()).await;
+                return;
+            }
             r = changed.changed() => if r.is_err() { return },
             msg = stream.next() => {
                 last_heard = tokio::time::Instant::now();

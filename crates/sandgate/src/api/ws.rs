@@ -187,6 +187,16 @@ fn answer(request_id: &str, command: &str, o: &Outcome) -> Message {
     )
 }
 
+/// The close frame a socket gets when the gateway shuts down: 1001, going away.
+pub(super) fn going_away() -> Message {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::Away,
+        reason: "the gateway is shutting down".into(),
+    }))
+}
+
 fn generated_id() -> String {
     format!("req-{}", &new_exec_id()[3..])
 }
@@ -217,6 +227,10 @@ impl Session {
             let next = tokio::select! {
                 next = tokio::time::timeout(SILENCE_LIMIT, stream.next()) => next,
                 Some(_) = running.join_next(), if !running.is_empty() => continue,
+                () = self.state.stopping.cancelled() => {
+                    let _ = tx.send(going_away()).await;
+                    break;
+                }
             };
             let msg = match next {
                 Ok(Some(Ok(msg))) => msg,

@@ -227,3 +227,39 @@ async fn an_http_health_path_decides_readiness() {
     }
     gw.shutdown().await;
 }
+
+/// When the gateway shuts down, its own WebSockets (seed 004's command socket, a terminal)
+/// are closed with 1001 (going away) rather than cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_closes_the_gateways_websockets_with_1001() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut gw = SpawnedGateway::start(2, &[]).await;
+    let v = gw.create(&json!({"runtime": "shell"})).await;
+    let id = v["id"].as_str().unwrap().to_string();
+    let mut sockets = [
+        gw.websocket(&format!("/ws/{id}"), None).await,
+        gw.websocket(&format!("/sandboxes/{id}/pty"), None).await,
+    ];
+    let pid = gw.pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    for ws in sockets.iter_mut() {
+        let code = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(msg) = ws.next().await {
+                if let Ok(Message::Close(frame)) = msg {
+                    return frame.map(|f| f.code);
+                }
+            }
+            None
+        })
+        .await
+        .expect("a close frame within 10 s");
+        assert_eq!(code, Some(CloseCode::Away));
+    }
+    assert!(gw.terminate().await.success(), "{}", gw.log());
+}
