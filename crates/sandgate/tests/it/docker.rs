@@ -906,3 +906,44 @@ async fn a_restarted_gateway_readopts_marks_and_cleans_up_containers() {
     assert_no_containers(&docker, &gateway).await;
     assert!(gw.terminate().await.success(), "{}", gw.log());
 }
+
+/// `"network": "none"`: the container has loopback only and is still reached through its
+/// namespace; a gateway that reaches containers through published ports refuses it.
+#[tokio::test(flavor = "multi_thread")]
+async fn network_none_containers_have_only_loopback() {
+    if engine_with_images().await.is_none() || !netns_or_skip() {
+        return;
+    }
+    let leftovers = Leftovers::default();
+    let gw = docker_gateway(Isolation::Auto).start().await;
+    leftovers.gateway(&gateway_id_of(gw.data_dir()));
+    let v = gw
+        .create(&json!({"runtime": "shell", "network": "none",
+                        "command": httpd("offline", None, true)}))
+        .await;
+    assert_eq!(v["network"], "none", "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_body(&gw, &format!("/sandbox/{id}/"), None, "offline\n").await;
+    let r = gw
+        .post(&format!("/sandboxes/{id}/exec"))
+        .json(&json!({"command": "ls /sys/class/net"}))
+        .send()
+        .await;
+    r.expect(200);
+    assert_eq!(r.json()["stdout"], "lo\n");
+    let other = gw.create(&json!({"runtime": "shell"})).await;
+    assert_eq!(other["network"], "egress", "{other}");
+    gw.delete_sandbox(&id).await;
+    gw.delete_sandbox(other["id"].as_str().unwrap()).await;
+    gw.shutdown().await;
+
+    let published = docker_gateway(Isolation::None).ports(2).start().await;
+    leftovers.gateway(&gateway_id_of(published.data_dir()));
+    published
+        .post("/sandboxes")
+        .json(&json!({"runtime": "shell", "network": "none"}))
+        .send()
+        .await
+        .expect_error(422, "validation_failed");
+    published.shutdown().await;
+}

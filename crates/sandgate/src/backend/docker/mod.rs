@@ -309,7 +309,11 @@ impl DockerBackend {
             // No privilege gained through setuid binaries or file capabilities.
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             cap_drop: Some(DROPPED_CAPS.iter().map(|c| c.to_string()).collect()),
-            network_mode: self.network.clone(),
+            // `none`: loopback only (the proxy dials inside the container's namespace).
+            network_mode: match sb.network {
+                crate::model::Network::None => Some("none".into()),
+                _ => self.network.clone(),
+            },
             ..Default::default()
         };
         let mut exposed = None;
@@ -468,6 +472,24 @@ impl DockerBackend {
 
 #[async_trait]
 impl Backend for DockerBackend {
+    /// Containers join the engine's configured network (`egress`), or none at all when
+    /// asked, which needs the namespace dial (published ports need a network).
+    fn network(
+        &self,
+        requested: Option<crate::model::Network>,
+    ) -> Result<crate::model::Network, String> {
+        use crate::model::Network;
+        match requested {
+            None | Some(Network::Egress) => Ok(Network::Egress),
+            Some(Network::None) if self.netns => Ok(Network::None),
+            Some(Network::None) => Err("network \"none\" needs containers reached through \
+                 their namespace (container+netns: a local engine and root); with published \
+                 ports a container needs a network"
+                .into()),
+            Some(other) => Err(format!("network {:?} is not available", other.as_str())),
+        }
+    }
+
     fn kind(&self) -> &'static str {
         "docker"
     }
