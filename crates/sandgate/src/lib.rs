@@ -99,21 +99,39 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
+/// How far process sandboxes are kept apart on this host.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ProcessMode {
+    Sandbox,
+    Netns,
+    SharedHost,
+}
+
+/// `isolation` resolved on this host (`auto`: the strongest it allows); an explicit mode it
+/// cannot give is an error.
+fn process_mode(isolation: Isolation) -> Result<ProcessMode, RunError> {
+    let (jail, netns) = (process::jail::available(), process::isolation_available());
+    Ok(match isolation {
+        Isolation::None => ProcessMode::SharedHost,
+        Isolation::Auto | Isolation::Sandbox if jail => ProcessMode::Sandbox,
+        Isolation::Sandbox => return Err(RunError::NoJail),
+        Isolation::Auto | Isolation::Netns if netns => ProcessMode::Netns,
+        Isolation::Netns => return Err(RunError::NoIsolation),
+        Isolation::Auto => ProcessMode::SharedHost,
+    })
+}
+
 /// What `isolation` means on this host for the process backend (`auto` resolved), as
 /// `/health` will report it; a refused explicit mode says so.
 pub fn resolved_isolation(config: &Config) -> &'static str {
     if config.backend == BackendKind::Docker {
         return "container (netns or published ports: decided when the engine answers)";
     }
-    let (jail, netns) = (process::jail::available(), process::isolation_available());
-    match config.isolation {
-        Isolation::None => "shared-host",
-        Isolation::Auto if jail => "sandbox",
-        Isolation::Auto if netns => "netns",
-        Isolation::Auto => "shared-host",
-        Isolation::Sandbox if jail => "sandbox",
-        Isolation::Netns if netns => "netns",
-        Isolation::Sandbox | Isolation::Netns => "refused: this host lacks what it needs",
+    match process_mode(config.isolation) {
+        Ok(ProcessMode::Sandbox) => "sandbox",
+        Ok(ProcessMode::Netns) => "netns",
+        Ok(ProcessMode::SharedHost) => "shared-host",
+        Err(_) => "refused: this host lacks what it needs",
     }
 }
 
@@ -166,21 +184,18 @@ async fn build_backend(
                     network: config.network,
                 })
             };
-            let isolation = match config.isolation {
-                Isolation::None => ProcessIsolation::SharedHost,
-                Isolation::Auto if process::jail::available() => jail()?,
-                Isolation::Auto if process::isolation_available() => {
-                    tracing::warn!(
-                        "isolation: netns (sandboxes run as root on the host's filesystem); \
-                         install bubblewrap for isolation = sandbox"
-                    );
+            let isolation = match process_mode(config.isolation)? {
+                ProcessMode::Sandbox => jail()?,
+                ProcessMode::Netns => {
+                    if config.isolation == Isolation::Auto {
+                        tracing::warn!(
+                            "isolation: netns (sandboxes run as root on the host's filesystem); \
+                             install bubblewrap for isolation = sandbox"
+                        );
+                    }
                     ProcessIsolation::Netns
                 }
-                Isolation::Auto => ProcessIsolation::SharedHost,
-                Isolation::Sandbox if process::jail::available() => jail()?,
-                Isolation::Sandbox => return Err(RunError::NoJail),
-                Isolation::Netns if process::isolation_available() => ProcessIsolation::Netns,
-                Isolation::Netns => return Err(RunError::NoIsolation),
+                ProcessMode::SharedHost => ProcessIsolation::SharedHost,
             };
             Arc::new(
                 ProcessBackend::new(sandboxes_dir, config.stop_grace, exits, isolation)
@@ -288,12 +303,12 @@ pub async fn run(
     let cert_watcher = tls
         .as_ref()
         .map(|tls| tokio::spawn(tls.clone().watch(tls::RELOAD_POLL, shutdown.child_token())));
-    let reaper = Some(tokio::spawn(lifecycle::reap_idle(
+    let reaper = tokio::spawn(lifecycle::reap_idle(
         manager.clone(),
         routes.clone(),
         config.idle_timeout,
         shutdown.clone(),
-    )));
+    ));
     let checker = config.health_interval.map(|interval| {
         tokio::spawn(lifecycle::check_health(
             routes.clone(),
@@ -371,9 +386,7 @@ pub async fn run(
     }
     delayed_stop.abort();
     workers.drained().await;
-    if let Some(reaper) = reaper {
-        let _ = reaper.await;
-    }
+    let _ = reaper.await;
     if let Some(checker) = checker {
         let _ = checker.await;
     }

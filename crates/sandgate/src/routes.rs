@@ -141,6 +141,14 @@ impl Entry {
         }
     }
 
+    /// Whether the sandbox is ready, as the API says it: running, and for a dev server (when
+    /// `checks_run`) its last checks passed.
+    pub fn ready(&self, checks_run: bool) -> bool {
+        let proxied = self.sandbox.dev_server && self.sandbox.port.is_some();
+        self.sandbox.status == crate::model::Status::Running
+            && (!proxied || !checks_run || self.health() == Health::Ready)
+    }
+
     /// The check state for reports.
     pub fn health_report(&self) -> HealthReport {
         let h = &self.activity.health;
@@ -171,22 +179,19 @@ impl Entry {
             h.state.store(0, Ordering::Relaxed);
         }
         h.checked_ms.store(now_ms(), Ordering::Relaxed);
-        let streak = h
-            .streak
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                Some(if ok {
-                    s.max(0).saturating_add(1)
-                } else {
-                    s.min(0).saturating_sub(1)
-                })
-            })
-            .map_or(0, |old| {
-                if ok {
-                    old.max(0).saturating_add(1)
-                } else {
-                    old.min(0).saturating_sub(1)
-                }
-            });
+        // A pass extends a run of passes (or starts one), a failure a run of failures.
+        let next = |s: i32| {
+            if ok {
+                s.max(0).saturating_add(1)
+            } else {
+                s.min(0).saturating_sub(1)
+            }
+        };
+        let streak = next(
+            h.streak
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some(next(s)))
+                .unwrap_or_else(|old| old),
+        );
         if ok && streak >= rise.max(1) as i32 {
             h.state.store(1, Ordering::Relaxed);
         } else if !ok && -streak >= fall.max(1) as i32 {

@@ -9,8 +9,6 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{AppState, Caller};
-use crate::model::Status;
-use crate::routes::Health;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -113,7 +111,6 @@ async fn auth(State(state): State<AppState>) -> Json<Value> {
     }))
 }
 
-/// Whether something accepts connections at `upstream` right now.
 /// The caller's team's sandboxes (every team's for the owner), each with what its health
 /// checks say: `ready` as in the sandbox object, `health` the checker's state.
 async fn sandboxes(State(state): State<AppState>, Caller(caller): Caller) -> Json<Value> {
@@ -123,17 +120,14 @@ async fn sandboxes(State(state): State<AppState>, Caller(caller): Caller) -> Jso
     let items: Vec<Value> = all
         .iter()
         .map(|sb| {
-            let report = sb.health_report();
             let proxied = sb.dev_server && sb.port.is_some();
-            let ready = sb.status == Status::Running
-                && (!proxied || !checks_run || report.state == Health::Ready);
             json!({
                 "id": sb.id,
                 "path": sb.path(),
                 "status": sb.status,
                 "port": sb.port,
-                "ready": ready,
-                "health": proxied.then_some(report),
+                "ready": sb.ready(checks_run),
+                "health": proxied.then(|| sb.health_report()),
             })
         })
         .collect();

@@ -81,6 +81,8 @@ pub struct SandboxView {
 impl SandboxView {
     pub fn new(sb: &Sandbox, state: &AppState) -> SandboxView {
         let proxy_enabled = sb.dev_server && sb.port.is_some();
+        // Its route: what the checks say of it, and what is using it now.
+        let entry = state.routes.get(&sb.id);
         let base = &state.public_base;
         let host_url = match (proxy_enabled, sb.port) {
             (true, Some(port)) => Some(format!(
@@ -119,19 +121,11 @@ impl SandboxView {
             public_ports: sb.public_ports.clone(),
             dev_server_url: proxy_enabled.then(|| format!("{base}/sandbox/{}/", sb.id)),
             host_url,
-            // Running, and (for a dev server, when checks run) its last checks passed.
-            ready: sb.status == Status::Running
-                && (!proxy_enabled
-                    || state.config.health_interval.is_none()
-                    || state
-                        .routes
-                        .get(&sb.id)
-                        .is_some_and(|e| e.health() == crate::routes::Health::Ready)),
+            ready: entry
+                .as_ref()
+                .is_some_and(|e| e.ready(state.config.health_interval.is_some())),
             connections: {
-                let (exec, ws, pty) = state
-                    .routes
-                    .get(&sb.id)
-                    .map_or((0, 0, 0), |e| e.connections());
+                let (exec, ws, pty) = entry.as_ref().map_or((0, 0, 0), |e| e.connections());
                 Connections { exec, ws, pty }
             },
             ip_address: sb.ip_address.clone(),
@@ -479,15 +473,18 @@ async fn logs(
     super::ApiQuery(q): super::ApiQuery<LogsQuery>,
 ) -> Result<Response, Error> {
     let sb = caller.sandbox(&state, &id).await?;
-    let backend = state.manager.backend();
-    let timestamps = q.timestamps.unwrap_or(false);
     state.routes.touch(&id);
     let options = crate::backend::LogOptions {
         follow: q.follow.unwrap_or(false),
         tail: q.tail,
-        timestamps,
+        timestamps: q.timestamps.unwrap_or(false),
     };
-    let stream = backend.logs(&sb, options).await.map_err(Error::internal)?;
+    let stream = state
+        .manager
+        .backend()
+        .logs(&sb, options)
+        .await
+        .map_err(Error::internal)?;
     let body = Body::from_stream(stream);
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
 }

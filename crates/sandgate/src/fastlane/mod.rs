@@ -419,10 +419,11 @@ impl Lane {
             return Plan::Handoff;
         };
         let target_route = grant.target;
+        // Sent as `X-Forwarded-Prefix` whether or not the path keeps it.
         let prefix = target_route.prefix.as_ref().map(|p| p.as_bytes());
-        let strip = prefix
-            .filter(|_| !target_route.keep_prefix)
-            .map_or(0, <[u8]>::len);
+        let strip = target_route
+            .stripped_prefix()
+            .map_or(0, http::HeaderValue::len);
         let rest = &target[strip.min(target.len())..];
         let rebuilt;
         let upstream_path = match query.and_then(headers::query_without_credentials) {
@@ -715,12 +716,10 @@ impl Lane {
         // A body the client never sees (HEAD, 304) keeps the sandbox's stated length.
         let keep_length = facts.framing == Framing::Empty && (f.facts.is_head || status == 304);
         let close = !f.facts.keep_alive || request_unfinished;
-        // An app that keeps its prefix writes its own `Location`s under it: only absolute local
-        // ones are rewritten to the gateway's origin.
-        let prefix = match (&f.target.prefix, f.target.keep_prefix) {
-            (Some(p), false) => p.as_bytes(),
-            _ => &b""[..],
-        };
+        let prefix = f
+            .target
+            .stripped_prefix()
+            .map_or(&b""[..], http::HeaderValue::as_bytes);
         head::write_response(
             &mut self.rout,
             resp.headers,

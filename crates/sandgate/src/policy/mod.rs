@@ -289,12 +289,10 @@ impl Policy {
                 .iter()
                 .any(|allowed| p.eq_ignore_ascii_case(allowed.as_bytes()))
         });
-        let keep_prefix = sandbox.keep_prefix;
         Decision::Proxy(Grant {
             target: Target {
                 sandbox,
                 port,
-                keep_prefix,
                 prefix: prefix.and_then(prefix_header),
                 strip_authorization: who.consumed_authorization,
             },

@@ -35,14 +35,22 @@ use request_body::ClientBody;
 pub struct Target {
     pub sandbox: Arc<Entry>,
     pub port: u16,
-    /// The path prefix that routed it (`/sandbox/{id}` or `/{owner}/{name}`), stripped before
-    /// forwarding and sent as `X-Forwarded-Prefix` (built once, as the header value it becomes);
-    /// `None` for host routes.
+    /// The path prefix that routed it (`/sandbox/{id}` or `/{owner}/{name}`), sent as
+    /// `X-Forwarded-Prefix` (built once, as the header value it becomes) and stripped before
+    /// forwarding unless the sandbox keeps it ([`Target::stripped_prefix`]); `None` for host
+    /// routes.
     pub prefix: Option<HeaderValue>,
-    /// The prefix is forwarded with the path (the sandbox's `path_prefix: keep`).
-    pub keep_prefix: bool,
     /// The request's `Authorization` field was the gateway's credential: it is not forwarded.
     pub strip_authorization: bool,
+}
+
+impl Target {
+    /// The prefix the sandbox's app does not see: taken off the path on the way in, and put
+    /// back into a local absolute `Location` on the way out. `None` for a host route, or a
+    /// sandbox with `path_prefix: keep` (its app writes its own `Location`s under the prefix).
+    pub fn stripped_prefix(&self) -> Option<&HeaderValue> {
+        self.prefix.as_ref().filter(|_| !self.sandbox.keep_prefix)
+    }
 }
 
 pub struct Proxy {
@@ -215,12 +223,8 @@ impl Proxy {
         if let Some(loc) = parts.headers.get(LOCATION) {
             let origin = public_origin(self.scheme, public_host.as_ref());
             let ports = [target.port, upstream.port()];
-            // An app that keeps its prefix writes its own `Location`s under it: only absolute
-            // local ones are rewritten to the gateway's origin.
             let prefix = target
-                .prefix
-                .as_ref()
-                .filter(|_| !target.keep_prefix)
+                .stripped_prefix()
                 .and_then(|p| p.to_str().ok())
                 .unwrap_or("");
             if let Some(new) = headers::rewrite_location(loc, &ports, &origin, prefix) {
@@ -366,10 +370,7 @@ fn upstream_request(
     protocol: Option<&HeaderValue>,
 ) -> Result<Request<ClientBody>, Error> {
     let pq = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-    let prefix_len = match (&target.prefix, target.keep_prefix) {
-        (Some(p), false) => p.len(),
-        _ => 0,
-    };
+    let prefix_len = target.stripped_prefix().map_or(0, HeaderValue::len);
     let rest = &pq[prefix_len.min(pq.len())..];
     let (path, query) = match rest.split_once('?') {
         Some((p, q)) => (p, Some(q)),

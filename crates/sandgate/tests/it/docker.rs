@@ -924,13 +924,8 @@ async fn network_none_containers_have_only_loopback() {
     assert_eq!(v["network"], "none", "{v}");
     let id = v["id"].as_str().unwrap().to_string();
     wait_body(&gw, &format!("/sandbox/{id}/"), None, "offline\n").await;
-    let r = gw
-        .post(&format!("/sandboxes/{id}/exec"))
-        .json(&json!({"command": "ls /sys/class/net"}))
-        .send()
-        .await;
-    r.expect(200);
-    assert_eq!(r.json()["stdout"], "lo\n");
+    let v = gw.exec(&id, &json!({"command": "ls /sys/class/net"})).await;
+    assert_eq!(v["stdout"], "lo\n", "{v}");
     let other = gw.create(&json!({"runtime": "shell"})).await;
     assert_eq!(other["network"], "egress", "{other}");
     gw.delete_sandbox(&id).await;

@@ -51,12 +51,7 @@ pub(crate) async fn gateway(kind: Kind) -> Option<(TestGateway, Leftovers)> {
     let builder = match kind {
         Kind::SharedHost => TestGateway::builder().isolation(Isolation::None),
         Kind::Isolated => {
-            if !sandgate::backend::process::jail::available() {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "CI must run jailed sandboxes (root, bubblewrap)"
-                );
-                eprintln!("SKIPPED: no privilege to jail sandboxes (root, bwrap, setpriv)");
+            if !crate::common::jail_or_skip() {
                 return None;
             }
             TestGateway::builder().isolation(Isolation::Sandbox)

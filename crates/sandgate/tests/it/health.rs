@@ -104,11 +104,8 @@ async fn a_sandbox_whose_server_is_down_is_not_ready(lane: Lane) {
         (gw.sandbox(&sb.id).await["ready"] == true).then_some(())
     })
     .await;
-    gw.post(&format!("/sandboxes/{}/exec", sb.id))
-        .json(&json!({"command": "kill $(cat server.pid)"}))
-        .send()
-        .await
-        .expect(200);
+    gw.exec(&sb.id, &json!({"command": "kill $(cat server.pid)"}))
+        .await;
     eventually(READY_TIMEOUT, "its checks fail", || async {
         (state(&gw, sb.id.clone()).await == "not_ready").then_some(())
     })

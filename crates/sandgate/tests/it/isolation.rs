@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::{
-    eventually, sandbox_processes, wait_processes_gone, wait_sandbox_processes_gone, Client,
-    SpawnedGateway, TestGateway, READY_TIMEOUT,
+    eventually, jail_or_skip, sandbox_processes, wait_processes_gone, wait_sandbox_processes_gone,
+    Client, SpawnedGateway, TestGateway, READY_TIMEOUT,
 };
 
 fn netns_or_skip() -> bool {
@@ -126,27 +126,9 @@ async fn isolated_host_route_never_reaches_the_hosts_own_services() {
 
 // ---- Jailed sandboxes (`isolation = sandbox`: bubblewrap, setpriv) ----
 
-fn jail_or_skip() -> bool {
-    let ok = sandgate::backend::process::jail::available();
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run jailed sandboxes (root, bubblewrap, setpriv)"
-        );
-        eprintln!("SKIPPED: no privilege to jail sandboxes (root, bwrap, setpriv)");
-    }
-    ok
-}
-
 /// Runs `command` in sandbox `id` through the API.
 async fn sh(gw: &Client, id: &str, command: &str) -> Value {
-    let r = gw
-        .post(&format!("/sandboxes/{id}/exec"))
-        .json(&json!({ "command": command }))
-        .send()
-        .await;
-    r.expect(200);
-    r.json()
+    gw.exec(id, &json!({ "command": command })).await
 }
 
 /// Runs `command` in `id`, expecting it to fail with `needle` in its output.

@@ -203,13 +203,7 @@ async fn a_vite_app_under_its_path_route_gets_hot_updates() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vite_app_in_a_jailed_sandbox_gets_hot_updates() {
-    if !sandgate::backend::process::jail::available() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run jailed sandboxes"
-        );
-        eprintln!("SKIPPED: no privilege to jail sandboxes (root, bwrap, setpriv)");
-        return;
+    if crate::common::jail_or_skip() {
+        vite_app_under_its_path_route_gets_hot_updates(Isolation::Sandbox).await;
     }
-    vite_app_under_its_path_route_gets_hot_updates(Isolation::Sandbox).await;
 }

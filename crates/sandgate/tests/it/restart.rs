@@ -249,15 +249,9 @@ async fn a_crash_during_creates_leaves_no_orphan_shared_host() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_during_creates_leaves_no_orphan_jailed() {
-    if !sandgate::backend::process::jail::available() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run jailed sandboxes"
-        );
-        eprintln!("SKIPPED: no privilege to jail sandboxes (root, bwrap, setpriv)");
-        return;
+    if crate::common::jail_or_skip() {
+        a_crash_during_creates_leaves_no_orphan("sandbox").await;
     }
-    a_crash_during_creates_leaves_no_orphan("sandbox").await;
 }
 
 /// Processes whose command line mentions `needle`.

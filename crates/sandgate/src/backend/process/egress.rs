@@ -280,13 +280,25 @@ fn nameservers(text: &str) -> Vec<Ipv4Addr> {
 /// A resolver's upstream list that systemd-resolved keeps beside its loopback stub.
 const RESOLVED_UPSTREAMS: &str = "/run/systemd/resolve/resolv.conf";
 
+/// The host's own nameservers, and whether they are only a loopback stub (systemd-resolved's
+/// `127.0.0.53`), which a sandbox cannot reach.
+fn host_resolver() -> (Vec<Ipv4Addr>, bool) {
+    let own = nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+    let stub = !own.is_empty() && own.iter().all(Ipv4Addr::is_loopback);
+    (own, stub)
+}
+
+/// The upstream nameservers systemd-resolved lists beside its stub.
+fn resolved_upstreams() -> Vec<Ipv4Addr> {
+    nameservers(&std::fs::read_to_string(RESOLVED_UPSTREAMS).unwrap_or_default())
+}
+
 /// The nameservers sandboxes use: the host's, or, behind a loopback stub, its upstreams.
 fn host_nameservers() -> Vec<Ipv4Addr> {
-    let own = nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
-    if !own.is_empty() && own.iter().all(Ipv4Addr::is_loopback) {
-        return nameservers(&std::fs::read_to_string(RESOLVED_UPSTREAMS).unwrap_or_default());
+    match host_resolver() {
+        (_, true) => resolved_upstreams(),
+        (own, false) => own.into_iter().filter(|a| !a.is_loopback()).collect(),
     }
-    own.into_iter().filter(|a| !a.is_loopback()).collect()
 }
 
 /// Where the host resolves through a loopback stub (systemd-resolved: `/etc/resolv.conf`
@@ -294,14 +306,10 @@ fn host_nameservers() -> Vec<Ipv4Addr> {
 /// nameservers and the path a sandbox reads as its `resolv.conf` (the stub file's path,
 /// under the sandbox's own `/run`), for the jail to bind read-only.
 pub fn resolver_bind() -> Option<(PathBuf, PathBuf)> {
-    let own = nameservers(&std::fs::read_to_string("/etc/resolv.conf").ok()?);
-    if own.is_empty() || !own.iter().all(Ipv4Addr::is_loopback) {
+    if !host_resolver().1 || resolved_upstreams().is_empty() {
         return None;
     }
     let upstreams = PathBuf::from(RESOLVED_UPSTREAMS);
-    if nameservers(&std::fs::read_to_string(&upstreams).ok()?).is_empty() {
-        return None;
-    }
     let target = std::fs::canonicalize("/etc/resolv.conf").ok()?;
     // Only a target on a path the sandbox gets fresh (its own /run) can be bound.
     target.starts_with("/run").then_some((upstreams, target))

@@ -151,19 +151,15 @@ pub async fn stream(path: PathBuf, opts: LogOptions) -> Result<LogStream, Backen
         .boxed())
 }
 
+/// The file as written (each line with its time).
 async fn raw_stream(
     path: PathBuf,
     tail: Option<usize>,
     following: bool,
 ) -> Result<LogStream, BackendError> {
-    let opts = LogOptions {
-        tail,
-        follow: following,
-        timestamps: true,
-    };
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !opts.follow => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !following => {
             return Ok(futures_util::stream::empty().boxed())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -173,7 +169,7 @@ async fn raw_stream(
         Err(e) => return Err(e.into()),
     };
     let len = file.metadata().await?.len();
-    let head = match opts.tail {
+    let head = match tail {
         Some(n) => {
             let from = len.saturating_sub(TAIL_WINDOW);
             file.seek(SeekFrom::Start(from)).await?;
@@ -184,7 +180,7 @@ async fn raw_stream(
         None => None,
     };
     let offset = if head.is_some() { len } else { 0 };
-    if !opts.follow {
+    if !following {
         return Ok(match head {
             Some(h) => futures_util::stream::once(async move { Ok(h) }).boxed(),
             None => {
@@ -250,7 +246,9 @@ pub fn tail_text(path: &std::path::Path, n: usize) -> String {
         let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
         let _ = f.read_to_end(&mut buf);
     }
-    let text = Unstamp::default().feed(last_lines(&buf, n));
+    let mut unstamp = Unstamp::default();
+    let mut text = unstamp.feed(last_lines(&buf, n));
+    text.extend(unstamp.finish());
     String::from_utf8_lossy(&text)
         .lines()
         .filter(|l| !l.starts_with("[sandgate]"))
@@ -260,22 +258,23 @@ pub fn tail_text(path: &std::path::Path, n: usize) -> String {
 
 /// Appends a lifecycle marker line to a sandbox's log, creating it (at a start).
 pub fn mark_first(path: &std::path::Path, what: &str) {
-    if let Ok(f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        drop(f);
-        mark(path, what);
-    }
+    append_mark(path, what, true);
 }
 
 /// Appends a lifecycle marker line to a sandbox's log, if it still exists (a deleted
 /// sandbox's directory is never brought back).
 pub fn mark(path: &std::path::Path, what: &str) {
+    append_mark(path, what, false);
+}
+
+fn append_mark(path: &std::path::Path, what: &str, create: bool) {
     use std::io::Write;
     let line = format!("{} [sandgate] {what}\n", stamp());
-    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
+    let file = std::fs::OpenOptions::new()
+        .create(create)
+        .append(true)
+        .open(path);
+    if let Ok(mut f) = file {
         let _ = f.write_all(line.as_bytes());
     }
 }

@@ -282,11 +282,15 @@ fn jail_ready(init: i32, uid: u32) -> bool {
 
 /// Kernel start time of `pid`, or `None` if it does not exist.
 fn start_time(pid: i32) -> Option<u64> {
+    // From field 3 (state) on; the start time is field 22.
+    stat_fields(pid)?.split(' ').nth(19)?.parse().ok()
+}
+
+/// `/proc/<pid>/stat` from field 3 (the state) on. The command name (field 2) may contain
+/// spaces and parentheses: the fields start after the last `)`.
+fn stat_fields(pid: i32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    // `rest` starts at field 3 (state); the start time is field 22.
-    rest.split(' ').nth(19)?.parse().ok()
+    Some(stat[stat.rfind(')')? + 2..].to_string())
 }
 
 fn is_same_process(r: ProcRef) -> bool {
@@ -333,10 +337,7 @@ async fn wait_gone(pgid: i32, init: Option<ProcRef>, limit: Duration) -> bool {
 
 /// Whether `pid` has exited and waits to be reaped.
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| Some(s[s.rfind(')')? + 2..].starts_with('Z')))
-        .unwrap_or(false)
+    stat_fields(pid).is_some_and(|f| f.starts_with('Z'))
 }
 
 async fn wait_group_gone(pgid: i32, limit: Duration) -> bool {
@@ -505,9 +506,8 @@ impl Backend for ProcessBackend {
             &format!("starting (generation {})", sb.generation),
         );
         let (output, writer) = self.log_writer(&log_path)?;
-        // A jailed sandbox's leader reports the sandbox's PID 1 on this pipe.
-        let mut info = None;
-        let mut uid = None;
+        // A jailed sandbox's leader reports the sandbox's PID 1 on this pipe; its uid.
+        let mut jailed: Option<(std::fs::File, u32)> = None;
         let mut cmd = if let Some(jail) = &self.jail {
             let (jail, dir, work, id) = (jail.clone(), dir.clone(), work.clone(), sb.id.clone());
             let (u, args) = tokio::task::spawn_blocking(move || {
@@ -524,12 +524,12 @@ impl Backend for ProcessBackend {
                 Ok::<_, std::io::Error>((u, args))
             })
             .await
-            .map_err(|e| BackendError::Start(format!("preparing the sandbox: {e}")))?
+            .map_err(std::io::Error::other)
+            .and_then(|prepared| prepared)
             .map_err(|e| BackendError::Start(format!("preparing the sandbox: {e}")))?;
-            uid = Some(u);
             let (reader, writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
                 .map_err(std::io::Error::from)?;
-            info = Some(std::fs::File::from(reader));
+            jailed = Some((std::fs::File::from(reader), u));
             let mut c = tokio::process::Command::new("bwrap");
             c.args(args)
                 .arg(&sb.command)
@@ -568,39 +568,33 @@ impl Backend for ProcessBackend {
         reaper::own(pid);
         drop(gate);
         let mut handle = ProcRef::new(pid, start_time(pid).unwrap_or(0));
-        if let Some(reader) = info {
-            match read_child_pid(reader, uid.unwrap_or(0)).await {
-                Some(init) => {
-                    handle.init = Some((init, start_time(init).unwrap_or(0)));
-                    handle.uid = uid;
-                    if let (Network::Egress, Some(egress), Some(u)) =
-                        (sb.network, &self.egress, uid)
-                    {
-                        let egress = egress.clone();
-                        let slot = u - jail::UID_BASE;
-                        let linked = tokio::task::spawn_blocking(move || egress.attach(init, slot))
-                            .await
-                            .unwrap_or_else(|e| Err(e.to_string()));
-                        if let Err(e) = linked {
-                            let _ = nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGKILL);
-                            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                            let _ =
-                                tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-                            reaper::disown(pid);
-                            return Err(BackendError::Start(format!(
-                                "cannot give the sandbox its outbound network: {e}"
-                            )));
-                        }
-                    }
+        if let Some((reader, u)) = jailed {
+            // A jailed start that cannot finish leaves nothing: its init and leader killed.
+            let abort = |init: Option<i32>, child: tokio::process::Child, why: String| async move {
+                let mut child = child;
+                if let Some(init) = init {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGKILL);
                 }
-                None => {
-                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-                    reaper::disown(pid);
-                    let last = logs::tail_text(&log_path, 5);
-                    return Err(BackendError::Start(format!(
-                        "bubblewrap could not set the sandbox up: {last}"
-                    )));
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                reaper::disown(pid);
+                BackendError::Start(why)
+            };
+            let Some(init) = read_child_pid(reader, u).await else {
+                let last = logs::tail_text(&log_path, 5);
+                let why = format!("bubblewrap could not set the sandbox up: {last}");
+                return Err(abort(None, child, why).await);
+            };
+            handle.init = Some((init, start_time(init).unwrap_or(0)));
+            handle.uid = Some(u);
+            if let (Network::Egress, Some(egress)) = (sb.network, &self.egress) {
+                let (egress, slot) = (egress.clone(), u - jail::UID_BASE);
+                let linked = tokio::task::spawn_blocking(move || egress.attach(init, slot))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                if let Err(e) = linked {
+                    let why = format!("cannot give the sandbox its outbound network: {e}");
+                    return Err(abort(Some(init), child, why).await);
                 }
             }
         }
@@ -640,6 +634,7 @@ impl Backend for ProcessBackend {
         });
         Ok(self.handle(handle))
     }
+
     async fn stop(&self, sb: &Sandbox) -> Result<(), BackendError> {
         let Some(r) = parse_ref(sb) else {
             // No handle: a create the gateway crashed in. Whatever it started carries the
@@ -699,10 +694,10 @@ impl Backend for ProcessBackend {
     }
 
     async fn remove(&self, sb: &Sandbox) -> Result<(), BackendError> {
-        if let Some(jail) = &self.jail {
-            jail.release(&self.dir(sb));
-        }
         let dir = self.dir(sb);
+        if let Some(jail) = &self.jail {
+            jail.release(&dir);
+        }
         let mut attempt = 0;
         loop {
             match tokio::fs::remove_dir_all(&dir).await {

@@ -56,6 +56,20 @@ pub fn port_block() -> u16 {
 }
 
 /// The fixture upstream binary built by Cargo for these tests.
+/// Whether this machine can jail sandboxes (root, bubblewrap, setpriv); says `SKIPPED` when
+/// it cannot, and fails under CI (`CI` set), where they must run.
+pub fn jail_or_skip() -> bool {
+    let ok = sandgate::backend::process::jail::available();
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run jailed sandboxes (root, bubblewrap, setpriv)"
+        );
+        eprintln!("SKIPPED: no privilege to jail sandboxes (root, bwrap, setpriv)");
+    }
+    ok
+}
+
 /// The directory holding the fixture (bound read-only into jailed sandboxes).
 pub fn fixture_dir() -> PathBuf {
     Path::new(fixture_path())
@@ -670,6 +684,17 @@ impl Client {
         let pid = sandbox_leader(id, not).await;
         self.pids.record(pid);
         pid
+    }
+
+    /// `POST /sandboxes/{id}/exec` with `body`, expecting 200: the command's result.
+    pub async fn exec(&self, id: &str, body: &Value) -> Value {
+        let r = self
+            .post(&format!("/sandboxes/{id}/exec"))
+            .json(body)
+            .send()
+            .await;
+        r.expect(200);
+        r.json()
     }
 
     /// `POST /sandboxes` with `body`, expecting 201.
