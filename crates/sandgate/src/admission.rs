@@ -5,8 +5,8 @@
 //! queue: over the cap is refused at once), one slot of its client address's share
 //! (`max_requests_per_client`, so slow clients from one address cannot hold every slot) and
 //! its sandbox's in-use mark (the idle reaper leaves it alone). Dropping the [`Admission`] is
-//! the finish step: slots are returned and the per-loop finish counters (where metrics and the
-//! access log hook) count it.
+//! the finish step: slots are returned, the per-loop finish counters count it and the request
+//! is recorded in [`Metrics`] (method, status class, route, duration, upstream error).
 //!
 //! Every event loop takes and returns slots per request, so these counters are words both
 //! loops write; a semaphore (a compare-and-swap, a mutex taken on every release and a
@@ -20,9 +20,48 @@ use std::net::IpAddr;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::error::Error;
+use crate::metrics::{AuthResult, Finish, Method, Metrics, RouteLabel, Stream};
 use crate::routes::{Activity, InUse};
+
+/// What the finish step needs to know of a request from its start: when its head was
+/// complete, its method and route, and how its credential fared.
+#[derive(Debug, Clone, Copy)]
+pub struct Started {
+    pub at: Instant,
+    pub method: Method,
+    pub route: RouteLabel,
+    pub auth: AuthResult,
+}
+
+impl Started {
+    /// A request whose head was complete now.
+    pub fn now(method: &str) -> Started {
+        Started {
+            at: Instant::now(),
+            method: Method::of(method),
+            route: RouteLabel::Unmatched,
+            auth: AuthResult::None,
+        }
+    }
+
+    /// The request as it finishes with `status` (0: no response) now.
+    pub fn finish(&self, status: u16, err: Option<&Error>) -> Finish {
+        Finish {
+            method: self.method,
+            route: self.route,
+            status,
+            elapsed: self.at.elapsed(),
+            auth: match err.map(Error::auth_result) {
+                Some(AuthResult::None) | None => self.auth,
+                Some(refused) => refused,
+            },
+            upstream_error: err.and_then(Error::upstream_error),
+        }
+    }
+}
 
 /// Counters of the per-client share (a power of two).
 const CLIENT_COUNTERS: usize = 4096;
@@ -62,12 +101,13 @@ pub struct Limits {
     per_client_max: usize,
     hasher: foldhash::fast::FixedState,
     finished: Box<[LoopCounters]>,
+    metrics: Arc<Metrics>,
 }
 
 impl Limits {
     /// `max` requests in flight, at most `per_client_max` of them from one client address;
-    /// finish counters for `loops` event loops.
-    pub fn new(max: usize, per_client_max: usize, loops: usize) -> Limits {
+    /// finish counters for `loops` event loops, recording into `metrics`.
+    pub fn new(max: usize, per_client_max: usize, loops: usize, metrics: Arc<Metrics>) -> Limits {
         Limits {
             in_flight: AtomicUsize::new(0),
             max,
@@ -75,14 +115,24 @@ impl Limits {
             per_client_max,
             hasher: foldhash::fast::FixedState::with_seed(rand::random()),
             finished: (0..loops.max(1)).map(|_| LoopCounters::default()).collect(),
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Admits one request from `client` to the sandbox whose in-use mark is `in_use`, or
     /// refuses it: `Overloaded` at `MAX_CONCURRENT_REQUESTS`, `ClientOverloaded` at the
     /// client's share. `L` is `&Limits` where the request's lifetime is a scope (the fast
     /// lane), `Arc<Limits>` where it travels with a response body.
-    pub fn admit<L, A>(this: L, client: IpAddr, in_use: InUse<A>) -> Result<Admission<L, A>, Error>
+    pub fn admit<L, A>(
+        this: L,
+        client: IpAddr,
+        in_use: InUse<A>,
+        started: Started,
+    ) -> Result<Admission<L, A>, Error>
     where
         L: Deref<Target = Limits>,
         A: Deref<Target = Activity>,
@@ -102,6 +152,9 @@ impl Limits {
             upgraded: false,
             answered: false,
             in_use,
+            started,
+            status: 0,
+            err: None,
         })
     }
 
@@ -111,9 +164,19 @@ impl Limits {
         std::hash::Hasher::finish(&h) as usize & (CLIENT_COUNTERS - 1)
     }
 
-    /// Counts a request the gateway answered itself (never admitted).
-    pub fn answered(&self) {
+    /// The finish step of a request the gateway answered itself (never admitted), with
+    /// `status` (and the error it answered with).
+    pub fn answered(&self, started: &Started, status: u16, err: Option<&Error>) {
         self.count(Finished::Answered);
+        self.metrics.finish(&started.finish(status, err));
+    }
+
+    /// The finish step of a control-API request answered with `status` by the route
+    /// `template` (`None`: none matched).
+    pub fn answered_api(&self, started: &Started, status: u16, template: Option<&str>) {
+        self.count(Finished::Answered);
+        self.metrics
+            .finish_api(&started.finish(status, None), template);
     }
 
     fn count(&self, how: Finished) {
@@ -172,6 +235,11 @@ pub struct Admission<L: Deref<Target = Limits>, A: Deref<Target = Activity> = Ar
     /// Never forwarded after all (a sandbox that did not wake): finished as answered.
     answered: bool,
     in_use: InUse<A>,
+    started: Started,
+    /// The response's status (0 until one is known).
+    status: u16,
+    /// What the sandbox's side did wrong, if the request failed there.
+    err: Option<crate::metrics::UpstreamError>,
 }
 
 /// An admission that can travel with a response body or an upgraded connection.
@@ -180,15 +248,37 @@ pub type OwnedAdmission = Admission<Arc<Limits>, Arc<Activity>>;
 impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
     /// The request switched protocols: its slots cover requests, not long-lived upgraded
     /// connections, so they are returned now; the in-use mark stays until the stream ends.
+    /// The request is recorded now, as it switched (101), and its stream counted as open.
     pub fn upgraded(&mut self) {
         self.release_slots();
         self.upgraded = true;
+        self.limits.metrics.finish(&self.started.finish(101, None));
+        self.limits.metrics.stream_opened(Stream::Proxied);
     }
 
-    /// The request was answered by the gateway after all (its sandbox did not wake): its
-    /// slots are returned and it finishes as answered, not forwarded.
-    pub fn answered(mut self) {
+    /// The sandbox answered with this status.
+    pub fn respond(&mut self, status: u16) {
+        self.status = status;
+    }
+
+    /// The request was answered by the gateway after all (its sandbox did not wake, or was
+    /// not ready): its slots are returned and it finishes as answered with `err`.
+    pub fn answered(mut self, err: &Error) {
         self.answered = true;
+        self.fail_with(err);
+    }
+
+    /// Forwarding failed with `err` (which the client is answered with): finished now.
+    pub fn failed(mut self, err: &Error) {
+        self.fail_with(err);
+    }
+
+    fn fail_with(&mut self, err: &Error) {
+        self.status = err.status_and_code().0.as_u16();
+        self.err = err.upstream_error();
+        if let Some(auth) = Some(err.auth_result()).filter(|a| *a != AuthResult::None) {
+            self.started.auth = auth;
+        }
     }
 
     /// The sandbox's activity (an upgraded stream touches it on traffic).
@@ -214,6 +304,13 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Drop for Admission<
         } else {
             Finished::Forwarded
         });
+        if self.upgraded {
+            self.limits.metrics.stream_closed(Stream::Proxied);
+        } else {
+            let mut f = self.started.finish(self.status, None);
+            f.upstream_error = self.err;
+            self.limits.metrics.finish(&f);
+        }
     }
 }
 
@@ -221,6 +318,10 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Drop for Admission<
 mod tests {
     use super::*;
     use crate::routes::Routes;
+
+    fn get() -> Started {
+        Started::now("GET")
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -237,18 +338,18 @@ mod tests {
     #[test]
     fn slots_are_taken_up_to_the_caps_and_returned_on_drop() {
         let (_routes, e) = entry();
-        let limits = Arc::new(Limits::new(3, 2, 1));
-        let a = Limits::admit(limits.clone(), ip("10.0.0.1"), e.in_use()).unwrap();
-        let b = Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped()).unwrap();
+        let limits = Arc::new(Limits::new(3, 2, 1, Arc::new(Metrics::new(1, true))));
+        let a = Limits::admit(limits.clone(), ip("10.0.0.1"), e.in_use(), get()).unwrap();
+        let b = Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), get()).unwrap();
         assert!(e.busy());
         // The client's share is used up; another client still gets the last slot.
         assert!(matches!(
-            Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped()),
+            Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), get()),
             Err(Error::ClientOverloaded)
         ));
-        let c = Limits::admit(&*limits, ip("10.0.0.2"), e.in_use_scoped()).unwrap();
+        let c = Limits::admit(&*limits, ip("10.0.0.2"), e.in_use_scoped(), get()).unwrap();
         assert!(matches!(
-            Limits::admit(&*limits, ip("10.0.0.3"), e.in_use_scoped()),
+            Limits::admit(&*limits, ip("10.0.0.3"), e.in_use_scoped(), get()),
             Err(Error::Overloaded)
         ));
         assert_eq!(limits.in_flight(), 3);
@@ -258,7 +359,7 @@ mod tests {
         assert_eq!(limits.finished().forwarded, 3);
         // Refusals returned every slot they took.
         let again: Vec<_> = (0..2)
-            .map(|_| Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped()).unwrap())
+            .map(|_| Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), get()).unwrap())
             .collect();
         drop(again);
     }
@@ -266,12 +367,12 @@ mod tests {
     #[test]
     fn an_upgraded_stream_gives_back_its_slots_but_stays_in_use() {
         let (_routes, e) = entry();
-        let limits = Arc::new(Limits::new(1, 1, 2));
-        let mut a = Limits::admit(limits.clone(), ip("::1"), e.in_use()).unwrap();
+        let limits = Arc::new(Limits::new(1, 1, 2, Arc::new(Metrics::new(2, true))));
+        let mut a = Limits::admit(limits.clone(), ip("::1"), e.in_use(), get()).unwrap();
         a.upgraded();
         assert_eq!(limits.in_flight(), 0);
         assert!(e.busy());
-        let b = Limits::admit(&*limits, ip("::1"), e.in_use_scoped()).unwrap();
+        let b = Limits::admit(&*limits, ip("::1"), e.in_use_scoped(), get()).unwrap();
         drop(b);
         drop(a);
         assert!(!e.busy());
@@ -292,18 +393,22 @@ mod tests {
         assert!(e.try_in_use(2).is_none());
         drop((b, c));
         assert!(!e.busy());
-        let limits = Limits::new(1, 1, 1);
+        let limits = Limits::new(1, 1, 1, Arc::new(Metrics::new(1, true)));
         let d = Limits::admit(
             &limits,
             ip("10.0.0.1"),
             e.try_in_use_scoped(usize::MAX).unwrap(),
+            get(),
         );
         let d = d.unwrap();
         // An admitted request that ends up answered (its sandbox did not wake).
-        d.answered();
+        d.answered(&Error::Starting("sb".into()));
         let f = limits.finished();
         assert_eq!((f.forwarded, f.answered, limits.in_flight()), (0, 1, 0));
         assert!(!e.busy());
+        // Recorded with the status it was answered with.
+        let m = limits.metrics();
+        assert_eq!(m.requests("GET", 503, RouteLabel::Unmatched), 1);
     }
 
     /// Threads racing for the slots never take more than the cap, and never fewer while
@@ -311,14 +416,14 @@ mod tests {
     #[test]
     fn racing_takers_get_exactly_the_free_slots() {
         let (_routes, e) = entry();
-        let limits = Arc::new(Limits::new(8, 8, 1));
+        let limits = Arc::new(Limits::new(8, 8, 1, Arc::new(Metrics::new(1, true))));
         let barrier = Arc::new(std::sync::Barrier::new(8));
         let taken: Vec<_> = (0..8)
             .map(|_| {
                 let (limits, barrier, e) = (limits.clone(), barrier.clone(), e.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    Limits::admit(limits, ip("127.0.0.1"), e.in_use()).ok()
+                    Limits::admit(limits, ip("127.0.0.1"), e.in_use(), get()).ok()
                 })
             })
             .collect::<Vec<_>>()
@@ -327,7 +432,7 @@ mod tests {
             .collect();
         assert!(taken.iter().all(Option::is_some));
         assert_eq!(limits.in_flight(), 8);
-        assert!(Limits::admit(&*limits, ip("127.0.0.2"), e.in_use_scoped()).is_err());
+        assert!(Limits::admit(&*limits, ip("127.0.0.2"), e.in_use_scoped(), get()).is_err());
         drop(taken);
         assert_eq!(limits.in_flight(), 0);
     }

@@ -122,6 +122,15 @@ pub struct ServeArgs {
     /// sandbox_not_ready after a short wait).
     #[arg(long, env = "SANDGATE_HEALTH_FALL")]
     pub health_fall: Option<u32>,
+    /// Whether requests, upstream connections and lifecycle operations are recorded for
+    /// `GET /metrics` (Prometheus).
+    #[arg(long, env = "SANDGATE_METRICS", value_enum)]
+    pub metrics: Option<Switch>,
+    /// A second listener serving only `GET /metrics`, with no credential (bind it where only
+    /// the scraper reaches, e.g. 127.0.0.1:9464 or a pod IP); the main listener's /metrics
+    /// needs an admin credential once authentication is on.
+    #[arg(long, env = "SANDGATE_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Outbound network of a sandbox whose create names none: `none` (its own loopback) or
     /// `egress` (NAT to the outside, never to the gateway host, other sandboxes or
     /// --egress-deny); `sandbox` isolation only.
@@ -323,6 +332,8 @@ struct FileConfig {
     health_interval: Option<f64>,
     health_rise: Option<u32>,
     health_fall: Option<u32>,
+    metrics: Option<Switch>,
+    metrics_addr: Option<std::net::SocketAddr>,
     egress_subnet: Option<String>,
     egress_deny: Option<Vec<Cidr>>,
     domain: Option<String>,
@@ -543,6 +554,10 @@ pub struct Config {
     pub health_rise: u32,
     /// Failures in a row that make it not ready.
     pub health_fall: u32,
+    /// Requests and operations are recorded for `/metrics`.
+    pub metrics: bool,
+    /// The metrics-only listener's address.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// IPv4 range of egress sandboxes' links (a /30 each).
     pub egress_subnet: Cidr,
     /// Ranges egress sandboxes may not reach (besides those always refused).
@@ -704,6 +719,8 @@ impl Config {
             health_interval: Some(Duration::from_secs(2)),
             health_rise: 1,
             health_fall: 2,
+            metrics: true,
+            metrics_addr: None,
             egress_subnet: "10.201.0.0/16".parse().expect("a valid CIDR"),
             egress_deny: [
                 "10.0.0.0/8",
@@ -821,6 +838,10 @@ impl Config {
             .health_fall
             .or(file.health_fall)
             .unwrap_or(c.health_fall);
+        if let Some(m) = args.metrics.or(file.metrics) {
+            c.metrics = m == Switch::On;
+        }
+        c.metrics_addr = args.metrics_addr.or(file.metrics_addr);
         if let Some(s) = args
             .egress_subnet
             .as_deref()
@@ -1039,6 +1060,10 @@ impl Config {
         );
         put("health_rise", int(self.health_rise.into()));
         put("health_fall", int(self.health_fall.into()));
+        put("metrics", text(if self.metrics { "on" } else { "off" }));
+        if let Some(addr) = self.metrics_addr {
+            put("metrics_addr", V::String(addr.to_string()));
+        }
         put("egress_subnet", V::String(self.egress_subnet.to_string()));
         put("egress_deny", cidrs(&self.egress_deny));
         put("domain", text(&self.domain));

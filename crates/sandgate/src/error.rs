@@ -208,6 +208,31 @@ impl Error {
         }
     }
 
+    /// What the error says about the sandbox's side, for metrics and the access log.
+    pub fn upstream_error(&self) -> Option<crate::metrics::UpstreamError> {
+        use crate::metrics::UpstreamError as U;
+        match self {
+            Error::UpstreamUnreachable { reason, .. } if reason == "connection refused" => {
+                Some(U::Refused)
+            }
+            Error::UpstreamUnreachable { .. } => Some(U::Unreachable),
+            Error::UpstreamTimeout { .. } => Some(U::Timeout),
+            Error::UpstreamProtocol { .. } => Some(U::Protocol),
+            _ => None,
+        }
+    }
+
+    /// What the error says about the request's credential, for metrics.
+    pub fn auth_result(&self) -> crate::metrics::AuthResult {
+        use crate::metrics::AuthResult as A;
+        match self {
+            Error::Unauthenticated => A::Missing,
+            Error::BadCredential(_) => A::Invalid,
+            Error::Forbidden(_) | Error::AddressNotAllowed => A::Forbidden,
+            _ => A::None,
+        }
+    }
+
     /// The `WWW-Authenticate` challenge of a 401 (RFC 9110 §11.6.1, RFC 6750 §3).
     fn challenge(&self) -> Option<&'static str> {
         match self {

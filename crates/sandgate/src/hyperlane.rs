@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::admission::Started;
 use crate::error::Error;
 use crate::gateway::Gateway;
 use crate::policy::{self, Decision, Grant, Head};
@@ -81,6 +82,7 @@ impl Gateway {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<GatewayBody>, Infallible> {
+        let mut started = Started::now(req.method().as_str());
         let (decision, html, client) = {
             let facts = policy::facts(req.method().as_str(), req.headers());
             let client = self.policy.client(peer.ip(), &facts);
@@ -94,19 +96,26 @@ impl Gateway {
                 client,
                 facts: &facts,
             };
-            (self.policy.check(&head), facts.html, client)
+            let (decision, route) = self.policy.check(&head);
+            started.route = route;
+            (decision, facts.html, client)
         };
         let version = req.version();
         // An error answered while the request's body may be unread ends the connection (as in
         // the fast lane): what is left of it cannot be told from the next request.
         let mut close = !http_body::Body::is_end_stream(req.body());
         let resp = match decision {
-            Decision::Proxy(grant) => self.forward(req, client, grant).await,
+            Decision::Proxy(grant) => {
+                started.auth = policy::auth_result(&grant.principal);
+                self.forward(req, client, grant, started).await
+            }
             Decision::Api(principal) => {
                 let mut req = req;
                 if let Some(p) = principal {
+                    started.auth = policy::auth_result(&p);
                     if let Err(e) = self.policy.admit_api(&p) {
-                        self.policy.answered();
+                        let status = e.status_and_code().0.as_u16();
+                        self.policy.answered(&started, status, Some(&e));
                         return Ok(error_response(&e, html, version, close));
                     }
                     req.extensions_mut().insert(p);
@@ -118,14 +127,20 @@ impl Gateway {
                     .clone()
                     .oneshot(req.map(axum::body::Body::new))
                     .await;
-                self.policy.answered();
-                Ok(match resp {
-                    Ok(r) => r.map(|inner| GatewayBody::Api { inner }),
+                let resp = match resp {
+                    Ok(r) => r,
                     Err(never) => match never {},
-                })
+                };
+                let template = resp
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map(|m| m.as_str());
+                self.policy
+                    .answered_api(&started, resp.status().as_u16(), template);
+                Ok(resp.map(|inner| GatewayBody::Api { inner }))
             }
             Decision::Redirect(location) => {
-                self.policy.answered();
+                self.policy.answered(&started, 308, None);
                 let mut r = Response::new(GatewayBody::empty());
                 *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
                 if let Ok(v) = HeaderValue::from_str(&location) {
@@ -134,7 +149,7 @@ impl Gateway {
                 Ok(r)
             }
             Decision::Preview { location, cookie } => {
-                self.policy.answered();
+                self.policy.answered(&started, 303, None);
                 let mut r = Response::new(GatewayBody::empty());
                 *r.status_mut() = StatusCode::SEE_OTHER;
                 let h = r.headers_mut();
@@ -149,7 +164,7 @@ impl Gateway {
                 Ok(r)
             }
             Decision::Deny(e) => {
-                self.policy.refused(&e, client);
+                self.policy.refused(&e, client, &started);
                 Err(e)
             }
         };
@@ -165,19 +180,22 @@ impl Gateway {
         req: Request<Incoming>,
         client: IpAddr,
         grant: Grant,
+        started: Started,
     ) -> Result<Response<GatewayBody>, Error> {
         // Admitted first, so a request over a limit starts nothing; the in-use mark it holds
         // is the sandbox's through the wake (a restart keeps its activity).
-        let admission = match self
-            .policy
-            .admit_owned(&grant.target, &grant.principal, client)
-        {
-            Ok(a) => a,
-            Err(e) => {
-                self.policy.answered();
-                return Err(e);
-            }
-        };
+        let admission =
+            match self
+                .policy
+                .admit_owned(&grant.target, &grant.principal, client, started)
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    let status = e.status_and_code().0.as_u16();
+                    self.policy.answered(&started, status, Some(&e));
+                    return Err(e);
+                }
+            };
         let waited = match grant.unready {
             false => Ok(grant),
             true => self.policy.await_ready(grant).await,
@@ -185,7 +203,7 @@ impl Gateway {
         let grant = match waited {
             Ok(g) => g,
             Err(e) => {
-                admission.answered();
+                admission.answered(&e);
                 return Err(e);
             }
         };
@@ -194,13 +212,15 @@ impl Gateway {
             true => match self.policy.wake(grant).await {
                 Ok(g) => g,
                 Err(e) => {
-                    admission.answered();
+                    admission.answered(&e);
                     return Err(e);
                 }
             },
         };
         let Some(upstream) = grant.upstream else {
-            return Err(Error::internal("a woken sandbox has no upstream"));
+            let e = Error::internal("a woken sandbox has no upstream");
+            admission.failed(&e);
+            return Err(e);
         };
         self.state
             .proxy

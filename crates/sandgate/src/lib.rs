@@ -36,6 +36,7 @@ pub mod gateway;
 pub mod hyperlane;
 pub mod lifecycle;
 pub mod manager;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod proxy;
@@ -63,6 +64,7 @@ use crate::backend::process::{self, ProcessBackend, ProcessIsolation};
 use crate::backend::Backend;
 use crate::config::{BackendKind, Config, Isolation};
 use crate::manager::Manager;
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::rates::Rates;
 use crate::routes::Routes;
@@ -97,6 +99,11 @@ pub enum RunError {
     Tls(#[from] tls::TlsError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("metrics listener {addr} (SANDGATE_METRICS_ADDR): {source}")]
+    MetricsListener {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// How far process sandboxes are kept apart on this host.
@@ -225,6 +232,15 @@ pub async fn run(
         Some(files) => Some(Arc::new(tls::Tls::load(files)?)),
         None => None,
     };
+    // Bound first too: an address in use stops the gateway before anything starts.
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::MetricsListener { addr, source })?,
+        ),
+        None => None,
+    };
     let data_dir = &config.data_dir;
     let sandboxes_dir = data_dir.join("sandboxes");
     std::fs::create_dir_all(&sandboxes_dir).map_err(|source| RunError::DataDir {
@@ -240,11 +256,13 @@ pub async fn run(
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let backend = build_backend(&config, store.as_ref(), sandboxes_dir, exits_tx).await?;
     let routes = Arc::new(Routes::default());
+    let metrics = Arc::new(Metrics::new(config.workers, config.metrics));
     let manager = Arc::new(Manager::new(
         config.clone(),
         store,
         backend.clone(),
         routes.clone(),
+        metrics.clone(),
     ));
     manager.reconcile().await?;
     let exit_watcher = tokio::spawn(manager.clone().watch_exits(exits_rx));
@@ -256,12 +274,14 @@ pub async fn run(
             config.max_retries,
             config.workers,
         )
-        .with_scheme(config.scheme()),
+        .with_scheme(config.scheme())
+        .with_metrics(metrics.clone()),
     );
     let limits = Arc::new(Limits::new(
         config.max_concurrent_requests,
         config.max_requests_per_client,
         config.workers,
+        metrics.clone(),
     ));
     let rates = Arc::new(Rates::new(&config));
     let bound_port = listener.local_addr()?.port();
@@ -316,6 +336,7 @@ pub async fn run(
             interval,
             config.health_rise,
             config.health_fall,
+            metrics.clone(),
             shutdown.clone(),
         ))
     });
@@ -332,6 +353,7 @@ pub async fn run(
         routes,
         proxy,
         limits,
+        metrics: metrics.clone(),
         rates,
         execs: execs.clone(),
         terminals: terminals.clone(),
@@ -354,6 +376,24 @@ pub async fn run(
              can reach its loopback address"
         );
     }
+    let metrics_server = match metrics_listener {
+        Some(listener) => {
+            tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+            let app = axum::Router::new()
+                .route("/metrics", axum::routing::get(api::metrics::scrape))
+                .with_state(state.clone());
+            let stop = stop.clone();
+            Some(tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::warn!(error = %e, "the metrics listener stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let mut gateway = gateway::Gateway::new(state);
     gateway.tls = tls.as_ref().map(|tls| tls.acceptor());
     let gateway = Arc::new(gateway);
@@ -385,6 +425,9 @@ pub async fn run(
         stop.cancel();
     }
     delayed_stop.abort();
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     workers.drained().await;
     let _ = reaper.await;
     if let Some(checker) = checker {

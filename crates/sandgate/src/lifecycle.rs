@@ -77,6 +77,7 @@ pub async fn check_health(
     interval: Duration,
     rise: u32,
     fall: u32,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
     use futures_util::StreamExt;
@@ -95,12 +96,15 @@ pub async fn check_health(
             .collect();
         let checks = futures_util::stream::iter(due).for_each_concurrent(64, |entry| {
             let backend = backend.clone();
+            let metrics = &metrics;
             async move {
                 let Some(upstream) = entry.port.and_then(|p| backend.upstream(&entry, p)) else {
                     return;
                 };
                 let ok = probe(upstream, entry.health_path.as_deref()).await;
-                if let Some(now) = entry.record_check(ok, rise, fall) {
+                let changed = entry.record_check(ok, rise, fall);
+                metrics.health_check(ok, changed.is_some());
+                if let Some(now) = changed {
                     tracing::info!(sandbox = %entry.id, health = ?now, "health check changed");
                 }
             }

@@ -11,6 +11,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::backend::{Backend, Exit};
 use crate::config::Config;
 use crate::error::Error;
+use crate::metrics::{Metrics, Operation};
 use crate::model::{
     self, Limits, Mode, Sandbox, Status, DEFAULT_OWNER, DEFAULT_TEAM, RESERVED_OWNERS,
 };
@@ -119,6 +120,7 @@ pub struct Manager {
     routes: Arc<Routes>,
     runtimes: Runtimes,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// At most 32 distinct ports, each 1..=65535.
@@ -150,6 +152,7 @@ impl Manager {
         store: Arc<dyn Store>,
         backend: Arc<dyn Backend>,
         routes: Arc<Routes>,
+        metrics: Arc<Metrics>,
     ) -> Manager {
         let runtimes = Runtimes::new(&config.runtimes);
         Manager {
@@ -159,7 +162,28 @@ impl Manager {
             routes,
             runtimes,
             locks: Mutex::new(HashMap::new()),
+            metrics,
         }
+    }
+
+    /// Runs a lifecycle operation, recording its duration: succeeded, or failed on the
+    /// gateway's or backend's side (a refusal of the caller's request, 4xx, is not recorded).
+    async fn timed<T>(
+        &self,
+        op: Operation,
+        run: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let began = std::time::Instant::now();
+        let result = run.await;
+        let recorded = match &result {
+            Ok(_) => Some(true),
+            Err(e) if e.status_and_code().0.is_server_error() => Some(false),
+            Err(_) => None,
+        };
+        if let Some(ok) = recorded {
+            self.metrics.lifecycle(op, ok, began.elapsed());
+        }
+        result
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -325,7 +349,17 @@ impl Manager {
 
     /// Creates a sandbox of `team` and starts it.
     pub async fn create(&self, req: CreateSandbox, team: &str) -> Result<Sandbox, Error> {
-        let (mut sb, runtime) = self.prepare(req)?;
+        let (sb, runtime) = self.prepare(req)?;
+        self.timed(Operation::Create, self.create_prepared(sb, runtime, team))
+            .await
+    }
+
+    async fn create_prepared(
+        &self,
+        mut sb: Sandbox,
+        runtime: Runtime,
+        team: &str,
+    ) -> Result<Sandbox, Error> {
         sb.team = team.to_string();
         self.backend
             .check_runtime(&runtime)
@@ -441,6 +475,10 @@ impl Manager {
     }
 
     pub async fn stop(&self, id: &str) -> Result<Sandbox, Error> {
+        self.timed(Operation::Stop, self.stop_by_id(id)).await
+    }
+
+    async fn stop_by_id(&self, id: &str) -> Result<Sandbox, Error> {
         self.get(id).await?;
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
@@ -502,6 +540,10 @@ impl Manager {
     }
 
     pub async fn start(&self, id: &str) -> Result<Sandbox, Error> {
+        self.timed(Operation::Start, self.start_by_id(id)).await
+    }
+
+    async fn start_by_id(&self, id: &str) -> Result<Sandbox, Error> {
         self.get(id).await?;
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
@@ -536,6 +578,10 @@ impl Manager {
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), Error> {
+        self.timed(Operation::Delete, self.delete_by_id(id)).await
+    }
+
+    async fn delete_by_id(&self, id: &str) -> Result<(), Error> {
         self.get(id).await?;
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;

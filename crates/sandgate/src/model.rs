@@ -94,6 +94,16 @@ pub enum Status {
 }
 
 impl Status {
+    /// Every status, in lifecycle order.
+    pub const ALL: [Status; 6] = [
+        Status::Creating,
+        Status::Running,
+        Status::Stopping,
+        Status::Stopped,
+        Status::Failed,
+        Status::Deleting,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Creating => "creating",
@@ -381,14 +391,7 @@ mod tests {
 
     #[test]
     fn statuses_round_trip() {
-        for s in [
-            Status::Creating,
-            Status::Running,
-            Status::Stopping,
-            Status::Stopped,
-            Status::Failed,
-            Status::Deleting,
-        ] {
+        for s in Status::ALL {
             assert_eq!(s.as_str().parse::<Status>().unwrap(), s);
         }
     }

@@ -10,6 +10,7 @@ pub mod files;
 pub mod guard;
 pub mod health;
 pub mod keys;
+pub mod metrics;
 pub mod pty;
 pub mod sandboxes;
 pub mod ui;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub proxy: Arc<Proxy>,
     /// Admission limits and finish counters.
     pub limits: Arc<Limits>,
+    /// What `/metrics` reports.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Rate limits and the failed-credential throttle.
     pub rates: Arc<Rates>,
     /// Background commands.
@@ -74,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ws::router())
         .merge(files::router())
         .merge(pty::router())
+        .merge(metrics::router())
         .merge(ui::router())
         .route("/", axum::routing::get(index))
         .fallback(|req: Request| async move {
@@ -84,7 +88,22 @@ pub fn router(state: AppState) -> Router {
         })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(guard, guard::check))
+        .layer(axum::middleware::from_fn(route_template))
         .with_state(state)
+}
+
+/// Hands the matched route's template (`/sandboxes/{id}`) on with the response, where the
+/// finish step names the request by it (metrics never see a raw path).
+async fn route_template(req: Request, next: axum::middleware::Next) -> axum::response::Response {
+    let matched = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .cloned();
+    let mut resp = next.run(req).await;
+    if let Some(m) = matched {
+        resp.extensions_mut().insert(m);
+    }
+    resp
 }
 
 /// `GET /`: what this is, as a small page for browsers and JSON for everything else.

@@ -106,7 +106,9 @@ async fn open(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let since = q.since;
     let protocol = chosen_protocol(req.headers());
+    let open = state.metrics.stream(crate::metrics::Stream::Terminal);
     tokio::spawn(async move {
+        let _open = open;
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };

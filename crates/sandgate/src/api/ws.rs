@@ -83,6 +83,7 @@ async fn socket(
     let _ = audited(&state, &actor, "sandbox.connect", Some(&id), Ok(()));
     let on_upgrade = hyper::upgrade::on(&mut req);
     let open = entry.count(Use::Socket);
+    let counted = state.metrics.stream(crate::metrics::Stream::Commands);
     let limit = state.config.api_body_limit;
     let session = Session {
         state,
@@ -91,7 +92,7 @@ async fn socket(
         actor,
     };
     tokio::spawn(async move {
-        let _held = (in_use, open);
+        let _held = (in_use, open, counted);
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };

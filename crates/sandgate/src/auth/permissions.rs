@@ -84,6 +84,8 @@ pub fn api(method: &str, path: &str) -> Need {
             _ => Need::Read,
         },
         "teams" => Need::Owner,
+        // Figures across every team (the `--metrics-addr` listener needs none).
+        "metrics" => Need::Owner,
         // What this is (no data): `GET /`.
         "" if read_only => Need::Nothing,
         // The terminal page and its assets: static, no data (the page authenticates its

@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Started;
 use crate::auth::Principal;
 use crate::backend::Upstream;
 use crate::error::Error;
@@ -179,6 +180,8 @@ struct Forward {
     client: IpAddr,
     upstream: Upstream,
     facts: RequestFacts,
+    /// When its head was complete, its method and route (for the finish step).
+    started: Started,
 }
 
 enum Plan {
@@ -195,6 +198,7 @@ enum Plan {
         close: bool,
         /// The client's address (the finish step counts a refused credential against it).
         client: IpAddr,
+        started: Started,
     },
 }
 
@@ -208,6 +212,7 @@ impl Plan {
             html: false,
             close: true,
             client,
+            started: Started::now(""),
         }
     }
 }
@@ -264,8 +269,9 @@ impl Lane {
                     html,
                     close,
                     client,
+                    started,
                 } => {
-                    gw.policy.refused(&err, client);
+                    gw.policy.refused(&err, client, &started);
                     head::write_full(&mut self.rout, &err.to_response(html), close);
                     let written = self.client.write_all(&self.rout).await;
                     if written.is_err() {
@@ -387,6 +393,7 @@ impl Lane {
             None => (target, None),
         };
         let host = head::host(req_headers);
+        let mut started = Started::now(method);
         let client = gw.policy.client(self.peer, &facts);
         let view = Head {
             method,
@@ -398,7 +405,9 @@ impl Lane {
             client,
             facts: &facts,
         };
-        let grant = match gw.policy.check(&view) {
+        let (decision, route) = gw.policy.check(&view);
+        started.route = route;
+        let grant = match decision {
             Decision::Proxy(grant) => grant,
             Decision::Deny(err) => {
                 return Plan::Refuse {
@@ -407,6 +416,7 @@ impl Lane {
                     head_len,
                     html: facts.html,
                     client,
+                    started,
                 }
             }
             // Answers the API gives, redirects: hyper's lane.
@@ -418,6 +428,7 @@ impl Lane {
         let (Some(upstream), false) = (grant.upstream, grant.upgrade) else {
             return Plan::Handoff;
         };
+        started.auth = crate::policy::auth_result(&grant.principal);
         let target_route = grant.target;
         // Sent as `X-Forwarded-Prefix` whether or not the path keeps it.
         let prefix = target_route.prefix.as_ref().map(|p| p.as_bytes());
@@ -471,6 +482,7 @@ impl Lane {
             client,
             upstream,
             facts: RequestFacts::from(&facts),
+            started,
         })
     }
 
@@ -480,10 +492,14 @@ impl Lane {
         self.rbuf.consume(f.head_len);
         let has_body = f.facts.framing.has_body();
         let proxy = &*gw.state.proxy;
-        let admission = match gw.policy.admit(&f.target, &f.principal, f.client) {
+        let mut admission = match gw
+            .policy
+            .admit(&f.target, &f.principal, f.client, f.started)
+        {
             Ok(a) => a,
             Err(e) => {
-                gw.policy.answered();
+                let status = e.status_and_code().0.as_u16();
+                gw.policy.answered(&f.started, status, Some(&e));
                 return self.fail(&e, &f, has_body).await;
             }
         };
@@ -507,14 +523,15 @@ impl Lane {
                     Some(Err(e)) => {
                         let err = upstream_error(sb, f.target.port, e);
                         return {
-                            drop(admission);
+                            admission.failed(&err);
                             self.fail(&err, &f, has_body).await
                         };
                     }
                     None => {
+                        let err = timeout_error(&f, timeout);
                         return {
-                            drop(admission);
-                            self.fail(&timeout_error(&f, timeout), &f, has_body).await
+                            admission.failed(&err);
+                            self.fail(&err, &f, has_body).await
                         };
                     }
                 }
@@ -539,7 +556,7 @@ impl Lane {
             if let Err(e) = sent {
                 let err = protocol_error(&f, &e);
                 return {
-                    drop(admission);
+                    admission.failed(&err);
                     self.fail(&err, &f, !req.done()).await
                 };
             }
@@ -593,7 +610,7 @@ impl Lane {
                     HeadError::BadBody(why) => Error::BadFraming(why),
                 };
                 return {
-                    drop(admission);
+                    admission.failed(&err);
                     self.fail(&err, &f, !req.done()).await
                 };
             }
@@ -608,11 +625,12 @@ impl Lane {
                     reason: reason.into(),
                 };
                 return {
-                    drop(admission);
+                    admission.failed(&err);
                     self.fail(&err, &f, !req.done()).await
                 };
             }
         };
+        admission.respond(resp.status);
         ubuf.consume(head_len);
         let body = forward_response_body(
             &mut up,
@@ -672,6 +690,7 @@ impl Lane {
         timer: &mut Pin<&mut Sleep>,
         timeout: std::time::Duration,
     ) -> Option<TcpStream> {
+        proxy.metrics().retried(crate::metrics::Retry::Resend);
         timer.as_mut().reset(Instant::now() + timeout);
         race(proxy.dial(f.upstream), timer.as_mut())
             .await
@@ -735,6 +754,7 @@ impl Lane {
             },
         );
         Ok(ResponseShape {
+            status,
             framing: facts.framing,
             reusable: facts.reusable,
             close,
@@ -755,6 +775,7 @@ impl Lane {
 }
 
 struct ResponseShape {
+    status: u16,
     framing: Framing,
     reusable: bool,
     close: bool,

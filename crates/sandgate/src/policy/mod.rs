@@ -24,12 +24,13 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::addresses::Addresses;
-use crate::admission::{Admission, Limits, OwnedAdmission};
+use crate::admission::{Admission, Limits, OwnedAdmission, Started};
 use crate::audit::{Actor, Audit};
 use crate::auth::{permissions, preview, Auth, Authenticated, Principal, Via};
 use crate::backend::{Backend, Upstream};
 use crate::error::Error;
 use crate::manager::Manager;
+use crate::metrics::{AuthResult, Operation, RouteLabel};
 use crate::model::{Mode, Sandbox, Status};
 use crate::proxy::Target;
 use crate::rates::{self, Rates};
@@ -154,8 +155,15 @@ impl Policy {
         self.addresses.client(peer, &facts.forwarded_for)
     }
 
-    /// Decides what happens to a request. Pure: no counter, no I/O.
-    pub fn check(&self, head: &Head<'_>) -> Decision {
+    /// Decides what happens to a request, and names the route it matched (for metrics).
+    /// Pure: no counter, no I/O.
+    pub fn check(&self, head: &Head<'_>) -> (Decision, RouteLabel) {
+        let mut route = RouteLabel::Unmatched;
+        let decision = self.decide(head, &mut route);
+        (decision, route)
+    }
+
+    fn decide(&self, head: &Head<'_>, label: &mut RouteLabel) -> Decision {
         if let Some(why) = head.facts.ambiguous {
             return Decision::Deny(Error::BadFraming(why));
         }
@@ -175,6 +183,14 @@ impl Policy {
             Ok(r) => r,
             Err(e) => return Decision::Deny(e),
         };
+        *label = match route {
+            Route::Api => RouteLabel::Api,
+            Route::Host { .. } => RouteLabel::Host,
+            Route::Id { .. } => RouteLabel::Id,
+            Route::Path { .. } => RouteLabel::Path,
+            Route::AddSlash { id_route: true, .. } => RouteLabel::IdRedirect,
+            Route::AddSlash { .. } => RouteLabel::PathRedirect,
+        };
         let routes = &self.routes;
         let by_path = matches!(route, Route::Path { .. });
         let (found, port, prefix) = match route {
@@ -187,13 +203,17 @@ impl Policy {
                 prefix,
             } => match routes.get_by_path(owner, name) {
                 Some(sb) => (Ok(sb), None, Some(prefix)),
-                None => return self.api(head),
+                None => {
+                    *label = RouteLabel::Api;
+                    return self.api(head);
+                }
             },
             Route::AddSlash { id_route, path } => {
                 if !id_route {
                     let mut segs = path[1..].splitn(2, '/');
                     let (owner, name) = (segs.next().unwrap_or(""), segs.next().unwrap_or(""));
                     if routes.get_by_path(owner, name).is_none() {
+                        *label = RouteLabel::Api;
                         return self.api(head);
                     }
                 }
@@ -253,6 +273,7 @@ impl Policy {
                 && head.method == "POST"
                 && prefix.is_some_and(|p| &head.path[p.len()..] == "/execute") =>
             {
+                *label = RouteLabel::Api;
                 return Decision::Api(Some(who.principal));
             }
             None => return Decision::Deny(port_not_exposed(&sandbox, 0)),
@@ -416,10 +437,11 @@ impl Policy {
         target: &'a Target,
         principal: &Principal,
         client: IpAddr,
+        started: Started,
     ) -> Result<Admission<&'a Limits, &'a Activity>, Error> {
         let sandbox = &target.sandbox;
         let in_use = self.limit(target, principal, |cap| sandbox.try_in_use_scoped(cap))?;
-        Limits::admit(&*self.limits, client, in_use)
+        Limits::admit(&*self.limits, client, in_use, started)
     }
 
     /// Admits a granted request whose admission travels with its response body (hyper lane).
@@ -428,9 +450,10 @@ impl Policy {
         target: &Target,
         principal: &Principal,
         client: IpAddr,
+        started: Started,
     ) -> Result<OwnedAdmission, Error> {
         let in_use = self.limit(target, principal, |cap| target.sandbox.try_in_use(cap))?;
-        Limits::admit(self.limits.clone(), client, in_use)
+        Limits::admit(self.limits.clone(), client, in_use, started)
     }
 
     /// The limits of a forwarded request before its concurrency slots: the sandbox's in-use
@@ -457,15 +480,21 @@ impl Policy {
         self.rates.take_key(&principal.team, &principal.subject)
     }
 
-    /// The finish step of a request the gateway answered itself.
-    pub fn answered(&self) {
-        self.limits.answered();
+    /// The finish step of a request the gateway answered itself with `status` (and `err`).
+    pub fn answered(&self, started: &Started, status: u16, err: Option<&Error>) {
+        self.limits.answered(started, status, err);
+    }
+
+    /// The finish step of a control-API request, answered with `status` by the route
+    /// `template` (`None`: none matched).
+    pub fn answered_api(&self, started: &Started, status: u16, template: Option<&str>) {
+        self.limits.answered_api(started, status, template);
     }
 
     /// The finish step of a request the policy refused: counted as answered; a refused
     /// credential counts against `client`'s address (the brute-force throttle), and it, a
     /// refused permission or address is an audited authentication failure.
-    pub fn refused(&self, err: &Error, client: IpAddr) {
+    pub fn refused(&self, err: &Error, client: IpAddr, started: &Started) {
         let action = match err {
             Error::BadCredential(_) => "auth.failure",
             Error::Forbidden(_) => "auth.forbidden",
@@ -485,14 +514,25 @@ impl Policy {
             self.audit
                 .record(&actor, action, None, code, Some(err_details(err)));
         }
-        self.limits.answered();
+        let status = err.status_and_code().0.as_u16();
+        self.limits.answered(started, status, Some(err));
     }
 
     /// Starts the stopped persistent sandbox of a granted request and waits (bounded by
     /// `wake_timeout`) for its port to accept connections; the grant then has its upstream.
-    pub async fn wake(&self, mut grant: Grant) -> Result<Grant, Error> {
+    pub async fn wake(&self, grant: Grant) -> Result<Grant, Error> {
         let id = grant.target.sandbox.id.clone();
         tracing::info!(sandbox = %id, "waking on request");
+        let began = std::time::Instant::now();
+        let woke = self.wake_and_wait(grant).await;
+        self.limits
+            .metrics()
+            .lifecycle(Operation::Wake, woke.is_ok(), began.elapsed());
+        woke
+    }
+
+    async fn wake_and_wait(&self, mut grant: Grant) -> Result<Grant, Error> {
+        let id = grant.target.sandbox.id.clone();
         self.manager.start(&id).await?;
         let entry = self
             .routes
@@ -519,6 +559,14 @@ impl Policy {
     }
 }
 
+/// How a granted principal's credential fared: accepted if it presented one.
+pub fn auth_result(principal: &Principal) -> AuthResult {
+    match principal.via {
+        Via::Key | Via::Token | Via::External | Via::Preview => AuthResult::Accepted,
+        Via::Open | Via::Public => AuthResult::None,
+    }
+}
+
 /// How long a request to a sandbox whose server failed its checks waits for its port.
 const READY_WAIT: Duration = Duration::from_secs(2);
 
@@ -536,7 +584,8 @@ impl Policy {
         let mut pause = Duration::from_millis(50);
         loop {
             if crate::lifecycle::probe(upstream, entry.health_path.as_deref()).await {
-                entry.record_check(true, self.health_rise, self.health_fall);
+                let changed = entry.record_check(true, self.health_rise, self.health_fall);
+                self.limits.metrics().health_check(true, changed.is_some());
                 grant.upstream = Some(upstream);
                 grant.unready = false;
                 return Ok(grant);

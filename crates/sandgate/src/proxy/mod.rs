@@ -25,6 +25,7 @@ use hyper_util::rt::TokioIo;
 use crate::admission::OwnedAdmission;
 use crate::backend::{Backend, Upstream};
 use crate::error::Error;
+use crate::metrics::{Metrics, Retry};
 use crate::model::Sandbox;
 use crate::routes::Entry;
 use body::{GatewayBody, Release};
@@ -66,6 +67,8 @@ pub struct Proxy {
     /// How clients reach the gateway (`http`, or `https` on a TLS listener): the
     /// `X-Forwarded-Proto` a sandbox gets and the scheme of rewritten `Location`s.
     scheme: &'static str,
+    /// Where connect times and retries are recorded.
+    metrics: Arc<Metrics>,
 }
 
 /// Why a request did not get a response head from the sandbox.
@@ -96,7 +99,18 @@ impl Proxy {
             body_timeout,
             retries,
             scheme: "http",
+            metrics: Arc::new(Metrics::new(1, false)),
         }
+    }
+
+    /// Records connect times and retries into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Proxy {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Sets the scheme clients use (`https` on a TLS listener; `http` is the default).
@@ -141,15 +155,36 @@ impl Proxy {
 
     /// Forwards `req` from `client` (the address the request policy resolved) to the granted
     /// target over `upstream`, holding `admission` until the response (or upgraded stream)
-    /// ends. Errors are the gateway's own and are rendered by the caller.
+    /// ends. Errors are the gateway's own and are rendered by the caller; the admission
+    /// finishes with them.
     pub async fn forward(
+        &self,
+        req: Request<Incoming>,
+        client: IpAddr,
+        target: Target,
+        upstream: Upstream,
+        upgrade: bool,
+        admission: OwnedAdmission,
+    ) -> Result<Response<GatewayBody>, Error> {
+        let mut held = Some(admission);
+        let result = self
+            .forward_admitted(req, client, target, upstream, upgrade, &mut held)
+            .await;
+        if let (Err(e), Some(admission)) = (&result, held.take()) {
+            admission.failed(e);
+        }
+        result
+    }
+
+    /// `forward`, taking the admission from `held` where it goes on with the response.
+    async fn forward_admitted(
         &self,
         mut req: Request<Incoming>,
         client: IpAddr,
         target: Target,
         upstream: Upstream,
         upgrade: bool,
-        mut admission: OwnedAdmission,
+        held: &mut Option<OwnedAdmission>,
     ) -> Result<Response<GatewayBody>, Error> {
         let sb = &target.sandbox;
         let key = PoolKey {
@@ -201,7 +236,7 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         parts.version = client_version;
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
+            if let (Some(client_upgrade), Some(mut admission)) = (client_upgrade, held.take()) {
                 let upstream_upgrade =
                     hyper::upgrade::on(Response::from_parts(parts.clone(), body));
                 admission.upgraded();
@@ -238,6 +273,10 @@ impl Proxy {
                 .headers
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
+        let Some(mut admission) = held.take() else {
+            return Err(Error::internal("a request's admission was taken twice"));
+        };
+        admission.respond(parts.status.as_u16());
         let release = Release::new(self.pool.clone(), key, tx, admission);
         Ok(Response::from_parts(
             parts,
@@ -261,9 +300,12 @@ impl Proxy {
                 match tx.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, tx)),
                     Err(mut e) => match (e.take_message(), again) {
+                        (None, Some(r)) => {
+                            self.metrics.retried(Retry::Resend);
+                            req = r;
+                        }
                         // Never written: the pooled connection had died; use a fresh one.
                         (Some(r), _) => req = r,
-                        (None, Some(r)) => req = r,
                         (None, None) => return Err(SendError::Protocol(e.into_error())),
                     },
                 }
@@ -296,6 +338,7 @@ impl Proxy {
         upstream: Upstream,
     ) -> Result<tokio::net::TcpStream, SendError> {
         let mut attempt = 0;
+        let began = std::time::Instant::now();
         let stream = loop {
             match upstream.dial().await {
                 Ok(s) => break s,
@@ -304,11 +347,13 @@ impl Proxy {
                         return Err(SendError::Refused);
                     }
                     attempt += 1;
+                    self.metrics.retried(Retry::Connect);
                     tokio::time::sleep(Duration::from_millis(25 << attempt.min(5))).await;
                 }
                 Err(e) => return Err(SendError::Dial(e)),
             }
         };
+        self.metrics.connected(began.elapsed());
         Ok(stream)
     }
 }

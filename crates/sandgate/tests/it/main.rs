@@ -22,6 +22,7 @@ mod isolation;
 mod layers;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod policy;
 mod prefix;
 mod preview;
