@@ -22,29 +22,85 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::access::{self, Who};
 use crate::error::Error;
-use crate::metrics::{AuthResult, Finish, Method, Metrics, RouteLabel, Stream};
+use crate::metrics::{AuthResult, Finish, Method, Metrics, RouteLabel, Stream, UpstreamError};
 use crate::routes::{Activity, InUse};
 
 /// What the finish step needs to know of a request from its start: when its head was
-/// complete, its method and route, and how its credential fared.
-#[derive(Debug, Clone, Copy)]
+/// complete, its method and route, how its credential fared, its client, and what the access
+/// log names (its id, host, path, sandbox, port, subject).
+#[derive(Clone)]
 pub struct Started {
     pub at: Instant,
     pub method: Method,
     pub route: RouteLabel,
     pub auth: AuthResult,
+    /// The client's address as the policy resolved it.
+    pub client: IpAddr,
+    pub who: Who,
 }
 
 impl Started {
-    /// A request whose head was complete now.
+    /// A request whose head was complete now, with a new request id.
     pub fn now(method: &str) -> Started {
+        let who = Who {
+            request_id: access::new_request_id(),
+            ..Who::default()
+        };
         Started {
             at: Instant::now(),
             method: Method::of(method),
             route: RouteLabel::Unmatched,
             auth: AuthResult::None,
+            client: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            who,
         }
+    }
+
+    /// What the head says: the client's request id (kept if sane), its `traceparent` (the
+    /// log names its trace), host and path (without the query).
+    pub fn identify(
+        &mut self,
+        request_id: Option<&[u8]>,
+        traceparent: Option<&[u8]>,
+        host: Option<&str>,
+        path: &str,
+    ) {
+        if let Some(id) = request_id.and_then(access::sane_request_id) {
+            self.who.request_id = access::RequestId::new(id);
+        }
+        if let Some(trace) = traceparent.and_then(access::trace_id) {
+            self.who.trace_id = access::Inline::new(trace);
+        }
+        self.who.host.set(host.unwrap_or(""));
+        self.who.path.set(path);
+    }
+
+    /// The sandbox port a request goes to, and who it acts as.
+    pub fn granted(&mut self, sandbox: &str, port: u16, subject: &Arc<str>) {
+        self.who.sandbox.set(sandbox);
+        self.who.port = port;
+        self.who.subject = Some(subject.clone());
+    }
+
+    /// The request's id (`x-request-id`).
+    pub fn request_id(&self) -> &str {
+        self.who.request_id.as_str()
+    }
+
+    /// Its access-log line.
+    fn log(&self, status: u16, flag: &'static str, route: &str, kind: &'static str) {
+        access::log(&access::Line {
+            who: &self.who,
+            method: self.method.as_str(),
+            route,
+            client: self.client,
+            status,
+            duration: self.at.elapsed(),
+            flag: if status == 0 { "DC" } else { flag },
+            kind,
+        });
     }
 
     /// The request as it finishes with `status` (0: no response) now.
@@ -102,6 +158,8 @@ pub struct Limits {
     hasher: foldhash::fast::FixedState,
     finished: Box<[LoopCounters]>,
     metrics: Arc<Metrics>,
+    /// Each finished request writes an access-log line.
+    access_log: bool,
 }
 
 impl Limits {
@@ -116,7 +174,14 @@ impl Limits {
             hasher: foldhash::fast::FixedState::with_seed(rand::random()),
             finished: (0..loops.max(1)).map(|_| LoopCounters::default()).collect(),
             metrics,
+            access_log: false,
         }
+    }
+
+    /// Writes an access-log line per finished request (`--access-log`).
+    pub fn with_access_log(mut self, on: bool) -> Limits {
+        self.access_log = on;
+        self
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -131,7 +196,7 @@ impl Limits {
         this: L,
         client: IpAddr,
         in_use: InUse<A>,
-        started: Started,
+        started: &Started,
     ) -> Result<Admission<L, A>, Error>
     where
         L: Deref<Target = Limits>,
@@ -152,9 +217,10 @@ impl Limits {
             upgraded: false,
             answered: false,
             in_use,
-            started,
+            started: started.clone(),
             status: 0,
             err: None,
+            flag: "-",
         })
     }
 
@@ -169,6 +235,10 @@ impl Limits {
     pub fn answered(&self, started: &Started, status: u16, err: Option<&Error>) {
         self.count(Finished::Answered);
         self.metrics.finish(&started.finish(status, err));
+        if self.access_log {
+            let flag = err.map_or("-", Error::flag);
+            started.log(status, flag, started.route.as_str(), "request");
+        }
     }
 
     /// The finish step of a control-API request answered with `status` by the route
@@ -177,6 +247,10 @@ impl Limits {
         self.count(Finished::Answered);
         self.metrics
             .finish_api(&started.finish(status, None), template);
+        if self.access_log {
+            let route = template.unwrap_or(RouteLabel::Unmatched.as_str());
+            started.log(status, "-", route, "request");
+        }
     }
 
     fn count(&self, how: Finished) {
@@ -239,7 +313,9 @@ pub struct Admission<L: Deref<Target = Limits>, A: Deref<Target = Activity> = Ar
     /// The response's status (0 until one is known).
     status: u16,
     /// What the sandbox's side did wrong, if the request failed there.
-    err: Option<crate::metrics::UpstreamError>,
+    err: Option<UpstreamError>,
+    /// The access log's error flag.
+    flag: &'static str,
 }
 
 /// An admission that can travel with a response body or an upgraded connection.
@@ -273,9 +349,15 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
         self.fail_with(err);
     }
 
+    /// What the finish step knows of the request from its start.
+    pub fn started(&self) -> &Started {
+        &self.started
+    }
+
     fn fail_with(&mut self, err: &Error) {
         self.status = err.status_and_code().0.as_u16();
         self.err = err.upstream_error();
+        self.flag = err.flag();
         if let Some(auth) = Some(err.auth_result()).filter(|a| *a != AuthResult::None) {
             self.started.auth = auth;
         }
@@ -304,12 +386,19 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Drop for Admission<
         } else {
             Finished::Forwarded
         });
+        let route = self.started.route.as_str();
         if self.upgraded {
             self.limits.metrics.stream_closed(Stream::Proxied);
+            if self.limits.access_log {
+                self.started.log(101, "-", route, "stream");
+            }
         } else {
             let mut f = self.started.finish(self.status, None);
             f.upstream_error = self.err;
             self.limits.metrics.finish(&f);
+            if self.limits.access_log {
+                self.started.log(self.status, self.flag, route, "request");
+            }
         }
     }
 }
@@ -339,17 +428,17 @@ mod tests {
     fn slots_are_taken_up_to_the_caps_and_returned_on_drop() {
         let (_routes, e) = entry();
         let limits = Arc::new(Limits::new(3, 2, 1, Arc::new(Metrics::new(1, true))));
-        let a = Limits::admit(limits.clone(), ip("10.0.0.1"), e.in_use(), get()).unwrap();
-        let b = Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), get()).unwrap();
+        let a = Limits::admit(limits.clone(), ip("10.0.0.1"), e.in_use(), &get()).unwrap();
+        let b = Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), &get()).unwrap();
         assert!(e.busy());
         // The client's share is used up; another client still gets the last slot.
         assert!(matches!(
-            Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), get()),
+            Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), &get()),
             Err(Error::ClientOverloaded)
         ));
-        let c = Limits::admit(&*limits, ip("10.0.0.2"), e.in_use_scoped(), get()).unwrap();
+        let c = Limits::admit(&*limits, ip("10.0.0.2"), e.in_use_scoped(), &get()).unwrap();
         assert!(matches!(
-            Limits::admit(&*limits, ip("10.0.0.3"), e.in_use_scoped(), get()),
+            Limits::admit(&*limits, ip("10.0.0.3"), e.in_use_scoped(), &get()),
             Err(Error::Overloaded)
         ));
         assert_eq!(limits.in_flight(), 3);
@@ -359,7 +448,7 @@ mod tests {
         assert_eq!(limits.finished().forwarded, 3);
         // Refusals returned every slot they took.
         let again: Vec<_> = (0..2)
-            .map(|_| Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), get()).unwrap())
+            .map(|_| Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), &get()).unwrap())
             .collect();
         drop(again);
     }
@@ -368,11 +457,11 @@ mod tests {
     fn an_upgraded_stream_gives_back_its_slots_but_stays_in_use() {
         let (_routes, e) = entry();
         let limits = Arc::new(Limits::new(1, 1, 2, Arc::new(Metrics::new(2, true))));
-        let mut a = Limits::admit(limits.clone(), ip("::1"), e.in_use(), get()).unwrap();
+        let mut a = Limits::admit(limits.clone(), ip("::1"), e.in_use(), &get()).unwrap();
         a.upgraded();
         assert_eq!(limits.in_flight(), 0);
         assert!(e.busy());
-        let b = Limits::admit(&*limits, ip("::1"), e.in_use_scoped(), get()).unwrap();
+        let b = Limits::admit(&*limits, ip("::1"), e.in_use_scoped(), &get()).unwrap();
         drop(b);
         drop(a);
         assert!(!e.busy());
@@ -398,7 +487,7 @@ mod tests {
             &limits,
             ip("10.0.0.1"),
             e.try_in_use_scoped(usize::MAX).unwrap(),
-            get(),
+            &get(),
         );
         let d = d.unwrap();
         // An admitted request that ends up answered (its sandbox did not wake).
@@ -423,7 +512,7 @@ mod tests {
                 let (limits, barrier, e) = (limits.clone(), barrier.clone(), e.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    Limits::admit(limits, ip("127.0.0.1"), e.in_use(), get()).ok()
+                    Limits::admit(limits, ip("127.0.0.1"), e.in_use(), &get()).ok()
                 })
             })
             .collect::<Vec<_>>()
@@ -432,7 +521,7 @@ mod tests {
             .collect();
         assert!(taken.iter().all(Option::is_some));
         assert_eq!(limits.in_flight(), 8);
-        assert!(Limits::admit(&*limits, ip("127.0.0.2"), e.in_use_scoped(), get()).is_err());
+        assert!(Limits::admit(&*limits, ip("127.0.0.2"), e.in_use_scoped(), &get()).is_err());
         drop(taken);
         assert_eq!(limits.in_flight(), 0);
     }

@@ -131,6 +131,14 @@ pub struct ServeArgs {
     /// needs an admin credential once authentication is on.
     #[arg(long, env = "SANDGATE_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Whether each request (and each upgraded stream, when it ends) writes an access-log
+    /// line (target `sandgate::access`).
+    #[arg(long, env = "SANDGATE_ACCESS_LOG", value_enum)]
+    pub access_log: Option<Switch>,
+    /// How log lines are written to standard error: `text` (colour only on a terminal) or
+    /// `json` (one object per line).
+    #[arg(long, env = "SANDGATE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Outbound network of a sandbox whose create names none: `none` (its own loopback) or
     /// `egress` (NAT to the outside, never to the gateway host, other sandboxes or
     /// --egress-deny); `sandbox` isolation only.
@@ -334,6 +342,8 @@ struct FileConfig {
     health_fall: Option<u32>,
     metrics: Option<Switch>,
     metrics_addr: Option<std::net::SocketAddr>,
+    access_log: Option<Switch>,
+    log_format: Option<LogFormat>,
     egress_subnet: Option<String>,
     egress_deny: Option<Vec<Cidr>>,
     domain: Option<String>,
@@ -558,6 +568,9 @@ pub struct Config {
     pub metrics: bool,
     /// The metrics-only listener's address.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// An access-log line per finished request.
+    pub access_log: bool,
+    pub log_format: LogFormat,
     /// IPv4 range of egress sandboxes' links (a /30 each).
     pub egress_subnet: Cidr,
     /// Ranges egress sandboxes may not reach (besides those always refused).
@@ -687,6 +700,16 @@ pub struct JwtConfig {
     pub role_claim: String,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `time LEVEL target: message key=value …`.
+    Text,
+    /// One JSON object per line, fields at the top level.
+    Json,
+}
+
 /// `on` or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -721,6 +744,8 @@ impl Config {
             health_fall: 2,
             metrics: true,
             metrics_addr: None,
+            access_log: true,
+            log_format: LogFormat::Text,
             egress_subnet: "10.201.0.0/16".parse().expect("a valid CIDR"),
             egress_deny: [
                 "10.0.0.0/8",
@@ -842,6 +867,10 @@ impl Config {
             c.metrics = m == Switch::On;
         }
         c.metrics_addr = args.metrics_addr.or(file.metrics_addr);
+        if let Some(a) = args.access_log.or(file.access_log) {
+            c.access_log = a == Switch::On;
+        }
+        c.log_format = args.log_format.or(file.log_format).unwrap_or(c.log_format);
         if let Some(s) = args
             .egress_subnet
             .as_deref()
@@ -1064,6 +1093,17 @@ impl Config {
         if let Some(addr) = self.metrics_addr {
             put("metrics_addr", V::String(addr.to_string()));
         }
+        put(
+            "access_log",
+            text(if self.access_log { "on" } else { "off" }),
+        );
+        put(
+            "log_format",
+            text(match self.log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            }),
+        );
         put("egress_subnet", V::String(self.egress_subnet.to_string()));
         put("egress_deny", cidrs(&self.egress_deny));
         put("domain", text(&self.domain));

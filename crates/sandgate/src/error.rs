@@ -222,6 +222,28 @@ impl Error {
         }
     }
 
+    /// The access log's error flag, after Envoy's response flags: `UF` the sandbox's port
+    /// could not be reached, `UT` it did not answer in time, `UPE` it broke HTTP, `UH` the
+    /// sandbox is not running or not ready, `NR` no such sandbox or route, `UAEX` refused by
+    /// authentication, `RL` rate limited, `UO` over the concurrency cap, `DPE` the client
+    /// broke HTTP, `DT` its body stalled; `-` for any other error.
+    pub fn flag(&self) -> &'static str {
+        use Error::*;
+        match self {
+            UpstreamUnreachable { .. } => "UF",
+            UpstreamTimeout { .. } => "UT",
+            UpstreamProtocol { .. } => "UPE",
+            NotRunning { .. } | Starting(_) | NotReady(_) | StartFailed(_) => "UH",
+            SandboxNotFound(_) | RouteNotFound(_) | PortNotExposed { .. } => "NR",
+            Unauthenticated | BadCredential(_) | Forbidden(_) | AddressNotAllowed => "UAEX",
+            RateLimited { .. } | ClientOverloaded => "RL",
+            Overloaded => "UO",
+            BadFraming(_) | HeadTooLarge(_) => "DPE",
+            BodyTimeout(_) => "DT",
+            _ => "-",
+        }
+    }
+
     /// What the error says about the request's credential, for metrics.
     pub fn auth_result(&self) -> crate::metrics::AuthResult {
         use crate::metrics::AuthResult as A;

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::access::X_REQUEST_ID;
 use crate::admission::Started;
 use crate::error::Error;
 use crate::gateway::Gateway;
@@ -96,6 +97,15 @@ impl Gateway {
                 client,
                 facts: &facts,
             };
+            started.client = client;
+            started.identify(
+                req.headers()
+                    .get(crate::access::X_REQUEST_ID)
+                    .map(HeaderValue::as_bytes),
+                req.headers().get("traceparent").map(HeaderValue::as_bytes),
+                head.authority.or(head.host),
+                head.path,
+            );
             let (decision, route) = self.policy.check(&head);
             started.route = route;
             (decision, facts.html, client)
@@ -107,38 +117,14 @@ impl Gateway {
         let resp = match decision {
             Decision::Proxy(grant) => {
                 started.auth = policy::auth_result(&grant.principal);
-                self.forward(req, client, grant, started).await
+                started.granted(
+                    &grant.target.sandbox.id,
+                    grant.target.port,
+                    &grant.principal.subject,
+                );
+                self.forward(req, client, grant, &started).await
             }
-            Decision::Api(principal) => {
-                let mut req = req;
-                if let Some(p) = principal {
-                    started.auth = policy::auth_result(&p);
-                    if let Err(e) = self.policy.admit_api(&p) {
-                        let status = e.status_and_code().0.as_u16();
-                        self.policy.answered(&started, status, Some(&e));
-                        return Ok(error_response(&e, html, version, close));
-                    }
-                    req.extensions_mut().insert(p);
-                }
-                req.extensions_mut()
-                    .insert(crate::api::ClientAddr(peer.ip()));
-                let resp = self
-                    .api
-                    .clone()
-                    .oneshot(req.map(axum::body::Body::new))
-                    .await;
-                let resp = match resp {
-                    Ok(r) => r,
-                    Err(never) => match never {},
-                };
-                let template = resp
-                    .extensions()
-                    .get::<axum::extract::MatchedPath>()
-                    .map(|m| m.as_str());
-                self.policy
-                    .answered_api(&started, resp.status().as_u16(), template);
-                Ok(resp.map(|inner| GatewayBody::Api { inner }))
-            }
+            Decision::Api(principal) => self.api(req, principal, peer, &mut started).await,
             Decision::Redirect(location) => {
                 self.policy.answered(&started, 308, None);
                 let mut r = Response::new(GatewayBody::empty());
@@ -168,10 +154,54 @@ impl Gateway {
                 Err(e)
             }
         };
-        Ok(resp.unwrap_or_else(|e| {
+        let mut resp = resp.unwrap_or_else(|e| {
             close |= e.closes_connection();
             error_response(&e, html, version, close)
-        }))
+        });
+        // Every response names the request's id (a sandbox's own was dropped).
+        if let Ok(id) = HeaderValue::from_str(started.request_id()) {
+            resp.headers_mut().insert(X_REQUEST_ID, id);
+        }
+        Ok(resp)
+    }
+
+    /// Hands a request to the control API, acting as `principal`, once its rate-limit token
+    /// is taken; finished with the status and route template the router answered with.
+    async fn api(
+        &self,
+        mut req: Request<Incoming>,
+        principal: Option<crate::auth::Principal>,
+        peer: SocketAddr,
+        started: &mut Started,
+    ) -> Result<Response<GatewayBody>, Error> {
+        if let Some(p) = principal {
+            started.auth = policy::auth_result(&p);
+            started.who.subject = Some(p.subject.clone());
+            if let Err(e) = self.policy.admit_api(&p) {
+                let status = e.status_and_code().0.as_u16();
+                self.policy.answered(started, status, Some(&e));
+                return Err(e);
+            }
+            req.extensions_mut().insert(p);
+        }
+        req.extensions_mut()
+            .insert(crate::api::ClientAddr(peer.ip()));
+        let resp = self
+            .api
+            .clone()
+            .oneshot(req.map(axum::body::Body::new))
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        let template = resp
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map(|m| m.as_str());
+        self.policy
+            .answered_api(started, resp.status().as_u16(), template);
+        Ok(resp.map(|inner| GatewayBody::Api { inner }))
     }
 
     /// Admits the request from `client`, wakes the sandbox if it sleeps, and forwards it.
@@ -180,7 +210,7 @@ impl Gateway {
         req: Request<Incoming>,
         client: IpAddr,
         grant: Grant,
-        started: Started,
+        started: &Started,
     ) -> Result<Response<GatewayBody>, Error> {
         // Admitted first, so a request over a limit starts nothing; the in-use mark it holds
         // is the sandbox's through the wake (a restart keeps its activity).
@@ -192,7 +222,7 @@ impl Gateway {
                 Ok(a) => a,
                 Err(e) => {
                     let status = e.status_and_code().0.as_u16();
-                    self.policy.answered(&started, status, Some(&e));
+                    self.policy.answered(started, status, Some(&e));
                     return Err(e);
                 }
             };

@@ -19,6 +19,7 @@
 //!   (loaded, reloaded); configuration.
 //! - [`model`]: the sandbox record, ids, statuses.
 
+pub mod access;
 pub mod addresses;
 pub mod admission;
 pub mod api;
@@ -277,12 +278,15 @@ pub async fn run(
         .with_scheme(config.scheme())
         .with_metrics(metrics.clone()),
     );
-    let limits = Arc::new(Limits::new(
-        config.max_concurrent_requests,
-        config.max_requests_per_client,
-        config.workers,
-        metrics.clone(),
-    ));
+    let limits = Arc::new(
+        Limits::new(
+            config.max_concurrent_requests,
+            config.max_requests_per_client,
+            config.workers,
+            metrics.clone(),
+        )
+        .with_access_log(config.access_log),
+    );
     let rates = Arc::new(Rates::new(&config));
     let bound_port = listener.local_addr()?.port();
     let sweeper = {

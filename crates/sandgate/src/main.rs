@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use sandgate::config::{Config, ServeArgs};
+use sandgate::config::{Config, LogFormat, ServeArgs};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -105,13 +105,6 @@ fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "sandgate=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let config = match Config::load(&args, |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
@@ -119,6 +112,7 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    init_logging(config.log_format);
     // Certificate files are part of the configuration: checked here, before anything is bound,
     // so a bad one exits with the same status and `--check-config` reports it too.
     if let Some(files) = &config.tls {
@@ -149,6 +143,26 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(serve(config))
+}
+
+/// Log lines to standard error, as `RUST_LOG` filters them (default `sandgate=info`): text
+/// (colours only on a terminal) or one JSON object per line.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "sandgate=info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 async fn serve(config: Config) -> ExitCode {

@@ -136,17 +136,26 @@ pub enum RouteLabel {
     IdRedirect,
     /// `/{owner}/{name}` (redirected to add the slash).
     PathRedirect,
-    /// The control API: the template is the router's.
+    /// The control API: the template is the router's; `api` for a request refused before
+    /// the router saw it (a missing credential).
     Api,
 }
 
-const ROUTES: [&str; 6] = [
+impl RouteLabel {
+    /// The `http_route` label.
+    pub fn as_str(self) -> &'static str {
+        ROUTES[self as usize]
+    }
+}
+
+const ROUTES: [&str; 7] = [
     "unmatched",
     "{port}-{id}.{domain}",
     "/sandbox/{id}/*",
     "/{owner}/{name}/*",
     "/sandbox/{id}",
     "/{owner}/{name}",
+    "api",
 ];
 
 /// How a request's credential fared, for `sandgate_auth_total`.
@@ -233,7 +242,7 @@ struct LoopTable {
 }
 
 fn table_index(method: Method, status: u16, route: RouteLabel) -> usize {
-    let route = (route as usize).min(ROUTES.len() - 1);
+    let route = route as usize;
     (method.0 as usize * STATUSES.len() + status_class(status)) * ROUTES.len() + route
 }
 
@@ -775,6 +784,14 @@ mod tests {
         assert_eq!(m.requests("GET", 200, RouteLabel::Id), 1);
         assert_eq!(m.requests("PROPFIND", 500, RouteLabel::Id), 1);
         assert_eq!(m.requests("GET", 400, RouteLabel::Unmatched), 1);
+        // Refused before the router: `api`, not another route's series.
+        m.finish(&Finish {
+            route: RouteLabel::Api,
+            status: 401,
+            ..f
+        });
+        assert_eq!(m.requests("GET", 401, RouteLabel::Api), 1);
+        assert_eq!(m.requests("GET", 401, RouteLabel::PathRedirect), 0);
         let mut out = Exposition::default();
         m.render(&mut out);
         let text = out.into_string();
@@ -786,7 +803,7 @@ mod tests {
             "http_server_request_duration_seconds_count{method=\"GET\",status=\"2xx\",\
              http_route=\"/sandboxes\"} 1\n"
         ));
-        assert!(text.contains("sandgate_auth_total{result=\"accepted\"} 4\n"));
+        assert!(text.contains("sandgate_auth_total{result=\"accepted\"} 5\n"));
         assert!(text.contains("sandgate_upstream_errors_total{reason=\"refused\"} 1\n"));
         // One HELP and one TYPE per family.
         let types = text

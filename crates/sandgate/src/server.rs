@@ -171,7 +171,7 @@ async fn refuse_plaintext(mut client: Client) {
         "this port speaks HTTPS only: send the request over TLS (an https:// URL)".into(),
     );
     let mut out = Vec::new();
-    crate::fastlane::head::write_full(&mut out, &err.to_response(false), true);
+    crate::fastlane::head::write_full(&mut out, &err.to_response(false), true, None);
     if client.write_all(&out).await.is_ok() {
         let _ = crate::fastlane::linger::close(&mut client).await;
     }

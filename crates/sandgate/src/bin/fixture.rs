@@ -183,6 +183,12 @@ async fn route(req: Request<Incoming>, redirect: &HeaderValue) -> Result<Resp, h
     }
     Ok(match path {
         "/" => with(text(StatusCode::OK, "fixture ok"), "x-fixture", "1"),
+        // A sandbox that names requests itself (the gateway's id replaces it).
+        "/own-request-id" => with(
+            text(StatusCode::OK, "ok"),
+            "x-request-id",
+            "from-the-sandbox",
+        ),
         "/1k" => octets(FixtureBody::Full(Some(Bytes::from_static(&ONE_K)))),
         "/sse" => sse(req.uri().query()),
         "/sse-hold" => sse_hold(),

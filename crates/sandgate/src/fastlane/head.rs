@@ -72,6 +72,8 @@ pub struct RequestRewrite<'a> {
     pub framing: Framing,
     /// Leave out `Authorization` (the gateway's credential).
     pub strip_authorization: bool,
+    /// The request's id (`x-request-id`).
+    pub request_id: &'a [u8],
 }
 
 /// Writes the head the sandbox receives into `out` (cleared first): the fields by the proxy's
@@ -120,6 +122,7 @@ pub fn write_request(out: &mut Vec<u8>, headers: &[Header<'_>], rw: &RequestRewr
     if let Some(p) = rw.prefix {
         put_field(out, b"x-forwarded-prefix", p);
     }
+    put_field(out, b"x-request-id", rw.request_id);
     write_framing(out, rw.framing);
     out.extend_from_slice(b"\r\n");
 }
@@ -220,6 +223,8 @@ pub struct ResponseRewrite<'a> {
     pub ports: [u16; 2],
     pub public_host: &'a [u8],
     pub prefix: &'a [u8],
+    /// The request's id (`x-request-id`; the sandbox's own is dropped).
+    pub request_id: &'a [u8],
 }
 
 /// Writes the head the client receives into `out` (cleared first).
@@ -244,6 +249,7 @@ pub fn write_response(out: &mut Vec<u8>, headers: &[Header<'_>], rw: &ResponseRe
             put_field(out, name, h.value);
         }
     }
+    put_field(out, b"x-request-id", rw.request_id);
     if !rw.keep_length {
         write_framing(out, rw.framing);
     }
@@ -272,8 +278,14 @@ fn write_location(out: &mut Vec<u8>, value: &[u8], rw: &ResponseRewrite<'_>) -> 
     }
 }
 
-/// Serialises a gateway-made response (an error) as a complete HTTP/1.1 message.
-pub fn write_full(out: &mut Vec<u8>, resp: &http::Response<bytes::Bytes>, close: bool) {
+/// Serialises a gateway-made response (an error) as a complete HTTP/1.1 message, with the
+/// request's id if it has one.
+pub fn write_full(
+    out: &mut Vec<u8>,
+    resp: &http::Response<bytes::Bytes>,
+    close: bool,
+    request_id: Option<&[u8]>,
+) {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(resp.status().as_str().as_bytes());
@@ -283,12 +295,23 @@ pub fn write_full(out: &mut Vec<u8>, resp: &http::Response<bytes::Bytes>, close:
     for (name, value) in resp.headers() {
         put_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    if let Some(id) = request_id {
+        put_field(out, b"x-request-id", id);
+    }
     write_framing(out, Framing::Length(resp.body().len() as u64));
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(resp.body());
+}
+
+/// The value of the first field named `name` (any case).
+pub fn field<'b>(headers: &[Header<'b>], name: &str) -> Option<&'b [u8]> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
 }
 
 /// The client's address as the text `X-Forwarded-For` carries, held inline (no allocation
@@ -433,6 +456,7 @@ mod tests {
                 prefix: Some(b"/sandbox/sb-x"),
                 framing: Framing::Length(3),
                 strip_authorization: false,
+                request_id: b"req-1",
             },
         );
         assert_eq!(
@@ -446,6 +470,7 @@ mod tests {
              x-forwarded-proto: http\r\n\
              x-forwarded-host: gw.example:8070\r\n\
              x-forwarded-prefix: /sandbox/sb-x\r\n\
+             x-request-id: req-1\r\n\
              content-length: 3\r\n\r\n"
         );
     }
@@ -473,6 +498,10 @@ mod tests {
             ("X-Forwarded-Host", "evil"),
             ("Authorization", "Bearer app-token"),
             ("Accept", "*/*"),
+            (
+                "X-Request-Id",
+                "the client's, replaced by the lane's choice",
+            ),
             ("X-End-To-End", "kept"),
         ];
         let mut fast = Vec::new();
@@ -487,6 +516,7 @@ mod tests {
                 prefix: Some(b"/sandbox/sb-x"),
                 framing: Framing::Empty,
                 strip_authorization: true,
+                request_id: b"req-1",
             },
         );
         let text = String::from_utf8(fast).unwrap();
@@ -517,6 +547,7 @@ mod tests {
                 prefix: Some(&prefix),
                 upstream_port: 3000,
                 strip_authorization: true,
+                request_id: "req-1",
             },
             None,
         );
@@ -538,7 +569,8 @@ mod tests {
                 "x-forwarded-for",
                 "x-forwarded-host",
                 "x-forwarded-prefix",
-                "x-forwarded-proto"
+                "x-forwarded-proto",
+                "x-request-id"
             ]
         );
     }
@@ -622,6 +654,7 @@ mod tests {
                 ports: [3000, 21000],
                 public_host: b"gw:8070",
                 prefix: b"/sandbox/sb-x",
+                request_id: b"req-1",
             },
         );
         assert_eq!(
@@ -631,6 +664,7 @@ mod tests {
              location: http://gw:8070/sandbox/sb-x/next\r\n\
              Set-Cookie: a=1\r\n\
              Set-Cookie: b=2\r\n\
+             x-request-id: req-1\r\n\
              transfer-encoding: chunked\r\n\
              connection: close\r\n\r\n"
         );

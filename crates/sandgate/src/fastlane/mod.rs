@@ -206,13 +206,15 @@ impl Plan {
     /// Refuses a head from `client` that cannot be trusted: answered, then the connection
     /// closes.
     fn refuse(err: Error, client: IpAddr) -> Plan {
+        let mut started = Started::now("");
+        started.client = client;
         Plan::Refuse {
             err,
             head_len: 0,
             html: false,
             close: true,
             client,
-            started: Started::now(""),
+            started,
         }
     }
 }
@@ -272,7 +274,8 @@ impl Lane {
                     started,
                 } => {
                     gw.policy.refused(&err, client, &started);
-                    head::write_full(&mut self.rout, &err.to_response(html), close);
+                    let id = started.request_id().as_bytes();
+                    head::write_full(&mut self.rout, &err.to_response(html), close, Some(id));
                     let written = self.client.write_all(&self.rout).await;
                     if written.is_err() {
                         return None;
@@ -395,6 +398,13 @@ impl Lane {
         let host = head::host(req_headers);
         let mut started = Started::now(method);
         let client = gw.policy.client(self.peer, &facts);
+        started.client = client;
+        started.identify(
+            head::field(req_headers, crate::access::X_REQUEST_ID),
+            head::field(req_headers, "traceparent"),
+            host,
+            path,
+        );
         let view = Head {
             method,
             authority: None,
@@ -429,6 +439,11 @@ impl Lane {
             return Plan::Handoff;
         };
         started.auth = crate::policy::auth_result(&grant.principal);
+        started.granted(
+            &grant.target.sandbox.id,
+            grant.target.port,
+            &grant.principal.subject,
+        );
         let target_route = grant.target;
         // Sent as `X-Forwarded-Prefix` whether or not the path keeps it.
         let prefix = target_route.prefix.as_ref().map(|p| p.as_bytes());
@@ -471,6 +486,7 @@ impl Lane {
                 prefix,
                 framing: facts.framing,
                 strip_authorization: target_route.strip_authorization,
+                request_id: started.request_id().as_bytes(),
             },
         );
         self.host.clear();
@@ -494,7 +510,7 @@ impl Lane {
         let proxy = &*gw.state.proxy;
         let mut admission = match gw
             .policy
-            .admit(&f.target, &f.principal, f.client, f.started)
+            .admit(&f.target, &f.principal, f.client, &f.started)
         {
             Ok(a) => a,
             Err(e) => {
@@ -751,6 +767,7 @@ impl Lane {
                 ports: [f.target.port, f.upstream.port()],
                 public_host: &self.host,
                 prefix,
+                request_id: f.started.request_id().as_bytes(),
             },
         );
         Ok(ResponseShape {
@@ -766,7 +783,13 @@ impl Lane {
     /// if the request was read completely and the client wants that.
     async fn fail(&mut self, err: &Error, f: &Forward, body_unread: bool) -> Step {
         let close = body_unread || !f.facts.keep_alive;
-        head::write_full(&mut self.rout, &err.to_response(f.facts.html), close);
+        let id = f.started.request_id().as_bytes();
+        head::write_full(
+            &mut self.rout,
+            &err.to_response(f.facts.html),
+            close,
+            Some(id),
+        );
         if self.client.write_all(&self.rout).await.is_err() || close {
             return Step::Close;
         }

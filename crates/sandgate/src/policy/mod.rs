@@ -437,7 +437,7 @@ impl Policy {
         target: &'a Target,
         principal: &Principal,
         client: IpAddr,
-        started: Started,
+        started: &Started,
     ) -> Result<Admission<&'a Limits, &'a Activity>, Error> {
         let sandbox = &target.sandbox;
         let in_use = self.limit(target, principal, |cap| sandbox.try_in_use_scoped(cap))?;
@@ -450,7 +450,7 @@ impl Policy {
         target: &Target,
         principal: &Principal,
         client: IpAddr,
-        started: Started,
+        started: &Started,
     ) -> Result<OwnedAdmission, Error> {
         let in_use = self.limit(target, principal, |cap| target.sandbox.try_in_use(cap))?;
         Limits::admit(self.limits.clone(), client, in_use, started)

@@ -14,6 +14,7 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What becomes of a request header field on its way to a sandbox. This table is the one
 /// both proxy lanes use (the fast lane writing a head from `httparse` fields, the hyper lane
@@ -55,6 +56,8 @@ pub fn request_field(name: &[u8]) -> RequestField {
         7 if is("trailer") || is("upgrade") => Drop,
         9 if is("x-api-key") => Drop,
         10 if is("connection") || is("keep-alive") => Drop,
+        // The lane writes the request's id itself (the client's, if sane).
+        12 if is("x-request-id") => Drop,
         13 if is("authorization") => Authorization,
         14 if is("content-length") => Length,
         15 if is("x-forwarded-for") => Drop,
@@ -87,6 +90,8 @@ pub fn response_field(name: &[u8]) -> ResponseField {
         7 if is("trailer") || is("upgrade") => Drop,
         8 if is("location") => Location,
         10 if is("connection") || is("keep-alive") => Drop,
+        // The client gets the id the gateway logged, not the sandbox's.
+        12 if is("x-request-id") => Drop,
         14 if is("content-length") => Length,
         16 if is("proxy-connection") => Drop,
         17 if is("transfer-encoding") => Drop,
@@ -281,6 +286,8 @@ pub struct Forwarded<'a> {
     pub upstream_port: u16,
     /// Leave out `Authorization` (the gateway's credential).
     pub strip_authorization: bool,
+    /// The request's id (`x-request-id`).
+    pub request_id: &'a str,
 }
 
 /// Removes hop-by-hop fields from a response (hyper lane), including every field named in
@@ -336,6 +343,9 @@ fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
     host.put_slice(itoa::Buffer::new().format(f.upstream_port).as_bytes());
     if let Ok(v) = HeaderValue::from_maybe_shared(host.freeze()) {
         headers.insert(header::HOST, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(f.request_id) {
+        headers.insert(X_REQUEST_ID, v);
     }
 }
 
@@ -402,6 +412,7 @@ mod tests {
             prefix,
             upstream_port: 3000,
             strip_authorization: false,
+            request_id: "abc",
         }
     }
 
@@ -441,7 +452,8 @@ mod tests {
                 "x-end-to-end",
                 "x-forwarded-for",
                 "x-forwarded-host",
-                "x-forwarded-proto"
+                "x-forwarded-proto",
+                "x-request-id"
             ]
         );
         assert_eq!(out["cookie"], "a=1; b=2");

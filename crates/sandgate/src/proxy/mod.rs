@@ -186,6 +186,11 @@ impl Proxy {
         upgrade: bool,
         held: &mut Option<OwnedAdmission>,
     ) -> Result<Response<GatewayBody>, Error> {
+        let request_id = held
+            .as_ref()
+            .map(|a| crate::access::RequestId::new(a.started().request_id()))
+            .unwrap_or_default();
+        let request_id = request_id.as_str();
         let sb = &target.sandbox;
         let key = PoolKey {
             upstream,
@@ -211,6 +216,7 @@ impl Proxy {
             prefix: target.prefix.as_ref(),
             upstream_port: upstream.port(),
             strip_authorization: target.strip_authorization,
+            request_id,
         };
         let up_req = upstream_request(&parts, body, &target, &forwarded, protocol.as_ref())?;
 

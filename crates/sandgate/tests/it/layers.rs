@@ -13,6 +13,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("metrics", 1),
     ("runtimes", 2),
     ("error", 2),
+    ("access", 2),
     ("tls", 2),
     ("backend", 3),
     ("files", 3),

@@ -4,6 +4,7 @@
 #[macro_use]
 mod common;
 
+mod access;
 mod api;
 mod audit;
 mod auth;
