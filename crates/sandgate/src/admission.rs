@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::access::{self, Who};
+use crate::breaker::Outcome;
 use crate::error::Error;
 use crate::metrics::{AuthResult, Finish, Method, Metrics, RouteLabel, Stream, UpstreamError};
 use crate::routes::{Activity, InUse};
@@ -160,6 +161,23 @@ pub struct Limits {
     metrics: Arc<Metrics>,
     /// Each finished request writes an access-log line.
     access_log: bool,
+    circuit: CircuitRule,
+}
+
+/// When a sandbox port's circuit opens, and for how long (`failures` 0: never).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CircuitRule {
+    pub failures: u32,
+    pub open_ms: u64,
+}
+
+/// The breaker a forwarded request reports to when it ends.
+#[derive(Debug, Clone, Copy)]
+pub struct Circuit {
+    pub generation: i64,
+    pub port: u16,
+    /// It is the half-open circuit's one trial.
+    pub trial: bool,
 }
 
 impl Limits {
@@ -175,7 +193,18 @@ impl Limits {
             finished: (0..loops.max(1)).map(|_| LoopCounters::default()).collect(),
             metrics,
             access_log: false,
+            circuit: CircuitRule::default(),
         }
+    }
+
+    /// Opens a port's circuit after `rule.failures` failures in a row.
+    pub fn with_circuit(mut self, rule: CircuitRule) -> Limits {
+        self.circuit = rule;
+        self
+    }
+
+    pub fn circuit(&self) -> CircuitRule {
+        self.circuit
     }
 
     /// Writes an access-log line per finished request (`--access-log`).
@@ -221,6 +250,7 @@ impl Limits {
             status: 0,
             err: None,
             flag: "-",
+            circuit: None,
         })
     }
 
@@ -316,6 +346,8 @@ pub struct Admission<L: Deref<Target = Limits>, A: Deref<Target = Activity> = Ar
     err: Option<UpstreamError>,
     /// The access log's error flag.
     flag: &'static str,
+    /// The port's breaker, told how the request ended.
+    circuit: Option<Circuit>,
 }
 
 /// An admission that can travel with a response body or an upgraded connection.
@@ -349,6 +381,12 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
         self.fail_with(err);
     }
 
+    /// The request reports to its port's breaker when it ends.
+    pub fn with_circuit(mut self, circuit: Circuit) -> Self {
+        self.circuit = Some(circuit);
+        self
+    }
+
     /// What the finish step knows of the request from its start.
     pub fn started(&self) -> &Started {
         &self.started
@@ -368,6 +406,38 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
         self.in_use.activity()
     }
 
+    /// Tells the port's breaker how the request ended: a failed or timed-out connection
+    /// counts against it, any answer from the sandbox resets it.
+    fn report_to_breaker(&mut self) {
+        let Some(c) = self.circuit.take() else {
+            return;
+        };
+        use crate::metrics::UpstreamError as U;
+        let outcome = match self.err {
+            Some(U::Refused | U::Unreachable | U::Timeout) => Outcome::Failed,
+            _ if self.answered => Outcome::Unknown,
+            _ if self.upgraded || self.status != 0 => Outcome::Answered,
+            _ => Outcome::Unknown,
+        };
+        let rule = self.limits.circuit;
+        let now = match outcome {
+            Outcome::Answered => 0,
+            _ => crate::routes::now_ms().max(0) as u64,
+        };
+        let changed = self.in_use.activity().breakers.record(
+            c.generation,
+            c.port,
+            outcome,
+            c.trial,
+            rule.failures,
+            now,
+            rule.open_ms,
+        );
+        if let Some(t) = changed {
+            self.limits.metrics.circuit(t);
+        }
+    }
+
     fn release_slots(&mut self) {
         if std::mem::take(&mut self.holds_slots) {
             self.limits.in_flight.fetch_sub(1, Ordering::Release);
@@ -379,6 +449,7 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
 impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Drop for Admission<L, A> {
     fn drop(&mut self) {
         self.release_slots();
+        self.report_to_breaker();
         self.limits.count(if self.answered {
             Finished::Answered
         } else if self.upgraded {

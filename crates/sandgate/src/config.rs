@@ -175,6 +175,13 @@ pub struct ServeArgs {
     /// Extra connection attempts when a sandbox port refuses a connection (it may be opening).
     #[arg(long, env = "MAX_RETRIES")]
     pub max_retries: Option<u32>,
+    /// Connection failures or timeouts in a row to a sandbox port that open its circuit
+    /// (requests then get 503 circuit_open at once); 0 turns circuit breaking off.
+    #[arg(long, env = "SANDGATE_CIRCUIT_FAILURES")]
+    pub circuit_failures: Option<u32>,
+    /// Seconds an open circuit refuses requests before one trial request goes through.
+    #[arg(long, env = "SANDGATE_CIRCUIT_OPEN")]
+    pub circuit_open: Option<f64>,
     /// Seconds a stopping sandbox gets between SIGTERM and SIGKILL.
     #[arg(long, env = "SANDGATE_STOP_GRACE")]
     pub stop_grace: Option<f64>,
@@ -353,6 +360,8 @@ struct FileConfig {
     header_timeout: Option<f64>,
     max_concurrent_requests: Option<usize>,
     max_retries: Option<u32>,
+    circuit_failures: Option<u32>,
+    circuit_open: Option<f64>,
     stop_grace: Option<f64>,
     idle_timeout: Option<f64>,
     wake_timeout: Option<f64>,
@@ -583,6 +592,10 @@ pub struct Config {
     pub header_timeout: Duration,
     pub max_concurrent_requests: usize,
     pub max_retries: u32,
+    /// Failures in a row that open a port's circuit (0: no circuit breaking).
+    pub circuit_failures: u32,
+    /// How long an open circuit refuses requests.
+    pub circuit_open: Duration,
     pub stop_grace: Duration,
     /// `None`: never reap idle sandboxes.
     pub idle_timeout: Option<Duration>,
@@ -763,6 +776,8 @@ impl Config {
             header_timeout: Duration::from_secs(30),
             max_concurrent_requests: 10_000,
             max_retries: 3,
+            circuit_failures: 5,
+            circuit_open: Duration::from_secs(10),
             stop_grace: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(3600)),
             wake_timeout: Duration::from_secs(15),
@@ -904,6 +919,13 @@ impl Config {
             .max_retries
             .or(file.max_retries)
             .unwrap_or(c.max_retries);
+        c.circuit_failures = args
+            .circuit_failures
+            .or(file.circuit_failures)
+            .unwrap_or(c.circuit_failures);
+        if let Some(secs) = args.circuit_open.or(file.circuit_open) {
+            c.circuit_open = seconds("SANDGATE_CIRCUIT_OPEN", secs)?;
+        }
         if let Some(secs) = args.stop_grace.or(file.stop_grace) {
             c.stop_grace = seconds("SANDGATE_STOP_GRACE", secs)?;
         }
@@ -1125,6 +1147,8 @@ impl Config {
             int(self.max_concurrent_requests as u64),
         );
         put("max_retries", int(self.max_retries.into()));
+        put("circuit_failures", int(self.circuit_failures.into()));
+        put("circuit_open", secs(self.circuit_open));
         put("stop_grace", secs(self.stop_grace));
         put(
             "idle_timeout",

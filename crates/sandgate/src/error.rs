@@ -61,6 +61,12 @@ pub enum Error {
     Starting(String),
     #[error("sandbox {0} is running but its server is not ready (its health checks fail); retry shortly")]
     NotReady(String),
+    #[error("sandbox {id}'s port {port} failed repeatedly; its circuit is open: retry in {retry_after} s")]
+    CircuitOpen {
+        id: String,
+        port: u16,
+        retry_after: u64,
+    },
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
     #[error("too many requests in flight from this client address; retry shortly")]
@@ -150,6 +156,7 @@ impl Error {
             Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Starting(_) => (StatusCode::SERVICE_UNAVAILABLE, "sandbox_starting"),
             NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "sandbox_not_ready"),
+            CircuitOpen { .. } => (StatusCode::SERVICE_UNAVAILABLE, "circuit_open"),
             Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ClientOverloaded => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             BadFraming(_) => (StatusCode::BAD_REQUEST, "bad_request"),
@@ -234,6 +241,7 @@ impl Error {
             UpstreamTimeout { .. } => "UT",
             UpstreamProtocol { .. } => "UPE",
             NotRunning { .. } | Starting(_) | NotReady(_) | StartFailed(_) => "UH",
+            CircuitOpen { .. } => "UH",
             SandboxNotFound(_) | RouteNotFound(_) | PortNotExposed { .. } => "NR",
             Unauthenticated | BadCredential(_) | Forbidden(_) | AddressNotAllowed => "UAEX",
             RateLimited { .. } | ClientOverloaded => "RL",
@@ -268,6 +276,7 @@ impl Error {
         match self {
             Error::Overloaded | Error::ClientOverloaded => Some(1),
             Error::Starting(_) | Error::NotReady(_) => Some(2),
+            Error::CircuitOpen { retry_after, .. } => Some(*retry_after),
             Error::PortsExhausted(_) => Some(30),
             Error::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,

@@ -26,6 +26,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod backend;
+pub mod breaker;
 pub mod config;
 pub mod datadir;
 pub mod error;
@@ -285,7 +286,11 @@ pub async fn run(
             config.workers,
             metrics.clone(),
         )
-        .with_access_log(config.access_log),
+        .with_access_log(config.access_log)
+        .with_circuit(admission::CircuitRule {
+            failures: config.circuit_failures,
+            open_ms: config.circuit_open.as_millis() as u64,
+        }),
     );
     let rates = Arc::new(Rates::new(&config));
     let bound_port = listener.local_addr()?.port();

@@ -277,6 +277,8 @@ pub struct Metrics {
     lifecycle: [Histogram; OPERATIONS.len() * 2],
     health_checks: [AtomicU64; 2],
     health_changes: [AtomicU64; 2],
+    /// Circuit state changes, by the state entered (open, half-open, closed).
+    circuits: [AtomicU64; 3],
 }
 
 impl Metrics {
@@ -299,6 +301,7 @@ impl Metrics {
             lifecycle: Default::default(),
             health_checks: Default::default(),
             health_changes: Default::default(),
+            circuits: Default::default(),
         }
     }
 
@@ -400,6 +403,17 @@ impl Metrics {
         if changed {
             self.health_changes[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A port's circuit changed state.
+    pub fn circuit(&self, t: crate::breaker::Transition) {
+        use crate::breaker::Transition as T;
+        let i = match t {
+            T::Opened => 0,
+            T::HalfOpened => 1,
+            T::Closed => 2,
+        };
+        self.circuits[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Requests recorded for `method`, `status` and `route` so far (tests, `/health/proxy`).
@@ -519,6 +533,13 @@ impl Metrics {
             "result",
             &["pass", "fail"],
             &self.health_checks,
+        );
+        out.counters(
+            "sandgate_circuit_transitions_total",
+            "Circuit breakers of sandbox ports that changed state, by the state entered.",
+            "to",
+            &["open", "half_open", "closed"],
+            &self.circuits,
         );
         out.counters(
             "sandgate_health_changes_total",

@@ -27,6 +27,8 @@ pub struct Activity {
     key: Arc<str>,
     /// Its dev-server port's health checks ([`Health`]).
     health: HealthState,
+    /// Its ports' circuit breakers.
+    pub breakers: crate::breaker::Breakers,
 }
 
 /// What the health checks say about a sandbox's dev-server port.
@@ -71,6 +73,11 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Its ports' circuit breakers.
+    pub fn breakers(&self) -> &crate::breaker::Breakers {
+        &self.activity.breakers
+    }
+
     /// Records use of the sandbox now (a proxied request, WebSocket traffic, API use).
     pub fn touch(&self) {
         self.activity.touch();
@@ -302,7 +309,8 @@ impl Deref for Entry {
 /// Milliseconds on the monotonic clock since this process first asked. Idle time is measured
 /// on it, not on the wall clock, so a step of the wall clock (NTP, an operator) neither reaps
 /// sandboxes in use nor keeps idle ones running for as long as the step.
-fn now_ms() -> i64 {
+/// Milliseconds on the process's monotonic clock.
+pub fn now_ms() -> i64 {
     static START: LazyLock<Instant> = LazyLock::new(Instant::now);
     START.elapsed().as_millis() as i64
 }
@@ -362,6 +370,7 @@ impl Routes {
                     terminals: AtomicUsize::new(0),
                     key: sb.id.as_str().into(),
                     health: HealthState::default(),
+                    breakers: Default::default(),
                 })
             },
             |e| e.activity.clone(),

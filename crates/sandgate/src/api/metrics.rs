@@ -73,6 +73,16 @@ pub fn render(state: &AppState) -> String {
     }
 
     out.family(
+        "sandgate_circuits_open",
+        "Sandbox ports whose circuit is open or half-open now.",
+        "gauge",
+    );
+    let open: usize = entries
+        .iter()
+        .map(|e| e.breakers().open_count(e.generation))
+        .sum();
+    out.sample("sandgate_circuits_open", &[], open as f64);
+    out.family(
         "sandgate_proxy_active_requests",
         "Requests to sandboxes in flight (responses still streaming included).",
         "gauge",

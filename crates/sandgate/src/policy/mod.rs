@@ -24,10 +24,11 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::addresses::Addresses;
-use crate::admission::{Admission, Limits, OwnedAdmission, Started};
+use crate::admission::{Admission, Circuit, Limits, OwnedAdmission, Started};
 use crate::audit::{Actor, Audit};
 use crate::auth::{permissions, preview, Auth, Authenticated, Principal, Via};
 use crate::backend::{Backend, Upstream};
+use crate::breaker::{Peek, Transition};
 use crate::error::Error;
 use crate::manager::Manager;
 use crate::metrics::{AuthResult, Operation, RouteLabel};
@@ -289,7 +290,12 @@ impl Policy {
                     unready = true;
                     None
                 }
-                Some(u) => Some(u),
+                Some(u) => {
+                    if let Some(e) = self.circuit_open(&sandbox, port) {
+                        return Decision::Deny(e);
+                    }
+                    Some(u)
+                }
                 None => return Decision::Deny(port_not_exposed(&sandbox, port)),
             },
             Status::Stopped if sandbox.mode == Mode::Persistent => None,
@@ -323,6 +329,21 @@ impl Policy {
             html: head.facts.html,
             principal: who.principal,
         })
+    }
+
+    /// The refusal of a request to a port whose circuit is open (read only: who makes the
+    /// half-open trial is decided at admission).
+    fn circuit_open(&self, sandbox: &Entry, port: u16) -> Option<Error> {
+        let rule = self.limits.circuit();
+        if rule.failures == 0 {
+            return None;
+        }
+        let now = || crate::routes::now_ms().max(0) as u64;
+        let breakers = sandbox.breakers();
+        match breakers.peek(sandbox.generation, port, now(), rule.open_ms) {
+            Peek::Open(left) => Some(circuit_error(sandbox, port, left)),
+            Peek::Closed | Peek::Expired => None,
+        }
     }
 
     /// A control-API request: the credential its route needs, and the role.
@@ -441,7 +462,12 @@ impl Policy {
     ) -> Result<Admission<&'a Limits, &'a Activity>, Error> {
         let sandbox = &target.sandbox;
         let in_use = self.limit(target, principal, |cap| sandbox.try_in_use_scoped(cap))?;
-        Limits::admit(&*self.limits, client, in_use, started)
+        let circuit = self.circuit(target)?;
+        let admission = Limits::admit(&*self.limits, client, in_use, started)?;
+        Ok(match circuit {
+            Some(c) => admission.with_circuit(c),
+            None => admission,
+        })
     }
 
     /// Admits a granted request whose admission travels with its response body (hyper lane).
@@ -453,7 +479,40 @@ impl Policy {
         started: &Started,
     ) -> Result<OwnedAdmission, Error> {
         let in_use = self.limit(target, principal, |cap| target.sandbox.try_in_use(cap))?;
-        Limits::admit(self.limits.clone(), client, in_use, started)
+        let circuit = self.circuit(target)?;
+        let admission = Limits::admit(self.limits.clone(), client, in_use, started)?;
+        Ok(match circuit {
+            Some(c) => admission.with_circuit(c),
+            None => admission,
+        })
+    }
+
+    /// The breaker a request to `target` reports to, if circuit breaking is on; refused while
+    /// the circuit is open or another request is its half-open trial. A request that becomes
+    /// the trial turns the circuit half-open.
+    fn circuit(&self, target: &Target) -> Result<Option<Circuit>, Error> {
+        let rule = self.limits.circuit();
+        if rule.failures == 0 {
+            return Ok(None);
+        }
+        let sb = &target.sandbox;
+        let now = crate::routes::now_ms().max(0) as u64;
+        match sb
+            .breakers()
+            .admit(sb.generation, target.port, now, rule.open_ms)
+        {
+            Ok(trial) => {
+                if trial {
+                    self.limits.metrics().circuit(Transition::HalfOpened);
+                }
+                Ok(Some(Circuit {
+                    generation: sb.generation,
+                    port: target.port,
+                    trial,
+                }))
+            }
+            Err(left) => Err(circuit_error(sb, target.port, left)),
+        }
     }
 
     /// The limits of a forwarded request before its concurrency slots: the sandbox's in-use
@@ -611,6 +670,15 @@ fn err_details(err: &Error) -> String {
     match err {
         Error::BadCredential(why) => (*why).to_string(),
         other => other.to_string(),
+    }
+}
+
+/// `503 circuit_open`, retry after the open time left (whole seconds, at least 1).
+fn circuit_error(sb: &Entry, port: u16, left_ms: u64) -> Error {
+    Error::CircuitOpen {
+        id: sb.id.clone(),
+        port,
+        retry_after: left_ms.div_ceil(1000).max(1),
     }
 }
 

@@ -6,6 +6,7 @@
 const LAYERS: &[(&str, u8)] = &[
     ("model", 0),
     ("event_loop", 0),
+    ("breaker", 0),
     ("config", 1),
     ("datadir", 1),
     ("store", 1),

@@ -316,3 +316,94 @@ async fn prometheus_scrapes_the_gateway() {
     prometheus.kill().await.ok();
     gw.shutdown().await;
 }
+
+/// Connection failures in a row to a sandbox port open its circuit: requests then get
+/// `503 circuit_open` with `Retry-After` at once, without a connection attempt; after the
+/// open time one trial goes through: while the port is still down it opens the circuit
+/// again, once the server listens it closes it. The transitions are counted.
+async fn an_open_circuit_answers_at_once_until_a_trial_closes_it(lane: Lane) {
+    let gw = TestGateway::builder()
+        .lane(lane)
+        .config(|c| {
+            c.health_interval = None;
+            c.max_retries = 0;
+            c.circuit_failures = 3;
+            c.circuit_open = Duration::from_millis(300);
+        })
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // The fixture starts listening only once the test says so.
+    let sb = gw
+        .create_program(
+            &format!("until [ -e {} ]; do sleep 0.05; done;", go.display()),
+            &crate::common::fixture_program(),
+            json!({}),
+        )
+        .await;
+    for _ in 0..3 {
+        gw.get(&sb.path("/")).send().await.expect(502);
+    }
+    let r = gw.get(&sb.path("/")).send().await;
+    r.expect_error(503, "circuit_open");
+    assert_eq!(r.header("retry-after"), "1");
+    let text = scrape(&gw).await;
+    // The refused request made no connection attempt.
+    assert_eq!(
+        value(&text, "sandgate_upstream_errors_total{reason=\"refused\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "sandgate_circuit_transitions_total{to=\"open\"}"),
+        Some(1.0)
+    );
+    assert_eq!(value(&text, "sandgate_circuits_open"), Some(1.0), "{text}");
+    // Still down: the trial fails (502) and the circuit opens again.
+    eventually(
+        READY_TIMEOUT,
+        "a trial request reaches the port",
+        || async {
+            let r = gw.get(&sb.path("/")).send().await;
+            (r.status == 502).then_some(())
+        },
+    )
+    .await;
+    gw.get(&sb.path("/"))
+        .send()
+        .await
+        .expect_error(503, "circuit_open");
+    // The server listens: the next trial closes the circuit.
+    std::fs::write(&go, b"").unwrap();
+    eventually(READY_TIMEOUT, "a trial closes the circuit", || async {
+        let r = gw.get(&sb.path("/")).send().await;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    for _ in 0..3 {
+        gw.get(&sb.path("/")).send().await.expect(200);
+    }
+    let text = scrape(&gw).await;
+    assert_eq!(
+        value(&text, "sandgate_circuit_transitions_total{to=\"open\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert!(
+        value(
+            &text,
+            "sandgate_circuit_transitions_total{to=\"half_open\"}"
+        )
+        .unwrap()
+            >= 2.0
+    );
+    assert_eq!(
+        value(&text, "sandgate_circuit_transitions_total{to=\"closed\"}"),
+        Some(1.0)
+    );
+    assert_eq!(value(&text, "sandgate_circuits_open"), Some(0.0), "{text}");
+    gw.shutdown().await;
+}
+
+both_lanes!(an_open_circuit_answers_at_once_until_a_trial_closes_it);
