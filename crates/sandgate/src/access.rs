@@ -4,11 +4,14 @@
 //! response).
 //!
 //! What a line holds is gathered while the request is planned, into fixed inline buffers
-//! ([`Inline`]): no allocation per request, whatever lane serves it. Lines go through
-//! `tracing` (target `sandgate::access`), so `--log-format json|text` and `RUST_LOG` apply to
-//! them as to every other line.
+//! ([`Inline`]): no allocation per request, whatever lane serves it. Lines are formatted by
+//! hand, in the shape `--log-format json|text` gives every other line (target
+//! `sandgate::access`), into per-thread buffers written to standard error at least every
+//! 100 ms ([`Writer`]).
 
+use std::cell::RefCell;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// The request-id field.
@@ -161,26 +164,242 @@ pub struct Line<'a> {
     pub kind: &'static str,
 }
 
-/// Writes one access-log line.
+/// The access log's writer: each thread formats its lines by hand into a buffer of its own,
+/// and a flusher thread writes every buffer to standard error every [`FLUSH_EVERY`] (or a
+/// thread does when its buffer passes [`FLUSH_AT`]): nginx's `access_log … buffer= flush=`.
+/// Through `tracing`'s formatter and one write per line, a line cost a third of a keep-alive
+/// request's CPU (docs/observability.md); this way it costs a few percent.
+struct Writer {
+    json: bool,
+    buffers: Mutex<Vec<Arc<Mutex<Vec<u8>>>>>,
+}
+
+/// How often buffered lines are written at the latest.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// A thread's buffer is written at once past this size.
+const FLUSH_AT: usize = 32 * 1024;
+
+static WRITER: OnceLock<Writer> = OnceLock::new();
+
+thread_local! {
+    static MINE: RefCell<Option<Arc<Mutex<Vec<u8>>>>> = const { RefCell::new(None) };
+    /// The formatted current second (`2026-12-02T01:20:46`), remade once a second.
+    static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
+}
+
+/// Starts the access log on standard error, as JSON objects or text lines. Until this is
+/// called (a library user, the tests' in-process gateways) lines are not written.
+pub fn init(json: bool) {
+    let mut started = false;
+    WRITER.get_or_init(|| {
+        started = true;
+        Writer {
+            json,
+            buffers: Mutex::new(Vec::new()),
+        }
+    });
+    if started {
+        let spawned = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(|| loop {
+                std::thread::sleep(FLUSH_EVERY);
+                flush();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "the access log's flusher did not start: lines are written when a buffer fills and at exit");
+        }
+    }
+}
+
+/// Writes every buffered line now (the flusher's tick, and shutdown).
+pub fn flush() {
+    let Some(w) = WRITER.get() else {
+        return;
+    };
+    let buffers: Vec<_> = w.buffers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for b in buffers {
+        let mut buf = b.lock().unwrap_or_else(|e| e.into_inner());
+        write_out(&mut buf);
+    }
+}
+
+fn write_out(buf: &mut Vec<u8>) {
+    if buf.is_empty() {
+        return;
+    }
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(buf);
+    buf.clear();
+}
+
+/// Writes one access-log line (if the log was started).
 pub fn log(l: &Line<'_>) {
+    let Some(w) = WRITER.get() else {
+        return;
+    };
+    MINE.with_borrow_mut(|mine| {
+        let b = mine.get_or_insert_with(|| {
+            let b = Arc::new(Mutex::new(Vec::with_capacity(FLUSH_AT * 2)));
+            w.buffers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(b.clone());
+            b
+        });
+        let mut buf = b.lock().unwrap_or_else(|e| e.into_inner());
+        if w.json {
+            json_line(&mut buf, l);
+        } else {
+            text_line(&mut buf, l);
+        }
+        if buf.len() >= FLUSH_AT {
+            write_out(&mut buf);
+        }
+    });
+}
+
+/// `2026-12-02T01:20:46.564Z`.
+fn timestamp(out: &mut Vec<u8>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    SECOND.with_borrow_mut(|(cached, text)| {
+        if *cached != secs {
+            let t = chrono::DateTime::from_timestamp(secs as i64, 0).unwrap_or_default();
+            let formatted = t.format("%Y-%m-%dT%H:%M:%S").to_string();
+            if formatted.len() == 19 {
+                text.copy_from_slice(formatted.as_bytes());
+            }
+            *cached = secs;
+        }
+        out.extend_from_slice(&text[..]);
+    });
+    let ms = now.subsec_millis();
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (ms / 100) as u8,
+        b'0' + (ms / 10 % 10) as u8,
+        b'0' + (ms % 10) as u8,
+        b'Z',
+    ]);
+}
+
+/// Milliseconds with three decimals (microseconds), without `fmt`.
+fn millis(out: &mut Vec<u8>, d: Duration) {
+    let us = d.as_micros();
+    out.extend_from_slice(itoa::Buffer::new().format(us / 1000).as_bytes());
+    let frac = (us % 1000) as u16;
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
+}
+
+fn client_text(out: &mut Vec<u8>, ip: IpAddr) {
+    use std::io::Write;
+    let _ = write!(out, "{ip}");
+}
+
+/// The fields of a line, in order: name, and value (`None`: a number written as is).
+fn fields<'a>(
+    l: &'a Line<'a>,
+    status: &'a str,
+    port: &'a str,
+) -> [(&'static str, &'a str, bool); 11] {
     let w = l.who;
-    tracing::info!(
-        target: "sandgate::access",
-        kind = %l.kind,
-        request_id = %w.request_id.as_str(),
-        method = %l.method,
-        route = %l.route,
-        host = %or_dash(w.host.as_str()),
-        path = %or_dash(w.path.as_str()),
-        status = l.status,
-        duration_ms = l.duration.as_micros() as f64 / 1000.0,
-        sandbox = %or_dash(w.sandbox.as_str()),
-        port = w.port,
-        client = %l.client,
-        subject = %or_dash(w.subject.as_deref().unwrap_or("")),
-        flag = %l.flag,
-        trace_id = %or_dash(w.trace_id.as_str()),
-    );
+    [
+        ("kind", l.kind, true),
+        ("request_id", w.request_id.as_str(), true),
+        ("method", l.method, true),
+        ("route", l.route, true),
+        ("host", or_dash(w.host.as_str()), true),
+        ("path", or_dash(w.path.as_str()), true),
+        ("status", status, false),
+        ("sandbox", or_dash(w.sandbox.as_str()), true),
+        ("port", port, false),
+        ("subject", or_dash(w.subject.as_deref().unwrap_or("")), true),
+        ("flag", l.flag, true),
+    ]
+}
+
+/// `{"timestamp":…,"level":"INFO","target":"sandgate::access","kind":…,…}` and a newline.
+fn json_line(out: &mut Vec<u8>, l: &Line<'_>) {
+    let mut st = itoa::Buffer::new();
+    let mut pt = itoa::Buffer::new();
+    let (status, port) = (st.format(l.status), pt.format(l.who.port));
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    timestamp(out);
+    out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"sandgate::access\"");
+    for (name, value, quoted) in fields(l, status, port) {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+        if quoted {
+            json_string(out, value);
+        } else {
+            out.extend_from_slice(value.as_bytes());
+        }
+    }
+    out.extend_from_slice(b",\"duration_ms\":");
+    millis(out, l.duration);
+    out.extend_from_slice(b",\"client\":\"");
+    client_text(out, l.client);
+    out.extend_from_slice(b"\",\"trace_id\":");
+    json_string(out, or_dash(l.who.trace_id.as_str()));
+    out.extend_from_slice(b"}\n");
+}
+
+/// `2026-… INFO sandgate::access: kind=request request_id=… …` and a newline; values are
+/// written plainly (request ids, hosts and paths hold no spaces or quotes; a path with
+/// other bytes is escaped as JSON would).
+fn text_line(out: &mut Vec<u8>, l: &Line<'_>) {
+    let mut st = itoa::Buffer::new();
+    let mut pt = itoa::Buffer::new();
+    let (status, port) = (st.format(l.status), pt.format(l.who.port));
+    timestamp(out);
+    out.extend_from_slice(b"  INFO sandgate::access:");
+    for (name, value, _) in fields(l, status, port) {
+        out.push(b' ');
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'=');
+        if value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
+            out.extend_from_slice(value.as_bytes());
+        } else {
+            json_string(out, value);
+        }
+    }
+    out.extend_from_slice(b" duration_ms=");
+    millis(out, l.duration);
+    out.extend_from_slice(b" client=");
+    client_text(out, l.client);
+    out.extend_from_slice(b" trace_id=");
+    out.extend_from_slice(or_dash(l.who.trace_id.as_str()).as_bytes());
+    out.push(b'\n');
+}
+
+/// A JSON string literal.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0..=0x1f | 0x7f => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 0xf) as usize]);
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
 }
 
 fn or_dash(s: &str) -> &str {
@@ -222,6 +441,51 @@ mod tests {
             assert!(id.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
         }
         assert_ne!(new_request_id().as_str(), new_request_id().as_str());
+    }
+
+    #[test]
+    fn lines_are_valid_json_and_plain_text() {
+        let mut who = Who {
+            request_id: RequestId::new("r-1"),
+            path: Inline::new("/a\"b\\c\u{1}"),
+            port: 3000,
+            ..Who::default()
+        };
+        who.sandbox.set("sb-x");
+        let line = Line {
+            who: &who,
+            method: "GET",
+            route: "/sandbox/{id}/*",
+            client: "::1".parse().unwrap(),
+            status: 200,
+            duration: Duration::from_micros(12_345),
+            flag: "-",
+            kind: "request",
+        };
+        let mut out = Vec::new();
+        json_line(&mut out, &line);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["path"], "/a\"b\\c\u{1}");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["port"], 3000);
+        assert_eq!(v["duration_ms"], 12.345);
+        assert_eq!(v["client"], "::1");
+        assert_eq!(v["host"], "-");
+        assert_eq!(v["target"], "sandgate::access");
+        assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+        out.clear();
+        text_line(&mut out, &line);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with('\n'));
+        assert!(
+            text.contains(" INFO sandgate::access: kind=request request_id=r-1 "),
+            "{text}"
+        );
+        assert!(text.contains(" path=\"/a\\\"b\\\\c\\u0001\" "), "{text}");
+        assert!(
+            text.contains(" status=200 ") && text.contains(" duration_ms=12.345 "),
+            "{text}"
+        );
     }
 
     #[test]

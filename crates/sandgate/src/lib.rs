@@ -449,6 +449,7 @@ pub async fn run(
     sweeper.abort();
     auth.flush_last_used().await;
     audit.flush().await;
+    access::flush();
     exit_watcher.abort();
     drop(dir_lock);
     if let Some(watcher) = cert_watcher {

@@ -113,6 +113,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
+    if config.access_log {
+        sandgate::access::init(config.log_format == LogFormat::Json);
+    }
     // Certificate files are part of the configuration: checked here, before anything is bound,
     // so a bad one exits with the same status and `--check-config` reports it too.
     if let Some(files) = &config.tls {
