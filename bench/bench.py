@@ -51,7 +51,8 @@ SCENARIOS = HTTP_SCENARIOS + [
     "ws-idle",
     "route",
 ]
-TARGETS = ["direct", "sandgate-path", "sandgate-key", "sandgate-host", "sandgate-netns", "nginx", "chp"]
+TARGETS = ["direct", "sandgate-path", "sandgate-key", "sandgate-host", "sandgate-quiet", "sandgate-netns",
+           "nginx", "chp"]
 # The owner key of every sandgate the harness starts (`SANDGATE_ADMIN_KEY`): its API calls carry
 # it, and `sandgate-key` sends it on every proxied request. Builds without authentication
 # ignore both.
@@ -287,6 +288,7 @@ class Bench:
         self.holders: list[subprocess.Popen] = []  # ws-idle clients still holding connections
         self.sg: Sandgate | None = None  # the main instance: shared-host isolation
         self.sg_ns: Sandgate | None = None  # optional: sandboxes in their own network namespaces
+        self.sg_quiet: Sandgate | None = None  # optional: metrics and access log off
         self.fixture_pid = None
         self.targets: dict[str, Target] = {}
         self.results: dict = {}
@@ -334,7 +336,8 @@ class Bench:
         p = run_cmd([str(self.args.sandgate_bin), "serve", "--help"], timeout=30)
         return "--isolation" in p.stdout
 
-    def start_sandgate(self, name: str, isolation: str | None, port_range: str) -> Sandgate:
+    def start_sandgate(self, name: str, isolation: str | None, port_range: str,
+                       extra: list[str] | None = None) -> Sandgate:
         data = self.tmp / f"{name}-data"
         env = {k: v for k, v in os.environ.items()
                if k not in ("PORT", "GATEWAY_PORT", "GATEWAY_HOST", "DATABASE_URL", "AUTH_ENABLED")
@@ -344,6 +347,7 @@ class Bench:
                "--port-range", port_range]
         if isolation:
             cmd += ["--isolation", isolation]
+        cmd += extra or []
         cmd += self.args.sandgate_arg
         p = self.spawn(cmd, f"{name}.log", env=env, stdout=subprocess.PIPE)
         line = b""
@@ -472,6 +476,23 @@ class Bench:
         self.targets["sandgate-host"] = Target("sandgate-host", self.sg.port,
                                                host=f"{fport}-{sid}.localhost:{self.sg.port}",
                                                proxy_pids=sandgate)
+        if "sandgate-quiet" in a.targets:
+            # The same build with metrics and the access log off (issue 17: on vs off, CPU per
+            # keep-alive request within 3%), its own fixture sandbox, path route.
+            help_text = run_cmd([str(a.sandgate_bin), "serve", "--help"], timeout=30).stdout
+            if "--access-log" not in help_text:
+                self.notes.append("sandgate-quiet skipped: this sandgate build has no --access-log.")
+                a.targets.remove("sandgate-quiet")
+            else:
+                self.sg_quiet = self.start_sandgate(
+                    "sandgate-quiet", "none" if has_isolation else None, a.quiet_port_range,
+                    ["--metrics", "off", "--access-log", "off"])
+                qid, qport = self.start_fixture_sandbox(self.sg_quiet)
+                wait_port(qport, 15)
+                q = self.sg_quiet
+                self.targets["sandgate-quiet"] = Target(
+                    "sandgate-quiet", q.port, prefix=f"/sandbox/{qid}",
+                    proxy_pids=lambda: [q.pid], upstream_pids=lambda: [q.fixture_pid])
         if "sandgate-netns" in a.targets:
             if not has_isolation:
                 self.notes.append("sandgate-netns skipped: this sandgate build has no --isolation.")
@@ -561,7 +582,7 @@ class Bench:
             if h.poll() is None:
                 h.kill()
                 h.wait()
-        for sg in (self.sg, self.sg_ns):
+        for sg in (self.sg, self.sg_ns, self.sg_quiet):
             if sg is None:
                 continue
             try:
@@ -579,7 +600,7 @@ class Bench:
                 log(f"pid {p.pid} ({p.args[0]}) ignored {sig.name}; killing it")
                 p.kill()
                 p.wait()
-        for sg in (self.sg, self.sg_ns):
+        for sg in (self.sg, self.sg_ns, self.sg_quiet):
             if sg is not None and sg.proc.returncode not in (0, None):
                 self.failure(f"{sg.name} exited with status {sg.proc.returncode}: {self.tail(sg.name + '.log')}")
         if self.args.keep_tmp:
@@ -1048,6 +1069,12 @@ def report(b: Bench, meta: dict) -> str:
                 f"(CPU ÷ upstream {fmt(sg['cpu_vs_upstream']['median'])} vs nginx's "
                 f"{fmt(ka['nginx']['figures']['cpu_vs_upstream']['median'])}).\n")
         out.append(head)
+    quiet = paired_cost(res, "sandgate-path", "sandgate-quiet")
+    if quiet:
+        out.append("**Metrics and access log (sandgate-path, both on, ÷ sandgate-quiet, both off; "
+                   "medians of same-round ratios; issue 17's target: CPU within 3%):** " + "; ".join(
+                       f"{sc}: CPU/request {fmt(r['cpu'])}×, req/s {fmt(r['rps'])}×" for sc, r in quiet.items())
+                   + ".\n")
     auth = auth_cost(res)
     if auth:
         out.append("**Authentication (an API key verified on every request, sandgate-key ÷ sandgate-path, "
@@ -1123,9 +1150,15 @@ def report(b: Bench, meta: dict) -> str:
 def auth_cost(res: dict) -> dict:
     """Per HTTP scenario: sandgate-key's CPU per request and req/s ÷ sandgate-path's, the median
     of same-round ratios (the target of issue 14: CPU within 5%)."""
+    return paired_cost(res, "sandgate-key", "sandgate-path")
+
+
+def paired_cost(res: dict, num: str, den: str) -> dict:
+    """Per HTTP scenario: target `num`'s CPU per request and req/s ÷ target `den`'s, the median
+    of same-round ratios."""
     out = {}
     for sc in HTTP_SCENARIOS:
-        key, path = res.get(sc, {}).get("sandgate-key"), res.get(sc, {}).get("sandgate-path")
+        key, path = res.get(sc, {}).get(num), res.get(sc, {}).get(den)
         if not key or not path:
             continue
         pairs = [(k, p) for k, p in zip(key.get("rounds", []), path.get("rounds", [])) if k and p]
@@ -1258,6 +1291,8 @@ def parse_args(argv):
     p.add_argument("--server-cpu", type=int, default=1)
     p.add_argument("--port-range", default="21000-21099", help="sandgate's --port-range (only dev-server sandboxes use it)")
     p.add_argument("--netns-port-range", default="21100-21199", help="--port-range of the sandgate-netns instance")
+    p.add_argument("--quiet-port-range", default="21200-21299",
+                   help="--port-range of the sandgate-quiet instance (metrics and access log off)")
     p.add_argument("--sandgate-arg", action="append", default=[], help="extra argument for `sandgate serve` (repeatable)")
     p.add_argument("--sandgate-bin", type=Path, default=ROOT / "target/release/sandgate")
     p.add_argument("--fixture-bin", type=Path, default=ROOT / "target/release/sandgate-fixture")
