@@ -140,9 +140,9 @@ pub fn trace_id(traceparent: &[u8]) -> Option<&str> {
 pub struct Who {
     pub request_id: RequestId,
     pub trace_id: Inline<32>,
-    pub host: Inline<256>,
+    pub host: Inline<128>,
     /// The path, without the query.
-    pub path: Inline<512>,
+    pub path: Inline<256>,
     pub sandbox: Inline<40>,
     pub port: u16,
     /// The key id or token subject the request acted as.
@@ -303,7 +303,7 @@ fn client_text(out: &mut Vec<u8>, ip: IpAddr) {
     let _ = write!(out, "{ip}");
 }
 
-/// The fields of a line, in order: name, and value (`None`: a number written as is).
+/// The fields of a line, in order: name, value, and whether JSON quotes it (numbers not).
 fn fields<'a>(
     l: &'a Line<'a>,
     status: &'a str,
