@@ -162,6 +162,16 @@ pub struct Line<'a> {
     pub flag: &'static str,
     /// `request` or `stream` (an upgraded connection, logged when it ends).
     pub kind: &'static str,
+    pub io: Io,
+}
+
+/// What moved between the gateway and the sandbox for one request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Io {
+    /// Time to open a new connection to the sandbox (`None`: a kept one was used, or none).
+    pub connect: Option<Duration>,
+    /// Response body bytes sent to the client (a stream's: none counted).
+    pub sent: u64,
 }
 
 /// The access log's writer: each thread formats its lines by hand into a buffer of its own,
@@ -345,6 +355,13 @@ fn json_line(out: &mut Vec<u8>, l: &Line<'_>) {
     }
     out.extend_from_slice(b",\"duration_ms\":");
     millis(out, l.duration);
+    out.extend_from_slice(b",\"upstream_connect_ms\":");
+    match l.io.connect {
+        Some(d) => millis(out, d),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"bytes_sent\":");
+    out.extend_from_slice(itoa::Buffer::new().format(l.io.sent).as_bytes());
     out.extend_from_slice(b",\"client\":\"");
     client_text(out, l.client);
     out.extend_from_slice(b"\",\"trace_id\":");
@@ -376,6 +393,13 @@ fn text_line(out: &mut Vec<u8>, l: &Line<'_>) {
     }
     out.extend_from_slice(b" duration_ms=");
     millis(out, l.duration);
+    out.extend_from_slice(b" upstream_connect_ms=");
+    match l.io.connect {
+        Some(d) => millis(out, d),
+        None => out.push(b'-'),
+    }
+    out.extend_from_slice(b" bytes_sent=");
+    out.extend_from_slice(itoa::Buffer::new().format(l.io.sent).as_bytes());
     out.extend_from_slice(b" client=");
     client_text(out, l.client);
     out.extend_from_slice(b" trace_id=");
@@ -461,6 +485,10 @@ mod tests {
             duration: Duration::from_micros(12_345),
             flag: "-",
             kind: "request",
+            io: Io {
+                connect: Some(Duration::from_micros(250)),
+                sent: 1024,
+            },
         };
         let mut out = Vec::new();
         json_line(&mut out, &line);
@@ -470,6 +498,8 @@ mod tests {
         assert_eq!(v["port"], 3000);
         assert_eq!(v["duration_ms"], 12.345);
         assert_eq!(v["client"], "::1");
+        assert_eq!(v["upstream_connect_ms"], 0.25);
+        assert_eq!(v["bytes_sent"], 1024);
         assert_eq!(v["host"], "-");
         assert_eq!(v["target"], "sandgate::access");
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));

@@ -92,6 +92,18 @@ impl Started {
 
     /// Its access-log line.
     fn log(&self, status: u16, flag: &'static str, route: &str, kind: &'static str) {
+        self.log_io(status, flag, route, kind, access::Io::default());
+    }
+
+    /// Its access-log line, with what went to and from the sandbox.
+    fn log_io(
+        &self,
+        status: u16,
+        flag: &'static str,
+        route: &str,
+        kind: &'static str,
+        io: access::Io,
+    ) {
         access::log(&access::Line {
             who: &self.who,
             method: self.method.as_str(),
@@ -101,6 +113,7 @@ impl Started {
             duration: self.at.elapsed(),
             flag: if status == 0 { "DC" } else { flag },
             kind,
+            io,
         });
     }
 
@@ -251,6 +264,8 @@ impl Limits {
             err: None,
             flag: "-",
             circuit: None,
+            connect: None,
+            sent: 0,
         })
     }
 
@@ -348,6 +363,10 @@ pub struct Admission<L: Deref<Target = Limits>, A: Deref<Target = Activity> = Ar
     flag: &'static str,
     /// The port's breaker, told how the request ended.
     circuit: Option<Circuit>,
+    /// Time to open a new connection to the sandbox (`None`: a kept one was used).
+    connect: Option<std::time::Duration>,
+    /// Response body bytes sent to the client.
+    sent: u64,
 }
 
 /// An admission that can travel with a response body or an upgraded connection.
@@ -379,6 +398,16 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
     /// Forwarding failed with `err` (which the client is answered with): finished now.
     pub fn failed(mut self, err: &Error) {
         self.fail_with(err);
+    }
+
+    /// A new connection to the sandbox was opened for this request in `d`.
+    pub fn connected(&mut self, d: std::time::Duration) {
+        self.connect = Some(d);
+    }
+
+    /// `n` more response body bytes went to the client.
+    pub fn sent(&mut self, n: u64) {
+        self.sent += n;
     }
 
     /// The request reports to its port's breaker when it ends.
@@ -461,14 +490,23 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Drop for Admission<
         if self.upgraded {
             self.limits.metrics.stream_closed(Stream::Proxied);
             if self.limits.access_log {
-                self.started.log(101, "-", route, "stream");
+                let io = access::Io {
+                    connect: self.connect,
+                    sent: self.sent,
+                };
+                self.started.log_io(101, "-", route, "stream", io);
             }
         } else {
             let mut f = self.started.finish(self.status, None);
             f.upstream_error = self.err;
             self.limits.metrics.finish(&f);
             if self.limits.access_log {
-                self.started.log(self.status, self.flag, route, "request");
+                let io = access::Io {
+                    connect: self.connect,
+                    sent: self.sent,
+                };
+                self.started
+                    .log_io(self.status, self.flag, route, "request", io);
             }
         }
     }

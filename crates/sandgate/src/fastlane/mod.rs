@@ -534,8 +534,12 @@ impl Lane {
             None => {
                 reused = false;
                 timer.as_mut().reset(Instant::now() + timeout);
+                let began = Instant::now();
                 match race(proxy.dial(f.upstream), timer.as_mut()).await {
-                    Some(Ok(s)) => s,
+                    Some(Ok(s)) => {
+                        admission.connected(began.elapsed());
+                        s
+                    }
                     Some(Err(e)) => {
                         let err = upstream_error(sb, f.target.port, e);
                         return {
@@ -564,7 +568,9 @@ impl Lane {
             };
             if sent.is_err() && reused && req.may_retry(&f.facts) {
                 reused = false;
+                let began = Instant::now();
                 if let Some(s) = self.redial(proxy, &f, &mut timer, timeout).await {
+                    admission.connected(began.elapsed());
                     up = s;
                     continue;
                 }
@@ -592,8 +598,12 @@ impl Lane {
                 {
                     reused = false;
                     ubuf.clear();
+                    let began = Instant::now();
                     match self.redial(proxy, &f, &mut timer, timeout).await {
-                        Some(s) => up = s,
+                        Some(s) => {
+                            admission.connected(began.elapsed());
+                            up = s;
+                        }
                         None => break Err(HeadError::Closed),
                     }
                 }
@@ -648,6 +658,7 @@ impl Lane {
         };
         admission.respond(resp.status);
         ubuf.consume(head_len);
+        let mut sent_bytes = 0;
         let body = forward_response_body(
             &mut up,
             &mut ubuf,
@@ -657,8 +668,12 @@ impl Lane {
             &mut self.rbuf,
             &mut req,
             (timer.as_mut(), StallWatch::new(proxy.body_timeout())),
+            &mut sent_bytes,
         )
         .await;
+        // The last piece, written below, counts too.
+        let last_len = body.as_ref().map_or(0, |l| l.len);
+        admission.sent(sent_bytes + last_len as u64);
         // Settle the upstream connection, the permit and the in-use mark before the client sees
         // the end of the response, so that whatever the client does next (on this connection
         // or another, served by another event loop) finds them released: the connection in
@@ -1182,6 +1197,7 @@ async fn forward_response_body(
     rbuf: &mut Buf,
     req: &mut RequestBody,
     (mut timer, mut stall): (Pin<&mut Sleep>, StallWatch),
+    sent_bytes: &mut u64,
 ) -> Result<Last, ()> {
     let mut left = match framing {
         Framing::Length(n) => n,
@@ -1228,6 +1244,7 @@ async fn forward_response_body(
             _ => Ok(()),
         };
         sent.map_err(|_| ())?;
+        *sent_bytes += n as u64;
         ubuf.consume(used.max(n));
         // Read more, keeping a request body moving.
         let read = poll_fn(|cx| {

@@ -37,6 +37,13 @@ impl Release {
         }
     }
 
+    /// `n` response body bytes went on to the client.
+    fn sent(&mut self, n: usize) {
+        if let Some(a) = self.admission.as_mut() {
+            a.sent(n as u64);
+        }
+    }
+
     fn finish(&mut self) {
         if let Some(tx) = self.tx.take() {
             self.pool.checkin(self.key, tx);
@@ -103,7 +110,10 @@ impl Body for GatewayBody {
                     }
                     // hyper stops polling a body whose exact length has been sent, so the
                     // last frame, not a final `None`, may be all this body ever sees.
-                    Some(Ok(_)) => {
+                    Some(Ok(f)) => {
+                        if let (Some(r), Some(data)) = (release.as_mut(), f.data_ref()) {
+                            r.sent(data.len());
+                        }
                         if inner.is_end_stream() {
                             if let Some(r) = release.as_mut() {
                                 r.finish();

@@ -222,7 +222,12 @@ impl Proxy {
 
         let timeout = self.timeout;
         let (resp, tx) = match tokio::time::timeout(timeout, self.send(key, up_req)).await {
-            Ok(Ok(sent)) => sent,
+            Ok(Ok((resp, tx, connect))) => {
+                if let (Some(d), Some(a)) = (connect, held.as_mut()) {
+                    a.connected(d);
+                }
+                (resp, tx)
+            }
             Ok(Err(e)) => {
                 return Err(body_state
                     .client_error(self.body_timeout)
@@ -295,7 +300,7 @@ impl Proxy {
         &self,
         key: PoolKey,
         mut req: Request<ClientBody>,
-    ) -> Result<(Response<Incoming>, Sender), SendError> {
+    ) -> Result<(Response<Incoming>, Sender, Option<Duration>), SendError> {
         if let Some(mut tx) = self.pool.checkout(&key) {
             if tx.ready().await.is_ok() {
                 // A kept connection the sandbox let go of just now fails the request: one
@@ -304,7 +309,7 @@ impl Proxy {
                 let again = may_resend(is_idempotent(req.method().as_str()), has_body)
                     .then(|| copy_bodiless(&req));
                 match tx.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, tx)),
+                    Ok(resp) => return Ok((resp, tx, None)),
                     Err(mut e) => match (e.take_message(), again) {
                         (None, Some(r)) => {
                             self.metrics.retried(Retry::Resend);
@@ -317,9 +322,11 @@ impl Proxy {
                 }
             }
         }
+        let began = std::time::Instant::now();
         let mut tx = self.connect(key.upstream).await?;
+        let connect = began.elapsed();
         let resp = tx.send_request(req).await.map_err(SendError::Protocol)?;
-        Ok((resp, tx))
+        Ok((resp, tx, Some(connect)))
     }
 
     /// Opens an upstream HTTP/1.1 connection (see `dial`).

@@ -101,6 +101,7 @@ async fn access_log_lines_in_json(lane: Lane) {
     let r = gw.get(&sb.path("/echo/x?secret=hunter2")).send().await;
     r.expect(200);
     let id = r.header("x-request-id").to_string();
+    let body_len = r.body.len();
     gw.get("/sandbox/sb-zzzzzzzzzzzzzzzz/x")
         .send()
         .await
@@ -130,6 +131,20 @@ async fn access_log_lines_in_json(lane: Lane) {
     assert_eq!(line["client"], "127.0.0.1", "{line}");
     assert_eq!(line["flag"], "-", "{line}");
     assert!(line["duration_ms"].as_f64().unwrap() >= 0.0, "{line}");
+    assert_eq!(line["bytes_sent"], body_len, "{line}");
+    // A new connection to the sandbox was timed; a kept one is null.
+    assert!(
+        lines.iter().any(|l| l["upstream_connect_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms >= 0.0)),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["upstream_connect_ms"].is_null() || l["upstream_connect_ms"].is_number()),
+        "{lines:#?}"
+    );
     assert!(line["timestamp"].as_str().is_some(), "{line}");
     assert!(
         !gw.log().contains("hunter2"),
