@@ -268,6 +268,8 @@ pub async fn run(
     ));
     manager.reconcile().await?;
     let exit_watcher = tokio::spawn(manager.clone().watch_exits(exits_rx));
+    // Cancelled when the listeners stop accepting (below): upgraded streams end then.
+    let stop = CancellationToken::new();
     let proxy = Arc::new(
         Proxy::new(
             backend,
@@ -277,7 +279,8 @@ pub async fn run(
             config.workers,
         )
         .with_scheme(config.scheme())
-        .with_metrics(metrics.clone()),
+        .with_metrics(metrics.clone())
+        .with_stopping(stop.clone()),
     );
     let limits = Arc::new(
         Limits::new(
@@ -349,8 +352,6 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
-    // Cancelled when the listeners stop accepting (below).
-    let stop = CancellationToken::new();
     let execs: Arc<exec::registry::Registry> = Default::default();
     let terminals: Arc<exec::terminals::Terminals> = Default::default();
     let state = AppState {

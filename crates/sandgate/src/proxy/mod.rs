@@ -69,6 +69,8 @@ pub struct Proxy {
     scheme: &'static str,
     /// Where connect times and retries are recorded.
     metrics: Arc<Metrics>,
+    /// Fires when the gateway stops serving: upgraded streams end (WebSockets with 1001).
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// Why a request did not get a response head from the sandbox.
@@ -100,7 +102,14 @@ impl Proxy {
             retries,
             scheme: "http",
             metrics: Arc::new(Metrics::new(1, false)),
+            stopping: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Ends upgraded streams when `stopping` fires.
+    pub fn with_stopping(mut self, stopping: tokio_util::sync::CancellationToken) -> Proxy {
+        self.stopping = stopping;
+        self
     }
 
     /// Records connect times and retries into `metrics`.
@@ -251,11 +260,16 @@ impl Proxy {
                 let upstream_upgrade =
                     hyper::upgrade::on(Response::from_parts(parts.clone(), body));
                 admission.upgraded();
+                let websocket = protocol
+                    .as_ref()
+                    .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
                 tokio::spawn(upgrade::splice(
                     client_upgrade,
                     upstream_upgrade,
                     target.sandbox.clone(),
                     admission,
+                    websocket,
+                    self.stopping.clone(),
                 ));
                 headers::strip_response_hop_by_hop(&mut parts.headers, true);
                 return Ok(Response::from_parts(parts, GatewayBody::empty()));

@@ -226,18 +226,25 @@ async fn an_http_health_path_decides_readiness() {
 }
 
 /// When the gateway shuts down, its own WebSockets (seed 004's command socket, a terminal)
-/// are closed with 1001 (going away) rather than cut.
-#[tokio::test(flavor = "multi_thread")]
-async fn shutdown_closes_the_gateways_websockets_with_1001() {
+/// and proxied ones (between frames, in both lanes' gateways) are closed with 1001 (going
+/// away) rather than cut.
+async fn shutdown_closes_websockets_with_1001(lane: Lane) {
+    use futures_util::SinkExt;
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     use tokio_tungstenite::tungstenite::Message;
-    let mut gw = SpawnedGateway::start(2, &[]).await;
+    let mut gw = SpawnedGateway::start_on(lane, 2, &[]).await;
     let v = gw.create(&json!({"runtime": "shell"})).await;
     let id = v["id"].as_str().unwrap().to_string();
+    let app = gw.create_fixture().await;
+    let mut proxied = gw.websocket(&app.path("/ws"), None).await;
+    proxied.send(Message::text("before")).await.unwrap();
+    let echo = proxied.next().await.expect("an echo").unwrap();
+    assert_eq!(echo.into_text().unwrap().as_str(), "before");
     let mut sockets = [
         gw.websocket(&format!("/ws/{id}"), None).await,
         gw.websocket(&format!("/sandboxes/{id}/pty"), None).await,
+        proxied,
     ];
     let pid = gw.pid();
     nix::sys::signal::kill(
@@ -260,3 +267,5 @@ async fn shutdown_closes_the_gateways_websockets_with_1001() {
     }
     assert!(gw.terminate().await.success(), "{}", gw.log());
 }
+
+both_lanes!(shutdown_closes_websockets_with_1001);
