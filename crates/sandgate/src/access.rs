@@ -228,18 +228,27 @@ pub fn flush() {
     };
     let buffers: Vec<_> = w.buffers.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for b in buffers {
-        let mut buf = b.lock().unwrap_or_else(|e| e.into_inner());
-        write_out(&mut buf);
+        let lines = take_lines(&mut b.lock().unwrap_or_else(|e| e.into_inner()));
+        write_out(&lines);
     }
 }
 
-fn write_out(buf: &mut Vec<u8>) {
+/// The lines buffered so far, leaving an empty buffer in their place: they are written
+/// after the buffer's lock is let go, so a slow standard error never holds up a thread that
+/// logs.
+fn take_lines(buf: &mut Vec<u8>) -> Vec<u8> {
     if buf.is_empty() {
+        return Vec::new();
+    }
+    std::mem::replace(buf, Vec::with_capacity(FLUSH_AT * 2))
+}
+
+fn write_out(lines: &[u8]) {
+    if lines.is_empty() {
         return;
     }
     use std::io::Write;
-    let _ = std::io::stderr().lock().write_all(buf);
-    buf.clear();
+    let _ = std::io::stderr().lock().write_all(lines);
 }
 
 /// Writes one access-log line (if the log was started).
@@ -256,15 +265,20 @@ pub fn log(l: &Line<'_>) {
                 .push(b.clone());
             b
         });
-        let mut buf = b.lock().unwrap_or_else(|e| e.into_inner());
-        if w.json {
-            json_line(&mut buf, l);
-        } else {
-            text_line(&mut buf, l);
-        }
-        if buf.len() >= FLUSH_AT {
-            write_out(&mut buf);
-        }
+        let full = {
+            let mut buf = b.lock().unwrap_or_else(|e| e.into_inner());
+            if w.json {
+                json_line(&mut buf, l);
+            } else {
+                text_line(&mut buf, l);
+            }
+            if buf.len() >= FLUSH_AT {
+                take_lines(&mut buf)
+            } else {
+                Vec::new()
+            }
+        };
+        write_out(&full);
     });
 }
 
@@ -313,13 +327,26 @@ fn client_text(out: &mut Vec<u8>, ip: IpAddr) {
     let _ = write!(out, "{ip}");
 }
 
+/// A line's numbers as text.
+struct Numbers {
+    status: itoa::Buffer,
+    port: itoa::Buffer,
+}
+
+impl Numbers {
+    fn new() -> Numbers {
+        Numbers {
+            status: itoa::Buffer::new(),
+            port: itoa::Buffer::new(),
+        }
+    }
+}
+
 /// The fields of a line, in order: name, value, and whether JSON quotes it (numbers not).
-fn fields<'a>(
-    l: &'a Line<'a>,
-    status: &'a str,
-    port: &'a str,
-) -> [(&'static str, &'a str, bool); 11] {
+fn fields<'a>(l: &'a Line<'a>, n: &'a mut Numbers) -> [(&'static str, &'a str, bool); 11] {
     let w = l.who;
+    let status = n.status.format(l.status);
+    let port = n.port.format(w.port);
     [
         ("kind", l.kind, true),
         ("request_id", w.request_id.as_str(), true),
@@ -337,13 +364,11 @@ fn fields<'a>(
 
 /// `{"timestamp":…,"level":"INFO","target":"sandgate::access","kind":…,…}` and a newline.
 fn json_line(out: &mut Vec<u8>, l: &Line<'_>) {
-    let mut st = itoa::Buffer::new();
-    let mut pt = itoa::Buffer::new();
-    let (status, port) = (st.format(l.status), pt.format(l.who.port));
+    let mut numbers = Numbers::new();
     out.extend_from_slice(b"{\"timestamp\":\"");
     timestamp(out);
     out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"sandgate::access\"");
-    for (name, value, quoted) in fields(l, status, port) {
+    for (name, value, quoted) in fields(l, &mut numbers) {
         out.extend_from_slice(b",\"");
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b"\":");
@@ -373,12 +398,10 @@ fn json_line(out: &mut Vec<u8>, l: &Line<'_>) {
 /// written plainly (request ids, hosts and paths hold no spaces or quotes; a path with
 /// other bytes is escaped as JSON would).
 fn text_line(out: &mut Vec<u8>, l: &Line<'_>) {
-    let mut st = itoa::Buffer::new();
-    let mut pt = itoa::Buffer::new();
-    let (status, port) = (st.format(l.status), pt.format(l.who.port));
+    let mut numbers = Numbers::new();
     timestamp(out);
     out.extend_from_slice(b"  INFO sandgate::access:");
-    for (name, value, _) in fields(l, status, port) {
+    for (name, value, _) in fields(l, &mut numbers) {
         out.push(b' ');
         out.extend_from_slice(name.as_bytes());
         out.push(b'=');
