@@ -1039,8 +1039,18 @@ impl Drop for TestGateway {
     fn drop(&mut self) {
         self.token.cancel();
         if !self.clean {
-            // The test failed before shutting down: do not leak its sandboxes.
+            // The test failed, or ended, before shutting down: the gateway's runtime ends now,
+            // before it could stop its sandboxes, so do not leak them: the recorded leaders,
+            // and every process tagged with one of its sandboxes' ids (made through the API
+            // too, whose pids were never recorded).
             self.client.pids.kill_leftovers();
+            let sandboxes = self.data_dir.path().join("sandboxes");
+            for entry in std::fs::read_dir(sandboxes).into_iter().flatten().flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                for pid in sandbox_processes(&id) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
         }
     }
 }
