@@ -20,9 +20,9 @@ use std::net::IpAddr;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::access::{self, Who};
+use crate::access::{self, Io, Who};
 use crate::breaker::Outcome;
 use crate::error::Error;
 use crate::metrics::{AuthResult, Finish, Method, Metrics, RouteLabel, Stream, UpstreamError};
@@ -90,45 +90,61 @@ impl Started {
         self.who.request_id.as_str()
     }
 
-    /// Its access-log line.
-    fn log(&self, status: u16, flag: &'static str, route: &str, kind: &'static str) {
-        self.log_io(status, flag, route, kind, access::Io::default());
-    }
-
-    /// Its access-log line, with what went to and from the sandbox.
-    fn log_io(
-        &self,
-        status: u16,
-        flag: &'static str,
-        route: &str,
-        kind: &'static str,
-        io: access::Io,
-    ) {
-        access::log(&access::Line {
-            who: &self.who,
-            method: self.method.as_str(),
-            route,
-            client: self.client,
-            status,
-            duration: self.at.elapsed(),
-            flag: if status == 0 { "DC" } else { flag },
-            kind,
-            io,
-        });
-    }
-
-    /// The request as it finishes with `status` (0: no response) now.
-    pub fn finish(&self, status: u16, err: Option<&Error>) -> Finish {
+    /// The request as the metrics record it, having ended as `end` after `elapsed`.
+    fn finish(&self, end: &Ending, route: RouteLabel, elapsed: Duration) -> Finish {
         Finish {
             method: self.method,
-            route: self.route,
-            status,
-            elapsed: self.at.elapsed(),
-            auth: match err.map(Error::auth_result) {
-                Some(AuthResult::None) | None => self.auth,
-                Some(refused) => refused,
+            route,
+            status: end.status,
+            elapsed,
+            auth: if end.auth == AuthResult::None {
+                self.auth
+            } else {
+                end.auth
             },
-            upstream_error: err.and_then(Error::upstream_error),
+            upstream_error: end.upstream,
+        }
+    }
+}
+
+/// How a request ended, for the finish step: its status (0: no response), and what the error
+/// it was answered with says about the sandbox's side, the access log's flag and the
+/// credential (a refusal overrides what the grant said).
+#[derive(Debug, Clone, Copy)]
+pub struct Ending {
+    pub status: u16,
+    upstream: Option<UpstreamError>,
+    flag: &'static str,
+    auth: AuthResult,
+}
+
+impl Ending {
+    /// Answered with `status`, no error.
+    pub fn status(status: u16) -> Ending {
+        Ending {
+            status,
+            upstream: None,
+            flag: "-",
+            auth: AuthResult::None,
+        }
+    }
+
+    /// Answered with the gateway's error `err`.
+    pub fn error(err: &Error) -> Ending {
+        Ending {
+            status: err.status_and_code().0.as_u16(),
+            upstream: err.upstream_error(),
+            flag: err.flag(),
+            auth: err.auth_result(),
+        }
+    }
+
+    /// The access log's flag (`DC`: the client left before any response).
+    fn flag(&self) -> &'static str {
+        if self.status == 0 {
+            "DC"
+        } else {
+            self.flag
         }
     }
 }
@@ -239,6 +255,7 @@ impl Limits {
         client: IpAddr,
         in_use: InUse<A>,
         started: &Started,
+        circuit: Option<Circuit>,
     ) -> Result<Admission<L, A>, Error>
     where
         L: Deref<Target = Limits>,
@@ -260,12 +277,9 @@ impl Limits {
             answered: false,
             in_use,
             started: started.clone(),
-            status: 0,
-            err: None,
-            flag: "-",
-            circuit: None,
-            connect: None,
-            sent: 0,
+            end: Ending::status(0),
+            circuit,
+            io: Io::default(),
         })
     }
 
@@ -275,27 +289,79 @@ impl Limits {
         std::hash::Hasher::finish(&h) as usize & (CLIENT_COUNTERS - 1)
     }
 
-    /// The finish step of a request the gateway answered itself (never admitted), with
-    /// `status` (and the error it answered with).
-    pub fn answered(&self, started: &Started, status: u16, err: Option<&Error>) {
+    /// The finish step of a request the gateway answered itself (never admitted).
+    pub fn answered(&self, started: &Started, end: Ending) {
         self.count(Finished::Answered);
-        self.metrics.finish(&started.finish(status, err));
-        if self.access_log {
-            let flag = err.map_or("-", Error::flag);
-            started.log(status, flag, started.route.as_str(), "request");
-        }
+        self.record(started, &end, started.route, None, Io::default());
     }
 
     /// The finish step of a control-API request answered with `status` by the route
     /// `template` (`None`: none matched).
     pub fn answered_api(&self, started: &Started, status: u16, template: Option<&str>) {
         self.count(Finished::Answered);
-        self.metrics
-            .finish_api(&started.finish(status, None), template);
-        if self.access_log {
-            let route = template.unwrap_or(RouteLabel::Unmatched.as_str());
-            started.log(status, "-", route, "request");
+        let route = match template {
+            Some(_) => RouteLabel::Api,
+            None => RouteLabel::Unmatched,
+        };
+        self.record(
+            started,
+            &Ending::status(status),
+            route,
+            template,
+            Io::default(),
+        );
+    }
+
+    /// Records a finished request in the metrics and the access log, reading the clock once.
+    /// `template`: the control API's route template, which names it instead of `route`.
+    fn record(
+        &self,
+        started: &Started,
+        end: &Ending,
+        route: RouteLabel,
+        template: Option<&str>,
+        io: Io,
+    ) {
+        let elapsed = started.at.elapsed();
+        let f = started.finish(end, route, elapsed);
+        match template {
+            Some(t) => self.metrics.finish_api(&f, Some(t)),
+            None => self.metrics.finish(&f),
         }
+        self.log(
+            started,
+            end,
+            template.unwrap_or(route.as_str()),
+            "request",
+            io,
+            elapsed,
+        );
+    }
+
+    /// The access-log line of a request or stream (if the log is on).
+    fn log(
+        &self,
+        started: &Started,
+        end: &Ending,
+        route: &str,
+        kind: &'static str,
+        io: Io,
+        duration: Duration,
+    ) {
+        if !self.access_log {
+            return;
+        }
+        access::log(&access::Line {
+            who: &started.who,
+            method: started.method.as_str(),
+            route,
+            client: started.client,
+            status: end.status,
+            duration,
+            flag: end.flag(),
+            kind,
+            io,
+        });
     }
 
     fn count(&self, how: Finished) {
@@ -355,18 +421,12 @@ pub struct Admission<L: Deref<Target = Limits>, A: Deref<Target = Activity> = Ar
     answered: bool,
     in_use: InUse<A>,
     started: Started,
-    /// The response's status (0 until one is known).
-    status: u16,
-    /// What the sandbox's side did wrong, if the request failed there.
-    err: Option<UpstreamError>,
-    /// The access log's error flag.
-    flag: &'static str,
+    /// How it ended (status 0 until a response is known).
+    end: Ending,
     /// The port's breaker, told how the request ended.
     circuit: Option<Circuit>,
-    /// Time to open a new connection to the sandbox (`None`: a kept one was used).
-    connect: Option<std::time::Duration>,
-    /// Response body bytes sent to the client.
-    sent: u64,
+    /// A new connection's time and the response body bytes sent.
+    io: Io,
 }
 
 /// An admission that can travel with a response body or an upgraded connection.
@@ -379,55 +439,44 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
     pub fn upgraded(&mut self) {
         self.release_slots();
         self.upgraded = true;
-        self.limits.metrics.finish(&self.started.finish(101, None));
+        let elapsed = self.started.at.elapsed();
+        let f = self
+            .started
+            .finish(&Ending::status(101), self.started.route, elapsed);
+        self.limits.metrics.finish(&f);
         self.limits.metrics.stream_opened(Stream::Proxied);
     }
 
     /// The sandbox answered with this status.
     pub fn respond(&mut self, status: u16) {
-        self.status = status;
+        self.end.status = status;
     }
 
     /// The request was answered by the gateway after all (its sandbox did not wake, or was
     /// not ready): its slots are returned and it finishes as answered with `err`.
     pub fn answered(mut self, err: &Error) {
         self.answered = true;
-        self.fail_with(err);
+        self.end = Ending::error(err);
     }
 
     /// Forwarding failed with `err` (which the client is answered with): finished now.
     pub fn failed(mut self, err: &Error) {
-        self.fail_with(err);
+        self.end = Ending::error(err);
     }
 
     /// A new connection to the sandbox was opened for this request in `d`.
-    pub fn connected(&mut self, d: std::time::Duration) {
-        self.connect = Some(d);
+    pub fn connected(&mut self, d: Duration) {
+        self.io.connect = Some(d);
     }
 
     /// `n` more response body bytes went to the client.
     pub fn sent(&mut self, n: u64) {
-        self.sent += n;
-    }
-
-    /// The request reports to its port's breaker when it ends.
-    pub fn with_circuit(mut self, circuit: Circuit) -> Self {
-        self.circuit = Some(circuit);
-        self
+        self.io.sent += n;
     }
 
     /// What the finish step knows of the request from its start.
     pub fn started(&self) -> &Started {
         &self.started
-    }
-
-    fn fail_with(&mut self, err: &Error) {
-        self.status = err.status_and_code().0.as_u16();
-        self.err = err.upstream_error();
-        self.flag = err.flag();
-        if let Some(auth) = Some(err.auth_result()).filter(|a| *a != AuthResult::None) {
-            self.started.auth = auth;
-        }
     }
 
     /// The sandbox's activity (an upgraded stream touches it on traffic).
@@ -442,10 +491,10 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
             return;
         };
         use crate::metrics::UpstreamError as U;
-        let outcome = match self.err {
+        let outcome = match self.end.upstream {
             Some(U::Refused | U::Unreachable | U::Timeout) => Outcome::Failed,
             _ if self.answered => Outcome::Unknown,
-            _ if self.upgraded || self.status != 0 => Outcome::Answered,
+            _ if self.upgraded || self.end.status != 0 => Outcome::Answered,
             _ => Outcome::Unknown,
         };
         let rule = self.limits.circuit;
@@ -486,28 +535,17 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Drop for Admission<
         } else {
             Finished::Forwarded
         });
-        let route = self.started.route.as_str();
         if self.upgraded {
             self.limits.metrics.stream_closed(Stream::Proxied);
-            if self.limits.access_log {
-                let io = access::Io {
-                    connect: self.connect,
-                    sent: self.sent,
-                };
-                self.started.log_io(101, "-", route, "stream", io);
-            }
+            let elapsed = self.started.at.elapsed();
+            let route = self.started.route.as_str();
+            let end = Ending::status(101);
+            self.limits
+                .log(&self.started, &end, route, "stream", self.io, elapsed);
         } else {
-            let mut f = self.started.finish(self.status, None);
-            f.upstream_error = self.err;
-            self.limits.metrics.finish(&f);
-            if self.limits.access_log {
-                let io = access::Io {
-                    connect: self.connect,
-                    sent: self.sent,
-                };
-                self.started
-                    .log_io(self.status, self.flag, route, "request", io);
-            }
+            let route = self.started.route;
+            self.limits
+                .record(&self.started, &self.end, route, None, self.io);
         }
     }
 }
@@ -537,17 +575,17 @@ mod tests {
     fn slots_are_taken_up_to_the_caps_and_returned_on_drop() {
         let (_routes, e) = entry();
         let limits = Arc::new(Limits::new(3, 2, 1, Arc::new(Metrics::new(1, true))));
-        let a = Limits::admit(limits.clone(), ip("10.0.0.1"), e.in_use(), &get()).unwrap();
-        let b = Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), &get()).unwrap();
+        let a = Limits::admit(limits.clone(), ip("10.0.0.1"), e.in_use(), &get(), None).unwrap();
+        let b = Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), &get(), None).unwrap();
         assert!(e.busy());
         // The client's share is used up; another client still gets the last slot.
         assert!(matches!(
-            Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), &get()),
+            Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), &get(), None),
             Err(Error::ClientOverloaded)
         ));
-        let c = Limits::admit(&*limits, ip("10.0.0.2"), e.in_use_scoped(), &get()).unwrap();
+        let c = Limits::admit(&*limits, ip("10.0.0.2"), e.in_use_scoped(), &get(), None).unwrap();
         assert!(matches!(
-            Limits::admit(&*limits, ip("10.0.0.3"), e.in_use_scoped(), &get()),
+            Limits::admit(&*limits, ip("10.0.0.3"), e.in_use_scoped(), &get(), None),
             Err(Error::Overloaded)
         ));
         assert_eq!(limits.in_flight(), 3);
@@ -557,7 +595,9 @@ mod tests {
         assert_eq!(limits.finished().forwarded, 3);
         // Refusals returned every slot they took.
         let again: Vec<_> = (0..2)
-            .map(|_| Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), &get()).unwrap())
+            .map(|_| {
+                Limits::admit(&*limits, ip("10.0.0.1"), e.in_use_scoped(), &get(), None).unwrap()
+            })
             .collect();
         drop(again);
     }
@@ -566,11 +606,11 @@ mod tests {
     fn an_upgraded_stream_gives_back_its_slots_but_stays_in_use() {
         let (_routes, e) = entry();
         let limits = Arc::new(Limits::new(1, 1, 2, Arc::new(Metrics::new(2, true))));
-        let mut a = Limits::admit(limits.clone(), ip("::1"), e.in_use(), &get()).unwrap();
+        let mut a = Limits::admit(limits.clone(), ip("::1"), e.in_use(), &get(), None).unwrap();
         a.upgraded();
         assert_eq!(limits.in_flight(), 0);
         assert!(e.busy());
-        let b = Limits::admit(&*limits, ip("::1"), e.in_use_scoped(), &get()).unwrap();
+        let b = Limits::admit(&*limits, ip("::1"), e.in_use_scoped(), &get(), None).unwrap();
         drop(b);
         drop(a);
         assert!(!e.busy());
@@ -597,6 +637,7 @@ mod tests {
             ip("10.0.0.1"),
             e.try_in_use_scoped(usize::MAX).unwrap(),
             &get(),
+            None,
         );
         let d = d.unwrap();
         // An admitted request that ends up answered (its sandbox did not wake).
@@ -621,7 +662,7 @@ mod tests {
                 let (limits, barrier, e) = (limits.clone(), barrier.clone(), e.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    Limits::admit(limits, ip("127.0.0.1"), e.in_use(), &get()).ok()
+                    Limits::admit(limits, ip("127.0.0.1"), e.in_use(), &get(), None).ok()
                 })
             })
             .collect::<Vec<_>>()
@@ -630,7 +671,7 @@ mod tests {
             .collect();
         assert!(taken.iter().all(Option::is_some));
         assert_eq!(limits.in_flight(), 8);
-        assert!(Limits::admit(&*limits, ip("127.0.0.2"), e.in_use_scoped(), &get()).is_err());
+        assert!(Limits::admit(&*limits, ip("127.0.0.2"), e.in_use_scoped(), &get(), None).is_err());
         drop(taken);
         assert_eq!(limits.in_flight(), 0);
     }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::access::X_REQUEST_ID;
-use crate::admission::Started;
+use crate::admission::{Ending, Started};
 use crate::error::Error;
 use crate::gateway::Gateway;
 use crate::policy::{self, Decision, Grant, Head};
@@ -126,7 +126,7 @@ impl Gateway {
             }
             Decision::Api(principal) => self.api(req, principal, peer, &mut started).await,
             Decision::Redirect(location) => {
-                self.policy.answered(&started, 308, None);
+                self.policy.answered(&started, Ending::status(308));
                 let mut r = Response::new(GatewayBody::empty());
                 *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
                 if let Ok(v) = HeaderValue::from_str(&location) {
@@ -135,7 +135,7 @@ impl Gateway {
                 Ok(r)
             }
             Decision::Preview { location, cookie } => {
-                self.policy.answered(&started, 303, None);
+                self.policy.answered(&started, Ending::status(303));
                 let mut r = Response::new(GatewayBody::empty());
                 *r.status_mut() = StatusCode::SEE_OTHER;
                 let h = r.headers_mut();
@@ -178,8 +178,7 @@ impl Gateway {
             started.auth = policy::auth_result(&p);
             started.who.subject = Some(p.subject.clone());
             if let Err(e) = self.policy.admit_api(&p) {
-                let status = e.status_and_code().0.as_u16();
-                self.policy.answered(started, status, Some(&e));
+                self.policy.answered(started, Ending::error(&e));
                 return Err(e);
             }
             req.extensions_mut().insert(p);
@@ -221,8 +220,7 @@ impl Gateway {
             {
                 Ok(a) => a,
                 Err(e) => {
-                    let status = e.status_and_code().0.as_u16();
-                    self.policy.answered(started, status, Some(&e));
+                    self.policy.answered(started, Ending::error(&e));
                     return Err(e);
                 }
             };

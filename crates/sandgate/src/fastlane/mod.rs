@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::Started;
+use crate::admission::{Ending, Started};
 use crate::auth::Principal;
 use crate::backend::Upstream;
 use crate::error::Error;
@@ -514,8 +514,7 @@ impl Lane {
         {
             Ok(a) => a,
             Err(e) => {
-                let status = e.status_and_code().0.as_u16();
-                gw.policy.answered(&f.started, status, Some(&e));
+                gw.policy.answered(&f.started, Ending::error(&e));
                 return self.fail(&e, &f, has_body).await;
             }
         };

@@ -24,7 +24,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::addresses::Addresses;
-use crate::admission::{Admission, Circuit, Limits, OwnedAdmission, Started};
+use crate::admission::{Admission, Circuit, Ending, Limits, OwnedAdmission, Started};
 use crate::audit::{Actor, Audit};
 use crate::auth::{permissions, preview, Auth, Authenticated, Principal, Via};
 use crate::backend::{Backend, Upstream};
@@ -338,9 +338,11 @@ impl Policy {
         if rule.failures == 0 {
             return None;
         }
-        let now = || crate::routes::now_ms().max(0) as u64;
-        let breakers = sandbox.breakers();
-        match breakers.peek(sandbox.generation, port, now(), rule.open_ms) {
+        let now = crate::routes::now_ms().max(0) as u64;
+        match sandbox
+            .breakers()
+            .peek(sandbox.generation, port, now, rule.open_ms)
+        {
             Peek::Open(left) => Some(circuit_error(sandbox, port, left)),
             Peek::Closed | Peek::Expired => None,
         }
@@ -463,11 +465,7 @@ impl Policy {
         let sandbox = &target.sandbox;
         let in_use = self.limit(target, principal, |cap| sandbox.try_in_use_scoped(cap))?;
         let circuit = self.circuit(target)?;
-        let admission = Limits::admit(&*self.limits, client, in_use, started)?;
-        Ok(match circuit {
-            Some(c) => admission.with_circuit(c),
-            None => admission,
-        })
+        Limits::admit(&*self.limits, client, in_use, started, circuit)
     }
 
     /// Admits a granted request whose admission travels with its response body (hyper lane).
@@ -480,11 +478,7 @@ impl Policy {
     ) -> Result<OwnedAdmission, Error> {
         let in_use = self.limit(target, principal, |cap| target.sandbox.try_in_use(cap))?;
         let circuit = self.circuit(target)?;
-        let admission = Limits::admit(self.limits.clone(), client, in_use, started)?;
-        Ok(match circuit {
-            Some(c) => admission.with_circuit(c),
-            None => admission,
-        })
+        Limits::admit(self.limits.clone(), client, in_use, started, circuit)
     }
 
     /// The breaker a request to `target` reports to, if circuit breaking is on; refused while
@@ -539,9 +533,9 @@ impl Policy {
         self.rates.take_key(&principal.team, &principal.subject)
     }
 
-    /// The finish step of a request the gateway answered itself with `status` (and `err`).
-    pub fn answered(&self, started: &Started, status: u16, err: Option<&Error>) {
-        self.limits.answered(started, status, err);
+    /// The finish step of a request the gateway answered itself.
+    pub fn answered(&self, started: &Started, end: Ending) {
+        self.limits.answered(started, end);
     }
 
     /// The finish step of a control-API request, answered with `status` by the route
@@ -573,8 +567,7 @@ impl Policy {
             self.audit
                 .record(&actor, action, None, code, Some(err_details(err)));
         }
-        let status = err.status_and_code().0.as_u16();
-        self.limits.answered(started, status, Some(err));
+        self.limits.answered(started, Ending::error(err));
     }
 
     /// Starts the stopped persistent sandbox of a granted request and waits (bounded by
