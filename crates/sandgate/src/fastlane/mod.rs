@@ -533,10 +533,9 @@ impl Lane {
             None => {
                 reused = false;
                 timer.as_mut().reset(Instant::now() + timeout);
-                let began = Instant::now();
                 match race(proxy.dial(f.upstream), timer.as_mut()).await {
-                    Some(Ok(s)) => {
-                        admission.connected(began.elapsed());
+                    Some(Ok((s, took))) => {
+                        admission.connected(took);
                         s
                     }
                     Some(Err(e)) => {
@@ -567,9 +566,8 @@ impl Lane {
             };
             if sent.is_err() && reused && req.may_retry(&f.facts) {
                 reused = false;
-                let began = Instant::now();
-                if let Some(s) = self.redial(proxy, &f, &mut timer, timeout).await {
-                    admission.connected(began.elapsed());
+                if let Some((s, took)) = self.redial(proxy, &f, &mut timer, timeout).await {
+                    admission.connected(took);
                     up = s;
                     continue;
                 }
@@ -597,10 +595,9 @@ impl Lane {
                 {
                     reused = false;
                     ubuf.clear();
-                    let began = Instant::now();
                     match self.redial(proxy, &f, &mut timer, timeout).await {
-                        Some(s) => {
-                            admission.connected(began.elapsed());
+                        Some((s, took)) => {
+                            admission.connected(took);
                             up = s;
                         }
                         None => break Err(HeadError::Closed),
@@ -711,15 +708,15 @@ impl Lane {
         }
     }
 
-    /// A fresh connection for a retry; `None` if none can be had (the caller reports the
-    /// original failure).
+    /// A fresh connection for a retry, with the time it took; `None` if none can be had (the
+    /// caller reports the original failure).
     async fn redial(
         &mut self,
         proxy: &crate::proxy::Proxy,
         f: &Forward,
         timer: &mut Pin<&mut Sleep>,
         timeout: std::time::Duration,
-    ) -> Option<TcpStream> {
+    ) -> Option<(TcpStream, std::time::Duration)> {
         proxy.metrics().retried(crate::metrics::Retry::Resend);
         timer.as_mut().reset(Instant::now() + timeout);
         race(proxy.dial(f.upstream), timer.as_mut())

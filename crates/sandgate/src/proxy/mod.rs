@@ -195,11 +195,6 @@ impl Proxy {
         upgrade: bool,
         held: &mut Option<OwnedAdmission>,
     ) -> Result<Response<GatewayBody>, Error> {
-        let request_id = held
-            .as_ref()
-            .map(|a| crate::access::RequestId::new(a.started().request_id()))
-            .unwrap_or_default();
-        let request_id = request_id.as_str();
         let sb = &target.sandbox;
         let key = PoolKey {
             upstream,
@@ -225,7 +220,7 @@ impl Proxy {
             prefix: target.prefix.as_ref(),
             upstream_port: upstream.port(),
             strip_authorization: target.strip_authorization,
-            request_id,
+            request_id: held.as_ref().map_or("", |a| a.started().request_id()),
         };
         let up_req = upstream_request(&parts, body, &target, &forwarded, protocol.as_ref())?;
 
@@ -336,16 +331,14 @@ impl Proxy {
                 }
             }
         }
-        let began = std::time::Instant::now();
-        let mut tx = self.connect(key.upstream).await?;
-        let connect = began.elapsed();
+        let (mut tx, took) = self.connect(key.upstream).await?;
         let resp = tx.send_request(req).await.map_err(SendError::Protocol)?;
-        Ok((resp, tx, Some(connect)))
+        Ok((resp, tx, Some(took)))
     }
 
-    /// Opens an upstream HTTP/1.1 connection (see `dial`).
-    async fn connect(&self, upstream: Upstream) -> Result<Sender, SendError> {
-        let stream = self.dial(upstream).await?;
+    /// Opens an upstream HTTP/1.1 connection (see `dial`; with the time connecting took).
+    async fn connect(&self, upstream: Upstream) -> Result<(Sender, Duration), SendError> {
+        let (stream, took) = self.dial(upstream).await?;
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -355,15 +348,16 @@ impl Proxy {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
         });
-        Ok(tx)
+        Ok((tx, took))
     }
 
     /// Connects to a sandbox port, retrying refused connections briefly (a port may be
-    /// opening just now).
+    /// opening just now); with the time it took (recorded in the metrics too), which the
+    /// request's access-log line names.
     pub(crate) async fn dial(
         &self,
         upstream: Upstream,
-    ) -> Result<tokio::net::TcpStream, SendError> {
+    ) -> Result<(tokio::net::TcpStream, Duration), SendError> {
         let mut attempt = 0;
         let began = std::time::Instant::now();
         let stream = loop {
@@ -380,8 +374,9 @@ impl Proxy {
                 Err(e) => return Err(SendError::Dial(e)),
             }
         };
-        self.metrics.connected(began.elapsed());
-        Ok(stream)
+        let took = began.elapsed();
+        self.metrics.connected(took);
+        Ok((stream, took))
     }
 }
 
