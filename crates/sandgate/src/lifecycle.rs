@@ -86,7 +86,7 @@ pub async fn check_health(
         let due: Vec<_> = routes
             .all()
             .into_iter()
-            .filter(|e| e.status == Status::Running && e.dev_server && e.port.is_some())
+            .filter(|e| e.health_checked())
             // Not yet judged (just started): every tick, so it is ready soon after it listens.
             .filter(|e| {
                 let report = e.health_report();

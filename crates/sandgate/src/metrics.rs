@@ -53,15 +53,20 @@ impl Default for Histogram {
     }
 }
 
+/// The bucket of `d` among `bounds` (`bounds.len()`: `+Inf`), and `d` in nanoseconds.
+fn bucket(bounds: &[f64], d: Duration) -> (usize, u64) {
+    let secs = d.as_secs_f64();
+    let i = bounds
+        .iter()
+        .position(|b| secs <= *b)
+        .unwrap_or(bounds.len());
+    (i, d.as_nanos().min(u64::MAX as u128) as u64)
+}
+
 impl Histogram {
     pub fn observe(&self, bounds: &[f64], d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = bounds
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(bounds.len());
+        let (i, nanos) = bucket(bounds, d);
         self.slots[i].fetch_add(1, Ordering::Relaxed);
-        let nanos = d.as_nanos().min(u64::MAX as u128) as u64;
         self.slots[SLOTS - 1].fetch_add(nanos, Ordering::Relaxed);
     }
 
@@ -83,6 +88,13 @@ impl Histogram {
 pub struct Snapshot([u64; SLOTS]);
 
 impl Snapshot {
+    /// `observe` on values held under a lock.
+    fn observe(&mut self, bounds: &[f64], d: Duration) {
+        let (i, nanos) = bucket(bounds, d);
+        self.0[i] += 1;
+        self.0[SLOTS - 1] += nanos;
+    }
+
     pub fn count(&self) -> u64 {
         self.0[..SLOTS - 1].iter().sum()
     }
@@ -305,10 +317,6 @@ impl Metrics {
         }
     }
 
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
     /// The finish step of a request (proxied, or answered by the gateway on a proxy route).
     pub fn finish(&self, f: &Finish) {
         if !self.enabled {
@@ -342,9 +350,7 @@ impl Metrics {
                     api.len() - 1
                 }
             };
-            let one = Histogram::default();
-            one.observe(REQUEST_BUCKETS, f.elapsed);
-            one.add_to(&mut api[i].1);
+            api[i].1.observe(REQUEST_BUCKETS, f.elapsed);
         }
         self.side_counts(f);
     }
@@ -386,11 +392,6 @@ impl Metrics {
         self.streams[kind as usize].fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Streams of `kind` open now.
-    pub fn streams(&self, kind: Stream) -> i64 {
-        self.streams[kind as usize].load(Ordering::Relaxed)
-    }
-
     /// A lifecycle operation took `d` and succeeded (`ok`) or failed.
     pub fn lifecycle(&self, op: Operation, ok: bool, d: Duration) {
         self.lifecycle[op as usize * 2 + usize::from(!ok)].observe(LIFECYCLE_BUCKETS, d);
@@ -416,7 +417,8 @@ impl Metrics {
         self.circuits[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Requests recorded for `method`, `status` and `route` so far (tests, `/health/proxy`).
+    /// Requests recorded for `method`, `status` and `route` so far.
+    #[cfg(test)]
     pub fn requests(&self, method: &str, status: u16, route: RouteLabel) -> u64 {
         let i = table_index(Method::of(method), status, route);
         self.loops
@@ -590,6 +592,12 @@ impl Exposition {
         let _ = writeln!(self.out, " {}", number(value));
     }
 
+    /// A family of one sample without labels.
+    pub fn single(&mut self, name: &str, help: &str, kind: &str, value: f64) {
+        self.family(name, help, kind);
+        self.sample(name, &[], value);
+    }
+
     /// A family of counters with one label.
     pub fn counters(
         &mut self,
@@ -692,36 +700,37 @@ pub fn render_process(out: &mut Exposition) {
     let ticks = rustix::param::clock_ticks_per_second() as f64;
     let page = rustix::param::page_size() as f64;
     if let (Some(user), Some(system)) = (field(14), field(15)) {
-        out.family(
+        let cpu = (user + system) as f64 / ticks;
+        out.single(
             "process_cpu_seconds_total",
             "Total user and system CPU time spent in seconds.",
             "counter",
-        );
-        out.sample(
-            "process_cpu_seconds_total",
-            &[],
-            (user + system) as f64 / ticks,
+            cpu,
         );
     }
     if let Some(threads) = field(20) {
-        out.family("process_threads", "Number of OS threads.", "gauge");
-        out.sample("process_threads", &[], threads as f64);
+        out.single(
+            "process_threads",
+            "Number of OS threads.",
+            "gauge",
+            threads as f64,
+        );
     }
     if let Some(vsize) = field(23) {
-        out.family(
+        out.single(
             "process_virtual_memory_bytes",
             "Virtual memory size in bytes.",
             "gauge",
+            vsize as f64,
         );
-        out.sample("process_virtual_memory_bytes", &[], vsize as f64);
     }
     if let Some(rss) = field(24) {
-        out.family(
+        out.single(
             "process_resident_memory_bytes",
             "Resident memory size in bytes.",
             "gauge",
+            rss as f64 * page,
         );
-        out.sample("process_resident_memory_bytes", &[], rss as f64 * page);
     }
     let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
         s.lines()
@@ -729,32 +738,29 @@ pub fn render_process(out: &mut Exposition) {
             .and_then(|v| v.trim().parse::<u64>().ok())
     });
     if let (Some(boot), Some(start)) = (boot, field(22)) {
-        out.family(
+        out.single(
             "process_start_time_seconds",
             "Start time of the process since unix epoch in seconds.",
             "gauge",
-        );
-        out.sample(
-            "process_start_time_seconds",
-            &[],
             boot as f64 + start as f64 / ticks,
         );
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        out.family(
+        let open = fds.count() as f64;
+        out.single(
             "process_open_fds",
             "Number of open file descriptors.",
             "gauge",
+            open,
         );
-        out.sample("process_open_fds", &[], fds.count() as f64);
     }
     if let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
-        out.family(
+        out.single(
             "process_max_fds",
             "Maximum number of open file descriptors.",
             "gauge",
+            limit as f64,
         );
-        out.sample("process_max_fds", &[], limit as f64);
     }
 }
 

@@ -73,6 +73,13 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Whether its dev-server port is health-checked now: running, with a dev server.
+    pub fn health_checked(&self) -> bool {
+        self.sandbox.status == crate::model::Status::Running
+            && self.sandbox.dev_server
+            && self.sandbox.port.is_some()
+    }
+
     /// Its ports' circuit breakers.
     pub fn breakers(&self) -> &crate::breaker::Breakers {
         &self.activity.breakers

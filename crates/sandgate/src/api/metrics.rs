@@ -66,50 +66,37 @@ pub fn render(state: &AppState) -> String {
     ] {
         let n = entries
             .iter()
-            .filter(|e| e.status == Status::Running && e.dev_server && e.port.is_some())
-            .filter(|e| e.health() == health)
+            .filter(|e| e.health_checked() && e.health() == health)
             .count();
         out.sample("sandgate_sandbox_health", &[("state", name)], n as f64);
     }
 
-    out.family(
-        "sandgate_circuits_open",
-        "Sandbox ports whose circuit is open or half-open now.",
-        "gauge",
-    );
     let open: usize = entries
         .iter()
         .map(|e| e.breakers().open_count(e.generation))
         .sum();
-    out.sample("sandgate_circuits_open", &[], open as f64);
-    out.family(
+    out.single(
+        "sandgate_circuits_open",
+        "Sandbox ports whose circuit is open or half-open now.",
+        "gauge",
+        open as f64,
+    );
+    out.single(
         "sandgate_proxy_active_requests",
         "Requests to sandboxes in flight (responses still streaming included).",
         "gauge",
-    );
-    out.sample(
-        "sandgate_proxy_active_requests",
-        &[],
         state.limits.in_flight() as f64,
     );
-    out.family(
+    out.single(
         "sandgate_proxy_max_requests",
         "MAX_CONCURRENT_REQUESTS: requests to sandboxes in flight at most.",
         "gauge",
-    );
-    out.sample(
-        "sandgate_proxy_max_requests",
-        &[],
         state.limits.max() as f64,
     );
-    out.family(
+    out.single(
         "sandgate_upstream_idle_connections",
         "Kept connections to sandboxes waiting for a request.",
         "gauge",
-    );
-    out.sample(
-        "sandgate_upstream_idle_connections",
-        &[],
         state.proxy.idle_upstreams() as f64,
     );
     metrics::render_process(&mut out);
