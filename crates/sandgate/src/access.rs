@@ -267,11 +267,7 @@ pub fn log(l: &Line<'_>) {
         });
         let full = {
             let mut buf = b.lock().unwrap_or_else(|e| e.into_inner());
-            if w.json {
-                json_line(&mut buf, l);
-            } else {
-                text_line(&mut buf, l);
-            }
+            line(&mut buf, l, w.json);
             if buf.len() >= FLUSH_AT {
                 take_lines(&mut buf)
             } else {
@@ -322,112 +318,97 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
     ]);
 }
 
-fn client_text(out: &mut Vec<u8>, ip: IpAddr) {
-    use std::io::Write;
-    let _ = write!(out, "{ip}");
+/// A line being written in one of the two shapes: `,"name":value` (JSON) or ` name=value`
+/// (text).
+struct Fields<'o> {
+    out: &'o mut Vec<u8>,
+    json: bool,
 }
 
-/// A line's numbers as text.
-struct Numbers {
-    status: itoa::Buffer,
-    port: itoa::Buffer,
-}
-
-impl Numbers {
-    fn new() -> Numbers {
-        Numbers {
-            status: itoa::Buffer::new(),
-            port: itoa::Buffer::new(),
-        }
-    }
-}
-
-/// The fields of a line, in order: name, value, and whether JSON quotes it (numbers not).
-fn fields<'a>(l: &'a Line<'a>, n: &'a mut Numbers) -> [(&'static str, &'a str, bool); 11] {
-    let w = l.who;
-    let status = n.status.format(l.status);
-    let port = n.port.format(w.port);
-    [
-        ("kind", l.kind, true),
-        ("request_id", w.request_id.as_str(), true),
-        ("method", l.method, true),
-        ("route", l.route, true),
-        ("host", or_dash(w.host.as_str()), true),
-        ("path", or_dash(w.path.as_str()), true),
-        ("status", status, false),
-        ("sandbox", or_dash(w.sandbox.as_str()), true),
-        ("port", port, false),
-        ("subject", or_dash(w.subject.as_deref().unwrap_or("")), true),
-        ("flag", l.flag, true),
-    ]
-}
-
-/// `{"timestamp":…,"level":"INFO","target":"sandgate::access","kind":…,…}` and a newline.
-fn json_line(out: &mut Vec<u8>, l: &Line<'_>) {
-    let mut numbers = Numbers::new();
-    out.extend_from_slice(b"{\"timestamp\":\"");
-    timestamp(out);
-    out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"sandgate::access\"");
-    for (name, value, quoted) in fields(l, &mut numbers) {
-        out.extend_from_slice(b",\"");
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\":");
-        if quoted {
-            json_string(out, value);
+impl Fields<'_> {
+    fn name(&mut self, name: &str) {
+        if self.json {
+            self.out.extend_from_slice(b",\"");
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.extend_from_slice(b"\":");
         } else {
-            out.extend_from_slice(value.as_bytes());
+            self.out.push(b' ');
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.push(b'=');
         }
     }
-    out.extend_from_slice(b",\"duration_ms\":");
-    millis(out, l.duration);
-    out.extend_from_slice(b",\"upstream_connect_ms\":");
-    match l.io.connect {
-        Some(d) => millis(out, d),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.extend_from_slice(b",\"bytes_sent\":");
-    out.extend_from_slice(itoa::Buffer::new().format(l.io.sent).as_bytes());
-    out.extend_from_slice(b",\"client\":\"");
-    client_text(out, l.client);
-    out.extend_from_slice(b"\",\"trace_id\":");
-    json_string(out, or_dash(l.who.trace_id.as_str()));
-    out.extend_from_slice(b"}\n");
-}
 
-/// `2026-… INFO sandgate::access: kind=request request_id=… …` and a newline; values are
-/// written plainly (request ids, hosts and paths hold no spaces or quotes; a path with
-/// other bytes is escaped as JSON would).
-fn text_line(out: &mut Vec<u8>, l: &Line<'_>) {
-    let mut numbers = Numbers::new();
-    timestamp(out);
-    out.extend_from_slice(b"  INFO sandgate::access:");
-    for (name, value, _) in fields(l, &mut numbers) {
-        out.push(b' ');
-        out.extend_from_slice(name.as_bytes());
-        out.push(b'=');
-        if value
+    /// A text value: a JSON string; in text, written plainly unless it holds a space, a quote,
+    /// a backslash or a byte that is not printable ASCII (then escaped as JSON would).
+    fn text(&mut self, name: &str, value: &str) {
+        self.name(name);
+        let plain = value
             .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-        {
-            out.extend_from_slice(value.as_bytes());
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+        if self.json || !plain {
+            json_string(self.out, value);
         } else {
-            json_string(out, value);
+            self.out.extend_from_slice(value.as_bytes());
         }
     }
-    out.extend_from_slice(b" duration_ms=");
-    millis(out, l.duration);
-    out.extend_from_slice(b" upstream_connect_ms=");
-    match l.io.connect {
-        Some(d) => millis(out, d),
-        None => out.push(b'-'),
+
+    /// A number `write` puts down (`None`: JSON `null`, text `-`).
+    fn number(&mut self, name: &str, write: Option<impl FnOnce(&mut Vec<u8>)>) {
+        self.name(name);
+        match write {
+            Some(write) => write(self.out),
+            None if self.json => self.out.extend_from_slice(b"null"),
+            None => self.out.push(b'-'),
+        }
     }
-    out.extend_from_slice(b" bytes_sent=");
-    out.extend_from_slice(itoa::Buffer::new().format(l.io.sent).as_bytes());
-    out.extend_from_slice(b" client=");
-    client_text(out, l.client);
-    out.extend_from_slice(b" trace_id=");
-    out.extend_from_slice(or_dash(l.who.trace_id.as_str()).as_bytes());
-    out.push(b'\n');
+
+    /// An address: a JSON string, plain text.
+    fn address(&mut self, name: &str, ip: IpAddr) {
+        use std::io::Write;
+        self.name(name);
+        let quote: &[u8] = if self.json { b"\"" } else { b"" };
+        self.out.extend_from_slice(quote);
+        let _ = write!(self.out, "{ip}");
+        self.out.extend_from_slice(quote);
+    }
+}
+
+fn integer(n: u64) -> impl FnOnce(&mut Vec<u8>) {
+    move |out: &mut Vec<u8>| out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes())
+}
+
+/// One line, JSON (`{"timestamp":…,"level":"INFO","target":"sandgate::access",…}`) or text
+/// (`2026-… INFO sandgate::access: kind=request …`, as `tracing` writes other lines), and a
+/// newline.
+fn line(out: &mut Vec<u8>, l: &Line<'_>, json: bool) {
+    if json {
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        timestamp(out);
+        out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"sandgate::access\"");
+    } else {
+        timestamp(out);
+        out.extend_from_slice(b"  INFO sandgate::access:");
+    }
+    let w = l.who;
+    let mut f = Fields { out, json };
+    f.text("kind", l.kind);
+    f.text("request_id", w.request_id.as_str());
+    f.text("method", l.method);
+    f.text("route", l.route);
+    f.text("host", or_dash(w.host.as_str()));
+    f.text("path", or_dash(w.path.as_str()));
+    f.number("status", Some(integer(l.status.into())));
+    f.text("sandbox", or_dash(w.sandbox.as_str()));
+    f.number("port", Some(integer(w.port.into())));
+    f.text("subject", or_dash(w.subject.as_deref().unwrap_or("")));
+    f.text("flag", l.flag);
+    f.number("duration_ms", Some(|o: &mut Vec<u8>| millis(o, l.duration)));
+    let connect = l.io.connect.map(|d| move |o: &mut Vec<u8>| millis(o, d));
+    f.number("upstream_connect_ms", connect);
+    f.number("bytes_sent", Some(integer(l.io.sent)));
+    f.address("client", l.client);
+    f.text("trace_id", or_dash(w.trace_id.as_str()));
+    out.extend_from_slice(if json { b"}\n" } else { b"\n" });
 }
 
 /// A JSON string literal.
@@ -514,7 +495,7 @@ mod tests {
             },
         };
         let mut out = Vec::new();
-        json_line(&mut out, &line);
+        super::line(&mut out, &line, true);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["path"], "/a\"b\\c\u{1}");
         assert_eq!(v["status"], 200);
@@ -527,7 +508,7 @@ mod tests {
         assert_eq!(v["target"], "sandgate::access");
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
         out.clear();
-        text_line(&mut out, &line);
+        super::line(&mut out, &line, false);
         let text = String::from_utf8(out).unwrap();
         assert!(text.ends_with('\n'));
         assert!(
