@@ -122,24 +122,10 @@ where
         };
         tokio::select! {
             n = client.read(&mut from_client), if client_open => {
-                let n = n?;
-                if n == 0 {
-                    client_open = false;
-                    upstream.shutdown().await?;
-                } else {
-                    up_frames.advance(&from_client[..n]);
-                    upstream.write_all(&from_client[..n]).await?;
-                }
+                pass_on(n, &from_client, upstream, &mut up_frames, &mut client_open).await?;
             }
             n = upstream.read(&mut from_upstream), if upstream_open => {
-                let n = n?;
-                if n == 0 {
-                    upstream_open = false;
-                    client.shutdown().await?;
-                } else {
-                    down_frames.advance(&from_upstream[..n]);
-                    client.write_all(&from_upstream[..n]).await?;
-                }
+                pass_on(n, &from_upstream, client, &mut down_frames, &mut upstream_open).await?;
             }
             _ = stopping.cancelled(), if deadline.is_none() => {
                 deadline = Some(tokio::time::Instant::now() + CLOSE_WAIT);
@@ -150,6 +136,24 @@ where
             }
         }
     }
+}
+
+/// Passes on what one side sent (`read` bytes of `buf`) to the other, following its frames;
+/// when the side has closed (0 bytes), marks it closed and ends the other's writing half.
+async fn pass_on<W: AsyncWrite + Unpin>(
+    read: io::Result<usize>,
+    buf: &[u8],
+    to: &mut W,
+    frames: &mut Frames,
+    open: &mut bool,
+) -> io::Result<()> {
+    let n = read?;
+    if n == 0 {
+        *open = false;
+        return to.shutdown().await;
+    }
+    frames.advance(&buf[..n]);
+    to.write_all(&buf[..n]).await
 }
 
 /// Where one direction of a WebSocket is in its frames: reading a header (its bytes so far)
