@@ -417,7 +417,13 @@ pub struct RuntimeConfig {
     pub command: Option<String>,
     /// The image a Docker sandbox of this runtime runs (it must exist on the engine).
     pub image: Option<String>,
+    /// How many sandboxes of this runtime to keep started and waiting for a create (a warm
+    /// pool; 0 or absent: none). At most [`MAX_WARM`].
+    pub warm: Option<usize>,
 }
+
+/// The largest warm pool of one runtime.
+pub const MAX_WARM: usize = 64;
 
 /// `[docker]` in the configuration file.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -1269,6 +1275,9 @@ impl Config {
                     rtt.insert(key.into(), text(v));
                 }
             }
+            if let Some(n) = rt.warm {
+                rtt.insert("warm".into(), int(n as u64));
+            }
             runtimes.insert(name.clone(), V::Table(rtt));
         }
         let mut docker = toml::Table::new();
@@ -1391,6 +1400,11 @@ impl Config {
             if blank(&rt.program) || blank(&rt.command) || blank(&rt.image) {
                 return bad(format!(
                     "runtime {name:?}: program, command and image must not be empty"
+                ));
+            }
+            if rt.warm.is_some_and(|n| n > MAX_WARM) {
+                return bad(format!(
+                    "runtime {name:?}: warm is at most {MAX_WARM} sandboxes"
                 ));
             }
         }

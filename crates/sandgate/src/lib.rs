@@ -49,6 +49,7 @@ pub mod runtimes;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod warm;
 pub mod workers;
 
 use std::sync::Arc;
@@ -341,6 +342,7 @@ pub async fn run(
         config.idle_timeout,
         shutdown.clone(),
     ));
+    let warmer = tokio::spawn(lifecycle::keep_warm(manager.clone(), shutdown.clone()));
     let checker = config.health_interval.map(|interval| {
         tokio::spawn(lifecycle::check_health(
             routes.clone(),
@@ -440,6 +442,8 @@ pub async fn run(
     }
     workers.drained().await;
     let _ = reaper.await;
+    // Starts of warm sandboxes in flight finish or clean up before the manager stops.
+    let _ = warmer.await;
     if let Some(checker) = checker {
         let _ = checker.await;
     }

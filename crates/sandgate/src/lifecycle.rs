@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, Upstream};
+use crate::backend::Backend;
 use crate::manager::Manager;
 use crate::model::Status;
 use crate::routes::{Health, Routes};
@@ -61,13 +61,48 @@ pub async fn reap_idle(
     }
 }
 
+/// Warm sandboxes started at once, at most.
+const PARALLEL_FILLS: usize = 2;
+
+/// Keeps every warm pool at its size: starts a sandbox for a pool that is short (at most
+/// [`PARALLEL_FILLS`] at a time), waits for a claim or a loss otherwise, and after a failed
+/// start waits out the pool's backoff. On shutdown it lets the starts in flight clean up.
+pub async fn keep_warm(manager: Arc<Manager>, shutdown: CancellationToken) {
+    let mut fills = tokio::task::JoinSet::new();
+    loop {
+        while fills.len() < PARALLEL_FILLS && !shutdown.is_cancelled() {
+            let Some(runtime) = manager.warm().begin_fill() else {
+                break;
+            };
+            let (manager, cancel) = (manager.clone(), shutdown.clone());
+            fills.spawn(async move {
+                let result = manager.fill_pool(&runtime, &cancel).await;
+                if let Err(e) = &result {
+                    if !cancel.is_cancelled() {
+                        tracing::warn!(%runtime, error = %e, "could not start a warm sandbox");
+                    }
+                }
+                manager.warm().filled(&runtime, result.is_ok());
+            });
+        }
+        let retry = manager.warm().next_retry();
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                while fills.join_next().await.is_some() {}
+                return;
+            }
+            Some(_) = fills.join_next(), if !fills.is_empty() => {}
+            _ = manager.warm().changed() => {}
+            _ = tokio::time::sleep(retry.unwrap_or(Duration::MAX)), if retry.is_some() => {}
+        }
+    }
+}
+
 /// How often the health checker looks for work: a sandbox not yet judged since it started is
 /// checked every tick, the others every `interval`.
 const CHECK_TICK: Duration = Duration::from_millis(250);
-/// One check's connect, at most.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Checks each running sandbox's dev-server port (a connect, at most [`CHECK_TIMEOUT`]) every
+/// Checks each running sandbox's dev-server port (a connect, at most a second: [`crate::backend::Upstream::probe`]) every
 /// `interval` (a sandbox not checked since it started: at once), recording the result: `rise`
 /// passes in a row make it ready, `fall` failures not ready. Changes are logged. Runs until
 /// cancelled.
@@ -101,7 +136,7 @@ pub async fn check_health(
                 let Some(upstream) = entry.port.and_then(|p| backend.upstream(&entry, p)) else {
                     return;
                 };
-                let ok = probe(upstream, entry.health_path.as_deref()).await;
+                let ok = upstream.probe(entry.health_path.as_deref()).await;
                 let changed = entry.record_check(ok, rise, fall);
                 metrics.health_check(ok, changed.is_some());
                 if let Some(now) = changed {
@@ -118,34 +153,4 @@ pub async fn check_health(
             _ = tokio::time::sleep(CHECK_TICK) => {}
         }
     }
-}
-
-/// One health check of a sandbox port, bounded by [`CHECK_TIMEOUT`]: it accepts a connection
-/// and, with `path`, answers `GET path` with a 2xx or 3xx status.
-pub async fn probe(upstream: Upstream, path: Option<&str>) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let check = async {
-        let mut stream = upstream.dial().await.ok()?;
-        let Some(path) = path else {
-            return Some(true);
-        };
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: sandgate-health\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut head = [0u8; 16];
-        let mut got = 0;
-        while got < head.len() {
-            match stream.read(&mut head[got..]).await.ok()? {
-                0 => break,
-                n => got += n,
-            }
-        }
-        // `HTTP/1.1 204 …`: the status code's first digit.
-        let line = &head[..got];
-        Some(line.starts_with(b"HTTP/1.") && matches!(line.get(9), Some(b'2' | b'3')))
-    };
-    matches!(
-        tokio::time::timeout(CHECK_TIMEOUT, check).await,
-        Ok(Some(true))
-    )
 }

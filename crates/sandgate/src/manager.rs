@@ -1,6 +1,8 @@
 //! The sandbox manager: the one place that changes sandboxes. It validates creates, drives the
 //! backend, writes the store first and the route table second, reacts to exits, reconciles
 //! after a restart and stops everything on shutdown. Operations on one sandbox are serialised.
+//! It also keeps the warm pools: sandboxes started ahead of time that a matching create claims
+//! (see [`crate::warm`] and `docs/warm-pools.md`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -18,6 +20,7 @@ use crate::model::{
 use crate::routes::Routes;
 use crate::runtimes::{Runtime, Runtimes};
 use crate::store::Store;
+use crate::warm::Pools;
 
 const MAX_COMMAND: usize = 64 * 1024;
 const MAX_ENV: usize = 256;
@@ -121,6 +124,23 @@ pub struct Manager {
     runtimes: Runtimes,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Arc<Metrics>,
+    warm: Pools,
+}
+
+/// How long a warm sandbox's dev server may take to accept connections before the fill is
+/// given up (and retried later).
+const POOL_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether two sandboxes run the same thing the same way: what a claim cannot change once it
+/// runs (its command, environment, limits and network). Who owns it, its name, labels, mode,
+/// public ports and health path are a claim's to set.
+fn same_process(a: &Sandbox, b: &Sandbox) -> bool {
+    a.runtime == b.runtime
+        && a.dev_server == b.dev_server
+        && a.command == b.command
+        && a.env == b.env
+        && a.limits == b.limits
+        && a.network == b.network
 }
 
 /// At most 32 distinct ports, each 1..=65535.
@@ -155,7 +175,13 @@ impl Manager {
         metrics: Arc<Metrics>,
     ) -> Manager {
         let runtimes = Runtimes::new(&config.runtimes);
+        let sizes = config
+            .runtimes
+            .iter()
+            .filter_map(|(name, rt)| Some((name.clone(), rt.warm?)))
+            .collect();
         Manager {
+            warm: Pools::new(&sizes),
             config,
             store,
             backend,
@@ -192,6 +218,11 @@ impl Manager {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The warm pools.
+    pub fn warm(&self) -> &Pools {
+        &self.warm
     }
 
     fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -333,25 +364,202 @@ impl Manager {
             idle_timeout: req.idle_timeout,
             network,
             health_path: req.health_path,
+            pool: None,
             created_at: now,
             updated_at: now,
         };
         Ok((sandbox, runtime.clone()))
     }
 
-    /// Writes a changed record to the store, then the route table.
+    /// Writes a changed record to the store, then the route table (a sandbox waiting in a
+    /// warm pool is never routed).
     async fn save(&self, sb: &mut Sandbox) -> Result<(), Error> {
         sb.updated_at = model::now();
         self.store.update(sb).await?;
-        self.routes.put(sb.clone());
+        if sb.pool.is_none() {
+            self.routes.put(sb.clone());
+        }
         Ok(())
     }
 
-    /// Creates a sandbox of `team` and starts it.
+    /// Creates a sandbox of `team` and starts it, or claims one from its runtime's warm pool
+    /// when the request matches what the pool runs.
     pub async fn create(&self, req: CreateSandbox, team: &str) -> Result<Sandbox, Error> {
         let (sb, runtime) = self.prepare(req)?;
-        self.timed(Operation::Create, self.create_prepared(sb, runtime, team))
-            .await
+        self.timed(Operation::Create, async {
+            if let Some(claimed) = self.claim(&sb, team).await? {
+                return Ok(claimed);
+            }
+            self.create_prepared(sb, runtime, team).await
+        })
+        .await
+    }
+
+    /// What a runtime's warm pool runs: a create that names only the runtime.
+    fn pool_template(&self, runtime: &str) -> Result<(Sandbox, Runtime), Error> {
+        let (mut sb, rt) = self.prepare(CreateSandbox {
+            runtime: Some(runtime.to_string()),
+            ..CreateSandbox::default()
+        })?;
+        sb.pool = Some(runtime.to_string());
+        Ok((sb, rt))
+    }
+
+    /// Whether a running sandbox's dev server (if it has one) accepts a connection, or with
+    /// `path` answers it with a 2xx or 3xx.
+    async fn serves(&self, sb: &Sandbox, path: Option<&str>) -> bool {
+        match (sb.dev_server, sb.port) {
+            (true, Some(port)) => match self.backend.upstream(sb, port) {
+                Some(upstream) => upstream.probe(path).await,
+                None => false,
+            },
+            _ => true,
+        }
+    }
+
+    /// Takes a sandbox from `wanted`'s runtime's warm pool and makes it `wanted` (owner, name,
+    /// labels and every other setting a running sandbox can change), if the pool runs what
+    /// `wanted` asks for and has one that still serves. `None`: create one the usual way.
+    async fn claim(&self, wanted: &Sandbox, team: &str) -> Result<Option<Sandbox>, Error> {
+        if !self.warm.has(&wanted.runtime) {
+            return Ok(None);
+        }
+        let (template, _) = self.pool_template(&wanted.runtime)?;
+        if wanted.port.is_some() || !same_process(wanted, &template) {
+            self.metrics.warm_claim(false);
+            return Ok(None);
+        }
+        while let Some(id) = self.warm.take(&wanted.runtime) {
+            let lock = self.lock_for(&id);
+            let guard = lock.lock().await;
+            let sb = match self.store.get(&id).await {
+                Ok(Some(sb)) if sb.pool.is_some() => sb,
+                Ok(_) => {
+                    self.warm.release(&wanted.runtime);
+                    drop(guard);
+                    self.forget_lock(&id);
+                    continue;
+                }
+                Err(e) => {
+                    self.warm.give_back(&wanted.runtime, id);
+                    return Err(e.into());
+                }
+            };
+            let mut sb = sb;
+            if sb.status != Status::Running || !self.serves(&sb, None).await {
+                self.warm.release(&wanted.runtime);
+                tracing::warn!(sandbox = %id, status = %sb.status, "a warm sandbox stopped serving while it waited; removing it");
+                if let Err(e) = self.delete_locked(&mut sb).await {
+                    tracing::error!(sandbox = %id, error = %e, "could not remove a warm sandbox");
+                }
+                drop(guard);
+                self.forget_lock(&id);
+                continue;
+            }
+            let pool = sb.pool.take();
+            sb.team = team.to_string();
+            sb.owner = wanted.owner.clone();
+            sb.name = wanted.name.clone();
+            sb.mode = wanted.mode;
+            sb.public = wanted.public;
+            sb.public_ports = wanted.public_ports.clone();
+            sb.keep_prefix = wanted.keep_prefix;
+            sb.labels = wanted.labels.clone();
+            sb.idle_timeout = wanted.idle_timeout;
+            sb.health_path = wanted.health_path.clone();
+            sb.created_at = model::now();
+            if let Err(e) = self.save(&mut sb).await {
+                // Not claimed (a name already taken): first in line for the next create.
+                self.warm.give_back(&wanted.runtime, id);
+                tracing::debug!(sandbox = %sb.id, ?pool, error = %e, "claim refused");
+                return Err(e);
+            }
+            // Its server was checked a moment ago: ready at once, unless the claim asks for a
+            // health path it has not answered yet (the checker judges it within a tick).
+            let ready = match &sb.health_path {
+                None => true,
+                Some(path) => self.serves(&sb, Some(path)).await,
+            };
+            if let (true, Some(entry)) = (ready, self.routes.get(&sb.id)) {
+                for _ in 0..self.config.health_rise {
+                    entry.record_check(true, self.config.health_rise, self.config.health_fall);
+                }
+            }
+            self.warm.release(&wanted.runtime);
+            self.routes.touch(&sb.id);
+            self.metrics.warm_claim(true);
+            tracing::info!(sandbox = %sb.id, runtime = %sb.runtime, "claimed from the warm pool");
+            return Ok(Some(sb));
+        }
+        self.metrics.warm_claim(false);
+        Ok(None)
+    }
+
+    /// Starts one sandbox for `runtime`'s warm pool and waits until its dev server accepts
+    /// connections (at most [`POOL_READY_TIMEOUT`], or until `cancel`); then it waits in the
+    /// pool. Whatever fails, nothing is left behind.
+    pub async fn fill_pool(
+        &self,
+        runtime: &str,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), Error> {
+        let (sb, rt) = self.pool_template(runtime)?;
+        let sb = match self.create_prepared(sb, rt, DEFAULT_TEAM).await {
+            Ok(sb) => sb,
+            Err(e) => {
+                self.metrics.warm_fill(false);
+                return Err(e);
+            }
+        };
+        let began = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(10);
+        let outcome = loop {
+            if self.serves(&sb, None).await {
+                break Ok(());
+            }
+            // It may have ended (and been removed) meanwhile.
+            match self.store.get(&sb.id).await? {
+                Some(now) if now.status == Status::Running => {}
+                _ => break Err(Error::StartFailed(format!("warm sandbox {} ended", sb.id))),
+            }
+            if began.elapsed() > POOL_READY_TIMEOUT {
+                break Err(Error::StartFailed(format!(
+                    "warm sandbox {} did not listen within {POOL_READY_TIMEOUT:?}",
+                    sb.id
+                )));
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break Err(Error::StartFailed("shutting down".into())),
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(std::time::Duration::from_millis(250));
+        };
+        self.metrics.warm_fill(outcome.is_ok());
+        match outcome {
+            Ok(()) => {
+                tracing::debug!(sandbox = %sb.id, runtime, "warm sandbox waiting");
+                self.warm.put(runtime, sb.id);
+                Ok(())
+            }
+            Err(e) => {
+                self.discard(&sb.id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes a waiting (or half-started) warm sandbox, logging a failure.
+    async fn discard(&self, id: &str) {
+        self.warm.forget(id);
+        let lock = self.lock_for(id);
+        let guard = lock.lock().await;
+        if let Ok(Some(mut sb)) = self.store.get(id).await {
+            if let Err(e) = self.delete_locked(&mut sb).await {
+                tracing::error!(sandbox = %id, error = %e, "could not remove a warm sandbox");
+            }
+        }
+        drop(guard);
+        self.forget_lock(id);
     }
 
     async fn create_prepared(
@@ -374,7 +582,9 @@ impl Manager {
         if sb.dev_server && sb.port.is_none() {
             sb.port = self.backend.default_port().or(sb.allocated_port);
         }
-        self.routes.put(sb.clone());
+        if sb.pool.is_none() {
+            self.routes.put(sb.clone());
+        }
         match self.backend.start(&sb).await {
             Ok(started) => {
                 started.apply_to(&mut sb);
@@ -400,11 +610,15 @@ impl Manager {
         self.store
             .get(id)
             .await?
+            .filter(|sb| sb.pool.is_none())
             .ok_or_else(|| Error::SandboxNotFound(id.to_string()))
     }
 
+    /// Every user's sandbox (not those waiting in warm pools).
     pub async fn list(&self) -> Result<Vec<Sandbox>, Error> {
-        Ok(self.store.list().await?)
+        let mut all = self.store.list().await?;
+        all.retain(|sb| sb.pool.is_none());
+        Ok(all)
     }
 
     /// Changes which ports answer without a credential (`None`: unchanged).
@@ -614,6 +828,15 @@ impl Manager {
         if sb.generation != exit.generation || sb.status != Status::Running {
             return;
         }
+        if sb.pool.is_some() {
+            // Nobody's yet: it goes, and the pool starts another.
+            tracing::warn!(sandbox = %sb.id, code = ?exit.code, signal = ?exit.signal, "a warm sandbox ended while it waited; removing it");
+            self.warm.forget(&sb.id);
+            if let Err(e) = self.delete_locked(&mut sb).await {
+                tracing::error!(sandbox = %sb.id, error = %e, "could not remove a warm sandbox");
+            }
+            return;
+        }
         let (status, mut reason) = match (exit.code, exit.signal) {
             (Some(0), _) => (Status::Stopped, "exited with code 0".to_string()),
             (Some(c), _) => (Status::Failed, format!("exited with code {c}")),
@@ -647,6 +870,10 @@ impl Manager {
         for mut sb in self.store.list().await? {
             let lock = self.lock_for(&sb.id);
             let _guard = lock.lock().await;
+            if sb.pool.is_some() {
+                self.readopt_warm(sb).await?;
+                continue;
+            }
             match sb.status {
                 Status::Deleting => {
                     self.delete_locked(&mut sb).await?;
@@ -681,13 +908,50 @@ impl Manager {
         Ok(())
     }
 
+    /// After a restart, a warm sandbox still running what its pool runs waits in the pool
+    /// again; any other (ended, interrupted, a pool that shrank or now runs something else)
+    /// is removed.
+    async fn readopt_warm(&self, mut sb: Sandbox) -> Result<(), Error> {
+        let runtime = sb.pool.clone().unwrap_or_default();
+        let size = self
+            .config
+            .runtimes
+            .get(&runtime)
+            .and_then(|rt| rt.warm)
+            .unwrap_or(0);
+        let waiting = self
+            .warm
+            .report()
+            .iter()
+            .find(|p| p.runtime == runtime)
+            .map_or(0, |p| p.ready);
+        let current = match self.pool_template(&runtime) {
+            Ok((template, _)) => same_process(&sb, &template),
+            Err(_) => false,
+        };
+        if sb.status == Status::Running && current && waiting < size {
+            if let Ok(Some(started)) = self.backend.adopt(&sb).await {
+                started.apply_to(&mut sb);
+                self.store.update(&sb).await?;
+                tracing::info!(sandbox = %sb.id, %runtime, "re-adopted warm sandbox");
+                self.warm.put(&runtime, sb.id);
+                return Ok(());
+            }
+        }
+        tracing::info!(sandbox = %sb.id, %runtime, "removing a warm sandbox left from before the restart");
+        self.delete_locked(&mut sb).await
+    }
+
     /// Graceful shutdown: unless the backend's sandboxes may outlive the gateway (containers),
     /// stops every running sandbox so no process outlives it; the records stay, marked
-    /// `stopped`, and can be started again.
+    /// `stopped`, and can be started again. Warm sandboxes are removed (or, on such a backend,
+    /// left to wait for the next gateway).
     pub async fn shutdown(&self) {
         if !self.backend.stop_on_shutdown() {
             return;
         }
+        let waiting = self.warm.drain();
+        let removals = waiting.iter().map(|id| self.discard(id));
         let running: Vec<_> = self
             .routes
             .all()
@@ -703,7 +967,11 @@ impl Manager {
                 }
             }
         });
-        futures_util::future::join_all(stops).await;
+        futures_util::future::join(
+            futures_util::future::join_all(stops),
+            futures_util::future::join_all(removals),
+        )
+        .await;
         self.backend.closed().await;
     }
 }

@@ -289,6 +289,10 @@ pub struct Metrics {
     lifecycle: [Histogram; OPERATIONS.len() * 2],
     health_checks: [AtomicU64; 2],
     health_changes: [AtomicU64; 2],
+    /// Creates of runtimes with a warm pool: claimed one, or started one the usual way.
+    warm_claims: [AtomicU64; 2],
+    /// Warm sandboxes started: ready and waiting, or failed (and removed).
+    warm_fills: [AtomicU64; 2],
     /// Circuit state changes, by the state entered (open, half-open, closed).
     circuits: [AtomicU64; 3],
 }
@@ -313,6 +317,8 @@ impl Metrics {
             lifecycle: Default::default(),
             health_checks: Default::default(),
             health_changes: Default::default(),
+            warm_claims: Default::default(),
+            warm_fills: Default::default(),
             circuits: Default::default(),
         }
     }
@@ -404,6 +410,16 @@ impl Metrics {
         if changed {
             self.health_changes[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A create of a runtime with a warm pool claimed a waiting sandbox (`hit`) or did not.
+    pub fn warm_claim(&self, hit: bool) {
+        self.warm_claims[usize::from(!hit)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A warm sandbox was started and waits (`ok`), or its start failed.
+    pub fn warm_fill(&self, ok: bool) {
+        self.warm_fills[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A port's circuit changed state.
@@ -549,6 +565,20 @@ impl Metrics {
             "to",
             &["ready", "not_ready"],
             &self.health_changes,
+        );
+        out.counters(
+            "sandgate_warm_pool_claims_total",
+            "Creates of runtimes with a warm pool, by whether one waiting was claimed.",
+            "result",
+            &["claimed", "missed"],
+            &self.warm_claims,
+        );
+        out.counters(
+            "sandgate_warm_pool_fills_total",
+            "Warm sandboxes started for a pool, by whether they came up and wait.",
+            "result",
+            &["ok", "failed"],
+            &self.warm_fills,
         );
     }
 }

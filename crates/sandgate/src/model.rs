@@ -252,6 +252,9 @@ pub struct Sandbox {
     pub network: Network,
     /// An HTTP path its health checks GET (2xx or 3xx passes) instead of only connecting.
     pub health_path: Option<String>,
+    /// The runtime whose warm pool it waits in, until a create claims it (`None`: a user's
+    /// sandbox). A waiting sandbox is nobody's: the API and the proxy never show it.
+    pub pool: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -354,6 +357,7 @@ impl Sandbox {
             idle_timeout: None,
             network: Network::None,
             health_path: None,
+            pool: None,
             created_at: now,
             updated_at: now,
         }

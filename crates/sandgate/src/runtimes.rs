@@ -130,6 +130,7 @@ mod tests {
                 program: Some("ruby".into()),
                 command: Some("exec ruby -run -e httpd".into()),
                 image: Some("ruby:3".into()),
+                warm: None,
             },
         );
         let r = Runtimes::new(&conf);

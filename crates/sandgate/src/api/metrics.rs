@@ -71,6 +71,28 @@ pub fn render(state: &AppState) -> String {
         out.sample("sandgate_sandbox_health", &[("state", name)], n as f64);
     }
 
+    let pools = state.manager.warm().report();
+    if !pools.is_empty() {
+        out.family(
+            "sandgate_warm_pool_sandboxes",
+            "Sandboxes of each runtime's warm pool, by state (target: its configured size).",
+            "gauge",
+        );
+    }
+    for pool in pools {
+        for (name, n) in [
+            ("ready", pool.ready),
+            ("starting", pool.starting),
+            ("target", pool.target),
+        ] {
+            out.sample(
+                "sandgate_warm_pool_sandboxes",
+                &[("runtime", &pool.runtime), ("state", name)],
+                n as f64,
+            );
+        }
+    }
+
     let open: usize = entries
         .iter()
         .map(|e| e.breakers().open_count(e.generation))

@@ -98,7 +98,42 @@ impl Upstream {
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
+
+    /// One health check of this port, bounded by [`CHECK_TIMEOUT`]: it accepts a connection
+    /// and, with `path`, answers `GET path` with a 2xx or 3xx status.
+    pub async fn probe(self, path: Option<&str>) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let check = async {
+            let mut stream = self.dial().await.ok()?;
+            let Some(path) = path else {
+                return Some(true);
+            };
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: sandgate-health\r\n\
+                 Connection: close\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.ok()?;
+            let mut head = [0u8; 16];
+            let mut got = 0;
+            while got < head.len() {
+                match stream.read(&mut head[got..]).await.ok()? {
+                    0 => break,
+                    n => got += n,
+                }
+            }
+            // `HTTP/1.1 204 …`: the status code's first digit.
+            let line = &head[..got];
+            Some(line.starts_with(b"HTTP/1.") && matches!(line.get(9), Some(b'2' | b'3')))
+        };
+        matches!(
+            tokio::time::timeout(CHECK_TIMEOUT, check).await,
+            Ok(Some(true))
+        )
+    }
 }
+
+/// One health check's connect and answer, at most.
+pub const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[async_trait]
 pub trait Backend: Send + Sync {

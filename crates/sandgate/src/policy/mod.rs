@@ -635,7 +635,7 @@ impl Policy {
         let deadline = tokio::time::Instant::now() + READY_WAIT;
         let mut pause = Duration::from_millis(50);
         loop {
-            if crate::lifecycle::probe(upstream, entry.health_path.as_deref()).await {
+            if upstream.probe(entry.health_path.as_deref()).await {
                 let changed = entry.record_check(true, self.health_rise, self.health_fall);
                 self.limits.metrics().health_check(true, changed.is_some());
                 grant.upstream = Some(upstream);

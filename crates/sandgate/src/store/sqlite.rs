@@ -95,6 +95,9 @@ ALTER TABLE sandboxes ADD COLUMN network TEXT NOT NULL DEFAULT 'none';
     r#"
 ALTER TABLE sandboxes ADD COLUMN health_path TEXT;
 "#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN pool TEXT;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -207,6 +210,7 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
                 .ok_or_else(|| corrupt(&id, format!("unknown network {n:?}")))?
         },
         health_path: row.try_get("health_path")?,
+        pool: row.try_get("pool")?,
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
         id,
@@ -309,8 +313,8 @@ impl Store for SqliteStore {
             "INSERT INTO sandboxes (id, team_id, owner, name, runtime, mode, dev_server, command, \
              env, limits, port, allocated_port, status, status_reason, backend_ref, ip_address, \
              netns_pid, generation, created_at, updated_at, public, public_ports, \
-             preview_generation, keep_prefix, labels, idle_timeout, network, health_path) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             preview_generation, keep_prefix, labels, idle_timeout, network, health_path, pool) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&sb.id)
         .bind(team)
@@ -340,6 +344,7 @@ impl Store for SqliteStore {
         .bind(sb.idle_timeout.map(|t| t as i64))
         .bind(sb.network.as_str())
         .bind(&sb.health_path)
+        .bind(&sb.pool)
         .execute(&mut *tx)
         .await;
         match res {
@@ -355,11 +360,17 @@ impl Store for SqliteStore {
 
     async fn update(&self, sb: &Sandbox) -> Result<(), StoreError> {
         let env = serde_json::to_string(&sb.env).map_err(|e| corrupt(&sb.id, e))?;
-        sqlx::query(
+        let team = if sb.team.is_empty() {
+            DEFAULT_TEAM
+        } else {
+            &sb.team
+        };
+        let res = sqlx::query(
             "UPDATE sandboxes SET command = ?, env = ?, port = ?, status = ?, status_reason = ?, \
              backend_ref = ?, ip_address = ?, netns_pid = ?, generation = ?, updated_at = ?, \
              public = ?, public_ports = ?, preview_generation = ?, keep_prefix = ?, mode = ?, \
-             labels = ?, idle_timeout = ? WHERE id = ?",
+             labels = ?, idle_timeout = ?, team_id = ?, owner = ?, name = ?, health_path = ?, \
+             pool = ?, created_at = ? WHERE id = ?",
         )
         .bind(&sb.command)
         .bind(env)
@@ -378,10 +389,22 @@ impl Store for SqliteStore {
         .bind(sb.mode.as_str())
         .bind(serde_json::to_string(&sb.labels).map_err(|e| corrupt(&sb.id, e))?)
         .bind(sb.idle_timeout.map(|t| t as i64))
+        .bind(team)
+        .bind(&sb.owner)
+        .bind(&sb.name)
+        .bind(&sb.health_path)
+        .bind(&sb.pool)
+        .bind(ts(&sb.created_at))
         .bind(&sb.id)
         .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await;
+        match res {
+            // A claimed warm sandbox takes the name its create asked for.
+            Err(e) if is_unique_violation(&e) && sb.name.is_some() => {
+                Err(StoreError::NameTaken(sb.path().unwrap_or_default()))
+            }
+            other => other.map(drop).map_err(StoreError::from),
+        }
     }
 
     async fn get(&self, id: &str) -> Result<Option<Sandbox>, StoreError> {
@@ -615,6 +638,7 @@ mod tests {
             idle_timeout: None,
             network: crate::model::Network::None,
             health_path: None,
+            pool: None,
             created_at: now,
             updated_at: now,
         }
@@ -736,5 +760,33 @@ mod tests {
         a.preview_generation = 2;
         store.update(&a).await.unwrap();
         assert_eq!(store.get(&a.id).await.unwrap().unwrap(), a);
+    }
+
+    /// A warm sandbox is claimed by rewriting who it belongs to; the claim may not take a
+    /// name another sandbox of that owner has.
+    #[tokio::test]
+    async fn a_claim_rewrites_ownership_and_keeps_names_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let mut named = sandbox(Some("web"));
+        store.create(&mut named, None, &|_| true).await.unwrap();
+        let mut pooled = sandbox(None);
+        pooled.pool = Some("shell".into());
+        store.create(&mut pooled, None, &|_| true).await.unwrap();
+        assert_eq!(store.get(&pooled.id).await.unwrap().unwrap(), pooled);
+
+        let mut claim = pooled.clone();
+        claim.pool = None;
+        claim.owner = named.owner.clone();
+        claim.name = named.name.clone();
+        let err = store.update(&claim).await.unwrap_err();
+        assert!(matches!(err, StoreError::NameTaken(_)), "{err}");
+        assert_eq!(store.get(&pooled.id).await.unwrap().unwrap(), pooled);
+
+        claim.name = Some("api".into());
+        claim.owner = "alice".into();
+        claim.health_path = Some("/healthz".into());
+        store.update(&claim).await.unwrap();
+        assert_eq!(store.get(&pooled.id).await.unwrap().unwrap(), claim);
     }
 }

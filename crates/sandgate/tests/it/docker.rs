@@ -385,6 +385,26 @@ pub(crate) fn docker_gateway(isolation: Isolation) -> GatewayBuilder {
     })
 }
 
+/// The real binary on the Docker backend, its runtime `runtime` running the test image with
+/// `settings` (TOML lines) added; the configuration file lives as long as the returned dir.
+async fn spawned_docker_gateway(
+    runtime: &str,
+    settings: &str,
+) -> (SpawnedGateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sandgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "backend = \"docker\"\nstop_grace = 2\n[runtimes.{runtime}]\n\
+             image = \"{TEST_IMAGE}\"\n{settings}"
+        ),
+    )
+    .unwrap();
+    let gw = SpawnedGateway::start(4, &["--config", config.to_str().unwrap()]).await;
+    (gw, dir)
+}
+
 pub(crate) fn gateway_id_of(data_dir: &Path) -> String {
     std::fs::read_to_string(data_dir.join("gateway-id"))
         .expect("the gateway wrote its id")
@@ -780,16 +800,7 @@ async fn a_restarted_gateway_readopts_marks_and_cleans_up_containers() {
         return;
     }
     let leftovers = Leftovers::default();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("sandgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "backend = \"docker\"\nstop_grace = 2\n[runtimes.shell]\nimage = \"{TEST_IMAGE}\"\n"
-        ),
-    )
-    .unwrap();
-    let mut gw = SpawnedGateway::start(4, &["--config", config.to_str().unwrap()]).await;
+    let (mut gw, _config) = spawned_docker_gateway("shell", "").await;
     let fixture = json!({"runtime": "shell", "command": "exec /sandgate-fixture"});
     let a = gw.create(&fixture).await["id"]
         .as_str()
@@ -941,4 +952,82 @@ async fn network_none_containers_have_only_loopback() {
         .await
         .expect_error(422, "validation_failed");
     published.shutdown().await;
+}
+
+/// A warm pool on the Docker backend: the pool's containers run before any create, a create
+/// claims one (same container, served at once), the pool refills, and the waiting containers
+/// outlive a crash and a graceful stop and wait again under the next gateway, unrestarted.
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_containers_are_claimed_and_wait_across_restarts() {
+    use crate::warm::{claims, pool_of_holds};
+    let Some(docker) = engine_with_images().await else {
+        return;
+    };
+    if !netns_or_skip() {
+        return;
+    }
+    let leftovers = Leftovers::default();
+    let (mut gw, _config) =
+        spawned_docker_gateway("web", "command = \"exec /sandgate-fixture\"\nwarm = 2\n").await;
+    let gateway = gateway_id_of(gw.data_dir());
+    leftovers.gateway(&gateway);
+    pool_of_holds(&gw, "web", 2, CONTAINER_TIMEOUT).await;
+    let started = |cs: &[ContainerSummary]| -> HashMap<String, String> {
+        cs.iter()
+            .map(|c| {
+                let labels = c.labels.clone().unwrap_or_default();
+                (
+                    labels[LABEL_SANDBOX].clone(),
+                    c.id.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let pooled = started(&containers_of(&docker, &gateway).await);
+    assert_eq!(pooled.len(), 2, "{pooled:?}");
+    assert_eq!(gw.count().await, 0, "waiting containers are nobody's");
+
+    let began = std::time::Instant::now();
+    let v = gw.create(&json!({"runtime": "web", "owner": "bob"})).await;
+    let id = v["id"].as_str().unwrap().to_string();
+    gw.get(&format!("/sandbox/{id}/")).send().await.expect(200);
+    let warm_first_byte = began.elapsed();
+    assert!(pooled.contains_key(&id), "{id} not in {pooled:?}");
+    assert_eq!(v["ready"], true, "{v}");
+    assert_eq!(claims(&gw, "claimed").await, 1.0);
+    println!("docker create-to-first-byte from the pool: {warm_first_byte:?}");
+
+    pool_of_holds(&gw, "web", 2, CONTAINER_TIMEOUT).await;
+    let before = started(&containers_of(&docker, &gateway).await);
+    assert_eq!(before.len(), 3, "{before:?}");
+
+    // A crash, then a graceful stop: the same containers wait again each time.
+    gw.kill().await;
+    gw.restart().await;
+    pool_of_holds(&gw, "web", 2, CONTAINER_TIMEOUT).await;
+    assert!(gw.terminate().await.success(), "{}", gw.log());
+    gw.restart().await;
+    pool_of_holds(&gw, "web", 2, CONTAINER_TIMEOUT).await;
+    let after = started(&containers_of(&docker, &gateway).await);
+    assert_eq!(after, before, "the same containers, none added or lost");
+    for container in after.values() {
+        let c = docker.inspect_container(container, None).await.unwrap();
+        assert!(running(&c), "{container} runs");
+    }
+    assert_eq!(gw.count().await, 1);
+    gw.get(&format!("/sandbox/{id}/")).send().await.expect(200);
+    let v = gw.create(&json!({"runtime": "web"})).await;
+    let second = v["id"].as_str().unwrap().to_string();
+    assert!(
+        before.contains_key(&second),
+        "a re-adopted container is claimed"
+    );
+    gw.get(&format!("/sandbox/{second}/"))
+        .send()
+        .await
+        .expect(200);
+
+    gw.delete_sandbox(&id).await;
+    gw.delete_sandbox(&second).await;
+    assert!(gw.terminate().await.success(), "{}", gw.log());
 }

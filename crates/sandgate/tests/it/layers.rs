@@ -11,6 +11,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("datadir", 1),
     ("store", 1),
     ("routes", 1),
+    ("warm", 1),
     ("metrics", 1),
     ("runtimes", 2),
     ("error", 2),

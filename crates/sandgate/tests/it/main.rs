@@ -33,4 +33,5 @@ mod restart;
 mod streaming;
 mod tls;
 mod tokens;
+mod warm;
 mod websocket;

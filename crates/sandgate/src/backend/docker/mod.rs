@@ -801,6 +801,7 @@ mod tests {
             health_path: None,
             labels: Default::default(),
             idle_timeout: None,
+            pool: None,
             created_at: now,
             updated_at: now,
         }
