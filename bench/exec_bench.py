@@ -10,8 +10,13 @@ In one run, interleaved round by round so the machine's drift cancels in the rat
 and, when a Docker engine answers, the same on the Docker backend beside `docker exec` of the
 same container (what a Docker user has today).
 
+Also, per backend (issue 17's warm pools): create to the first proxied byte and create to
+the first exec's answer, from a runtime with a warm pool (`web`, `warm = 2`) and from the
+same runtime without one (`cold`), beside a plain proxied request and a plain exec.
+
 Targets: the process backend's HTTP round trip within 3x the direct spawn; the Docker
-backend's faster than `docker exec`. Standard library only; prints a markdown table and writes
+backend's faster than `docker exec`; from a warm pool, create to first byte within a few
+milliseconds of a plain request and create to first exec within 2x a plain exec. Standard library only; prints a markdown table and writes
 JSON to bench/results/.
 """
 
@@ -87,6 +92,93 @@ class Gateway:
             self.proc.kill()
 
 
+# The runtimes the create measurements use: one dev server (busybox httpd serving "ok"),
+# pooled and not. The same command runs on both backends (the Docker image is busybox).
+SERVER = 'echo ok > index.html && exec busybox httpd -f -p "${HOST:-127.0.0.1}:$PORT"'
+
+
+def runtimes_toml(image=None):
+    out = []
+    for name, warm in (("web", 2), ("cold", 0)):
+        out.append(f"[runtimes.{name}]")
+        out.append('program = "busybox"')
+        out.append(f"command = {json.dumps(SERVER)}")
+        if image:
+            out.append(f'image = "{image}"')
+        if warm:
+            out.append(f"warm = {warm}")
+    return "\n".join(out) + "\n"
+
+
+def raw_get(port, path, timeout=30):
+    """GET over a new connection: the answer's status (its body read)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        r.read()
+        return r.status
+    finally:
+        conn.close()
+
+
+def pool_ready(port, runtime):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    series = f'sandgate_warm_pool_sandboxes{{runtime="{runtime}",state="ready"}} '
+    for line in text.splitlines():
+        if line.startswith(series):
+            return float(line[len(series):])
+    return 0.0
+
+
+def create_latencies(gw, runtime, count, then):
+    """`count` creates of `runtime`, each followed by `then` (`byte`: GET its dev server
+    until a 200; `exec`: run `true`), timed from the create's request to that answer;
+    median in µs. With a pool, each create waits (untimed) until one is waiting."""
+    samples = []
+    for _ in range(count):
+        if runtime == "web":
+            deadline = time.time() + 60
+            while pool_ready(gw.port, runtime) < 1:
+                if time.time() > deadline:
+                    raise RuntimeError("the warm pool did not refill within 60 s")
+                time.sleep(0.01)
+        t0 = time.perf_counter()
+        sb = api(gw.port, "POST", "/sandboxes", {"runtime": runtime})["id"]
+        if then == "byte":
+            while raw_get(gw.port, f"/sandbox/{sb}/") != 200:
+                if time.perf_counter() - t0 > 60:
+                    raise RuntimeError(f"sandbox {sb} never answered 200")
+        else:
+            api(gw.port, "POST", f"/sandboxes/{sb}/exec", {"command": "true"})
+        samples.append((time.perf_counter() - t0) * 1e6)
+        api(gw.port, "DELETE", f"/sandboxes/{sb}")
+    return statistics.median(samples)
+
+
+def plain_latencies(gw, count):
+    """A plain proxied GET and a plain exec on a running `web` sandbox, each over a new
+    connection as the create measurements' are: medians in µs."""
+    sb = api(gw.port, "POST", "/sandboxes", {"runtime": "cold"})["id"]
+    deadline = time.time() + 60
+    while raw_get(gw.port, f"/sandbox/{sb}/") != 200:
+        if time.time() > deadline:
+            raise RuntimeError(f"sandbox {sb} never answered 200")
+    gets, execs = [], []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        raw_get(gw.port, f"/sandbox/{sb}/")
+        gets.append((time.perf_counter() - t0) * 1e6)
+        t0 = time.perf_counter()
+        api(gw.port, "POST", f"/sandboxes/{sb}/exec", {"command": "true"})
+        execs.append((time.perf_counter() - t0) * 1e6)
+    api(gw.port, "DELETE", f"/sandboxes/{sb}")
+    return statistics.median(gets), statistics.median(execs)
+
+
 def loadgen(binary, cmd, port, **opts):
     argv = [str(binary), cmd, "--addr", f"127.0.0.1:{port}"]
     for k, v in opts.items():
@@ -146,7 +238,10 @@ def main(argv=None):
     gateways = {}
     results = {}
     try:
-        gateways["process"] = Gateway(a.sandgate_bin, [], tmp, "process")
+        process_config = Path(tmp) / "process.toml"
+        process_config.write_text(runtimes_toml())
+        gateways["process"] = Gateway(a.sandgate_bin, ["--config", str(process_config)], tmp,
+                                      "process")
         docker = not a.no_docker and docker_available()
         if docker:
             build_image(tmp)
@@ -178,6 +273,15 @@ def main(argv=None):
                 if name == "docker":
                     record("docker exec true (CLI)",
                            docker_exec(f"sandgate-{gw.sandbox}", secs)["p50_us"])
+                n = 3 if a.smoke else 15
+                get, ex = plain_latencies(gw, n)
+                record(f"{name}: plain request (new connection)", get)
+                record(f"{name}: plain exec (new connection)", ex)
+                for runtime, label in (("web", "warm pool"), ("cold", "no pool")):
+                    record(f"{name}: create to first byte, {label}",
+                           create_latencies(gw, runtime, n, "byte"))
+                    record(f"{name}: create to first exec, {label}",
+                           create_latencies(gw, runtime, n, "exec"))
     finally:
         for gw in gateways.values():
             gw.stop()
@@ -192,6 +296,9 @@ def main(argv=None):
         if "execs/s" in k:
             lines.append(f"| {k} | {v:.0f} /s | |")
             continue
+        if "create" in k or "plain" in k:
+            lines.append(f"| {k} | {v / 1000:.2f} ms | |")
+            continue
         ratio = f"{v / floor:.2f}x the spawn" if k != "spawn true (floor)" else ""
         if k.startswith("docker") and "docker exec true (CLI)" in med and k != "docker exec true (CLI)":
             ratio += f"; {v / med['docker exec true (CLI)']:.2f}x docker exec"
@@ -203,6 +310,18 @@ def main(argv=None):
     if "docker: HTTP exec true" in med and "docker exec true (CLI)" in med:
         ok = med["docker: HTTP exec true"] < med["docker exec true (CLI)"]
         checks.append(f"Docker HTTP exec faster than docker exec: {'met' if ok else 'NOT met'}")
+    for name in ("process", "docker"):
+        get = med.get(f"{name}: plain request (new connection)")
+        ex = med.get(f"{name}: plain exec (new connection)")
+        byte = med.get(f"{name}: create to first byte, warm pool")
+        first_exec = med.get(f"{name}: create to first exec, warm pool")
+        if None in (get, ex, byte, first_exec):
+            continue
+        checks.append(f"{name}: warm create to first byte {(byte - get) / 1000:.1f} ms over a "
+                      f"plain request ({byte / get:.1f}x)")
+        ok = first_exec <= 2 * ex
+        checks.append(f"{name}: warm create to first exec within 2x a plain exec "
+                      f"({first_exec / ex:.2f}x): {'met' if ok else 'NOT met'}")
     lines += ["", *[f"- {c}" for c in checks]]
     print("\n".join(lines))
     out = a.out or BENCH / "results" / (dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-exec" + ("-smoke" if a.smoke else "") + ".json")
@@ -213,7 +332,7 @@ def main(argv=None):
 
 def write_docker_config(tmp):
     cfg = Path(tmp) / "docker.toml"
-    cfg.write_text(f'[runtimes.shell]\nimage = "{IMAGE}"\n')
+    cfg.write_text(f'[runtimes.shell]\nimage = "{IMAGE}"\n' + runtimes_toml(IMAGE))
     return cfg
 
 

@@ -61,6 +61,10 @@ pub async fn reap_idle(
     }
 }
 
+/// How long the filler lets a just-claimed sandbox have the machine before starting its
+/// replacement.
+const REFILL_DELAY: Duration = Duration::from_millis(50);
+
 /// Warm sandboxes started at once, at most.
 const PARALLEL_FILLS: usize = 2;
 
@@ -92,7 +96,15 @@ pub async fn keep_warm(manager: Arc<Manager>, shutdown: CancellationToken) {
                 return;
             }
             Some(_) = fills.join_next(), if !fills.is_empty() => {}
-            _ = manager.warm().changed() => {}
+            _ = manager.warm().changed() => {
+                // A claim was just made: its sandbox's first requests come now; its
+                // replacement's start (a fork, namespaces, a server starting) can wait a
+                // moment rather than compete with them for the cores.
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(REFILL_DELAY) => {}
+                }
+            }
             _ = tokio::time::sleep(retry.unwrap_or(Duration::MAX)), if retry.is_some() => {}
         }
     }
