@@ -172,6 +172,9 @@ pub struct Io {
     pub connect: Option<Duration>,
     /// Response body bytes sent to the client (a stream's: none counted).
     pub sent: u64,
+    /// Request body bytes read from the client, as the body decodes (chunk framing not
+    /// counted).
+    pub received: u64,
 }
 
 /// The access log's writer: each thread formats its lines by hand into a buffer of its own,
@@ -405,6 +408,7 @@ fn line(out: &mut Vec<u8>, l: &Line<'_>, json: bool) {
     f.number("duration_ms", Some(|o: &mut Vec<u8>| millis(o, l.duration)));
     let connect = l.io.connect.map(|d| move |o: &mut Vec<u8>| millis(o, d));
     f.number("upstream_connect_ms", connect);
+    f.number("bytes_received", Some(integer(l.io.received)));
     f.number("bytes_sent", Some(integer(l.io.sent)));
     f.address("client", l.client);
     f.text("trace_id", or_dash(w.trace_id.as_str()));
@@ -492,6 +496,7 @@ mod tests {
             io: Io {
                 connect: Some(Duration::from_micros(250)),
                 sent: 1024,
+                received: 77,
             },
         };
         let mut out = Vec::new();
@@ -504,6 +509,7 @@ mod tests {
         assert_eq!(v["client"], "::1");
         assert_eq!(v["upstream_connect_ms"], 0.25);
         assert_eq!(v["bytes_sent"], 1024);
+        assert_eq!(v["bytes_received"], 77);
         assert_eq!(v["host"], "-");
         assert_eq!(v["target"], "sandgate::access");
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));

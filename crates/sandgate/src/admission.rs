@@ -474,6 +474,11 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
         self.io.sent += n;
     }
 
+    /// The client's request body came to `n` bytes (so far).
+    pub fn received(&mut self, n: u64) {
+        self.io.received = n;
+    }
+
     /// What the finish step knows of the request from its start.
     pub fn started(&self) -> &Started {
         &self.started

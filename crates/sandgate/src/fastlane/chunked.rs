@@ -72,6 +72,11 @@ impl Default for Scanner {
 }
 
 impl Scanner {
+    /// Chunk data bytes announced so far: once the body has ended, what it decodes to.
+    pub fn data(&self) -> u64 {
+        self.data
+    }
+
     /// Walks over `buf`, the body bytes not yet consumed. Once `done()`, the body has ended at
     /// `consumed`, and the caller writes `LAST_CHUNK` after what it forwarded.
     pub fn scan(&mut self, buf: &[u8]) -> Result<Progress, Malformed> {

@@ -575,6 +575,7 @@ impl Lane {
             if let Err(e) = sent {
                 let err = protocol_error(&f, &e);
                 return {
+                    admission.received(req.received());
                     admission.failed(&err);
                     self.fail(&err, &f, !req.done()).await
                 };
@@ -632,6 +633,7 @@ impl Lane {
                     HeadError::BadBody(why) => Error::BadFraming(why),
                 };
                 return {
+                    admission.received(req.received());
                     admission.failed(&err);
                     self.fail(&err, &f, !req.done()).await
                 };
@@ -647,6 +649,7 @@ impl Lane {
                     reason: reason.into(),
                 };
                 return {
+                    admission.received(req.received());
                     admission.failed(&err);
                     self.fail(&err, &f, !req.done()).await
                 };
@@ -670,6 +673,7 @@ impl Lane {
         // The last piece, written below, counts too.
         let last_len = body.as_ref().map_or(0, |l| l.len);
         admission.sent(sent_bytes + last_len as u64);
+        admission.received(req.received());
         // Settle the upstream connection, the permit and the in-use mark before the client sees
         // the end of the response, so that whatever the client does next (on this connection
         // or another, served by another event loop) finds them released: the connection in
@@ -882,6 +886,16 @@ impl RequestBody {
             malformed: None,
             abandoned: false,
             moved: 0,
+        }
+    }
+
+    /// Body bytes taken from the client so far, as the body decodes (a chunked body's data,
+    /// without its framing), for the access log.
+    fn received(&self) -> u64 {
+        match self.framing {
+            Framing::Length(n) => n - self.left,
+            Framing::Chunked => self.scanner.data(),
+            _ => 0,
         }
     }
 

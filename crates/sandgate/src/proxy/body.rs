@@ -11,6 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::pool::{Pool, PoolKey, Sender};
+use super::request_body::BodyState;
 use crate::admission::OwnedAdmission;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -25,15 +26,25 @@ pub struct Release {
     key: PoolKey,
     tx: Option<Sender>,
     admission: Option<OwnedAdmission>,
+    /// The request body's progress: its size so far goes to the access log.
+    request: Arc<BodyState>,
 }
 
 impl Release {
-    pub fn new(pool: Arc<Pool>, key: PoolKey, tx: Sender, admission: OwnedAdmission) -> Release {
+    pub fn new(
+        pool: Arc<Pool>,
+        key: PoolKey,
+        tx: Sender,
+        mut admission: OwnedAdmission,
+        request: Arc<BodyState>,
+    ) -> Release {
+        admission.received(request.received());
         Release {
             pool,
             key,
             tx: Some(tx),
             admission: Some(admission),
+            request,
         }
     }
 
@@ -47,6 +58,9 @@ impl Release {
     fn finish(&mut self) {
         if let Some(tx) = self.tx.take() {
             self.pool.checkin(self.key, tx);
+        }
+        if let Some(a) = self.admission.as_mut() {
+            a.received(self.request.received());
         }
         self.admission = None;
     }

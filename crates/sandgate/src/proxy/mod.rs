@@ -233,18 +233,24 @@ impl Proxy {
                 (resp, tx)
             }
             Ok(Err(e)) => {
+                if let Some(a) = held.as_mut() {
+                    a.received(body_state.received());
+                }
                 return Err(body_state
                     .client_error(self.body_timeout)
-                    .unwrap_or_else(|| upstream_error(sb, target.port, e)))
+                    .unwrap_or_else(|| upstream_error(sb, target.port, e)));
             }
             Err(_) => {
+                if let Some(a) = held.as_mut() {
+                    a.received(body_state.received());
+                }
                 return Err(body_state.client_error(self.body_timeout).unwrap_or(
                     Error::UpstreamTimeout {
                         id: sb.id.clone(),
                         port: target.port,
                         timeout,
                     },
-                ))
+                ));
             }
         };
 
@@ -297,7 +303,7 @@ impl Proxy {
             return Err(Error::internal("a request's admission was taken twice"));
         };
         admission.respond(parts.status.as_u16());
-        let release = Release::new(self.pool.clone(), key, tx, admission);
+        let release = Release::new(self.pool.clone(), key, tx, admission, body_state);
         Ok(Response::from_parts(
             parts,
             GatewayBody::upstream(body, release),

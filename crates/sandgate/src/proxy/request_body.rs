@@ -6,7 +6,7 @@
 
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,11 +24,16 @@ const STALLED: u8 = 4;
 
 /// What became of a request body, readable while hyper's client still holds it.
 #[derive(Debug, Default)]
-pub struct BodyState(AtomicU8);
+pub struct BodyState(AtomicU8, AtomicU64);
 
 impl BodyState {
     fn set(&self, flag: u8) {
         self.0.fetch_or(flag, Ordering::Relaxed);
+    }
+
+    /// Data bytes read from the client so far.
+    pub fn received(&self) -> u64 {
+        self.1.load(Ordering::Relaxed)
     }
 
     /// The whole body was read from the client.
@@ -113,6 +118,9 @@ impl Body for ClientBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.state.1.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
                 // hyper stops polling a body whose exact length has been sent, so the last
                 // frame, not a final `None`, may be all this body ever sees.
                 if inner.is_end_stream() {

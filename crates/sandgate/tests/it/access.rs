@@ -5,6 +5,7 @@
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::{eventually, Lane, SpawnedGateway, TestGateway, READY_TIMEOUT};
@@ -106,6 +107,29 @@ async fn access_log_lines_in_json(lane: Lane) {
         .send()
         .await
         .expect(404);
+    // Request bodies: a sized one and a chunked one (counted as it decodes: 11 bytes).
+    gw.post(&sb.path("/upload"))
+        .header("x-request-id", "sized-upload")
+        .body(vec![b'x'; 3000])
+        .send()
+        .await
+        .expect(200);
+    let mut raw = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let chunked = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nx-request-id: chunked-upload\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n",
+        sb.path("/upload"),
+        gw.addr
+    );
+    raw.write_all(chunked.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
     let mut ws = gw.websocket(&sb.path("/ws"), None).await;
     ws.send(Message::text("hi")).await.unwrap();
     ws.next().await.expect("echo").unwrap();
@@ -132,6 +156,15 @@ async fn access_log_lines_in_json(lane: Lane) {
     assert_eq!(line["flag"], "-", "{line}");
     assert!(line["duration_ms"].as_f64().unwrap() >= 0.0, "{line}");
     assert_eq!(line["bytes_sent"], body_len, "{line}");
+    assert_eq!(line["bytes_received"], 0, "{line}");
+    for (id, size) in [("sized-upload", 3000), ("chunked-upload", 11)] {
+        let l = lines
+            .iter()
+            .find(|l| l["request_id"] == id)
+            .unwrap_or_else(|| panic!("no line for {id} in {lines:#?}"));
+        assert_eq!(l["bytes_received"], size, "{l}");
+        assert_eq!(l["status"], 200, "{l}");
+    }
     // A new connection to the sandbox was timed; a kept one is null.
     assert!(
         lines.iter().any(|l| l["upstream_connect_ms"]
