@@ -74,6 +74,12 @@ impl<const N: usize> Inline<N> {
         std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
     }
 
+    /// The text's bytes, without re-checking that they are UTF-8 (the access log's writer
+    /// copies bytes).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -310,7 +316,8 @@ fn timestamp(out: &mut Vec<u8>) {
 
 /// Milliseconds with three decimals (microseconds), without `fmt`.
 fn millis(out: &mut Vec<u8>, d: Duration) {
-    let us = d.as_micros();
+    // In u64: u128 division is a library call.
+    let us = d.as_micros() as u64;
     out.extend_from_slice(itoa::Buffer::new().format(us / 1000).as_bytes());
     let frac = (us % 1000) as u16;
     out.extend_from_slice(&[
@@ -321,6 +328,16 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
     ]);
 }
 
+/// A field's name as each shape spells it before its value: `,"name":` (JSON) and ` name=`
+/// (text), made at compile time so that writing one is a single copy.
+macro_rules! name {
+    ($n:literal) => {
+        &[concat!(",\"", $n, "\":"), concat!(" ", $n, "=")]
+    };
+}
+
+type Name = &'static [&'static str; 2];
+
 /// A line being written in one of the two shapes: `,"name":value` (JSON) or ` name=value`
 /// (text).
 struct Fields<'o> {
@@ -329,34 +346,42 @@ struct Fields<'o> {
 }
 
 impl Fields<'_> {
-    fn name(&mut self, name: &str) {
-        if self.json {
-            self.out.extend_from_slice(b",\"");
-            self.out.extend_from_slice(name.as_bytes());
-            self.out.extend_from_slice(b"\":");
-        } else {
-            self.out.push(b' ');
-            self.out.extend_from_slice(name.as_bytes());
-            self.out.push(b'=');
-        }
+    fn name(&mut self, name: Name) {
+        let n = name[usize::from(!self.json)];
+        self.out.extend_from_slice(n.as_bytes());
     }
 
     /// A text value: a JSON string; in text, written plainly unless it holds a space, a quote,
     /// a backslash or a byte that is not printable ASCII (then escaped as JSON would).
-    fn text(&mut self, name: &str, value: &str) {
+    fn text(&mut self, name: Name, value: &[u8]) {
         self.name(name);
-        let plain = value
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
-        if self.json || !plain {
+        let plain = || {
+            value
+                .iter()
+                .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        };
+        if self.json || !plain() {
             json_string(self.out, value);
         } else {
-            self.out.extend_from_slice(value.as_bytes());
+            self.out.extend_from_slice(value);
+        }
+    }
+
+    /// A text value known to need no escaping in either shape (ids, templates, codes: printable
+    /// ASCII without spaces, quotes or backslashes).
+    fn safe(&mut self, name: Name, value: &[u8]) {
+        self.name(name);
+        if self.json {
+            self.out.push(b'"');
+            self.out.extend_from_slice(value);
+            self.out.push(b'"');
+        } else {
+            self.out.extend_from_slice(value);
         }
     }
 
     /// A number `write` puts down (`None`: JSON `null`, text `-`).
-    fn number(&mut self, name: &str, write: Option<impl FnOnce(&mut Vec<u8>)>) {
+    fn number(&mut self, name: Name, write: Option<impl FnOnce(&mut Vec<u8>)>) {
         self.name(name);
         match write {
             Some(write) => write(self.out),
@@ -365,14 +390,30 @@ impl Fields<'_> {
         }
     }
 
-    /// An address: a JSON string, plain text.
-    fn address(&mut self, name: &str, ip: IpAddr) {
+    /// An address: a JSON string, plain text (an IPv4 one without `fmt`).
+    fn address(&mut self, name: Name, ip: IpAddr) {
         use std::io::Write;
         self.name(name);
-        let quote: &[u8] = if self.json { b"\"" } else { b"" };
-        self.out.extend_from_slice(quote);
-        let _ = write!(self.out, "{ip}");
-        self.out.extend_from_slice(quote);
+        if self.json {
+            self.out.push(b'"');
+        }
+        match ip {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                let mut n = itoa::Buffer::new();
+                self.out.extend_from_slice(n.format(a).as_bytes());
+                for o in [b, c, d] {
+                    self.out.push(b'.');
+                    self.out.extend_from_slice(n.format(o).as_bytes());
+                }
+            }
+            IpAddr::V6(_) => {
+                let _ = write!(self.out, "{ip}");
+            }
+        }
+        if self.json {
+            self.out.push(b'"');
+        }
     }
 }
 
@@ -384,6 +425,7 @@ fn integer(n: u64) -> impl FnOnce(&mut Vec<u8>) {
 /// (`2026-… INFO sandgate::access: kind=request …`, as `tracing` writes other lines), and a
 /// newline.
 fn line(out: &mut Vec<u8>, l: &Line<'_>, json: bool) {
+    out.reserve(512);
     if json {
         out.extend_from_slice(b"{\"timestamp\":\"");
         timestamp(out);
@@ -394,49 +436,58 @@ fn line(out: &mut Vec<u8>, l: &Line<'_>, json: bool) {
     }
     let w = l.who;
     let mut f = Fields { out, json };
-    f.text("kind", l.kind);
-    f.text("request_id", w.request_id.as_str());
-    f.text("method", l.method);
-    f.text("route", l.route);
-    f.text("host", or_dash(w.host.as_str()));
-    f.text("path", or_dash(w.path.as_str()));
-    f.number("status", Some(integer(l.status.into())));
-    f.text("sandbox", or_dash(w.sandbox.as_str()));
-    f.number("port", Some(integer(w.port.into())));
-    f.text("subject", or_dash(w.subject.as_deref().unwrap_or("")));
-    f.text("flag", l.flag);
-    f.number("duration_ms", Some(|o: &mut Vec<u8>| millis(o, l.duration)));
+    f.safe(name!("kind"), l.kind.as_bytes());
+    // Request ids are of a safe set (`sane_request_id`), trace ids hex, sandbox ids base32.
+    f.safe(name!("request_id"), w.request_id.as_bytes());
+    f.safe(name!("method"), l.method.as_bytes());
+    f.safe(name!("route"), l.route.as_bytes());
+    f.text(name!("host"), or_dash(w.host.as_bytes()));
+    f.text(name!("path"), or_dash(w.path.as_bytes()));
+    f.number(name!("status"), Some(integer(l.status.into())));
+    f.safe(name!("sandbox"), or_dash(w.sandbox.as_bytes()));
+    f.number(name!("port"), Some(integer(w.port.into())));
+    let subject = w.subject.as_deref().unwrap_or("").as_bytes();
+    f.text(name!("subject"), or_dash(subject));
+    f.safe(name!("flag"), l.flag.as_bytes());
+    f.number(
+        name!("duration_ms"),
+        Some(|o: &mut Vec<u8>| millis(o, l.duration)),
+    );
     let connect = l.io.connect.map(|d| move |o: &mut Vec<u8>| millis(o, d));
-    f.number("upstream_connect_ms", connect);
-    f.number("bytes_received", Some(integer(l.io.received)));
-    f.number("bytes_sent", Some(integer(l.io.sent)));
-    f.address("client", l.client);
-    f.text("trace_id", or_dash(w.trace_id.as_str()));
+    f.number(name!("upstream_connect_ms"), connect);
+    f.number(name!("bytes_received"), Some(integer(l.io.received)));
+    f.number(name!("bytes_sent"), Some(integer(l.io.sent)));
+    f.address(name!("client"), l.client);
+    f.safe(name!("trace_id"), or_dash(w.trace_id.as_bytes()));
     out.extend_from_slice(if json { b"}\n" } else { b"\n" });
 }
 
-/// A JSON string literal.
-fn json_string(out: &mut Vec<u8>, s: &str) {
+/// A JSON string literal: runs of bytes that need no escape are copied whole.
+fn json_string(out: &mut Vec<u8>, s: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0..=0x1f | 0x7f => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[(b >> 4) as usize]);
-                out.push(HEX[(b & 0xf) as usize]);
-            }
-            _ => out.push(b),
+    let mut run = 0;
+    for (i, &b) in s.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0..=0x1f | 0x7f => b"\\u00",
+            _ => continue,
+        };
+        out.extend_from_slice(&s[run..i]);
+        out.extend_from_slice(escape);
+        if escape.len() == 4 {
+            out.extend_from_slice(&[HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
         }
+        run = i + 1;
     }
+    out.extend_from_slice(&s[run..]);
     out.push(b'"');
 }
 
-fn or_dash(s: &str) -> &str {
+fn or_dash(s: &[u8]) -> &[u8] {
     if s.is_empty() {
-        "-"
+        b"-"
     } else {
         s
     }
