@@ -15,6 +15,7 @@ pub fn router() -> Router<AppState> {
         .route("/health", get(overall))
         .route("/health/proxy", get(proxy))
         .route("/health/sandboxes", get(sandboxes))
+        .route("/health/pools", get(pools))
         .route("/health/auth", get(auth))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
@@ -113,6 +114,30 @@ async fn auth(State(state): State<AppState>) -> Json<Value> {
 
 /// The caller's team's sandboxes (every team's for the owner), each with what its health
 /// checks say: `ready` as in the sandbox object, `health` the checker's state.
+/// The warm pools (`[runtimes.X] warm = N`): each runtime's size, how many sandboxes wait and
+/// how many are starting. No sandbox id: waiting sandboxes are nobody's.
+async fn pools(State(state): State<AppState>) -> Json<Value> {
+    let pools: Vec<Value> = state
+        .manager
+        .warm()
+        .report()
+        .into_iter()
+        .map(|p| {
+            json!({
+                "runtime": p.runtime,
+                "size": p.target,
+                "ready": p.ready,
+                "starting": p.starting,
+            })
+        })
+        .collect();
+    Json(json!({
+        "status": "ok",
+        "pools": pools,
+        "timestamp": now(),
+    }))
+}
+
 async fn sandboxes(State(state): State<AppState>, Caller(caller): Caller) -> Json<Value> {
     let mut all = state.routes.all();
     all.retain(|sb| caller.sees(&sb.team));

@@ -128,6 +128,7 @@ mod tests {
         assert_eq!(api("GET", "/health/live"), Need::Nothing);
         assert_eq!(api("GET", "/health/ready"), Need::Nothing);
         assert_eq!(api("GET", "/health/sandboxes"), Need::Read);
+        assert_eq!(api("GET", "/health/pools"), Need::Read);
         assert_eq!(api("GET", "/sandboxes"), Need::Read);
         assert_eq!(api("POST", "/sandboxes"), Need::Write);
         assert_eq!(api("DELETE", "/sandboxes/x"), Need::Write);

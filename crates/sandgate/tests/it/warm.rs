@@ -111,6 +111,13 @@ async fn a_matching_create_claims_a_waiting_sandbox_and_the_pool_refills(lane: L
         .start()
         .await;
     pool_holds(&gw, 2).await;
+    let pools = gw.get("/health/pools").send().await;
+    pools.expect(200);
+    let report = &pools.json()["pools"];
+    assert_eq!(report[0]["runtime"], "web", "{report}");
+    assert_eq!(report[0]["size"], 2, "{report}");
+    assert_eq!(report[0]["ready"], 2, "{report}");
+    assert!(!pools.text().contains("sb-"), "no sandbox id: {report}");
     let pooled = hidden(&gw, gw.data_dir()).await;
     assert_eq!(pooled.len(), 2, "two sandboxes run, unlisted: {pooled:?}");
     assert_eq!(gw.count().await, 0, "waiting sandboxes are nobody's");
