@@ -944,14 +944,16 @@ impl Manager {
 
     /// Graceful shutdown: unless the backend's sandboxes may outlive the gateway (containers),
     /// stops every running sandbox so no process outlives it; the records stay, marked
-    /// `stopped`, and can be started again. Warm sandboxes are removed (or, on such a backend,
-    /// left to wait for the next gateway).
+    /// `stopped`, and can be started again. Warm sandboxes are removed on every backend:
+    /// nobody's, they hold nothing worth keeping, and a gateway stopped for good must not
+    /// leave them running.
     pub async fn shutdown(&self) {
-        if !self.backend.stop_on_shutdown() {
-            return;
-        }
         let waiting = self.warm.drain();
         let removals = waiting.iter().map(|id| self.discard(id));
+        if !self.backend.stop_on_shutdown() {
+            futures_util::future::join_all(removals).await;
+            return;
+        }
         let running: Vec<_> = self
             .routes
             .all()

@@ -955,8 +955,10 @@ async fn network_none_containers_have_only_loopback() {
 }
 
 /// A warm pool on the Docker backend: the pool's containers run before any create, a create
-/// claims one (same container, served at once), the pool refills, and the waiting containers
-/// outlive a crash and a graceful stop and wait again under the next gateway, unrestarted.
+/// claims one (same container, served at once), the pool refills; the waiting containers
+/// outlive a crash and wait again under the next gateway, unrestarted; a graceful stop removes
+/// them (and keeps the claimed one's, which the engine owns) and the next gateway starts new
+/// ones.
 #[tokio::test(flavor = "multi_thread")]
 async fn warm_containers_are_claimed_and_wait_across_restarts() {
     use crate::warm::{claims, pool_of_holds};
@@ -1001,11 +1003,8 @@ async fn warm_containers_are_claimed_and_wait_across_restarts() {
     let before = started(&containers_of(&docker, &gateway).await);
     assert_eq!(before.len(), 3, "{before:?}");
 
-    // A crash, then a graceful stop: the same containers wait again each time.
+    // A crash: the same containers wait again, unrestarted, none added or lost.
     gw.kill().await;
-    gw.restart().await;
-    pool_of_holds(&gw, "web", 2, CONTAINER_TIMEOUT).await;
-    assert!(gw.terminate().await.success(), "{}", gw.log());
     gw.restart().await;
     pool_of_holds(&gw, "web", 2, CONTAINER_TIMEOUT).await;
     let after = started(&containers_of(&docker, &gateway).await);
@@ -1026,6 +1025,21 @@ async fn warm_containers_are_claimed_and_wait_across_restarts() {
         .send()
         .await
         .expect(200);
+
+    // A graceful stop removes the waiting containers only; the next gateway starts new ones.
+    pool_of_holds(&gw, "web", 2, CONTAINER_TIMEOUT).await;
+    assert!(gw.terminate().await.success(), "{}", gw.log());
+    let left = started(&containers_of(&docker, &gateway).await);
+    let kept: std::collections::BTreeSet<&String> = left.keys().collect();
+    assert_eq!(
+        kept,
+        [&id, &second].into_iter().collect(),
+        "only the claimed containers outlive a graceful stop"
+    );
+    gw.restart().await;
+    pool_of_holds(&gw, "web", 2, CONTAINER_TIMEOUT).await;
+    assert_eq!(containers_of(&docker, &gateway).await.len(), 4);
+    gw.get(&format!("/sandbox/{id}/")).send().await.expect(200);
 
     gw.delete_sandbox(&id).await;
     gw.delete_sandbox(&second).await;
