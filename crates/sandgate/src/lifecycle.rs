@@ -74,6 +74,11 @@ const PARALLEL_FILLS: usize = 2;
 pub async fn keep_warm(manager: Arc<Manager>, shutdown: CancellationToken) {
     let mut fills = tokio::task::JoinSet::new();
     loop {
+        // Sandboxes a claim found unfit: removed here, so its create did not wait for it.
+        for id in manager.warm().take_condemned() {
+            let manager = manager.clone();
+            fills.spawn(async move { manager.discard(&id).await });
+        }
         while fills.len() < PARALLEL_FILLS && !shutdown.is_cancelled() {
             let Some(runtime) = manager.warm().begin_fill() else {
                 break;

@@ -390,9 +390,29 @@ impl Manager {
             if let Some(claimed) = self.claim(&sb, team).await? {
                 return Ok(claimed);
             }
-            self.create_prepared(sb, runtime, team).await
+            match self
+                .create_prepared(sb.clone(), runtime.clone(), team)
+                .await
+            {
+                // Waiting sandboxes hold ports of the range too: a user's create comes first.
+                Err(Error::PortsExhausted(_)) if self.free_a_port().await => {
+                    self.create_prepared(sb, runtime, team).await
+                }
+                other => other,
+            }
         })
         .await
+    }
+
+    /// Removes one waiting sandbox (of any pool), freeing its port; false if none waits.
+    async fn free_a_port(&self) -> bool {
+        let Some(taken) = self.warm.take_any() else {
+            return false;
+        };
+        tracing::info!(sandbox = %taken.id(), runtime = %taken.runtime(), "the port range is full: removing a warm sandbox for a create");
+        self.discard(taken.id()).await;
+        taken.release();
+        true
     }
 
     /// What a runtime's warm pool runs: a create that names only the runtime.
@@ -429,34 +449,28 @@ impl Manager {
             self.metrics.warm_claim(false);
             return Ok(None);
         }
-        while let Some(id) = self.warm.take(&wanted.runtime) {
+        // `taken` hands the sandbox back if this create is dropped before it settles it.
+        while let Some(taken) = self.warm.take(&wanted.runtime) {
+            let id = taken.id().to_string();
             let lock = self.lock_for(&id);
             let guard = lock.lock().await;
-            let sb = match self.store.get(&id).await {
-                Ok(Some(sb)) if sb.pool.is_some() => sb,
-                Ok(_) => {
-                    self.warm.release(&wanted.runtime);
+            let mut sb = match self.store.get(&id).await? {
+                Some(sb) if sb.pool.is_some() => sb,
+                _ => {
+                    // Removed meanwhile.
+                    taken.release();
                     drop(guard);
                     self.forget_lock(&id);
                     continue;
                 }
-                Err(e) => {
-                    self.warm.give_back(&wanted.runtime, id);
-                    return Err(e.into());
-                }
             };
-            let mut sb = sb;
             if sb.status != Status::Running || !self.serves(&sb, None).await {
-                self.warm.release(&wanted.runtime);
+                // The filler removes it (a stop can take seconds): this create goes on.
                 tracing::warn!(sandbox = %id, status = %sb.status, "a warm sandbox stopped serving while it waited; removing it");
-                if let Err(e) = self.delete_locked(&mut sb).await {
-                    tracing::error!(sandbox = %id, error = %e, "could not remove a warm sandbox");
-                }
-                drop(guard);
-                self.forget_lock(&id);
+                taken.condemn();
                 continue;
             }
-            let pool = sb.pool.take();
+            sb.pool = None;
             sb.team = team.to_string();
             sb.owner = wanted.owner.clone();
             sb.name = wanted.name.clone();
@@ -468,12 +482,9 @@ impl Manager {
             sb.idle_timeout = wanted.idle_timeout;
             sb.health_path = wanted.health_path.clone();
             sb.created_at = model::now();
-            if let Err(e) = self.save(&mut sb).await {
-                // Not claimed (a name already taken): first in line for the next create.
-                self.warm.give_back(&wanted.runtime, id);
-                tracing::debug!(sandbox = %sb.id, ?pool, error = %e, "claim refused");
-                return Err(e);
-            }
+            // Refused (a name already taken): `taken` goes back, first in line.
+            self.save(&mut sb).await?;
+            taken.release();
             // Its server was checked a moment ago: ready at once, unless the claim asks for a
             // health path it has not answered yet (the checker judges it within a tick).
             let ready = match &sb.health_path {
@@ -485,7 +496,6 @@ impl Manager {
                     entry.record_check(true, self.config.health_rise, self.config.health_fall);
                 }
             }
-            self.warm.release(&wanted.runtime);
             self.routes.touch(&sb.id);
             self.metrics.warm_claim(true);
             tracing::info!(sandbox = %sb.id, runtime = %sb.runtime, "claimed from the warm pool");
@@ -518,9 +528,10 @@ impl Manager {
                 break Ok(());
             }
             // It may have ended (and been removed) meanwhile.
-            match self.store.get(&sb.id).await? {
-                Some(now) if now.status == Status::Running => {}
-                _ => break Err(Error::StartFailed(format!("warm sandbox {} ended", sb.id))),
+            match self.store.get(&sb.id).await {
+                Ok(Some(now)) if now.status == Status::Running => {}
+                Ok(_) => break Err(Error::StartFailed(format!("warm sandbox {} ended", sb.id))),
+                Err(e) => break Err(e.into()),
             }
             if began.elapsed() > POOL_READY_TIMEOUT {
                 break Err(Error::StartFailed(format!(
@@ -534,11 +545,26 @@ impl Manager {
             }
             pause = (pause * 2).min(std::time::Duration::from_millis(250));
         };
+        let outcome = match outcome {
+            // Into the pool under its lock, so an exit handled meanwhile is seen.
+            Ok(()) => {
+                let lock = self.lock_for(&sb.id);
+                let _guard = lock.lock().await;
+                match self.store.get(&sb.id).await {
+                    Ok(Some(now)) if now.status == Status::Running && now.pool.is_some() => {
+                        self.warm.put(runtime, sb.id.clone());
+                        Ok(())
+                    }
+                    Ok(_) => Err(Error::StartFailed(format!("warm sandbox {} ended", sb.id))),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e),
+        };
         self.metrics.warm_fill(outcome.is_ok());
         match outcome {
             Ok(()) => {
                 tracing::debug!(sandbox = %sb.id, runtime, "warm sandbox waiting");
-                self.warm.put(runtime, sb.id);
                 Ok(())
             }
             Err(e) => {
@@ -548,8 +574,8 @@ impl Manager {
         }
     }
 
-    /// Removes a waiting (or half-started) warm sandbox, logging a failure.
-    async fn discard(&self, id: &str) {
+    /// Removes a waiting (or half-started, or condemned) warm sandbox, logging a failure.
+    pub async fn discard(&self, id: &str) {
         self.warm.forget(id);
         let lock = self.lock_for(id);
         let guard = lock.lock().await;
@@ -835,6 +861,7 @@ impl Manager {
             if let Err(e) = self.delete_locked(&mut sb).await {
                 tracing::error!(sandbox = %sb.id, error = %e, "could not remove a warm sandbox");
             }
+            self.forget_lock(&sb.id);
             return;
         }
         let (status, mut reason) = match (exit.code, exit.signal) {
@@ -939,7 +966,12 @@ impl Manager {
             }
         }
         tracing::info!(sandbox = %sb.id, %runtime, "removing a warm sandbox left from before the restart");
-        self.delete_locked(&mut sb).await
+        // Nobody's: a failure to remove it must not keep the gateway from starting (it is
+        // tried again at the next start).
+        if let Err(e) = self.delete_locked(&mut sb).await {
+            tracing::error!(sandbox = %sb.id, error = %e, "could not remove a warm sandbox");
+        }
+        Ok(())
     }
 
     /// Graceful shutdown: unless the backend's sandboxes may outlive the gateway (containers),
@@ -948,7 +980,8 @@ impl Manager {
     /// nobody's, they hold nothing worth keeping, and a gateway stopped for good must not
     /// leave them running.
     pub async fn shutdown(&self) {
-        let waiting = self.warm.drain();
+        let mut waiting = self.warm.drain();
+        waiting.extend(self.warm.take_condemned());
         let removals = waiting.iter().map(|id| self.discard(id));
         if !self.backend.stop_on_shutdown() {
             futures_util::future::join_all(removals).await;

@@ -46,8 +46,58 @@ pub struct PoolReport {
 #[derive(Debug, Default)]
 pub struct Pools {
     pools: Mutex<HashMap<String, Pool>>,
+    /// Taken sandboxes found unfit (ended, not answering): the filler removes them, so that
+    /// the create that found them need not wait for it.
+    condemned: Mutex<Vec<String>>,
     /// Wakes the filler: a sandbox was claimed or lost.
     wake: tokio::sync::Notify,
+}
+
+/// A sandbox a claim took from its pool. Unless the claim settles it ([`Taken::release`]:
+/// it is the user's now, or gone; [`Taken::condemn`]: it is unfit), it goes back to the front
+/// of the pool when dropped: a create cancelled halfway (its client went away) neither loses
+/// it nor leaves the pool a slot short.
+#[must_use]
+pub struct Taken<'p> {
+    pools: &'p Pools,
+    runtime: String,
+    id: Option<String>,
+}
+
+impl Taken<'_> {
+    pub fn id(&self) -> &str {
+        self.id.as_deref().unwrap_or("")
+    }
+
+    pub fn runtime(&self) -> &str {
+        &self.runtime
+    }
+
+    /// It left the pool (claimed, or removed): the filler replaces it.
+    pub fn release(mut self) {
+        self.id = None;
+        self.pools.release(&self.runtime);
+    }
+
+    /// It is unfit: the filler removes it and starts another.
+    pub fn condemn(mut self) {
+        if let Some(id) = self.id.take() {
+            self.pools
+                .condemned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(id);
+        }
+        self.pools.release(&self.runtime);
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.pools.give_back(&self.runtime, id);
+        }
+    }
 }
 
 impl Pools {
@@ -66,6 +116,7 @@ impl Pools {
             .collect();
         Pools {
             pools: Mutex::new(pools),
+            condemned: Mutex::default(),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -79,19 +130,37 @@ impl Pools {
         self.lock().contains_key(runtime)
     }
 
-    /// Takes the oldest waiting sandbox of `runtime`, if any. The claim then either
-    /// [`Pools::release`]s it (made it the user's, or removed it) or hands it back with
-    /// [`Pools::give_back`]; until then it still counts towards the pool's size.
-    pub fn take(&self, runtime: &str) -> Option<String> {
+    /// Takes the oldest waiting sandbox of `runtime`, if any; until the claim settles it, it
+    /// still counts towards the pool's size.
+    pub fn take(&self, runtime: &str) -> Option<Taken<'_>> {
         let mut pools = self.lock();
         let pool = pools.get_mut(runtime)?;
         let id = pool.ready.pop_front()?;
         pool.claiming += 1;
-        Some(id)
+        Some(Taken {
+            pools: self,
+            runtime: runtime.to_string(),
+            id: Some(id),
+        })
+    }
+
+    /// Takes a waiting sandbox of whichever pool has one (to free its port).
+    pub fn take_any(&self) -> Option<Taken<'_>> {
+        let runtime = self
+            .lock()
+            .iter()
+            .find(|(_, p)| !p.ready.is_empty())
+            .map(|(rt, _)| rt.clone())?;
+        self.take(&runtime)
+    }
+
+    /// The sandboxes condemned since the last call, to remove.
+    pub fn take_condemned(&self) -> Vec<String> {
+        std::mem::take(&mut *self.condemned.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// A taken sandbox left the pool: the filler replaces it.
-    pub fn release(&self, runtime: &str) {
+    fn release(&self, runtime: &str) {
         if let Some(pool) = self.lock().get_mut(runtime) {
             pool.claiming = pool.claiming.saturating_sub(1);
         }
@@ -99,7 +168,7 @@ impl Pools {
     }
 
     /// A taken sandbox the claim could not use: first in line again.
-    pub fn give_back(&self, runtime: &str, id: String) {
+    fn give_back(&self, runtime: &str, id: String) {
         if let Some(pool) = self.lock().get_mut(runtime) {
             pool.claiming = pool.claiming.saturating_sub(1);
             pool.ready.push_front(id);
@@ -167,14 +236,16 @@ impl Pools {
         }
     }
 
-    /// How long the filler may sleep: until the earliest retry of a short pool (`None`: until
-    /// woken).
+    /// How long the filler may sleep: until the earliest retry still to come of a short pool
+    /// (`None`: until woken; a retry already due is started, or waits for a start in flight
+    /// to end, not for a timer).
     pub fn next_retry(&self) -> Option<Duration> {
         let now = Instant::now();
         self.lock()
             .values()
             .filter(|p| p.held() < p.target)
             .filter_map(|p| p.retry_at)
+            .filter(|t| *t > now)
             .min()
             .map(|t| t.saturating_duration_since(now))
     }
@@ -224,21 +295,33 @@ mod tests {
         p.put("web", "b".into());
         p.filled("web", true);
         assert_eq!(p.begin_fill(), None);
-        assert_eq!(p.take("web").as_deref(), Some("a"));
+        let a = p.take("web").unwrap();
+        assert_eq!(a.id(), "a");
         assert_eq!(p.begin_fill(), None, "a claim in progress still counts");
-        p.give_back("web", "a".into());
-        assert_eq!(p.begin_fill(), None);
+        drop(a);
         assert_eq!(
-            p.take("web").as_deref(),
-            Some("a"),
-            "handed back first in line"
+            p.begin_fill(),
+            None,
+            "a claim dropped unsettled hands it back"
         );
-        p.release("web");
+        let a = p.take("web").unwrap();
+        assert_eq!(a.id(), "a", "handed back first in line");
+        a.release();
         assert_eq!(p.begin_fill().as_deref(), Some("web"), "a claim makes room");
-        assert!(p.forget("b"));
-        assert!(!p.forget("b"));
-        assert_eq!(p.take("web"), None);
-        assert_eq!(p.take("none"), None);
+        let b = p.take_any().unwrap();
+        assert_eq!(b.id(), "b");
+        b.condemn();
+        assert_eq!(p.take_condemned(), vec!["b".to_string()]);
+        assert_eq!(
+            p.begin_fill().as_deref(),
+            Some("web"),
+            "a condemned one is replaced"
+        );
+        p.put("web", "c".into());
+        assert!(p.forget("c"));
+        assert!(!p.forget("c"));
+        assert!(p.take("web").is_none());
+        assert!(p.take("none").is_none());
     }
 
     #[test]
@@ -246,7 +329,7 @@ mod tests {
         let p = pools();
         assert_eq!(p.begin_fill().as_deref(), Some("web"));
         p.filled("web", false);
-        let wait = p.next_retry().expect("a retry is due");
+        let wait = p.next_retry().expect("a retry is to come");
         assert!(wait > Duration::from_millis(500) && wait <= FIRST_BACKOFF);
         assert_eq!(p.begin_fill(), None, "the runtime waits out the failure");
         let report = p.report();
@@ -260,5 +343,12 @@ mod tests {
             }]
         );
         assert_eq!(p.drain(), Vec::<String>::new());
+        p.lock().get_mut("web").unwrap().retry_at = Some(Instant::now());
+        assert_eq!(
+            p.next_retry(),
+            None,
+            "a retry already due is no timer to sleep on"
+        );
+        assert_eq!(p.begin_fill().as_deref(), Some("web"), "and is started");
     }
 }

@@ -344,3 +344,35 @@ pub(crate) async fn waiting_for(gw: &Client, runtime: &str) -> f64 {
     .await
     .unwrap_or(0.0)
 }
+
+/// Waiting sandboxes hold ports of the range too; a user's create that finds the range full
+/// removes one of them instead of failing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_port_range_makes_room_for_a_user_create() {
+    let gw = TestGateway::builder()
+        .ports(3)
+        .config(|c| {
+            c.runtimes.insert("web".into(), web_runtime(2));
+        })
+        .start()
+        .await;
+    pool_holds(&gw, 2).await;
+    // Its own environment: not served by the pool, so it needs a port of its own.
+    let own = |n: &str| json!({"runtime": "web", "env": {"N": n}});
+    // Three users' sandboxes take the three ports, whatever the pool holds.
+    for n in ["a", "b", "c"] {
+        let v = gw.create(&own(n)).await;
+        let id = v["id"].as_str().unwrap();
+        gw.wait_ready(id).await;
+        gw.get(&format!("/sandbox/{id}/")).send().await.expect(200);
+    }
+    assert_eq!(waiting(&gw).await, 0.0, "the waiting sandboxes made room");
+    assert_eq!(gw.count().await, 3);
+    // The range is the users' now: the pool cannot refill, and a fourth create is refused.
+    gw.post("/sandboxes")
+        .json(&own("d"))
+        .send()
+        .await
+        .expect_error(503, "ports_exhausted");
+    gw.shutdown().await;
+}
