@@ -131,6 +131,16 @@ pub struct Manager {
 /// given up (and retried later).
 const POOL_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Runs a lifecycle operation in a task of its own, so that it finishes even when its caller
+/// is dropped halfway: a client that goes away, or a caller's timeout (a wake), would
+/// otherwise cut it between the backend's work and the store's record of it (a process
+/// started but recorded stopped, a sandbox half taken from a pool).
+async fn finish_anyway<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::spawn(op).await.map_err(Error::internal)?
+}
+
 /// Whether two sandboxes run the same thing the same way: what a claim cannot change once it
 /// runs (its command, environment, limits and network). Who owns it, its name, labels, mode,
 /// public ports and health path are a claim's to set.
@@ -384,7 +394,16 @@ impl Manager {
 
     /// Creates a sandbox of `team` and starts it, or claims one from its runtime's warm pool
     /// when the request matches what the pool runs.
-    pub async fn create(&self, req: CreateSandbox, team: &str) -> Result<Sandbox, Error> {
+    pub async fn create(
+        self: &Arc<Self>,
+        req: CreateSandbox,
+        team: &str,
+    ) -> Result<Sandbox, Error> {
+        let (me, team) = (self.clone(), team.to_string());
+        finish_anyway(async move { me.create_now(req, &team).await }).await
+    }
+
+    async fn create_now(&self, req: CreateSandbox, team: &str) -> Result<Sandbox, Error> {
         let (sb, runtime) = self.prepare(req)?;
         self.timed(Operation::Create, async {
             if let Some(claimed) = self.claim(&sb, team).await? {
@@ -714,8 +733,9 @@ impl Manager {
         Ok(sb)
     }
 
-    pub async fn stop(&self, id: &str) -> Result<Sandbox, Error> {
-        self.timed(Operation::Stop, self.stop_by_id(id)).await
+    pub async fn stop(self: &Arc<Self>, id: &str) -> Result<Sandbox, Error> {
+        let (me, id) = (self.clone(), id.to_string());
+        finish_anyway(async move { me.timed(Operation::Stop, me.stop_by_id(&id)).await }).await
     }
 
     async fn stop_by_id(&self, id: &str) -> Result<Sandbox, Error> {
@@ -779,8 +799,9 @@ impl Manager {
         }
     }
 
-    pub async fn start(&self, id: &str) -> Result<Sandbox, Error> {
-        self.timed(Operation::Start, self.start_by_id(id)).await
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<Sandbox, Error> {
+        let (me, id) = (self.clone(), id.to_string());
+        finish_anyway(async move { me.timed(Operation::Start, me.start_by_id(&id)).await }).await
     }
 
     async fn start_by_id(&self, id: &str) -> Result<Sandbox, Error> {
@@ -817,8 +838,9 @@ impl Manager {
         }
     }
 
-    pub async fn delete(&self, id: &str) -> Result<(), Error> {
-        self.timed(Operation::Delete, self.delete_by_id(id)).await
+    pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), Error> {
+        let (me, id) = (self.clone(), id.to_string());
+        finish_anyway(async move { me.timed(Operation::Delete, me.delete_by_id(&id)).await }).await
     }
 
     async fn delete_by_id(&self, id: &str) -> Result<(), Error> {

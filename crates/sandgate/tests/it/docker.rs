@@ -1053,3 +1053,52 @@ async fn warm_containers_are_claimed_and_wait_across_restarts() {
     gw.delete_sandbox(&second).await;
     assert!(gw.terminate().await.success(), "{}", gw.log());
 }
+
+/// A create whose client goes away while the container starts still finishes: the sandbox
+/// ends up running and recorded as such (not left `creating` with a container nobody
+/// records), and deleting it leaves nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_whose_client_leaves_still_finishes() {
+    use tokio::io::AsyncWriteExt;
+    let Some(docker) = engine_with_images().await else {
+        return;
+    };
+    if !netns_or_skip() {
+        return;
+    }
+    let gw = docker_gateway(Isolation::Netns).start().await;
+    let gateway = gateway_id_of(gw.data_dir());
+    let leftovers = Leftovers::default();
+    leftovers.gateway(&gateway);
+    let body = json!({"runtime": "shell", "command": "exec /sandgate-fixture"}).to_string();
+    let mut raw = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "POST /sandboxes HTTP/1.1\r\nHost: {}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        gw.addr,
+        body.len()
+    );
+    raw.write_all(request.as_bytes()).await.unwrap();
+    // Gone while the engine creates and starts the container (a few hundred ms).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(raw);
+
+    let v = eventually(
+        CONTAINER_TIMEOUT,
+        "the abandoned create is recorded",
+        || async {
+            let list = gw.list().await;
+            list.into_iter()
+                .next()
+                .filter(|v| v["status"] != "creating")
+        },
+    )
+    .await;
+    assert_eq!(v["status"], "running", "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    gw.wait_ready(&id).await;
+    gw.get(&format!("/sandbox/{id}/")).send().await.expect(200);
+    gw.delete_sandbox(&id).await;
+    assert_no_containers(&docker, &gateway).await;
+    gw.shutdown().await;
+}
