@@ -305,7 +305,7 @@ async fn warm_sandboxes_survive_restarts_without_leaking() {
 /// A pool whose runtime cannot start counts its failures, backs off and leaves nothing
 /// behind.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_pool_that_cannot_start_leaves_nothing_and_creates_still_answer() {
+async fn a_pool_that_cannot_start_backs_off_and_leaves_nothing() {
     let gw = TestGateway::builder()
         .config(|c| {
             c.runtimes.insert(
