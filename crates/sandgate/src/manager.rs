@@ -501,8 +501,14 @@ impl Manager {
             sb.idle_timeout = wanted.idle_timeout;
             sb.health_path = wanted.health_path.clone();
             sb.created_at = model::now();
+            sb.updated_at = sb.created_at;
             // Refused (a name already taken): `taken` goes back, first in line.
-            self.save(&mut sb).await?;
+            if !self.store.claim(&sb).await? {
+                // Claimed or removed meanwhile (it was locked: should not happen).
+                taken.release();
+                continue;
+            }
+            self.routes.put(sb.clone());
             taken.release();
             // Its server was checked a moment ago: ready at once, unless the claim asks for a
             // health path it has not answered yet (the checker judges it within a tick).

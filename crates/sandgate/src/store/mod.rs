@@ -94,8 +94,12 @@ pub trait Store: Send + Sync {
         port_range: Option<RangeInclusive<u16>>,
         probe: PortProbe<'_>,
     ) -> Result<(), StoreError>;
-    /// Writes every mutable field of an existing sandbox.
+    /// Writes every mutable field of an existing sandbox (not who it belongs to: see `claim`).
     async fn update(&self, sandbox: &Sandbox) -> Result<(), StoreError>;
+    /// Makes a sandbox waiting in a warm pool the one `sandbox` describes (its team, owner,
+    /// name, settings, `created_at`; `pool` cleared), only if it still waits: false if it was
+    /// claimed or removed meanwhile. A name the owner already uses is `NameTaken`.
+    async fn claim(&self, sandbox: &Sandbox) -> Result<bool, StoreError>;
     async fn get(&self, id: &str) -> Result<Option<Sandbox>, StoreError>;
     async fn list(&self) -> Result<Vec<Sandbox>, StoreError>;
     /// Removes the record, releasing its port.

@@ -360,17 +360,11 @@ impl Store for SqliteStore {
 
     async fn update(&self, sb: &Sandbox) -> Result<(), StoreError> {
         let env = serde_json::to_string(&sb.env).map_err(|e| corrupt(&sb.id, e))?;
-        let team = if sb.team.is_empty() {
-            DEFAULT_TEAM
-        } else {
-            &sb.team
-        };
-        let res = sqlx::query(
+        sqlx::query(
             "UPDATE sandboxes SET command = ?, env = ?, port = ?, status = ?, status_reason = ?, \
              backend_ref = ?, ip_address = ?, netns_pid = ?, generation = ?, updated_at = ?, \
              public = ?, public_ports = ?, preview_generation = ?, keep_prefix = ?, mode = ?, \
-             labels = ?, idle_timeout = ?, team_id = ?, owner = ?, name = ?, health_path = ?, \
-             pool = ?, created_at = ? WHERE id = ?",
+             labels = ?, idle_timeout = ? WHERE id = ?",
         )
         .bind(&sb.command)
         .bind(env)
@@ -389,21 +383,44 @@ impl Store for SqliteStore {
         .bind(sb.mode.as_str())
         .bind(serde_json::to_string(&sb.labels).map_err(|e| corrupt(&sb.id, e))?)
         .bind(sb.idle_timeout.map(|t| t as i64))
+        .bind(&sb.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn claim(&self, sb: &Sandbox) -> Result<bool, StoreError> {
+        let team = if sb.team.is_empty() {
+            DEFAULT_TEAM
+        } else {
+            &sb.team
+        };
+        let res = sqlx::query(
+            "UPDATE sandboxes SET team_id = ?, owner = ?, name = ?, mode = ?, public = ?, \
+             public_ports = ?, keep_prefix = ?, labels = ?, idle_timeout = ?, health_path = ?, \
+             created_at = ?, updated_at = ?, pool = NULL WHERE id = ? AND pool IS NOT NULL",
+        )
         .bind(team)
         .bind(&sb.owner)
         .bind(&sb.name)
+        .bind(sb.mode.as_str())
+        .bind(sb.public)
+        .bind(serde_json::to_string(&sb.public_ports).map_err(|e| corrupt(&sb.id, e))?)
+        .bind(sb.keep_prefix)
+        .bind(serde_json::to_string(&sb.labels).map_err(|e| corrupt(&sb.id, e))?)
+        .bind(sb.idle_timeout.map(|t| t as i64))
         .bind(&sb.health_path)
-        .bind(&sb.pool)
         .bind(ts(&sb.created_at))
+        .bind(ts(&sb.updated_at))
         .bind(&sb.id)
         .execute(&self.pool)
         .await;
         match res {
-            // A claimed warm sandbox takes the name its create asked for.
             Err(e) if is_unique_violation(&e) && sb.name.is_some() => {
                 Err(StoreError::NameTaken(sb.path().unwrap_or_default()))
             }
-            other => other.map(drop).map_err(StoreError::from),
+            Err(e) => Err(e.into()),
+            Ok(done) => Ok(done.rows_affected() == 1),
         }
     }
 
@@ -762,10 +779,10 @@ mod tests {
         assert_eq!(store.get(&a.id).await.unwrap().unwrap(), a);
     }
 
-    /// A warm sandbox is claimed by rewriting who it belongs to; the claim may not take a
-    /// name another sandbox of that owner has.
+    /// A warm sandbox is claimed by rewriting who it belongs to, once: the claim may not take
+    /// a name another sandbox of that owner has, and `update` never changes ownership.
     #[tokio::test]
-    async fn a_claim_rewrites_ownership_and_keeps_names_unique() {
+    async fn a_claim_rewrites_ownership_once_and_keeps_names_unique() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir).await;
         let mut named = sandbox(Some("web"));
@@ -779,14 +796,26 @@ mod tests {
         claim.pool = None;
         claim.owner = named.owner.clone();
         claim.name = named.name.clone();
-        let err = store.update(&claim).await.unwrap_err();
+        let err = store.claim(&claim).await.unwrap_err();
         assert!(matches!(err, StoreError::NameTaken(_)), "{err}");
+        assert_eq!(store.get(&pooled.id).await.unwrap().unwrap(), pooled);
+
+        // `update` leaves ownership alone.
+        let mut stale = pooled.clone();
+        stale.owner = "mallory".into();
+        stale.pool = None;
+        store.update(&stale).await.unwrap();
         assert_eq!(store.get(&pooled.id).await.unwrap().unwrap(), pooled);
 
         claim.name = Some("api".into());
         claim.owner = "alice".into();
         claim.health_path = Some("/healthz".into());
-        store.update(&claim).await.unwrap();
+        assert!(store.claim(&claim).await.unwrap());
         assert_eq!(store.get(&pooled.id).await.unwrap().unwrap(), claim);
+        assert!(!store.claim(&claim).await.unwrap(), "claimed once only");
+        assert!(
+            !store.claim(&named).await.unwrap(),
+            "a user's sandbox is never claimed"
+        );
     }
 }
