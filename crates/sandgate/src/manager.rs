@@ -539,64 +539,62 @@ impl Manager {
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<(), Error> {
         let (sb, rt) = self.pool_template(runtime)?;
-        let sb = match self.create_prepared(sb, rt, DEFAULT_TEAM).await {
-            Ok(sb) => sb,
-            Err(e) => {
-                self.metrics.warm_fill(false);
-                return Err(e);
+        let outcome = match self.create_prepared(sb, rt, DEFAULT_TEAM).await {
+            Ok(sb) => {
+                let queued = self.queue_when_listening(runtime, &sb, cancel).await;
+                if queued.is_err() {
+                    self.discard(&sb.id).await;
+                }
+                queued
             }
+            Err(e) => Err(e),
         };
+        self.metrics.warm_fill(outcome.is_ok());
+        outcome
+    }
+
+    /// Waits until a just-started warm sandbox's server accepts connections, then puts it in
+    /// its pool (under its lock, so an exit handled meanwhile is seen).
+    async fn queue_when_listening(
+        &self,
+        runtime: &str,
+        sb: &Sandbox,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), Error> {
+        let ended = || Error::StartFailed(format!("warm sandbox {} ended", sb.id));
         let began = std::time::Instant::now();
         let mut pause = std::time::Duration::from_millis(10);
-        let outcome = loop {
-            if self.serves(&sb, None).await {
-                break Ok(());
-            }
+        while !self.serves(sb, None).await {
             // It may have ended (and been removed) meanwhile.
-            match self.store.get(&sb.id).await {
-                Ok(Some(now)) if now.status == Status::Running => {}
-                Ok(_) => break Err(Error::StartFailed(format!("warm sandbox {} ended", sb.id))),
-                Err(e) => break Err(e.into()),
+            if !self.still_waiting(&sb.id).await? {
+                return Err(ended());
             }
             if began.elapsed() > POOL_READY_TIMEOUT {
-                break Err(Error::StartFailed(format!(
+                return Err(Error::StartFailed(format!(
                     "warm sandbox {} did not listen within {POOL_READY_TIMEOUT:?}",
                     sb.id
                 )));
             }
             tokio::select! {
-                _ = cancel.cancelled() => break Err(Error::StartFailed("shutting down".into())),
+                _ = cancel.cancelled() => return Err(Error::StartFailed("shutting down".into())),
                 _ = tokio::time::sleep(pause) => {}
             }
             pause = (pause * 2).min(std::time::Duration::from_millis(250));
-        };
-        let outcome = match outcome {
-            // Into the pool under its lock, so an exit handled meanwhile is seen.
-            Ok(()) => {
-                let lock = self.lock_for(&sb.id);
-                let _guard = lock.lock().await;
-                match self.store.get(&sb.id).await {
-                    Ok(Some(now)) if now.status == Status::Running && now.pool.is_some() => {
-                        self.warm.put(runtime, sb.id.clone());
-                        Ok(())
-                    }
-                    Ok(_) => Err(Error::StartFailed(format!("warm sandbox {} ended", sb.id))),
-                    Err(e) => Err(e.into()),
-                }
-            }
-            Err(e) => Err(e),
-        };
-        self.metrics.warm_fill(outcome.is_ok());
-        match outcome {
-            Ok(()) => {
-                tracing::debug!(sandbox = %sb.id, runtime, "warm sandbox waiting");
-                Ok(())
-            }
-            Err(e) => {
-                self.discard(&sb.id).await;
-                Err(e)
-            }
         }
+        let lock = self.lock_for(&sb.id);
+        let _guard = lock.lock().await;
+        if !self.still_waiting(&sb.id).await? {
+            return Err(ended());
+        }
+        tracing::debug!(sandbox = %sb.id, runtime, "warm sandbox waiting");
+        self.warm.put(runtime, sb.id.clone());
+        Ok(())
+    }
+
+    /// Whether a warm sandbox's record is still there, running and unclaimed.
+    async fn still_waiting(&self, id: &str) -> Result<bool, Error> {
+        let sb = self.store.get(id).await?;
+        Ok(sb.is_some_and(|sb| sb.status == Status::Running && sb.pool.is_some()))
     }
 
     /// Removes a waiting (or half-started, or condemned) warm sandbox, logging a failure.
@@ -605,12 +603,19 @@ impl Manager {
         let lock = self.lock_for(id);
         let guard = lock.lock().await;
         if let Ok(Some(mut sb)) = self.store.get(id).await {
-            if let Err(e) = self.delete_locked(&mut sb).await {
-                tracing::error!(sandbox = %id, error = %e, "could not remove a warm sandbox");
-            }
+            self.remove_warm_locked(&mut sb).await;
         }
         drop(guard);
         self.forget_lock(id);
+    }
+
+    /// Removes a warm sandbox whose lock the caller holds. A failure is logged, not returned:
+    /// the sandbox is nobody's, and the next start's reconcile tries again.
+    async fn remove_warm_locked(&self, sb: &mut Sandbox) {
+        self.warm.forget(&sb.id);
+        if let Err(e) = self.delete_locked(sb).await {
+            tracing::error!(sandbox = %sb.id, error = %e, "could not remove a warm sandbox");
+        }
     }
 
     async fn create_prepared(
@@ -885,10 +890,7 @@ impl Manager {
         if sb.pool.is_some() {
             // Nobody's yet: it goes, and the pool starts another.
             tracing::warn!(sandbox = %sb.id, code = ?exit.code, signal = ?exit.signal, "a warm sandbox ended while it waited; removing it");
-            self.warm.forget(&sb.id);
-            if let Err(e) = self.delete_locked(&mut sb).await {
-                tracing::error!(sandbox = %sb.id, error = %e, "could not remove a warm sandbox");
-            }
+            self.remove_warm_locked(&mut sb).await;
             self.forget_lock(&sb.id);
             return;
         }
@@ -968,23 +970,11 @@ impl Manager {
     /// is removed.
     async fn readopt_warm(&self, mut sb: Sandbox) -> Result<(), Error> {
         let runtime = sb.pool.clone().unwrap_or_default();
-        let size = self
-            .config
-            .runtimes
-            .get(&runtime)
-            .and_then(|rt| rt.warm)
-            .unwrap_or(0);
-        let waiting = self
-            .warm
-            .report()
-            .iter()
-            .find(|p| p.runtime == runtime)
-            .map_or(0, |p| p.ready);
         let current = match self.pool_template(&runtime) {
             Ok((template, _)) => same_process(&sb, &template),
             Err(_) => false,
         };
-        if sb.status == Status::Running && current && waiting < size {
+        if sb.status == Status::Running && current && self.warm.has_room(&runtime) {
             if let Ok(Some(started)) = self.backend.adopt(&sb).await {
                 started.apply_to(&mut sb);
                 self.store.update(&sb).await?;
@@ -994,11 +984,8 @@ impl Manager {
             }
         }
         tracing::info!(sandbox = %sb.id, %runtime, "removing a warm sandbox left from before the restart");
-        // Nobody's: a failure to remove it must not keep the gateway from starting (it is
-        // tried again at the next start).
-        if let Err(e) = self.delete_locked(&mut sb).await {
-            tracing::error!(sandbox = %sb.id, error = %e, "could not remove a warm sandbox");
-        }
+        // A failure is logged: it must not keep the gateway from starting.
+        self.remove_warm_locked(&mut sb).await;
         Ok(())
     }
 

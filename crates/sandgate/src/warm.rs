@@ -175,13 +175,19 @@ impl Pools {
         }
     }
 
-    /// Adds a started and checked sandbox to its runtime's pool.
+    /// Adds a started and checked sandbox to its runtime's pool (which exists: the filler and
+    /// `has_room` only ever name configured ones).
     pub fn put(&self, runtime: &str, id: String) {
+        if let Some(pool) = self.lock().get_mut(runtime) {
+            pool.ready.push_back(id);
+        }
+    }
+
+    /// Whether `runtime` has a pool with room for one more waiting sandbox.
+    pub fn has_room(&self, runtime: &str) -> bool {
         self.lock()
-            .entry(runtime.to_string())
-            .or_default()
-            .ready
-            .push_back(id);
+            .get(runtime)
+            .is_some_and(|p| p.held() < p.target)
     }
 
     /// Removes a sandbox that ended or was removed while waiting; true if it was waiting.
