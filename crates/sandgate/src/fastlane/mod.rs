@@ -574,11 +574,7 @@ impl Lane {
             }
             if let Err(e) = sent {
                 let err = protocol_error(&f, &e);
-                return {
-                    admission.received(req.received());
-                    admission.failed(&err);
-                    self.fail(&err, &f, !req.done()).await
-                };
+                return self.abandon(admission, &req, &err, &f).await;
             }
             let got = read_response_head(
                 &mut up,
@@ -632,11 +628,7 @@ impl Lane {
                     // As a refused head: JSON, and the connection closed (the body is unread).
                     HeadError::BadBody(why) => Error::BadFraming(why),
                 };
-                return {
-                    admission.received(req.received());
-                    admission.failed(&err);
-                    self.fail(&err, &f, !req.done()).await
-                };
+                return self.abandon(admission, &req, &err, &f).await;
             }
         };
 
@@ -648,11 +640,7 @@ impl Lane {
                     id: sb.id.clone(),
                     reason: reason.into(),
                 };
-                return {
-                    admission.received(req.received());
-                    admission.failed(&err);
-                    self.fail(&err, &f, !req.done()).await
-                };
+                return self.abandon(admission, &req, &err, &f).await;
             }
         };
         admission.respond(resp.status);
@@ -791,6 +779,24 @@ impl Lane {
             reusable: facts.reusable,
             close,
         })
+    }
+
+    /// Forwarding failed with `err`: the admission finishes with it (and the request body's
+    /// size so far), then the client is answered with it.
+    async fn abandon<L, A>(
+        &mut self,
+        mut admission: crate::admission::Admission<L, A>,
+        req: &RequestBody,
+        err: &Error,
+        f: &Forward,
+    ) -> Step
+    where
+        L: std::ops::Deref<Target = crate::admission::Limits>,
+        A: std::ops::Deref<Target = crate::routes::Activity>,
+    {
+        admission.received(req.received());
+        admission.failed(err);
+        self.fail(err, f, !req.done()).await
     }
 
     /// Answers with the gateway's own error (the request's admission already finished, so

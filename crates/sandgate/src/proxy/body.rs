@@ -35,10 +35,9 @@ impl Release {
         pool: Arc<Pool>,
         key: PoolKey,
         tx: Sender,
-        mut admission: OwnedAdmission,
+        admission: OwnedAdmission,
         request: Arc<BodyState>,
     ) -> Release {
-        admission.received(request.received());
         Release {
             pool,
             key,
@@ -59,10 +58,21 @@ impl Release {
         if let Some(tx) = self.tx.take() {
             self.pool.checkin(self.key, tx);
         }
-        if let Some(a) = self.admission.as_mut() {
+        self.end_admission();
+    }
+
+    /// Finishes the admission, with the request body's size as it stands.
+    fn end_admission(&mut self) {
+        if let Some(mut a) = self.admission.take() {
             a.received(self.request.received());
         }
-        self.admission = None;
+    }
+}
+
+impl Drop for Release {
+    /// A body dropped early (the client went away) finishes the admission too.
+    fn drop(&mut self) {
+        self.end_admission();
     }
 }
 
