@@ -1079,8 +1079,12 @@ async fn a_create_whose_client_leaves_still_finishes() {
         body.len()
     );
     raw.write_all(request.as_bytes()).await.unwrap();
-    // Gone while the engine creates and starts the container (a few hundred ms).
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Gone once the record exists, while the engine creates and starts the container (a few
+    // hundred ms more).
+    eventually(CONTAINER_TIMEOUT, "the create is recorded", || async {
+        (!gw.list().await.is_empty()).then_some(())
+    })
+    .await;
     drop(raw);
 
     let v = eventually(
