@@ -52,15 +52,15 @@ SCENARIOS = HTTP_SCENARIOS + [
     "route",
 ]
 TARGETS = ["direct", "sandgate-path", "sandgate-key", "sandgate-host", "sandgate-quiet", "sandgate-netns",
-           "nginx", "chp"]
+           "sandgate-replicas", "nginx", "chp"]
 # The owner key of every sandgate the harness starts (`SANDGATE_ADMIN_KEY`): its API calls carry
 # it, and `sandgate-key` sends it on every proxied request. Builds without authentication
 # ignore both.
 BENCH_KEY = "sandgate-bench-owner-key-0123456789abcdef"
 API_HEADERS = {"X-API-Key": BENCH_KEY}
-# Targets that send headers of their own (the WebSocket and upload load client cannot):
-# measured in the HTTP scenarios only.
-HEADER_TARGETS = {"sandgate-key"}
+# Measured in the HTTP scenarios only: targets that send headers of their own (the WebSocket and
+# upload load client cannot), and the 2-instance sandbox (what it adds is per request).
+HEADER_TARGETS = {"sandgate-key", "sandgate-replicas"}
 
 
 def log(msg: str) -> None:
@@ -383,8 +383,10 @@ class Bench:
         except OSError:
             return ""
 
-    def create_sandbox(self, sg: Sandgate, dev_server: bool, public: bool = False) -> dict:
+    def create_sandbox(self, sg: Sandgate, dev_server: bool, public: bool = False, replicas: int = 1) -> dict:
         body = {"runtime": "shell", "dev_server": dev_server}
+        if replicas > 1:
+            body["replicas"] = replicas
         if dev_server:
             body["command"] = f"exec {self.args.fixture_bin}"
         status, data = http_request(sg.port, "POST", "/sandboxes", body, headers=API_HEADERS)
@@ -473,6 +475,27 @@ class Bench:
             self.targets["sandgate-key"] = Target("sandgate-key", self.sg.port, prefix=f"/sandbox/{kid}",
                                                   proxy_pids=sandgate, upstream_pids=lambda: [key_fixture],
                                                   headers=[f"X-API-Key: {BENCH_KEY}"])
+        if "sandgate-replicas" in a.targets:
+            # A public sandbox of two instances (issue 17: the load balancer's overhead with 2
+            # replicas, against sandgate-path's one instance on the same gateway), path route.
+            known = {c for c in descendants(self.sg.pid) if comm(c).startswith("sandgate-fixtur")}
+            try:
+                rsb = self.create_sandbox(self.sg, dev_server=True, public=True, replicas=2)
+            except BenchError as e:
+                self.notes.append(f"sandgate-replicas skipped (a build without replicas?): {e}")
+                a.targets.remove("sandgate-replicas")
+            else:
+                deadline = time.monotonic() + 15
+                fixtures: list[int] = []
+                while len(fixtures) < 2:
+                    fixtures = [c for c in descendants(self.sg.pid)
+                                if comm(c).startswith("sandgate-fixtur") and c not in known]
+                    if len(fixtures) < 2 and time.monotonic() > deadline:
+                        raise BenchError("cannot find both instances' fixtures among sandgate's descendants")
+                    time.sleep(0.05)
+                self.targets["sandgate-replicas"] = Target(
+                    "sandgate-replicas", self.sg.port, prefix=f"/sandbox/{rsb['id']}",
+                    proxy_pids=sandgate, upstream_pids=lambda: fixtures)
         self.targets["sandgate-host"] = Target("sandgate-host", self.sg.port,
                                                host=f"{fport}-{sid}.localhost:{self.sg.port}",
                                                proxy_pids=sandgate)
@@ -1069,17 +1092,21 @@ def report(b: Bench, meta: dict) -> str:
                 f"(CPU ÷ upstream {fmt(sg['cpu_vs_upstream']['median'])} vs nginx's "
                 f"{fmt(ka['nginx']['figures']['cpu_vs_upstream']['median'])}).\n")
         out.append(head)
-    quiet = paired_cost(res, "sandgate-path", "sandgate-quiet")
-    if quiet:
-        out.append("**Metrics and access log (sandgate-path, both on, ÷ sandgate-quiet, both off; "
-                   "medians of same-round ratios; issue 17's target: CPU within 3%):** " + "; ".join(
-                       f"{sc}: CPU/request {fmt(r['cpu'])}×, req/s {fmt(r['rps'])}×" for sc, r in quiet.items())
-                   + ".\n")
-    auth = auth_cost(res)
-    if auth:
-        out.append("**Authentication (an API key verified on every request, sandgate-key ÷ sandgate-path, "
-                   "medians of same-round ratios):** " + "; ".join(
-                       f"{sc}: CPU/request {fmt(r['cpu'])}×, req/s {fmt(r['rps'])}×" for sc, r in auth.items()) + ".\n")
+    for num, den, title in [
+        ("sandgate-path", "sandgate-quiet",
+         "Metrics and access log (sandgate-path, both on, ÷ sandgate-quiet, both off; "
+         "medians of same-round ratios; issue 17's target: CPU within 3%)"),
+        ("sandgate-replicas", "sandgate-path",
+         "Load balancing (a sandbox of 2 instances, round-robin, ÷ one instance, "
+         "sandgate-replicas ÷ sandgate-path, medians of same-round ratios)"),
+        ("sandgate-key", "sandgate-path",
+         "Authentication (an API key verified on every request, sandgate-key ÷ sandgate-path, "
+         "medians of same-round ratios)"),
+    ]:
+        cost = paired_cost(res, num, den)
+        if cost:
+            out.append(f"**{title}:** " + "; ".join(
+                f"{sc}: CPU/request {fmt(r['cpu'])}×, req/s {fmt(r['rps'])}×" for sc, r in cost.items()) + ".\n")
 
     for sc, (title, cols) in COLUMNS.items():
         if sc not in res:
@@ -1145,12 +1172,6 @@ def report(b: Bench, meta: dict) -> str:
         out += [f"- {f}" for f in b.failures]
         out.append("")
     return "\n".join(out)
-
-
-def auth_cost(res: dict) -> dict:
-    """Per HTTP scenario: sandgate-key's CPU per request and req/s ÷ sandgate-path's, the median
-    of same-round ratios (the target of issue 14: CPU within 5%)."""
-    return paired_cost(res, "sandgate-key", "sandgate-path")
 
 
 def paired_cost(res: dict, num: str, den: str) -> dict:
@@ -1240,7 +1261,7 @@ def git_describe() -> str:
 
 
 def scenario_targets(scenario: str, targets: list[str]) -> list[str]:
-    """The targets a scenario measures: those that send headers of their own only over wrk."""
+    """The targets a scenario measures: those in HEADER_TARGETS only over wrk."""
     return [t for t in targets if scenario in HTTP_SCENARIOS or t not in HEADER_TARGETS]
 
 

@@ -447,6 +447,17 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
         self.limits.metrics.stream_opened(Stream::Proxied);
     }
 
+    /// The instance this request was sent to refused the connection (nothing was sent): its
+    /// breaker learns of it, and the request counts against `in_use`'s instance and
+    /// `circuit` from now on (the balancer's failover).
+    pub fn rebind(&mut self, in_use: InUse<A>, circuit: Option<Circuit>) {
+        if let Some(c) = self.circuit.take() {
+            self.tell_breaker(c, Outcome::Failed);
+        }
+        self.in_use = in_use;
+        self.circuit = circuit;
+    }
+
     /// The sandbox answered with this status.
     pub fn respond(&mut self, status: u16) {
         self.end.status = status;
@@ -502,6 +513,11 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
             _ if self.upgraded || self.end.status != 0 => Outcome::Answered,
             _ => Outcome::Unknown,
         };
+        self.tell_breaker(c, outcome);
+    }
+
+    /// Records `outcome` in the breaker `c` names (of the instance in use).
+    fn tell_breaker(&self, c: Circuit, outcome: Outcome) {
         let rule = self.limits.circuit;
         let now = match outcome {
             Outcome::Answered => 0,

@@ -175,6 +175,11 @@ pub struct ServeArgs {
     /// Extra connection attempts when a sandbox port refuses a connection (it may be opening).
     #[arg(long, env = "MAX_RETRIES")]
     pub max_retries: Option<u32>,
+    /// How requests are spread over a sandbox's instances (`replicas`): `round-robin`,
+    /// `least-connections` (fewest requests in flight), `random`, or `sticky` (one client
+    /// address stays on one instance while it is ready).
+    #[arg(long, env = "LOAD_BALANCER_STRATEGY", value_enum)]
+    pub load_balancer_strategy: Option<Strategy>,
     /// Connection failures or timeouts in a row to a sandbox port that open its circuit
     /// (requests then get 503 circuit_open at once); 0 turns circuit breaking off.
     #[arg(long, env = "SANDGATE_CIRCUIT_FAILURES")]
@@ -360,6 +365,7 @@ struct FileConfig {
     header_timeout: Option<f64>,
     max_concurrent_requests: Option<usize>,
     max_retries: Option<u32>,
+    load_balancer_strategy: Option<Strategy>,
     circuit_failures: Option<u32>,
     circuit_open: Option<f64>,
     stop_grace: Option<f64>,
@@ -598,6 +604,8 @@ pub struct Config {
     pub header_timeout: Duration,
     pub max_concurrent_requests: usize,
     pub max_retries: u32,
+    /// How requests are spread over a sandbox's instances.
+    pub load_balancer_strategy: Strategy,
     /// Failures in a row that open a port's circuit (0: no circuit breaking).
     pub circuit_failures: u32,
     /// How long an open circuit refuses requests.
@@ -729,6 +737,33 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the proxy picks one of a sandbox's ready instances (`LOAD_BALANCER_STRATEGY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Each in turn.
+    #[default]
+    RoundRobin,
+    /// The one with the fewest requests in flight (ties in turn).
+    LeastConnections,
+    /// Any, uniformly.
+    Random,
+    /// The same one for the same client address while it is ready (rendezvous hashing: an
+    /// instance leaving moves only its own clients).
+    Sticky,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round-robin",
+            Strategy::LeastConnections => "least-connections",
+            Strategy::Random => "random",
+            Strategy::Sticky => "sticky",
+        }
+    }
+}
+
 /// `on` or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -782,6 +817,7 @@ impl Config {
             header_timeout: Duration::from_secs(30),
             max_concurrent_requests: 10_000,
             max_retries: 3,
+            load_balancer_strategy: Strategy::RoundRobin,
             circuit_failures: 5,
             circuit_open: Duration::from_secs(10),
             stop_grace: Duration::from_secs(5),
@@ -925,6 +961,10 @@ impl Config {
             .max_retries
             .or(file.max_retries)
             .unwrap_or(c.max_retries);
+        c.load_balancer_strategy = args
+            .load_balancer_strategy
+            .or(file.load_balancer_strategy)
+            .unwrap_or(c.load_balancer_strategy);
         c.circuit_failures = args
             .circuit_failures
             .or(file.circuit_failures)
@@ -1153,6 +1193,10 @@ impl Config {
             int(self.max_concurrent_requests as u64),
         );
         put("max_retries", int(self.max_retries.into()));
+        put(
+            "load_balancer_strategy",
+            text(self.load_balancer_strategy.as_str()),
+        );
         put("circuit_failures", int(self.circuit_failures.into()));
         put("circuit_open", secs(self.circuit_open));
         put("stop_grace", secs(self.stop_grace));

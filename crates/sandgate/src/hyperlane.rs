@@ -250,6 +250,10 @@ impl Gateway {
             admission.failed(&e);
             return Err(e);
         };
+        let failover = |target: &mut crate::proxy::Target,
+                        admission: &mut crate::admission::OwnedAdmission| {
+            self.policy.failover_owned(target, client, admission)
+        };
         self.state
             .proxy
             .forward(
@@ -259,6 +263,7 @@ impl Gateway {
                 upstream,
                 grant.upgrade,
                 admission,
+                &failover,
             )
             .await
     }

@@ -26,6 +26,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod backend;
+pub mod balance;
 pub mod breaker;
 pub mod config;
 pub mod datadir;

@@ -136,7 +136,7 @@ pub async fn check_health(
     let due_ms = interval.as_millis() as i64;
     loop {
         let due: Vec<_> = routes
-            .all()
+            .all_instances()
             .into_iter()
             .filter(|e| e.health_checked())
             // Not yet judged (just started): every tick, so it is ready soon after it listens.

@@ -59,6 +59,9 @@ pub struct CreateSandbox {
     pub network: Option<model::Network>,
     /// An HTTP path the health checks GET (absent: they only connect).
     pub health_path: Option<String>,
+    /// Instances to run (1..=16, default 1): the proxy spreads requests over the ready ones
+    /// by `LOAD_BALANCER_STRATEGY`.
+    pub replicas: Option<u32>,
 }
 
 /// A change to a sandbox's settings (`PATCH /sandboxes/{id}`): absent fields stay as they are.
@@ -115,6 +118,8 @@ pub fn validate_labels<'a>(
 
 /// The longest per-sandbox idle timeout: 30 days.
 const MAX_IDLE_TIMEOUT: u64 = 30 * 24 * 3600;
+/// Instances one sandbox may run.
+pub const MAX_REPLICAS: u32 = 16;
 
 pub struct Manager {
     config: Arc<Config>,
@@ -339,6 +344,13 @@ impl Manager {
                 ));
             }
         }
+        let replicas = req.replicas.unwrap_or(1);
+        if !(1..=MAX_REPLICAS).contains(&replicas) {
+            return bad(format!("replicas must be from 1 to {MAX_REPLICAS}"));
+        }
+        if replicas > 1 && !dev_server {
+            return bad("replicas is only meaningful with a dev server to balance".into());
+        }
         if req.network == Some(model::Network::Host) {
             return bad("network must be \"none\" or \"egress\"".into());
         }
@@ -375,6 +387,8 @@ impl Manager {
             network,
             health_path: req.health_path,
             pool: None,
+            replicas,
+            replica_of: None,
             created_at: now,
             updated_at: now,
         };
@@ -464,7 +478,7 @@ impl Manager {
             return Ok(None);
         }
         let (template, _) = self.pool_template(&wanted.runtime)?;
-        if wanted.port.is_some() || !same_process(wanted, &template) {
+        if wanted.port.is_some() || wanted.replicas > 1 || !same_process(wanted, &template) {
             self.metrics.warm_claim(false);
             return Ok(None);
         }
@@ -647,16 +661,123 @@ impl Manager {
                 sb.status = Status::Running;
                 self.save(&mut sb).await?;
                 tracing::info!(sandbox = %sb.id, runtime = %sb.runtime, port = ?sb.allocated_port, "created");
-                Ok(sb)
             }
             Err(e) => {
                 // Leave nothing behind: no record, no port, no files.
                 let _ = self.backend.remove(&sb).await;
                 self.store.delete(&sb.id).await?;
                 self.routes.remove(&sb.id);
-                Err(Error::StartFailed(e.to_string()))
+                return Err(Error::StartFailed(e.to_string()));
             }
         }
+        if let Err(e) = self.add_instances(&sb).await {
+            // All of them or none: the instances made so far go with the sandbox.
+            if let Err(e) = self.delete_locked(&mut sb).await {
+                tracing::error!(sandbox = %sb.id, error = %e, "could not remove a sandbox whose instances failed");
+            }
+            return Err(e);
+        }
+        Ok(sb)
+    }
+
+    /// Creates and starts a new sandbox's extra instances (`replicas - 1`), at once; the
+    /// caller holds the sandbox's lock. On a failure the ones made are left for the caller's
+    /// delete to remove.
+    async fn add_instances(&self, sb: &Sandbox) -> Result<(), Error> {
+        let adds = (1..sb.replicas).map(|_| async {
+            let now = model::now();
+            let mut inst = sb.clone();
+            inst.id = model::new_id();
+            inst.name = None;
+            inst.labels = BTreeMap::new();
+            inst.replicas = 1;
+            inst.replica_of = Some(sb.id.clone());
+            inst.allocated_port = None;
+            inst.status = Status::Creating;
+            inst.status_reason = None;
+            inst.generation = 1;
+            inst.clear_handle();
+            inst.ip_address = None;
+            inst.created_at = now;
+            inst.updated_at = now;
+            let lock = self.lock_for(&inst.id);
+            let _guard = lock.lock().await;
+            let range = self
+                .backend
+                .needs_host_port()
+                .then(|| self.config.port_range.clone());
+            let probe = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+            self.store.create(&mut inst, range, &probe).await?;
+            self.routes.put(inst.clone());
+            self.start_one_locked(&mut inst).await
+        });
+        let results = futures_util::future::join_all(adds).await;
+        results.into_iter().collect()
+    }
+
+    /// Starts one record's process or container (a sandbox's own or an instance's) whose lock
+    /// the caller holds: a new incarnation, unless it is being created.
+    async fn start_one_locked(&self, sb: &mut Sandbox) -> Result<(), Error> {
+        if sb.status != Status::Creating {
+            sb.generation += 1;
+        }
+        match self.backend.start(sb).await {
+            Ok(started) => {
+                started.apply_to(sb);
+                sb.status = Status::Running;
+                sb.status_reason = None;
+                self.save(sb).await?;
+                // A start is use: the idle clock restarts.
+                self.routes.touch(&sb.id);
+                Ok(())
+            }
+            Err(e) => {
+                sb.status = Status::Failed;
+                sb.status_reason = Some(e.to_string());
+                sb.clear_handle();
+                self.save(sb).await?;
+                Err(Error::StartFailed(match &sb.replica_of {
+                    Some(_) => format!("instance {}: {e}", sb.id),
+                    None => e.to_string(),
+                }))
+            }
+        }
+    }
+
+    /// A sandbox's extra instances as stored, oldest first.
+    async fn instances_of(&self, id: &str) -> Result<Vec<Sandbox>, Error> {
+        let mut all = self.store.list().await?;
+        all.retain(|r| r.replica_of.as_deref() == Some(id));
+        Ok(all)
+    }
+
+    /// Runs `op` on each of sandbox `sb`'s extra instances, at once, each under its own lock
+    /// and as stored then; the first error is returned after all ran.
+    async fn each_instance<F, Fut>(&self, sb: &Sandbox, op: F) -> Result<(), Error>
+    where
+        F: Fn(Sandbox) -> Fut,
+        Fut: std::future::Future<Output = Result<(), Error>>,
+    {
+        if sb.replica_of.is_some() {
+            return Ok(());
+        }
+        let instances = self.instances_of(&sb.id).await?;
+        let op = &op;
+        let runs = instances.into_iter().map(|inst| async move {
+            let lock = self.lock_for(&inst.id);
+            let guard = lock.lock().await;
+            let result = match self.store.get(&inst.id).await? {
+                Some(inst) => op(inst).await,
+                None => Ok(()),
+            };
+            drop(guard);
+            if self.store.get(&inst.id).await?.is_none() {
+                self.forget_lock(&inst.id);
+            }
+            result
+        });
+        let results = futures_util::future::join_all(runs).await;
+        results.into_iter().collect()
     }
 
     pub async fn get(&self, id: &str) -> Result<Sandbox, Error> {
@@ -666,14 +787,14 @@ impl Manager {
         self.store
             .get(id)
             .await?
-            .filter(|sb| sb.pool.is_none())
+            .filter(Sandbox::listed)
             .ok_or_else(|| Error::SandboxNotFound(id.to_string()))
     }
 
-    /// Every user's sandbox (not those waiting in warm pools).
+    /// Every user's sandbox (not those waiting in warm pools, nor extra instances).
     pub async fn list(&self) -> Result<Vec<Sandbox>, Error> {
         let mut all = self.store.list().await?;
-        all.retain(|sb| sb.pool.is_none());
+        all.retain(Sandbox::listed);
         Ok(all)
     }
 
@@ -758,7 +879,19 @@ impl Manager {
         Ok(sb)
     }
 
+    /// Stops a sandbox whose lock the caller holds, and its extra instances.
     async fn stop_locked(&self, sb: &mut Sandbox, reason: &str) -> Result<(), Error> {
+        let own = self.stop_one_locked(sb, reason).await;
+        let instances = self
+            .each_instance(sb, |mut inst| async move {
+                self.stop_one_locked(&mut inst, reason).await
+            })
+            .await;
+        own.and(instances)
+    }
+
+    /// Stops one record's process or container (a sandbox, or one of its instances).
+    async fn stop_one_locked(&self, sb: &mut Sandbox, reason: &str) -> Result<(), Error> {
         if !matches!(
             sb.status,
             Status::Running | Status::Creating | Status::Stopping
@@ -821,32 +954,23 @@ impl Manager {
         let _guard = lock.lock().await;
         let mut sb = self.get(id).await?;
         match sb.status {
-            Status::Running => return Ok(sb),
-            Status::Stopped | Status::Failed => {}
+            Status::Running => {}
+            Status::Stopped | Status::Failed => self.start_one_locked(&mut sb).await?,
             other => {
                 return Err(Error::Conflict(format!(
                     "sandbox {id} cannot be started while {other}"
                 )))
             }
         }
-        sb.generation += 1;
-        match self.backend.start(&sb).await {
-            Ok(started) => {
-                started.apply_to(&mut sb);
-                sb.status = Status::Running;
-                sb.status_reason = None;
-                self.save(&mut sb).await?;
-                // A start is use: the idle clock restarts.
-                self.routes.touch(&sb.id);
-                Ok(sb)
+        // Its instances too: those stopped with it, and any that ended on their own.
+        self.each_instance(&sb, |mut inst| async move {
+            match inst.status {
+                Status::Stopped | Status::Failed => self.start_one_locked(&mut inst).await,
+                _ => Ok(()),
             }
-            Err(e) => {
-                sb.status = Status::Failed;
-                sb.status_reason = Some(e.to_string());
-                self.save(&mut sb).await?;
-                Err(Error::StartFailed(e.to_string()))
-            }
-        }
+        })
+        .await?;
+        Ok(sb)
     }
 
     pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), Error> {
@@ -864,10 +988,26 @@ impl Manager {
         Ok(())
     }
 
+    /// Deletes a sandbox whose lock the caller holds: its extra instances first, then itself.
     async fn delete_locked(&self, sb: &mut Sandbox) -> Result<(), Error> {
-        // Record the intent first: a crash from here on is finished by `reconcile`.
-        sb.status = Status::Deleting;
-        self.save(sb).await?;
+        if sb.replica_of.is_none() && sb.status != Status::Deleting {
+            // Record the intent first: a crash from here on is finished by `reconcile`.
+            sb.status = Status::Deleting;
+            self.save(sb).await?;
+        }
+        self.each_instance(sb, |mut inst| async move {
+            self.delete_one_locked(&mut inst).await
+        })
+        .await?;
+        self.delete_one_locked(sb).await
+    }
+
+    /// Deletes one record: its process or container, files and port, then the record.
+    async fn delete_one_locked(&self, sb: &mut Sandbox) -> Result<(), Error> {
+        if sb.status != Status::Deleting {
+            sb.status = Status::Deleting;
+            self.save(sb).await?;
+        }
         self.backend.stop(sb).await.map_err(Error::internal)?;
         self.backend.remove(sb).await.map_err(Error::internal)?;
         self.store.delete(&sb.id).await?;
@@ -924,11 +1064,31 @@ impl Manager {
     /// After a restart: loads every record into the route table, re-adopts what still runs,
     /// records what does not, and finishes interrupted creates and deletes.
     pub async fn reconcile(&self) -> Result<(), Error> {
-        for mut sb in self.store.list().await? {
-            let lock = self.lock_for(&sb.id);
+        let all = self.store.list().await?;
+        let sandboxes: std::collections::HashSet<String> = all
+            .iter()
+            .filter(|sb| sb.replica_of.is_none() && sb.status != Status::Deleting)
+            .map(|sb| sb.id.clone())
+            .collect();
+        for listed in all {
+            let lock = self.lock_for(&listed.id);
             let _guard = lock.lock().await;
+            // Read again: deleting a sandbox above removed its instances.
+            let Some(mut sb) = self.store.get(&listed.id).await? else {
+                continue;
+            };
             if sb.pool.is_some() {
                 self.readopt_warm(sb).await?;
+                continue;
+            }
+            if sb
+                .replica_of
+                .as_ref()
+                .is_some_and(|of| !sandboxes.contains(of))
+            {
+                // An instance whose sandbox is gone (a delete cut short): it goes too.
+                tracing::info!(sandbox = %sb.id, "removing an instance of a deleted sandbox");
+                self.delete_one_locked(&mut sb).await?;
                 continue;
             }
             match sb.status {
@@ -1006,7 +1166,10 @@ impl Manager {
             .routes
             .all()
             .into_iter()
-            .filter(|s| s.status == Status::Running)
+            .filter(|s| {
+                s.status == Status::Running
+                    || s.instances().iter().any(|i| i.status == Status::Running)
+            })
             .collect();
         let stops = running.iter().map(|sb| async move {
             let lock = self.lock_for(&sb.id);

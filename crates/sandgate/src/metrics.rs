@@ -242,9 +242,11 @@ pub enum Retry {
     /// A kept connection the sandbox had closed: a body-less idempotent request sent again
     /// on a fresh one.
     Resend,
+    /// An instance of a sandbox with replicas refused the connection: sent to another.
+    Failover,
 }
 
-const RETRIES: [&str; 2] = ["connect", "resend"];
+const RETRIES: [&str; 3] = ["connect", "resend", "failover"];
 
 const TABLE: usize = METHODS.len() * STATUSES.len() * ROUTES.len();
 

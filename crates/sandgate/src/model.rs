@@ -255,6 +255,13 @@ pub struct Sandbox {
     /// The runtime whose warm pool it waits in, until a create claims it (`None`: a user's
     /// sandbox). A waiting sandbox is nobody's: the API and the proxy never show it.
     pub pool: Option<String>,
+    /// How many instances the sandbox runs, itself included (its own record's; 1 for an
+    /// instance record). The proxy spreads requests over the ready ones.
+    pub replicas: u32,
+    /// The sandbox this record is an extra instance of (`None`: a sandbox, its instance 0).
+    /// An instance record is nobody's to see: the API shows it only in its sandbox's
+    /// `instances`, and only the balancer routes to it.
+    pub replica_of: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -319,6 +326,12 @@ impl Sandbox {
         self.netns_pid = None;
     }
 
+    /// Whether the API shows this record as a sandbox: not waiting in a warm pool, not an
+    /// extra instance of another.
+    pub fn listed(&self) -> bool {
+        self.pool.is_none() && self.replica_of.is_none()
+    }
+
     /// The path prefix for `/{owner}/{name}/` routing, when the sandbox has a name.
     pub fn path(&self) -> Option<String> {
         self.name.as_ref().map(|n| format!("{}/{}", self.owner, n))
@@ -358,6 +371,8 @@ impl Sandbox {
             network: Network::None,
             health_path: None,
             pool: None,
+            replicas: 1,
+            replica_of: None,
             created_at: now,
             updated_at: now,
         }

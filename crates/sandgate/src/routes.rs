@@ -29,6 +29,11 @@ pub struct Activity {
     health: HealthState,
     /// Its ports' circuit breakers.
     pub breakers: crate::breaker::Breakers,
+    /// The balancer's round-robin cursor (a sandbox's, over its instances).
+    turn: AtomicUsize,
+    /// Until when ([`now_ms`]) the balancer passes this instance over: it refused a
+    /// connection just now (a passing health check ends it sooner).
+    ejected_until_ms: AtomicI64,
 }
 
 /// What the health checks say about a sandbox's dev-server port.
@@ -65,14 +70,44 @@ pub struct HealthReport {
     pub checked_ms_ago: Option<i64>,
 }
 
-/// A routed sandbox: its record plus its activity.
+/// A routed sandbox: its record plus its activity, and its extra instances (`replicas`).
 #[derive(Debug)]
 pub struct Entry {
     sandbox: Sandbox,
     activity: Arc<Activity>,
+    /// Its instances besides itself (instance 0), in creation order; empty for one instance
+    /// and for an instance's own entry.
+    instances: Box<[Arc<Entry>]>,
 }
 
 impl Entry {
+    /// Its instances besides itself, in creation order.
+    pub fn instances(&self) -> &[Arc<Entry>] {
+        &self.instances
+    }
+
+    /// Takes the balancer's next round-robin turn.
+    pub fn next_turn(&self) -> usize {
+        self.activity.turn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Passes this instance over until `until_ms` ([`now_ms`]), or its next passing check.
+    pub fn eject(&self, until_ms: i64) {
+        self.activity
+            .ejected_until_ms
+            .store(until_ms, Ordering::Relaxed);
+    }
+
+    /// Whether the balancer passes this instance over at `now_ms`.
+    pub fn ejected(&self, now_ms: i64) -> bool {
+        self.activity.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// Requests in flight to this instance (what `least-connections` compares).
+    pub fn in_flight(&self) -> usize {
+        self.activity.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Whether its dev-server port is health-checked now: running, with a dev server.
     pub fn health_checked(&self) -> bool {
         self.sandbox.status == crate::model::Status::Running
@@ -90,14 +125,22 @@ impl Entry {
         self.activity.touch();
     }
 
-    /// Milliseconds since the sandbox was last used.
+    /// Milliseconds since the sandbox (any of its instances) was last used.
     pub fn idle_ms(&self) -> i64 {
-        now_ms() - self.activity.last_active_ms.load(Ordering::Relaxed)
+        let last = self
+            .instances
+            .iter()
+            .map(|i| i.activity.last_active_ms.load(Ordering::Relaxed))
+            .fold(
+                self.activity.last_active_ms.load(Ordering::Relaxed),
+                i64::max,
+            );
+        now_ms() - last
     }
 
-    /// Whether a request to the sandbox is still being answered.
+    /// Whether a request to the sandbox (any of its instances) is still being answered.
     pub fn busy(&self) -> bool {
-        self.activity.in_flight.load(Ordering::Relaxed) > 0
+        self.in_flight() > 0 || self.instances.iter().any(|i| i.in_flight() > 0)
     }
 
     /// Counts a request as in flight until the returned guard drops (its response ended).
@@ -193,6 +236,9 @@ impl Entry {
             h.state.store(0, Ordering::Relaxed);
         }
         h.checked_ms.store(now_ms(), Ordering::Relaxed);
+        if ok {
+            self.eject(0);
+        }
         // A pass extends a run of passes (or starts one), a failure a run of failures.
         let next = |s: i32| {
             if ok {
@@ -245,6 +291,22 @@ impl Drop for Counted {
 }
 
 impl Activity {
+    /// A new sandbox's (or instance's): used now, nothing in flight.
+    fn new(id: &str) -> Arc<Activity> {
+        Arc::new(Activity {
+            last_active_ms: AtomicI64::new(now_ms()),
+            in_flight: AtomicUsize::new(0),
+            commands: AtomicUsize::new(0),
+            sockets: AtomicUsize::new(0),
+            terminals: AtomicUsize::new(0),
+            key: id.into(),
+            health: HealthState::default(),
+            breakers: Default::default(),
+            turn: AtomicUsize::new(0),
+            ejected_until_ms: AtomicI64::new(0),
+        })
+    }
+
     fn counter(&self, kind: Use) -> &AtomicUsize {
         match kind {
             Use::Command => &self.commands,
@@ -330,6 +392,38 @@ struct Table {
     by_id: foldhash::HashMap<String, Arc<Entry>>,
     /// owner → name → id (nested so lookups need no key allocation).
     by_path: HashMap<String, HashMap<String, String>>,
+    /// Extra instances by their own id: never routed by it, only through their sandbox's
+    /// entry (which holds them).
+    replicas: foldhash::HashMap<String, Arc<Entry>>,
+    /// Sandbox id → its extra instances' ids.
+    replicas_of: HashMap<String, Vec<String>>,
+}
+
+impl Table {
+    /// A sandbox's extra instances as its entry holds them: oldest first.
+    fn instances_of(&self, id: &str) -> Box<[Arc<Entry>]> {
+        let Some(ids) = self.replicas_of.get(id) else {
+            return Box::default();
+        };
+        let mut v: Vec<_> = ids
+            .iter()
+            .filter_map(|r| self.replicas.get(r).cloned())
+            .collect();
+        v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        v.into_boxed_slice()
+    }
+
+    /// Rebuilds sandbox `id`'s entry around its current instances.
+    fn refresh(&mut self, id: &str) {
+        let instances = self.instances_of(id);
+        if let Some(e) = self.by_id.get_mut(id) {
+            *e = Arc::new(Entry {
+                sandbox: e.sandbox.clone(),
+                activity: e.activity.clone(),
+                instances,
+            });
+        }
+    }
 }
 
 #[derive(Default)]
@@ -363,25 +457,42 @@ impl Routes {
         v
     }
 
-    /// Inserts or replaces a sandbox's route, keeping its activity (a new one counts as used
-    /// now).
+    /// Every sandbox's entry and every extra instance's (what health checks visit).
+    pub fn all_instances(&self) -> Vec<Arc<Entry>> {
+        let t = self.read();
+        t.by_id
+            .values()
+            .chain(t.replicas.values())
+            .cloned()
+            .collect()
+    }
+
+    /// Inserts or replaces a sandbox's route (or an extra instance's, within its sandbox's
+    /// entry), keeping its activity (a new one counts as used now).
     pub fn put(&self, sb: Sandbox) {
         let mut t = self.write();
-        let activity = t.by_id.get(&sb.id).map_or_else(
-            || {
-                Arc::new(Activity {
-                    last_active_ms: AtomicI64::new(now_ms()),
-                    in_flight: AtomicUsize::new(0),
-                    commands: AtomicUsize::new(0),
-                    sockets: AtomicUsize::new(0),
-                    terminals: AtomicUsize::new(0),
-                    key: sb.id.as_str().into(),
-                    health: HealthState::default(),
-                    breakers: Default::default(),
-                })
-            },
-            |e| e.activity.clone(),
-        );
+        if let Some(of) = sb.replica_of.clone() {
+            let activity = t
+                .replicas
+                .get(&sb.id)
+                .map_or_else(|| Activity::new(&sb.id), |e| e.activity.clone());
+            let ids = t.replicas_of.entry(of.clone()).or_default();
+            if !ids.contains(&sb.id) {
+                ids.push(sb.id.clone());
+            }
+            let entry = Entry {
+                activity,
+                sandbox: sb,
+                instances: Box::default(),
+            };
+            t.replicas.insert(entry.id.clone(), Arc::new(entry));
+            t.refresh(&of);
+            return;
+        }
+        let activity = t
+            .by_id
+            .get(&sb.id)
+            .map_or_else(|| Activity::new(&sb.id), |e| e.activity.clone());
         if let Some(name) = &sb.name {
             t.by_path
                 .entry(sb.owner.clone())
@@ -389,6 +500,7 @@ impl Routes {
                 .insert(name.clone(), sb.id.clone());
         }
         let entry = Entry {
+            instances: t.instances_of(&sb.id),
             activity,
             sandbox: sb,
         };
@@ -404,6 +516,18 @@ impl Routes {
 
     pub fn remove(&self, id: &str) {
         let mut t = self.write();
+        if let Some(r) = t.replicas.remove(id) {
+            if let Some(of) = r.replica_of.as_deref() {
+                if let Some(ids) = t.replicas_of.get_mut(of) {
+                    ids.retain(|x| x != id);
+                    if ids.is_empty() {
+                        t.replicas_of.remove(of);
+                    }
+                }
+                t.refresh(of);
+            }
+            return;
+        }
         if let Some(sb) = t.by_id.remove(id) {
             if let Some(name) = &sb.name {
                 if let Some(names) = t.by_path.get_mut(&sb.owner) {

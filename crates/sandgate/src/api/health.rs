@@ -146,13 +146,25 @@ async fn sandboxes(State(state): State<AppState>, Caller(caller): Caller) -> Jso
         .iter()
         .map(|sb| {
             let proxied = sb.dev_server && sb.port.is_some();
+            let instances: Vec<Value> = std::iter::once(sb)
+                .chain(sb.instances())
+                .map(|i| {
+                    json!({
+                        "id": i.id,
+                        "status": i.status,
+                        "ready": i.ready(checks_run),
+                        "health": proxied.then(|| i.health_report()),
+                    })
+                })
+                .collect();
             json!({
                 "id": sb.id,
                 "path": sb.path(),
                 "status": sb.status,
                 "port": sb.port,
-                "ready": sb.ready(checks_run),
+                "ready": instances.iter().any(|i| i["ready"] == true),
                 "health": proxied.then(|| sb.health_report()),
+                "instances": instances,
             })
         })
         .collect();

@@ -40,6 +40,8 @@ pub fn render(state: &AppState) -> String {
     );
 
     let entries = state.routes.all();
+    // Health is per instance (a sandbox with replicas counts each).
+    let instances = state.routes.all_instances();
     let backend = state.manager.backend().kind();
     out.family(
         "sandgate_sandboxes",
@@ -56,7 +58,7 @@ pub fn render(state: &AppState) -> String {
     }
     out.family(
         "sandgate_sandbox_health",
-        "Running sandboxes with a dev server, by what their health checks say.",
+        "Running sandbox instances with a dev server, by what their health checks say.",
         "gauge",
     );
     for (health, name) in [
@@ -64,7 +66,7 @@ pub fn render(state: &AppState) -> String {
         (Health::Ready, "ready"),
         (Health::NotReady, "not_ready"),
     ] {
-        let n = entries
+        let n = instances
             .iter()
             .filter(|e| e.health_checked() && e.health() == health)
             .count();

@@ -67,8 +67,14 @@ pub struct SandboxView {
     pub dev_server_url: Option<String>,
     /// Host route for the dev-server port: `{port}-{id}.{domain}`.
     pub host_url: Option<String>,
-    /// Seed 003: whether the sandbox is up (the port check lives in `/health/sandboxes`).
+    /// Seed 003: whether the sandbox is up (the port check lives in `/health/sandboxes`):
+    /// at least one of its instances is.
     pub ready: bool,
+    /// Instances it runs (`replicas` at create).
+    pub replicas: u32,
+    /// Each instance (the first is the sandbox's own, where commands, files and terminals
+    /// run): what the balancer sees of it.
+    pub instances: Vec<InstanceView>,
     /// Commands running in it and command sockets (`/ws`) open to it right now.
     pub connections: Connections,
     pub ip_address: Option<String>,
@@ -76,6 +82,37 @@ pub struct SandboxView {
     pub created_at: f64,
     pub created: String,
     pub updated: String,
+}
+
+/// One instance of a sandbox, as the balancer sees it.
+#[derive(Debug, Serialize)]
+pub struct InstanceView {
+    /// The sandbox's id for instance 0; an instance's own id (not routable) for the others.
+    pub id: String,
+    pub status: Status,
+    pub status_reason: Option<String>,
+    /// Its dev server passed its last checks (or it is running and nothing checks).
+    pub ready: bool,
+    /// What the health checks say: `unknown`, `ready` or `not_ready`.
+    pub health: crate::routes::Health,
+    /// The host port its server binds (processes sharing the host network).
+    pub allocated_port: Option<u16>,
+    /// Proxied requests to it in flight now.
+    pub in_flight: usize,
+}
+
+impl InstanceView {
+    fn new(sb: &Sandbox, entry: Option<&crate::routes::Entry>, checks_run: bool) -> InstanceView {
+        InstanceView {
+            id: sb.id.clone(),
+            status: sb.status,
+            status_reason: sb.status_reason.clone(),
+            ready: entry.is_some_and(|e| e.ready(checks_run)),
+            health: entry.map_or(crate::routes::Health::Unknown, |e| e.health()),
+            allocated_port: sb.allocated_port,
+            in_flight: entry.map_or(0, |e| e.in_flight()),
+        }
+    }
 }
 
 impl SandboxView {
@@ -91,6 +128,15 @@ impl SandboxView {
             )),
             _ => None,
         };
+        let checks_run = state.config.health_interval.is_some();
+        let mut instances = vec![InstanceView::new(sb, entry.as_deref(), checks_run)];
+        if let Some(e) = &entry {
+            instances.extend(
+                e.instances()
+                    .iter()
+                    .map(|i| InstanceView::new(i, Some(i), checks_run)),
+            );
+        }
         SandboxView {
             id: sb.id.clone(),
             sandbox_id: sb.id.clone(),
@@ -121,9 +167,9 @@ impl SandboxView {
             public_ports: sb.public_ports.clone(),
             dev_server_url: proxy_enabled.then(|| format!("{base}/sandbox/{}/", sb.id)),
             host_url,
-            ready: entry
-                .as_ref()
-                .is_some_and(|e| e.ready(state.config.health_interval.is_some())),
+            ready: instances.iter().any(|i| i.ready),
+            replicas: sb.replicas,
+            instances,
             connections: {
                 let (exec, ws, pty) = entry.as_ref().map_or((0, 0, 0), |e| e.connections());
                 Connections { exec, ws, pty }

@@ -183,6 +183,11 @@ async fn route(req: Request<Incoming>, redirect: &HeaderValue) -> Result<Resp, h
     }
     Ok(match path {
         "/" => with(text(StatusCode::OK, "fixture ok"), "x-fixture", "1"),
+        // Which sandbox (or instance of one) answered.
+        "/whoami" => text(
+            StatusCode::OK,
+            std::env::var("SANDBOX_ID").unwrap_or_default(),
+        ),
         // A sandbox that names requests itself (the gateway's id replaces it).
         "/own-request-id" => with(
             text(StatusCode::OK, "ok"),

@@ -127,6 +127,22 @@ pub fn write_request(out: &mut Vec<u8>, headers: &[Header<'_>], rw: &RequestRewr
     out.extend_from_slice(b"\r\n");
 }
 
+/// Changes the port of the `Host` field a head written by [`write_request`] names (the
+/// request moved to another instance of its sandbox, which listens on another port).
+pub fn set_host_port(out: &mut Vec<u8>, port: u16) {
+    const HOST: &[u8] = b"\r\nhost: localhost:";
+    let Some(at) = out.windows(HOST.len()).position(|w| w == HOST) else {
+        return;
+    };
+    let start = at + HOST.len();
+    let len = out[start..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    let digits = itoa::Buffer::new().format(port).as_bytes().to_vec();
+    out.splice(start..start + len, digits);
+}
+
 /// What the fast lane needs to know about a response head it forwards.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ResponseFacts {

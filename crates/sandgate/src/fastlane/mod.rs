@@ -504,7 +504,7 @@ impl Lane {
 
     /// Forwards one request and its response. Bodies stream both ways at once, so a sandbox
     /// may answer before it has read the whole request.
-    async fn exchange(&mut self, gw: &Gateway, f: Forward, mut timer: Pin<&mut Sleep>) -> Step {
+    async fn exchange(&mut self, gw: &Gateway, mut f: Forward, mut timer: Pin<&mut Sleep>) -> Step {
         self.rbuf.consume(f.head_len);
         let has_body = f.facts.framing.has_body();
         let proxy = &*gw.state.proxy;
@@ -518,28 +518,31 @@ impl Lane {
                 return self.fail(&e, &f, has_body).await;
             }
         };
-        let sb = &f.target.sandbox;
-        let key = PoolKey {
+        let target = &f.target;
+        let sb = &target.sandbox;
+        let mut at = Dialing {
+            instance: target.instance,
             upstream: f.upstream,
-            generation: sb.generation,
-            epoch: sb.created_at.timestamp_millis(),
+            key: crate::proxy::pool_key(target.dialed(), f.upstream),
         };
         let timeout = proxy.timeout();
         let mut ubuf = self.ubuf.take().unwrap_or_else(|| Buf::new(UPSTREAM_BUF));
         ubuf.clear();
         let mut reused = true;
-        let mut up = match proxy.raw_pool().checkout(&key) {
+        let mut up = match proxy.raw_pool().checkout(&at.key) {
             Some(s) => s,
             None => {
                 reused = false;
                 timer.as_mut().reset(Instant::now() + timeout);
-                match race(proxy.dial(f.upstream), timer.as_mut()).await {
+                let dialed = connect(gw, target, f.client, &mut at, &mut admission, &mut self.out);
+                match race(dialed, timer.as_mut()).await {
                     Some(Ok((s, took))) => {
                         admission.connected(took);
+                        f.upstream = at.upstream;
                         s
                     }
                     Some(Err(e)) => {
-                        let err = upstream_error(sb, f.target.port, e);
+                        let err = upstream_error(sb, target.port, e);
                         return {
                             admission.failed(&err);
                             self.fail(&err, &f, has_body).await
@@ -566,8 +569,12 @@ impl Lane {
             };
             if sent.is_err() && reused && req.may_retry(&f.facts) {
                 reused = false;
-                if let Some((s, took)) = self.redial(proxy, &f, &mut timer, timeout).await {
+                proxy.metrics().retried(crate::metrics::Retry::Resend);
+                timer.as_mut().reset(Instant::now() + timeout);
+                let dialed = connect(gw, target, f.client, &mut at, &mut admission, &mut self.out);
+                if let Some(Ok((s, took))) = race(dialed, timer.as_mut()).await {
                     admission.connected(took);
+                    f.upstream = at.upstream;
                     up = s;
                     continue;
                 }
@@ -592,12 +599,17 @@ impl Lane {
                 {
                     reused = false;
                     ubuf.clear();
-                    match self.redial(proxy, &f, &mut timer, timeout).await {
-                        Some((s, took)) => {
+                    proxy.metrics().retried(crate::metrics::Retry::Resend);
+                    timer.as_mut().reset(Instant::now() + timeout);
+                    let dialed =
+                        connect(gw, target, f.client, &mut at, &mut admission, &mut self.out);
+                    match race(dialed, timer.as_mut()).await {
+                        Some(Ok((s, took))) => {
                             admission.connected(took);
+                            f.upstream = at.upstream;
                             up = s;
                         }
-                        None => break Err(HeadError::Closed),
+                        _ => break Err(HeadError::Closed),
                     }
                 }
                 other => break other,
@@ -670,7 +682,7 @@ impl Lane {
         let upstream_clean =
             body.is_ok() && resp.reusable && req.done() && ubuf.filled().len() == last_used;
         if upstream_clean {
-            proxy.raw_pool().checkin(key, up);
+            proxy.raw_pool().checkin(at.key, up);
         }
         drop(admission);
         let sent = match body {
@@ -698,22 +710,6 @@ impl Lane {
             Ok(()) if req.done() && self.rbuf.is_empty() => Step::Finished,
             _ => Step::Close,
         }
-    }
-
-    /// A fresh connection for a retry, with the time it took; `None` if none can be had (the
-    /// caller reports the original failure).
-    async fn redial(
-        &mut self,
-        proxy: &crate::proxy::Proxy,
-        f: &Forward,
-        timer: &mut Pin<&mut Sleep>,
-        timeout: std::time::Duration,
-    ) -> Option<(TcpStream, std::time::Duration)> {
-        proxy.metrics().retried(crate::metrics::Retry::Resend);
-        timer.as_mut().reset(Instant::now() + timeout);
-        race(proxy.dial(f.upstream), timer.as_mut())
-            .await
-            .and_then(Result::ok)
     }
 
     /// Parses the response head in `ubuf`, decides its framing and writes the client's head
@@ -815,6 +811,54 @@ impl Lane {
             return Step::Close;
         }
         Step::KeepAlive
+    }
+}
+
+/// Where a forwarded request is being sent: which instance of its sandbox, the upstream and
+/// its pool key.
+struct Dialing {
+    instance: usize,
+    upstream: Upstream,
+    key: PoolKey,
+}
+
+/// Opens a connection to the instance `at` names, with the time it took. When it refuses and
+/// the sandbox has other instances, the request moves to another at once (the policy's
+/// failover: `at`, the admission and the `Host` port in `out` follow); otherwise a refusal is
+/// retried on the same port as `MAX_RETRIES` says.
+async fn connect<'a>(
+    gw: &'a Gateway,
+    target: &'a Target,
+    client: IpAddr,
+    at: &mut Dialing,
+    admission: &mut crate::admission::Admission<
+        &'a crate::admission::Limits,
+        &'a crate::routes::Activity,
+    >,
+    out: &mut Vec<u8>,
+) -> Result<(TcpStream, std::time::Duration), crate::proxy::SendError> {
+    let proxy = &*gw.state.proxy;
+    let others = !target.sandbox.instances().is_empty();
+    loop {
+        let retries = if others { 0 } else { proxy.retries() };
+        match proxy.dial_with(at.upstream, retries).await {
+            Err(crate::proxy::SendError::Refused) if others => {
+                match gw.policy.failover(target, at.instance, client, admission) {
+                    Some((i, upstream)) => {
+                        let instance = crate::balance::instance(&target.sandbox, i);
+                        *at = Dialing {
+                            instance: i,
+                            upstream,
+                            key: crate::proxy::pool_key(instance, upstream),
+                        };
+                        head::set_host_port(out, upstream.port());
+                    }
+                    // None left: this one, as for a sandbox of one instance.
+                    None => return proxy.dial(at.upstream).await,
+                }
+            }
+            other => return other,
+        }
     }
 }
 

@@ -112,7 +112,13 @@ pub struct Policy {
     wake_timeout: Duration,
     health_rise: u32,
     health_fall: u32,
+    strategy: crate::config::Strategy,
 }
+
+/// How long the balancer passes over an instance that refused a connection (unless a health
+/// check passes first): after Envoy's outlier detection, ejected at once on a refusal rather
+/// than after `fall` failed checks.
+const EJECT_MS: i64 = 3_000;
 
 impl Policy {
     pub fn new(
@@ -143,6 +149,7 @@ impl Policy {
             wake_timeout: config.wake_timeout,
             health_rise: config.health_rise,
             health_fall: config.health_fall,
+            strategy: config.load_balancer_strategy,
         }
     }
 
@@ -279,6 +286,17 @@ impl Policy {
             }
             None => return Decision::Deny(port_not_exposed(&sandbox, 0)),
         };
+        // A sandbox with replicas: the balancer's choice among its usable instances; with
+        // none usable, as for one instance (waits for its own, wakes it, or says why not).
+        if !sandbox.instances().is_empty() {
+            let now = crate::routes::now_ms();
+            let picked = crate::balance::pick(self.strategy, &sandbox, head.client, |e| {
+                self.usable(e, port, now)
+            });
+            if let Some((instance, upstream)) = picked {
+                return self.grant(head, sandbox, instance, port, prefix, who, Some(upstream));
+            }
+        }
         let mut unready = false;
         let upstream = match sandbox.status {
             Status::Running => match self.backend.upstream(&sandbox, port) {
@@ -311,6 +329,25 @@ impl Policy {
                 });
             }
         };
+        let mut grant = self.grant(head, sandbox, 0, port, prefix, who, upstream);
+        if let Decision::Proxy(g) = &mut grant {
+            g.unready = unready;
+        }
+        grant
+    }
+
+    /// The grant of a request to instance `instance` of `sandbox`.
+    #[allow(clippy::too_many_arguments)]
+    fn grant(
+        &self,
+        head: &Head<'_>,
+        sandbox: Arc<Entry>,
+        instance: usize,
+        port: u16,
+        prefix: Option<&str>,
+        who: Authenticated,
+        upstream: Option<Upstream>,
+    ) -> Decision {
         let upgrade = head.facts.upgrade.is_some_and(|p| {
             self.upgrade_protocols
                 .iter()
@@ -319,16 +356,102 @@ impl Policy {
         Decision::Proxy(Grant {
             target: Target {
                 sandbox,
+                instance,
                 port,
                 prefix: prefix.and_then(prefix_header),
                 strip_authorization: who.consumed_authorization,
             },
             upstream,
-            unready,
+            unready: false,
             upgrade,
             html: head.facts.html,
             principal: who.principal,
         })
+    }
+
+    /// Where to reach `port` of one instance, if the balancer may send it a request now: it
+    /// runs, did not just refuse a connection, its dev server (for that port) is not failing
+    /// its checks, and the port's circuit is not open.
+    fn usable(&self, e: &Entry, port: u16, now: i64) -> Option<Upstream> {
+        if e.status != Status::Running || e.ejected(now) {
+            return None;
+        }
+        if Some(port) == e.port && e.health() == crate::routes::Health::NotReady {
+            return None;
+        }
+        let rule = self.limits.circuit();
+        if rule.failures > 0 {
+            let at = now.max(0) as u64;
+            if let Peek::Open(_) = e.breakers().peek(e.generation, port, at, rule.open_ms) {
+                return None;
+            }
+        }
+        self.backend.upstream(e, port)
+    }
+
+    /// The instance `target` was sent to refused the connection: it is passed over for a
+    /// while ([`EJECT_MS`], or until a check passes), and another usable instance of the
+    /// sandbox chosen; `None` if there is none (the caller answers with the refusal).
+    fn next_instance(
+        &self,
+        target: &Target,
+        refused: usize,
+        client: IpAddr,
+    ) -> Option<(usize, Upstream)> {
+        if target.sandbox.instances().is_empty() {
+            return None;
+        }
+        let now = crate::routes::now_ms();
+        let refused = crate::balance::instance(&target.sandbox, refused);
+        refused.eject(now + EJECT_MS);
+        tracing::info!(sandbox = %target.sandbox.id, instance = %refused.id, port = target.port, "an instance refused a connection; trying another");
+        let found = crate::balance::pick(self.strategy, &target.sandbox, client, |e| {
+            if e.id == refused.id {
+                return None;
+            }
+            self.usable(e, target.port, now)
+        })?;
+        self.limits
+            .metrics()
+            .retried(crate::metrics::Retry::Failover);
+        Some(found)
+    }
+
+    /// [`Policy::next_instance`] for a request admitted within the caller's scope (the fast
+    /// lane): instance `refused` of `target`'s sandbox refused; the admission moves to the
+    /// new instance, whose index and upstream are returned.
+    pub fn failover<'a>(
+        &'a self,
+        target: &'a Target,
+        refused: usize,
+        client: IpAddr,
+        admission: &mut Admission<&'a Limits, &'a Activity>,
+    ) -> Option<(usize, Upstream)> {
+        let (i, upstream) = self.next_instance(target, refused, client)?;
+        let next = crate::balance::instance(&target.sandbox, i);
+        let cap = self.rates.max_connections(&target.sandbox.team);
+        let in_use = next.try_in_use_scoped(cap)?;
+        let circuit = self.circuit_of(next, target.port).ok()?;
+        admission.rebind(in_use, circuit);
+        Some((i, upstream))
+    }
+
+    /// [`Policy::failover`] for an admission that travels with its response (hyper lane):
+    /// `target` moves to the new instance too.
+    pub fn failover_owned(
+        &self,
+        target: &mut Target,
+        client: IpAddr,
+        admission: &mut OwnedAdmission,
+    ) -> Option<Upstream> {
+        let (i, upstream) = self.next_instance(target, target.instance, client)?;
+        let next = crate::balance::instance(&target.sandbox, i);
+        let cap = self.rates.max_connections(&target.sandbox.team);
+        let in_use = next.try_in_use(cap)?;
+        let circuit = self.circuit_of(next, target.port).ok()?;
+        admission.rebind(in_use, circuit);
+        target.instance = i;
+        Some(upstream)
     }
 
     /// The refusal of a request to a port whose circuit is open (read only: who makes the
@@ -462,9 +585,11 @@ impl Policy {
         client: IpAddr,
         started: &Started,
     ) -> Result<Admission<&'a Limits, &'a Activity>, Error> {
-        let sandbox = &target.sandbox;
-        let in_use = self.limit(target, principal, |cap| sandbox.try_in_use_scoped(cap))?;
-        let circuit = self.circuit(target)?;
+        let dialed = target.dialed();
+        let in_use = self.limit(target, principal, |cap| dialed.try_in_use_scoped(cap))?;
+        let circuit = self
+            .circuit_of(dialed, target.port)
+            .map_err(|left| circuit_error(&target.sandbox, target.port, left))?;
         Limits::admit(&*self.limits, client, in_use, started, circuit)
     }
 
@@ -476,36 +601,36 @@ impl Policy {
         client: IpAddr,
         started: &Started,
     ) -> Result<OwnedAdmission, Error> {
-        let in_use = self.limit(target, principal, |cap| target.sandbox.try_in_use(cap))?;
-        let circuit = self.circuit(target)?;
+        let dialed = target.dialed();
+        let in_use = self.limit(target, principal, |cap| dialed.try_in_use(cap))?;
+        let circuit = self
+            .circuit_of(dialed, target.port)
+            .map_err(|left| circuit_error(&target.sandbox, target.port, left))?;
         Limits::admit(self.limits.clone(), client, in_use, started, circuit)
     }
 
-    /// The breaker a request to `target` reports to, if circuit breaking is on; refused while
-    /// the circuit is open or another request is its half-open trial. A request that becomes
-    /// the trial turns the circuit half-open.
-    fn circuit(&self, target: &Target) -> Result<Option<Circuit>, Error> {
+    /// The breaker a request to `port` of instance `sb` reports to, if circuit breaking is
+    /// on; refused while the circuit is open or another request is its half-open trial. A
+    /// request that becomes the trial turns the circuit half-open. A refusal is the open
+    /// time left, in ms.
+    fn circuit_of(&self, sb: &Entry, port: u16) -> Result<Option<Circuit>, u64> {
         let rule = self.limits.circuit();
         if rule.failures == 0 {
             return Ok(None);
         }
-        let sb = &target.sandbox;
         let now = crate::routes::now_ms().max(0) as u64;
-        match sb
-            .breakers()
-            .admit(sb.generation, target.port, now, rule.open_ms)
-        {
+        match sb.breakers().admit(sb.generation, port, now, rule.open_ms) {
             Ok(trial) => {
                 if trial {
                     self.limits.metrics().circuit(Transition::HalfOpened);
                 }
                 Ok(Some(Circuit {
                     generation: sb.generation,
-                    port: target.port,
+                    port,
                     trial,
                 }))
             }
-            Err(left) => Err(circuit_error(sb, target.port, left)),
+            Err(left) => Err(left),
         }
     }
 

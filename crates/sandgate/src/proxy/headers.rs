@@ -322,6 +322,16 @@ pub fn strip_response_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Sets the `Host` a sandbox receives: `localhost:{port}`, the port it is dialed on.
+pub fn set_upstream_host(headers: &mut HeaderMap, port: u16) {
+    let mut host = BytesMut::with_capacity(16);
+    host.put_slice(b"localhost:");
+    host.put_slice(itoa::Buffer::new().format(port).as_bytes());
+    if let Ok(v) = HeaderValue::from_maybe_shared(host.freeze()) {
+        headers.insert(header::HOST, v);
+    }
+}
+
 /// Sets `X-Forwarded-For` (the client's address), `-Proto`, `-Host`, `-Prefix` (path routes)
 /// and `Host: localhost:{port}`.
 fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
@@ -338,12 +348,7 @@ fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
     if let Some(p) = f.prefix {
         headers.insert(X_FORWARDED_PREFIX, p.clone());
     }
-    let mut host = BytesMut::with_capacity(16);
-    host.put_slice(b"localhost:");
-    host.put_slice(itoa::Buffer::new().format(f.upstream_port).as_bytes());
-    if let Ok(v) = HeaderValue::from_maybe_shared(host.freeze()) {
-        headers.insert(header::HOST, v);
-    }
+    set_upstream_host(headers, f.upstream_port);
     if let Ok(v) = HeaderValue::from_str(f.request_id) {
         headers.insert(X_REQUEST_ID, v);
     }

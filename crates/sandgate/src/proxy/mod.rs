@@ -34,7 +34,11 @@ use request_body::ClientBody;
 
 /// Where a routed request goes.
 pub struct Target {
+    /// The sandbox (its instance 0): who may reach it, its limits, what errors name.
     pub sandbox: Arc<Entry>,
+    /// Which of its instances the balancer chose (see [`crate::balance::instance`]): the one
+    /// dialed, whose in-flight count and circuit breaker the request counts against.
+    pub instance: usize,
     pub port: u16,
     /// The path prefix that routed it (`/sandbox/{id}` or `/{owner}/{name}`), sent as
     /// `X-Forwarded-Prefix` (built once, as the header value it becomes) and stripped before
@@ -46,6 +50,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// The instance the request is sent to.
+    pub fn dialed(&self) -> &Arc<Entry> {
+        crate::balance::instance(&self.sandbox, self.instance)
+    }
+
     /// The prefix the sandbox's app does not see: taken off the path on the way in, and put
     /// back into a local absolute `Location` on the way out. `None` for a host route, or a
     /// sandbox with `path_prefix: keep` (its app writes its own `Location`s under the prefix).
@@ -72,6 +81,12 @@ pub struct Proxy {
     /// Fires when the gateway stops serving: upgraded streams end (WebSockets with 1001).
     stopping: tokio_util::sync::CancellationToken,
 }
+
+/// Moves a request whose instance refused its connection to another instance of the same
+/// sandbox (the request policy's balancer): the new upstream, with `target` and the admission
+/// moved to it; `None` if there is no other.
+pub type Failover<'a> =
+    &'a (dyn Fn(&mut Target, &mut OwnedAdmission) -> Option<Upstream> + Send + Sync);
 
 /// Why a request did not get a response head from the sandbox.
 pub(crate) enum SendError {
@@ -110,6 +125,11 @@ impl Proxy {
     pub fn with_stopping(mut self, stopping: tokio_util::sync::CancellationToken) -> Proxy {
         self.stopping = stopping;
         self
+    }
+
+    /// `MAX_RETRIES`: extra connection attempts on a refusal.
+    pub fn retries(&self) -> u32 {
+        self.retries
     }
 
     /// Records connect times and retries into `metrics`.
@@ -164,8 +184,10 @@ impl Proxy {
 
     /// Forwards `req` from `client` (the address the request policy resolved) to the granted
     /// target over `upstream`, holding `admission` until the response (or upgraded stream)
-    /// ends. Errors are the gateway's own and are rendered by the caller; the admission
-    /// finishes with them.
+    /// ends; a refused connection to one instance of a sandbox with replicas goes to another
+    /// by `failover`. Errors are the gateway's own and are rendered by the caller; the
+    /// admission finishes with them.
+    #[allow(clippy::too_many_arguments)]
     pub async fn forward(
         &self,
         req: Request<Incoming>,
@@ -174,10 +196,11 @@ impl Proxy {
         upstream: Upstream,
         upgrade: bool,
         admission: OwnedAdmission,
+        failover: Failover<'_>,
     ) -> Result<Response<GatewayBody>, Error> {
         let mut held = Some(admission);
         let result = self
-            .forward_admitted(req, client, target, upstream, upgrade, &mut held)
+            .forward_admitted(req, client, target, upstream, upgrade, &mut held, failover)
             .await;
         if let (Err(e), Some(admission)) = (&result, held.take()) {
             admission.failed(e);
@@ -186,21 +209,18 @@ impl Proxy {
     }
 
     /// `forward`, taking the admission from `held` where it goes on with the response.
+    #[allow(clippy::too_many_arguments)]
     async fn forward_admitted(
         &self,
         mut req: Request<Incoming>,
         client: IpAddr,
-        target: Target,
+        mut target: Target,
         upstream: Upstream,
         upgrade: bool,
         held: &mut Option<OwnedAdmission>,
+        failover: Failover<'_>,
     ) -> Result<Response<GatewayBody>, Error> {
-        let sb = &target.sandbox;
-        let key = PoolKey {
-            upstream,
-            generation: sb.generation,
-            epoch: sb.created_at.timestamp_millis(),
-        };
+        let mut key = pool_key(target.dialed(), upstream);
         let client_version = req.version();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let public_host = req
@@ -225,7 +245,13 @@ impl Proxy {
         let up_req = upstream_request(&parts, body, &target, &forwarded, protocol.as_ref())?;
 
         let timeout = self.timeout;
-        let (resp, tx) = match tokio::time::timeout(timeout, self.send(key, up_req)).await {
+        let sent = tokio::time::timeout(
+            timeout,
+            self.send(&mut key, up_req, &mut target, held, failover),
+        )
+        .await;
+        let sb = &target.sandbox;
+        let (resp, tx) = match sent {
             Ok(Ok((resp, tx, connect))) => {
                 if let (Some(d), Some(a)) = (connect, held.as_mut()) {
                     a.connected(d);
@@ -283,7 +309,7 @@ impl Proxy {
         headers::strip_response_hop_by_hop(&mut parts.headers, false);
         if let Some(loc) = parts.headers.get(LOCATION) {
             let origin = public_origin(self.scheme, public_host.as_ref());
-            let ports = [target.port, upstream.port()];
+            let ports = [target.port, key.upstream.port()];
             let prefix = target
                 .stripped_prefix()
                 .and_then(|p| p.to_str().ok())
@@ -311,12 +337,17 @@ impl Proxy {
     }
 
     /// Sends on a pooled connection, or a new one; retries only what provably was not sent.
+    /// A new connection an instance refuses goes to another instance by `failover` (then
+    /// `key`, `target` and the admission in `held` name that one).
     async fn send(
         &self,
-        key: PoolKey,
+        key: &mut PoolKey,
         mut req: Request<ClientBody>,
+        target: &mut Target,
+        held: &mut Option<OwnedAdmission>,
+        failover: Failover<'_>,
     ) -> Result<(Response<Incoming>, Sender, Option<Duration>), SendError> {
-        if let Some(mut tx) = self.pool.checkout(&key) {
+        if let Some(mut tx) = self.pool.checkout(key) {
             if tx.ready().await.is_ok() {
                 // A kept connection the sandbox let go of just now fails the request: one
                 // that is harmless to repeat goes again on a fresh connection.
@@ -337,14 +368,37 @@ impl Proxy {
                 }
             }
         }
-        let (mut tx, took) = self.connect(key.upstream).await?;
+        let (mut tx, took) = loop {
+            // With other instances to go to, a refusal moves on at once instead of waiting
+            // for this one's port to open.
+            let others = !target.sandbox.instances().is_empty();
+            let retries = if others { 0 } else { self.retries };
+            match self.connect(key.upstream, retries).await {
+                Err(SendError::Refused) if others => {
+                    let next = held.as_mut().and_then(|a| failover(target, a));
+                    match next {
+                        Some(upstream) => {
+                            *key = pool_key(target.dialed(), upstream);
+                            headers::set_upstream_host(req.headers_mut(), upstream.port());
+                        }
+                        // None left: this one, as for a sandbox of one instance.
+                        None => break self.connect(key.upstream, self.retries).await?,
+                    }
+                }
+                other => break other?,
+            }
+        };
         let resp = tx.send_request(req).await.map_err(SendError::Protocol)?;
         Ok((resp, tx, Some(took)))
     }
 
     /// Opens an upstream HTTP/1.1 connection (see `dial`; with the time connecting took).
-    async fn connect(&self, upstream: Upstream) -> Result<(Sender, Duration), SendError> {
-        let (stream, took) = self.dial(upstream).await?;
+    async fn connect(
+        &self,
+        upstream: Upstream,
+        retries: u32,
+    ) -> Result<(Sender, Duration), SendError> {
+        let (stream, took) = self.dial_with(upstream, retries).await?;
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -364,13 +418,22 @@ impl Proxy {
         &self,
         upstream: Upstream,
     ) -> Result<(tokio::net::TcpStream, Duration), SendError> {
+        self.dial_with(upstream, self.retries).await
+    }
+
+    /// `dial`, with at most `retries` extra attempts on a refusal.
+    pub(crate) async fn dial_with(
+        &self,
+        upstream: Upstream,
+        retries: u32,
+    ) -> Result<(tokio::net::TcpStream, Duration), SendError> {
         let mut attempt = 0;
         let began = std::time::Instant::now();
         let stream = loop {
             match upstream.dial().await {
                 Ok(s) => break s,
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    if attempt >= self.retries {
+                    if attempt >= retries {
                         return Err(SendError::Refused);
                     }
                     attempt += 1;
@@ -383,6 +446,15 @@ impl Proxy {
         let took = began.elapsed();
         self.metrics.connected(took);
         Ok((stream, took))
+    }
+}
+
+/// The pool key of `upstream` of instance `sb`.
+pub fn pool_key(sb: &Entry, upstream: Upstream) -> PoolKey {
+    PoolKey {
+        upstream,
+        generation: sb.generation,
+        epoch: sb.created_at.timestamp_millis(),
     }
 }
 

@@ -98,6 +98,10 @@ ALTER TABLE sandboxes ADD COLUMN health_path TEXT;
     r#"
 ALTER TABLE sandboxes ADD COLUMN pool TEXT;
 "#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN replicas INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE sandboxes ADD COLUMN replica_of TEXT;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -211,6 +215,11 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Sandbox, StoreError> {
         },
         health_path: row.try_get("health_path")?,
         pool: row.try_get("pool")?,
+        replicas: {
+            let n: i64 = row.try_get("replicas")?;
+            u32::try_from(n).map_err(|e| corrupt(&id, e))?
+        },
+        replica_of: row.try_get("replica_of")?,
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
         id,
@@ -313,8 +322,9 @@ impl Store for SqliteStore {
             "INSERT INTO sandboxes (id, team_id, owner, name, runtime, mode, dev_server, command, \
              env, limits, port, allocated_port, status, status_reason, backend_ref, ip_address, \
              netns_pid, generation, created_at, updated_at, public, public_ports, \
-             preview_generation, keep_prefix, labels, idle_timeout, network, health_path, pool) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             preview_generation, keep_prefix, labels, idle_timeout, network, health_path, pool, \
+             replicas, replica_of) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&sb.id)
         .bind(team)
@@ -345,6 +355,8 @@ impl Store for SqliteStore {
         .bind(sb.network.as_str())
         .bind(&sb.health_path)
         .bind(&sb.pool)
+        .bind(i64::from(sb.replicas))
+        .bind(&sb.replica_of)
         .execute(&mut *tx)
         .await;
         match res {
@@ -656,6 +668,8 @@ mod tests {
             network: crate::model::Network::None,
             health_path: None,
             pool: None,
+            replicas: 1,
+            replica_of: None,
             created_at: now,
             updated_at: now,
         }

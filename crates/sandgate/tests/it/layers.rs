@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("error", 2),
     ("access", 2),
     ("tls", 2),
+    ("balance", 2),
     ("backend", 3),
     ("files", 3),
     ("routing", 3),

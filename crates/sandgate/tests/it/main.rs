@@ -29,6 +29,7 @@ mod prefix;
 mod preview;
 mod proxy;
 mod pty;
+mod replicas;
 mod restart;
 mod streaming;
 mod tls;

@@ -802,6 +802,8 @@ mod tests {
             labels: Default::default(),
             idle_timeout: None,
             pool: None,
+            replicas: 1,
+            replica_of: None,
             created_at: now,
             updated_at: now,
         }

@@ -1,0 +1,358 @@
+//! Replicas and load balancing (`replicas: N`, `LOAD_BALANCER_STRATEGY`): a sandbox runs N
+//! instances, each its own process and port; the proxy spreads requests over the ready ones
+//! by the strategy (round-robin, least-connections, random, sticky by client address); an
+//! instance that dies stops receiving traffic without failing an idempotent request; the
+//! instances are nobody's to address and follow their sandbox's stop, start and delete, and
+//! a gateway restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use http::StatusCode;
+use sandgate::config::Strategy;
+use serde_json::{json, Value};
+
+use crate::common::{
+    eventually, sandbox_processes, wait_sandbox_processes_gone, Client, Lane, SpawnedGateway,
+    TestGateway, TestSandbox, READY_TIMEOUT,
+};
+
+/// A gateway on `lane` balancing by `strategy`.
+async fn gateway(lane: Lane, strategy: Strategy) -> TestGateway {
+    TestGateway::builder()
+        .lane(lane)
+        .config(move |c| c.load_balancer_strategy = strategy)
+        .start()
+        .await
+}
+
+/// Creates a fixture sandbox of `n` instances and waits until every one is ready.
+async fn create_replicated(gw: &Client, n: usize) -> (TestSandbox, Vec<String>) {
+    let sb = gw.create_fixture_with("", json!({"replicas": n})).await;
+    assert_eq!(sb.view["replicas"], n, "{}", sb.view);
+    let ids = all_ready(gw, &sb.id, n).await;
+    assert_eq!(ids[0], sb.id, "instance 0 is the sandbox itself");
+    (sb, ids)
+}
+
+/// Waits until sandbox `id` lists `n` instances, all ready; their ids.
+async fn all_ready(gw: &Client, id: &str, n: usize) -> Vec<String> {
+    eventually(
+        READY_TIMEOUT,
+        &format!("{n} instances of {id} are ready"),
+        || async {
+            let v = gw.sandbox(id).await;
+            let instances = v["instances"].as_array()?.clone();
+            (instances.len() == n && instances.iter().all(|i| i["ready"] == true)).then(|| {
+                instances
+                    .iter()
+                    .map(|i| i["id"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+        },
+    )
+    .await
+}
+
+/// Which instance answers `GET /whoami` through the sandbox's route, `n` times in a row.
+async fn answers(gw: &Client, sb: &TestSandbox, n: usize) -> Vec<String> {
+    let mut who = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = gw.get(&sb.path("/whoami")).send().await;
+        r.expect(200);
+        who.push(r.text());
+    }
+    who
+}
+
+fn tally(who: &[String]) -> BTreeMap<String, usize> {
+    let mut t = BTreeMap::new();
+    for w in who {
+        *t.entry(w.clone()).or_default() += 1;
+    }
+    t
+}
+
+async fn requests_take_turns_and_instances_are_nobodys(lane: Lane) {
+    let gw = gateway(lane, Strategy::RoundRobin).await;
+    let (sb, ids) = create_replicated(&gw, 3).await;
+    let distinct: BTreeSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), 3, "{ids:?}");
+    // Each instance its own process and port.
+    let ports: BTreeSet<_> = gw.sandbox(&sb.id).await["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["allocated_port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ports.len(), 3);
+    for id in &ids {
+        assert!(!sandbox_processes(id).is_empty(), "instance {id} runs");
+    }
+
+    // Round-robin: 30 requests in a row, 10 to each.
+    let who = answers(&gw, &sb, 30).await;
+    let t = tally(&who);
+    assert_eq!(t.len(), 3, "{t:?}");
+    assert!(t.values().all(|&n| n == 10), "{t:?}");
+    assert!(t.keys().all(|k| ids.contains(k)), "{t:?} {ids:?}");
+
+    // The instances are not sandboxes: not listed, not found, not routed by their ids.
+    let listed = gw.list().await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    for other in &ids[1..] {
+        gw.get(&format!("/sandboxes/{other}"))
+            .send()
+            .await
+            .expect_error(404, "sandbox_not_found");
+        gw.get(&format!("/sandbox/{other}/"))
+            .send()
+            .await
+            .expect_error(404, "sandbox_not_found");
+    }
+    let health = gw.get("/health/sandboxes").send().await.expect(200).json();
+    assert_eq!(health["count"], 1, "{health}");
+    assert_eq!(
+        health["sandboxes"][0]["instances"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    gw.shutdown().await;
+}
+
+async fn least_connections_avoids_the_busy_instance(lane: Lane) {
+    let gw = gateway(lane, Strategy::LeastConnections).await;
+    let (sb, ids) = create_replicated(&gw, 2).await;
+    // A stream held open keeps one instance busy: everything else goes to the other.
+    let held = gw.get(&sb.path("/sse-hold")).send_streaming().await;
+    assert_eq!(held.status(), StatusCode::OK);
+    let busy = eventually(
+        READY_TIMEOUT,
+        "one instance has a request in flight",
+        || async {
+            let v = gw.sandbox(&sb.id).await;
+            v["instances"]
+                .as_array()?
+                .iter()
+                .find(|i| i["in_flight"] == 1)
+                .and_then(|i| i["id"].as_str().map(String::from))
+        },
+    )
+    .await;
+    let t = tally(&answers(&gw, &sb, 8).await);
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert!(
+        !t.contains_key(&busy),
+        "the busy instance {busy} got requests: {t:?}"
+    );
+    // Once it ends, both share again (ties take turns).
+    drop(held);
+    eventually(READY_TIMEOUT, "the held stream ended", || async {
+        let v = gw.sandbox(&sb.id).await;
+        v["instances"]
+            .as_array()?
+            .iter()
+            .all(|i| i["in_flight"] == 0)
+            .then_some(())
+    })
+    .await;
+    let t = tally(&answers(&gw, &sb, 8).await);
+    assert_eq!(t.len(), 2, "{t:?} {ids:?}");
+    assert!(t.values().all(|&n| n == 4), "{t:?}");
+    gw.shutdown().await;
+}
+
+async fn random_reaches_every_instance(lane: Lane) {
+    let gw = gateway(lane, Strategy::Random).await;
+    let (sb, ids) = create_replicated(&gw, 2).await;
+    // Each of 60 requests picks uniformly: one instance missing all is a 2^-59 event.
+    let t = tally(&answers(&gw, &sb, 60).await);
+    assert_eq!(t.len(), 2, "{t:?} {ids:?}");
+    gw.shutdown().await;
+}
+
+async fn sticky_keeps_each_client_on_one_instance(lane: Lane) {
+    let gw = gateway(lane, Strategy::Sticky).await;
+    let (sb, ids) = create_replicated(&gw, 3).await;
+    let mut homes = BTreeSet::new();
+    // 16 client addresses: all on one instance would be a 3^-15 event.
+    for n in 2..18 {
+        let client = gw.connecting_from(&format!("127.0.0.{n}"));
+        let t = tally(&answers(&client, &sb, 4).await);
+        assert_eq!(
+            t.len(),
+            1,
+            "client 127.0.0.{n} moved between instances: {t:?}"
+        );
+        homes.extend(t.into_keys());
+    }
+    assert!(
+        homes.len() >= 2,
+        "every client on one instance: {homes:?} of {ids:?}"
+    );
+    gw.shutdown().await;
+}
+
+async fn a_killed_instance_fails_no_idempotent_request(lane: Lane) {
+    let gw = gateway(lane, Strategy::RoundRobin).await;
+    let (sb, ids) = create_replicated(&gw, 3).await;
+    // Pooled upstream connections to every instance.
+    answers(&gw, &sb, 9).await;
+    let victim = ids[1].clone();
+    for pid in sandbox_processes(&victim) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    // At once, before the gateway has seen the exit: every request is answered, by the others.
+    let who = answers(&gw, &sb, 30).await;
+    let t = tally(&who);
+    assert!(
+        !t.contains_key(&victim),
+        "the killed instance answered: {t:?}"
+    );
+    assert_eq!(t.values().sum::<usize>(), 30);
+    // The API shows it failed; the sandbox stays ready and serving.
+    eventually(
+        READY_TIMEOUT,
+        "the killed instance is shown failed",
+        || async {
+            let v = gw.sandbox(&sb.id).await;
+            let i = v["instances"]
+                .as_array()?
+                .iter()
+                .find(|i| i["id"] == victim.as_str())?;
+            (i["status"] == "failed" && i["ready"] == false && v["ready"] == true).then_some(())
+        },
+    )
+    .await;
+    let t = tally(&answers(&gw, &sb, 10).await);
+    assert_eq!(t.len(), 2, "{t:?}");
+    assert!(t.values().all(|&n| n == 5), "{t:?}");
+
+    // A start brings it back, and it gets its share again.
+    gw.post(&format!("/sandboxes/{}/start", sb.id))
+        .send()
+        .await
+        .expect(200);
+    all_ready(&gw, &sb.id, 3).await;
+    let t = tally(&answers(&gw, &sb, 30).await);
+    assert_eq!(t.get(&victim), Some(&10), "{t:?}");
+    gw.shutdown().await;
+}
+
+both_lanes!(
+    requests_take_turns_and_instances_are_nobodys,
+    least_connections_avoids_the_busy_instance,
+    random_reaches_every_instance,
+    sticky_keeps_each_client_on_one_instance,
+    a_killed_instance_fails_no_idempotent_request,
+);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_follow_their_sandbox_through_stop_start_and_delete() {
+    let gw = TestGateway::builder().start().await;
+    let (sb, ids) = create_replicated(&gw, 3).await;
+    let r = gw.post(&format!("/sandboxes/{}/stop", sb.id)).send().await;
+    r.expect(200);
+    for id in &ids {
+        wait_sandbox_processes_gone(id, Duration::from_secs(10)).await;
+    }
+    let v = gw.sandbox(&sb.id).await;
+    let statuses: Vec<&Value> = v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| &i["status"])
+        .collect();
+    assert!(statuses.iter().all(|s| *s == "stopped"), "{v}");
+    assert_eq!(v["ready"], false);
+
+    gw.post(&format!("/sandboxes/{}/start", sb.id))
+        .send()
+        .await
+        .expect(200);
+    let again = all_ready(&gw, &sb.id, 3).await;
+    assert_eq!(again, ids, "the same instances, started again");
+    let t = tally(&answers(&gw, &sb, 9).await);
+    assert_eq!(t.len(), 3, "{t:?}");
+
+    gw.delete_sandbox(&sb.id).await;
+    for id in &ids {
+        wait_sandbox_processes_gone(id, Duration::from_secs(10)).await;
+    }
+    assert!(gw.list().await.is_empty());
+    // Nothing of them is left on disk either.
+    for id in &ids {
+        assert!(
+            !gw.data_dir().join("sandboxes").join(id).exists(),
+            "instance {id} left its directory"
+        );
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_asks_for_a_sensible_number_of_replicas() {
+    let gw = TestGateway::builder().start().await;
+    for bad in [json!(0), json!(17), json!(-1), json!("two")] {
+        let r = gw
+            .post("/sandboxes")
+            .json(&json!({"runtime": "shell", "command": "sleep 100", "replicas": bad}))
+            .send()
+            .await;
+        assert!(
+            r.status == StatusCode::BAD_REQUEST || r.status == StatusCode::UNPROCESSABLE_ENTITY,
+            "replicas {bad}: {} {}",
+            r.status,
+            r.text()
+        );
+    }
+    let r = gw
+        .post("/sandboxes")
+        .json(&json!({"runtime": "shell", "dev_server": false, "replicas": 2}))
+        .send()
+        .await;
+    assert!(r.status.is_client_error(), "{} {}", r.status, r.text());
+    assert!(r.text().contains("replicas"), "{}", r.text());
+    assert!(gw.list().await.is_empty());
+    // A sandbox of one instance lists itself as its only instance.
+    let sb = gw.create_fixture().await;
+    let v = gw.sandbox(&sb.id).await;
+    assert_eq!(v["replicas"], 1);
+    assert_eq!(v["instances"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["instances"][0]["id"], sb.id.as_str());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_gateway_readopts_every_instance() {
+    let mut gw = SpawnedGateway::start_on(Lane::Fast, 6, &[]).await;
+    let (sb, ids) = create_replicated(&gw, 3).await;
+    let pids: Vec<Vec<i32>> = ids.iter().map(|id| sandbox_processes(id)).collect();
+    gw.kill().await;
+    gw.restart().await;
+    let again = all_ready(&gw, &sb.id, 3).await;
+    assert_eq!(again, ids);
+    let now: Vec<Vec<i32>> = ids.iter().map(|id| sandbox_processes(id)).collect();
+    assert_eq!(now, pids, "the same processes, re-adopted");
+    let t = tally(&answers(&gw, &sb, 9).await);
+    assert_eq!(t.len(), 3, "{t:?}");
+
+    // A clean stop stops every instance; the next start finds them stopped.
+    assert!(gw.terminate().await.success(), "{}", gw.log());
+    for id in &ids {
+        wait_sandbox_processes_gone(id, Duration::from_secs(10)).await;
+    }
+    gw.restart().await;
+    let v = gw.sandbox(&sb.id).await;
+    let instances = v["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 3, "{v}");
+    assert!(instances.iter().all(|i| i["status"] == "stopped"), "{v}");
+    gw.delete_sandbox(&sb.id).await;
+    assert!(gw.list().await.is_empty());
+    assert!(gw.terminate().await.success(), "{}", gw.log());
+}
