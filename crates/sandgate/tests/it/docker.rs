@@ -50,7 +50,7 @@ static UNSTARTABLE_IMAGE_BUILT: tokio::sync::OnceCell<()> = tokio::sync::OnceCel
 
 /// A client for the engine the gateway will use, or `None` (after saying so loudly) when no
 /// engine answers. Under `CI=true` a missing engine is a failure.
-async fn engine() -> Option<Docker> {
+pub(crate) async fn engine() -> Option<Docker> {
     let connect = async {
         let docker = Docker::connect_with_defaults().map_err(|e| e.to_string())?;
         let docker = tokio::time::timeout(Duration::from_secs(10), docker.negotiate_version())
@@ -93,7 +93,7 @@ fn netns_or_skip() -> bool {
     ok
 }
 
-async fn build_image(docker: &Docker, tag: &str, context: Vec<u8>) {
+pub(crate) async fn build_image(docker: &Docker, tag: &str, context: Vec<u8>) {
     // The image the tag named before, removed once the tag moves: each run would otherwise
     // leave one untagged image (tens of MB) behind on the engine.
     let before = docker.inspect_image(tag).await.ok().and_then(|i| i.id);
@@ -178,7 +178,7 @@ impl Context {
 }
 
 /// The shared libraries `binary` loads (empty for a static binary), as `ldd` resolves them.
-fn shared_libraries(binary: &str) -> Vec<String> {
+pub(crate) fn shared_libraries(binary: &str) -> Vec<String> {
     let Ok(out) = std::process::Command::new("ldd").arg(binary).output() else {
         return Vec::new();
     };

@@ -19,6 +19,7 @@ mod framing;
 mod frontdoor;
 mod health;
 mod idle;
+mod image;
 mod isolation;
 mod layers;
 mod lifecycle;
