@@ -4,8 +4,9 @@
 //! - **check** ([`Policy::check`]): a pure, synchronous function of the request head (method,
 //!   host, path, query, peer address, and the [`Facts`] one pass over its fields yields) that
 //!   says what happens to it: forward to a sandbox port, hand to the control API, answer with
-//!   a redirect, or refuse with an error. It touches no counter, so a lane that hands a request
-//!   to the other may ask again and get the same answer.
+//!   a redirect, or refuse with an error. It touches no admission counter (its one write is
+//!   the balancer's round-robin turn, for a sandbox with replicas), so a lane that hands a
+//!   request to the other may ask again and get the same answer (an instance may differ).
 //! - **admit** ([`Policy::admit`]): exactly once, in the lane that forwards the request: the
 //!   sandbox's in-use mark (within its connection cap), the rate-limit tokens of the
 //!   credential and the sandbox ([`crate::rates`]), the concurrency slot and the client
