@@ -15,7 +15,15 @@ use tokio::net::TcpStream;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn enter_and_connect(pid: i32, port: u16) -> io::Result<std::net::TcpStream> {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    // Its process is gone (a container killed, a sandbox that just exited): nothing listens
+    // there, which the proxy treats as a refusal (retried, or sent to another instance).
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            "the sandbox's network namespace is gone",
+        ),
+        _ => e,
+    })?;
     nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
@@ -70,5 +78,12 @@ mod tests {
         drop(listener);
         let err = connect(me, port).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[tokio::test]
+    async fn a_vanished_namespace_is_a_refusal() {
+        // No process has this pid (above the kernel's pid_max).
+        let err = connect(i32::MAX, 80).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
     }
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use bollard::models::{ContainerCreateBody, ContainerInspectResponse, ContainerSummary};
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptionsBuilder, EventsOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    KillContainerOptions, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -1102,6 +1102,89 @@ async fn a_create_whose_client_leaves_still_finishes() {
     let id = v["id"].as_str().unwrap().to_string();
     gw.wait_ready(&id).await;
     gw.get(&format!("/sandbox/{id}/")).send().await.expect(200);
+    gw.delete_sandbox(&id).await;
+    assert_no_containers(&docker, &gateway).await;
+    gw.shutdown().await;
+}
+
+/// A sandbox of two instances on the Docker backend: two containers, requests spread over
+/// both; a container killed behind the gateway's back fails no request (the refused dial
+/// moves to the other) and is shown failed; a delete removes both.
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_are_containers_of_their_own_and_share_the_requests() {
+    if engine_with_images().await.is_none() || !netns_or_skip() {
+        return;
+    }
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let leftovers = Leftovers::default();
+    let gw = docker_gateway(Isolation::Auto).start().await;
+    let gateway = gateway_id_of(gw.data_dir());
+    leftovers.gateway(&gateway);
+    let serve_id = "mkdir -p www && echo $SANDBOX_ID > www/index.html && \
+                    exec httpd -f -p 127.0.0.1:$PORT -h www";
+    let v = gw
+        .create(&json!({"runtime": "shell", "command": serve_id, "replicas": 2}))
+        .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    let instances: Vec<String> = v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(instances.len(), 2, "{v}");
+    assert_eq!(containers_of(&docker, &gateway).await.len(), 2);
+    for i in &instances {
+        let c = inspect(&docker, &format!("sandgate-{i}"))
+            .await
+            .expect("its container");
+        assert!(running(&c));
+        assert_eq!(label(&c, "sandgate.sandbox"), Some(i.as_str()));
+    }
+    let path = format!("/sandbox/{id}/");
+    eventually(CONTAINER_TIMEOUT, "both instances are ready", || async {
+        let v = gw.sandbox(&id).await;
+        v["instances"]
+            .as_array()?
+            .iter()
+            .all(|i| i["ready"] == true)
+            .then_some(())
+    })
+    .await;
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..10 {
+        let r = gw.get(&path).send().await;
+        r.expect(200);
+        *seen.entry(r.text().trim().to_string()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.values().all(|&n| n == 5), "{seen:?}");
+
+    // Killed behind the gateway's back: no request fails, the other answers them all.
+    docker
+        .kill_container(
+            &format!("sandgate-{}", instances[1]),
+            None::<KillContainerOptions>,
+        )
+        .await
+        .expect("kill");
+    for _ in 0..10 {
+        let r = gw.get(&path).send().await;
+        r.expect(200);
+        assert_eq!(r.text().trim(), id);
+    }
+    eventually(
+        CONTAINER_TIMEOUT,
+        "the killed instance is shown failed",
+        || async {
+            let v = gw.sandbox(&id).await;
+            let i = v["instances"].as_array()?.get(1)?.clone();
+            (i["status"] != "running" && i["ready"] == false).then_some(())
+        },
+    )
+    .await;
     gw.delete_sandbox(&id).await;
     assert_no_containers(&docker, &gateway).await;
     gw.shutdown().await;
