@@ -758,7 +758,8 @@ impl Manager {
         F: Fn(Sandbox) -> Fut,
         Fut: std::future::Future<Output = Result<(), Error>>,
     {
-        if sb.replica_of.is_some() {
+        // Only a sandbox of several instances has instance records (no store scan otherwise).
+        if sb.replica_of.is_some() || sb.replicas <= 1 {
             return Ok(());
         }
         let instances = self.instances_of(&sb.id).await?;
