@@ -130,7 +130,15 @@ pub struct Manager {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Arc<Metrics>,
     warm: Pools,
+    /// Instances that ended on their own: restarts in a row and when the last was made.
+    restarts: Mutex<HashMap<String, (u32, std::time::Instant)>>,
 }
+
+/// The first automatic restart of an instance that ended waits this long; each further one
+/// in a row twice as long, up to [`RESTART_MAX`]. An instance that ran this long since its
+/// last restart starts the count again.
+const RESTART_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const RESTART_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long a warm sandbox's dev server may take to accept connections before the fill is
 /// given up (and retried later).
@@ -204,6 +212,7 @@ impl Manager {
             runtimes,
             locks: Mutex::new(HashMap::new()),
             metrics,
+            restarts: Mutex::new(HashMap::new()),
         }
     }
 
@@ -1018,22 +1027,23 @@ impl Manager {
     }
 
     /// Applies an exit reported by the backend, unless it belongs to an older incarnation or
-    /// the manager itself is stopping the sandbox.
-    pub async fn on_exit(&self, exit: Exit) {
+    /// the manager itself is stopping the sandbox. An extra instance of a sandbox that runs
+    /// is to be restarted: its id and when (with backoff) are returned.
+    pub async fn on_exit(&self, exit: Exit) -> Option<(String, std::time::Duration)> {
         let lock = self.lock_for(&exit.id);
         let _guard = lock.lock().await;
         let Ok(Some(mut sb)) = self.store.get(&exit.id).await else {
-            return;
+            return None;
         };
         if sb.generation != exit.generation || sb.status != Status::Running {
-            return;
+            return None;
         }
         if sb.pool.is_some() {
             // Nobody's yet: it goes, and the pool starts another.
             tracing::warn!(sandbox = %sb.id, code = ?exit.code, signal = ?exit.signal, "a warm sandbox ended while it waited; removing it");
             self.remove_warm_locked(&mut sb).await;
             self.forget_lock(&sb.id);
-            return;
+            return None;
         }
         let (status, mut reason) = match (exit.code, exit.signal) {
             (Some(0), _) => (Status::Stopped, "exited with code 0".to_string()),
@@ -1053,12 +1063,64 @@ impl Manager {
         if let Err(e) = self.save(&mut sb).await {
             tracing::error!(sandbox = %sb.id, error = %e, "could not record exit");
         }
+        sb.replica_of
+            .is_some()
+            .then(|| (sb.id.clone(), self.restart_delay(&sb.id)))
     }
 
-    /// Consumes backend exit reports until the channel closes.
+    /// How long to wait before restarting instance `id` now: doubling for restarts in a row.
+    fn restart_delay(&self, id: &str) -> std::time::Duration {
+        let mut restarts = self.restarts.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let streak = match restarts.get(id) {
+            Some(&(n, last)) if now.duration_since(last) < RESTART_MAX => n + 1,
+            _ => 0,
+        };
+        restarts.insert(id.to_string(), (streak, now));
+        RESTART_FIRST
+            .saturating_mul(1 << streak.min(6))
+            .min(RESTART_MAX)
+    }
+
+    /// Restarts an extra instance that ended on its own, if it is still ended and its
+    /// sandbox still runs (a stop, delete or start meanwhile decides otherwise).
+    async fn heal(&self, id: &str) {
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let Ok(Some(mut inst)) = self.store.get(id).await else {
+            self.restarts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+            return;
+        };
+        let running = match &inst.replica_of {
+            Some(of) => self
+                .routes
+                .get(of)
+                .is_some_and(|s| s.status == Status::Running),
+            None => false,
+        };
+        if !running || !matches!(inst.status, Status::Failed | Status::Stopped) {
+            return;
+        }
+        tracing::info!(sandbox = ?inst.replica_of, instance = %id, "restarting an instance that ended");
+        if let Err(e) = self.start_one_locked(&mut inst).await {
+            tracing::warn!(instance = %id, error = %e, "could not restart an instance");
+        }
+    }
+
+    /// Consumes backend exit reports until the channel closes; an instance that ended is
+    /// restarted after its backoff.
     pub async fn watch_exits(self: Arc<Self>, mut exits: UnboundedReceiver<Exit>) {
         while let Some(exit) = exits.recv().await {
-            self.on_exit(exit).await;
+            if let Some((id, after)) = self.on_exit(exit).await {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    me.heal(&id).await;
+                });
+            }
         }
     }
 
