@@ -561,15 +561,27 @@ impl Lane {
 
         // The request head (and a body's first bytes), then the response head.
         let mut req = RequestBody::new(f.facts.framing);
+        // A request that is harmless to repeat goes again on a fresh connection when a kept
+        // one fails before any answer (the sandbox had let it go), and, for a sandbox with
+        // other instances, to another instance when a fresh one fails so (a server dying
+        // with connections in its backlog).
+        let others = !target.sandbox.instances().is_empty();
         let head_result = loop {
             let sent = if req.done() {
                 up.write_all(&self.out).await
             } else {
                 req.send_first(&mut up, &self.out, &mut self.rbuf).await
             };
-            if sent.is_err() && reused && req.may_retry(&f.facts) {
+            if sent.is_err()
+                && req.may_retry(&f.facts)
+                && (reused
+                    || (others
+                        && move_on(gw, target, f.client, &mut at, &mut admission, &mut self.out)))
+            {
+                if reused {
+                    proxy.metrics().retried(crate::metrics::Retry::Resend);
+                }
                 reused = false;
-                proxy.metrics().retried(crate::metrics::Retry::Resend);
                 timer.as_mut().reset(Instant::now() + timeout);
                 let dialed = connect(gw, target, f.client, &mut at, &mut admission, &mut self.out);
                 if let Some(Ok((s, took))) = race(dialed, timer.as_mut()).await {
@@ -595,11 +607,25 @@ impl Lane {
             .await;
             match got {
                 Err(e)
-                    if e.closed_early() && reused && ubuf.is_empty() && req.may_retry(&f.facts) =>
+                    if e.closed_early()
+                        && ubuf.is_empty()
+                        && req.may_retry(&f.facts)
+                        && (reused
+                            || (others
+                                && move_on(
+                                    gw,
+                                    target,
+                                    f.client,
+                                    &mut at,
+                                    &mut admission,
+                                    &mut self.out,
+                                ))) =>
                 {
+                    if reused {
+                        proxy.metrics().retried(crate::metrics::Retry::Resend);
+                    }
                     reused = false;
                     ubuf.clear();
-                    proxy.metrics().retried(crate::metrics::Retry::Resend);
                     timer.as_mut().reset(Instant::now() + timeout);
                     let dialed =
                         connect(gw, target, f.client, &mut at, &mut admission, &mut self.out);
@@ -843,23 +869,41 @@ async fn connect<'a>(
         let retries = if others { 0 } else { proxy.retries() };
         match proxy.dial_with(at.upstream, retries).await {
             Err(crate::proxy::SendError::Refused) if others => {
-                match gw.policy.failover(target, at.instance, client, admission) {
-                    Some((i, upstream)) => {
-                        let instance = crate::balance::instance(&target.sandbox, i);
-                        *at = Dialing {
-                            instance: i,
-                            upstream,
-                            key: crate::proxy::pool_key(instance, upstream),
-                        };
-                        head::set_host_port(out, upstream.port());
-                    }
+                if !move_on(gw, target, client, at, admission, out) {
                     // None left: this one, as for a sandbox of one instance.
-                    None => return proxy.dial(at.upstream).await,
+                    return proxy.dial(at.upstream).await;
                 }
             }
             other => return other,
         }
     }
+}
+
+/// Moves a request whose instance failed it (nothing answered) to another instance of its
+/// sandbox, by the policy's failover: `at`, the admission and the `Host` port in `out`
+/// follow. False if there is no other.
+fn move_on<'a>(
+    gw: &'a Gateway,
+    target: &'a Target,
+    client: IpAddr,
+    at: &mut Dialing,
+    admission: &mut crate::admission::Admission<
+        &'a crate::admission::Limits,
+        &'a crate::routes::Activity,
+    >,
+    out: &mut Vec<u8>,
+) -> bool {
+    let Some((i, upstream)) = gw.policy.failover(target, at.instance, client, admission) else {
+        return false;
+    };
+    let instance = crate::balance::instance(&target.sandbox, i);
+    *at = Dialing {
+        instance: i,
+        upstream,
+        key: crate::proxy::pool_key(instance, upstream),
+    };
+    head::set_host_port(out, upstream.port());
+    true
 }
 
 struct ResponseShape {

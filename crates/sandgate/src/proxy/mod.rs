@@ -368,28 +368,63 @@ impl Proxy {
                 }
             }
         }
-        let (mut tx, took) = loop {
-            // With other instances to go to, a refusal moves on at once instead of waiting
-            // for this one's port to open.
-            let others = !target.sandbox.instances().is_empty();
-            let retries = if others { 0 } else { self.retries };
+        let others = !target.sandbox.instances().is_empty();
+        loop {
+            let (mut tx, took) = self
+                .connect_instance(key, req.headers_mut(), target, held, failover)
+                .await?;
+            // An instance of a sandbox with others that drops a fresh connection before
+            // answering (a server dying with connections in its backlog): a request that is
+            // harmless to repeat goes to another instance.
+            let has_body = !http_body::Body::is_end_stream(req.body());
+            let again = (others && may_resend(is_idempotent(req.method().as_str()), has_body))
+                .then(|| copy_bodiless(&req));
+            match tx.send_request(req).await {
+                Ok(resp) => return Ok((resp, tx, Some(took))),
+                Err(e) => {
+                    let next = again.and_then(|r| {
+                        let upstream = held.as_mut().and_then(|a| failover(target, a))?;
+                        Some((r, upstream))
+                    });
+                    let Some((r, upstream)) = next else {
+                        return Err(SendError::Protocol(e));
+                    };
+                    *key = pool_key(target.dialed(), upstream);
+                    req = r;
+                    headers::set_upstream_host(req.headers_mut(), upstream.port());
+                }
+            }
+        }
+    }
+
+    /// Opens a connection to the instance `key` names; one that refuses while its sandbox has
+    /// other instances moves the request on at once, by `failover` (`key`, the `Host` field
+    /// in `fields`, `target` and the admission follow), instead of waiting for its port.
+    async fn connect_instance(
+        &self,
+        key: &mut PoolKey,
+        fields: &mut http::HeaderMap,
+        target: &mut Target,
+        held: &mut Option<OwnedAdmission>,
+        failover: Failover<'_>,
+    ) -> Result<(Sender, Duration), SendError> {
+        let others = !target.sandbox.instances().is_empty();
+        let retries = if others { 0 } else { self.retries };
+        loop {
             match self.connect(key.upstream, retries).await {
                 Err(SendError::Refused) if others => {
-                    let next = held.as_mut().and_then(|a| failover(target, a));
-                    match next {
+                    match held.as_mut().and_then(|a| failover(target, a)) {
                         Some(upstream) => {
                             *key = pool_key(target.dialed(), upstream);
-                            headers::set_upstream_host(req.headers_mut(), upstream.port());
+                            headers::set_upstream_host(fields, upstream.port());
                         }
                         // None left: this one, as for a sandbox of one instance.
-                        None => break self.connect(key.upstream, self.retries).await?,
+                        None => return self.connect(key.upstream, self.retries).await,
                     }
                 }
-                other => break other?,
+                other => return other,
             }
-        };
-        let resp = tx.send_request(req).await.map_err(SendError::Protocol)?;
-        Ok((resp, tx, Some(took)))
+        }
     }
 
     /// Opens an upstream HTTP/1.1 connection (see `dial`; with the time connecting took).
