@@ -72,7 +72,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::rates::Rates;
 use crate::routes::Routes;
-use crate::store::{SqliteStore, Store};
+use crate::store::{SqlStore, Store};
 use crate::workers::Workers;
 
 /// Why the gateway could not start or run.
@@ -254,7 +254,7 @@ pub async fn run(
     // Before the store or any sandbox is touched: a second gateway here must change nothing.
     let mut dir_lock = datadir::lock(data_dir)?;
     dir_lock.record(listener.local_addr()?)?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_url).await?);
+    let store: Arc<dyn Store> = Arc::new(SqlStore::open(&config.database_url).await?);
     let auth = Arc::new(Auth::load(store.clone(), &config).await?);
     let audit = Audit::start(store.clone());
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -1,9 +1,13 @@
-//! Durable sandbox state behind the `Store` trait; SQLite is the embedded default.
+//! Durable sandbox state behind the `Store` trait; SQLite is the embedded default,
+//! PostgreSQL (`DATABASE_URL=postgres://…`) the store replicas share.
 //!
-//! The store owns port allocation, so a port is never handed out twice, even across restarts:
-//! a sandbox's `allocated_port` is unique in the table and released when its row is deleted.
+//! The store owns port allocation, so a port is never handed out twice, even across restarts
+//! and replicas: a sandbox's `allocated_port` is unique in the table and released when its
+//! row is deleted.
 
-mod sqlite;
+mod engine;
+pub mod pg;
+mod sql;
 
 use std::ops::RangeInclusive;
 
@@ -13,7 +17,50 @@ use chrono::{DateTime, Utc};
 
 use crate::model::Sandbox;
 
-pub use sqlite::SqliteStore;
+pub use engine::Engine;
+pub use sql::{is_postgres, SqlStore};
+
+/// A record a gateway changed, as announced to the others on a shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Sandbox(String),
+    Key(String),
+    Team(String),
+    /// Changes may have been missed (the listener (re)connected, or the periodic safety
+    /// net): re-read everything.
+    Resync,
+}
+
+impl Change {
+    /// The `NOTIFY` payload: `<kind>:<id>`.
+    pub fn to_payload(&self) -> String {
+        match self {
+            Change::Sandbox(id) => format!("sandbox:{id}"),
+            Change::Key(id) => format!("key:{id}"),
+            Change::Team(id) => format!("team:{id}"),
+            Change::Resync => "resync:".into(),
+        }
+    }
+
+    pub fn parse(payload: &str) -> Option<Change> {
+        let (kind, id) = payload.split_once(':')?;
+        let id = id.to_string();
+        Some(match kind {
+            "sandbox" => Change::Sandbox(id),
+            "key" => Change::Key(id),
+            "team" => Change::Team(id),
+            "resync" => Change::Resync,
+            _ => return None,
+        })
+    }
+}
+
+/// What a gateway on a shared store follows: the other gateways' changes, and whether it
+/// holds the lease on background duties.
+pub struct Follow {
+    pub changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    pub leader: tokio::sync::watch::Receiver<bool>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -126,4 +173,13 @@ pub trait Store: Send + Sync {
     async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError>;
     /// Whether the store answers (for health checks).
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Whether other gateways may share this store (they then follow each other's writes).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// On a shared store, starts following it until `shutdown`; `None` on a store only this
+    /// gateway uses (it then always holds the lease on background duties).
+    async fn follow(&self, _shutdown: tokio_util::sync::CancellationToken) -> Option<Follow> {
+        None
+    }
 }
