@@ -74,16 +74,29 @@ impl SqlStore {
         self.pool.engine()
     }
 
-    /// Applies the migrations not yet applied, each in its own transaction (SQLite) or all
-    /// in one under [`WRITE_LOCK`] (PostgreSQL: replicas starting together migrate once).
+    /// Applies the migrations not yet applied: on SQLite each in its own transaction, all on
+    /// one connection (another connection that saw the schema mid-way would keep a stale
+    /// column list for `SELECT *`); on PostgreSQL all in one transaction under
+    /// [`WRITE_LOCK`] (replicas starting together migrate once).
     async fn migrate(&self) -> Result<(), StoreError> {
-        let engine = self.engine();
-        let mut tx = self.pool.begin().await?;
-        let version: i64 = match engine {
-            Engine::Sqlite => {
-                tx.fetch_all(query("PRAGMA user_version")).await?[0].get("user_version")?
+        match &self.pool {
+            Pool::Sqlite(pool) => {
+                let mut conn = pool.acquire().await?;
+                let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+                    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                    let sql = Engine::Sqlite.dialect(sql);
+                    // Executor::execute on &str keeps this future Send (raw_sql's is not).
+                    sqlx::Executor::execute(&mut *tx, sql.as_str()).await?;
+                    let pragma = format!("PRAGMA user_version = {}", i + 1);
+                    sqlx::Executor::execute(&mut *tx, pragma.as_str()).await?;
+                    tx.commit().await?;
+                }
             }
-            Engine::Postgres => {
+            Pool::Postgres(_) => {
+                let mut tx = self.pool.begin().await?;
                 tx.execute(query("SELECT pg_advisory_xact_lock(?)").bind(WRITE_LOCK))
                     .await?;
                 tx.execute_script(
@@ -92,28 +105,21 @@ impl SqlStore {
                      WHERE NOT EXISTS (SELECT 1 FROM schema_version)",
                 )
                 .await?;
-                tx.fetch_all(query("SELECT version FROM schema_version"))
-                    .await?[0]
-                    .get("version")?
-            }
-        };
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            tx.execute_script(&engine.dialect(sql)).await?;
-            let done = format!("{}", i + 1);
-            match engine {
-                Engine::Sqlite => {
-                    tx.execute_script(&format!("PRAGMA user_version = {done}"))
-                        .await?;
-                    tx.commit().await?;
-                    tx = self.pool.begin().await?;
+                let version: i64 = tx
+                    .fetch_all(query("SELECT version FROM schema_version"))
+                    .await?
+                    .first()
+                    .map(|r| r.get("version"))
+                    .transpose()?
+                    .unwrap_or(0);
+                for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+                    tx.execute_script(&Engine::Postgres.dialect(sql)).await?;
+                    let done = format!("UPDATE schema_version SET version = {}", i + 1);
+                    tx.execute_script(&done).await?;
                 }
-                Engine::Postgres => {
-                    tx.execute_script(&format!("UPDATE schema_version SET version = {done}"))
-                        .await?;
-                }
+                tx.commit().await?;
             }
         }
-        tx.commit().await?;
         Ok(())
     }
 
