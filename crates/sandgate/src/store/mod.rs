@@ -26,6 +26,9 @@ pub enum Change {
     Sandbox(String),
     Key(String),
     Team(String),
+    /// Sandboxes used through some gateway lately (so the one running the idle reaper does
+    /// not take them for idle): not a record change.
+    Used(Vec<String>),
     /// Changes may have been missed (the listener (re)connected, or the periodic safety
     /// net): re-read everything.
     Resync,
@@ -38,6 +41,7 @@ impl Change {
             Change::Sandbox(id) => format!("sandbox:{id}"),
             Change::Key(id) => format!("key:{id}"),
             Change::Team(id) => format!("team:{id}"),
+            Change::Used(ids) => format!("used:{}", ids.join(",")),
             Change::Resync => "resync:".into(),
         }
     }
@@ -49,6 +53,7 @@ impl Change {
             "sandbox" => Change::Sandbox(id),
             "key" => Change::Key(id),
             "team" => Change::Team(id),
+            "used" => Change::Used(id.split(',').map(str::to_string).collect()),
             "resync" => Change::Resync,
             _ => return None,
         })
@@ -173,6 +178,11 @@ pub trait Store: Send + Sync {
     async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError>;
     /// Whether the store answers (for health checks).
     async fn ping(&self) -> Result<(), StoreError>;
+    /// On a shared store, tells the other gateways these sandboxes were used through this one
+    /// lately (see [`Change::Used`]); nothing otherwise.
+    async fn announce_use(&self, _ids: &[String]) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Whether other gateways may share this store (they then follow each other's writes).
     fn shared(&self) -> bool {
         false

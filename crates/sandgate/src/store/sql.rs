@@ -675,6 +675,14 @@ impl Store for SqlStore {
         self.engine() == Engine::Postgres
     }
 
+    async fn announce_use(&self, ids: &[String]) -> Result<(), StoreError> {
+        // A NOTIFY payload must stay under 8000 bytes: ids go in batches well below that.
+        for batch in ids.chunks(200) {
+            self.announce(None, Change::Used(batch.to_vec())).await?;
+        }
+        Ok(())
+    }
+
     async fn follow(&self, shutdown: tokio_util::sync::CancellationToken) -> Option<super::Follow> {
         match self.pg_pool() {
             Some(pool) => Some(super::pg::follow(pool.clone(), shutdown).await),
