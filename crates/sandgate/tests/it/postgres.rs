@@ -210,3 +210,50 @@ async fn two_gateways_on_one_postgres_behave_as_one() {
          {refused:?}, lease taken {took:?} after the leader was killed"
     );
 }
+
+/// Every connection the gateways hold is cut (as a database restart or a network blip
+/// would): each reconnects its listener and resyncs, and the lease is held again by exactly
+/// one of them.
+#[tokio::test]
+async fn lost_connections_are_reconnected_and_resynced() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("blip");
+    let a = SpawnedGateway::start(2, &["--database-url", &url]).await;
+    let b = SpawnedGateway::start(2, &["--database-url", &url]).await;
+    assert!(leader(&a).await && !leader(&b).await);
+    server.sql(
+        "blip",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    );
+    // Created through A (its pool replaces the dead connections), routed by B once its
+    // listener is back (the notification, or the resync every reconnect makes).
+    let sb = a.create_fixture().await;
+    b.wait_ready(&sb.id).await;
+    for gw in [&a, &b] {
+        assert!(
+            gw.log().contains("change listener lost its connection"),
+            "{}",
+            gw.log()
+        );
+    }
+    eventually(
+        Duration::from_secs(10),
+        "exactly one gateway holds the lease again",
+        || async { (leader(&a).await != leader(&b).await).then_some(()) },
+    )
+    .await;
+    // And the feed works again: a delete through B is seen by A.
+    b.delete_sandbox(&sb.id).await;
+    eventually(
+        READY_TIMEOUT,
+        "A drops the deleted sandbox's route",
+        || async {
+            let r = a.get(&sb.path("/")).try_send().await.ok()?;
+            (r.status == StatusCode::NOT_FOUND).then_some(())
+        },
+    )
+    .await;
+}

@@ -157,6 +157,12 @@ impl PgServer {
 
     /// Creates a fresh database and returns its URL.
     pub fn database(&self, name: &str) -> String {
+        self.sql("postgres", &format!("CREATE DATABASE \"{name}\""));
+        format!("postgres://sandgate@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Runs `sql` (as the superuser) in database `db`.
+    pub fn sql(&self, db: &str, sql: &str) {
         self.run(
             "psql",
             &[
@@ -167,15 +173,14 @@ impl PgServer {
                 "-U",
                 "sandgate",
                 "-d",
-                "postgres",
+                db,
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-q",
                 "-c",
-                &format!("CREATE DATABASE \"{name}\""),
+                sql,
             ],
         );
-        format!("postgres://sandgate@127.0.0.1:{}/{name}", self.port)
     }
 }
 
