@@ -1131,7 +1131,7 @@ impl Config {
         put("host", V::String(self.host.to_string()));
         put("port", int(self.port.into()));
         put("data_dir", path(&self.data_dir));
-        put("database_url", text(&self.database_url));
+        put("database_url", text(&redact_password(&self.database_url)));
         put("backend", text(self.backend.as_str()));
         let isolation = match self.isolation {
             Isolation::Auto => "auto",
@@ -1422,9 +1422,12 @@ impl Config {
                 ));
             }
         }
-        if !(self.database_url.starts_with("sqlite:")) {
+        if !(self.database_url.starts_with("sqlite:")
+            || self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://"))
+        {
             return bad(format!(
-                "database_url {:?}: only sqlite: URLs are supported in this version",
+                "database_url {:?}: only sqlite: and postgres:// URLs are supported",
                 self.database_url
             ));
         }
@@ -1603,6 +1606,21 @@ fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// A database URL with its password (if any) replaced: `--check-config` never prints one
+/// (give PostgreSQL's in `PGPASSWORD` or `~/.pgpass` to keep the printed URL usable).
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+        None => url.to_string(),
+    }
+}
+
 fn sqlite_url(data_dir: &Path) -> String {
     format!("sqlite://{}", data_dir.join("sandgate.db").display())
 }
@@ -1650,6 +1668,17 @@ fn valid_domain(d: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_passwords_are_never_printed() {
+        assert_eq!(
+            redact_password("postgres://sg:hunter2@db:5432/sandgate"),
+            "postgres://sg:<redacted>@db:5432/sandgate"
+        );
+        for kept in ["postgres://sg@db/sandgate", "sqlite:///var/lib/sandgate.db"] {
+            assert_eq!(redact_password(kept), kept);
+        }
+    }
 
     fn no_env(_: &str) -> Option<String> {
         None

@@ -72,7 +72,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::rates::Rates;
 use crate::routes::Routes;
-use crate::store::{SqliteStore, Store};
+use crate::store::{SqlStore, Store};
 use crate::workers::Workers;
 
 /// Why the gateway could not start or run.
@@ -254,21 +254,48 @@ pub async fn run(
     // Before the store or any sandbox is touched: a second gateway here must change nothing.
     let mut dir_lock = datadir::lock(data_dir)?;
     dir_lock.record(listener.local_addr()?)?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_url).await?);
+    let store: Arc<dyn Store> = Arc::new(SqlStore::open(&config.database_url).await?);
+    // On a store shared with other gateways: their changes, and the lease on background
+    // duties (followed until the very end, after this gateway's own last writes).
+    let following = CancellationToken::new();
+    // An early return (a failed start) stops following too.
+    let _following_guard = following.clone().drop_guard();
+    let follow = store.follow(following.clone()).await;
     let auth = Arc::new(Auth::load(store.clone(), &config).await?);
     let audit = Audit::start(store.clone());
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let backend = build_backend(&config, store.as_ref(), sandboxes_dir, exits_tx).await?;
     let routes = Arc::new(Routes::default());
     let metrics = Arc::new(Metrics::new(config.workers, config.metrics));
-    let manager = Arc::new(Manager::new(
+    let mut manager = Manager::new(
         config.clone(),
         store,
         backend.clone(),
         routes.clone(),
         metrics.clone(),
-    ));
-    manager.reconcile().await?;
+    );
+    let mut changes = None;
+    if let Some(f) = follow {
+        manager = manager.with_leader(f.leader);
+        changes = Some(f.changes);
+    }
+    let manager = Arc::new(manager);
+    if manager.leads() {
+        manager.reconcile().await?;
+    } else {
+        // Another gateway holds the lease: it reconciles; this one only routes.
+        manager.resync_routes().await?;
+    }
+    let follower = changes.map(|changes| {
+        tokio::spawn(lifecycle::follow_store(
+            manager.clone(),
+            auth.clone(),
+            routes.clone(),
+            config.idle_timeout,
+            changes,
+            following.clone(),
+        ))
+    });
     let exit_watcher = tokio::spawn(manager.clone().watch_exits(exits_rx));
     // Cancelled when the listeners stop accepting (below): upgraded streams end then.
     let stop = CancellationToken::new();
@@ -457,6 +484,10 @@ pub async fn run(
     audit.flush().await;
     access::flush();
     exit_watcher.abort();
+    following.cancel();
+    if let Some(follower) = follower {
+        let _ = follower.await;
+    }
     drop(dir_lock);
     if let Some(watcher) = cert_watcher {
         watcher.abort();

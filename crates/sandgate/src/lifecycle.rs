@@ -1,17 +1,22 @@
 //! Background lifecycle tasks: the idle reaper, which stops persistent sandboxes and deletes
 //! ephemeral ones after `idle_timeout` without use (a WebSocket disconnect only makes a
-//! sandbox idle; it never destroys it), and the health checker, which connects to each
-//! running sandbox's dev-server port and records whether it answers.
+//! sandbox idle; it never destroys it), the health checker, which connects to each
+//! running sandbox's dev-server port and records whether it answers, and, on a store shared
+//! by several gateways, the follower, which applies the others' changes to this gateway's
+//! route and key tables and runs reconcile when this gateway takes the lease on background
+//! duties (the reaper runs only while it holds it).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Auth;
 use crate::backend::Backend;
 use crate::manager::Manager;
 use crate::model::Status;
 use crate::routes::{Health, Routes};
+use crate::store::Change;
 
 /// The idle timeout of a sandbox: its own (`Some(0)`: never), else the gateway's.
 fn timeout_of(own: Option<u64>, default: Option<Duration>) -> Option<Duration> {
@@ -20,6 +25,18 @@ fn timeout_of(own: Option<u64>, default: Option<Duration>) -> Option<Duration> {
         Some(secs) => Some(Duration::from_secs(secs)),
         None => default,
     }
+}
+
+/// How often the reaper looks: a quarter of the shortest idle timeout in force, between
+/// 100 ms and 5 s (at most 5 s: a sandbox whose own timeout was just shortened is seen soon).
+fn reap_period(routes: &Routes, default: Option<Duration>) -> Duration {
+    let shortest = routes
+        .all()
+        .iter()
+        .filter_map(|e| timeout_of(e.idle_timeout, default))
+        .min()
+        .unwrap_or(Duration::from_secs(120));
+    (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
 }
 
 /// Checks for idle sandboxes every quarter of the shortest idle timeout in force (between
@@ -32,17 +49,14 @@ pub async fn reap_idle(
     shutdown: CancellationToken,
 ) {
     loop {
-        let entries = routes.all();
-        let shortest = entries
-            .iter()
-            .filter_map(|e| timeout_of(e.idle_timeout, default))
-            .min()
-            .unwrap_or(Duration::from_secs(120));
-        // At most 5 s: a sandbox whose own timeout was just shortened is seen soon.
-        let period = (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let period = reap_period(&routes, default);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
+        }
+        // On a shared store one gateway reaps: the holder of the lease.
+        if !manager.leads() {
+            continue;
         }
         for entry in routes.all() {
             let Some(idle) = timeout_of(entry.idle_timeout, default) else {
@@ -168,6 +182,99 @@ pub async fn check_health(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(CHECK_TICK) => {}
+        }
+    }
+}
+
+/// How often a gateway that does not hold the lease checks whether to report use.
+const USE_TICK: Duration = Duration::from_millis(100);
+
+/// On a shared store: applies each change another gateway announces (and this one's own,
+/// harmlessly) to the route table or the key table, re-reads everything on a resync, and
+/// runs reconcile each time this gateway takes the lease. While another gateway holds the
+/// lease, it also reports the sandboxes used through this one as often as the reaper looks,
+/// so that gateway's reaper counts that use too. Runs until `changes` closes or `shutdown`.
+pub async fn follow_store(
+    manager: Arc<Manager>,
+    auth: Arc<Auth>,
+    routes: Arc<Routes>,
+    idle_default: Option<Duration>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    shutdown: CancellationToken,
+) {
+    let mut leader = manager.leader();
+    // Whoever held the lease at start has reconciled already.
+    leader.borrow_and_update();
+    // Checked every [`USE_TICK`] (a sandbox whose timeout is short is seen within one),
+    // reported as often as the reaper looks.
+    let mut tick = tokio::time::interval(USE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let period = reap_period(&routes, idle_default);
+                if manager.leads() || reported.elapsed() < period {
+                    continue;
+                }
+                reported = tokio::time::Instant::now();
+                // Used since the last report (with slack for the tick's own lateness), or
+                // in use right now (a long response, a WebSocket).
+                let recent = (period + USE_TICK).as_millis() as i64;
+                let used: Vec<String> = routes
+                    .all()
+                    .into_iter()
+                    .filter(|e| e.busy() || e.idle_ms() < recent)
+                    .map(|e| e.id.clone())
+                    .collect();
+                if !used.is_empty() {
+                    if let Err(e) = manager.store().announce_use(&used).await {
+                        tracing::warn!(error = %e, "could not report sandbox use to the store");
+                    }
+                }
+            }
+            taken = leader.changed() => {
+                if taken.is_err() {
+                    // The lease's task ended (shutting down): nothing more to take.
+                    shutdown.cancelled().await;
+                    return;
+                }
+                if *leader.borrow_and_update() {
+                    tracing::info!("took the lease on background duties: reconciling");
+                    if let Err(e) = manager.reconcile().await {
+                        tracing::warn!(error = %e, "reconcile after taking the lease failed");
+                    }
+                }
+            }
+            change = changes.recv() => {
+                let Some(change) = change else { return };
+                let applied = match &change {
+                    Change::Sandbox(id) => manager.refresh_route(id).await,
+                    Change::Key(_) => auth.resync_keys().await.map_err(Into::into),
+                    Change::Team(_) => auth.resync_teams().await.map_err(Into::into),
+                    // Only the reaper's gateway counts it: a follower touching its own entries
+                    // would report them again, its own echo keeping them alive for ever.
+                    Change::Used(ids) => {
+                        if manager.leads() {
+                            ids.iter().for_each(|id| routes.touch(id));
+                        }
+                        Ok(())
+                    }
+                    Change::Resync => {
+                        let keys = auth.resync_keys().await;
+                        let teams = auth.resync_teams().await;
+                        manager
+                            .resync_routes()
+                            .await
+                            .and(keys.map_err(Into::into))
+                            .and(teams.map_err(Into::into))
+                    }
+                };
+                if let Err(e) = applied {
+                    tracing::warn!(?change, error = %e, "could not apply a change from the store");
+                }
+            }
         }
     }
 }

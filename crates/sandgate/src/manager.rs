@@ -132,6 +132,9 @@ pub struct Manager {
     warm: Pools,
     /// Instances that ended on their own: restarts in a row and when the last was made.
     restarts: Mutex<HashMap<String, (u32, std::time::Instant)>>,
+    /// Whether this gateway holds the lease on background duties (the idle reaper,
+    /// reconcile): always, unless the store is shared with other gateways.
+    leader: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The first automatic restart of an instance that ended waits this long; each further one
@@ -139,6 +142,11 @@ pub struct Manager {
 /// last restart starts the count again.
 const RESTART_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const RESTART_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// On a shared store, how long a record may sit in `creating`, `stopping` or `deleting`
+/// before reconcile takes it for an operation cut short (younger, another gateway may still
+/// be carrying it out).
+const STALE_OPERATION: chrono::Duration = chrono::Duration::minutes(10);
 
 /// How long a warm sandbox's dev server may take to accept connections before the fill is
 /// given up (and retried later).
@@ -213,7 +221,60 @@ impl Manager {
             locks: Mutex::new(HashMap::new()),
             metrics,
             restarts: Mutex::new(HashMap::new()),
+            leader: tokio::sync::watch::channel(true).1,
         }
+    }
+
+    /// Shares the background duties with other gateways: `leader` says when this one holds
+    /// their lease.
+    pub fn with_leader(mut self, leader: tokio::sync::watch::Receiver<bool>) -> Manager {
+        self.leader = leader;
+        self
+    }
+
+    /// Whether this gateway runs the background duties now.
+    pub fn leads(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// The lease's changes (see [`Manager::with_leader`]).
+    pub fn leader(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.leader.clone()
+    }
+
+    /// Re-reads one record into the route table after another gateway changed it: a record
+    /// gone (or waiting in a warm pool) is not routed.
+    pub async fn refresh_route(&self, id: &str) -> Result<(), Error> {
+        match self.store.get(id).await? {
+            Some(sb) if sb.pool.is_none() => self.routes.put(sb),
+            _ => self.routes.remove(id),
+        }
+        Ok(())
+    }
+
+    /// Re-reads every record into the route table (what other gateways changed while this
+    /// one was not listening), dropping routes whose record is gone.
+    pub async fn resync_routes(&self) -> Result<(), Error> {
+        let all = self.store.list().await?;
+        let live: std::collections::HashSet<&str> = all
+            .iter()
+            .filter(|sb| sb.pool.is_none())
+            .map(|sb| sb.id.as_str())
+            .collect();
+        for entry in self.routes.all_instances() {
+            if !live.contains(entry.id.as_str()) {
+                self.routes.remove(&entry.id);
+            }
+        }
+        // Sandboxes before their instances, so each instance finds its sandbox's entry.
+        let (sandboxes, instances): (Vec<_>, Vec<_>) = all
+            .into_iter()
+            .filter(|sb| sb.pool.is_none())
+            .partition(|sb| sb.replica_of.is_none());
+        for sb in sandboxes.into_iter().chain(instances) {
+            self.routes.put(sb);
+        }
+        Ok(())
     }
 
     /// Runs a lifecycle operation, recording its duration: succeeded, or failed on the
@@ -1124,9 +1185,13 @@ impl Manager {
         }
     }
 
-    /// After a restart: loads every record into the route table, re-adopts what still runs,
-    /// records what does not, and finishes interrupted creates and deletes.
+    /// After a restart (or, on a shared store, when this gateway takes the lease): loads
+    /// every record into the route table, re-adopts what still runs, records what does not,
+    /// and finishes interrupted creates and deletes. On a shared store an operation younger
+    /// than [`STALE_OPERATION`] and warm sandboxes are left alone: another gateway may be
+    /// carrying it out, or own them.
     pub async fn reconcile(&self) -> Result<(), Error> {
+        let shared = self.store.shared();
         let all = self.store.list().await?;
         let sandboxes: std::collections::HashSet<String> = all
             .iter()
@@ -1140,6 +1205,16 @@ impl Manager {
             let Some(mut sb) = self.store.get(&listed.id).await? else {
                 continue;
             };
+            let in_flight = matches!(
+                sb.status,
+                Status::Creating | Status::Stopping | Status::Deleting
+            ) && model::now() - sb.updated_at < STALE_OPERATION;
+            if shared && (sb.pool.is_some() || in_flight) {
+                if sb.pool.is_none() {
+                    self.routes.put(sb);
+                }
+                continue;
+            }
             if sb.pool.is_some() {
                 self.readopt_warm(sb).await?;
                 continue;
@@ -1221,7 +1296,8 @@ impl Manager {
         let mut waiting = self.warm.drain();
         waiting.extend(self.warm.take_condemned());
         let removals = waiting.iter().map(|id| self.discard(id));
-        if !self.backend.stop_on_shutdown() {
+        // On a shared store the other gateways serve these sandboxes on.
+        if !self.backend.stop_on_shutdown() || self.store.shared() {
             futures_util::future::join_all(removals).await;
             return;
         }

@@ -37,6 +37,9 @@ async fn overall(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         "backend": backend.kind(),
         "isolation": backend.isolation(),
         "store": if store_ok { "ok" } else { "unavailable" },
+        // Whether this gateway runs the background duties (always, unless replicas share
+        // a PostgreSQL store: then exactly one of them).
+        "leader": state.manager.leads(),
     });
     let code = if store_ok {
         StatusCode::OK

@@ -536,6 +536,45 @@ impl Auth {
         Ok(Some(entry))
     }
 
+    /// Re-reads the active keys after another gateway on a shared store changed one (or on a
+    /// resync): a key revoked there is refused here from then on, one created there accepted.
+    /// Entries that did not change keep their last-use counters.
+    pub async fn resync_keys(&self) -> Result<(), StoreError> {
+        let fresh: HashMap<String, KeyRecord> = self
+            .store
+            .keys()
+            .await?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        let ids: HashSet<String> = fresh.keys().cloned().collect();
+        let mut entries = Vec::new();
+        for (id, record) in fresh {
+            let kept = self.read().get(id.as_str()).is_some_and(|e| {
+                let r = &e.record;
+                (&r.team, &r.role, &r.hash, r.expires_at)
+                    == (&record.team, &record.role, &record.hash, record.expires_at)
+            });
+            if !kept {
+                entries.push(KeyEntry::new(record)?);
+            }
+        }
+        let mut keys = self.write();
+        keys.retain(|id, _| ids.contains(&**id));
+        for entry in entries {
+            keys.insert(entry.record.id.as_str().into(), Arc::new(entry));
+        }
+        Ok(())
+    }
+
+    /// Re-reads the teams (another gateway may have created one).
+    pub async fn resync_teams(&self) -> Result<(), StoreError> {
+        let teams = self.store.teams().await?;
+        let mut known = self.teams.write().unwrap_or_else(|e| e.into_inner());
+        known.extend(teams.into_iter().map(|t| t.id));
+        Ok(())
+    }
+
     /// Writes last-use times that changed to the store, each key at most once a minute.
     pub async fn flush_last_used(&self) {
         let now = unix_now();

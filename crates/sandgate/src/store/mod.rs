@@ -1,9 +1,13 @@
-//! Durable sandbox state behind the `Store` trait; SQLite is the embedded default.
+//! Durable sandbox state behind the `Store` trait; SQLite is the embedded default,
+//! PostgreSQL (`DATABASE_URL=postgres://…`) the store replicas share.
 //!
-//! The store owns port allocation, so a port is never handed out twice, even across restarts:
-//! a sandbox's `allocated_port` is unique in the table and released when its row is deleted.
+//! The store owns port allocation, so a port is never handed out twice, even across restarts
+//! and replicas: a sandbox's `allocated_port` is unique in the table and released when its
+//! row is deleted.
 
-mod sqlite;
+mod engine;
+pub mod pg;
+mod sql;
 
 use std::ops::RangeInclusive;
 
@@ -13,7 +17,55 @@ use chrono::{DateTime, Utc};
 
 use crate::model::Sandbox;
 
-pub use sqlite::SqliteStore;
+pub use engine::Engine;
+pub use sql::{is_postgres, SqlStore};
+
+/// A record a gateway changed, as announced to the others on a shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Sandbox(String),
+    Key(String),
+    Team(String),
+    /// Sandboxes used through some gateway lately (so the one running the idle reaper does
+    /// not take them for idle): not a record change.
+    Used(Vec<String>),
+    /// Changes may have been missed (the listener (re)connected, or the periodic safety
+    /// net): re-read everything.
+    Resync,
+}
+
+impl Change {
+    /// The `NOTIFY` payload: `<kind>:<id>`.
+    pub fn to_payload(&self) -> String {
+        match self {
+            Change::Sandbox(id) => format!("sandbox:{id}"),
+            Change::Key(id) => format!("key:{id}"),
+            Change::Team(id) => format!("team:{id}"),
+            Change::Used(ids) => format!("used:{}", ids.join(",")),
+            Change::Resync => "resync:".into(),
+        }
+    }
+
+    pub fn parse(payload: &str) -> Option<Change> {
+        let (kind, id) = payload.split_once(':')?;
+        let id = id.to_string();
+        Some(match kind {
+            "sandbox" => Change::Sandbox(id),
+            "key" => Change::Key(id),
+            "team" => Change::Team(id),
+            "used" => Change::Used(id.split(',').map(str::to_string).collect()),
+            "resync" => Change::Resync,
+            _ => return None,
+        })
+    }
+}
+
+/// What a gateway on a shared store follows: the other gateways' changes, and whether it
+/// holds the lease on background duties.
+pub struct Follow {
+    pub changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    pub leader: tokio::sync::watch::Receiver<bool>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -126,4 +178,18 @@ pub trait Store: Send + Sync {
     async fn secret(&self, name: &str, fresh: &str) -> Result<String, StoreError>;
     /// Whether the store answers (for health checks).
     async fn ping(&self) -> Result<(), StoreError>;
+    /// On a shared store, tells the other gateways these sandboxes were used through this one
+    /// lately (see [`Change::Used`]); nothing otherwise.
+    async fn announce_use(&self, _ids: &[String]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Whether other gateways may share this store (they then follow each other's writes).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// On a shared store, starts following it until `shutdown`; `None` on a store only this
+    /// gateway uses (it then always holds the lease on background duties).
+    async fn follow(&self, _shutdown: tokio_util::sync::CancellationToken) -> Option<Follow> {
+        None
+    }
 }

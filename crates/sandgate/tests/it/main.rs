@@ -26,6 +26,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod policy;
+mod postgres;
 mod prefix;
 mod preview;
 mod proxy;

@@ -1,0 +1,259 @@
+//! Stateless replicas (issue 18 item 4): two real gateway processes on one PostgreSQL store
+//! behave as one. A sandbox created through one is routed by the other within a second; a key
+//! created through one works on the other and, revoked, is refused there within a second;
+//! exactly one holds the lease on background duties (`/health` `leader`) and runs the idle
+//! reaper, counting use through the other; when it is killed the other takes the lease
+//! within a few seconds, serves on and lists every record; and the same the other way round.
+//!
+//! The PostgreSQL server is a throwaway one the test starts (`common::postgres`); without
+//! PostgreSQL installed the test prints `SKIPPED:`, except under `CI=true`, where it fails.
+
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use hyper::StatusCode;
+use serde_json::json;
+
+use crate::common::postgres::PgServer;
+use crate::common::{eventually, Client, SpawnedGateway, READY_TIMEOUT};
+
+/// How soon a change made through one replica must be in force on the other.
+const PROPAGATION: Duration = Duration::from_secs(1);
+
+/// Polls `ok` (at most [`READY_TIMEOUT`]) and returns how long it took to hold.
+async fn time_until<F, Fut>(what: &str, mut ok: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let began = Instant::now();
+    eventually(READY_TIMEOUT, what, || {
+        let done = ok();
+        async move { done.await.then_some(()) }
+    })
+    .await;
+    began.elapsed()
+}
+
+async fn leader(gw: &Client) -> bool {
+    let v = gw.get("/health").send().await.expect(200).json();
+    v["leader"].as_bool().expect("/health reports `leader`")
+}
+
+#[tokio::test]
+async fn two_gateways_on_one_postgres_behave_as_one() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("replicas");
+    let args = ["--database-url", &url, "--auth-enabled", "true"];
+    let mut a = SpawnedGateway::start(4, &args).await;
+    // The first gateway made the owner key (in the shared store) and wrote it to its data
+    // directory; the second found it there.
+    let admin = std::fs::read_to_string(a.data_dir().join("admin.key")).expect("admin.key");
+    let admin = admin.trim();
+    let b = SpawnedGateway::start(4, &args).await;
+    assert!(
+        !b.data_dir().join("admin.key").exists(),
+        "the second gateway made an owner key of its own"
+    );
+    let (ca, cb) = (a.with_key(admin), b.with_key(admin));
+
+    // Exactly one runs the background duties: the first one up.
+    assert!(leader(&ca).await, "{}", a.log());
+    assert!(!leader(&cb).await, "{}", b.log());
+
+    // A sandbox created through A is routed by B within a second of A's answer.
+    let sb = ca
+        .create_program("", &crate::common::fixture_program(), json!({}))
+        .await;
+    let path = sb.path("/");
+    let routed = time_until("B routes the sandbox A created", || async {
+        let r = cb.get(&path).try_send().await;
+        r.is_ok_and(|r| r.status != StatusCode::NOT_FOUND)
+    })
+    .await;
+    assert!(routed < PROPAGATION, "B routed it after {routed:?}");
+    cb.wait_ready(&sb.id).await;
+
+    // A key created through A works on B; revoked through A, B refuses it within a second.
+    let r = ca
+        .post("/auth/keys")
+        .json(&json!({"name": "replicated", "role": "member"}))
+        .send()
+        .await;
+    r.expect(201);
+    let v = r.json();
+    let (key, key_id) = (
+        v["key"].as_str().expect("key").to_string(),
+        v["id"].as_str().expect("id").to_string(),
+    );
+    let member = b.with_key(&key);
+    let accepted = time_until("B accepts the key A created", || async {
+        member
+            .get("/sandboxes")
+            .try_send()
+            .await
+            .is_ok_and(|r| r.status == StatusCode::OK)
+    })
+    .await;
+    assert!(accepted < PROPAGATION, "B accepted it after {accepted:?}");
+    member.get(&path).send().await.expect(200);
+    ca.delete(&format!("/auth/keys/{key_id}"))
+        .send()
+        .await
+        .expect(200);
+    let refused = time_until("B refuses the key A revoked", || async {
+        member
+            .get("/sandboxes")
+            .try_send()
+            .await
+            .is_ok_and(|r| r.status == StatusCode::UNAUTHORIZED)
+    })
+    .await;
+    assert!(refused < PROPAGATION, "B refused it after {refused:?}");
+    member.get(&path).send().await.expect(401);
+
+    // Idle reaping: only the leader (A) reaps, and it counts use through B. 40 events 200 ms
+    // apart streamed through B are 8 s of steady use: longer than the reaper's longest wait
+    // (5 s, until it first sees this sandbox's 1 s timeout) plus that timeout, so it looks
+    // while the stream runs, and must not reap.
+    let idle = ca
+        .create_fixture_with("", json!({"idle_timeout": 1, "mode": "persistent"}))
+        .await;
+    let resp = cb
+        .get(&idle.path("/sse?events=40&interval_ms=200"))
+        .send_streaming()
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = tokio::time::timeout(Duration::from_secs(15), resp.into_body().collect())
+        .await
+        .expect("the stream ends within 15 s")
+        .unwrap_or_else(|e| {
+            panic!(
+                "the stream broke ({e}): reaped?\nA:\n{}\nB:\n{}",
+                a.log(),
+                b.log()
+            )
+        });
+    let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+    assert_eq!(
+        text.matches("data: event-").count(),
+        40,
+        "the leader reaped a sandbox in use through the other replica: {text:?}"
+    );
+    // Unused now: the leader stops it, and B sees that (`GET /sandboxes` is no use of any
+    // one sandbox, so polling it does not keep this one alive).
+    eventually(
+        READY_TIMEOUT,
+        "the leader stops the idle sandbox",
+        || async {
+            cb.list()
+                .await
+                .iter()
+                .any(|s| s["id"] == idle.id.as_str() && s["status"] == "stopped")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        a.log().contains("reaping idle sandbox") && !b.log().contains("reaping idle sandbox"),
+        "the reaper ran elsewhere than on the leader\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+
+    // A sandbox created through B, while A is still up.
+    let sb2 = cb.create_fixture().await;
+
+    // SIGKILL of the leader: B takes the lease within a few seconds and serves on.
+    a.kill().await;
+    let took = time_until("B takes the lease", || async { leader(&cb).await }).await;
+    assert!(
+        took < Duration::from_secs(5),
+        "B took the lease after {took:?}"
+    );
+    cb.get(&path).send().await.expect(200);
+    cb.get(&sb2.path("/")).send().await.expect(200);
+    // Nothing was lost: both records are listed, and both sandboxes still run.
+    let listed = cb.list().await;
+    for id in [&sb.id, &sb2.id, &idle.id] {
+        assert!(listed.iter().any(|s| s["id"] == id.as_str()), "{listed:?}");
+    }
+    for id in [&sb.id, &sb2.id] {
+        let v = cb.sandbox(id).await;
+        assert_eq!(v["status"], "running", "{v}\n{}", b.log());
+    }
+    // And it still creates sandboxes.
+    let sb3 = cb.create_fixture().await;
+
+    // A comes back as a follower (its routes read from the store at start), then B is
+    // killed in turn: A takes the lease and serves everything, B's sandboxes included.
+    a.restart().await;
+    let ca = a.with_key(admin);
+    assert!(!leader(&ca).await, "{}", a.log());
+    for s in [&sb, &sb2, &sb3] {
+        ca.get(&s.path("/")).send().await.expect(200);
+    }
+    let mut b = b;
+    b.kill().await;
+    eventually(Duration::from_secs(5), "A takes the lease back", || async {
+        leader(&ca).await.then_some(())
+    })
+    .await;
+    for s in [&sb, &sb2, &sb3] {
+        ca.get(&s.path("/")).send().await.expect(200);
+        assert_eq!(ca.sandbox(&s.id).await["status"], "running");
+    }
+    eprintln!(
+        "replicas: routed after {routed:?}, key accepted after {accepted:?}, refused after \
+         {refused:?}, lease taken {took:?} after the leader was killed"
+    );
+}
+
+/// Every connection the gateways hold is cut (as a database restart or a network blip
+/// would): each reconnects its listener and resyncs, and the lease is held again by exactly
+/// one of them.
+#[tokio::test]
+async fn lost_connections_are_reconnected_and_resynced() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("blip");
+    let a = SpawnedGateway::start(2, &["--database-url", &url]).await;
+    let b = SpawnedGateway::start(2, &["--database-url", &url]).await;
+    assert!(leader(&a).await && !leader(&b).await);
+    server.sql(
+        "blip",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    );
+    // Created through A (its pool replaces the dead connections), routed by B once its
+    // listener is back (the notification, or the resync every reconnect makes).
+    let sb = a.create_fixture().await;
+    b.wait_ready(&sb.id).await;
+    for gw in [&a, &b] {
+        assert!(
+            gw.log().contains("change listener lost its connection"),
+            "{}",
+            gw.log()
+        );
+    }
+    eventually(
+        Duration::from_secs(10),
+        "exactly one gateway holds the lease again",
+        || async { (leader(&a).await != leader(&b).await).then_some(()) },
+    )
+    .await;
+    // And the feed works again: a delete through B is seen by A.
+    b.delete_sandbox(&sb.id).await;
+    eventually(
+        READY_TIMEOUT,
+        "A drops the deleted sandbox's route",
+        || async {
+            let r = a.get(&sb.path("/")).try_send().await.ok()?;
+            (r.status == StatusCode::NOT_FOUND).then_some(())
+        },
+    )
+    .await;
+}
