@@ -1,8 +1,9 @@
-//! The `Backend` trait: what runs sandboxes (local processes now; Docker and Kubernetes slot in
-//! behind the same trait) and how the proxy reaches a sandbox's port.
+//! The `Backend` trait: what runs sandboxes (local processes, Docker containers, Kubernetes
+//! agent-sandbox resources) and how the proxy reaches a sandbox's port.
 
 pub mod docker;
 pub mod exec;
+pub mod kubernetes;
 pub mod netns;
 pub mod process;
 
