@@ -476,6 +476,13 @@ impl Backend for KubeBackend {
             }))
     }
 
+    fn service(&self, sb: &Sandbox) -> Option<super::ServiceRef> {
+        Some(super::ServiceRef {
+            name: self.service_name(Self::resource_name(sb)),
+            namespace: self.config.namespace.clone(),
+        })
+    }
+
     /// Any port of the sandbox's pod, at its IP.
     fn upstream(&self, sb: &Sandbox, port: u16) -> Option<Upstream> {
         let ip: IpAddr = sb.ip_address.as_deref()?.parse().ok()?;

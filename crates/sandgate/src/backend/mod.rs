@@ -25,6 +25,13 @@ pub enum BackendError {
     Io(#[from] std::io::Error),
 }
 
+/// The cluster Service in front of a sandbox (kubernetes backend), for seed 003's listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub name: String,
+    pub namespace: String,
+}
+
 /// A sandbox's output, streamed.
 pub type LogStream = futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;
 
@@ -192,6 +199,11 @@ pub trait Backend: Send + Sync {
             std::net::Ipv4Addr::LOCALHOST,
             target,
         ))))
+    }
+    /// The cluster Service in front of the sandbox, where there is one.
+    fn service(&self, sb: &Sandbox) -> Option<ServiceRef> {
+        let _ = sb;
+        None
     }
     /// The sandbox's captured stdout and stderr so far, as a stream of bytes (empty if it has
     /// printed nothing yet).

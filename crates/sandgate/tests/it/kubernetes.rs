@@ -94,13 +94,23 @@ async fn discovery_routes_and_readiness(lane: Lane) {
     fake.apply(sandbox("plain", None));
     let r = until(&gw, Method::GET, "/default/plain/x?y=1", 200).await;
     assert_eq!(r.json()["path"], "/x");
-    let listed = gw.list().await;
-    assert!(
+    // Seed 003's listing fields: path, service, namespace, ready; its /health shape.
+    // `ready`: Ready in the cluster and (with health checks on) its port passed them.
+    let plain = eventually(SEEN, "plain is listed ready", || async {
+        let listed = gw.list().await;
         listed
-            .iter()
-            .any(|s| s["name"] == "plain" && s["owner"] == "default"),
-        "{listed:?}"
-    );
+            .into_iter()
+            .find(|s| s["name"] == "plain" && s["ready"] == true)
+    })
+    .await;
+    assert_eq!(plain["owner"], "default");
+    assert_eq!(plain["path"], "default/plain");
+    assert_eq!(plain["service"], "plain");
+    assert_eq!(plain["namespace"], "default");
+    let health = gw.get("/health").send().await.expect(200).json();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["sandboxes"], 2, "{health}");
+    assert!(health["timestamp"].is_string());
     // Unknown: 404.
     gw.get("/alice/nope/")
         .send()
@@ -170,12 +180,18 @@ both_lanes!(discovery_routes_and_readiness, watch_restarts_and_outages);
 async fn lifecycle_on(versions: &[&'static str]) {
     let fake = FakeKube::start(versions).await;
     let pod = pod().await;
-    let gw = gateway(&fake, pod).start().await;
+    // Seed 003's service name, as a template.
+    let gw = gateway(&fake, pod)
+        .config(|c| c.kubernetes.service = "sandbox-{name}".into())
+        .start()
+        .await;
     let body = json!({"runtime": "shell", "dev_server": true, "command": "serve", "name": "made",
         "owner": "bob", "memory_mb": 256});
     let created = gw.create(&body).await;
     let id = created["id"].as_str().expect("an id").to_string();
     assert_eq!(created["status"], "running", "{created}");
+    assert_eq!(created["service"], format!("sandbox-{id}"));
+    assert_eq!(created["namespace"], "default");
     let obj = fake.get("default", &id).expect("a Sandbox named by the id");
     assert_eq!(obj["metadata"]["labels"]["user"], "bob");
     assert_eq!(obj["metadata"]["annotations"]["sandgate.dev/name"], "made");
