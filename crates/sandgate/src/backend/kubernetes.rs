@@ -12,8 +12,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use futures_util::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{
+    Api, AttachParams, AttachedProcess, DeleteParams, DynamicObject, Patch, PatchParams, PostParams,
+};
 use kube::core::ApiResource;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -23,6 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
+use super::exec::{Chunk, ExecControl, ExecError, ExecExit, ExecHandle, ExecSpec, StartKind};
 use super::{Backend, BackendError, LogStream, Started, Upstream};
 use crate::config::{Config, KubeConfig};
 use crate::model::{self, Sandbox};
@@ -163,6 +167,8 @@ pub fn discovered(obj: &DynamicObject) -> Option<Discovered> {
 
 pub struct KubeBackend {
     api: Api<DynamicObject>,
+    /// The namespace's pods, for exec (a Sandbox's pod is named after it).
+    pods: Api<Pod>,
     resource: ApiResource,
     config: KubeConfig,
     runtimes: Runtimes,
@@ -213,9 +219,11 @@ impl KubeBackend {
             namespace = %kc.namespace,
             "found the Sandbox kind"
         );
+        let pods = Api::namespaced(client.clone(), &kc.namespace);
         let api = Api::namespaced_with(client, &kc.namespace, &resource);
         Ok(KubeBackend {
             api,
+            pods,
             resource,
             config: kc.clone(),
             runtimes: Runtimes::new(&config.runtimes),
@@ -370,6 +378,90 @@ impl KubeBackend {
     }
 }
 
+/// The argv that runs `spec` through the pod exec API, which takes neither environment nor
+/// working directory: `env` sets them (the tag included), `sh` changes directory.
+fn exec_argv(spec: &ExecSpec) -> Vec<String> {
+    let mut argv = vec!["env".to_string()];
+    argv.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
+    argv.push(format!("{}={}", super::exec::EXEC_TAG_VAR, spec.tag));
+    if let Some(cwd) = &spec.cwd {
+        argv.extend(["/bin/sh", "-c", "cd -- \"$0\" || exit 127; exec \"$@\""].map(String::from));
+        argv.push(cwd.clone());
+    }
+    argv.extend(spec.argv.iter().cloned());
+    argv
+}
+
+/// What the exec API's closing `Status` says about the command.
+fn exec_exit(status: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Status>) -> ExecExit {
+    let Some(status) = status else {
+        return ExecExit::Unknown;
+    };
+    if status.status.as_deref() == Some("Success") {
+        return ExecExit::Exited(0);
+    }
+    let code = status
+        .details
+        .as_ref()
+        .and_then(|d| d.causes.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|c| c.reason.as_deref() == Some("ExitCode"))
+        .and_then(|c| c.message.as_deref()?.parse().ok());
+    let message = status.message.unwrap_or_default();
+    match code {
+        Some(code) => ExecExit::Exited(code),
+        None => ExecExit::NotStarted {
+            kind: if message.contains("not found") {
+                StartKind::NotFound
+            } else {
+                StartKind::Other
+            },
+            message,
+        },
+    }
+}
+
+/// Signals an exec's processes: found in the pod by their tag, through another exec.
+struct PodExecControl {
+    pods: Api<Pod>,
+    pod: String,
+    tag: String,
+}
+
+impl PodExecControl {
+    async fn send(&self, signal: &str) -> Result<(), ExecError> {
+        let needle = format!("{}={}", super::exec::EXEC_TAG_VAR, self.tag);
+        let script = "for p in /proc/[0-9]*; do \
+             tr '\\0' '\\n' < \"$p/environ\" 2>/dev/null | grep -qxF \"$1\" && kill -\"$0\" \"${p#/proc/}\"; \
+             done; true";
+        let argv = ["/bin/sh", "-c", script, signal, needle.as_str()];
+        let ap = AttachParams::default().stderr(false);
+        let mut attached = self
+            .pods
+            .exec(&self.pod, argv, &ap)
+            .await
+            .map_err(|e| ExecError::Backend(format!("pod {}: {e}", self.pod)))?;
+        if let Some(status) = attached.take_status() {
+            status.await;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ExecControl for PodExecControl {
+    async fn signal(&self, signal: i32) -> Result<(), ExecError> {
+        self.send(&signal.to_string()).await
+    }
+
+    async fn kill(&self, grace: Duration) {
+        let _ = self.send("TERM").await;
+        tokio::time::sleep(grace.min(Duration::from_secs(10))).await;
+        let _ = self.send("KILL").await;
+    }
+}
+
 fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(status) if status.code == 404)
 }
@@ -476,6 +568,56 @@ impl Backend for KubeBackend {
             }))
     }
 
+    /// Runs the command in the Sandbox's pod (named after it) through `pods/exec`.
+    async fn exec(&self, sb: &Sandbox, spec: ExecSpec) -> Result<ExecHandle, ExecError> {
+        if sb.status != model::Status::Running {
+            return Err(ExecError::NotRunning);
+        }
+        let pod = Self::resource_name(sb).to_string();
+        let ap = AttachParams::default().stdin(spec.stdin);
+        let mut attached: AttachedProcess = self
+            .pods
+            .exec(&pod, exec_argv(&spec), &ap)
+            .await
+            .map_err(|e| ExecError::Backend(format!("pod {pod}: {e}")))?;
+        let stdin = attached
+            .stdin()
+            .map(|w| Box::new(w) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>);
+        let read = |r: Option<_>, chunk: fn(bytes::Bytes) -> Chunk| {
+            r.map(|r| tokio_util::io::ReaderStream::new(r).map(move |b| b.map(chunk)))
+        };
+        let stdout = read(attached.stdout(), Chunk::Stdout);
+        let stderr = read(attached.stderr(), Chunk::Stderr);
+        let output = match (stdout, stderr) {
+            (Some(o), Some(e)) => futures_util::stream::select(o, e).boxed(),
+            (Some(o), None) => o.boxed(),
+            (None, Some(e)) => e.boxed(),
+            (None, None) => futures_util::stream::empty().boxed(),
+        };
+        let status = attached.take_status();
+        let exit = async move {
+            let status = match status {
+                Some(status) => status.await,
+                None => None,
+            };
+            // The message loop ends with the status, then closes the output streams
+            // (dropping it instead would abort that).
+            let _ = attached.join().await;
+            exec_exit(status)
+        }
+        .boxed();
+        Ok(ExecHandle {
+            stdin,
+            output,
+            exit,
+            control: std::sync::Arc::new(PodExecControl {
+                pods: self.pods.clone(),
+                pod,
+                tag: spec.tag,
+            }),
+        })
+    }
+
     fn service(&self, sb: &Sandbox) -> Option<super::ServiceRef> {
         Some(super::ServiceRef {
             name: self.service_name(Self::resource_name(sb)),
@@ -507,6 +649,42 @@ mod tests {
 
     fn sandbox(v: Value) -> DynamicObject {
         serde_json::from_value(v).expect("a Sandbox")
+    }
+
+    #[test]
+    fn exec_argv_and_exit() {
+        let spec = ExecSpec {
+            argv: vec!["/bin/sh".into(), "-c".into(), "ls".into()],
+            env: [("A".to_string(), "1".to_string())].into(),
+            cwd: Some("/work".into()),
+            stdin: false,
+            tag: "t1".into(),
+        };
+        let argv = exec_argv(&spec);
+        assert_eq!(argv[..3], ["env", "A=1", "SANDGATE_EXEC=t1"]);
+        assert_eq!(argv[argv.len() - 4..], ["/work", "/bin/sh", "-c", "ls"]);
+
+        let status = |v: Value| Some(serde_json::from_value(v).expect("a Status"));
+        assert_eq!(
+            exec_exit(status(json!({"status": "Success"}))),
+            ExecExit::Exited(0)
+        );
+        assert_eq!(
+            exec_exit(status(
+                json!({"status": "Failure", "reason": "NonZeroExitCode",
+                "details": {"causes": [{"reason": "ExitCode", "message": "7"}]}})
+            )),
+            ExecExit::Exited(7)
+        );
+        assert!(matches!(
+            exec_exit(status(json!({"status": "Failure",
+                "message": "exec: \"nope\": executable file not found in $PATH"}))),
+            ExecExit::NotStarted {
+                kind: StartKind::NotFound,
+                ..
+            }
+        ));
+        assert_eq!(exec_exit(None), ExecExit::Unknown);
     }
 
     #[test]

@@ -245,3 +245,69 @@ async fn lifecycle_v1beta1() {
 async fn lifecycle_v1alpha1_only() {
     lifecycle_on(&["v1alpha1"]).await;
 }
+
+/// Commands run in the Sandbox's pod through `pods/exec` over the WebSocket channel protocol
+/// (the fake's "pod" is this machine): stdout and stderr apart, the exit code, env, stdin, cwd, a
+/// timeout that kills the command through another exec, and a command waking a stopped one.
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_through_the_pod_exec_api() {
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    fake.apply(sandbox("runner", Some("carol")));
+    let gw = gateway(&fake, pod).start().await;
+    until(&gw, Method::GET, "/carol/runner/", 200).await;
+    let id = gw
+        .list()
+        .await
+        .into_iter()
+        .find(|s| s["name"] == "runner")
+        .and_then(|s| s["id"].as_str().map(str::to_string))
+        .expect("runner is listed");
+
+    let r = gw
+        .exec(
+            &id,
+            &json!({"command": "echo out; echo err >&2; printf %s \"$X\"; exit 3", "env": {"X": "x"}}),
+        )
+        .await;
+    assert_eq!(r["exit_code"], 3, "{r}");
+    assert_eq!(r["stdout"], "out\nx");
+    assert_eq!(r["stderr"], "err\n");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cwd = dir.path().to_str().expect("utf-8").to_string();
+    let r = gw
+        .exec(
+            &id,
+            &json!({"command": "pwd; cat", "cwd": cwd, "stdin": "given"}),
+        )
+        .await;
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert_eq!(r["stdout"], format!("{cwd}\ngiven"));
+
+    // A timeout ends the command (found in the pod by its tag) and keeps its output.
+    let r = gw
+        .exec(
+            &id,
+            &json!({"command": "echo started; exec sleep 30", "timeout_ms": 1000}),
+        )
+        .await;
+    assert_eq!(r["timed_out"], true, "{r}");
+    assert_eq!(r["stdout"], "started\n");
+
+    // A stopped Sandbox (discovered ones are persistent) is resumed by a command.
+    gw.post(&format!("/sandboxes/{id}/stop"))
+        .send()
+        .await
+        .expect(200);
+    assert_eq!(
+        fake.get("default", "runner").expect("kept")["spec"]["operatingMode"],
+        "Suspended"
+    );
+    let r = gw.exec(&id, &json!({"command": "echo again"})).await;
+    assert_eq!(r["stdout"], "again\n", "{r}");
+    assert_eq!(
+        fake.get("default", "runner").expect("kept")["spec"]["operatingMode"],
+        "Running"
+    );
+}

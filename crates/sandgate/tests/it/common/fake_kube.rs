@@ -5,8 +5,10 @@
 //! a resource version older than its history, create/get/delete, JSON merge patch, and the
 //! status subresource (a patch of the object ignores `status`; one of `/status` changes only
 //! it). A small "controller" marks a Sandbox Ready with pod IP 127.0.0.1 (or suspends it) the
-//! way agent-sandbox's does, unless told to hold readiness back. Not implemented: server-side
-//! apply's field ownership, label selectors, pagination, pod exec.
+//! way agent-sandbox's does, unless told to hold readiness back. Pod exec speaks the WebSocket
+//! channel protocol (`v5.channel.k8s.io`: stdin 0, stdout 1, stderr 2, a closing `Status` on 3,
+//! close 255) and runs the command on this machine (the fake's "pod"). Not implemented:
+//! server-side apply's field ownership, label selectors, pagination, exec with a TTY.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -110,6 +112,10 @@ impl FakeKube {
             .route(
                 "/apis/{group}/{version}/namespaces/{ns}/sandboxes/{name}/status",
                 get(get_one).patch(patch_status),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}/exec",
+                get(exec).post(exec),
             )
             .fallback(|| async { status(404, "NotFound", "the server could not find it") })
             .with_state(fake.clone());
@@ -615,4 +621,180 @@ async fn delete(
     };
     fake.store(&mut inner, "DELETED", &ns, &name, obj.clone());
     axum::Json(at_version(obj, &version)).into_response()
+}
+
+/// `pods/{name}/exec` over a WebSocket (`v5.channel.k8s.io`): runs the `command` query
+/// parameters here, relaying stdin, stdout and stderr on their channels and ending with the
+/// `Status` the kubelet sends (`NonZeroExitCode` with an `ExitCode` cause on failure).
+async fn exec(
+    State(fake): Shared,
+    Path((ns, name)): Path<(String, String)>,
+    mut req: axum::extract::Request,
+) -> Response {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    if fake.lock().down {
+        return unavailable();
+    }
+    let sandbox_running = fake
+        .get(&ns, &name)
+        .is_some_and(|o| o["status"]["podIPs"].is_array());
+    if !sandbox_running {
+        return status(404, "NotFound", &format!("pods \"{name}\" not found"));
+    }
+    let query = req.uri().query().unwrap_or("").to_string();
+    let mut argv = Vec::new();
+    let mut stdin = false;
+    for (k, v) in url_pairs(&query) {
+        match k.as_str() {
+            "command" => argv.push(v),
+            "stdin" => stdin = v == "true",
+            _ => {}
+        }
+    }
+    let protocols = req
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if !protocols
+        .split(',')
+        .any(|p| p.trim() == "v5.channel.k8s.io")
+    {
+        return status(400, "BadRequest", "the fake speaks v5.channel.k8s.io only");
+    }
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return status(400, "BadRequest", "not a WebSocket upgrade");
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let io = hyper_util::rt::TokioIo::new(upgraded);
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            io,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        run_exec(ws, argv, stdin).await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+        .header("sec-websocket-protocol", "v5.channel.k8s.io")
+        .body(Body::empty())
+        .unwrap_or_default()
+}
+
+/// The query's pairs, percent-decoded.
+fn url_pairs(query: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        let bytes = s.replace('+', " ").into_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                let hex = String::from_utf8_lossy(&bytes[i + 1..i + 3]);
+                if let Ok(b) = u8::from_str_radix(&hex, 16) {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(bytes[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+async fn run_exec<S>(ws: tokio_tungstenite::WebSocketStream<S>, argv: Vec<String>, stdin: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut tx, mut rx) = ws.split();
+    let frame = |channel: u8, data: &[u8]| {
+        let mut v = Vec::with_capacity(data.len() + 1);
+        v.push(channel);
+        v.extend_from_slice(data);
+        Message::binary(v)
+    };
+    let Some((program, args)) = argv.split_first() else {
+        let _ = tx.send(frame(3, br#"{"metadata":{},"status":"Failure","message":"no command","reason":"BadRequest","code":400}"#)).await;
+        return;
+    };
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(if stdin {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            let st = json!({"metadata": {}, "status": "Failure", "reason": "InternalError", "code": 500,
+                "message": format!("failed to create containerd task: exec: \"{program}\": executable file not found in $PATH ({e})")});
+            let _ = tx.send(frame(3, st.to_string().as_bytes())).await;
+            let _ = tx.close().await;
+            return;
+        }
+    };
+    let mut child_in = child.stdin.take();
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let (mut out_buf, mut err_buf) = (vec![0u8; 16384], vec![0u8; 16384]);
+    let (mut out_open, mut err_open, mut client_open) = (true, true, true);
+    while out_open || err_open {
+        tokio::select! {
+            n = out.read(&mut out_buf), if out_open => match n {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => { let _ = tx.send(frame(1, &out_buf[..n])).await; }
+            },
+            n = err.read(&mut err_buf), if err_open => match n {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => { let _ = tx.send(frame(2, &err_buf[..n])).await; }
+            },
+            m = rx.next(), if client_open => match m {
+                Some(Ok(Message::Binary(b))) if b.first() == Some(&0) => {
+                    if let Some(w) = child_in.as_mut() {
+                        let _ = w.write_all(&b[1..]).await;
+                    }
+                }
+                Some(Ok(Message::Binary(b))) if b.as_ref() == [255, 0] => child_in = None,
+                Some(Ok(_)) => {}
+                // The client left: the kubelet ends the exec's stream, not the process.
+                _ => {
+                    client_open = false;
+                    child_in = None;
+                }
+            },
+        }
+    }
+    let code = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
+    let st = if code == 0 {
+        json!({"metadata": {}, "status": "Success"})
+    } else {
+        json!({"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
+            "message": format!("command terminated with non-zero exit code: exit status {code}"),
+            "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
+    };
+    let _ = tx.send(frame(3, st.to_string().as_bytes())).await;
+    let _ = tx.close().await;
 }
