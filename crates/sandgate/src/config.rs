@@ -37,6 +37,9 @@ pub enum BackendKind {
     Process,
     /// Containers on a Docker engine (`DOCKER_HOST`, else the local socket).
     Docker,
+    /// agent-sandbox `Sandbox` resources on a Kubernetes cluster (in-cluster config, else
+    /// `KUBECONFIG`).
+    Kubernetes,
 }
 
 impl BackendKind {
@@ -44,6 +47,7 @@ impl BackendKind {
         match self {
             BackendKind::Process => "process",
             BackendKind::Docker => "docker",
+            BackendKind::Kubernetes => "kubernetes",
         }
     }
 }
@@ -99,6 +103,22 @@ pub struct ServeArgs {
     /// Backend that runs sandboxes.
     #[arg(long, env = "SANDGATE_BACKEND", value_enum)]
     pub backend: Option<BackendKind>,
+    /// Kubernetes backend: the namespace whose `Sandbox` resources are watched and created.
+    #[arg(long, env = "SANDGATE_KUBE_NAMESPACE")]
+    pub kube_namespace: Option<String>,
+    /// Kubernetes backend: a kubeconfig file (default: in-cluster config, else `KUBECONFIG`).
+    #[arg(long, env = "SANDGATE_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes backend: the service name `/sandboxes` reports, `{name}` standing for the
+    /// Sandbox's name (agent-sandbox's headless Service: `{name}`; seed 003: `sandbox-{name}`).
+    #[arg(long, env = "SANDGATE_KUBE_SERVICE")]
+    pub kube_service: Option<String>,
+    /// Kubernetes backend: the port `/{user}/{name}/` routes reach on a sandbox's pod.
+    #[arg(long, env = "SANDGATE_KUBE_PORT")]
+    pub kube_port: Option<u16>,
+    /// Kubernetes backend: seconds between full re-lists of the `Sandbox` resources.
+    #[arg(long, env = "SANDGATE_KUBE_RESYNC")]
+    pub kube_resync: Option<f64>,
     /// Sandbox isolation: own user, filesystem view and namespaces (`sandbox`), own network
     /// namespaces only (`netns`), shared host (`none`), or `auto` (the strongest available).
     #[arg(long, env = "SANDGATE_ISOLATION", value_enum)]
@@ -410,6 +430,46 @@ struct FileConfig {
     runtimes: BTreeMap<String, RuntimeConfig>,
     #[serde(default)]
     docker: DockerConfig,
+    #[serde(default)]
+    kubernetes: KubeFileConfig,
+}
+
+/// `[kubernetes]` in the configuration file (the same settings as the `--kube-*` flags).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct KubeFileConfig {
+    namespace: Option<String>,
+    kubeconfig: Option<PathBuf>,
+    service: Option<String>,
+    port: Option<u16>,
+    resync: Option<f64>,
+}
+
+/// The Kubernetes backend's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubeConfig {
+    /// The namespace whose `Sandbox` resources are watched and created.
+    pub namespace: String,
+    /// A kubeconfig file (`None`: in-cluster config, else `KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
+    /// The service name reported for a Sandbox, `{name}` standing for its name.
+    pub service: String,
+    /// The port `/{user}/{name}/` routes reach on a sandbox's pod.
+    pub port: u16,
+    /// Between full re-lists of the `Sandbox` resources.
+    pub resync: Duration,
+}
+
+impl Default for KubeConfig {
+    fn default() -> KubeConfig {
+        KubeConfig {
+            namespace: "default".into(),
+            kubeconfig: None,
+            service: "{name}".into(),
+            port: 8888,
+            resync: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A runtime defined (or overridden) in the configuration file. Unset fields keep the
@@ -670,6 +730,7 @@ pub struct Config {
     pub teams: BTreeMap<String, TeamConfig>,
     pub runtimes: BTreeMap<String, RuntimeConfig>,
     pub docker: DockerConfig,
+    pub kubernetes: KubeConfig,
 }
 
 /// The certificate and key files of a TLS listener. Both are given or neither; their contents
@@ -858,6 +919,7 @@ impl Config {
             teams: BTreeMap::new(),
             runtimes: BTreeMap::new(),
             docker: DockerConfig::default(),
+            kubernetes: KubeConfig::default(),
         }
     }
 
@@ -1076,6 +1138,20 @@ impl Config {
         c.teams = file.teams;
         c.runtimes = file.runtimes;
         c.docker = file.docker;
+        let kube = file.kubernetes;
+        if let Some(ns) = args.kube_namespace.clone().or(kube.namespace) {
+            c.kubernetes.namespace = ns;
+        }
+        c.kubernetes.kubeconfig = args.kubeconfig.clone().or(kube.kubeconfig);
+        if let Some(service) = args.kube_service.clone().or(kube.service) {
+            c.kubernetes.service = service;
+        }
+        if let Some(port) = args.kube_port.or(kube.port) {
+            c.kubernetes.port = port;
+        }
+        if let Some(secs) = args.kube_resync.or(kube.resync) {
+            c.kubernetes.resync = seconds("SANDGATE_KUBE_RESYNC", secs)?;
+        }
         c.auth_enabled = args.auth_enabled.or(file.auth_enabled).unwrap_or(true);
         c.admin_key = args
             .admin_key
@@ -1332,6 +1408,16 @@ impl Config {
         put("teams", V::Table(teams));
         put("runtimes", V::Table(runtimes));
         put("docker", V::Table(docker));
+        let k = &self.kubernetes;
+        let mut kube = toml::Table::new();
+        kube.insert("namespace".into(), text(&k.namespace));
+        if let Some(path) = &k.kubeconfig {
+            kube.insert("kubeconfig".into(), text(&path.display().to_string()));
+        }
+        kube.insert("service".into(), text(&k.service));
+        kube.insert("port".into(), int(k.port.into()));
+        kube.insert("resync".into(), secs(k.resync));
+        put("kubernetes", V::Table(kube));
         t.to_string()
     }
 
@@ -1454,6 +1540,19 @@ impl Config {
                     "runtime {name:?}: warm is at most {MAX_WARM} sandboxes"
                 ));
             }
+        }
+        let kube = &self.kubernetes;
+        if !crate::model::valid_label(&kube.namespace) {
+            return bad(format!(
+                "kube_namespace {:?} is not a Kubernetes namespace name",
+                kube.namespace
+            ));
+        }
+        if kube.port == 0 {
+            return bad("kube_port must be between 1 and 65535".into());
+        }
+        if kube.resync.is_zero() {
+            return bad("kube_resync must be more than 0 seconds".into());
         }
         if let Err(e) = self.docker.limits.validate() {
             return bad(format!("[docker] {e}"));

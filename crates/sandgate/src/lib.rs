@@ -97,6 +97,8 @@ pub enum RunError {
     NoJail,
     #[error("the sandboxes' uid range ({first}-{last}) is in use on this host: {0}", first = process::jail::UID_BASE, last = process::jail::UID_BASE + process::jail::UID_COUNT - 1)]
     UidClash(String),
+    #[error("kubernetes backend: {0}")]
+    Kube(#[from] backend::kubernetes::KubeError),
     #[error("docker backend: {0}")]
     Docker(String),
     #[error("{0}")]
@@ -152,6 +154,8 @@ async fn build_backend(
     store: &dyn Store,
     sandboxes_dir: std::path::PathBuf,
     exits: tokio::sync::mpsc::UnboundedSender<backend::Exit>,
+    observed: tokio::sync::mpsc::UnboundedSender<backend::kubernetes::Observed>,
+    shutdown: &CancellationToken,
 ) -> Result<Arc<dyn Backend>, RunError> {
     Ok(match config.backend {
         BackendKind::Process => {
@@ -218,6 +222,11 @@ async fn build_backend(
                 .await
                 .map_err(RunError::Docker)?,
         ),
+        BackendKind::Kubernetes => {
+            let kube = backend::kubernetes::KubeBackend::connect(config).await?;
+            kube.watch(observed, shutdown.child_token());
+            Arc::new(kube)
+        }
     })
 }
 
@@ -264,7 +273,16 @@ pub async fn run(
     let auth = Arc::new(Auth::load(store.clone(), &config).await?);
     let audit = Audit::start(store.clone());
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
-    let backend = build_backend(&config, store.as_ref(), sandboxes_dir, exits_tx).await?;
+    let (observed_tx, observed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = build_backend(
+        &config,
+        store.as_ref(),
+        sandboxes_dir,
+        exits_tx,
+        observed_tx,
+        &shutdown,
+    )
+    .await?;
     let routes = Arc::new(Routes::default());
     let metrics = Arc::new(Metrics::new(config.workers, config.metrics));
     let mut manager = Manager::new(
@@ -297,6 +315,8 @@ pub async fn run(
         ))
     });
     let exit_watcher = tokio::spawn(manager.clone().watch_exits(exits_rx));
+    // The Kubernetes backend's view of the cluster (nothing comes on other backends).
+    let observer = tokio::spawn(manager.clone().watch_observed(observed_rx));
     // Cancelled when the listeners stop accepting (below): upgraded streams end then.
     let stop = CancellationToken::new();
     let proxy = Arc::new(
@@ -488,6 +508,7 @@ pub async fn run(
     if let Some(follower) = follower {
         let _ = follower.await;
     }
+    observer.abort();
     drop(dir_lock);
     if let Some(watcher) = cert_watcher {
         watcher.abort();

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::backend::kubernetes::{Discovered, Observed, DISCOVERED_RUNTIME};
 use crate::backend::{Backend, Exit};
 use crate::config::Config;
 use crate::error::Error;
@@ -417,6 +418,9 @@ impl Manager {
         let replicas = req.replicas.unwrap_or(1);
         if !(1..=MAX_REPLICAS).contains(&replicas) {
             return bad(format!("replicas must be from 1 to {MAX_REPLICAS}"));
+        }
+        if replicas > 1 && self.backend.kind() == "kubernetes" {
+            return bad("replicas above 1 are not supported on the kubernetes backend yet".into());
         }
         if replicas > 1 && !dev_server {
             return bad("replicas is only meaningful with a dev server to balance".into());
@@ -1183,6 +1187,134 @@ impl Manager {
                 });
             }
         }
+    }
+
+    /// Consumes the Kubernetes backend's reports of the cluster's Sandboxes until the
+    /// channel closes.
+    pub async fn watch_observed(self: Arc<Self>, mut observed: UnboundedReceiver<Observed>) {
+        while let Some(report) = observed.recv().await {
+            self.observe(report).await;
+        }
+    }
+
+    /// Folds one report of the cluster's Sandboxes into the store, then the route table.
+    pub async fn observe(&self, report: Observed) {
+        match report {
+            Observed::Applied(d) => self.observe_one(d).await,
+            Observed::Deleted(id) => self.observe_gone(&id, None).await,
+            Observed::Snapshot { all, listed_at } => {
+                let present: std::collections::HashSet<String> =
+                    all.iter().map(|d| d.id.clone()).collect();
+                for d in all {
+                    self.observe_one(d).await;
+                }
+                let known = match self.store.list().await {
+                    Ok(known) => known,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "listing sandboxes to resync");
+                        return;
+                    }
+                };
+                for sb in known {
+                    if sb.listed() && !present.contains(&sb.id) {
+                        self.observe_gone(&sb.id, Some(listed_at)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A Sandbox the cluster no longer has: its record goes, unless it was written after
+    /// `listed_at` (a create under way when the list was taken) or is not yet backed by one.
+    async fn observe_gone(&self, id: &str, listed_at: Option<chrono::DateTime<chrono::Utc>>) {
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let Ok(Some(sb)) = self.store.get(id).await else {
+            return;
+        };
+        if sb.backend_ref.is_none() || listed_at.is_some_and(|t| sb.updated_at >= t) {
+            return;
+        }
+        if let Err(e) = self.store.delete(id).await {
+            tracing::warn!(sandbox = %id, error = %e, "could not forget a deleted Sandbox");
+            return;
+        }
+        self.routes.remove(id);
+        self.forget_lock(id);
+        tracing::info!(sandbox = %id, "the Sandbox is gone from the cluster");
+    }
+
+    /// A Sandbox as the cluster reports it: a new record for one created elsewhere (with
+    /// `kubectl`), else its record's status and pod IP brought up to date.
+    async fn observe_one(&self, d: Discovered) {
+        let lock = self.lock_for(&d.id);
+        let _guard = lock.lock().await;
+        let status = if d.suspended {
+            Status::Stopped
+        } else if d.ready {
+            Status::Running
+        } else {
+            Status::Creating
+        };
+        let ip = if status == Status::Running {
+            d.pod_ip.clone()
+        } else {
+            None
+        };
+        let result = match self.store.get(&d.id).await {
+            Ok(Some(mut sb)) => {
+                if sb.status == Status::Deleting
+                    || (sb.status == status
+                        && sb.ip_address == ip
+                        && sb.backend_ref.as_deref() == Some(d.resource.as_str()))
+                {
+                    return;
+                }
+                if sb.ip_address != ip {
+                    // A cached route never reaches the previous pod.
+                    sb.generation += 1;
+                }
+                sb.status = status;
+                sb.status_reason =
+                    (status == Status::Creating).then(|| "the Sandbox is not Ready".to_string());
+                sb.ip_address = ip;
+                sb.backend_ref = Some(d.resource.clone());
+                self.save(&mut sb).await
+            }
+            Ok(None) => self.adopt_discovered(&d, status, ip).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(sandbox = %d.id, resource = %d.resource, error = %e, "could not record a Sandbox");
+        }
+    }
+
+    /// Records a Sandbox created outside the gateway: nobody's to reap (never idle),
+    /// persistent, routed at `/{user}/{name}/` on the backend's port.
+    async fn adopt_discovered(
+        &self,
+        d: &Discovered,
+        status: Status,
+        ip: Option<String>,
+    ) -> Result<(), Error> {
+        let mut sb = Sandbox {
+            owner: d.owner.clone(),
+            name: d.name.clone(),
+            runtime: DISCOVERED_RUNTIME.into(),
+            mode: Mode::Persistent,
+            dev_server: true,
+            port: self.backend.default_port(),
+            status,
+            backend_ref: Some(d.resource.clone()),
+            ip_address: ip,
+            idle_timeout: Some(0),
+            network: model::Network::Egress,
+            ..Sandbox::blank(&d.id)
+        };
+        self.store.create(&mut sb, None, &|_| true).await?;
+        self.routes.put(sb);
+        tracing::info!(sandbox = %d.id, resource = %d.resource, "discovered a Sandbox");
+        Ok(())
     }
 
     /// After a restart (or, on a shared store, when this gateway takes the lease): loads

@@ -338,25 +338,25 @@ impl Sandbox {
     }
 }
 
-#[cfg(test)]
 impl Sandbox {
-    /// A running sandbox with defaults, for unit tests.
-    pub fn for_tests(id: &str) -> Sandbox {
+    /// A record with every setting at its default: the default team and owner, no name, no
+    /// ports, `creating`, generation 1, created now. Callers set what they know.
+    pub fn blank(id: &str) -> Sandbox {
         let now = now();
         Sandbox {
             id: id.into(),
             team: DEFAULT_TEAM.into(),
             owner: DEFAULT_OWNER.into(),
             name: None,
-            runtime: "shell".into(),
+            runtime: String::new(),
             mode: Mode::Ephemeral,
-            dev_server: true,
-            command: "true".into(),
+            dev_server: false,
+            command: String::new(),
             env: BTreeMap::new(),
             limits: Limits::default(),
-            port: Some(3000),
-            allocated_port: Some(20001),
-            status: Status::Running,
+            port: None,
+            allocated_port: None,
+            status: Status::Creating,
             status_reason: None,
             backend_ref: None,
             ip_address: None,
@@ -375,6 +375,22 @@ impl Sandbox {
             replica_of: None,
             created_at: now,
             updated_at: now,
+        }
+    }
+}
+
+#[cfg(test)]
+impl Sandbox {
+    /// A running sandbox with defaults, for unit tests.
+    pub fn for_tests(id: &str) -> Sandbox {
+        Sandbox {
+            runtime: "shell".into(),
+            dev_server: true,
+            command: "true".into(),
+            port: Some(3000),
+            allocated_port: Some(20001),
+            status: Status::Running,
+            ..Sandbox::blank(id)
         }
     }
 }

@@ -78,6 +78,11 @@ pub struct SandboxView {
     /// Commands running in it and command sockets (`/ws`) open to it right now.
     pub connections: Connections,
     pub ip_address: Option<String>,
+    /// Seed 003 (kubernetes backend): the sandbox's Service and its namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// Seed 004: seconds since the Unix epoch.
     pub created_at: f64,
     pub created: String,
@@ -129,6 +134,7 @@ impl SandboxView {
             _ => None,
         };
         let checks_run = state.config.health_interval.is_some();
+        let service = state.manager.backend().service(sb);
         let mut instances = vec![InstanceView::new(sb, entry.as_deref(), checks_run)];
         if let Some(e) = &entry {
             instances.extend(
@@ -175,6 +181,8 @@ impl SandboxView {
                 Connections { exec, ws, pty }
             },
             ip_address: sb.ip_address.clone(),
+            service: service.as_ref().map(|s| s.name.clone()),
+            namespace: service.map(|s| s.namespace),
             created_at: sb.created_at.timestamp_millis() as f64 / 1000.0,
             created: sb
                 .created_at

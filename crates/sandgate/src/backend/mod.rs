@@ -1,8 +1,9 @@
-//! The `Backend` trait: what runs sandboxes (local processes now; Docker and Kubernetes slot in
-//! behind the same trait) and how the proxy reaches a sandbox's port.
+//! The `Backend` trait: what runs sandboxes (local processes, Docker containers, Kubernetes
+//! agent-sandbox resources) and how the proxy reaches a sandbox's port.
 
 pub mod docker;
 pub mod exec;
+pub mod kubernetes;
 pub mod netns;
 pub mod process;
 
@@ -22,6 +23,13 @@ pub enum BackendError {
     Stop(String),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// The cluster Service in front of a sandbox (kubernetes backend), for seed 003's listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub name: String,
+    pub namespace: String,
 }
 
 /// A sandbox's output, streamed.
@@ -191,6 +199,11 @@ pub trait Backend: Send + Sync {
             std::net::Ipv4Addr::LOCALHOST,
             target,
         ))))
+    }
+    /// The cluster Service in front of the sandbox, where there is one.
+    fn service(&self, sb: &Sandbox) -> Option<ServiceRef> {
+        let _ = sb;
+        None
     }
     /// The sandbox's captured stdout and stderr so far, as a stream of bytes (empty if it has
     /// printed nothing yet).

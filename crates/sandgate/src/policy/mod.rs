@@ -318,6 +318,8 @@ impl Policy {
                 None => return Decision::Deny(port_not_exposed(&sandbox, port)),
             },
             Status::Stopped if sandbox.mode == Mode::Persistent => None,
+            // Not ready yet (a Kubernetes Sandbox whose `Ready` condition is false): retry.
+            Status::Creating => return Decision::Deny(Error::NotReady(sandbox.id.clone())),
             status => {
                 // A failed start says why (a browser shows it instead of a bare status).
                 let status = match (&sandbox.status_reason, status) {

@@ -21,6 +21,7 @@ mod health;
 mod idle;
 mod image;
 mod isolation;
+mod kubernetes;
 mod layers;
 mod lifecycle;
 mod limits;

@@ -31,6 +31,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 pub mod browser;
+pub mod fake_kube;
 pub mod postgres;
 pub mod tls;
 

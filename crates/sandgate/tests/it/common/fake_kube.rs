@@ -1,0 +1,800 @@
+//! A fake Kubernetes API server for the kubernetes backend's tests: real HTTP on
+//! 127.0.0.1:0, serving agent-sandbox's `Sandbox` kind the way the real API server does
+//! where the backend depends on it: discovery (`/apis`, `/apis/{group}/{version}`), list
+//! with a `resourceVersion`, watch streams with bookmarks, `410 Gone` (an `ERROR` event) for
+//! a resource version older than its history, create/get/delete, JSON merge patch, and the
+//! status subresource (a patch of the object ignores `status`; one of `/status` changes only
+//! it). A small "controller" marks a Sandbox Ready with pod IP 127.0.0.1 (or suspends it) the
+//! way agent-sandbox's does, unless told to hold readiness back. Pod exec speaks the WebSocket
+//! channel protocol (`v5.channel.k8s.io`: stdin 0, stdout 1, stderr 2, a closing `Status` on 3,
+//! close 255) and runs the command on this machine (the fake's "pod"). Not implemented:
+//! server-side apply's field ownership, label selectors, pagination, exec with a TTY.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+pub const GROUP: &str = "agents.x-k8s.io";
+
+/// One change, as a watch delivers it.
+#[derive(Debug, Clone)]
+struct Change {
+    rv: u64,
+    kind: &'static str,
+    namespace: String,
+    object: Value,
+}
+
+#[derive(Debug)]
+struct Inner {
+    rv: u64,
+    /// (namespace, name) → object.
+    objects: BTreeMap<(String, String), Value>,
+    /// Every change since `oldest`; a watch from before it gets `410 Gone`.
+    history: Vec<Change>,
+    oldest: u64,
+    versions: Vec<&'static str>,
+    down: bool,
+    /// Requests answered 503 while down.
+    refused: u64,
+    auto_ready: bool,
+    /// Bumped to end every open watch stream.
+    epoch: u64,
+}
+
+#[derive(Clone)]
+pub struct FakeKube {
+    inner: Arc<Mutex<Inner>>,
+    changes: broadcast::Sender<Change>,
+    pub kubeconfig: PathBuf,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+type Shared = State<FakeKube>;
+
+impl FakeKube {
+    /// Serves `versions` of the Sandbox kind (newest first, e.g. `["v1beta1", "v1alpha1"]`).
+    pub async fn start(versions: &[&'static str]) -> FakeKube {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: fake\nclusters:\n- name: fake\n  \
+                 cluster:\n    server: http://{addr}\ncontexts:\n- name: fake\n  context:\n    \
+                 cluster: fake\n    user: fake\n    namespace: default\nusers:\n- name: fake\n  \
+                 user:\n    token: fake-token\n"
+            ),
+        )
+        .expect("write kubeconfig");
+        let (changes, _) = broadcast::channel(1024);
+        let fake = FakeKube {
+            inner: Arc::new(Mutex::new(Inner {
+                rv: 100,
+                objects: BTreeMap::new(),
+                history: Vec::new(),
+                oldest: 100,
+                versions: versions.to_vec(),
+                down: false,
+                refused: 0,
+                auto_ready: true,
+                epoch: 0,
+            })),
+            changes,
+            kubeconfig,
+            _dir: Arc::new(dir),
+        };
+        let app = Router::new()
+            .route("/apis", get(api_groups))
+            .route("/apis/{group}/{version}", get(api_resources))
+            .route(
+                "/apis/{group}/{version}/namespaces/{ns}/sandboxes",
+                get(list_or_watch).post(create),
+            )
+            .route(
+                "/apis/{group}/{version}/namespaces/{ns}/sandboxes/{name}",
+                get(get_one).patch(patch).delete(delete),
+            )
+            .route(
+                "/apis/{group}/{version}/namespaces/{ns}/sandboxes/{name}/status",
+                get(get_one).patch(patch_status),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}/exec",
+                get(exec).post(exec),
+            )
+            .fallback(|| async { status(404, "NotFound", "the server could not find it") })
+            .with_state(fake.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        fake
+    }
+
+    /// Everything answers 503 and open watches end (`true`), or the server is back.
+    pub fn set_down(&self, down: bool) {
+        let mut inner = self.lock();
+        inner.down = down;
+        inner.epoch += 1;
+    }
+
+    /// How many requests were refused while down.
+    pub fn refused(&self) -> u64 {
+        self.lock().refused
+    }
+
+    /// Whether new and resumed Sandboxes become Ready on their own.
+    pub fn set_auto_ready(&self, on: bool) {
+        self.lock().auto_ready = on;
+    }
+
+    /// Removes a Sandbox without any watch hearing of it: the history is compacted and open
+    /// watches end, so the client's next watch gets `410 Gone` and must list again.
+    pub fn delete_unannounced(&self, ns: &str, name: &str) {
+        let mut inner = self.lock();
+        inner.objects.remove(&(ns.into(), name.into()));
+        inner.rv += 1;
+        inner.history.clear();
+        inner.oldest = inner.rv;
+        inner.epoch += 1;
+    }
+
+    /// Adds a Sandbox as `kubectl apply` would (server-side fields filled in), then runs the
+    /// controller on it.
+    pub fn apply(&self, mut obj: Value) {
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        obj["metadata"]["namespace"] = json!(ns);
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .expect("a name")
+            .to_string();
+        let mut inner = self.lock();
+        let kind = if inner.objects.contains_key(&(ns.clone(), name.clone())) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        obj["metadata"]["uid"] = json!(format!("uid-{ns}-{name}"));
+        obj["metadata"]["creationTimestamp"] = json!("2026-08-01T00:00:00Z");
+        self.store(&mut inner, kind, &ns, &name, obj);
+        self.reconcile(&mut inner, &ns, &name);
+    }
+
+    /// Sets the Sandbox's `Ready` condition and pod IP, as its controller would.
+    pub fn set_ready(&self, ns: &str, name: &str, ready: bool) {
+        let mut inner = self.lock();
+        let Some(mut obj) = inner.objects.get(&(ns.into(), name.into())).cloned() else {
+            panic!("no Sandbox {ns}/{name}");
+        };
+        obj["status"] = ready_status(name, ns, ready, false);
+        self.store(&mut inner, "MODIFIED", ns, name, obj);
+    }
+
+    /// Deletes a Sandbox as `kubectl delete` would: watches hear of it.
+    pub fn remove(&self, ns: &str, name: &str) {
+        let mut inner = self.lock();
+        if let Some(obj) = inner.objects.get(&(ns.into(), name.into())).cloned() {
+            self.store(&mut inner, "DELETED", ns, name, obj);
+        }
+    }
+
+    /// The stored object, if any.
+    pub fn get(&self, ns: &str, name: &str) -> Option<Value> {
+        self.lock().objects.get(&(ns.into(), name.into())).cloned()
+    }
+
+    /// Every stored object's name.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().objects.keys().map(|(_, n)| n.clone()).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("fake state")
+    }
+
+    /// Stores `obj` under a new resource version and tells the watches.
+    fn store(&self, inner: &mut Inner, kind: &'static str, ns: &str, name: &str, mut obj: Value) {
+        inner.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+        let key = (ns.to_string(), name.to_string());
+        if kind == "DELETED" {
+            inner.objects.remove(&key);
+        } else {
+            inner.objects.insert(key, obj.clone());
+        }
+        let change = Change {
+            rv: inner.rv,
+            kind,
+            namespace: ns.into(),
+            object: obj,
+        };
+        inner.history.push(change.clone());
+        let _ = self.changes.send(change);
+    }
+
+    /// agent-sandbox's controller, reduced: a running Sandbox gets a Ready pod at 127.0.0.1,
+    /// a suspended one loses it.
+    fn reconcile(&self, inner: &mut Inner, ns: &str, name: &str) {
+        if !inner.auto_ready {
+            return;
+        }
+        let Some(mut obj) = inner.objects.get(&(ns.into(), name.into())).cloned() else {
+            return;
+        };
+        let spec = &obj["spec"];
+        let suspended =
+            spec["operatingMode"] == "Suspended" || spec["replicas"].as_i64() == Some(0);
+        let status = ready_status(name, ns, !suspended, suspended);
+        if obj["status"] != status {
+            obj["status"] = status;
+            self.store(inner, "MODIFIED", ns, name, obj);
+        }
+    }
+}
+
+/// A Sandbox status as agent-sandbox writes it.
+pub fn ready_status(name: &str, ns: &str, ready: bool, suspended: bool) -> Value {
+    let flag = |b: bool| if b { "True" } else { "False" };
+    let mut status = json!({
+        "serviceFQDN": format!("{name}.{ns}.svc.cluster.local"),
+        "service": name,
+        "conditions": [
+            {"type": "Ready", "status": flag(ready), "reason": if ready { "DependenciesReady" } else { "PodNotReady" },
+             "lastTransitionTime": "2026-08-01T00:00:00Z", "message": ""},
+            {"type": "Suspended", "status": flag(suspended), "reason": "", "lastTransitionTime": "2026-08-01T00:00:00Z", "message": ""},
+        ],
+    });
+    if ready {
+        status["podIPs"] = json!(["127.0.0.1"]);
+    }
+    status
+}
+
+/// A Kubernetes `Status` error body.
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code});
+    (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+fn unavailable() -> Response {
+    status(503, "ServiceUnavailable", "the fake API server is down")
+}
+
+/// The refusal of a request while down (503), or for a `group`/`version` not served (404).
+fn refusal(fake: &FakeKube, group: &str, version: &str) -> Option<Response> {
+    let mut inner = fake.lock();
+    if inner.down {
+        inner.refused += 1;
+        return Some(unavailable());
+    }
+    if group != GROUP || !inner.versions.contains(&version) {
+        return Some(status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
+    }
+    None
+}
+
+/// The object as the asked version shows it.
+fn at_version(mut obj: Value, version: &str) -> Value {
+    obj["apiVersion"] = json!(format!("{GROUP}/{version}"));
+    obj["kind"] = json!("Sandbox");
+    obj
+}
+
+async fn api_groups(State(fake): Shared) -> Response {
+    let mut inner = fake.lock();
+    if inner.down {
+        inner.refused += 1;
+        return unavailable();
+    }
+    let versions: Vec<Value> = inner
+        .versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{GROUP}/{v}"), "version": v}))
+        .collect();
+    axum::Json(
+        json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+            {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
+             "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}},
+            {"name": GROUP, "versions": versions, "preferredVersion": versions[0]},
+        ]}),
+    )
+    .into_response()
+}
+
+async fn api_resources(
+    State(fake): Shared,
+    Path((group, version)): Path<(String, String)>,
+) -> Response {
+    if let Some(r) = refusal(&fake, &group, &version) {
+        return r;
+    }
+    let verbs = json!([
+        "create",
+        "delete",
+        "deletecollection",
+        "get",
+        "list",
+        "patch",
+        "update",
+        "watch"
+    ]);
+    axum::Json(json!({"kind": "APIResourceList", "apiVersion": "v1",
+        "groupVersion": format!("{group}/{version}"), "resources": [
+        {"name": "sandboxes", "singularName": "sandbox", "namespaced": true, "kind": "Sandbox", "verbs": verbs},
+        {"name": "sandboxes/status", "singularName": "", "namespaced": true, "kind": "Sandbox", "verbs": ["get", "patch", "update"]},
+    ]}))
+    .into_response()
+}
+
+async fn list_or_watch(
+    State(fake): Shared,
+    Path((group, version, ns)): Path<(String, String, String)>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    if let Some(r) = refusal(&fake, &group, &version) {
+        return r;
+    }
+    if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        return watch(fake, version, ns, &q);
+    }
+    let inner = fake.lock();
+    let items: Vec<Value> = inner
+        .objects
+        .iter()
+        .filter(|((n, _), _)| *n == ns)
+        .map(|(_, o)| at_version(o.clone(), &version))
+        .collect();
+    axum::Json(
+        json!({"kind": "SandboxList", "apiVersion": format!("{GROUP}/{version}"),
+        "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items}),
+    )
+    .into_response()
+}
+
+/// A watch from `resourceVersion`: the history after it, then live changes, with a bookmark
+/// every 200 ms (when asked for), until `timeoutSeconds` or the fake ends open watches.
+fn watch(fake: FakeKube, version: String, ns: String, q: &BTreeMap<String, String>) -> Response {
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(300u64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    let line = |v: Value| Ok(Bytes::from(format!("{v}\n")));
+    let (backlog, epoch, mut live) = {
+        let inner = fake.lock();
+        if from < inner.oldest {
+            let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
+                "message": format!("too old resource version: {from} ({})", inner.oldest)}});
+            return Response::new(Body::from(format!("{gone}\n")));
+        }
+        let backlog: Vec<Change> = inner
+            .history
+            .iter()
+            .filter(|c| c.rv > from && c.namespace == ns)
+            .cloned()
+            .collect();
+        (backlog, (inner.epoch, inner.rv), fake.changes.subscribe())
+    };
+    let (epoch, seen) = epoch;
+    tokio::spawn(async move {
+        // The newest version this watch has delivered everything up to: what a bookmark
+        // says (never a change still on its way).
+        let mut last = from.max(seen);
+        let event =
+            |c: &Change| json!({"type": c.kind, "object": at_version(c.object.clone(), &version)});
+        for c in &backlog {
+            if tx.send(line(event(c))).await.is_err() {
+                return;
+            }
+        }
+        let end = tokio::time::sleep(Duration::from_secs(timeout));
+        tokio::pin!(end);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            if fake.lock().epoch != epoch {
+                return;
+            }
+            tokio::select! {
+                _ = &mut end => return,
+                _ = tick.tick() => {
+                    if bookmarks {
+                        let mark = json!({"type": "BOOKMARK", "object": {"kind": "Sandbox",
+                            "apiVersion": format!("{GROUP}/{version}"),
+                            "metadata": {"resourceVersion": last.to_string()}}});
+                        if tx.send(line(mark)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                c = live.recv() => match c {
+                    Ok(c) if c.rv > last => {
+                        last = c.rv;
+                        if c.namespace == ns && tx.send(line(event(&c))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                },
+            }
+        }
+    });
+    Response::new(Body::from_stream(tokio_stream_from(rx)))
+}
+
+/// An mpsc receiver as a stream.
+fn tokio_stream_from(
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) })
+}
+
+async fn create(
+    State(fake): Shared,
+    Path((group, version, ns)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = refusal(&fake, &group, &version) {
+        return r;
+    }
+    let Ok(mut obj) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "not JSON");
+    };
+    let Some(name) = obj["metadata"]["name"].as_str().map(str::to_string) else {
+        return status(422, "Invalid", "metadata.name: Required value");
+    };
+    if obj["spec"]["podTemplate"].is_null() {
+        return status(422, "Invalid", "spec.podTemplate: Required value");
+    }
+    let mut inner = fake.lock();
+    if inner.objects.contains_key(&(ns.clone(), name.clone())) {
+        return status(
+            409,
+            "AlreadyExists",
+            &format!("sandboxes.{GROUP} \"{name}\" already exists"),
+        );
+    }
+    // The status subresource: a create cannot set it.
+    if let Some(o) = obj.as_object_mut() {
+        o.remove("status");
+    }
+    obj["metadata"]["namespace"] = json!(ns);
+    obj["metadata"]["uid"] = json!(format!("uid-{ns}-{name}"));
+    obj["metadata"]["creationTimestamp"] = json!("2026-08-01T00:00:00Z");
+    fake.store(&mut inner, "ADDED", &ns, &name, obj);
+    fake.reconcile(&mut inner, &ns, &name);
+    let stored = inner.objects.get(&(ns, name)).cloned().unwrap_or_default();
+    (
+        StatusCode::CREATED,
+        axum::Json(at_version(stored, &version)),
+    )
+        .into_response()
+}
+
+async fn get_one(
+    State(fake): Shared,
+    Path((group, version, ns, name)): Path<(String, String, String, String)>,
+) -> Response {
+    if let Some(r) = refusal(&fake, &group, &version) {
+        return r;
+    }
+    match fake.get(&ns, &name) {
+        Some(o) => axum::Json(at_version(o, &version)).into_response(),
+        None => status(
+            404,
+            "NotFound",
+            &format!("sandboxes.{GROUP} \"{name}\" not found"),
+        ),
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+async fn patch_any(
+    fake: FakeKube,
+    path: (String, String, String, String),
+    headers: HeaderMap,
+    body: Bytes,
+    status_only: bool,
+) -> Response {
+    let (group, version, ns, name) = path;
+    if let Some(r) = refusal(&fake, &group, &version) {
+        return r;
+    }
+    let ctype = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    // Merge patch; server-side apply is taken as a merge (no field ownership).
+    if !ctype.starts_with("application/merge-patch+json")
+        && !ctype.starts_with("application/apply-patch")
+    {
+        return status(
+            415,
+            "UnsupportedMediaType",
+            &format!("the fake takes merge patches, not {ctype}"),
+        );
+    }
+    let Ok(mut patch) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "not JSON");
+    };
+    let mut inner = fake.lock();
+    let Some(mut obj) = inner.objects.get(&(ns.clone(), name.clone())).cloned() else {
+        return status(
+            404,
+            "NotFound",
+            &format!("sandboxes.{GROUP} \"{name}\" not found"),
+        );
+    };
+    if status_only {
+        patch = json!({"status": patch.get("status").cloned().unwrap_or(Value::Null)});
+    } else if let Some(p) = patch.as_object_mut() {
+        p.remove("status");
+    }
+    merge(&mut obj, &patch);
+    fake.store(&mut inner, "MODIFIED", &ns, &name, obj);
+    if !status_only {
+        fake.reconcile(&mut inner, &ns, &name);
+    }
+    let stored = inner.objects.get(&(ns, name)).cloned().unwrap_or_default();
+    axum::Json(at_version(stored, &version)).into_response()
+}
+
+async fn patch(
+    State(fake): Shared,
+    Path(p): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    patch_any(fake, p, headers, body, false).await
+}
+
+async fn patch_status(
+    State(fake): Shared,
+    Path(p): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    patch_any(fake, p, headers, body, true).await
+}
+
+async fn delete(
+    State(fake): Shared,
+    Path((group, version, ns, name)): Path<(String, String, String, String)>,
+) -> Response {
+    if let Some(r) = refusal(&fake, &group, &version) {
+        return r;
+    }
+    let mut inner = fake.lock();
+    let Some(obj) = inner.objects.get(&(ns.clone(), name.clone())).cloned() else {
+        return status(
+            404,
+            "NotFound",
+            &format!("sandboxes.{GROUP} \"{name}\" not found"),
+        );
+    };
+    fake.store(&mut inner, "DELETED", &ns, &name, obj.clone());
+    axum::Json(at_version(obj, &version)).into_response()
+}
+
+/// `pods/{name}/exec` over a WebSocket (`v5.channel.k8s.io`): runs the `command` query
+/// parameters here, relaying stdin, stdout and stderr on their channels and ending with the
+/// `Status` the kubelet sends (`NonZeroExitCode` with an `ExitCode` cause on failure).
+async fn exec(
+    State(fake): Shared,
+    Path((ns, name)): Path<(String, String)>,
+    mut req: axum::extract::Request,
+) -> Response {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    if fake.lock().down {
+        return unavailable();
+    }
+    let sandbox_running = fake
+        .get(&ns, &name)
+        .is_some_and(|o| o["status"]["podIPs"].is_array());
+    if !sandbox_running {
+        return status(404, "NotFound", &format!("pods \"{name}\" not found"));
+    }
+    let query = req.uri().query().unwrap_or("").to_string();
+    let mut argv = Vec::new();
+    let mut stdin = false;
+    for (k, v) in url_pairs(&query) {
+        match k.as_str() {
+            "command" => argv.push(v),
+            "stdin" => stdin = v == "true",
+            _ => {}
+        }
+    }
+    let protocols = req
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if !protocols
+        .split(',')
+        .any(|p| p.trim() == "v5.channel.k8s.io")
+    {
+        return status(400, "BadRequest", "the fake speaks v5.channel.k8s.io only");
+    }
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return status(400, "BadRequest", "not a WebSocket upgrade");
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let io = hyper_util::rt::TokioIo::new(upgraded);
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            io,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        run_exec(ws, argv, stdin).await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+        .header("sec-websocket-protocol", "v5.channel.k8s.io")
+        .body(Body::empty())
+        .unwrap_or_default()
+}
+
+/// The query's pairs, percent-decoded.
+fn url_pairs(query: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        let bytes = s.replace('+', " ").into_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                let hex = String::from_utf8_lossy(&bytes[i + 1..i + 3]);
+                if let Ok(b) = u8::from_str_radix(&hex, 16) {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(bytes[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+async fn run_exec<S>(ws: tokio_tungstenite::WebSocketStream<S>, argv: Vec<String>, stdin: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut tx, mut rx) = ws.split();
+    let frame = |channel: u8, data: &[u8]| {
+        let mut v = Vec::with_capacity(data.len() + 1);
+        v.push(channel);
+        v.extend_from_slice(data);
+        Message::binary(v)
+    };
+    let Some((program, args)) = argv.split_first() else {
+        let _ = tx.send(frame(3, br#"{"metadata":{},"status":"Failure","message":"no command","reason":"BadRequest","code":400}"#)).await;
+        return;
+    };
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(if stdin {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            let st = json!({"metadata": {}, "status": "Failure", "reason": "InternalError", "code": 500,
+                "message": format!("failed to create containerd task: exec: \"{program}\": executable file not found in $PATH ({e})")});
+            let _ = tx.send(frame(3, st.to_string().as_bytes())).await;
+            let _ = tx.close().await;
+            return;
+        }
+    };
+    let mut child_in = child.stdin.take();
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let (mut out_buf, mut err_buf) = (vec![0u8; 16384], vec![0u8; 16384]);
+    let (mut out_open, mut err_open, mut client_open) = (true, true, true);
+    while out_open || err_open {
+        tokio::select! {
+            n = out.read(&mut out_buf), if out_open => match n {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => { let _ = tx.send(frame(1, &out_buf[..n])).await; }
+            },
+            n = err.read(&mut err_buf), if err_open => match n {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => { let _ = tx.send(frame(2, &err_buf[..n])).await; }
+            },
+            m = rx.next(), if client_open => match m {
+                Some(Ok(Message::Binary(b))) if b.first() == Some(&0) => {
+                    if let Some(w) = child_in.as_mut() {
+                        let _ = w.write_all(&b[1..]).await;
+                    }
+                }
+                Some(Ok(Message::Binary(b))) if b.as_ref() == [255, 0] => child_in = None,
+                Some(Ok(_)) => {}
+                // The client left: the kubelet ends the exec's stream, not the process.
+                _ => {
+                    client_open = false;
+                    child_in = None;
+                }
+            },
+        }
+    }
+    let code = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
+    let st = if code == 0 {
+        json!({"metadata": {}, "status": "Success"})
+    } else {
+        json!({"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
+            "message": format!("command terminated with non-zero exit code: exit status {code}"),
+            "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
+    };
+    let _ = tx.send(frame(3, st.to_string().as_bytes())).await;
+    let _ = tx.close().await;
+}
