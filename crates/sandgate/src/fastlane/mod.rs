@@ -607,7 +607,7 @@ impl Lane {
             .await;
             match got {
                 Err(e)
-                    if e.closed_early()
+                    if (e.closed_early() || (others && e.broken()))
                         && ubuf.is_empty()
                         && req.may_retry(&f.facts)
                         && (reused
@@ -1154,6 +1154,12 @@ impl StallWatch {
 impl HeadError {
     /// The sandbox closed (or reset) the connection before answering: what a kept
     /// connection it had already let go looks like.
+    /// The connection failed under the request, whatever the error (an instance dying):
+    /// what moves a request that is harmless to repeat to another instance.
+    fn broken(&self) -> bool {
+        matches!(self, HeadError::Closed | HeadError::Io(_))
+    }
+
     fn closed_early(&self) -> bool {
         match self {
             HeadError::Closed => true,

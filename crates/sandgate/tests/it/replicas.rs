@@ -58,9 +58,18 @@ async fn all_ready(gw: &Client, id: &str, n: usize) -> Vec<String> {
 /// Which instance answers `GET /whoami` through the sandbox's route, `n` times in a row.
 async fn answers(gw: &Client, sb: &TestSandbox, n: usize) -> Vec<String> {
     let mut who = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
         let r = gw.get(&sb.path("/whoami")).send().await;
-        r.expect(200);
+        if r.status != StatusCode::OK {
+            // What the gateway knew of the instances then, for the record.
+            let v = gw.sandbox(&sb.id).await;
+            panic!(
+                "request {i} of {n}: {} {:?} (answered so far: {who:?}); instances: {}",
+                r.status,
+                r.text(),
+                v["instances"]
+            );
+        }
         who.push(r.text());
     }
     who
