@@ -91,8 +91,14 @@ async fn discovery_routes_and_readiness(lane: Lane) {
     assert_eq!(body["body"], "{\"command\": \"ls -la\"}");
 
     // Made with kubectl while the gateway runs: routable within the bound; no label: `default`.
+    let applied = std::time::Instant::now();
     fake.apply(sandbox("plain", None));
     let r = until(&gw, Method::GET, "/default/plain/x?y=1", 200).await;
+    // What the "within a second" looks like here (asserted only within SEEN).
+    eprintln!(
+        "a kubectl-made Sandbox was routed after {:?}",
+        applied.elapsed()
+    );
     assert_eq!(r.json()["path"], "/x");
     // Seed 003's listing fields: path, service, namespace, ready; its /health shape.
     // `ready`: Ready in the cluster and (with health checks on) its port passed them.
