@@ -432,6 +432,9 @@ pub struct Admission<L: Deref<Target = Limits>, A: Deref<Target = Activity> = Ar
 /// An admission that can travel with a response body or an upgraded connection.
 pub type OwnedAdmission = Admission<Arc<Limits>, Arc<Activity>>;
 
+/// An admission of a request answered within the caller's scope (the fast lane).
+pub type ScopedAdmission<'a> = Admission<&'a Limits, &'a Activity>;
+
 impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Admission<L, A> {
     /// The request switched protocols: its slots cover requests, not long-lived upgraded
     /// connections, so they are returned now; the in-use mark stays until the stream ends.

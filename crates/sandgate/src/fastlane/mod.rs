@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::{Ending, Started};
+use crate::admission::{Ending, ScopedAdmission, Started};
 use crate::auth::Principal;
 use crate::backend::Upstream;
 use crate::error::Error;
@@ -848,35 +848,27 @@ struct Dialing {
     key: PoolKey,
 }
 
-/// Opens a connection to the instance `at` names, with the time it took. When it refuses and
-/// the sandbox has other instances, the request moves to another at once (the policy's
-/// failover: `at`, the admission and the `Host` port in `out` follow); otherwise a refusal is
-/// retried on the same port as `MAX_RETRIES` says.
+/// Opens a connection to the instance `at` names, with the time it took; a refusal moves
+/// the request to another instance of its sandbox ([`move_on`]) as [`Proxy::dial_instance`]
+/// says.
+///
+/// [`Proxy::dial_instance`]: crate::proxy::Proxy::dial_instance
 async fn connect<'a>(
     gw: &'a Gateway,
     target: &'a Target,
     client: IpAddr,
     at: &mut Dialing,
-    admission: &mut crate::admission::Admission<
-        &'a crate::admission::Limits,
-        &'a crate::routes::Activity,
-    >,
+    admission: &mut ScopedAdmission<'a>,
     out: &mut Vec<u8>,
 ) -> Result<(TcpStream, std::time::Duration), crate::proxy::SendError> {
-    let proxy = &*gw.state.proxy;
     let others = !target.sandbox.instances().is_empty();
-    loop {
-        let retries = if others { 0 } else { proxy.retries() };
-        match proxy.dial_with(at.upstream, retries).await {
-            Err(crate::proxy::SendError::Refused) if others => {
-                if !move_on(gw, target, client, at, admission, out) {
-                    // None left: this one, as for a sandbox of one instance.
-                    return proxy.dial(at.upstream).await;
-                }
-            }
-            other => return other,
-        }
-    }
+    let first = at.upstream;
+    gw.state
+        .proxy
+        .dial_instance(first, others, || {
+            move_on(gw, target, client, at, admission, out).then_some(at.upstream)
+        })
+        .await
 }
 
 /// Moves a request whose instance failed it (nothing answered) to another instance of its
@@ -887,10 +879,7 @@ fn move_on<'a>(
     target: &'a Target,
     client: IpAddr,
     at: &mut Dialing,
-    admission: &mut crate::admission::Admission<
-        &'a crate::admission::Limits,
-        &'a crate::routes::Activity,
-    >,
+    admission: &mut ScopedAdmission<'a>,
     out: &mut Vec<u8>,
 ) -> bool {
     let Some((i, upstream)) = gw.policy.failover(target, at.instance, client, admission) else {

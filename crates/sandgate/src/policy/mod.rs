@@ -25,7 +25,9 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::addresses::Addresses;
-use crate::admission::{Admission, Circuit, Ending, Limits, OwnedAdmission, Started};
+use crate::admission::{
+    Admission, Circuit, Ending, Limits, OwnedAdmission, ScopedAdmission, Started,
+};
 use crate::audit::{Actor, Audit};
 use crate::auth::{permissions, preview, Auth, Authenticated, Principal, Via};
 use crate::backend::{Backend, Upstream};
@@ -295,7 +297,8 @@ impl Policy {
                 self.usable(e, port, now)
             });
             if let Some((instance, upstream)) = picked {
-                return self.grant(head, sandbox, instance, port, prefix, who, Some(upstream));
+                let upstream = Some(upstream);
+                return self.grant(head, sandbox, instance, port, prefix, who, upstream, false);
             }
         }
         let mut unready = false;
@@ -332,14 +335,11 @@ impl Policy {
                 });
             }
         };
-        let mut grant = self.grant(head, sandbox, 0, port, prefix, who, upstream);
-        if let Decision::Proxy(g) = &mut grant {
-            g.unready = unready;
-        }
-        grant
+        self.grant(head, sandbox, 0, port, prefix, who, upstream, unready)
     }
 
-    /// The grant of a request to instance `instance` of `sandbox`.
+    /// The grant of a request to instance `instance` of `sandbox` (`unready`: see
+    /// [`Grant::unready`]).
     #[allow(clippy::too_many_arguments)]
     fn grant(
         &self,
@@ -350,6 +350,7 @@ impl Policy {
         prefix: Option<&str>,
         who: Authenticated,
         upstream: Option<Upstream>,
+        unready: bool,
     ) -> Decision {
         let upgrade = head.facts.upgrade.is_some_and(|p| {
             self.upgrade_protocols
@@ -365,7 +366,7 @@ impl Policy {
                 strip_authorization: who.consumed_authorization,
             },
             upstream,
-            unready: false,
+            unready,
             upgrade,
             html: head.facts.html,
             principal: who.principal,
@@ -428,14 +429,10 @@ impl Policy {
         target: &'a Target,
         refused: usize,
         client: IpAddr,
-        admission: &mut Admission<&'a Limits, &'a Activity>,
+        admission: &mut ScopedAdmission<'a>,
     ) -> Option<(usize, Upstream)> {
         let (i, upstream) = self.next_instance(target, refused, client)?;
-        let next = crate::balance::instance(&target.sandbox, i);
-        let cap = self.rates.max_connections(&target.sandbox.team);
-        let in_use = next.try_in_use_scoped(cap)?;
-        let circuit = self.circuit_of(next, target.port).ok()?;
-        admission.rebind(in_use, circuit);
+        self.rebind(target, i, admission, |e, cap| e.try_in_use_scoped(cap))?;
         Some((i, upstream))
     }
 
@@ -448,13 +445,29 @@ impl Policy {
         admission: &mut OwnedAdmission,
     ) -> Option<Upstream> {
         let (i, upstream) = self.next_instance(target, target.instance, client)?;
-        let next = crate::balance::instance(&target.sandbox, i);
-        let cap = self.rates.max_connections(&target.sandbox.team);
-        let in_use = next.try_in_use(cap)?;
-        let circuit = self.circuit_of(next, target.port).ok()?;
-        admission.rebind(in_use, circuit);
+        self.rebind(target, i, admission, |e, cap| e.try_in_use(cap))?;
         target.instance = i;
         Some(upstream)
+    }
+
+    /// Moves `admission` to instance `i` of `target`'s sandbox: its in-use mark (`in_use`
+    /// takes it within the connection cap) and its port's breaker; `None` if either refuses.
+    fn rebind<'t, L, A>(
+        &self,
+        target: &'t Target,
+        i: usize,
+        admission: &mut Admission<L, A>,
+        in_use: impl FnOnce(&'t Entry, usize) -> Option<crate::routes::InUse<A>>,
+    ) -> Option<()>
+    where
+        L: std::ops::Deref<Target = Limits>,
+        A: std::ops::Deref<Target = Activity>,
+    {
+        let next = crate::balance::instance(&target.sandbox, i);
+        let in_use = in_use(next, self.rates.max_connections(&target.sandbox.team))?;
+        let circuit = self.circuit_of(next, target.port).ok()?;
+        admission.rebind(in_use, circuit);
+        Some(())
     }
 
     /// The refusal of a request to a port whose circuit is open (read only: who makes the
@@ -587,7 +600,7 @@ impl Policy {
         principal: &Principal,
         client: IpAddr,
         started: &Started,
-    ) -> Result<Admission<&'a Limits, &'a Activity>, Error> {
+    ) -> Result<ScopedAdmission<'a>, Error> {
         let dialed = target.dialed();
         let in_use = self.limit(target, principal, |cap| dialed.try_in_use_scoped(cap))?;
         let circuit = self

@@ -127,11 +127,6 @@ impl Proxy {
         self
     }
 
-    /// `MAX_RETRIES`: extra connection attempts on a refusal.
-    pub fn retries(&self) -> u32 {
-        self.retries
-    }
-
     /// Records connect times and retries into `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Proxy {
         self.metrics = metrics;
@@ -370,9 +365,14 @@ impl Proxy {
         }
         let others = !target.sandbox.instances().is_empty();
         loop {
-            let (mut tx, took) = self
-                .connect_instance(key, req.headers_mut(), target, held, failover)
+            let first = key.upstream;
+            let fields = req.headers_mut();
+            let (stream, took) = self
+                .dial_instance(first, others, || {
+                    self.move_on(key, &mut *fields, target, held, failover)
+                })
                 .await?;
+            let mut tx = self.handshake(stream).await?;
             // An instance of a sandbox with others that drops a fresh connection before
             // answering (a server dying with connections in its backlog): a request that is
             // harmless to repeat goes to another instance.
@@ -382,58 +382,40 @@ impl Proxy {
             match tx.send_request(req).await {
                 Ok(resp) => return Ok((resp, tx, Some(took))),
                 Err(e) => {
-                    let next = again.and_then(|r| {
-                        let upstream = held.as_mut().and_then(|a| failover(target, a))?;
-                        Some((r, upstream))
-                    });
-                    let Some((r, upstream)) = next else {
+                    let Some(mut r) = again else {
                         return Err(SendError::Protocol(e));
                     };
-                    *key = pool_key(target.dialed(), upstream);
+                    if self
+                        .move_on(key, r.headers_mut(), target, held, failover)
+                        .is_none()
+                    {
+                        return Err(SendError::Protocol(e));
+                    }
                     req = r;
-                    headers::set_upstream_host(req.headers_mut(), upstream.port());
                 }
             }
         }
     }
 
-    /// Opens a connection to the instance `key` names; one that refuses while its sandbox has
-    /// other instances moves the request on at once, by `failover` (`key`, the `Host` field
-    /// in `fields`, `target` and the admission follow), instead of waiting for its port.
-    async fn connect_instance(
+    /// Moves a request whose instance failed it (nothing answered) to another instance of its
+    /// sandbox by `failover`: `key`, the `Host` field in `fields`, `target` and the admission
+    /// in `held` follow; the new upstream, or `None` if there is no other.
+    fn move_on(
         &self,
         key: &mut PoolKey,
         fields: &mut http::HeaderMap,
         target: &mut Target,
         held: &mut Option<OwnedAdmission>,
         failover: Failover<'_>,
-    ) -> Result<(Sender, Duration), SendError> {
-        let others = !target.sandbox.instances().is_empty();
-        let retries = if others { 0 } else { self.retries };
-        loop {
-            match self.connect(key.upstream, retries).await {
-                Err(SendError::Refused) if others => {
-                    match held.as_mut().and_then(|a| failover(target, a)) {
-                        Some(upstream) => {
-                            *key = pool_key(target.dialed(), upstream);
-                            headers::set_upstream_host(fields, upstream.port());
-                        }
-                        // None left: this one, as for a sandbox of one instance.
-                        None => return self.connect(key.upstream, self.retries).await,
-                    }
-                }
-                other => return other,
-            }
-        }
+    ) -> Option<Upstream> {
+        let upstream = failover(target, held.as_mut()?)?;
+        *key = pool_key(target.dialed(), upstream);
+        headers::set_upstream_host(fields, upstream.port());
+        Some(upstream)
     }
 
-    /// Opens an upstream HTTP/1.1 connection (see `dial`; with the time connecting took).
-    async fn connect(
-        &self,
-        upstream: Upstream,
-        retries: u32,
-    ) -> Result<(Sender, Duration), SendError> {
-        let (stream, took) = self.dial_with(upstream, retries).await?;
+    /// An HTTP/1.1 connection over a dialed stream (see `dial`).
+    async fn handshake(&self, stream: tokio::net::TcpStream) -> Result<Sender, SendError> {
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -443,7 +425,7 @@ impl Proxy {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
         });
-        Ok((tx, took))
+        Ok(tx)
     }
 
     /// Connects to a sandbox port, retrying refused connections briefly (a port may be
@@ -456,8 +438,33 @@ impl Proxy {
         self.dial_with(upstream, self.retries).await
     }
 
+    /// Dials `upstream`, an instance of a sandbox; when it refuses and the sandbox has
+    /// `others`, `next` moves the request to another instance (the policy's failover; the
+    /// caller's state follows it), which is dialed at once instead of waiting for the first
+    /// one's port to open. With no other left, the last is dialed with `MAX_RETRIES` as a
+    /// sandbox of one instance is. Both lanes connect through this.
+    pub(crate) async fn dial_instance(
+        &self,
+        mut upstream: Upstream,
+        others: bool,
+        mut next: impl FnMut() -> Option<Upstream>,
+    ) -> Result<(tokio::net::TcpStream, Duration), SendError> {
+        if others {
+            loop {
+                match self.dial_with(upstream, 0).await {
+                    Err(SendError::Refused) => match next() {
+                        Some(u) => upstream = u,
+                        None => break,
+                    },
+                    other => return other,
+                }
+            }
+        }
+        self.dial(upstream).await
+    }
+
     /// `dial`, with at most `retries` extra attempts on a refusal.
-    pub(crate) async fn dial_with(
+    async fn dial_with(
         &self,
         upstream: Upstream,
         retries: u32,
