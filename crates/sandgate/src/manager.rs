@@ -432,10 +432,7 @@ impl Manager {
             .backend
             .network(req.network)
             .map_err(Error::Validation)?;
-        let now = model::now();
         let sandbox = Sandbox {
-            id: model::new_id(),
-            team: DEFAULT_TEAM.into(),
             owner,
             name: req.name,
             runtime: runtime_name,
@@ -445,26 +442,15 @@ impl Manager {
             env: req.env,
             limits: limits.or(self.config.docker.limits),
             port: req.port,
-            allocated_port: None,
-            status: Status::Creating,
-            status_reason: None,
-            backend_ref: None,
-            ip_address: None,
-            netns_pid: None,
-            generation: 1,
             public: req.public.unwrap_or(false),
             public_ports: req.public_ports.unwrap_or_default(),
-            preview_generation: 0,
             keep_prefix: req.path_prefix == Some(model::PathPrefix::Keep),
             labels: req.labels,
             idle_timeout: req.idle_timeout,
             network,
             health_path: req.health_path,
-            pool: None,
             replicas,
-            replica_of: None,
-            created_at: now,
-            updated_at: now,
+            ..Sandbox::blank(&model::new_id())
         };
         Ok((sandbox, runtime.clone()))
     }

@@ -701,10 +701,7 @@ mod tests {
     use crate::model::{new_id, Mode, Status};
 
     fn sandbox(name: Option<&str>) -> Sandbox {
-        let now = crate::model::now();
         Sandbox {
-            id: new_id(),
-            team: DEFAULT_TEAM.into(),
             owner: "alice".into(),
             name: name.map(str::to_string),
             runtime: "python".into(),
@@ -712,28 +709,10 @@ mod tests {
             dev_server: true,
             command: "true".into(),
             env: [("A".to_string(), "1".to_string())].into(),
-            limits: Default::default(),
             port: Some(3000),
-            allocated_port: None,
-            status: Status::Creating,
-            status_reason: None,
-            backend_ref: None,
-            ip_address: None,
-            netns_pid: None,
             generation: 0,
-            public: false,
             public_ports: vec![8080],
-            preview_generation: 0,
-            keep_prefix: false,
-            labels: Default::default(),
-            idle_timeout: None,
-            network: crate::model::Network::None,
-            health_path: None,
-            pool: None,
-            replicas: 1,
-            replica_of: None,
-            created_at: now,
-            updated_at: now,
+            ..Sandbox::blank(&new_id())
         }
     }
 

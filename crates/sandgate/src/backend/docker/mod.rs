@@ -766,14 +766,8 @@ mod tests {
     }
 
     fn sandbox() -> Sandbox {
-        let now = crate::model::now();
         Sandbox {
-            id: "sb-abcdefghijklmnop".into(),
-            team: "default".into(),
-            owner: "default".into(),
-            name: None,
             runtime: "busybox".into(),
-            mode: crate::model::Mode::Ephemeral,
             dev_server: true,
             command: "exec httpd -f -p 127.0.0.1:$PORT".into(),
             env: [("PORT", "1"), ("HOME", "/root"), ("A", "b")]
@@ -787,25 +781,9 @@ mod tests {
             },
             port: Some(3000),
             allocated_port: Some(20001),
-            status: crate::model::Status::Creating,
-            status_reason: None,
-            backend_ref: None,
-            ip_address: None,
-            netns_pid: None,
             generation: 2,
-            public: false,
-            public_ports: Vec::new(),
-            preview_generation: 0,
-            keep_prefix: false,
             network: crate::model::Network::Egress,
-            health_path: None,
-            labels: Default::default(),
-            idle_timeout: None,
-            pool: None,
-            replicas: 1,
-            replica_of: None,
-            created_at: now,
-            updated_at: now,
+            ..Sandbox::blank("sb-abcdefghijklmnop")
         }
     }
 
