@@ -244,7 +244,7 @@ async fn containers_of(docker: &Docker, gateway: &str) -> Vec<ContainerSummary> 
         .expect("list containers")
 }
 
-async fn inspect(docker: &Docker, name: &str) -> Option<ContainerInspectResponse> {
+pub(crate) async fn inspect(docker: &Docker, name: &str) -> Option<ContainerInspectResponse> {
     match docker.inspect_container(name, None).await {
         Ok(c) => Some(c),
         Err(bollard::errors::Error::DockerResponseServerError {
@@ -268,7 +268,7 @@ async fn remove_container(docker: &Docker, name: &str) {
     }
 }
 
-fn running(c: &ContainerInspectResponse) -> bool {
+pub(crate) fn running(c: &ContainerInspectResponse) -> bool {
     c.state.as_ref().and_then(|s| s.running) == Some(true)
 }
 
@@ -341,36 +341,47 @@ impl Leftovers {
 impl Drop for Leftovers {
     fn drop(&mut self) {
         let (gateways, names) = std::mem::take(&mut *self.0.lock().unwrap());
-        // Drop cannot await, and may run inside a runtime: clean up on a thread of its own.
-        let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let Ok(docker) = Docker::connect_with_defaults() else {
-                    return;
-                };
-                let Ok(docker) = docker.negotiate_version().await else {
-                    return;
-                };
-                let mut all = names;
-                for g in &gateways {
-                    for c in containers_of(&docker, g).await {
-                        all.extend(c.id);
-                    }
+        on_engine_now(|docker| async move {
+            let mut all = names;
+            for g in &gateways {
+                for c in containers_of(&docker, g).await {
+                    all.extend(c.id);
                 }
-                for name in all {
-                    let options = RemoveContainerOptionsBuilder::default()
-                        .force(true)
-                        .v(true)
-                        .build();
-                    let _ = docker.remove_container(&name, Some(options)).await;
-                }
-            });
+            }
+            for name in all {
+                let options = RemoveContainerOptionsBuilder::default()
+                    .force(true)
+                    .v(true)
+                    .build();
+                let _ = docker.remove_container(&name, Some(options)).await;
+            }
         });
-        let _ = cleanup.join();
     }
+}
+
+/// Runs `clean` against the engine (if one answers) to its end, from a `Drop`: which cannot
+/// await and may run inside a runtime, so on a thread and runtime of its own.
+pub(crate) fn on_engine_now<F, Fut>(clean: F)
+where
+    F: FnOnce(Docker) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let cleanup = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let Ok(docker) = Docker::connect_with_defaults() else {
+                return;
+            };
+            let Ok(docker) = docker.negotiate_version().await else {
+                return;
+            };
+            clean(docker).await;
+        });
+    });
+    let _ = cleanup.join();
 }
 
 // ---------------------------------------------------------------------------------------------

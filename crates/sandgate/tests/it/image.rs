@@ -28,7 +28,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::common::{eventually, Client, PidRegistry};
-use crate::docker::{build_image, engine, shared_libraries};
+use crate::docker::{build_image, engine, on_engine_now, running, shared_libraries};
 
 /// The image these tests build; one tag, so a run killed before its cleanup leaves at most one
 /// image behind, which the next build replaces.
@@ -168,45 +168,27 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let container = self.container.clone();
-        // Drop cannot await, and may run inside a runtime: clean up on a thread of its own.
-        let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let Ok(docker) = Docker::connect_with_defaults() else {
-                    return;
-                };
-                let Ok(docker) = docker.negotiate_version().await else {
-                    return;
-                };
-                let options = RemoveContainerOptionsBuilder::default()
-                    .force(true)
-                    .v(true)
-                    .build();
-                let _ = docker.remove_container(&container, Some(options)).await;
-                let options = RemoveImageOptions {
-                    force: false,
-                    noprune: false,
-                    ..Default::default()
-                };
-                let _ = docker.remove_image(IMAGE, Some(options), None).await;
-            });
+        on_engine_now(|docker| async move {
+            let options = RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .v(true)
+                .build();
+            let _ = docker.remove_container(&container, Some(options)).await;
+            let options = RemoveImageOptions {
+                force: false,
+                noprune: false,
+                ..Default::default()
+            };
+            let _ = docker.remove_image(IMAGE, Some(options), None).await;
         });
-        let _ = cleanup.join();
     }
 }
 
+/// The container `name`, which must exist.
 async fn inspect(docker: &Docker, name: &str) -> ContainerInspectResponse {
-    docker
-        .inspect_container(name, None)
+    crate::docker::inspect(docker, name)
         .await
-        .unwrap_or_else(|e| panic!("inspect {name}: {e}"))
-}
-
-fn running(c: &ContainerInspectResponse) -> bool {
-    c.state.as_ref().and_then(|s| s.running).unwrap_or(false)
+        .unwrap_or_else(|| panic!("container {name} is gone"))
 }
 
 /// Everything the container wrote to stdout and stderr (for failure messages).
