@@ -194,9 +194,8 @@ impl Drop for PgServer {
             return;
         };
         // SIGQUIT: PostgreSQL's immediate shutdown (nothing here needs to survive).
-        let _ = Command::new("kill")
-            .args(["-QUIT", &pid.to_string()])
-            .status();
+        let signal = |s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s);
+        let _ = signal(nix::sys::signal::Signal::SIGQUIT);
         // Wait (bounded) for it to go, so the directory can be removed.
         let proc = PathBuf::from(format!("/proc/{pid}"));
         for _ in 0..200 {
@@ -206,9 +205,7 @@ impl Drop for PgServer {
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
         if proc.exists() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+            let _ = signal(nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
