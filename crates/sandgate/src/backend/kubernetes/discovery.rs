@@ -1,0 +1,228 @@
+//! What the cluster holds: a Sandbox object read in the backend's terms ([`Discovered`]),
+//! the stable id of one the gateway did not create, and the watch that reports every change
+//! (and a full list after each `410 Gone` and resync) to the manager.
+
+use std::net::IpAddr;
+
+use futures_util::StreamExt;
+use kube::api::DynamicObject;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use super::{KubeBackend, ANNOTATION_NAME, LABEL_ID, LABEL_USER};
+use crate::model;
+
+/// One Sandbox as the cluster reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discovered {
+    /// The sandgate id: the `sandgate.dev/sandbox` label, else derived from namespace/name.
+    pub id: String,
+    /// The resource's name.
+    pub resource: String,
+    pub namespace: String,
+    /// The `user` label (absent: `default`).
+    pub owner: String,
+    /// The route name: the `sandgate.dev/name` annotation, else the resource's name.
+    pub name: Option<String>,
+    /// Whether the gateway created it (it carries the id label).
+    pub created_here: bool,
+    /// The `Ready` condition is `True`.
+    pub ready: bool,
+    /// Suspended by its spec (`operatingMode: Suspended`, or `replicas: 0`).
+    pub suspended: bool,
+    /// The pod's first IP.
+    pub pod_ip: Option<String>,
+}
+
+/// What the watch reports to the manager.
+#[derive(Debug, Clone)]
+pub enum Observed {
+    /// A Sandbox was added or changed.
+    Applied(Discovered),
+    /// A Sandbox went (by id).
+    Deleted(String),
+    /// A full list: every Sandbox there is; `listed_at` is when the list began, so records
+    /// written since are not mistaken for vanished ones.
+    Snapshot {
+        all: Vec<Discovered>,
+        listed_at: chrono::DateTime<chrono::Utc>,
+    },
+}
+
+/// The id of a Sandbox the gateway did not create: `sb-` and 16 base32 characters of a hash
+/// of its namespace and name, so every gateway derives the same one.
+pub fn derived_id(namespace: &str, name: &str) -> String {
+    const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
+    let mut id = String::from("sb-");
+    id.extend(
+        digest
+            .iter()
+            .take(16)
+            .map(|b| BASE32[(b & 31) as usize] as char),
+    );
+    id
+}
+
+/// What a Sandbox object says, in the backend's terms.
+pub fn discovered(obj: &DynamicObject) -> Option<Discovered> {
+    let meta = &obj.metadata;
+    let resource = meta.name.clone()?;
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let labels = meta.labels.clone().unwrap_or_default();
+    let id_label = labels.get(LABEL_ID).filter(|id| model::valid_id(id));
+    let id = id_label
+        .cloned()
+        .unwrap_or_else(|| derived_id(&namespace, &resource));
+    let owner = labels
+        .get(LABEL_USER)
+        .filter(|u| model::valid_label(u) && !model::RESERVED_OWNERS.contains(&u.as_str()))
+        .cloned()
+        .unwrap_or_else(|| model::DEFAULT_OWNER.into());
+    let name = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_NAME))
+        .cloned()
+        .or_else(|| id_label.is_none().then(|| resource.clone()))
+        .filter(|n| model::valid_label(n));
+    let spec = obj.data.get("spec");
+    let suspended = spec.is_some_and(|s| {
+        s.get("operatingMode").and_then(Value::as_str) == Some("Suspended")
+            || s.get("replicas").and_then(Value::as_i64) == Some(0)
+    });
+    let status = obj.data.get("status");
+    let ready = status
+        .and_then(|s| s.get("conditions"))
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("type").and_then(Value::as_str) == Some("Ready")
+                    && c.get("status").and_then(Value::as_str) == Some("True")
+            })
+        });
+    let pod_ip = status
+        .and_then(|s| s.get("podIPs"))
+        .and_then(Value::as_array)
+        .and_then(|ips| ips.iter().filter_map(Value::as_str).next())
+        .filter(|ip| ip.parse::<IpAddr>().is_ok())
+        .map(str::to_string);
+    Some(Discovered {
+        id,
+        resource,
+        namespace,
+        owner,
+        name,
+        created_here: id_label.is_some(),
+        ready,
+        suspended,
+        pod_ip,
+    })
+}
+
+impl KubeBackend {
+    /// Watches the namespace's Sandboxes until `stop`, reporting on `to`: a full list first
+    /// (and after every `410 Gone` and every resync), then each change. The watch retries
+    /// with backoff while the API server is unreachable; nothing is reported meanwhile, so
+    /// the route table keeps the last known state.
+    pub fn watch(&self, to: UnboundedSender<Observed>, stop: CancellationToken) {
+        let api = self.api.clone();
+        let resync = self.config.resync;
+        tokio::spawn(async move {
+            loop {
+                let stream =
+                    watcher::watcher(api.clone(), watcher::Config::default()).default_backoff();
+                let mut stream = std::pin::pin!(stream);
+                let deadline = tokio::time::sleep(resync);
+                let mut deadline = std::pin::pin!(deadline);
+                let mut listing: Option<(Vec<Discovered>, chrono::DateTime<chrono::Utc>)> = None;
+                loop {
+                    let event = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = to.closed() => return,
+                        _ = &mut deadline => break,
+                        e = stream.next() => e,
+                    };
+                    let report = match event {
+                        None => break,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "watching Sandboxes");
+                            continue;
+                        }
+                        Some(Ok(Event::Init)) => {
+                            listing = Some((Vec::new(), model::now()));
+                            continue;
+                        }
+                        Some(Ok(Event::InitApply(obj))) => {
+                            if let (Some((all, _)), Some(d)) = (&mut listing, discovered(&obj)) {
+                                if obj.metadata.deletion_timestamp.is_none() {
+                                    all.push(d);
+                                }
+                            }
+                            continue;
+                        }
+                        Some(Ok(Event::InitDone)) => match listing.take() {
+                            Some((all, listed_at)) => Observed::Snapshot { all, listed_at },
+                            None => continue,
+                        },
+                        Some(Ok(Event::Apply(obj))) => match discovered(&obj) {
+                            Some(d) if obj.metadata.deletion_timestamp.is_some() => {
+                                Observed::Deleted(d.id)
+                            }
+                            Some(d) => Observed::Applied(d),
+                            None => continue,
+                        },
+                        Some(Ok(Event::Delete(obj))) => match discovered(&obj) {
+                            Some(d) => Observed::Deleted(d.id),
+                            None => continue,
+                        },
+                    };
+                    if to.send(report).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sandbox(v: Value) -> DynamicObject {
+        serde_json::from_value(v).expect("a Sandbox")
+    }
+
+    #[test]
+    fn discovery_reads_labels_readiness_and_pod_ip() {
+        let d = discovered(&sandbox(json!({
+            "apiVersion": "agents.x-k8s.io/v1beta1", "kind": "Sandbox",
+            "metadata": {"name": "my-sandbox", "namespace": "default", "labels": {"user": "alice"}},
+            "spec": {"operatingMode": "Running"},
+            "status": {"podIPs": ["10.0.0.7"], "conditions": [{"type": "Ready", "status": "True"}]}
+        })))
+        .expect("discovered");
+        assert_eq!(d.owner, "alice");
+        assert_eq!(d.name.as_deref(), Some("my-sandbox"));
+        assert!(d.ready && !d.suspended && !d.created_here);
+        assert_eq!(d.pod_ip.as_deref(), Some("10.0.0.7"));
+        assert_eq!(d.id, derived_id("default", "my-sandbox"));
+        assert!(model::valid_id(&d.id));
+
+        let d = discovered(&sandbox(json!({
+            "apiVersion": "agents.x-k8s.io/v1alpha1", "kind": "Sandbox",
+            "metadata": {"name": "x", "namespace": "ns", "labels": {"user": "sandboxes"}},
+            "spec": {"replicas": 0},
+            "status": {"conditions": [{"type": "Ready", "status": "False"}]}
+        })))
+        .expect("discovered");
+        assert_eq!(d.owner, "default", "a reserved user label is not a route");
+        assert!(!d.ready && d.suspended && d.pod_ip.is_none());
+    }
+}

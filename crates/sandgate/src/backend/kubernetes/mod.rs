@@ -1,0 +1,342 @@
+//! Kubernetes backend: each sandbox is an agent-sandbox `Sandbox` resource
+//! (`agents.x-k8s.io`, v1beta1, else v1alpha1: the newest served version, found by discovery)
+//! in one namespace, driven through kube-rs with `DynamicObject`s (see `docs/kubernetes.md`).
+//!
+//! A watch on the namespace's Sandboxes, re-listed every `resync` and after `410 Gone`,
+//! reports what the cluster holds ([`Observed`]) whoever created it (the API or `kubectl`);
+//! the manager folds that into the store and the route table. The proxy dials the pod's IP
+//! (`status.podIPs`) on the asked port. The `Ready` condition is authoritative; a suspended
+//! Sandbox (`operatingMode: Suspended`, v1alpha1 `replicas: 0`) is stopped.
+
+mod discovery;
+mod exec;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::ApiResource;
+use kube::Client;
+use serde_json::{json, Value};
+
+use super::exec::{ExecError, ExecHandle, ExecSpec};
+use super::{Backend, BackendError, LogStream, Started, Upstream};
+use crate::config::{Config, KubeConfig};
+use crate::model::{self, Sandbox};
+use crate::runtimes::{Runtime, Runtimes};
+pub use discovery::{derived_id, discovered, Discovered, Observed};
+
+/// The agent-sandbox API group.
+pub const GROUP: &str = "agents.x-k8s.io";
+/// Served versions in order of preference.
+pub const VERSIONS: [&str; 2] = ["v1beta1", "v1alpha1"];
+/// The label naming a sandbox's user: its `/{user}/{name}/` route (seed 003).
+pub const LABEL_USER: &str = "user";
+/// The label carrying the sandgate id of a Sandbox the gateway created.
+pub const LABEL_ID: &str = "sandgate.dev/sandbox";
+/// The annotation carrying the `name` a create asked for (the resource is named by its id).
+pub const ANNOTATION_NAME: &str = "sandgate.dev/name";
+/// The runtime recorded for Sandboxes the gateway discovered rather than created.
+pub const DISCOVERED_RUNTIME: &str = "kubernetes";
+/// How long a start waits for the Sandbox to report `Ready` and a pod IP.
+const START_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot load the Kubernetes client configuration: {0}")]
+    Config(String),
+    #[error("cannot reach the Kubernetes API: {0}")]
+    Unreachable(String),
+    #[error("the cluster serves no Sandbox kind of {GROUP} ({0}); is agent-sandbox installed?")]
+    NoSandboxKind(String),
+}
+
+pub struct KubeBackend {
+    api: Api<DynamicObject>,
+    /// The namespace's pods, for exec (a Sandbox's pod is named after it).
+    pods: Api<Pod>,
+    resource: ApiResource,
+    config: KubeConfig,
+    runtimes: Runtimes,
+}
+
+impl KubeBackend {
+    /// Loads the client configuration (`kubeconfig`, else in-cluster, else `KUBECONFIG`),
+    /// and finds the newest served version of the Sandbox kind.
+    pub async fn connect(config: &Config) -> Result<KubeBackend, KubeError> {
+        let kc = &config.kubernetes;
+        let client_config = match &kc.kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| KubeError::Config(format!("{}: {e}", path.display())))?;
+                kube::Config::from_custom_kubeconfig(file, &Default::default())
+                    .await
+                    .map_err(|e| KubeError::Config(e.to_string()))?
+            }
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| KubeError::Config(e.to_string()))?,
+        };
+        let client =
+            Client::try_from(client_config).map_err(|e| KubeError::Config(e.to_string()))?;
+        let group = kube::discovery::group(&client, GROUP)
+            .await
+            .map_err(|e| match e {
+                kube::Error::Discovery(d) => KubeError::NoSandboxKind(d.to_string()),
+                other => KubeError::Unreachable(other.to_string()),
+            })?;
+        let resource = VERSIONS
+            .iter()
+            .find_map(|v| {
+                group
+                    .versioned_resources(v)
+                    .into_iter()
+                    .find(|(ar, _)| ar.kind == "Sandbox")
+                    .map(|(ar, _)| ar)
+            })
+            .ok_or_else(|| {
+                KubeError::NoSandboxKind(format!(
+                    "served versions: {}",
+                    group.versions().collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+        tracing::info!(
+            version = %resource.api_version,
+            namespace = %kc.namespace,
+            "found the Sandbox kind"
+        );
+        let pods = Api::namespaced(client.clone(), &kc.namespace);
+        let api = Api::namespaced_with(client, &kc.namespace, &resource);
+        Ok(KubeBackend {
+            api,
+            pods,
+            resource,
+            config: kc.clone(),
+            runtimes: Runtimes::new(&config.runtimes),
+        })
+    }
+
+    /// The served version in use (`v1beta1` or `v1alpha1`).
+    pub fn version(&self) -> &str {
+        &self.resource.version
+    }
+
+    /// The service name reported for Sandbox `resource`.
+    pub fn service_name(&self, resource: &str) -> String {
+        self.config.service.replace("{name}", resource)
+    }
+
+    /// The resource name of a sandbox: recorded at start or discovery, else its id.
+    fn resource_name(sb: &Sandbox) -> &str {
+        sb.backend_ref.as_deref().unwrap_or(&sb.id)
+    }
+
+    /// The spec change that suspends (`false`) or resumes a Sandbox in the served version.
+    fn running_patch(&self, running: bool) -> Value {
+        if self.resource.version == "v1alpha1" {
+            json!({"spec": {"replicas": i32::from(running)}})
+        } else {
+            let mode = if running { "Running" } else { "Suspended" };
+            json!({"spec": {"operatingMode": mode}})
+        }
+    }
+
+    /// The Sandbox to create for `sb`: its pod template from the runtime's image, the
+    /// sandbox's command, environment and limits; the `user` label from its owner.
+    fn object(&self, sb: &Sandbox) -> Result<DynamicObject, BackendError> {
+        let runtime = self.runtimes.get(&sb.runtime).ok_or_else(|| {
+            BackendError::Start(format!("runtime {:?} is no longer configured", sb.runtime))
+        })?;
+        let mut env: Vec<Value> = vec![json!({"name": "SANDBOX_ID", "value": sb.id})];
+        if let Some(port) = sb.port {
+            env.push(json!({"name": "PORT", "value": port.to_string()}));
+            env.push(json!({"name": "HOST", "value": "0.0.0.0"}));
+        }
+        env.extend(sb.env.iter().map(|(k, v)| json!({"name": k, "value": v})));
+        let mut limits = serde_json::Map::new();
+        if let Some(cpus) = sb.limits.cpus {
+            limits.insert("cpu".into(), json!(format!("{}m", (cpus * 1000.0).round())));
+        }
+        if let Some(mb) = sb.limits.memory_mb {
+            limits.insert("memory".into(), json!(format!("{mb}Mi")));
+        }
+        let mut container = json!({
+            "name": "sandbox",
+            "image": runtime.image,
+            "command": ["/bin/sh", "-c", sb.command],
+            "env": env,
+        });
+        if !limits.is_empty() {
+            container["resources"] = json!({"limits": limits});
+        }
+        if let Some(port) = sb.port {
+            container["ports"] = json!([{"containerPort": port}]);
+        }
+        let mut spec = json!({
+            "podTemplate": {"spec": {"containers": [container]}},
+            "service": true,
+        });
+        if let Some(obj) = self.running_patch(true)["spec"].as_object() {
+            for (k, v) in obj {
+                spec[k] = v.clone();
+            }
+        }
+        let mut obj = DynamicObject::new(&sb.id, &self.resource).data(json!({"spec": spec}));
+        obj.metadata.labels = Some(
+            [
+                (LABEL_USER.to_string(), sb.owner.clone()),
+                (LABEL_ID.to_string(), sb.id.clone()),
+            ]
+            .into(),
+        );
+        if let Some(name) = &sb.name {
+            obj.metadata.annotations = Some([(ANNOTATION_NAME.to_string(), name.clone())].into());
+        }
+        Ok(obj)
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<DynamicObject>, kube::Error> {
+        self.api.get_opt(name).await
+    }
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.code == 404)
+}
+
+#[async_trait]
+impl Backend for KubeBackend {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn isolation(&self) -> &'static str {
+        "pod"
+    }
+
+    fn stop_on_shutdown(&self) -> bool {
+        // The cluster owns Sandboxes: they outlive the gateway.
+        false
+    }
+
+    async fn check_runtime(&self, _runtime: &Runtime) -> Result<(), String> {
+        // Images are the cluster's to pull; a missing one shows in the Sandbox's status.
+        Ok(())
+    }
+
+    fn needs_host_port(&self) -> bool {
+        false
+    }
+
+    fn default_port(&self) -> Option<u16> {
+        Some(self.config.port)
+    }
+
+    async fn start(&self, sb: &Sandbox) -> Result<Started, BackendError> {
+        let name = Self::resource_name(sb).to_string();
+        let fail = |e: kube::Error| BackendError::Start(format!("Sandbox {name}: {e}"));
+        if self.get(&name).await.map_err(fail)?.is_some() {
+            let patch = Patch::Merge(self.running_patch(true));
+            self.api
+                .patch(&name, &PatchParams::default(), &patch)
+                .await
+                .map_err(fail)?;
+        } else {
+            let obj = self.object(sb)?;
+            self.api
+                .create(&PostParams::default(), &obj)
+                .await
+                .map_err(fail)?;
+        }
+        // A bounded wait for the pod: the watch reports whatever comes later.
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        let mut pause = Duration::from_millis(50);
+        let mut ip = None;
+        while tokio::time::Instant::now() < deadline {
+            let d = self.get(&name).await.ok().flatten();
+            if let Some(d) = d.as_ref().and_then(discovered) {
+                if d.ready && d.pod_ip.is_some() {
+                    ip = d.pod_ip;
+                    break;
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+        Ok(Started {
+            backend_ref: Some(name),
+            ip_address: ip,
+            netns_pid: None,
+        })
+    }
+
+    async fn stop(&self, sb: &Sandbox) -> Result<(), BackendError> {
+        let name = Self::resource_name(sb);
+        let patch = Patch::Merge(self.running_patch(false));
+        match self.api.patch(name, &PatchParams::default(), &patch).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(BackendError::Stop(format!("Sandbox {name}: {e}"))),
+        }
+    }
+
+    async fn remove(&self, sb: &Sandbox) -> Result<(), BackendError> {
+        let name = Self::resource_name(sb);
+        match self.api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(BackendError::Stop(format!("Sandbox {name}: {e}"))),
+        }
+    }
+
+    async fn adopt(&self, sb: &Sandbox) -> Result<Option<Started>, BackendError> {
+        let name = Self::resource_name(sb).to_string();
+        let obj = self
+            .get(&name)
+            .await
+            .map_err(|e| BackendError::Start(format!("Sandbox {name}: {e}")))?;
+        Ok(obj
+            .as_ref()
+            .and_then(discovered)
+            .filter(|d| !d.suspended)
+            .map(|d| Started {
+                backend_ref: Some(name),
+                ip_address: d.pod_ip,
+                netns_pid: None,
+            }))
+    }
+
+    /// Runs the command in the Sandbox's pod (named after it) through `pods/exec`.
+    async fn exec(&self, sb: &Sandbox, spec: ExecSpec) -> Result<ExecHandle, ExecError> {
+        if sb.status != model::Status::Running {
+            return Err(ExecError::NotRunning);
+        }
+        exec::run(&self.pods, Self::resource_name(sb), spec).await
+    }
+
+    fn service(&self, sb: &Sandbox) -> Option<super::ServiceRef> {
+        Some(super::ServiceRef {
+            name: self.service_name(Self::resource_name(sb)),
+            namespace: self.config.namespace.clone(),
+        })
+    }
+
+    /// Any port of the sandbox's pod, at its IP.
+    fn upstream(&self, sb: &Sandbox, port: u16) -> Option<Upstream> {
+        let ip: IpAddr = sb.ip_address.as_deref()?.parse().ok()?;
+        (port != 0).then_some(Upstream::Tcp(SocketAddr::new(ip, port)))
+    }
+
+    async fn logs(
+        &self,
+        _sandbox: &Sandbox,
+        _options: super::LogOptions,
+    ) -> Result<LogStream, BackendError> {
+        Err(BackendError::Io(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "logs are not available on the kubernetes backend yet",
+        )))
+    }
+}
