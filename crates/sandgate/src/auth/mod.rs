@@ -231,21 +231,24 @@ impl Auth {
             let record = owner_record(id, "configured admin key (SANDGATE_ADMIN_KEY)", key);
             auth.store.put_key(&record, true).await?;
         }
-        let records = auth.store.keys().await?;
+        let mut records = auth.store.keys().await?;
         if records.is_empty() && config.auth_enabled {
             let new = keys::generate();
             let record = owner_record(new.id, "first owner key", &new.key);
-            auth.store.put_key(&record, false).await?;
-            write_admin_key(&config.data_dir, &new.key).map_err(|e| LoadError::File {
-                path: config.data_dir.join("admin.key").display().to_string(),
-                message: e.to_string(),
-            })?;
-            eprintln!(
-                "sandgate: created the owner API key of team \"default\" (shown once; also in {}):\n{}",
-                config.data_dir.join("admin.key").display(),
-                new.key
-            );
-            auth.insert(KeyEntry::new(record)?);
+            if auth.store.put_first_key(&record).await? {
+                write_admin_key(&config.data_dir, &new.key).map_err(|e| LoadError::File {
+                    path: config.data_dir.join("admin.key").display().to_string(),
+                    message: e.to_string(),
+                })?;
+                eprintln!(
+                    "sandgate: created the owner API key of team \"default\" (shown once; also in {}):\n{}",
+                    config.data_dir.join("admin.key").display(),
+                    new.key
+                );
+            }
+            // Another gateway on the same database may have created the first key meanwhile:
+            // the store says which one exists.
+            records = auth.store.keys().await?;
         }
         for r in records {
             auth.insert(KeyEntry::new(r)?);

@@ -159,6 +159,9 @@ pub trait Store: Send + Sync {
     /// Inserts a key; with `replace`, a key of the same id is overwritten (the configured
     /// admin key, re-read at every start).
     async fn put_key(&self, key: &KeyRecord, replace: bool) -> Result<(), StoreError>;
+    /// Inserts `key` only if no active key exists, atomically across gateways sharing the
+    /// store: whether it was inserted (a first start's owner key).
+    async fn put_first_key(&self, key: &KeyRecord) -> Result<bool, StoreError>;
     /// Every key not revoked (expired ones included: they answer "expired", not "unknown").
     async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
     /// Marks a key revoked; false if there was no such active key.

@@ -12,7 +12,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use super::engine::{query, Engine, Pool, Row, Tx, MIGRATIONS};
+use super::engine::{query, Engine, Pool, Query, Row, Tx, MIGRATIONS};
 use super::{
     AuditFilter, AuditRecord, Change, KeyRecord, PortProbe, Store, StoreError, TeamRecord,
 };
@@ -273,6 +273,32 @@ fn name_taken(e: sqlx::Error, sb: &Sandbox) -> StoreError {
     }
 }
 
+/// The insert of one key; with `replace`, a key of the same id is rewritten whole (and active
+/// again), as SQLite's `INSERT OR REPLACE` did.
+fn key_insert(key: &KeyRecord, replace: bool) -> Query {
+    let upsert = if replace {
+        " ON CONFLICT(id) DO UPDATE SET team_id = excluded.team_id, name = excluded.name, \
+         role = excluded.role, hash = excluded.hash, created_at = excluded.created_at, \
+         expires_at = excluded.expires_at, last_used_at = excluded.last_used_at, \
+         revoked_at = NULL"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "INSERT INTO api_keys (id, team_id, name, role, hash, created_at, expires_at, \
+         last_used_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL){upsert}"
+    );
+    query(sql)
+        .bind(&key.id)
+        .bind(&key.team)
+        .bind(&key.name)
+        .bind(&key.role)
+        .bind(&key.hash[..])
+        .bind(ts(&key.created_at))
+        .bind(key.expires_at.as_ref().map(ts))
+        .bind(key.last_used_at.as_ref().map(ts))
+}
+
 #[async_trait]
 impl Store for SqlStore {
     async fn create(
@@ -476,31 +502,31 @@ impl Store for SqlStore {
     }
 
     async fn put_key(&self, key: &KeyRecord, replace: bool) -> Result<(), StoreError> {
-        // With `replace`, the row is rewritten whole (and active again), as SQLite's
-        // `INSERT OR REPLACE` did.
-        let upsert = if replace {
-            " ON CONFLICT(id) DO UPDATE SET team_id = excluded.team_id, name = excluded.name, \
-             role = excluded.role, hash = excluded.hash, created_at = excluded.created_at, \
-             expires_at = excluded.expires_at, last_used_at = excluded.last_used_at, \
-             revoked_at = NULL"
-        } else {
-            ""
-        };
-        let sql = format!(
-            "INSERT INTO api_keys (id, team_id, name, role, hash, created_at, expires_at, \
-             last_used_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL){upsert}"
-        );
-        let q = query(sql)
-            .bind(&key.id)
-            .bind(&key.team)
-            .bind(&key.name)
-            .bind(&key.role)
-            .bind(&key.hash[..])
-            .bind(ts(&key.created_at))
-            .bind(key.expires_at.as_ref().map(ts))
-            .bind(key.last_used_at.as_ref().map(ts));
-        self.pool.execute(q).await?;
+        self.pool.execute(key_insert(key, replace)).await?;
         self.announce(None, Change::Key(key.id.clone())).await
+    }
+
+    async fn put_first_key(&self, key: &KeyRecord) -> Result<bool, StoreError> {
+        // Under the write lock (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: the advisory lock that
+        // also serialises allocations), so two gateways starting at once on an empty database
+        // cannot both find no key and each create one.
+        let mut tx = self.pool.begin().await?;
+        if self.engine() == Engine::Postgres {
+            tx.execute(query("SELECT pg_advisory_xact_lock(?)").bind(WRITE_LOCK))
+                .await?;
+        }
+        let active = tx
+            .fetch_all(query(
+                "SELECT id FROM api_keys WHERE revoked_at IS NULL LIMIT 1",
+            ))
+            .await?;
+        if !active.is_empty() {
+            return Ok(false);
+        }
+        tx.execute(key_insert(key, false)).await?;
+        tx.commit().await?;
+        self.announce(None, Change::Key(key.id.clone())).await?;
+        Ok(true)
     }
 
     async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
@@ -763,7 +789,40 @@ mod tests {
         a_claim_rewrites_ownership_once_and_keeps_names_unique,
         keys_and_teams_round_trip,
         two_stores_never_hand_out_one_port,
+        two_stores_starting_at_once_create_one_first_key,
     );
+
+    fn key_record(id: &str) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            team: DEFAULT_TEAM.into(),
+            name: "k".into(),
+            role: "owner".into(),
+            hash: [7; 32],
+            created_at: crate::model::now(),
+            expires_at: None,
+            last_used_at: None,
+        }
+    }
+
+    /// Gateways starting at once on an empty database each try to create the first owner
+    /// key: exactly one does, and a later try (a key exists) creates none.
+    async fn two_stores_starting_at_once_create_one_first_key(db: Db) {
+        let (a, b) = (open(&db).await, open(&db).await);
+        let tries = (0..8).map(|i| {
+            let store = if i % 2 == 0 { &a } else { &b };
+            async move {
+                store
+                    .put_first_key(&key_record(&format!("k{i}")))
+                    .await
+                    .unwrap()
+            }
+        });
+        let created = futures_util::future::join_all(tries).await;
+        assert_eq!(created.iter().filter(|c| **c).count(), 1, "{created:?}");
+        assert_eq!(a.keys().await.unwrap().len(), 1);
+        assert!(!b.put_first_key(&key_record("late")).await.unwrap());
+    }
 
     /// Two gateways on one database allocate ports at the same time: never the same one.
     async fn two_stores_never_hand_out_one_port(db: Db) {
@@ -792,16 +851,7 @@ mod tests {
 
     async fn keys_and_teams_round_trip(db: Db) {
         let store = open(&db).await;
-        let key = |id: &str| KeyRecord {
-            id: id.into(),
-            team: DEFAULT_TEAM.into(),
-            name: "k".into(),
-            role: "owner".into(),
-            hash: [7; 32],
-            created_at: crate::model::now(),
-            expires_at: None,
-            last_used_at: None,
-        };
+        let key = key_record;
         store.put_key(&key("a"), false).await.unwrap();
         store.put_key(&key("b"), false).await.unwrap();
         assert!(store.put_key(&key("a"), false).await.is_err());
