@@ -257,3 +257,31 @@ async fn lost_connections_are_reconnected_and_resynced() {
     )
     .await;
 }
+
+/// Two gateways starting at the same moment on an empty database: one owner key exists
+/// between them, written to exactly one data directory, and it works on both.
+#[tokio::test]
+async fn gateways_starting_together_make_one_owner_key() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("together");
+    let args = ["--database-url", &url, "--auth-enabled", "true"];
+    let (a, b) = tokio::join!(
+        SpawnedGateway::start(2, &args),
+        SpawnedGateway::start(2, &args)
+    );
+    let written: Vec<String> = [&a, &b]
+        .iter()
+        .filter_map(|gw| std::fs::read_to_string(gw.data_dir().join("admin.key")).ok())
+        .collect();
+    assert_eq!(written.len(), 1, "owner keys written: {written:?}");
+    let key = written[0].trim();
+    for gw in [&a, &b] {
+        eventually(READY_TIMEOUT, "the owner key works on both", || async {
+            let r = gw.with_key(key).get("/sandboxes").try_send().await.ok()?;
+            (r.status == StatusCode::OK).then_some(())
+        })
+        .await;
+    }
+}
