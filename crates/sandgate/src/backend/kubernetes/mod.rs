@@ -22,7 +22,7 @@ use kube::Client;
 use serde_json::{json, Value};
 
 use super::exec::{ExecError, ExecHandle, ExecSpec};
-use super::{Backend, BackendError, LogStream, Started, Upstream};
+use super::{Backend, BackendError, Started, Upstream};
 use crate::config::{Config, KubeConfig};
 use crate::model::{self, Sandbox};
 use crate::runtimes::{Runtime, Runtimes};
@@ -327,16 +327,5 @@ impl Backend for KubeBackend {
     fn upstream(&self, sb: &Sandbox, port: u16) -> Option<Upstream> {
         let ip: IpAddr = sb.ip_address.as_deref()?.parse().ok()?;
         (port != 0).then_some(Upstream::Tcp(SocketAddr::new(ip, port)))
-    }
-
-    async fn logs(
-        &self,
-        _sandbox: &Sandbox,
-        _options: super::LogOptions,
-    ) -> Result<LogStream, BackendError> {
-        Err(BackendError::Io(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "logs are not available on the kubernetes backend yet",
-        )))
     }
 }
