@@ -2,8 +2,8 @@
 //! can be installed here): discovery of `kubectl`-made Sandboxes and their routes, readiness
 //! (503 `sandbox_not_ready`), create/stop/start/delete through the API on v1beta1 and
 //! v1alpha1, a watch restarted by `410 Gone`, and an API-server outage during which the last
-//! known routes keep serving. The pods are one HTTP fixture on 127.0.0.1 (every Sandbox's
-//! pod IP in the fake), so the proxy really forwards.
+//! known routes keep serving; commands and terminals through pod exec. The pods are one HTTP
+//! fixture on 127.0.0.1 (every Sandbox's pod IP in the fake), so the proxy really forwards.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -316,4 +316,98 @@ async fn exec_through_the_pod_exec_api() {
         fake.get("default", "runner").expect("kept")["spec"]["operatingMode"],
         "Running"
     );
+}
+
+/// The gateway's id of a discovered Sandbox, once it is routable.
+async fn discovered_id(gw: &TestGateway, user: &str, name: &str) -> String {
+    until(gw, Method::GET, &format!("/{user}/{name}/"), 200).await;
+    gw.list()
+        .await
+        .into_iter()
+        .find(|s| s["name"] == name)
+        .and_then(|s| s["id"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("{name} is listed"))
+}
+
+/// A terminal through `pods/exec` with a TTY (the fake runs the shell on a real terminal of
+/// this machine): typed input reaches the shell, stderr comes merged into the output, a resize
+/// shows in `stty size`, the shell's exit code is reported. Closing the socket detaches the
+/// session; the gateway's end of it ends the shell and what it runs in the pod, although the
+/// exec's stream closing alone does not (as in a cluster).
+#[tokio::test(flavor = "multi_thread")]
+async fn terminal_through_a_tty_exec() {
+    use crate::pty::{keys, text, until as shown};
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    fake.apply(sandbox("term", Some("dave")));
+    let gw = gateway(&fake, pod)
+        .config(|c| c.exec_kill_grace = Duration::from_millis(500))
+        .start()
+        .await;
+    let id = discovered_id(&gw, "dave", "term").await;
+
+    let mut ws = gw
+        .websocket(&format!("/sandboxes/{id}/pty?cols=80&rows=24"), None)
+        .await;
+    let hello = text(&mut ws).await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    // The answers, not the typed lines (which show `$((…))`).
+    keys(&mut ws, "stty size; echo sg-$((6*7))\n").await;
+    let (out, _) = shown(&mut ws, "sg-42").await;
+    assert!(
+        String::from_utf8_lossy(&out).contains("24 80"),
+        "the first size: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    keys(&mut ws, "echo to-err-$((2+2)) >&2\n").await;
+    shown(&mut ws, "to-err-4").await;
+    ws.send(Message::text(
+        json!({"type": "resize", "cols": 100, "rows": 30}).to_string(),
+    ))
+    .await
+    .expect("send");
+    keys(&mut ws, "stty size\n").await;
+    shown(&mut ws, "30 100").await;
+    keys(&mut ws, "exit 3\n").await;
+    let end = loop {
+        let t = text(&mut ws).await;
+        if t["type"] == "exit" {
+            break t;
+        }
+    };
+    assert_eq!(end["exit_code"], 3, "{end}");
+
+    // A second session runs a program, and its socket closes: the session lives on.
+    let mut ws = gw.websocket(&format!("/sandboxes/{id}/pty"), None).await;
+    let session = text(&mut ws).await["session"]
+        .as_str()
+        .expect("a session")
+        .to_string();
+    keys(&mut ws, "sleep 41\n").await;
+    let tag = format!("SANDGATE_EXEC={session}");
+    let sleeping = || {
+        crate::exec::processes_with(&tag)
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.starts_with("sleep\x0041"))
+            })
+            .count()
+    };
+    eventually(SEEN, "sleep runs in the pod", || async {
+        (sleeping() > 0).then_some(())
+    })
+    .await;
+    ws.close(None).await.expect("close");
+    let v = gw.sandbox(&id).await;
+    assert_eq!(v["connections"]["pty"], 1, "detached, not ended: {v}");
+    assert!(sleeping() > 0, "a detached session's program runs on");
+    // The gateway ends its sessions when it stops: through another exec, in the pod.
+    gw.shutdown().await;
+    eventually(SEEN, "the terminal's processes are gone", || async {
+        crate::exec::processes_with(&tag).is_empty().then_some(())
+    })
+    .await;
 }

@@ -10,6 +10,7 @@
 
 mod discovery;
 mod exec;
+mod pty;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -314,6 +315,19 @@ impl Backend for KubeBackend {
             return Err(ExecError::NotRunning);
         }
         exec::run(&self.pods, Self::resource_name(sb), spec).await
+    }
+
+    /// A shell on a terminal in the Sandbox's pod: a `pods/exec` with a TTY.
+    async fn pty(
+        &self,
+        sb: &Sandbox,
+        spec: ExecSpec,
+        size: super::exec::TtySize,
+    ) -> Result<super::exec::PtyHandle, ExecError> {
+        if sb.status != model::Status::Running {
+            return Err(ExecError::NotRunning);
+        }
+        pty::open(&self.pods, Self::resource_name(sb), spec, size).await
     }
 
     fn service(&self, sb: &Sandbox) -> Option<super::ServiceRef> {
