@@ -2,8 +2,9 @@
 //! can be installed here): discovery of `kubectl`-made Sandboxes and their routes, readiness
 //! (503 `sandbox_not_ready`), create/stop/start/delete through the API on v1beta1 and
 //! v1alpha1, a watch restarted by `410 Gone`, and an API-server outage during which the last
-//! known routes keep serving; commands and terminals through pod exec. The pods are one HTTP
-//! fixture on 127.0.0.1 (every Sandbox's pod IP in the fake), so the proxy really forwards.
+//! known routes keep serving; commands and terminals through pod exec, logs through the pod's
+//! log. The pods are one HTTP fixture on 127.0.0.1 (every Sandbox's pod IP in the fake), so
+//! the proxy really forwards.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -410,4 +411,72 @@ async fn terminal_through_a_tty_exec() {
         crate::exec::processes_with(&tag).is_empty().then_some(())
     })
     .await;
+}
+
+/// Logs through `pods/{name}/log`: all of it, the last lines, times before the lines, and a
+/// follow that sees a later line and ends when the pod goes (the Sandbox is stopped), after
+/// which the log is empty.
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_through_the_pod_log_api() {
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    fake.apply(sandbox("logger", Some("erin")));
+    for i in 1..=3 {
+        fake.log("default", "logger", &format!("line-{i}"));
+    }
+    let gw = gateway(&fake, pod).start().await;
+    let id = discovered_id(&gw, "erin", "logger").await;
+    let path = format!("/sandboxes/{id}/logs");
+
+    let r = gw.get(&path).send().await;
+    assert_eq!(r.expect(200).text(), "line-1\nline-2\nline-3\n");
+    assert_eq!(r.header("content-type"), "text/plain; charset=utf-8");
+    let r = gw.get(&format!("{path}?tail=1")).send().await;
+    assert_eq!(r.expect(200).text(), "line-3\n");
+    let stamped = gw
+        .get(&format!("{path}?tail=2&timestamps=true"))
+        .send()
+        .await
+        .expect(200)
+        .text();
+    let lines: Vec<&str> = stamped.lines().collect();
+    assert_eq!(lines.len(), 2, "{stamped}");
+    for (line, want) in lines.iter().zip(["line-2", "line-3"]) {
+        let (time, rest) = line.split_once(' ').expect("a time and a line");
+        assert_eq!(rest, want, "{stamped}");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(time).is_ok() && time.ends_with('Z'),
+            "{line}"
+        );
+    }
+
+    // Following: a line printed later arrives while the stream is open.
+    let resp = gw
+        .get(&format!("{path}?follow=true&tail=1"))
+        .send_streaming()
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    crate::api::read_until("line-3", &mut body, &mut seen).await;
+    fake.log("default", "logger", "line-4");
+    crate::api::read_until("line-4", &mut body, &mut seen).await;
+    assert_eq!(seen, "line-3\nline-4\n");
+    // Stopped: the pod goes, the follow ends, and there is no log left to read.
+    gw.post(&format!("/sandboxes/{id}/stop"))
+        .send()
+        .await
+        .expect(200);
+    let ended = tokio::time::timeout(SEEN, async {
+        use http_body_util::BodyExt;
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the follow ended with the pod");
+    let r = gw.get(&path).send().await;
+    assert_eq!(r.expect(200).text(), "");
 }

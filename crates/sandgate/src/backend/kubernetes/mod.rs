@@ -10,6 +10,7 @@
 
 mod discovery;
 mod exec;
+mod logs;
 mod pty;
 
 use std::net::{IpAddr, SocketAddr};
@@ -23,7 +24,7 @@ use kube::Client;
 use serde_json::{json, Value};
 
 use super::exec::{ExecError, ExecHandle, ExecSpec};
-use super::{Backend, BackendError, Started, Upstream};
+use super::{Backend, BackendError, LogStream, Started, Upstream};
 use crate::config::{Config, KubeConfig};
 use crate::model::{self, Sandbox};
 use crate::runtimes::{Runtime, Runtimes};
@@ -341,5 +342,14 @@ impl Backend for KubeBackend {
     fn upstream(&self, sb: &Sandbox, port: u16) -> Option<Upstream> {
         let ip: IpAddr = sb.ip_address.as_deref()?.parse().ok()?;
         (port != 0).then_some(Upstream::Tcp(SocketAddr::new(ip, port)))
+    }
+
+    /// The log of the Sandbox's pod (`pods/{name}/log`).
+    async fn logs(
+        &self,
+        sb: &Sandbox,
+        options: super::LogOptions,
+    ) -> Result<LogStream, BackendError> {
+        logs::stream(&self.pods, Self::resource_name(sb), options).await
     }
 }

@@ -10,8 +10,10 @@
 //! close 255) and runs the command on this machine (the fake's "pod"); with `tty=true` on a
 //! real pseudo-terminal (stderr merged into stdout, resizes from channel 4), and, as in a real
 //! cluster, a client that leaves does not end the command. A pod exists while its Sandbox has a
-//! pod IP. Not implemented: server-side apply's field ownership, label selectors, pagination,
-//! pod objects, closing stdin of a TTY exec, pod logs.
+//! pod IP; its log (`pods/{name}/log`: `follow`, `tailLines`, `timestamps`) is a buffer the
+//! test appends to ([`FakeKube::log`]), gone with the Sandbox. Not implemented: server-side
+//! apply's field ownership, label selectors, pagination, pod objects, closing stdin of a TTY
+//! exec, a fresh log for a resumed Sandbox's new pod, the log's `sinceSeconds`/`limitBytes`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -53,12 +55,16 @@ struct Inner {
     auto_ready: bool,
     /// Bumped to end every open watch stream.
     epoch: u64,
+    /// (namespace, pod name) → the pod's log: (RFC 3339 time, line with its newline).
+    logs: BTreeMap<(String, String), Vec<(String, String)>>,
 }
 
 #[derive(Clone)]
 pub struct FakeKube {
     inner: Arc<Mutex<Inner>>,
     changes: broadcast::Sender<Change>,
+    /// Bumped on every change and every log line: following logs re-check.
+    log_changes: Arc<tokio::sync::watch::Sender<u64>>,
     pub kubeconfig: PathBuf,
     _dir: Arc<tempfile::TempDir>,
 }
@@ -96,8 +102,10 @@ impl FakeKube {
                 refused: 0,
                 auto_ready: true,
                 epoch: 0,
+                logs: BTreeMap::new(),
             })),
             changes,
+            log_changes: Arc::new(tokio::sync::watch::channel(0).0),
             kubeconfig,
             _dir: Arc::new(dir),
         };
@@ -120,6 +128,7 @@ impl FakeKube {
                 "/api/v1/namespaces/{ns}/pods/{name}/exec",
                 get(exec).post(exec),
             )
+            .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(pod_log))
             .fallback(|| async { status(404, "NotFound", "the server could not find it") })
             .with_state(fake.clone());
         tokio::spawn(async move {
@@ -203,6 +212,17 @@ impl FakeKube {
         self.lock().objects.get(&(ns.into(), name.into())).cloned()
     }
 
+    /// Appends `line` to the log of the Sandbox's pod, as its container printing it would.
+    pub fn log(&self, ns: &str, name: &str, line: &str) {
+        let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        self.lock()
+            .logs
+            .entry((ns.into(), name.into()))
+            .or_default()
+            .push((time, format!("{line}\n")));
+        self.log_changes.send_modify(|n| *n += 1);
+    }
+
     /// Whether the Sandbox has a pod: it runs and its controller gave it an IP.
     fn has_pod(&self, ns: &str, name: &str) -> bool {
         self.get(ns, name)
@@ -225,6 +245,8 @@ impl FakeKube {
         let key = (ns.to_string(), name.to_string());
         if kind == "DELETED" {
             inner.objects.remove(&key);
+            // The pod, and its log, go with the Sandbox.
+            inner.logs.remove(&key);
         } else {
             inner.objects.insert(key, obj.clone());
         }
@@ -236,6 +258,7 @@ impl FakeKube {
         };
         inner.history.push(change.clone());
         let _ = self.changes.send(change);
+        self.log_changes.send_modify(|n| *n += 1);
     }
 
     /// agent-sandbox's controller, reduced: a running Sandbox gets a Ready pod at 127.0.0.1,
@@ -897,4 +920,73 @@ where
             .await;
         let _ = tx.close().await;
     }
+}
+
+/// `pods/{name}/log`: the pod's log buffer as plain text, its last `tailLines` lines, each
+/// line after its time with `timestamps=true`; with `follow=true` what is appended next,
+/// until the pod goes (its Sandbox is deleted or suspended) or the client leaves.
+async fn pod_log(
+    State(fake): Shared,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    if fake.lock().down {
+        return unavailable();
+    }
+    if !fake.has_pod(&ns, &name) {
+        return status(404, "NotFound", &format!("pods \"{name}\" not found"));
+    }
+    let flag = |k: &str| q.get(k).is_some_and(|v| v == "true");
+    let (follow, timestamps) = (flag("follow"), flag("timestamps"));
+    let tail: Option<usize> = q.get("tailLines").and_then(|t| t.parse().ok());
+    let key = (ns.clone(), name.clone());
+    let render = move |lines: &[(String, String)]| -> String {
+        lines
+            .iter()
+            .map(|(time, line)| {
+                if timestamps {
+                    format!("{time} {line}")
+                } else {
+                    line.clone()
+                }
+            })
+            .collect()
+    };
+    let mut changed = fake.log_changes.subscribe();
+    let (backlog, mut sent) = {
+        let inner = fake.lock();
+        let lines = inner.logs.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let from = tail.map_or(0, |n| lines.len().saturating_sub(n));
+        (render(&lines[from..]), lines.len())
+    };
+    let text = [("content-type", "text/plain")];
+    if !follow {
+        return (text, backlog).into_response();
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    tokio::spawn(async move {
+        if tx.send(Ok(Bytes::from(backlog))).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                r = changed.changed() => if r.is_err() { return },
+            }
+            if !fake.has_pod(&ns, &name) {
+                return;
+            }
+            let more = {
+                let inner = fake.lock();
+                let lines = inner.logs.get(&key).map(Vec::as_slice).unwrap_or_default();
+                let more = render(lines.get(sent..).unwrap_or_default());
+                sent = lines.len();
+                more
+            };
+            if !more.is_empty() && tx.send(Ok(Bytes::from(more))).await.is_err() {
+                return;
+            }
+        }
+    });
+    (text, Body::from_stream(tokio_stream_from(rx))).into_response()
 }
