@@ -330,11 +330,23 @@ async fn discovered_id(gw: &TestGateway, user: &str, name: &str) -> String {
         .unwrap_or_else(|| panic!("{name} is listed"))
 }
 
+/// How many processes of terminal `session` (the fake's pod is this machine) have a command
+/// line starting with `cmdline` (arguments separated by NUL).
+fn running(session: &str, cmdline: &str) -> usize {
+    crate::exec::processes_with(&format!("SANDGATE_EXEC={session}"))
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.starts_with(cmdline))
+        })
+        .count()
+}
+
 /// A terminal through `pods/exec` with a TTY (the fake runs the shell on a real terminal of
 /// this machine): typed input reaches the shell, stderr comes merged into the output, a resize
-/// shows in `stty size`, the shell's exit code is reported. Closing the socket detaches the
-/// session; the gateway's end of it ends the shell and what it runs in the pod, although the
-/// exec's stream closing alone does not (as in a cluster).
+/// shows in `stty size`, signals interrupt what runs, the shell's exit code is reported.
+/// Closing the socket detaches the session; the gateway's end of it ends the shell and what it
+/// runs in the pod, although the exec's stream closing alone does not (as in a cluster).
 #[tokio::test(flavor = "multi_thread")]
 async fn terminal_through_a_tty_exec() {
     use crate::pty::{keys, text, until as shown};
@@ -371,6 +383,28 @@ async fn terminal_through_a_tty_exec() {
     .expect("send");
     keys(&mut ws, "stty size\n").await;
     shown(&mut ws, "30 100").await;
+    // Ctrl-C goes in-band to the program in the foreground; other signals through another
+    // exec, to the terminal's processes (the interactive shell ignores SIGTERM).
+    let session = hello["session"].as_str().expect("a session").to_string();
+    for (program, signal, after, answer) in [
+        ("sleep 37", "SIGINT", "after-int-$((1+1))", "after-int-2"),
+        ("sleep 38", "SIGTERM", "after-term-$((2+2))", "after-term-4"),
+    ] {
+        keys(&mut ws, &format!("{program}\n")).await;
+        let cmdline = program.replace(' ', "\0");
+        eventually(SEEN, &format!("{program} runs"), || {
+            let n = running(&session, &cmdline);
+            async move { (n > 0).then_some(()) }
+        })
+        .await;
+        ws.send(Message::text(
+            json!({"type": "signal", "signal": signal}).to_string(),
+        ))
+        .await
+        .expect("send");
+        keys(&mut ws, &format!("echo {after}\n")).await;
+        shown(&mut ws, answer).await;
+    }
     keys(&mut ws, "exit 3\n").await;
     let end = loop {
         let t = text(&mut ws).await;
@@ -388,15 +422,7 @@ async fn terminal_through_a_tty_exec() {
         .to_string();
     keys(&mut ws, "sleep 41\n").await;
     let tag = format!("SANDGATE_EXEC={session}");
-    let sleeping = || {
-        crate::exec::processes_with(&tag)
-            .into_iter()
-            .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| c.starts_with("sleep\x0041"))
-            })
-            .count()
-    };
+    let sleeping = || running(&session, "sleep\x0041");
     eventually(SEEN, "sleep runs in the pod", || async {
         (sleeping() > 0).then_some(())
     })

@@ -47,7 +47,11 @@ pub(super) async fn open(
     let mut attached = pods
         .exec(pod, exec_argv(&spec), &ap)
         .await
-        .map_err(|e| ExecError::Backend(format!("pod {pod}: {e}")))?;
+        .map_err(|e| match e {
+            // The Sandbox's pod is gone (suspended, or being replaced).
+            kube::Error::Api(status) if status.code == 404 => ExecError::NotRunning,
+            e => ExecError::Backend(format!("pod {pod}: {e}")),
+        })?;
     let (Some(input), Some(output), Some(sizes)) = (
         attached.stdin(),
         attached.stdout(),
