@@ -124,6 +124,12 @@ pub enum Error {
     UnsupportedLanguage(String),
     #[error("the {0} backend cannot run commands in sandboxes")]
     ExecUnsupported(&'static str),
+    /// Any other operation the sandbox's backend cannot do (`crate::backend`'s `Unsupported`).
+    #[error("the {backend} backend cannot {operation}")]
+    BackendUnsupported {
+        backend: &'static str,
+        operation: &'static str,
+    },
     #[error("internal error")]
     Internal(String),
 }
@@ -185,6 +191,7 @@ impl Error {
             UnsupportedOperation(_) => (StatusCode::BAD_REQUEST, "unsupported_operation"),
             UnsupportedLanguage(_) => (StatusCode::BAD_REQUEST, "unsupported_language"),
             ExecUnsupported(_) => (StatusCode::NOT_IMPLEMENTED, "exec_unsupported"),
+            BackendUnsupported { .. } => (StatusCode::NOT_IMPLEMENTED, "backend_unsupported"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -459,6 +466,26 @@ mod tests {
         let resp = Error::AddressNotAllowed.to_response(false);
         assert_eq!(resp.status(), StatusCode::FORBIDDEN);
         assert_eq!(resp.headers()[ERROR_HEADER], "AUTH_004");
+    }
+
+    #[test]
+    fn what_a_backend_cannot_do_is_a_501() {
+        let resp = Error::BackendUnsupported {
+            backend: "example",
+            operation: "stream logs",
+        }
+        .to_response(false);
+        assert_eq!(resp.status(), StatusCode::NOT_IMPLEMENTED);
+        assert_eq!(resp.headers()[ERROR_HEADER], "backend_unsupported");
+        let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(v["error"]["code"], "backend_unsupported");
+        assert_eq!(
+            v["error"]["message"],
+            "the example backend cannot stream logs"
+        );
+        let resp = Error::ExecUnsupported("example").to_response(false);
+        assert_eq!(resp.status(), StatusCode::NOT_IMPLEMENTED);
+        assert_eq!(resp.headers()[ERROR_HEADER], "exec_unsupported");
     }
 
     #[test]

@@ -538,7 +538,12 @@ async fn logs(
         .backend()
         .logs(&sb, options)
         .await
-        .map_err(Error::internal)?;
+        .map_err(|e| match e {
+            crate::backend::BackendError::Unsupported { backend, operation } => {
+                Error::BackendUnsupported { backend, operation }
+            }
+            other => Error::internal(other),
+        })?;
     let body = Body::from_stream(stream);
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
 }

@@ -23,6 +23,13 @@ pub enum BackendError {
     Stop(String),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// The backend cannot do this at all (a 501, never a failure of the sandbox).
+    #[error("the {backend} backend cannot {operation}")]
+    Unsupported {
+        backend: &'static str,
+        /// What was asked, as a verb phrase: `stream logs`.
+        operation: &'static str,
+    },
 }
 
 /// The cluster Service in front of a sandbox (kubernetes backend), for seed 003's listing.
@@ -207,8 +214,17 @@ pub trait Backend: Send + Sync {
     }
     /// The sandbox's captured stdout and stderr so far, as a stream of bytes (empty if it has
     /// printed nothing yet).
-    async fn logs(&self, sandbox: &Sandbox, options: LogOptions)
-        -> Result<LogStream, BackendError>;
+    async fn logs(
+        &self,
+        sandbox: &Sandbox,
+        options: LogOptions,
+    ) -> Result<LogStream, BackendError> {
+        let _ = (sandbox, options);
+        Err(BackendError::Unsupported {
+            backend: self.kind(),
+            operation: "stream logs",
+        })
+    }
     /// Starts one command inside the running sandbox, as its own user, in its namespaces or
     /// container, with its working tree and environment (see [`exec`]).
     async fn exec(&self, sandbox: &Sandbox, spec: ExecSpec) -> Result<ExecHandle, ExecError> {

@@ -849,7 +849,7 @@ async fn logs_tail_follow_and_lifecycle_markers() {
 }
 
 /// Reads `body` into `seen` until it holds `want` (bounded).
-async fn read_until(want: &str, body: &mut hyper::body::Incoming, seen: &mut String) {
+pub(crate) async fn read_until(want: &str, body: &mut hyper::body::Incoming, seen: &mut String) {
     use http_body_util::BodyExt;
     let read = async {
         while !seen.contains(want) {

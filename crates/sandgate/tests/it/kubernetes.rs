@@ -2,8 +2,9 @@
 //! can be installed here): discovery of `kubectl`-made Sandboxes and their routes, readiness
 //! (503 `sandbox_not_ready`), create/stop/start/delete through the API on v1beta1 and
 //! v1alpha1, a watch restarted by `410 Gone`, and an API-server outage during which the last
-//! known routes keep serving. The pods are one HTTP fixture on 127.0.0.1 (every Sandbox's
-//! pod IP in the fake), so the proxy really forwards.
+//! known routes keep serving; commands and terminals through pod exec, logs through the pod's
+//! log. The pods are one HTTP fixture on 127.0.0.1 (every Sandbox's pod IP in the fake), so
+//! the proxy really forwards.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -316,4 +317,192 @@ async fn exec_through_the_pod_exec_api() {
         fake.get("default", "runner").expect("kept")["spec"]["operatingMode"],
         "Running"
     );
+}
+
+/// The gateway's id of a discovered Sandbox, once it is routable.
+async fn discovered_id(gw: &TestGateway, user: &str, name: &str) -> String {
+    until(gw, Method::GET, &format!("/{user}/{name}/"), 200).await;
+    gw.list()
+        .await
+        .into_iter()
+        .find(|s| s["name"] == name)
+        .and_then(|s| s["id"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("{name} is listed"))
+}
+
+/// How many processes of terminal `session` (the fake's pod is this machine) have a command
+/// line starting with `cmdline` (arguments separated by NUL).
+fn running(session: &str, cmdline: &str) -> usize {
+    crate::exec::processes_with(&format!("SANDGATE_EXEC={session}"))
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.starts_with(cmdline))
+        })
+        .count()
+}
+
+/// A terminal through `pods/exec` with a TTY (the fake runs the shell on a real terminal of
+/// this machine): typed input reaches the shell, stderr comes merged into the output, a resize
+/// shows in `stty size`, signals interrupt what runs, the shell's exit code is reported.
+/// Closing the socket detaches the session; the gateway's end of it ends the shell and what it
+/// runs in the pod, although the exec's stream closing alone does not (as in a cluster).
+#[tokio::test(flavor = "multi_thread")]
+async fn terminal_through_a_tty_exec() {
+    use crate::pty::{keys, text, until as shown};
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    fake.apply(sandbox("term", Some("dave")));
+    let gw = gateway(&fake, pod)
+        .config(|c| c.exec_kill_grace = Duration::from_millis(500))
+        .start()
+        .await;
+    let id = discovered_id(&gw, "dave", "term").await;
+
+    let mut ws = gw
+        .websocket(&format!("/sandboxes/{id}/pty?cols=80&rows=24"), None)
+        .await;
+    let hello = text(&mut ws).await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    // The answers, not the typed lines (which show `$((…))`).
+    keys(&mut ws, "stty size; echo sg-$((6*7))\n").await;
+    let (out, _) = shown(&mut ws, "sg-42").await;
+    assert!(
+        String::from_utf8_lossy(&out).contains("24 80"),
+        "the first size: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    keys(&mut ws, "echo to-err-$((2+2)) >&2\n").await;
+    shown(&mut ws, "to-err-4").await;
+    ws.send(Message::text(
+        json!({"type": "resize", "cols": 100, "rows": 30}).to_string(),
+    ))
+    .await
+    .expect("send");
+    keys(&mut ws, "stty size\n").await;
+    shown(&mut ws, "30 100").await;
+    // Ctrl-C goes in-band to the program in the foreground; other signals through another
+    // exec, to the terminal's processes (the interactive shell ignores SIGTERM).
+    let session = hello["session"].as_str().expect("a session").to_string();
+    for (program, signal, after, answer) in [
+        ("sleep 37", "SIGINT", "after-int-$((1+1))", "after-int-2"),
+        ("sleep 38", "SIGTERM", "after-term-$((2+2))", "after-term-4"),
+    ] {
+        keys(&mut ws, &format!("{program}\n")).await;
+        let cmdline = program.replace(' ', "\0");
+        eventually(SEEN, &format!("{program} runs"), || {
+            let n = running(&session, &cmdline);
+            async move { (n > 0).then_some(()) }
+        })
+        .await;
+        ws.send(Message::text(
+            json!({"type": "signal", "signal": signal}).to_string(),
+        ))
+        .await
+        .expect("send");
+        keys(&mut ws, &format!("echo {after}\n")).await;
+        shown(&mut ws, answer).await;
+    }
+    keys(&mut ws, "exit 3\n").await;
+    let end = loop {
+        let t = text(&mut ws).await;
+        if t["type"] == "exit" {
+            break t;
+        }
+    };
+    assert_eq!(end["exit_code"], 3, "{end}");
+
+    // A second session runs a program, and its socket closes: the session lives on.
+    let mut ws = gw.websocket(&format!("/sandboxes/{id}/pty"), None).await;
+    let session = text(&mut ws).await["session"]
+        .as_str()
+        .expect("a session")
+        .to_string();
+    keys(&mut ws, "sleep 41\n").await;
+    let tag = format!("SANDGATE_EXEC={session}");
+    let sleeping = || running(&session, "sleep\x0041");
+    eventually(SEEN, "sleep runs in the pod", || async {
+        (sleeping() > 0).then_some(())
+    })
+    .await;
+    ws.close(None).await.expect("close");
+    let v = gw.sandbox(&id).await;
+    assert_eq!(v["connections"]["pty"], 1, "detached, not ended: {v}");
+    assert!(sleeping() > 0, "a detached session's program runs on");
+    // The gateway ends its sessions when it stops: through another exec, in the pod.
+    gw.shutdown().await;
+    eventually(SEEN, "the terminal's processes are gone", || async {
+        crate::exec::processes_with(&tag).is_empty().then_some(())
+    })
+    .await;
+}
+
+/// Logs through `pods/{name}/log`: all of it, the last lines, times before the lines, and a
+/// follow that sees a later line and ends when the pod goes (the Sandbox is stopped), after
+/// which the log is empty.
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_through_the_pod_log_api() {
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    fake.apply(sandbox("logger", Some("erin")));
+    for i in 1..=3 {
+        fake.log("default", "logger", &format!("line-{i}"));
+    }
+    let gw = gateway(&fake, pod).start().await;
+    let id = discovered_id(&gw, "erin", "logger").await;
+    let path = format!("/sandboxes/{id}/logs");
+
+    let r = gw.get(&path).send().await;
+    assert_eq!(r.expect(200).text(), "line-1\nline-2\nline-3\n");
+    assert_eq!(r.header("content-type"), "text/plain; charset=utf-8");
+    let r = gw.get(&format!("{path}?tail=1")).send().await;
+    assert_eq!(r.expect(200).text(), "line-3\n");
+    let stamped = gw
+        .get(&format!("{path}?tail=2&timestamps=true"))
+        .send()
+        .await
+        .expect(200)
+        .text();
+    let lines: Vec<&str> = stamped.lines().collect();
+    assert_eq!(lines.len(), 2, "{stamped}");
+    for (line, want) in lines.iter().zip(["line-2", "line-3"]) {
+        let (time, rest) = line.split_once(' ').expect("a time and a line");
+        assert_eq!(rest, want, "{stamped}");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(time).is_ok() && time.ends_with('Z'),
+            "{line}"
+        );
+    }
+
+    // Following: a line printed later arrives while the stream is open.
+    let resp = gw
+        .get(&format!("{path}?follow=true&tail=1"))
+        .send_streaming()
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    crate::api::read_until("line-3", &mut body, &mut seen).await;
+    fake.log("default", "logger", "line-4");
+    crate::api::read_until("line-4", &mut body, &mut seen).await;
+    assert_eq!(seen, "line-3\nline-4\n");
+    // Stopped: the pod goes, the follow ends, and there is no log left to read.
+    gw.post(&format!("/sandboxes/{id}/stop"))
+        .send()
+        .await
+        .expect(200);
+    let ended = tokio::time::timeout(SEEN, async {
+        use http_body_util::BodyExt;
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the follow ended with the pod");
+    let r = gw.get(&path).send().await;
+    assert_eq!(r.expect(200).text(), "");
 }

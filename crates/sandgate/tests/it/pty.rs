@@ -19,7 +19,7 @@ type Ws = WebSocketStream<TcpStream>;
 
 /// Reads frames until the binary output received since the call contains `want`; returns the
 /// bytes received and the text frames seen.
-async fn until(ws: &mut Ws, want: &str) -> (Vec<u8>, Vec<Value>) {
+pub(crate) async fn until(ws: &mut Ws, want: &str) -> (Vec<u8>, Vec<Value>) {
     let mut out = Vec::new();
     let mut texts = Vec::new();
     loop {
@@ -44,7 +44,7 @@ async fn until(ws: &mut Ws, want: &str) -> (Vec<u8>, Vec<Value>) {
     }
 }
 
-async fn text(ws: &mut Ws) -> Value {
+pub(crate) async fn text(ws: &mut Ws) -> Value {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
             .await
@@ -57,7 +57,7 @@ async fn text(ws: &mut Ws) -> Value {
     }
 }
 
-async fn keys(ws: &mut Ws, s: &str) {
+pub(crate) async fn keys(ws: &mut Ws, s: &str) {
     ws.send(Message::Binary(s.as_bytes().to_vec().into()))
         .await
         .unwrap();

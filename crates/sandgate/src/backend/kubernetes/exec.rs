@@ -15,7 +15,7 @@ use crate::backend::exec::{
 
 /// The argv that runs `spec` through the pod exec API, which takes neither environment nor
 /// working directory: `env` sets them (the tag included), `sh` changes directory.
-fn exec_argv(spec: &ExecSpec) -> Vec<String> {
+pub(super) fn exec_argv(spec: &ExecSpec) -> Vec<String> {
     let mut argv = vec!["env".to_string()];
     argv.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
     argv.push(format!(
@@ -32,7 +32,9 @@ fn exec_argv(spec: &ExecSpec) -> Vec<String> {
 }
 
 /// What the exec API's closing `Status` says about the command.
-fn exec_exit(status: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Status>) -> ExecExit {
+pub(super) fn exec_exit(
+    status: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Status>,
+) -> ExecExit {
     let Some(status) = status else {
         return ExecExit::Unknown;
     };
@@ -62,10 +64,10 @@ fn exec_exit(status: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Stat
 }
 
 /// Signals an exec's processes: found in the pod by their tag, through another exec.
-struct PodExecControl {
-    pods: Api<Pod>,
-    pod: String,
-    tag: String,
+pub(super) struct PodExecControl {
+    pub(super) pods: Api<Pod>,
+    pub(super) pod: String,
+    pub(super) tag: String,
 }
 
 impl PodExecControl {

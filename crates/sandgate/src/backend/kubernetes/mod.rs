@@ -10,6 +10,8 @@
 
 mod discovery;
 mod exec;
+mod logs;
+mod pty;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -316,6 +318,19 @@ impl Backend for KubeBackend {
         exec::run(&self.pods, Self::resource_name(sb), spec).await
     }
 
+    /// A shell on a terminal in the Sandbox's pod: a `pods/exec` with a TTY.
+    async fn pty(
+        &self,
+        sb: &Sandbox,
+        spec: ExecSpec,
+        size: super::exec::TtySize,
+    ) -> Result<super::exec::PtyHandle, ExecError> {
+        if sb.status != model::Status::Running {
+            return Err(ExecError::NotRunning);
+        }
+        pty::open(&self.pods, Self::resource_name(sb), spec, size).await
+    }
+
     fn service(&self, sb: &Sandbox) -> Option<super::ServiceRef> {
         Some(super::ServiceRef {
             name: self.service_name(Self::resource_name(sb)),
@@ -329,14 +344,12 @@ impl Backend for KubeBackend {
         (port != 0).then_some(Upstream::Tcp(SocketAddr::new(ip, port)))
     }
 
+    /// The log of the Sandbox's pod (`pods/{name}/log`).
     async fn logs(
         &self,
-        _sandbox: &Sandbox,
-        _options: super::LogOptions,
+        sb: &Sandbox,
+        options: super::LogOptions,
     ) -> Result<LogStream, BackendError> {
-        Err(BackendError::Io(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "logs are not available on the kubernetes backend yet",
-        )))
+        logs::stream(&self.pods, Self::resource_name(sb), options).await
     }
 }

@@ -7,8 +7,13 @@
 //! it). A small "controller" marks a Sandbox Ready with pod IP 127.0.0.1 (or suspends it) the
 //! way agent-sandbox's does, unless told to hold readiness back. Pod exec speaks the WebSocket
 //! channel protocol (`v5.channel.k8s.io`: stdin 0, stdout 1, stderr 2, a closing `Status` on 3,
-//! close 255) and runs the command on this machine (the fake's "pod"). Not implemented:
-//! server-side apply's field ownership, label selectors, pagination, exec with a TTY.
+//! close 255) and runs the command on this machine (the fake's "pod"); with `tty=true` on a
+//! real pseudo-terminal (stderr merged into stdout, resizes from channel 4), and, as in a real
+//! cluster, a client that leaves does not end the command. A pod exists while its Sandbox has a
+//! pod IP; its log (`pods/{name}/log`: `follow`, `tailLines`, `timestamps`) is a buffer the
+//! test appends to ([`FakeKube::log`]), gone with the Sandbox. Not implemented: server-side
+//! apply's field ownership, label selectors, pagination, pod objects, closing stdin of a TTY
+//! exec, a fresh log for a resumed Sandbox's new pod, the log's `sinceSeconds`/`limitBytes`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -50,12 +55,16 @@ struct Inner {
     auto_ready: bool,
     /// Bumped to end every open watch stream.
     epoch: u64,
+    /// (namespace, pod name) → the pod's log: (RFC 3339 time, line with its newline).
+    logs: BTreeMap<(String, String), Vec<(String, String)>>,
 }
 
 #[derive(Clone)]
 pub struct FakeKube {
     inner: Arc<Mutex<Inner>>,
     changes: broadcast::Sender<Change>,
+    /// Bumped on every change and every log line: following logs re-check.
+    log_changes: Arc<tokio::sync::watch::Sender<u64>>,
     pub kubeconfig: PathBuf,
     _dir: Arc<tempfile::TempDir>,
 }
@@ -93,8 +102,10 @@ impl FakeKube {
                 refused: 0,
                 auto_ready: true,
                 epoch: 0,
+                logs: BTreeMap::new(),
             })),
             changes,
+            log_changes: Arc::new(tokio::sync::watch::channel(0).0),
             kubeconfig,
             _dir: Arc::new(dir),
         };
@@ -117,6 +128,7 @@ impl FakeKube {
                 "/api/v1/namespaces/{ns}/pods/{name}/exec",
                 get(exec).post(exec),
             )
+            .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(pod_log))
             .fallback(|| async { status(404, "NotFound", "the server could not find it") })
             .with_state(fake.clone());
         tokio::spawn(async move {
@@ -200,6 +212,23 @@ impl FakeKube {
         self.lock().objects.get(&(ns.into(), name.into())).cloned()
     }
 
+    /// Appends `line` to the log of the Sandbox's pod, as its container printing it would.
+    pub fn log(&self, ns: &str, name: &str, line: &str) {
+        let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        self.lock()
+            .logs
+            .entry((ns.into(), name.into()))
+            .or_default()
+            .push((time, format!("{line}\n")));
+        self.log_changes.send_modify(|n| *n += 1);
+    }
+
+    /// Whether the Sandbox has a pod: it runs and its controller gave it an IP.
+    fn has_pod(&self, ns: &str, name: &str) -> bool {
+        self.get(ns, name)
+            .is_some_and(|o| o["status"]["podIPs"].is_array())
+    }
+
     /// Every stored object's name.
     pub fn names(&self) -> Vec<String> {
         self.lock().objects.keys().map(|(_, n)| n.clone()).collect()
@@ -216,6 +245,8 @@ impl FakeKube {
         let key = (ns.to_string(), name.to_string());
         if kind == "DELETED" {
             inner.objects.remove(&key);
+            // The pod, and its log, go with the Sandbox.
+            inner.logs.remove(&key);
         } else {
             inner.objects.insert(key, obj.clone());
         }
@@ -227,6 +258,7 @@ impl FakeKube {
         };
         inner.history.push(change.clone());
         let _ = self.changes.send(change);
+        self.log_changes.send_modify(|n| *n += 1);
     }
 
     /// agent-sandbox's controller, reduced: a running Sandbox gets a Ready pod at 127.0.0.1,
@@ -635,19 +667,18 @@ async fn exec(
     if fake.lock().down {
         return unavailable();
     }
-    let sandbox_running = fake
-        .get(&ns, &name)
-        .is_some_and(|o| o["status"]["podIPs"].is_array());
-    if !sandbox_running {
+    if !fake.has_pod(&ns, &name) {
         return status(404, "NotFound", &format!("pods \"{name}\" not found"));
     }
     let query = req.uri().query().unwrap_or("").to_string();
     let mut argv = Vec::new();
-    let mut stdin = false;
+    let (mut stdin, mut tty) = (false, false);
     for (k, v) in url_pairs(&query) {
         match k.as_str() {
             "command" => argv.push(v),
             "stdin" => stdin = v == "true",
+            // With a TTY the kubelet ignores `stderr`: the terminal merges it into stdout.
+            "tty" => tty = v == "true",
             _ => {}
         }
     }
@@ -676,7 +707,11 @@ async fn exec(
             None,
         )
         .await;
-        run_exec(ws, argv, stdin).await;
+        if tty {
+            run_tty(ws, argv).await;
+        } else {
+            run_exec(ws, argv, stdin).await;
+        }
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -788,13 +823,170 @@ where
         }
     }
     let code = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
-    let st = if code == 0 {
+    let st = exit_status(code);
+    let _ = tx.send(frame(3, st.to_string().as_bytes())).await;
+    let _ = tx.close().await;
+}
+
+/// The kubelet's closing `Status` for a command that ended with `code`.
+fn exit_status(code: i32) -> Value {
+    if code == 0 {
         json!({"metadata": {}, "status": "Success"})
     } else {
         json!({"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
             "message": format!("command terminated with non-zero exit code: exit status {code}"),
             "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
+    }
+}
+
+/// A TTY exec: the command on a real pseudo-terminal of this machine as its session leader,
+/// stdin (0) typed into it, its output (stderr included) on stdout (1), `{"Width","Height"}`
+/// on the resize channel (4) set its size. When the client leaves, the terminal stays open
+/// and the command runs on (as in a real cluster: nothing hangs it up); the fake drains its
+/// output until it ends.
+async fn run_tty<S>(ws: tokio_tungstenite::WebSocketStream<S>, argv: Vec<String>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut tx, mut rx) = ws.split();
+    let frame = |channel: u8, data: &[u8]| {
+        let mut v = Vec::with_capacity(data.len() + 1);
+        v.push(channel);
+        v.extend_from_slice(data);
+        Message::binary(v)
     };
-    let _ = tx.send(frame(3, st.to_string().as_bytes())).await;
-    let _ = tx.close().await;
+    let Some((program, args)) = argv.split_first() else {
+        let _ = tx.send(frame(3, br#"{"metadata":{},"status":"Failure","message":"no command","reason":"BadRequest","code":400}"#)).await;
+        return;
+    };
+    let spawned = pty_process::open().and_then(|(pty, pts)| {
+        let child = pty_process::Command::new(program).args(args).spawn(pts)?;
+        Ok((pty, child))
+    });
+    let (pty, mut child) = match spawned {
+        Ok(opened) => opened,
+        Err(e) => {
+            let st = json!({"metadata": {}, "status": "Failure", "reason": "InternalError", "code": 500,
+                "message": format!("failed to create containerd task: exec: \"{program}\": executable file not found in $PATH ({e})")});
+            let _ = tx.send(frame(3, st.to_string().as_bytes())).await;
+            let _ = tx.close().await;
+            return;
+        }
+    };
+    let (mut read, mut write) = pty.into_split();
+    let mut buf = vec![0u8; 16384];
+    let mut client_open = true;
+    loop {
+        tokio::select! {
+            // EOF or EIO: every process holding the terminal is gone.
+            n = read.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if client_open && tx.send(frame(1, &buf[..n])).await.is_err() {
+                        client_open = false;
+                    }
+                }
+            },
+            m = rx.next(), if client_open => match m {
+                Some(Ok(Message::Binary(b))) if b.first() == Some(&0) => {
+                    let _ = write.write_all(&b[1..]).await;
+                }
+                Some(Ok(Message::Binary(b))) if b.first() == Some(&4) => {
+                    let size: Value = serde_json::from_slice(&b[1..]).unwrap_or_default();
+                    let dim = |k: &str| size[k].as_u64().and_then(|v| u16::try_from(v).ok());
+                    if let (Some(w), Some(h)) = (dim("Width"), dim("Height")) {
+                        let _ = write.resize(pty_process::Size::new(h, w));
+                    }
+                }
+                Some(Ok(_)) => {}
+                _ => client_open = false,
+            },
+        }
+    }
+    // A process killed by a signal ends as the runtime reports it: 128 + the signal.
+    let code = match child.wait().await {
+        Ok(s) => s
+            .code()
+            .or_else(|| std::os::unix::process::ExitStatusExt::signal(&s).map(|n| 128 + n))
+            .unwrap_or(-1),
+        Err(_) => -1,
+    };
+    if client_open {
+        let _ = tx
+            .send(frame(3, exit_status(code).to_string().as_bytes()))
+            .await;
+        let _ = tx.close().await;
+    }
+}
+
+/// `pods/{name}/log`: the pod's log buffer as plain text, its last `tailLines` lines, each
+/// line after its time with `timestamps=true`; with `follow=true` what is appended next,
+/// until the pod goes (its Sandbox is deleted or suspended) or the client leaves.
+async fn pod_log(
+    State(fake): Shared,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    if fake.lock().down {
+        return unavailable();
+    }
+    if !fake.has_pod(&ns, &name) {
+        return status(404, "NotFound", &format!("pods \"{name}\" not found"));
+    }
+    let flag = |k: &str| q.get(k).is_some_and(|v| v == "true");
+    let (follow, timestamps) = (flag("follow"), flag("timestamps"));
+    let tail: Option<usize> = q.get("tailLines").and_then(|t| t.parse().ok());
+    let key = (ns.clone(), name.clone());
+    let render = move |lines: &[(String, String)]| -> String {
+        lines
+            .iter()
+            .map(|(time, line)| {
+                if timestamps {
+                    format!("{time} {line}")
+                } else {
+                    line.clone()
+                }
+            })
+            .collect()
+    };
+    let mut changed = fake.log_changes.subscribe();
+    let (backlog, mut sent) = {
+        let inner = fake.lock();
+        let lines = inner.logs.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let from = tail.map_or(0, |n| lines.len().saturating_sub(n));
+        (render(&lines[from..]), lines.len())
+    };
+    let text = [("content-type", "text/plain")];
+    if !follow {
+        return (text, backlog).into_response();
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    tokio::spawn(async move {
+        if tx.send(Ok(Bytes::from(backlog))).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                r = changed.changed() => if r.is_err() { return },
+            }
+            if !fake.has_pod(&ns, &name) {
+                return;
+            }
+            let more = {
+                let inner = fake.lock();
+                let lines = inner.logs.get(&key).map(Vec::as_slice).unwrap_or_default();
+                let more = render(lines.get(sent..).unwrap_or_default());
+                sent = lines.len();
+                more
+            };
+            if !more.is_empty() && tx.send(Ok(Bytes::from(more))).await.is_err() {
+                return;
+            }
+        }
+    });
+    (text, Body::from_stream(tokio_stream_from(rx))).into_response()
 }
