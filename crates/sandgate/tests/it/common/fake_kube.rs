@@ -7,8 +7,11 @@
 //! it). A small "controller" marks a Sandbox Ready with pod IP 127.0.0.1 (or suspends it) the
 //! way agent-sandbox's does, unless told to hold readiness back. Pod exec speaks the WebSocket
 //! channel protocol (`v5.channel.k8s.io`: stdin 0, stdout 1, stderr 2, a closing `Status` on 3,
-//! close 255) and runs the command on this machine (the fake's "pod"). Not implemented:
+//! close 255) and runs the command on this machine (the fake's "pod"). Warm pools and claims
+//! (agent-sandbox's extensions group) are in `fake_kube/claims.rs`. Not implemented:
 //! server-side apply's field ownership, label selectors, pagination, exec with a TTY.
+
+mod claims;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -50,6 +53,8 @@ struct Inner {
     auto_ready: bool,
     /// Bumped to end every open watch stream.
     epoch: u64,
+    /// SandboxWarmPools and SandboxClaims.
+    ext: claims::Extensions,
 }
 
 #[derive(Clone)]
@@ -93,6 +98,7 @@ impl FakeKube {
                 refused: 0,
                 auto_ready: true,
                 epoch: 0,
+                ext: Default::default(),
             })),
             changes,
             kubeconfig,
@@ -117,6 +123,7 @@ impl FakeKube {
                 "/api/v1/namespaces/{ns}/pods/{name}/exec",
                 get(exec).post(exec),
             )
+            .merge(claims::routes())
             .fallback(|| async { status(404, "NotFound", "the server could not find it") })
             .with_state(fake.clone());
         tokio::spawn(async move {
@@ -223,10 +230,14 @@ impl FakeKube {
             rv: inner.rv,
             kind,
             namespace: ns.into(),
-            object: obj,
+            object: obj.clone(),
         };
         inner.history.push(change.clone());
         let _ = self.changes.send(change);
+        if kind == "DELETED" {
+            // After the deletion's event: the pool's refill comes later in the history.
+            claims::sandbox_deleted(self, inner, ns, &obj);
+        }
     }
 
     /// agent-sandbox's controller, reduced: a running Sandbox gets a Ready pod at 127.0.0.1,
@@ -317,11 +328,17 @@ async fn api_groups(State(fake): Shared) -> Response {
         .iter()
         .map(|v| json!({"groupVersion": format!("{GROUP}/{v}"), "version": v}))
         .collect();
+    let ext_versions: Vec<Value> = inner
+        .versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{}/{v}", claims::EXT_GROUP), "version": v}))
+        .collect();
     axum::Json(
         json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
             {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
              "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}},
             {"name": GROUP, "versions": versions, "preferredVersion": versions[0]},
+            {"name": claims::EXT_GROUP, "versions": ext_versions, "preferredVersion": ext_versions[0]},
         ]}),
     )
     .into_response()
@@ -331,6 +348,9 @@ async fn api_resources(
     State(fake): Shared,
     Path((group, version)): Path<(String, String)>,
 ) -> Response {
+    if group == claims::EXT_GROUP {
+        return refusal(&fake, GROUP, &version).unwrap_or_else(|| claims::api_resources(&version));
+    }
     if let Some(r) = refusal(&fake, &group, &version) {
         return r;
     }
