@@ -2,8 +2,9 @@
 //! (`common::fake_kube::claims`): a create claims a pre-warmed Sandbox through a
 //! `SandboxClaim` (v1beta1 and v1alpha1 shapes), unclaimed pool members are never listed nor
 //! routed, the claimed one is exec'd in, stopped, started and deleted with its claim, a
-//! restarted gateway re-adopts it, an empty pool's claim gets a cold Sandbox, and a pool that
-//! cannot supply fails the create at once, leaving no claim.
+//! restarted gateway re-adopts it, an empty pool's claim gets a cold Sandbox, a pool that
+//! cannot supply fails the create at once and a claim nobody answers after the start wait,
+//! leaving no claim.
 
 use axum::http::Method;
 use sandgate::config::RuntimeConfig;
@@ -334,4 +335,41 @@ async fn an_empty_pool_gives_a_cold_sandbox() {
     assert!(fake.claim_names().is_empty(), "{:?}", fake.claim_names());
     assert!(fake.names().is_empty(), "{:?}", fake.names());
     until(&gw, Method::GET, "/finn/chilly/", 404).await;
+}
+
+/// With the claim controller not answering (no status at all), a create gives up after the
+/// start wait (20 s) with a clear error instead of hanging, and deletes its claim.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_nobody_answers_fails_after_the_start_wait() {
+    let fake = FakeKube::start(&["v1beta1", "v1alpha1"]).await;
+    let pod = pod().await;
+    fake.add_pool(NS, "py", 1);
+    fake.set_claims_held(true);
+    let gw = gateway(&fake, pod)
+        .config(|c| {
+            c.runtimes.insert("pooled".into(), pooled("py"));
+        })
+        .start()
+        .await;
+    let asked = std::time::Instant::now();
+    let r = gw
+        .post("/sandboxes")
+        .json(&json!({"runtime": "pooled", "dev_server": true, "command": "x"}))
+        .send()
+        .await;
+    let took = asked.elapsed();
+    r.expect_error(500, "start_failed");
+    let message = r.json()["error"]["message"].clone();
+    let message = message.as_str().unwrap_or_default();
+    assert!(
+        message.contains("handed over no Sandbox within 20s"),
+        "{message}"
+    );
+    assert!(
+        took >= std::time::Duration::from_secs(20) && took < std::time::Duration::from_secs(40),
+        "bounded by the start wait: {took:?}"
+    );
+    assert!(fake.claim_names().is_empty(), "{:?}", fake.claim_names());
+    assert_eq!(fake.pool_members(NS, "py").len(), 1, "the pool untouched");
+    assert!(gw.list().await.is_empty());
 }

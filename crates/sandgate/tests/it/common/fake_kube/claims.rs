@@ -12,7 +12,7 @@
 //!   `agents.x-k8s.io/sandbox-name` annotation and a `Ready` condition; the pool refills;
 //! - an empty pool makes the claim a cold Sandbox named after the claim; a missing pool gives
 //!   the claim `Ready=False` `WarmPoolNotFound`; a pool told it cannot supply (its template
-//!   "missing") gives `TemplateNotFound` once it is empty;
+//!   "missing") gives `TemplateNotFound` once it is empty; a held controller answers no claim;
 //! - deleting a claim or pool deletes the Sandboxes it controls (garbage collection, done at
 //!   once), and a pool member's deletion refills its pool.
 //!
@@ -45,6 +45,8 @@ pub struct Extensions {
     claims: BTreeMap<(String, String), Value>,
     /// Pools cannot make Sandboxes (their template is "missing").
     no_supply: bool,
+    /// The claim controller does nothing (as when it is not running).
+    held: bool,
     /// For member names.
     made: u64,
 }
@@ -360,7 +362,7 @@ fn bind(fake: &FakeKube, inner: &mut Inner, ns: &str, claim: &str) {
     let Some(mut obj) = inner.ext.claims.get(&key).cloned() else {
         return;
     };
-    if obj["status"]["sandbox"]["name"].is_string() {
+    if obj["status"]["sandbox"]["name"].is_string() || inner.ext.held {
         return;
     }
     let spec = &obj["spec"];
@@ -454,6 +456,11 @@ impl FakeKube {
         for (ns, pool) in pools {
             fill(self, &mut inner, &ns, &pool);
         }
+    }
+
+    /// Whether the claim controller is stopped: new claims get no Sandbox and no status.
+    pub fn set_claims_held(&self, held: bool) {
+        self.lock().ext.held = held;
     }
 
     /// The stored claim, if any.
