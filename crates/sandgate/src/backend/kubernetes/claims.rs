@@ -45,6 +45,8 @@ pub enum ClaimError {
         #[source]
         source: kube::Error,
     },
+    #[error("SandboxClaim {claim} was deleted before it got a Sandbox")]
+    Gone { claim: String },
     #[error("SandboxClaim {claim}: {reason}: {message}")]
     Refused {
         claim: String,
@@ -185,14 +187,19 @@ impl Claims {
         let deadline = tokio::time::Instant::now() + START_WAIT;
         let mut pause = Duration::from_millis(20);
         loop {
-            let obj = self
-                .claims
-                .get_opt(claim)
-                .await
-                .map_err(|source| ClaimError::Api {
-                    claim: claim.into(),
-                    source,
-                })?;
+            // An unanswered read is retried until the deadline, like an unanswered claim.
+            let obj = match self.claims.get_opt(claim).await {
+                Ok(None) => {
+                    return Err(ClaimError::Gone {
+                        claim: claim.into(),
+                    })
+                }
+                Ok(Some(obj)) => Some(obj),
+                Err(e) => {
+                    tracing::debug!(claim, error = %e, "reading a SandboxClaim");
+                    None
+                }
+            };
             let status = obj.as_ref().map(|o| &o.data["status"]);
             if let Some(name) = status
                 .and_then(|s| s["sandbox"]["name"].as_str())
