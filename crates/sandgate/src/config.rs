@@ -486,6 +486,9 @@ pub struct RuntimeConfig {
     /// How many sandboxes of this runtime to keep started and waiting for a create (a warm
     /// pool; 0 or absent: none). At most [`MAX_WARM`].
     pub warm: Option<usize>,
+    /// Kubernetes backend: the agent-sandbox `SandboxWarmPool` (in the backend's namespace) a
+    /// create of this runtime claims a pre-warmed Sandbox from, through a `SandboxClaim`.
+    pub warm_pool: Option<String>,
 }
 
 /// The largest warm pool of one runtime.
@@ -1398,6 +1401,9 @@ impl Config {
             if let Some(n) = rt.warm {
                 rtt.insert("warm".into(), int(n as u64));
             }
+            if let Some(pool) = &rt.warm_pool {
+                rtt.insert("warm_pool".into(), text(pool));
+            }
             runtimes.insert(name.clone(), V::Table(rtt));
         }
         let mut docker = toml::Table::new();
@@ -1539,6 +1545,26 @@ impl Config {
                 return bad(format!(
                     "runtime {name:?}: warm is at most {MAX_WARM} sandboxes"
                 ));
+            }
+            if let Some(pool) = &rt.warm_pool {
+                if self.backend != BackendKind::Kubernetes {
+                    return bad(format!(
+                        "runtime {name:?}: warm_pool names a Kubernetes SandboxWarmPool; it needs \
+                         the kubernetes backend, not {}",
+                        self.backend.as_str()
+                    ));
+                }
+                if !crate::model::valid_label(pool) {
+                    return bad(format!(
+                        "runtime {name:?}: warm_pool {pool:?} is not a SandboxWarmPool name"
+                    ));
+                }
+                if rt.warm.is_some_and(|n| n > 0) {
+                    return bad(format!(
+                        "runtime {name:?}: warm (the gateway's own pool) and warm_pool (the \
+                         cluster's) exclude each other"
+                    ));
+                }
             }
         }
         let kube = &self.kubernetes;
@@ -1931,6 +1957,34 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("PORT"));
+    }
+
+    #[test]
+    fn warm_pool_needs_the_kubernetes_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, text).unwrap();
+            let args = ServeArgs {
+                config: Some(path),
+                ..Default::default()
+            };
+            Config::load(&args, no_env)
+        };
+        let pooled = "[runtimes.py]\nwarm_pool = \"py-pool\"\n";
+        let c = load(&format!("backend = \"kubernetes\"\n{pooled}")).unwrap();
+        assert_eq!(c.runtimes["py"].warm_pool.as_deref(), Some("py-pool"));
+        assert!(c.to_toml().contains("warm_pool = \"py-pool\""));
+        let err = load(pooled).unwrap_err().to_string();
+        assert!(err.contains("kubernetes backend"), "{err}");
+        let err = load(&format!("backend = \"kubernetes\"\n{pooled}warm = 2\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exclude each other"), "{err}");
+        let err = load("backend = \"kubernetes\"\n[runtimes.py]\nwarm_pool = \"Bad_Pool\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a SandboxWarmPool name"), "{err}");
     }
 
     #[test]

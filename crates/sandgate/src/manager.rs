@@ -136,7 +136,13 @@ pub struct Manager {
     /// Whether this gateway holds the lease on background duties (the idle reaper,
     /// reconcile): always, unless the store is shared with other gateways.
     leader: tokio::sync::watch::Receiver<bool>,
+    /// Sandboxes deleted here lately, and when: a watch event older than the deletion must not
+    /// bring one back as a discovered sandbox (kubernetes backend).
+    deleted: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long a deleted sandbox's id is remembered against late watch events.
+const DELETED_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The first automatic restart of an instance that ended waits this long; each further one
 /// in a row twice as long, up to [`RESTART_MAX`]. An instance that ran this long since its
@@ -223,6 +229,7 @@ impl Manager {
             metrics,
             restarts: Mutex::new(HashMap::new()),
             leader: tokio::sync::watch::channel(true).1,
+            deleted: Mutex::new(HashMap::new()),
         }
     }
 
@@ -1073,8 +1080,25 @@ impl Manager {
         self.backend.remove(sb).await.map_err(Error::internal)?;
         self.store.delete(&sb.id).await?;
         self.routes.remove(&sb.id);
+        self.remember_deleted(&sb.id);
         tracing::info!(sandbox = %sb.id, "deleted");
         Ok(())
+    }
+
+    /// Notes that `id` was just deleted (see `deleted`), forgetting older deletions.
+    fn remember_deleted(&self, id: &str) {
+        let now = std::time::Instant::now();
+        let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+        deleted.retain(|_, at| now.duration_since(*at) < DELETED_MEMORY);
+        deleted.insert(id.to_string(), now);
+    }
+
+    /// Whether `id` was deleted here within [`DELETED_MEMORY`].
+    fn deleted_lately(&self, id: &str) -> bool {
+        let deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+        deleted
+            .get(id)
+            .is_some_and(|at| at.elapsed() < DELETED_MEMORY)
     }
 
     /// Applies an exit reported by the backend, unless it belongs to an older incarnation or
@@ -1267,6 +1291,8 @@ impl Manager {
                 sb.backend_ref = Some(d.resource.clone());
                 self.save(&mut sb).await
             }
+            // A late event of a Sandbox deleted here (its stop's patch, say): not a new one.
+            Ok(None) if self.deleted_lately(&d.id) => return,
             Ok(None) => self.adopt_discovered(&d, status, ip).await,
             Err(e) => Err(e.into()),
         };

@@ -16,6 +16,8 @@ pub struct Runtime {
     pub dev_server: Option<String>,
     /// Image for the Docker backend.
     pub image: String,
+    /// Kubernetes backend: the `SandboxWarmPool` a create claims its Sandbox from.
+    pub warm_pool: Option<String>,
 }
 
 const NODE_SERVER: &str = r#"exec node -e 'const h=require("http"),f=require("fs"),p=require("path");h.createServer((q,s)=>{const u=decodeURIComponent(q.url.split("?")[0]);let t=p.join(process.cwd(),p.normalize(u));try{if(f.statSync(t).isDirectory())t=p.join(t,"index.html");f.createReadStream(t).on("error",()=>{s.writeHead(404);s.end("not found")}).pipe(s)}catch(e){s.writeHead(404);s.end("not found")}}).listen(process.env.PORT,process.env.HOST||"127.0.0.1")'"#;
@@ -35,6 +37,7 @@ fn builtins() -> Vec<Runtime> {
             _ => "busybox:latest",
         }
         .into(),
+        warm_pool: None,
     };
     vec![
         rt(
@@ -73,6 +76,7 @@ impl Runtimes {
                 program: "sh".into(),
                 dev_server: None,
                 image: "busybox:latest".into(),
+                warm_pool: None,
             });
             by_name.insert(
                 name.clone(),
@@ -81,6 +85,7 @@ impl Runtimes {
                     program: rc.program.clone().unwrap_or(base.program),
                     dev_server: rc.command.clone().or(base.dev_server),
                     image: rc.image.clone().unwrap_or(base.image),
+                    warm_pool: rc.warm_pool.clone().or(base.warm_pool),
                 },
             );
         }
@@ -131,6 +136,7 @@ mod tests {
                 command: Some("exec ruby -run -e httpd".into()),
                 image: Some("ruby:3".into()),
                 warm: None,
+                warm_pool: Some("ruby-pool".into()),
             },
         );
         let r = Runtimes::new(&conf);
@@ -140,6 +146,11 @@ mod tests {
         );
         assert_eq!(r.get("python").unwrap().program, "python3");
         assert_eq!(r.get("ruby").unwrap().image, "ruby:3");
+        assert_eq!(
+            r.get("ruby").unwrap().warm_pool.as_deref(),
+            Some("ruby-pool")
+        );
+        assert_eq!(r.get("python").unwrap().warm_pool, None);
         assert!(r.get("shell").unwrap().dev_server.is_none());
         assert!(r.get("cobol").is_none());
     }

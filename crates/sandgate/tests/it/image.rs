@@ -705,10 +705,17 @@ fn the_manifests_and_dockerfiles_hold_what_they_promise() {
         &["sandboxes"],
         &["create", "delete", "patch"],
     );
+    // Warm pools: a claim is made, read until it names its Sandbox, and deleted; the pool is
+    // read (it must exist; v1alpha1 claims name its template).
     grant(
         "extensions.agents.x-k8s.io",
         &["sandboxclaims"],
-        &["create", "delete", "patch"],
+        &["create", "get", "delete"],
+    );
+    grant(
+        "extensions.agents.x-k8s.io",
+        &["sandboxwarmpools"],
+        &["get"],
     );
     // pods/exec: `create` (SPDY, and WebSocket where upgrades are authorized as create),
     // `get` (WebSocket on older clusters).

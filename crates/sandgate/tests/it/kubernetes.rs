@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 use crate::common::fake_kube::FakeKube;
 use crate::common::{eventually, GatewayBuilder, Lane, TestGateway};
 
+mod claims;
+
 /// Within this, a change in the cluster shows in the gateway (the issue asks for a second;
 /// the bound leaves room for a loaded machine).
 const SEEN: Duration = Duration::from_secs(5);

@@ -68,8 +68,13 @@ pub fn derived_id(namespace: &str, name: &str) -> String {
     id
 }
 
-/// What a Sandbox object says, in the backend's terms.
+/// What a Sandbox object says, in the backend's terms; `None` for one that is no user's
+/// sandbox: a warm-pool member nobody claimed, or one a gateway's claim got and has not
+/// labelled yet (see `claims.rs`).
 pub fn discovered(obj: &DynamicObject) -> Option<Discovered> {
+    if super::claims::unclaimed(obj) || super::claims::in_handover(obj) {
+        return None;
+    }
     let meta = &obj.metadata;
     let resource = meta.name.clone()?;
     let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());

@@ -6,8 +6,10 @@
 //! reports what the cluster holds ([`Observed`]) whoever created it (the API or `kubectl`);
 //! the manager folds that into the store and the route table. The proxy dials the pod's IP
 //! (`status.podIPs`) on the asked port. The `Ready` condition is authoritative; a suspended
-//! Sandbox (`operatingMode: Suspended`, v1alpha1 `replicas: 0`) is stopped.
+//! Sandbox (`operatingMode: Suspended`, v1alpha1 `replicas: 0`) is stopped. A runtime
+//! naming a `SandboxWarmPool` gets its Sandboxes through `SandboxClaim`s (`claims.rs`).
 
+mod claims;
 mod discovery;
 mod exec;
 mod logs;
@@ -62,6 +64,8 @@ pub struct KubeBackend {
     resource: ApiResource,
     config: KubeConfig,
     runtimes: Runtimes,
+    /// SandboxClaims and SandboxWarmPools, where the cluster serves them.
+    claims: Option<claims::Claims>,
 }
 
 impl KubeBackend {
@@ -109,6 +113,7 @@ impl KubeBackend {
             namespace = %kc.namespace,
             "found the Sandbox kind"
         );
+        let claims = claims::Claims::discover(&client, &kc.namespace).await?;
         let pods = Api::namespaced(client.clone(), &kc.namespace);
         let api = Api::namespaced_with(client, &kc.namespace, &resource);
         Ok(KubeBackend {
@@ -117,12 +122,36 @@ impl KubeBackend {
             resource,
             config: kc.clone(),
             runtimes: Runtimes::new(&config.runtimes),
+            claims,
         })
     }
 
     /// The served version in use (`v1beta1` or `v1alpha1`).
     pub fn version(&self) -> &str {
         &self.resource.version
+    }
+
+    /// The `SandboxWarmPool` a sandbox's runtime claims from, if it names one.
+    fn warm_pool(&self, sb: &Sandbox) -> Option<String> {
+        self.runtimes.get(&sb.runtime)?.warm_pool.clone()
+    }
+
+    /// Waits, bounded by [`START_WAIT`], for Sandbox `name` to be Ready with a pod IP, which
+    /// it returns; later changes come through the watch.
+    async fn wait_ready(&self, name: &str) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        let mut pause = Duration::from_millis(50);
+        while tokio::time::Instant::now() < deadline {
+            let d = self.get(name).await.ok().flatten();
+            if let Some(d) = d.as_ref().and_then(discovered) {
+                if d.ready && d.pod_ip.is_some() {
+                    return d.pod_ip;
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+        None
     }
 
     /// The service name reported for Sandbox `resource`.
@@ -223,9 +252,17 @@ impl Backend for KubeBackend {
         false
     }
 
-    async fn check_runtime(&self, _runtime: &Runtime) -> Result<(), String> {
+    async fn check_runtime(&self, runtime: &Runtime) -> Result<(), String> {
         // Images are the cluster's to pull; a missing one shows in the Sandbox's status.
-        Ok(())
+        // A warm pool must exist, and the cluster must serve claims.
+        let Some(pool) = &runtime.warm_pool else {
+            return Ok(());
+        };
+        let claims = self
+            .claims
+            .as_ref()
+            .ok_or_else(|| claims::ClaimError::NotServed.to_string())?;
+        claims.pool(pool).await.map(drop).map_err(|e| e.to_string())
     }
 
     fn needs_host_port(&self) -> bool {
@@ -239,7 +276,11 @@ impl Backend for KubeBackend {
     async fn start(&self, sb: &Sandbox) -> Result<Started, BackendError> {
         let name = Self::resource_name(sb).to_string();
         let fail = |e: kube::Error| BackendError::Start(format!("Sandbox {name}: {e}"));
-        if self.get(&name).await.map_err(fail)?.is_some() {
+        let existing = self.get(&name).await.map_err(fail)?;
+        if let (None, Some(pool)) = (&existing, self.warm_pool(sb)) {
+            return self.start_claimed(sb, &pool).await;
+        }
+        if existing.is_some() {
             let patch = Patch::Merge(self.running_patch(true));
             self.api
                 .patch(&name, &PatchParams::default(), &patch)
@@ -253,23 +294,9 @@ impl Backend for KubeBackend {
                 .map_err(fail)?;
         }
         // A bounded wait for the pod: the watch reports whatever comes later.
-        let deadline = tokio::time::Instant::now() + START_WAIT;
-        let mut pause = Duration::from_millis(50);
-        let mut ip = None;
-        while tokio::time::Instant::now() < deadline {
-            let d = self.get(&name).await.ok().flatten();
-            if let Some(d) = d.as_ref().and_then(discovered) {
-                if d.ready && d.pod_ip.is_some() {
-                    ip = d.pod_ip;
-                    break;
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
-        }
         Ok(Started {
+            ip_address: self.wait_ready(&name).await,
             backend_ref: Some(name),
-            ip_address: ip,
             netns_pid: None,
         })
     }
@@ -286,6 +313,7 @@ impl Backend for KubeBackend {
 
     async fn remove(&self, sb: &Sandbox) -> Result<(), BackendError> {
         let name = Self::resource_name(sb);
+        self.release_claim(sb).await?;
         match self.api.delete(name, &DeleteParams::default()).await {
             Ok(_) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),

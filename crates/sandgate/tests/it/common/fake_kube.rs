@@ -14,6 +14,9 @@
 //! test appends to ([`FakeKube::log`]), gone with the Sandbox. Not implemented: server-side
 //! apply's field ownership, label selectors, pagination, pod objects, closing stdin of a TTY
 //! exec, a fresh log for a resumed Sandbox's new pod, the log's `sinceSeconds`/`limitBytes`.
+//! Warm pools and claims (agent-sandbox's extensions group) are in `fake_kube/claims.rs`.
+
+mod claims;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -57,6 +60,8 @@ struct Inner {
     epoch: u64,
     /// (namespace, pod name) → the pod's log: (RFC 3339 time, line with its newline).
     logs: BTreeMap<(String, String), Vec<(String, String)>>,
+    /// SandboxWarmPools and SandboxClaims.
+    ext: claims::Extensions,
 }
 
 #[derive(Clone)]
@@ -103,6 +108,7 @@ impl FakeKube {
                 auto_ready: true,
                 epoch: 0,
                 logs: BTreeMap::new(),
+                ext: Default::default(),
             })),
             changes,
             log_changes: Arc::new(tokio::sync::watch::channel(0).0),
@@ -129,6 +135,7 @@ impl FakeKube {
                 get(exec).post(exec),
             )
             .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(pod_log))
+            .merge(claims::routes())
             .fallback(|| async { status(404, "NotFound", "the server could not find it") })
             .with_state(fake.clone());
         tokio::spawn(async move {
@@ -254,11 +261,15 @@ impl FakeKube {
             rv: inner.rv,
             kind,
             namespace: ns.into(),
-            object: obj,
+            object: obj.clone(),
         };
         inner.history.push(change.clone());
         let _ = self.changes.send(change);
         self.log_changes.send_modify(|n| *n += 1);
+        if kind == "DELETED" {
+            // After the deletion's event: the pool's refill comes later in the history.
+            claims::sandbox_deleted(self, inner, ns, &obj);
+        }
     }
 
     /// agent-sandbox's controller, reduced: a running Sandbox gets a Ready pod at 127.0.0.1,
@@ -349,11 +360,17 @@ async fn api_groups(State(fake): Shared) -> Response {
         .iter()
         .map(|v| json!({"groupVersion": format!("{GROUP}/{v}"), "version": v}))
         .collect();
+    let ext_versions: Vec<Value> = inner
+        .versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{}/{v}", claims::EXT_GROUP), "version": v}))
+        .collect();
     axum::Json(
         json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
             {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
              "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}},
             {"name": GROUP, "versions": versions, "preferredVersion": versions[0]},
+            {"name": claims::EXT_GROUP, "versions": ext_versions, "preferredVersion": ext_versions[0]},
         ]}),
     )
     .into_response()
@@ -363,6 +380,9 @@ async fn api_resources(
     State(fake): Shared,
     Path((group, version)): Path<(String, String)>,
 ) -> Response {
+    if group == claims::EXT_GROUP {
+        return refusal(&fake, GROUP, &version).unwrap_or_else(|| claims::api_resources(&version));
+    }
     if let Some(r) = refusal(&fake, &group, &version) {
         return r;
     }
