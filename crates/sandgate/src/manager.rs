@@ -136,8 +136,9 @@ pub struct Manager {
     /// Whether this gateway holds the lease on background duties (the idle reaper,
     /// reconcile): always, unless the store is shared with other gateways.
     leader: tokio::sync::watch::Receiver<bool>,
-    /// Sandboxes deleted here lately, and when: a watch event older than the deletion must not
-    /// bring one back as a discovered sandbox (kubernetes backend).
+    /// Sandboxes deleted here lately, and when, until the watch reports them gone: a watch
+    /// event older than the deletion must not bring one back as a discovered sandbox
+    /// (kubernetes backend).
     deleted: Mutex<HashMap<String, std::time::Instant>>,
 }
 
@@ -1076,16 +1077,18 @@ impl Manager {
             sb.status = Status::Deleting;
             self.save(sb).await?;
         }
+        // Noted before the cluster is asked, so that its watch's report of the deletion,
+        // however soon it comes, ends the note (events before it are late ones).
+        self.remember_deleted(&sb.id);
         self.backend.stop(sb).await.map_err(Error::internal)?;
         self.backend.remove(sb).await.map_err(Error::internal)?;
         self.store.delete(&sb.id).await?;
         self.routes.remove(&sb.id);
-        self.remember_deleted(&sb.id);
         tracing::info!(sandbox = %sb.id, "deleted");
         Ok(())
     }
 
-    /// Notes that `id` was just deleted (see `deleted`), forgetting older deletions.
+    /// Notes that `id` is being deleted (see `deleted`), forgetting older deletions.
     fn remember_deleted(&self, id: &str) {
         let now = std::time::Instant::now();
         let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
@@ -1093,7 +1096,14 @@ impl Manager {
         deleted.insert(id.to_string(), now);
     }
 
-    /// Whether `id` was deleted here within [`DELETED_MEMORY`].
+    /// Forgets the deletions the cluster has confirmed (`gone`): its watch reported them.
+    fn forget_deleted(&self, gone: impl Fn(&str) -> bool) {
+        let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+        deleted.retain(|id, _| !gone(id));
+    }
+
+    /// Whether `id` was deleted here within [`DELETED_MEMORY`] and the cluster has not yet
+    /// confirmed it.
     fn deleted_lately(&self, id: &str) -> bool {
         let deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
         deleted
@@ -1211,10 +1221,16 @@ impl Manager {
     pub async fn observe(&self, report: Observed) {
         match report {
             Observed::Applied(d) => self.observe_one(d).await,
-            Observed::Deleted(id) => self.observe_gone(&id, None).await,
+            Observed::Deleted(id) => {
+                // The cluster confirms the deletion: an event after this one is of a new
+                // Sandbox of the same name (re-created with kubectl), not a late one.
+                self.forget_deleted(|deleted| deleted == id);
+                self.observe_gone(&id, None).await
+            }
             Observed::Snapshot { all, listed_at } => {
                 let present: std::collections::HashSet<String> =
                     all.iter().map(|d| d.id.clone()).collect();
+                self.forget_deleted(|deleted| !present.contains(deleted));
                 for d in all {
                     self.observe_one(d).await;
                 }

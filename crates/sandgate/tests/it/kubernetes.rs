@@ -147,6 +147,18 @@ async fn discovery_routes_and_readiness(lane: Lane) {
     fake.remove("default", "plain");
     until(&gw, Method::GET, "/default/plain/", 404).await;
     assert!(gw.list().await.iter().all(|s| s["name"] != "plain"));
+
+    // Deleted through the API, then made again with kubectl under the same name: a new
+    // Sandbox, routed again (late events of the deleted one are ignored, this one is not).
+    let id = discovered_id(&gw, "alice", "my-sandbox").await;
+    gw.delete_sandbox(&id).await;
+    eventually(SEEN, "the cluster no longer has my-sandbox", || async {
+        fake.get("default", "my-sandbox").is_none().then_some(())
+    })
+    .await;
+    fake.apply(sandbox("my-sandbox", Some("alice")));
+    fake.set_ready("default", "my-sandbox", true);
+    until(&gw, Method::GET, "/alice/my-sandbox/", 200).await;
 }
 
 async fn watch_restarts_and_outages(lane: Lane) {

@@ -62,6 +62,9 @@ struct Inner {
     logs: BTreeMap<(String, String), Vec<(String, String)>>,
     /// SandboxWarmPools and SandboxClaims.
     ext: claims::Extensions,
+    /// While `Some`, changes are kept here instead of reaching open watches: a watch that
+    /// delivers events late ([`FakeKube::hold_watch`]).
+    held: Option<Vec<Change>>,
 }
 
 #[derive(Clone)]
@@ -109,6 +112,7 @@ impl FakeKube {
                 epoch: 0,
                 logs: BTreeMap::new(),
                 ext: Default::default(),
+                held: None,
             })),
             changes,
             log_changes: Arc::new(tokio::sync::watch::channel(0).0),
@@ -241,6 +245,20 @@ impl FakeKube {
         self.lock().objects.keys().map(|(_, n)| n.clone()).collect()
     }
 
+    /// From now on, open watches get no events until [`FakeKube::release_watch`]: the
+    /// changes happen (lists and gets see them), their events arrive late, in order.
+    pub fn hold_watch(&self) {
+        self.lock().held.get_or_insert_with(Vec::new);
+    }
+
+    /// Delivers the held events, in order, and every later one at once.
+    pub fn release_watch(&self) {
+        let held = self.lock().held.take().unwrap_or_default();
+        for change in held {
+            let _ = self.changes.send(change);
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("fake state")
     }
@@ -264,7 +282,12 @@ impl FakeKube {
             object: obj.clone(),
         };
         inner.history.push(change.clone());
-        let _ = self.changes.send(change);
+        match &mut inner.held {
+            Some(held) => held.push(change),
+            None => {
+                let _ = self.changes.send(change);
+            }
+        }
         self.log_changes.send_modify(|n| *n += 1);
         if kind == "DELETED" {
             // After the deletion's event: the pool's refill comes later in the history.

@@ -140,8 +140,11 @@ async fn claims_on(versions: &[&'static str], lane: Lane) {
     assert!(!suspended(&fake.get(NS, &resource).expect("the Sandbox")));
     until(&gw, Method::GET, "/dave/warm/", 200).await;
 
-    // Delete: the claim goes, and the Sandbox with it; the pool is untouched.
-    let last_seen = fake.get(NS, &resource).expect("the claimed Sandbox");
+    // Delete: the claim goes, and the Sandbox with it; the pool is untouched. The watch
+    // delivers the delete's own events (its stop's patch, then the deletion) only after the
+    // gateway has forgotten the record: the late patch does not bring it back as a
+    // discovered sandbox.
+    fake.hold_watch();
     gw.delete(&format!("/sandboxes/{id}"))
         .send()
         .await
@@ -149,16 +152,13 @@ async fn claims_on(versions: &[&'static str], lane: Lane) {
     assert!(fake.claim(NS, &id).is_none(), "{:?}", fake.claim_names());
     assert!(fake.get(NS, &resource).is_none(), "{:?}", fake.names());
     until(&gw, Method::GET, "/dave/warm/", 404).await;
-    // A late event of the deleted Sandbox (the watch delivers its stop's patch after the
-    // delete, say) does not bring it back as a discovered sandbox.
-    fake.apply(last_seen);
+    fake.release_watch();
     watch_caught_up(&gw, &fake, "m3").await;
     gw.get("/dave/warm/")
         .send()
         .await
         .expect_error(404, "not_found");
     assert!(gw.list().await.iter().all(|s| s["id"] != id.as_str()));
-    fake.remove(NS, &resource);
     assert_eq!(fake.pool_members(NS, "py").len(), 2);
     pool_hidden(&gw, &fake, "py").await;
 
