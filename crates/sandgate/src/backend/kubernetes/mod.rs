@@ -316,6 +316,11 @@ impl Backend for KubeBackend {
         exec::run(&self.pods, Self::resource_name(sb), spec).await
     }
 
+    /// Files are reached through `pods/exec`, in the container's working directory.
+    async fn files_at(&self, _sb: &Sandbox) -> Result<super::FilesAt, ExecError> {
+        Ok(super::FilesAt::Exec)
+    }
+
     fn service(&self, sb: &Sandbox) -> Option<super::ServiceRef> {
         Some(super::ServiceRef {
             name: self.service_name(Self::resource_name(sb)),

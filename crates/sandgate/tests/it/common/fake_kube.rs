@@ -7,7 +7,8 @@
 //! it). A small "controller" marks a Sandbox Ready with pod IP 127.0.0.1 (or suspends it) the
 //! way agent-sandbox's does, unless told to hold readiness back. Pod exec speaks the WebSocket
 //! channel protocol (`v5.channel.k8s.io`: stdin 0, stdout 1, stderr 2, a closing `Status` on 3,
-//! close 255) and runs the command on this machine (the fake's "pod"). Not implemented:
+//! close 255) and runs the command on this machine (the fake's "pod"), in the container's
+//! `workingDir` when the pod template gives one. Not implemented:
 //! server-side apply's field ownership, label selectors, pagination, exec with a TTY.
 
 use std::collections::BTreeMap;
@@ -624,7 +625,7 @@ async fn delete(
 }
 
 /// `pods/{name}/exec` over a WebSocket (`v5.channel.k8s.io`): runs the `command` query
-/// parameters here, relaying stdin, stdout and stderr on their channels and ending with the
+/// parameters here (in the first container's `workingDir`, when it has one), relaying stdin, stdout and stderr on their channels and ending with the
 /// `Status` the kubelet sends (`NonZeroExitCode` with an `ExitCode` cause on failure).
 async fn exec(
     State(fake): Shared,
@@ -635,12 +636,16 @@ async fn exec(
     if fake.lock().down {
         return unavailable();
     }
-    let sandbox_running = fake
+    let sandbox = fake
         .get(&ns, &name)
-        .is_some_and(|o| o["status"]["podIPs"].is_array());
-    if !sandbox_running {
+        .filter(|o| o["status"]["podIPs"].is_array());
+    let Some(sandbox) = sandbox else {
         return status(404, "NotFound", &format!("pods \"{name}\" not found"));
-    }
+    };
+    // Commands start in the container's working directory, as the kubelet's do.
+    let cwd = sandbox["spec"]["podTemplate"]["spec"]["containers"][0]["workingDir"]
+        .as_str()
+        .map(PathBuf::from);
     let query = req.uri().query().unwrap_or("").to_string();
     let mut argv = Vec::new();
     let mut stdin = false;
@@ -676,7 +681,7 @@ async fn exec(
             None,
         )
         .await;
-        run_exec(ws, argv, stdin).await;
+        run_exec(ws, argv, stdin, cwd).await;
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -718,8 +723,12 @@ fn url_pairs(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn run_exec<S>(ws: tokio_tungstenite::WebSocketStream<S>, argv: Vec<String>, stdin: bool)
-where
+async fn run_exec<S>(
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    argv: Vec<String>,
+    stdin: bool,
+    cwd: Option<PathBuf>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use futures_util::{SinkExt, StreamExt};
@@ -736,7 +745,11 @@ where
         let _ = tx.send(frame(3, br#"{"metadata":{},"status":"Failure","message":"no command","reason":"BadRequest","code":400}"#)).await;
         return;
     };
-    let child = tokio::process::Command::new(program)
+    let mut command = tokio::process::Command::new(program);
+    if let Some(cwd) = cwd {
+        command.current_dir(cwd);
+    }
+    let child = command
         .args(args)
         .stdin(if stdin {
             std::process::Stdio::piped()
