@@ -702,3 +702,45 @@ async fn files_through_the_pod_exec_api() {
         100_002
     );
 }
+
+/// An image without the tools the files scripts need (here: only `env` and `sh` on its
+/// `PATH`): `400 unsupported_operation` naming the missing one, for reads and writes alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn files_name_a_missing_tool() {
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    let bin = tempfile::tempdir().expect("tempdir");
+    let tree = tempfile::tempdir().expect("tempdir");
+    for (tool, at) in [("env", "/usr/bin/env"), ("sh", "/bin/sh")] {
+        std::os::unix::fs::symlink(at, bin.path().join(tool)).expect("link");
+    }
+    let mut obj = sandbox("bare", Some("erin"));
+    let container = &mut obj["spec"]["podTemplate"]["spec"]["containers"][0];
+    container["workingDir"] = json!(tree.path().to_str().expect("utf-8"));
+    container["env"] = json!([{"name": "PATH", "value": bin.path().to_str().expect("utf-8")}]);
+    fake.apply(obj);
+    let gw = gateway(&fake, pod).start().await;
+    until(&gw, Method::GET, "/erin/bare/", 200).await;
+    let id = gw
+        .list()
+        .await
+        .into_iter()
+        .find(|s| s["name"] == "bare")
+        .and_then(|s| s["id"].as_str().map(str::to_string))
+        .expect("bare is listed");
+    let message = gw
+        .get(&format!("/sandboxes/{id}/files?path="))
+        .send()
+        .await
+        .expect_error(400, "unsupported_operation");
+    assert!(message.contains("needs stat"), "{message}");
+    let message = gw
+        .req(Method::PUT, &format!("/sandboxes/{id}/files?path=x"))
+        .header("content-type", "application/octet-stream")
+        .body("x")
+        .send()
+        .await
+        .expect_error(400, "unsupported_operation");
+    assert!(message.contains("needs mkdir"), "{message}");
+    assert!(!tree.path().join("x").exists());
+}

@@ -8,7 +8,7 @@
 //! way agent-sandbox's does, unless told to hold readiness back. Pod exec speaks the WebSocket
 //! channel protocol (`v5.channel.k8s.io`: stdin 0, stdout 1, stderr 2, a closing `Status` on 3,
 //! close 255) and runs the command on this machine (the fake's "pod"), in the container's
-//! `workingDir` when the pod template gives one. Not implemented:
+//! `workingDir` and with its `env` when the pod template gives them. Not implemented:
 //! server-side apply's field ownership, label selectors, pagination, exec with a TTY.
 
 use std::collections::BTreeMap;
@@ -625,7 +625,8 @@ async fn delete(
 }
 
 /// `pods/{name}/exec` over a WebSocket (`v5.channel.k8s.io`): runs the `command` query
-/// parameters here (in the first container's `workingDir`, when it has one), relaying stdin, stdout and stderr on their channels and ending with the
+/// parameters here (in the first container's `workingDir`, when it has one, and with its
+/// `env`), relaying stdin, stdout and stderr on their channels and ending with the
 /// `Status` the kubelet sends (`NonZeroExitCode` with an `ExitCode` cause on failure).
 async fn exec(
     State(fake): Shared,
@@ -642,10 +643,16 @@ async fn exec(
     let Some(sandbox) = sandbox else {
         return status(404, "NotFound", &format!("pods \"{name}\" not found"));
     };
-    // Commands start in the container's working directory, as the kubelet's do.
-    let cwd = sandbox["spec"]["podTemplate"]["spec"]["containers"][0]["workingDir"]
-        .as_str()
-        .map(PathBuf::from);
+    // Commands start in the container's working directory with its environment, as the
+    // kubelet's do.
+    let container = &sandbox["spec"]["podTemplate"]["spec"]["containers"][0];
+    let cwd = container["workingDir"].as_str().map(PathBuf::from);
+    let env: Vec<(String, String)> = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["name"].as_str()?.into(), e["value"].as_str()?.into())))
+        .collect();
     let query = req.uri().query().unwrap_or("").to_string();
     let mut argv = Vec::new();
     let mut stdin = false;
@@ -681,7 +688,7 @@ async fn exec(
             None,
         )
         .await;
-        run_exec(ws, argv, stdin, cwd).await;
+        run_exec(ws, argv, stdin, cwd, env).await;
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -728,6 +735,7 @@ async fn run_exec<S>(
     argv: Vec<String>,
     stdin: bool,
     cwd: Option<PathBuf>,
+    env: Vec<(String, String)>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -749,6 +757,7 @@ async fn run_exec<S>(
     if let Some(cwd) = cwd {
         command.current_dir(cwd);
     }
+    command.envs(env);
     let child = command
         .args(args)
         .stdin(if stdin {
