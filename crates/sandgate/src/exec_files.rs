@@ -34,15 +34,16 @@ const UNSUPPORTED: i32 = 94;
 /// `realdir NAME` (a directory, not a link to one), `absolute NAME` (a link to an absolute
 /// path: outside wherever it points, as `openat2`'s `RESOLVE_BENEATH` has it), and
 /// `into CREATE COMPONENT…` (enters each component, creating missing ones when CREATE is 1;
-/// exits 90 when one is not a directory, 93 when one leads outside).
+/// exits 90 when one is not a directory, 93 when one leads outside). Their own variables
+/// start with `_`: a script's are plain letters.
 macro_rules! prelude {
     () => {
         r#"unset CDPATH
 r=$(pwd -P) || exit 95
 need() {
-  for x in "$@"; do
-    command -v "$x" >/dev/null 2>&1 && continue
-    printf 'the files API needs %s in the sandbox\n' "$x" >&2; exit 127
+  for _x in "$@"; do
+    command -v "$_x" >/dev/null 2>&1 && continue
+    printf 'the files API needs %s in the sandbox\n' "$_x" >&2; exit 127
   done
 }
 under() { case "$1/" in "${r%/}/"*) ;; *) exit 93 ;; esac; }
@@ -51,18 +52,18 @@ realdir() { [ -d "./$1" ] && [ ! -L "./$1" ]; }
 absolute() {
   [ -L "./$1" ] || return 1
   need readlink
-  t=$(readlink -- "./$1") || exit 95
-  case $t in /*) return 0 ;; esac
+  _t=$(readlink -- "./$1") || exit 95
+  case $_t in /*) return 0 ;; esac
   return 1
 }
 into() {
-  mk=$1; shift
-  for c in "$@"; do
-    if [ "$mk" = 1 ] && gone "$c"; then
-      mkdir -m 755 -- "./$c" 2>/dev/null || [ -e "./$c" ] || exit 95
+  _mk=$1; shift
+  for _c in "$@"; do
+    if [ "$_mk" = 1 ] && gone "$_c"; then
+      mkdir -m 755 -- "./$_c" 2>/dev/null || [ -e "./$_c" ] || exit 95
     fi
-    absolute "$c" && exit 93
-    cd -P -- "./$c" 2>/dev/null || exit 90
+    absolute "$_c" && exit 93
+    cd -P -- "./$_c" 2>/dev/null || exit 90
     under "$(pwd -P)"
   done
 }

@@ -535,6 +535,17 @@ async fn files_through_the_pod_exec_api() {
     assert!(!work.path().join("x").exists());
     let r = gw.get(&url("path=inside/c.sh")).send().await;
     assert_eq!(r.expect(200).text(), "echo made");
+    // Writes and deletes through a relative link that stays inside work, as on a host path.
+    put("path=inside/new.txt", b"n".to_vec())
+        .send()
+        .await
+        .expect(201);
+    assert_eq!(std::fs::read(root.join("a/b/new.txt")).expect("new"), b"n");
+    gw.delete(&url("path=inside/new.txt"))
+        .send()
+        .await
+        .expect(200);
+    assert!(!root.join("a/b/new.txt").exists());
     // A write at a link's name replaces the link, never what it points to.
     put("path=pw", b"evil".to_vec()).send().await.expect(200);
     assert_eq!(
