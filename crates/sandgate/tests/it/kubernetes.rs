@@ -493,6 +493,11 @@ async fn files_through_the_pod_exec_api() {
     link(work.path(), "out");
     link(std::path::Path::new("a/b"), "inside");
     link(&root.join("a/b"), "absolute");
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(root.join("fifo"))
+        .status()
+        .expect("mkfifo");
+    assert!(fifo.success());
 
     // Listings: the host-path implementation's answer on the same tree, field for field.
     let tree = Tree::open(&root).expect("open the tree");
@@ -533,6 +538,12 @@ async fn files_through_the_pod_exec_api() {
         .await
         .expect_error(403, "path_outside_sandbox");
     assert!(!work.path().join("x").exists());
+    // Neither a file nor a directory: refused, as on a host path (not asked of the host-path
+    // `Tree` here: its read opens the FIFO and waits for a writer).
+    gw.get(&url("path=fifo"))
+        .send()
+        .await
+        .expect_error(400, "invalid_path");
     let r = gw.get(&url("path=inside/c.sh")).send().await;
     assert_eq!(r.expect(200).text(), "echo made");
     // Writes and deletes through a relative link that stays inside work, as on a host path.
