@@ -678,6 +678,93 @@ impl Drop for ExecUpload {
 mod tests {
     use super::*;
 
+    /// A script that printed `chunks` and ended with `exit`.
+    fn ran(chunks: Vec<Chunk>, exit: ExecExit) -> Run {
+        Run {
+            stdin: None,
+            output: futures_util::stream::iter(chunks.into_iter().map(Ok)).boxed(),
+            exit: Box::pin(std::future::ready(exit)),
+            pending: BytesMut::new(),
+            stderr: Vec::new(),
+        }
+    }
+
+    async fn body(run: Run, size: u64) -> (Vec<u8>, Option<String>) {
+        let mut got = Vec::new();
+        let mut stream = run.into_body(size, "f".into());
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(b) => got.extend_from_slice(&b),
+                Err(e) => return (got, Some(e.to_string())),
+            }
+        }
+        (got, None)
+    }
+
+    #[tokio::test]
+    async fn a_download_is_the_header_then_exactly_size_bytes_of_stdout() {
+        let out = |s: &'static str| Chunk::Stdout(Bytes::from_static(s.as_bytes()));
+        let err = |s: &'static str| Chunk::Stderr(Bytes::from_static(s.as_bytes()));
+        let mut run = ran(
+            vec![out("F 8\nab"), err("noise"), out("cdefgh"), out("grown")],
+            ExecExit::Exited(0),
+        );
+        assert_eq!(run.line().await.unwrap().as_deref(), Some(&b"F 8"[..]));
+        assert_eq!(body(run, 8).await, (b"abcdefgh".to_vec(), None));
+        // Shorter than announced (the file shrank, `cat` failed): an error, never a short
+        // body that looks complete.
+        let mut run = ran(
+            vec![out("F 9\nabc"), err("cat: read error")],
+            ExecExit::Exited(1),
+        );
+        run.line().await.unwrap();
+        let (got, e) = body(run, 9).await;
+        assert_eq!(got, b"abc");
+        assert!(e.is_some_and(|e| e.contains("6 bytes short") && e.contains("read error")));
+    }
+
+    #[tokio::test]
+    async fn exits_map_to_the_host_paths_errors() {
+        let code = |c: i32| async move {
+            failure(
+                "p",
+                ran(
+                    vec![Chunk::Stderr(Bytes::from_static(b"why"))],
+                    ExecExit::Exited(c),
+                )
+                .end()
+                .await,
+            )
+        };
+        assert!(matches!(
+            code(90).await,
+            ExecFilesError::Files(FilesError::NotFound(_))
+        ));
+        assert!(matches!(
+            code(91).await,
+            ExecFilesError::Files(FilesError::Exists(_))
+        ));
+        assert!(matches!(
+            code(92).await,
+            ExecFilesError::Files(FilesError::NotEmpty(_))
+        ));
+        assert!(matches!(
+            code(93).await,
+            ExecFilesError::Files(FilesError::Outside(_))
+        ));
+        assert!(matches!(
+            code(94).await,
+            ExecFilesError::Files(FilesError::Unsupported(_))
+        ));
+        assert!(matches!(
+            code(127).await,
+            ExecFilesError::Exec(ExecError::NotStarted { message, .. }) if message == "why"
+        ));
+        assert!(
+            matches!(code(1).await, ExecFilesError::Files(FilesError::Io(m)) if m.contains("why"))
+        );
+    }
+
     #[test]
     fn listings_parse_as_the_script_prints_them() {
         let out = b"81a4 3 1700000000\nb.txt\0a1ff 1 1700000001\nlink\0b.txt\n\0\
