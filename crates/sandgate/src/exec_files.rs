@@ -268,8 +268,12 @@ impl Run {
         }
     }
 
-    /// Reads the output to its end (keeping at most [`MAX_ANSWER`] of stdout), then the exit.
+    /// Ends stdin (a script still reading it finishes), reads the output to its end (keeping
+    /// at most [`MAX_ANSWER`] of stdout), then the exit.
     async fn end(mut self) -> Ended {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.shutdown().await;
+        }
         let mut stdout = std::mem::take(&mut self.pending);
         while let Some(chunk) = self.next_stdout().await {
             match chunk {
@@ -278,7 +282,6 @@ impl Run {
                 Err(_) => break,
             }
         }
-        drop(self.stdin.take());
         let exit = self.exit.await;
         Ended {
             stdout,
