@@ -33,6 +33,7 @@ pub mod datadir;
 pub mod error;
 pub mod event_loop;
 pub mod exec;
+pub mod exec_files;
 pub mod fastlane;
 pub mod files;
 pub mod gateway;

@@ -39,6 +39,16 @@ pub struct ServiceRef {
     pub namespace: String,
 }
 
+/// How the files API reaches a sandbox's working tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilesAt {
+    /// A path on this host (opened and confined by `crate::files`).
+    Host(std::path::PathBuf),
+    /// Only through commands [`Backend::exec`] runs, relative to the directory they start in
+    /// (a pod elsewhere: `crate::exec_files`).
+    Exec,
+}
+
 /// A sandbox's output, streamed.
 pub type LogStream = futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;
 
@@ -247,5 +257,10 @@ pub trait Backend: Send + Sync {
     async fn working_tree(&self, sandbox: &Sandbox) -> Result<std::path::PathBuf, ExecError> {
         let _ = sandbox;
         Err(ExecError::Unsupported(self.kind()))
+    }
+    /// How the files API reaches the sandbox's working tree: by default the host path
+    /// [`working_tree`](Backend::working_tree) gives.
+    async fn files_at(&self, sandbox: &Sandbox) -> Result<FilesAt, ExecError> {
+        self.working_tree(sandbox).await.map(FilesAt::Host)
     }
 }

@@ -520,3 +520,452 @@ async fn logs_through_the_pod_log_api() {
     let r = gw.get(&path).send().await;
     assert_eq!(r.expect(200).text(), "");
 }
+
+/// `path=` for the files API: every byte but letters and digits percent-encoded.
+fn query_path(path: &str) -> String {
+    path.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A `PUT` to `uri` whose body is what is sent on the channel, as it is sent (an `Err` breaks
+/// the request off mid-body); the answer once the body has ended.
+#[allow(clippy::type_complexity)]
+fn streamed_upload(
+    addr: SocketAddr,
+    uri: &str,
+) -> (
+    tokio::sync::mpsc::Sender<Result<Bytes, String>>,
+    tokio::task::JoinHandle<Result<crate::common::Reply, String>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(4);
+    let body = http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async {
+        let frame = rx
+            .recv()
+            .await?
+            .map(hyper::body::Frame::data)
+            .map_err(std::io::Error::other);
+        Some((frame, rx))
+    }));
+    let req = hyper::Request::builder()
+        .method(Method::PUT)
+        .uri(uri)
+        .header("host", addr.to_string())
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .expect("request");
+    let answer = tokio::spawn(async move {
+        let resp = crate::common::send_request(addr, None, req).await?;
+        crate::common::Reply::read(resp).await
+    });
+    (tx, answer)
+}
+
+/// Temporary upload files left in `dir`.
+fn upload_temps(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("read the tree")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".sandgate-upload-"))
+        .collect()
+}
+
+/// The files API through `pods/exec` (one `sh` script per operation; the fake's "pod" is this
+/// machine, in the pod template's `workingDir`): streamed binary uploads and downloads, the
+/// answers of the host-path implementation (`sandgate::files::Tree` on the same directory is
+/// the reference for listings), atomic uploads, hostile names passed as arguments, and paths
+/// or planted links leading outside refused with the same errors as on every other backend.
+#[tokio::test(flavor = "multi_thread")]
+async fn files_through_the_pod_exec_api() {
+    use sandgate::files::{FilesError, Found, Tree};
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let root = work.path().join("tree");
+    std::fs::create_dir(&root).expect("the tree");
+    let mut obj = sandbox("files", Some("dave"));
+    obj["spec"]["podTemplate"]["spec"]["containers"][0]["workingDir"] =
+        json!(root.to_str().expect("utf-8"));
+    fake.apply(obj);
+    let gw = gateway(&fake, pod)
+        .config(|c| c.files_max_upload_bytes = 4 << 20)
+        .start()
+        .await;
+    until(&gw, Method::GET, "/dave/files/", 200).await;
+    let id = gw
+        .list()
+        .await
+        .into_iter()
+        .find(|s| s["name"] == "files")
+        .and_then(|s| s["id"].as_str().map(str::to_string))
+        .expect("files is listed");
+    let files = format!("/sandboxes/{id}/files");
+    let url = |query: &str| format!("{files}?{query}");
+    let put = |query: &str, body: Vec<u8>| {
+        gw.req(Method::PUT, &url(query))
+            .header("content-type", "application/octet-stream")
+            .body(body)
+    };
+
+    // A few MiB of every byte value, up and down unchanged.
+    let data: Vec<u8> = (0..(3u32 << 20) + 7)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let r = put("path=bin/blob.bin", data.clone()).send().await;
+    r.expect(201);
+    assert_eq!(
+        r.json(),
+        json!({"path": "bin/blob.bin", "size": data.len(), "mode": "0644"})
+    );
+    assert!(std::fs::read(root.join("bin/blob.bin")).expect("written") == data);
+    let r = gw.get(&url("path=bin/blob.bin")).send().await;
+    r.expect(200);
+    assert_eq!(r.body.len(), data.len());
+    assert!(r.body == data, "the download differs from the upload");
+    assert_eq!(r.header("content-length"), data.len().to_string());
+    assert_eq!(r.header("content-type"), "application/octet-stream");
+    assert_eq!(
+        r.header("content-disposition"),
+        "attachment; filename=\"blob.bin\""
+    );
+    assert_eq!(r.header("x-content-type-options"), "nosniff");
+
+    // Replaced (200), or refused when it must be new; a directory is never replaced.
+    put("path=bin/blob.bin", b"v2".to_vec())
+        .send()
+        .await
+        .expect(200);
+    put("path=bin/blob.bin&overwrite=false", b"v3".to_vec())
+        .send()
+        .await
+        .expect_error(412, "already_exists");
+    put("path=bin", b"x".to_vec())
+        .send()
+        .await
+        .expect_error(412, "already_exists");
+    assert_eq!(
+        std::fs::read(root.join("bin/blob.bin")).expect("kept"),
+        b"v2"
+    );
+    // Parents are created, modes set; directories made.
+    put("path=a/b/c.sh&mode=755", b"echo made".to_vec())
+        .send()
+        .await
+        .expect(201);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(root.join("a/b/c.sh"))
+            .expect("c.sh")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o7777, 0o755);
+    let r = put("path=a/empty&dir=true", Vec::new()).send().await;
+    r.expect(201);
+    assert_eq!(
+        r.json(),
+        json!({"path": "a/empty", "size": 0, "mode": "0755"})
+    );
+    put("path=a/empty&dir=true", Vec::new())
+        .send()
+        .await
+        .expect(200);
+    put("path=a/b/c.sh&dir=true", Vec::new())
+        .send()
+        .await
+        .expect_error(412, "already_exists");
+    // A parent that is a file: nothing there, as on a host path.
+    put("path=a/b/c.sh/x", b"x".to_vec())
+        .send()
+        .await
+        .expect_error(404, "file_not_found");
+
+    // Links the sandbox planted: outside (absolute, chained, to a file, to a directory the
+    // gateway could write) and inside.
+    std::fs::write(work.path().join("canary"), "canary").expect("canary");
+    let link = |target: &std::path::Path, name: &str| {
+        std::os::unix::fs::symlink(target, root.join(name)).expect("link")
+    };
+    link(std::path::Path::new("/"), "escape");
+    link(std::path::Path::new("escape"), "chain");
+    link(&work.path().join("canary"), "pw");
+    link(work.path(), "out");
+    link(std::path::Path::new("a/b"), "inside");
+    link(&root.join("a/b"), "absolute");
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(root.join("fifo"))
+        .status()
+        .expect("mkfifo");
+    assert!(fifo.success());
+
+    // Listings: the host-path implementation's answer on the same tree, field for field.
+    let tree = Tree::open(&root).expect("open the tree");
+    for path in ["", "a", "a/b", "bin", "inside"] {
+        let got = gw
+            .get(&url(&format!("path={path}")))
+            .send()
+            .await
+            .expect(200)
+            .json();
+        let Ok(Found::Dir(want)) = tree.read(path) else {
+            panic!("{path} is a directory");
+        };
+        assert_eq!(got, serde_json::to_value(want).expect("json"), "{path}");
+    }
+
+    // An absolute link is outside wherever it points, as `RESOLVE_BENEATH` has it.
+    for outside in [
+        "escape/etc/passwd",
+        "chain/etc",
+        "pw",
+        "escape",
+        "out/canary",
+        "absolute",
+        "absolute/c.sh",
+    ] {
+        gw.get(&url(&format!("path={outside}")))
+            .send()
+            .await
+            .expect_error(403, "path_outside_sandbox");
+        assert!(
+            matches!(tree.read(outside), Err(FilesError::Outside(_))),
+            "{outside}: the host-path answer differs"
+        );
+    }
+    put("path=out/x", b"x".to_vec())
+        .send()
+        .await
+        .expect_error(403, "path_outside_sandbox");
+    assert!(!work.path().join("x").exists());
+    // Neither a file nor a directory: refused, as on a host path (not asked of the host-path
+    // `Tree` here: its read opens the FIFO and waits for a writer).
+    gw.get(&url("path=fifo"))
+        .send()
+        .await
+        .expect_error(400, "invalid_path");
+    let r = gw.get(&url("path=inside/c.sh")).send().await;
+    assert_eq!(r.expect(200).text(), "echo made");
+    // Writes and deletes through a relative link that stays inside work, as on a host path.
+    put("path=inside/new.txt", b"n".to_vec())
+        .send()
+        .await
+        .expect(201);
+    assert_eq!(std::fs::read(root.join("a/b/new.txt")).expect("new"), b"n");
+    gw.delete(&url("path=inside/new.txt"))
+        .send()
+        .await
+        .expect(200);
+    assert!(!root.join("a/b/new.txt").exists());
+    // A write at a link's name replaces the link, never what it points to.
+    put("path=pw", b"evil".to_vec()).send().await.expect(200);
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("canary")).expect("canary"),
+        "canary"
+    );
+    assert_eq!(std::fs::read(root.join("pw")).expect("pw"), b"evil");
+
+    // Hostile names are arguments, never shell text.
+    let hostile = "-x $(touch pwned) `touch pwned2` 'q' \"dq\"\n;&|<>*?.txt";
+    let r = put(&format!("path={}", query_path(hostile)), b"h".to_vec())
+        .send()
+        .await;
+    r.expect(201);
+    assert_eq!(r.json()["path"], hostile);
+    assert_eq!(std::fs::read(root.join(hostile)).expect("hostile"), b"h");
+    let r = gw
+        .get(&url(&format!("path={}", query_path(hostile))))
+        .send()
+        .await;
+    assert_eq!(r.expect(200).text(), "h");
+    let listed = gw.get(&url("path=")).send().await.expect(200).json();
+    assert!(
+        listed["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .any(|e| e["name"] == hostile),
+        "{listed}"
+    );
+    let dash = "-rf $(x)";
+    put(&format!("path={}/in", query_path(dash)), b"i".to_vec())
+        .send()
+        .await
+        .expect(201);
+    gw.delete(&url(&format!("path={}", query_path(dash))))
+        .send()
+        .await
+        .expect_error(409, "conflict");
+    gw.delete(&url(&format!("path={}&recursive=true", query_path(dash))))
+        .send()
+        .await
+        .expect(200);
+    gw.delete(&url(&format!("path={}", query_path(hostile))))
+        .send()
+        .await
+        .expect(200);
+    assert!(!root.join(hostile).exists() && !root.join(dash).exists());
+    assert!(root.join("a/b/c.sh").exists(), "a leading dash reached rm");
+    for pwned in ["pwned", "pwned2"] {
+        assert!(!root.join(pwned).exists() && !std::path::Path::new(pwned).exists());
+    }
+
+    // Lexically bad paths: refused before anything runs, as on every backend.
+    for bad in [
+        "../x",
+        "/etc/passwd",
+        "a/../../x",
+        "%2e%2e/x",
+        "a%00b",
+        "a//b",
+    ] {
+        let q = format!("path={bad}");
+        gw.get(&url(&q))
+            .send()
+            .await
+            .expect_error(400, "invalid_path");
+        put(&q, b"x".to_vec())
+            .send()
+            .await
+            .expect_error(400, "invalid_path");
+        gw.delete(&url(&q))
+            .send()
+            .await
+            .expect_error(400, "invalid_path");
+    }
+    gw.get(&url("path=nope"))
+        .send()
+        .await
+        .expect_error(404, "file_not_found");
+    gw.delete(&url("path=nope"))
+        .send()
+        .await
+        .expect_error(404, "file_not_found");
+
+    // Deletes: a link itself, a directory only when asked to take its contents.
+    gw.delete(&url("path=out&recursive=true"))
+        .send()
+        .await
+        .expect(200);
+    assert!(work.path().join("canary").exists());
+    gw.delete(&url("path=a"))
+        .send()
+        .await
+        .expect_error(409, "conflict");
+    gw.delete(&url("path=a/empty")).send().await.expect(200);
+    gw.delete(&url("path=a&recursive=true"))
+        .send()
+        .await
+        .expect(200);
+    assert!(!root.join("a").exists());
+    gw.get(&url("path=a/b/c.sh"))
+        .send()
+        .await
+        .expect_error(404, "file_not_found");
+    gw.delete(&url("path="))
+        .send()
+        .await
+        .expect_error(400, "invalid_path");
+
+    // Atomic: while an upload streams, the old file stays whole and the bytes go to a
+    // temporary file beside it; the rename comes with the body's end.
+    std::fs::write(root.join("atomic.txt"), "old").expect("old");
+    let (tx, upload) = streamed_upload(gw.addr, &url("path=atomic.txt"));
+    tx.send(Ok(Bytes::from(vec![b'n'; 100_000])))
+        .await
+        .expect("send");
+    eventually(SEEN, "the first bytes are in a temporary file", || async {
+        let temps = upload_temps(&root);
+        let size = temps
+            .first()
+            .and_then(|t| std::fs::metadata(root.join(t)).ok())
+            .map(|m| m.len());
+        (size == Some(100_000)).then_some(())
+    })
+    .await;
+    assert_eq!(std::fs::read(root.join("atomic.txt")).expect("old"), b"old");
+    tx.send(Ok(Bytes::from_static(b"ew"))).await.expect("send");
+    drop(tx);
+    let r = upload.await.expect("the upload").expect("an answer");
+    assert_eq!(r.expect(200).json()["size"], 100_002);
+    assert_eq!(
+        std::fs::metadata(root.join("atomic.txt"))
+            .expect("new")
+            .len(),
+        100_002
+    );
+    assert!(upload_temps(&root).is_empty());
+
+    // An upload over the limit, or one whose client leaves, leaves nothing behind.
+    put("path=big", vec![b'b'; (4 << 20) + 1])
+        .send()
+        .await
+        .expect_error(413, "payload_too_large");
+    let (tx, upload) = streamed_upload(gw.addr, &url("path=atomic.txt"));
+    tx.send(Ok(Bytes::from(vec![b'l'; 1000])))
+        .await
+        .expect("send");
+    eventually(SEEN, "the abandoned upload has begun", || async {
+        (!upload_temps(&root).is_empty()).then_some(())
+    })
+    .await;
+    // The client's body fails: it abandons the request mid-body.
+    tx.send(Err("gone".into())).await.expect("send");
+    let _ = upload.await;
+    eventually(SEEN, "abandoned uploads are removed", || async {
+        upload_temps(&root).is_empty().then_some(())
+    })
+    .await;
+    assert!(!root.join("big").exists());
+    assert_eq!(
+        std::fs::metadata(root.join("atomic.txt"))
+            .expect("kept")
+            .len(),
+        100_002
+    );
+}
+
+/// An image without the tools the files scripts need (here: only `env` and `sh` on its
+/// `PATH`): `400 unsupported_operation` naming the missing one, for reads and writes alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn files_name_a_missing_tool() {
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    let bin = tempfile::tempdir().expect("tempdir");
+    let tree = tempfile::tempdir().expect("tempdir");
+    for (tool, at) in [("env", "/usr/bin/env"), ("sh", "/bin/sh")] {
+        std::os::unix::fs::symlink(at, bin.path().join(tool)).expect("link");
+    }
+    let mut obj = sandbox("bare", Some("erin"));
+    let container = &mut obj["spec"]["podTemplate"]["spec"]["containers"][0];
+    container["workingDir"] = json!(tree.path().to_str().expect("utf-8"));
+    container["env"] = json!([{"name": "PATH", "value": bin.path().to_str().expect("utf-8")}]);
+    fake.apply(obj);
+    let gw = gateway(&fake, pod).start().await;
+    until(&gw, Method::GET, "/erin/bare/", 200).await;
+    let id = gw
+        .list()
+        .await
+        .into_iter()
+        .find(|s| s["name"] == "bare")
+        .and_then(|s| s["id"].as_str().map(str::to_string))
+        .expect("bare is listed");
+    let message = gw
+        .get(&format!("/sandboxes/{id}/files?path="))
+        .send()
+        .await
+        .expect_error(400, "unsupported_operation");
+    assert!(message.contains("needs stat"), "{message}");
+    let message = gw
+        .req(Method::PUT, &format!("/sandboxes/{id}/files?path=x"))
+        .header("content-type", "application/octet-stream")
+        .body("x")
+        .send()
+        .await
+        .expect_error(400, "unsupported_operation");
+    assert!(message.contains("needs mkdir"), "{message}");
+    assert!(!tree.path().join("x").exists());
+}

@@ -28,6 +28,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("audit", 3),
     ("manager", 4),
     ("exec", 4),
+    ("exec_files", 4),
     ("proxy", 4),
     ("lifecycle", 5),
     ("api", 5),

@@ -359,6 +359,11 @@ impl Backend for KubeBackend {
         pty::open(&self.pods, Self::resource_name(sb), spec, size).await
     }
 
+    /// Files are reached through `pods/exec`, in the container's working directory.
+    async fn files_at(&self, _sb: &Sandbox) -> Result<super::FilesAt, ExecError> {
+        Ok(super::FilesAt::Exec)
+    }
+
     fn service(&self, sb: &Sandbox) -> Option<super::ServiceRef> {
         Some(super::ServiceRef {
             name: self.service_name(Self::resource_name(sb)),

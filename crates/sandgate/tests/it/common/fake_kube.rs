@@ -7,7 +7,8 @@
 //! it). A small "controller" marks a Sandbox Ready with pod IP 127.0.0.1 (or suspends it) the
 //! way agent-sandbox's does, unless told to hold readiness back. Pod exec speaks the WebSocket
 //! channel protocol (`v5.channel.k8s.io`: stdin 0, stdout 1, stderr 2, a closing `Status` on 3,
-//! close 255) and runs the command on this machine (the fake's "pod"); with `tty=true` on a
+//! close 255) and runs the command on this machine (the fake's "pod"), in the container's
+//! `workingDir` and with its `env` when the pod template gives them; with `tty=true` on a
 //! real pseudo-terminal (stderr merged into stdout, resizes from channel 4), and, as in a real
 //! cluster, a client that leaves does not end the command. A pod exists while its Sandbox has a
 //! pod IP; its log (`pods/{name}/log`: `follow`, `tailLines`, `timestamps`) is a buffer the
@@ -699,7 +700,8 @@ async fn delete(
 }
 
 /// `pods/{name}/exec` over a WebSocket (`v5.channel.k8s.io`): runs the `command` query
-/// parameters here, relaying stdin, stdout and stderr on their channels and ending with the
+/// parameters here (in the first container's `workingDir`, when it has one, and with its
+/// `env`), relaying stdin, stdout and stderr on their channels and ending with the
 /// `Status` the kubelet sends (`NonZeroExitCode` with an `ExitCode` cause on failure).
 async fn exec(
     State(fake): Shared,
@@ -710,9 +712,22 @@ async fn exec(
     if fake.lock().down {
         return unavailable();
     }
-    if !fake.has_pod(&ns, &name) {
+    let sandbox = fake
+        .get(&ns, &name)
+        .filter(|o| o["status"]["podIPs"].is_array());
+    let Some(sandbox) = sandbox else {
         return status(404, "NotFound", &format!("pods \"{name}\" not found"));
-    }
+    };
+    // Commands start in the container's working directory with its environment, as the
+    // kubelet's do.
+    let container = &sandbox["spec"]["podTemplate"]["spec"]["containers"][0];
+    let cwd = container["workingDir"].as_str().map(PathBuf::from);
+    let env: Vec<(String, String)> = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["name"].as_str()?.into(), e["value"].as_str()?.into())))
+        .collect();
     let query = req.uri().query().unwrap_or("").to_string();
     let mut argv = Vec::new();
     let (mut stdin, mut tty) = (false, false);
@@ -753,7 +768,7 @@ async fn exec(
         if tty {
             run_tty(ws, argv).await;
         } else {
-            run_exec(ws, argv, stdin).await;
+            run_exec(ws, argv, stdin, cwd, env).await;
         }
     });
     Response::builder()
@@ -796,8 +811,13 @@ fn url_pairs(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn run_exec<S>(ws: tokio_tungstenite::WebSocketStream<S>, argv: Vec<String>, stdin: bool)
-where
+async fn run_exec<S>(
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    argv: Vec<String>,
+    stdin: bool,
+    cwd: Option<PathBuf>,
+    env: Vec<(String, String)>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use futures_util::{SinkExt, StreamExt};
@@ -814,7 +834,12 @@ where
         let _ = tx.send(frame(3, br#"{"metadata":{},"status":"Failure","message":"no command","reason":"BadRequest","code":400}"#)).await;
         return;
     };
-    let child = tokio::process::Command::new(program)
+    let mut command = tokio::process::Command::new(program);
+    if let Some(cwd) = cwd {
+        command.current_dir(cwd);
+    }
+    command.envs(env);
+    let child = command
         .args(args)
         .stdin(if stdin {
             std::process::Stdio::piped()
