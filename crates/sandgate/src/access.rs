@@ -328,39 +328,42 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
     ]);
 }
 
-/// A field's name as each shape spells it before its value: `,"name":` (JSON) and ` name=`
-/// (text), made at compile time so that writing one is a single copy.
+/// A field's name as the shape `J` (JSON: true) spells it before its value: `,"name":` or
+/// ` name=`. A constant once `J` is known, so writing it is an inlined copy.
 macro_rules! name {
-    ($n:literal) => {
-        &[concat!(",\"", $n, "\":"), concat!(" ", $n, "=")]
+    ($j:ident, $n:literal) => {
+        if $j {
+            concat!(",\"", $n, "\":")
+        } else {
+            concat!(" ", $n, "=")
+        }
     };
 }
 
-type Name = &'static [&'static str; 2];
-
-/// A line being written in one of the two shapes: `,"name":value` (JSON) or ` name=value`
-/// (text).
-struct Fields<'o> {
-    out: &'o mut Vec<u8>,
-    json: bool,
+/// The same, opening a JSON string in the same copy: `,"name":"` or ` name=`.
+macro_rules! name_quoted {
+    ($j:ident, $n:literal) => {
+        if $j {
+            concat!(",\"", $n, "\":\"")
+        } else {
+            concat!(" ", $n, "=")
+        }
+    };
 }
 
-impl Fields<'_> {
-    fn name(&mut self, name: Name) {
-        let n = name[usize::from(!self.json)];
-        self.out.extend_from_slice(n.as_bytes());
-    }
+/// A line being written in shape `J`: `,"name":value` (JSON) or ` name=value` (text).
+/// Monomorphised per shape, so every name and separator is a constant.
+struct Fields<'o, const J: bool> {
+    out: &'o mut Vec<u8>,
+}
 
+impl<const J: bool> Fields<'_, J> {
     /// A text value: a JSON string; in text, written plainly unless it holds a space, a quote,
     /// a backslash or a byte that is not printable ASCII (then escaped as JSON would).
-    fn text(&mut self, name: Name, value: &[u8]) {
-        self.name(name);
-        let plain = || {
-            value
-                .iter()
-                .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-        };
-        if self.json || !plain() {
+    #[inline(always)]
+    fn text(&mut self, name: &'static str, value: &[u8]) {
+        self.out.extend_from_slice(name.as_bytes());
+        if J || !plain_text(value) {
             json_string(self.out, value);
         } else {
             self.out.extend_from_slice(value);
@@ -368,35 +371,31 @@ impl Fields<'_> {
     }
 
     /// A text value known to need no escaping in either shape (ids, templates, codes: printable
-    /// ASCII without spaces, quotes or backslashes).
-    fn safe(&mut self, name: Name, value: &[u8]) {
-        self.name(name);
-        if self.json {
+    /// ASCII without spaces, quotes or backslashes), after a [`name_quoted!`] name.
+    #[inline(always)]
+    fn safe(&mut self, name: &'static str, value: &[u8]) {
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(value);
+        if J {
             self.out.push(b'"');
-            self.out.extend_from_slice(value);
-            self.out.push(b'"');
-        } else {
-            self.out.extend_from_slice(value);
         }
     }
 
     /// A number `write` puts down (`None`: JSON `null`, text `-`).
-    fn number(&mut self, name: Name, write: Option<impl FnOnce(&mut Vec<u8>)>) {
-        self.name(name);
+    #[inline(always)]
+    fn number(&mut self, name: &'static str, write: Option<impl FnOnce(&mut Vec<u8>)>) {
+        self.out.extend_from_slice(name.as_bytes());
         match write {
             Some(write) => write(self.out),
-            None if self.json => self.out.extend_from_slice(b"null"),
+            None if J => self.out.extend_from_slice(b"null"),
             None => self.out.push(b'-'),
         }
     }
 
-    /// An address: a JSON string, plain text (an IPv4 one without `fmt`).
-    fn address(&mut self, name: Name, ip: IpAddr) {
+    /// An address, after a [`name_quoted!`] name (an IPv4 one without `fmt`).
+    fn address(&mut self, name: &'static str, ip: IpAddr) {
         use std::io::Write;
-        self.name(name);
-        if self.json {
-            self.out.push(b'"');
-        }
+        self.out.extend_from_slice(name.as_bytes());
         match ip {
             IpAddr::V4(v4) => {
                 let [a, b, c, d] = v4.octets();
@@ -411,7 +410,7 @@ impl Fields<'_> {
                 let _ = write!(self.out, "{ip}");
             }
         }
-        if self.json {
+        if J {
             self.out.push(b'"');
         }
     }
@@ -425,8 +424,16 @@ fn integer(n: u64) -> impl FnOnce(&mut Vec<u8>) {
 /// (`2026-… INFO sandgate::access: kind=request …`, as `tracing` writes other lines), and a
 /// newline.
 fn line(out: &mut Vec<u8>, l: &Line<'_>, json: bool) {
-    out.reserve(512);
     if json {
+        line_in::<true>(out, l)
+    } else {
+        line_in::<false>(out, l)
+    }
+}
+
+fn line_in<const J: bool>(out: &mut Vec<u8>, l: &Line<'_>) {
+    out.reserve(512);
+    if J {
         out.extend_from_slice(b"{\"timestamp\":\"");
         timestamp(out);
         out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"sandgate::access\"");
@@ -435,37 +442,98 @@ fn line(out: &mut Vec<u8>, l: &Line<'_>, json: bool) {
         out.extend_from_slice(b"  INFO sandgate::access:");
     }
     let w = l.who;
-    let mut f = Fields { out, json };
-    f.safe(name!("kind"), l.kind.as_bytes());
+    let mut f = Fields::<J> { out };
+    f.safe(name_quoted!(J, "kind"), l.kind.as_bytes());
     // Request ids are of a safe set (`sane_request_id`), trace ids hex, sandbox ids base32.
-    f.safe(name!("request_id"), w.request_id.as_bytes());
-    f.safe(name!("method"), l.method.as_bytes());
-    f.safe(name!("route"), l.route.as_bytes());
-    f.text(name!("host"), or_dash(w.host.as_bytes()));
-    f.text(name!("path"), or_dash(w.path.as_bytes()));
-    f.number(name!("status"), Some(integer(l.status.into())));
-    f.safe(name!("sandbox"), or_dash(w.sandbox.as_bytes()));
-    f.number(name!("port"), Some(integer(w.port.into())));
+    f.safe(name_quoted!(J, "request_id"), w.request_id.as_bytes());
+    f.safe(name_quoted!(J, "method"), l.method.as_bytes());
+    f.safe(name_quoted!(J, "route"), l.route.as_bytes());
+    f.text(name!(J, "host"), or_dash(w.host.as_bytes()));
+    f.text(name!(J, "path"), or_dash(w.path.as_bytes()));
+    f.number(name!(J, "status"), Some(integer(l.status.into())));
+    f.safe(name_quoted!(J, "sandbox"), or_dash(w.sandbox.as_bytes()));
+    f.number(name!(J, "port"), Some(integer(w.port.into())));
     let subject = w.subject.as_deref().unwrap_or("").as_bytes();
-    f.text(name!("subject"), or_dash(subject));
-    f.safe(name!("flag"), l.flag.as_bytes());
+    f.text(name!(J, "subject"), or_dash(subject));
+    f.safe(name_quoted!(J, "flag"), l.flag.as_bytes());
     f.number(
-        name!("duration_ms"),
+        name!(J, "duration_ms"),
         Some(|o: &mut Vec<u8>| millis(o, l.duration)),
     );
     let connect = l.io.connect.map(|d| move |o: &mut Vec<u8>| millis(o, d));
-    f.number(name!("upstream_connect_ms"), connect);
-    f.number(name!("bytes_received"), Some(integer(l.io.received)));
-    f.number(name!("bytes_sent"), Some(integer(l.io.sent)));
-    f.address(name!("client"), l.client);
-    f.safe(name!("trace_id"), or_dash(w.trace_id.as_bytes()));
-    out.extend_from_slice(if json { b"}\n" } else { b"\n" });
+    f.number(name!(J, "upstream_connect_ms"), connect);
+    f.number(name!(J, "bytes_received"), Some(integer(l.io.received)));
+    f.number(name!(J, "bytes_sent"), Some(integer(l.io.sent)));
+    f.address(name_quoted!(J, "client"), l.client);
+    f.safe(name_quoted!(J, "trace_id"), or_dash(w.trace_id.as_bytes()));
+    out.extend_from_slice(if J { b"}\n" } else { b"\n" });
 }
 
-/// A JSON string literal: runs of bytes that need no escape are copied whole.
+/// `0x0101…01` times `b`: `b` in every byte of a word.
+const fn splat(b: u8) -> u64 {
+    u64::from_ne_bytes([b; 8])
+}
+
+/// Whether some byte of `x` is below `n` (≤ 128): exact as a whole (the word trick of
+/// "Bit Twiddling Hacks"), eight bytes at a time.
+#[inline(always)]
+fn has_less(x: u64, n: u8) -> bool {
+    x.wrapping_sub(splat(n)) & !x & splat(0x80) != 0
+}
+
+#[inline(always)]
+fn has_byte(x: u64, b: u8) -> bool {
+    has_less(x ^ splat(b), 1)
+}
+
+/// Whether every byte passes `word` (eight at a time) and the rest pass `byte`.
+#[inline(always)]
+fn all_bytes(s: &[u8], word: impl Fn(u64) -> bool, byte: impl Fn(u8) -> bool) -> bool {
+    let mut words = s.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0; 8];
+        b.copy_from_slice(w);
+        if !word(u64::from_ne_bytes(b)) {
+            return false;
+        }
+    }
+    words.remainder().iter().all(|&b| byte(b))
+}
+
+/// Printable ASCII other than `"` and `\`: written as is in a text line.
+fn plain_text(s: &[u8]) -> bool {
+    all_bytes(
+        s,
+        |x| {
+            x & splat(0x80) == 0
+                && !has_less(x, 0x21)
+                && !has_byte(x, 0x7f)
+                && !has_byte(x, b'"')
+                && !has_byte(x, b'\\')
+        },
+        |b| b.is_ascii_graphic() && b != b'"' && b != b'\\',
+    )
+}
+
+/// Nothing a JSON string must escape (control bytes, `"`, `\`; DEL escaped too).
+fn json_plain(s: &[u8]) -> bool {
+    all_bytes(
+        s,
+        |x| !has_less(x, 0x20) && !has_byte(x, 0x7f) && !has_byte(x, b'"') && !has_byte(x, b'\\'),
+        |b| b >= 0x20 && b != 0x7f && b != b'"' && b != b'\\',
+    )
+}
+
+/// A JSON string literal: copied whole when nothing needs escaping, else runs of bytes that
+/// need none are copied whole.
 fn json_string(out: &mut Vec<u8>, s: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
+    if json_plain(s) {
+        out.extend_from_slice(s);
+        out.push(b'"');
+        return;
+    }
     let mut run = 0;
     for (i, &b) in s.iter().enumerate() {
         let escape: &[u8] = match b {
@@ -577,6 +645,30 @@ mod tests {
             text.contains(" status=200 ") && text.contains(" duration_ms=12.345 "),
             "{text}"
         );
+    }
+
+    #[test]
+    fn word_scans_agree_with_byte_scans() {
+        let byte_plain = |s: &[u8]| {
+            s.iter()
+                .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        };
+        let byte_json = |s: &[u8]| {
+            s.iter()
+                .all(|&b| b >= 0x20 && b != 0x7f && b != b'"' && b != b'\\')
+        };
+        // Every byte value at every position of words and tails, among plain neighbours.
+        for len in [1, 7, 8, 9, 16, 23] {
+            for pos in 0..len {
+                for b in 0..=255u8 {
+                    let mut s = vec![b'a'; len];
+                    s[pos] = b;
+                    assert_eq!(plain_text(&s), byte_plain(&s), "{s:?}");
+                    assert_eq!(json_plain(&s), byte_json(&s), "{s:?}");
+                }
+            }
+        }
+        assert!(plain_text(b"") && json_plain(b""));
     }
 
     #[test]
