@@ -12,7 +12,7 @@
 use std::cell::RefCell;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 /// The request-id field.
 pub const X_REQUEST_ID: &str = "x-request-id";
@@ -158,6 +158,8 @@ pub struct Who {
 /// One line of the access log.
 pub struct Line<'a> {
     pub who: &'a Who,
+    /// When it ended (the line's timestamp), read off the same clock read as its duration.
+    pub ended: Instant,
     pub method: &'a str,
     pub route: &'a str,
     pub client: IpAddr,
@@ -204,6 +206,9 @@ thread_local! {
     static MINE: RefCell<Option<Arc<Mutex<Vec<u8>>>>> = const { RefCell::new(None) };
     /// The formatted current second (`2026-12-02T01:20:46`), remade once a second.
     static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
+    /// The wall clock at one reading of the monotonic clock, re-read once a second: a line's
+    /// time is derived from the `Instant` its request ended at, so a line reads no clock.
+    static WALL: RefCell<Option<(Instant, Duration)>> = const { RefCell::new(None) };
 }
 
 /// Starts the access log on standard error, as JSON objects or text lines. Until this is
@@ -287,11 +292,33 @@ pub fn log(l: &Line<'_>) {
     });
 }
 
-/// `2026-12-02T01:20:46.564Z`.
-fn timestamp(out: &mut Vec<u8>) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+/// The wall-clock time (since the Unix epoch) of monotonic instant `at`.
+fn wall_time(at: Instant) -> Duration {
+    WALL.with_borrow_mut(|wall| {
+        if let Some((base, since_epoch)) = *wall {
+            if let Some(after) = at.checked_duration_since(base) {
+                if after < Duration::from_secs(1) {
+                    return since_epoch + after;
+                }
+            }
+        }
+        let (base, since_epoch) = (
+            Instant::now(),
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        *wall = Some((base, since_epoch));
+        match at.checked_duration_since(base) {
+            Some(after) => since_epoch + after,
+            None => since_epoch.saturating_sub(base.duration_since(at)),
+        }
+    })
+}
+
+/// `2026-12-02T01:20:46.564Z`: the wall-clock time of `at`.
+fn timestamp(out: &mut Vec<u8>, at: Instant) {
+    let now = wall_time(at);
     let secs = now.as_secs();
     SECOND.with_borrow_mut(|(cached, text)| {
         if *cached != secs {
@@ -435,10 +462,10 @@ fn line_in<const J: bool>(out: &mut Vec<u8>, l: &Line<'_>) {
     out.reserve(512);
     if J {
         out.extend_from_slice(b"{\"timestamp\":\"");
-        timestamp(out);
+        timestamp(out, l.ended);
         out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"sandgate::access\"");
     } else {
-        timestamp(out);
+        timestamp(out, l.ended);
         out.extend_from_slice(b"  INFO sandgate::access:");
     }
     let w = l.who;
@@ -605,6 +632,7 @@ mod tests {
         who.sandbox.set("sb-x");
         let line = Line {
             who: &who,
+            ended: Instant::now(),
             method: "GET",
             route: "/sandbox/{id}/*",
             client: "::1".parse().unwrap(),
@@ -645,6 +673,30 @@ mod tests {
             text.contains(" status=200 ") && text.contains(" duration_ms=12.345 "),
             "{text}"
         );
+    }
+
+    #[test]
+    fn line_times_come_from_the_instant_a_request_ended() {
+        let since_epoch = || {
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+        };
+        let close = |a: Duration, b: Duration| a.abs_diff(b) < Duration::from_millis(50);
+        let now = Instant::now();
+        assert!(close(wall_time(now), since_epoch()));
+        // Earlier than the thread's reading, and more than a second later: both right.
+        let earlier = now - Duration::from_secs(5);
+        assert!(close(
+            wall_time(earlier),
+            since_epoch() - Duration::from_secs(5)
+        ));
+        let later = now + Duration::from_secs(3);
+        assert!(close(
+            wall_time(later),
+            since_epoch() + Duration::from_secs(3)
+        ));
+        assert!(close(wall_time(Instant::now()), since_epoch()));
     }
 
     #[test]

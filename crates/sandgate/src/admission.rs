@@ -322,7 +322,8 @@ impl Limits {
         template: Option<&str>,
         io: Io,
     ) {
-        let elapsed = started.at.elapsed();
+        let ended = Instant::now();
+        let elapsed = ended.saturating_duration_since(started.at);
         let f = started.finish(end, route, elapsed);
         match template {
             Some(t) => self.metrics.finish_api(&f, Some(t)),
@@ -334,11 +335,12 @@ impl Limits {
             template.unwrap_or(route.as_str()),
             "request",
             io,
-            elapsed,
+            (ended, elapsed),
         );
     }
 
-    /// The access-log line of a request or stream (if the log is on).
+    /// The access-log line of a request or stream (if the log is on), which ended at `ended`
+    /// after `duration` (one clock read for both).
     fn log(
         &self,
         started: &Started,
@@ -346,13 +348,14 @@ impl Limits {
         route: &str,
         kind: &'static str,
         io: Io,
-        duration: Duration,
+        (ended, duration): (Instant, Duration),
     ) {
         if !self.access_log {
             return;
         }
         access::log(&access::Line {
             who: &started.who,
+            ended,
             method: started.method.as_str(),
             route,
             client: started.client,
@@ -561,11 +564,18 @@ impl<L: Deref<Target = Limits>, A: Deref<Target = Activity>> Drop for Admission<
         });
         if self.upgraded {
             self.limits.metrics.stream_closed(Stream::Proxied);
-            let elapsed = self.started.at.elapsed();
             let route = self.started.route.as_str();
             let end = Ending::status(101);
-            self.limits
-                .log(&self.started, &end, route, "stream", self.io, elapsed);
+            let ended = Instant::now();
+            let duration = ended.saturating_duration_since(self.started.at);
+            self.limits.log(
+                &self.started,
+                &end,
+                route,
+                "stream",
+                self.io,
+                (ended, duration),
+            );
         } else {
             let route = self.started.route;
             self.limits
