@@ -228,7 +228,9 @@ impl Tree {
     /// What `path` names: a file to read, or a directory's listing.
     pub fn read(&self, path: &str) -> Result<Found, FilesError> {
         let parts = components(path)?;
-        let fd = self.open_beneath(path, &parts, OFlags::RDONLY)?;
+        // Non-blocking: opening a FIFO the sandbox planted must not wait for a writer (it is
+        // refused below); regular files and directories read the same either way.
+        let fd = self.open_beneath(path, &parts, OFlags::RDONLY | OFlags::NONBLOCK)?;
         let st = rustix::fs::fstat(&fd).map_err(|e| errno(path, e))?;
         match FileType::from_raw_mode(st.st_mode) {
             FileType::RegularFile => Ok(Found::File {
@@ -535,5 +537,31 @@ mod tests {
         ));
         tree.delete("d", true).unwrap();
         assert!(!r.join("d").exists());
+    }
+
+    /// A FIFO the sandbox planted is refused at once: reading it never waits for a writer
+    /// (that would hold one of the gateway's blocking threads for good).
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let root = tempfile::tempdir().unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.path().join("pipe"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let tree = Tree::open(root.path()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(matches!(tree.read("pipe"), Err(FilesError::Unsupported(_))));
+        });
+        let refused = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(
+            refused,
+            Ok(true),
+            "reading a FIFO waited or was not refused"
+        );
     }
 }
