@@ -13,6 +13,10 @@ use crate::backend::exec::{
     Chunk, ExecControl, ExecError, ExecExit, ExecHandle, ExecSpec, StartKind,
 };
 
+/// What an exec's buffers between the WebSocket and its streams hold before they push back
+/// (kube's default, 1 KiB, moves commands' and files' bytes a kilobyte at a time).
+pub(super) const BUFFER: usize = 64 * 1024;
+
 /// The argv that runs `spec` through the pod exec API, which takes neither environment nor
 /// working directory: `env` sets them (the tag included), `sh` changes directory.
 pub(super) fn exec_argv(spec: &ExecSpec) -> Vec<String> {
@@ -111,7 +115,11 @@ pub(super) async fn run(
     spec: ExecSpec,
 ) -> Result<ExecHandle, ExecError> {
     let pod = pod.to_string();
-    let ap = AttachParams::default().stdin(spec.stdin);
+    let ap = AttachParams::default()
+        .stdin(spec.stdin)
+        .max_stdin_buf_size(BUFFER)
+        .max_stdout_buf_size(BUFFER)
+        .max_stderr_buf_size(BUFFER);
     let mut attached: AttachedProcess = pods
         .exec(&pod, exec_argv(&spec), &ap)
         .await

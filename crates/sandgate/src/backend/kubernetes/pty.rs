@@ -12,11 +12,8 @@ use futures_util::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, AttachParams, TerminalSize};
 
-use super::exec::{exec_argv, exec_exit, PodExecControl};
+use super::exec::{exec_argv, exec_exit, PodExecControl, BUFFER};
 use crate::backend::exec::{ExecControl, ExecError, ExecSpec, PtyHandle, StartKind, TtySize};
-
-/// What the exec's buffers between the WebSocket and the terminal hold before they push back.
-const BUFFER: usize = 64 * 1024;
 
 /// Sends a terminal size on the exec's resize channel.
 type Resize = Box<dyn Fn(TerminalSize) -> Result<(), String> + Send + Sync>;
