@@ -103,7 +103,8 @@ pub struct ServeArgs {
     /// Backend that runs sandboxes.
     #[arg(long, env = "SANDGATE_BACKEND", value_enum)]
     pub backend: Option<BackendKind>,
-    /// Kubernetes backend: the namespace whose `Sandbox` resources are watched and created.
+    /// Kubernetes backend: the namespace whose `Sandbox` resources are watched and created,
+    /// or a comma-separated list: all are watched, the first gets what the API creates.
     #[arg(long, env = "SANDGATE_KUBE_NAMESPACE")]
     pub kube_namespace: Option<String>,
     /// Kubernetes backend: a kubeconfig file (default: in-cluster config, else `KUBECONFIG`).
@@ -448,8 +449,9 @@ struct KubeFileConfig {
 /// The Kubernetes backend's settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KubeConfig {
-    /// The namespace whose `Sandbox` resources are watched and created.
-    pub namespace: String,
+    /// The namespaces whose `Sandbox` resources are watched (never empty); the first is where
+    /// the API creates them.
+    pub namespaces: Vec<String>,
     /// A kubeconfig file (`None`: in-cluster config, else `KUBECONFIG`).
     pub kubeconfig: Option<PathBuf>,
     /// The service name reported for a Sandbox, `{name}` standing for its name.
@@ -460,10 +462,17 @@ pub struct KubeConfig {
     pub resync: Duration,
 }
 
+impl KubeConfig {
+    /// The namespace the API creates Sandboxes in: the first one named.
+    pub fn namespace(&self) -> &str {
+        self.namespaces.first().map_or("default", String::as_str)
+    }
+}
+
 impl Default for KubeConfig {
     fn default() -> KubeConfig {
         KubeConfig {
-            namespace: "default".into(),
+            namespaces: vec!["default".into()],
             kubeconfig: None,
             service: "{name}".into(),
             port: 8888,
@@ -1143,7 +1152,16 @@ impl Config {
         c.docker = file.docker;
         let kube = file.kubernetes;
         if let Some(ns) = args.kube_namespace.clone().or(kube.namespace) {
-            c.kubernetes.namespace = ns;
+            // Empty items are skipped; a list with none (an empty variable) is as good as unset.
+            let namespaces: Vec<String> = ns
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(String::from)
+                .collect();
+            if !namespaces.is_empty() {
+                c.kubernetes.namespaces = namespaces;
+            }
         }
         c.kubernetes.kubeconfig = args.kubeconfig.clone().or(kube.kubeconfig);
         if let Some(service) = args.kube_service.clone().or(kube.service) {
@@ -1416,7 +1434,7 @@ impl Config {
         put("docker", V::Table(docker));
         let k = &self.kubernetes;
         let mut kube = toml::Table::new();
-        kube.insert("namespace".into(), text(&k.namespace));
+        kube.insert("namespace".into(), text(&k.namespaces.join(",")));
         if let Some(path) = &k.kubeconfig {
             kube.insert("kubeconfig".into(), text(&path.display().to_string()));
         }
@@ -1568,11 +1586,18 @@ impl Config {
             }
         }
         let kube = &self.kubernetes;
-        if !crate::model::valid_label(&kube.namespace) {
-            return bad(format!(
-                "kube_namespace {:?} is not a Kubernetes namespace name",
-                kube.namespace
-            ));
+        if kube.namespaces.is_empty() {
+            return bad("kube_namespace names no namespace".into());
+        }
+        for (i, ns) in kube.namespaces.iter().enumerate() {
+            if !crate::model::valid_label(ns) {
+                return bad(format!(
+                    "kube_namespace {ns:?} is not a Kubernetes namespace name"
+                ));
+            }
+            if kube.namespaces[..i].contains(ns) {
+                return bad(format!("kube_namespace names {ns:?} twice"));
+            }
         }
         if kube.port == 0 {
             return bad("kube_port must be between 1 and 65535".into());
@@ -1957,6 +1982,36 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("PORT"));
+    }
+
+    #[test]
+    fn kube_namespaces_are_a_list_whose_first_gets_creates() {
+        let load = |ns: &str| {
+            let args = ServeArgs {
+                kube_namespace: Some(ns.into()),
+                ..Default::default()
+            };
+            Config::load(&args, no_env)
+        };
+        let c = load("team-a, team-b").unwrap();
+        assert_eq!(c.kubernetes.namespaces, ["team-a", "team-b"]);
+        assert_eq!(c.kubernetes.namespace(), "team-a");
+        assert!(c.to_toml().contains("namespace = \"team-a,team-b\""));
+        assert_eq!(
+            Config::load(&ServeArgs::default(), no_env)
+                .unwrap()
+                .kubernetes
+                .namespace(),
+            "default"
+        );
+        assert_eq!(load(" , ").unwrap().kubernetes.namespaces, ["default"]);
+        for (bad, says) in [
+            ("a,Team_B", "not a Kubernetes namespace name"),
+            ("a,b,a", "names \"a\" twice"),
+        ] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
     }
 
     #[test]

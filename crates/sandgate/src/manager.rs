@@ -139,7 +139,14 @@ pub struct Manager {
     /// Sandboxes deleted here lately, and when, until the watch reports them gone: a watch
     /// event older than the deletion must not bring one back as a discovered sandbox
     /// (kubernetes backend).
-    deleted: Mutex<HashMap<String, std::time::Instant>>,
+    deleted: Mutex<HashMap<String, Deletion>>,
+}
+
+/// A sandbox deleted here lately (see `Manager::deleted`).
+struct Deletion {
+    at: std::time::Instant,
+    /// The namespace of its Sandbox (kubernetes backend), whose list confirms it.
+    namespace: Option<String>,
 }
 
 /// How long a deleted sandbox's id is remembered against late watch events.
@@ -802,7 +809,7 @@ impl Manager {
             Err(e) => {
                 sb.status = Status::Failed;
                 sb.status_reason = Some(e.to_string());
-                sb.clear_handle();
+                self.forget_handle(sb);
                 self.save(sb).await?;
                 Err(Error::StartFailed(match &sb.replica_of {
                     Some(_) => format!("instance {}: {e}", sb.id),
@@ -980,7 +987,7 @@ impl Manager {
                 sb.status_reason = Some(e.to_string());
             }
         }
-        sb.clear_handle();
+        self.forget_handle(sb);
         self.save(sb).await
     }
 
@@ -1079,7 +1086,7 @@ impl Manager {
         }
         // Noted before the cluster is asked, so that its watch's report of the deletion,
         // however soon it comes, ends the note (events before it are late ones).
-        self.remember_deleted(&sb.id);
+        self.remember_deleted(sb);
         self.backend.stop(sb).await.map_err(Error::internal)?;
         self.backend.remove(sb).await.map_err(Error::internal)?;
         self.store.delete(&sb.id).await?;
@@ -1088,18 +1095,29 @@ impl Manager {
         Ok(())
     }
 
-    /// Notes that `id` is being deleted (see `deleted`), forgetting older deletions.
-    fn remember_deleted(&self, id: &str) {
+    /// Forgets the backend handle of a sandbox that no longer runs, unless the backend's
+    /// handle outlives a stop (see [`Backend::handle_outlives_stop`]).
+    fn forget_handle(&self, sb: &mut Sandbox) {
+        if self.backend.handle_outlives_stop() {
+            sb.netns_pid = None;
+        } else {
+            sb.clear_handle();
+        }
+    }
+
+    /// Notes that `sb` is being deleted (see `deleted`), forgetting older deletions.
+    fn remember_deleted(&self, sb: &Sandbox) {
         let now = std::time::Instant::now();
         let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
-        deleted.retain(|_, at| now.duration_since(*at) < DELETED_MEMORY);
-        deleted.insert(id.to_string(), now);
+        deleted.retain(|_, d| now.duration_since(d.at) < DELETED_MEMORY);
+        let namespace = self.backend.service(sb).map(|s| s.namespace);
+        deleted.insert(sb.id.clone(), Deletion { at: now, namespace });
     }
 
     /// Forgets the deletions the cluster has confirmed (`gone`): its watch reported them.
-    fn forget_deleted(&self, gone: impl Fn(&str) -> bool) {
+    fn forget_deleted(&self, gone: impl Fn(&str, &Deletion) -> bool) {
         let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
-        deleted.retain(|id, _| !gone(id));
+        deleted.retain(|id, d| !gone(id, d));
     }
 
     /// Whether `id` was deleted here within [`DELETED_MEMORY`] and the cluster has not yet
@@ -1108,7 +1126,7 @@ impl Manager {
         let deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
         deleted
             .get(id)
-            .is_some_and(|at| at.elapsed() < DELETED_MEMORY)
+            .is_some_and(|d| d.at.elapsed() < DELETED_MEMORY)
     }
 
     /// Applies an exit reported by the backend, unless it belongs to an older incarnation or
@@ -1224,13 +1242,21 @@ impl Manager {
             Observed::Deleted(id) => {
                 // The cluster confirms the deletion: an event after this one is of a new
                 // Sandbox of the same name (re-created with kubectl), not a late one.
-                self.forget_deleted(|deleted| deleted == id);
+                self.forget_deleted(|deleted, _| deleted == id);
                 self.observe_gone(&id, None).await
             }
-            Observed::Snapshot { all, listed_at } => {
+            Observed::Snapshot {
+                namespace,
+                all,
+                listed_at,
+            } => {
+                // The list is of one namespace: it says nothing of the others' Sandboxes.
+                let listed = |ns: Option<&str>| ns.is_none_or(|ns| ns == namespace);
                 let present: std::collections::HashSet<String> =
                     all.iter().map(|d| d.id.clone()).collect();
-                self.forget_deleted(|deleted| !present.contains(deleted));
+                self.forget_deleted(|deleted, d| {
+                    listed(d.namespace.as_deref()) && !present.contains(deleted)
+                });
                 for d in all {
                     self.observe_one(d).await;
                 }
@@ -1242,7 +1268,8 @@ impl Manager {
                     }
                 };
                 for sb in known {
-                    if sb.listed() && !present.contains(&sb.id) {
+                    let ns = self.backend.service(&sb).map(|s| s.namespace);
+                    if sb.listed() && listed(ns.as_deref()) && !present.contains(&sb.id) {
                         self.observe_gone(&sb.id, Some(listed_at)).await;
                     }
                 }
@@ -1292,7 +1319,7 @@ impl Manager {
                 if sb.status == Status::Deleting
                     || (sb.status == status
                         && sb.ip_address == ip
-                        && sb.backend_ref.as_deref() == Some(d.resource.as_str()))
+                        && sb.backend_ref.as_deref() == Some(d.reference.as_str()))
                 {
                     return;
                 }
@@ -1304,7 +1331,7 @@ impl Manager {
                 sb.status_reason =
                     (status == Status::Creating).then(|| "the Sandbox is not Ready".to_string());
                 sb.ip_address = ip;
-                sb.backend_ref = Some(d.resource.clone());
+                sb.backend_ref = Some(d.reference.clone());
                 self.save(&mut sb).await
             }
             // A late event of a Sandbox deleted here (its stop's patch, say): not a new one.
@@ -1333,7 +1360,7 @@ impl Manager {
             dev_server: true,
             port: self.backend.default_port(),
             status,
-            backend_ref: Some(d.resource.clone()),
+            backend_ref: Some(d.reference.clone()),
             ip_address: ip,
             idle_timeout: Some(0),
             network: model::Network::Egress,
@@ -1402,7 +1429,7 @@ impl Manager {
                     Ok(None) => {
                         sb.status = Status::Stopped;
                         sb.status_reason = Some("not running after gateway restart".into());
-                        sb.clear_handle();
+                        self.forget_handle(&mut sb);
                     }
                     Err(e) => {
                         sb.status = Status::Failed;
@@ -1413,7 +1440,7 @@ impl Manager {
                     let _ = self.backend.stop(&sb).await;
                     sb.status = Status::Stopped;
                     sb.status_reason = Some("interrupted by a gateway restart".into());
-                    sb.clear_handle();
+                    self.forget_handle(&mut sb);
                 }
                 Status::Stopped | Status::Failed => {}
             }

@@ -171,6 +171,12 @@ pub trait Backend: Send + Sync {
     fn stop_on_shutdown(&self) -> bool {
         true
     }
+    /// Whether a sandbox's handle (`backend_ref`) names something that outlives a stop or a
+    /// failed start (a cluster resource suspended in place, found by it again), so it is
+    /// kept; else it is forgotten once the sandbox no longer runs.
+    fn handle_outlives_stop(&self) -> bool {
+        false
+    }
     /// Whether sandboxes of `runtime` can be created here (its program is installed, its image
     /// exists); the message says what is missing, for a 400.
     async fn check_runtime(&self, runtime: &Runtime) -> Result<(), String>;

@@ -195,7 +195,127 @@ async fn watch_restarts_and_outages(lane: Lane) {
     until(&gw, Method::GET, "/alice/one/", 200).await;
 }
 
-both_lanes!(discovery_routes_and_readiness, watch_restarts_and_outages);
+/// A Sandbox in namespace `ns`.
+fn sandbox_in(ns: &str, name: &str, user: &str) -> Value {
+    let mut obj = sandbox(name, Some(user));
+    obj["metadata"]["namespace"] = json!(ns);
+    obj
+}
+
+/// The listed sandbox named `name`.
+async fn listed(gw: &TestGateway, name: &str) -> Value {
+    gw.list()
+        .await
+        .into_iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("{name} is not listed"))
+}
+
+/// Several namespaces: each is watched (and listed again) on its own; the API creates in the
+/// first; a Sandbox of another is routed, listed with its namespace, stopped, started and
+/// reached by exec there; one list never removes another namespace's sandboxes; an unwatched
+/// namespace is not seen.
+async fn several_namespaces(lane: Lane) {
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    fake.apply(sandbox_in("team-a", "one", "alice"));
+    fake.apply(sandbox_in("team-b", "two", "bob"));
+    fake.apply(sandbox_in("team-c", "three", "carol"));
+    let gw = gateway(&fake, pod)
+        .config(|c| {
+            c.kubernetes.namespaces = vec!["team-a".into(), "team-b".into()];
+            // Lists come often: a list of one namespace must leave the other's alone.
+            c.kubernetes.resync = Duration::from_millis(300);
+        })
+        .lane(lane)
+        .start()
+        .await;
+    until(&gw, Method::GET, "/alice/one/", 200).await;
+    let r = until(&gw, Method::GET, "/bob/two/x", 200).await;
+    assert_eq!(r.json()["path"], "/x");
+    gw.get("/carol/three/")
+        .send()
+        .await
+        .expect_error(404, "not_found");
+    let two = listed(&gw, "two").await;
+    assert_eq!(two["namespace"], "team-b", "{two}");
+    assert_eq!(two["service"], "two");
+    assert_eq!(listed(&gw, "one").await["namespace"], "team-a");
+
+    // Many lists of each namespace later, the other's sandboxes are the same records, and
+    // were routed all along.
+    let id = two["id"].as_str().expect("an id").to_string();
+    let lists = (fake.lists("team-a"), fake.lists("team-b"));
+    let mut served = 0;
+    while fake.lists("team-a") < lists.0 + 3 || fake.lists("team-b") < lists.1 + 3 {
+        gw.get("/bob/two/").send().await.expect(200);
+        gw.get("/alice/one/").send().await.expect(200);
+        served += 1;
+        assert!(served < 100_000, "the watches do not list again");
+    }
+    let again = listed(&gw, "two").await;
+    assert_eq!(again["id"], id.as_str());
+    assert_eq!(
+        again["created_at"], two["created_at"],
+        "the record was never dropped"
+    );
+
+    // Exec, stop and start act in the Sandbox's own namespace.
+    let r = gw.exec(&id, &json!({"command": "echo from-b"})).await;
+    assert_eq!(r["stdout"], "from-b\n", "{r}");
+    gw.post(&format!("/sandboxes/{id}/stop"))
+        .send()
+        .await
+        .expect(200);
+    assert_eq!(
+        fake.get("team-b", "two").expect("kept")["spec"]["operatingMode"],
+        "Suspended"
+    );
+    gw.post(&format!("/sandboxes/{id}/start"))
+        .send()
+        .await
+        .expect(200);
+    assert_eq!(
+        fake.get("team-b", "two").expect("kept")["spec"]["operatingMode"],
+        "Running"
+    );
+    until(&gw, Method::GET, "/bob/two/", 200).await;
+
+    // The API creates in the first namespace.
+    let made = gw
+        .create(
+            &json!({"runtime": "shell", "dev_server": true, "command": "serve",
+            "name": "made", "owner": "dave"}),
+        )
+        .await;
+    let made_id = made["id"].as_str().expect("an id");
+    assert_eq!(made["namespace"], "team-a", "{made}");
+    assert!(fake.get("team-a", made_id).is_some(), "{:?}", fake.names());
+    until(&gw, Method::GET, "/dave/made/", 200).await;
+
+    // Gone from one namespace without any watch hearing it (410, both list again): only it
+    // goes. kubectl delete in the other: it goes too.
+    fake.delete_unannounced("team-a", "one");
+    until(&gw, Method::GET, "/alice/one/", 404).await;
+    gw.get("/bob/two/").send().await.expect(200);
+    gw.get("/dave/made/").send().await.expect(200);
+    fake.remove("team-b", "two");
+    until(&gw, Method::GET, "/bob/two/", 404).await;
+
+    // Deleted through the API in the other namespace: gone from the cluster there.
+    fake.apply(sandbox_in("team-b", "four", "erin"));
+    until(&gw, Method::GET, "/erin/four/", 200).await;
+    let four = listed(&gw, "four").await;
+    gw.delete_sandbox(four["id"].as_str().expect("an id")).await;
+    assert!(fake.get("team-b", "four").is_none(), "{:?}", fake.names());
+    until(&gw, Method::GET, "/erin/four/", 404).await;
+}
+
+both_lanes!(
+    discovery_routes_and_readiness,
+    watch_restarts_and_outages,
+    several_namespaces
+);
 
 /// Create, stop, start and delete through the API, on the served version's spec fields.
 async fn lifecycle_on(versions: &[&'static str]) {

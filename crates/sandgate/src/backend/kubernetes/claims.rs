@@ -310,7 +310,7 @@ impl KubeBackend {
         }
         tracing::info!(sandbox = %sb.id, resource = %name, pool, took = ?claimed.elapsed(), "claimed a warm Sandbox");
         Ok(Started {
-            ip_address: self.wait_ready(&name).await,
+            ip_address: self.wait_ready(&self.api, &name).await,
             backend_ref: Some(name),
             netns_pid: None,
         })
@@ -323,9 +323,16 @@ impl KubeBackend {
         let Some(claims) = &self.claims else {
             return Ok(());
         };
-        let name = Self::resource_name(sb);
-        let owner = self
-            .get(name)
+        let at = self.locate(sb);
+        if !at.home(self) {
+            // Claims are made in the namespace the API creates in; elsewhere, a Sandbox's
+            // claim is its maker's business.
+            return Ok(());
+        }
+        let name = at.name;
+        let owner = at
+            .api
+            .get_opt(name)
             .await
             .map_err(|e| BackendError::Stop(format!("Sandbox {name}: {e}")))?
             .and_then(|obj| claimed_by(&obj).map(str::to_string));

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use futures_util::StreamExt;
-use kube::api::DynamicObject;
+use kube::api::{Api, DynamicObject};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use serde_json::Value;
@@ -24,6 +24,9 @@ pub struct Discovered {
     /// The resource's name.
     pub resource: String,
     pub namespace: String,
+    /// What the gateway records for it (`backend_ref`): its name in the namespace the API
+    /// creates in, `namespace/name` in another watched one.
+    pub reference: String,
     /// The `user` label (absent: `default`).
     pub owner: String,
     /// The route name: the `sandgate.dev/name` annotation, else the resource's name.
@@ -45,9 +48,10 @@ pub enum Observed {
     Applied(Discovered),
     /// A Sandbox went (by id).
     Deleted(String),
-    /// A full list: every Sandbox there is; `listed_at` is when the list began, so records
-    /// written since are not mistaken for vanished ones.
+    /// A full list of one watched namespace: every Sandbox it has; `listed_at` is when the
+    /// list began, so records written since are not mistaken for vanished ones.
     Snapshot {
+        namespace: String,
         all: Vec<Discovered>,
         listed_at: chrono::DateTime<chrono::Utc>,
     },
@@ -68,10 +72,10 @@ pub fn derived_id(namespace: &str, name: &str) -> String {
     id
 }
 
-/// What a Sandbox object says, in the backend's terms; `None` for one that is no user's
-/// sandbox: a warm-pool member nobody claimed, or one a gateway's claim got and has not
-/// labelled yet (see `claims.rs`).
-pub fn discovered(obj: &DynamicObject) -> Option<Discovered> {
+/// What a Sandbox object says, in the backend's terms (`home`: the namespace the API creates
+/// in); `None` for one that is no user's sandbox: a warm-pool member nobody claimed, or one
+/// a gateway's claim got and has not labelled yet (see `claims.rs`).
+pub fn discovered(obj: &DynamicObject, home: &str) -> Option<Discovered> {
     if super::claims::unclaimed(obj) || super::claims::in_handover(obj) {
         return None;
     }
@@ -116,10 +120,16 @@ pub fn discovered(obj: &DynamicObject) -> Option<Discovered> {
         .and_then(|ips| ips.iter().filter_map(Value::as_str).next())
         .filter(|ip| ip.parse::<IpAddr>().is_ok())
         .map(str::to_string);
+    let reference = if namespace == home {
+        resource.clone()
+    } else {
+        format!("{namespace}/{resource}")
+    };
     Some(Discovered {
         id,
         resource,
         namespace,
+        reference,
         owner,
         name,
         created_here: id_label.is_some(),
@@ -130,68 +140,88 @@ pub fn discovered(obj: &DynamicObject) -> Option<Discovered> {
 }
 
 impl KubeBackend {
-    /// Watches the namespace's Sandboxes until `stop`, reporting on `to`: a full list first
-    /// (and after every `410 Gone` and every resync), then each change. The watch retries
-    /// with backoff while the API server is unreachable; nothing is reported meanwhile, so
-    /// the route table keeps the last known state.
+    /// Watches each configured namespace's Sandboxes until `stop`, reporting on `to`: per
+    /// namespace a full list first (and after every `410 Gone` and every resync), then each
+    /// change. A watch retries with backoff while the API server is unreachable; nothing is
+    /// reported meanwhile, so the route table keeps the last known state.
     pub fn watch(&self, to: UnboundedSender<Observed>, stop: CancellationToken) {
-        let api = self.api.clone();
-        let resync = self.config.resync;
-        tokio::spawn(async move {
-            loop {
-                let stream =
-                    watcher::watcher(api.clone(), watcher::Config::default()).default_backoff();
-                let mut stream = std::pin::pin!(stream);
-                let deadline = tokio::time::sleep(resync);
-                let mut deadline = std::pin::pin!(deadline);
-                let mut listing: Option<(Vec<Discovered>, chrono::DateTime<chrono::Utc>)> = None;
-                loop {
-                    let event = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = to.closed() => return,
-                        _ = &mut deadline => break,
-                        e = stream.next() => e,
-                    };
-                    let report = match event {
-                        None => break,
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "watching Sandboxes");
-                            continue;
-                        }
-                        Some(Ok(Event::Init)) => {
-                            listing = Some((Vec::new(), model::now()));
-                            continue;
-                        }
-                        Some(Ok(Event::InitApply(obj))) => {
-                            if let (Some((all, _)), Some(d)) = (&mut listing, discovered(&obj)) {
-                                if obj.metadata.deletion_timestamp.is_none() {
-                                    all.push(d);
-                                }
-                            }
-                            continue;
-                        }
-                        Some(Ok(Event::InitDone)) => match listing.take() {
-                            Some((all, listed_at)) => Observed::Snapshot { all, listed_at },
-                            None => continue,
-                        },
-                        Some(Ok(Event::Apply(obj))) => match discovered(&obj) {
-                            Some(d) if obj.metadata.deletion_timestamp.is_some() => {
-                                Observed::Deleted(d.id)
-                            }
-                            Some(d) => Observed::Applied(d),
-                            None => continue,
-                        },
-                        Some(Ok(Event::Delete(obj))) => match discovered(&obj) {
-                            Some(d) => Observed::Deleted(d.id),
-                            None => continue,
-                        },
-                    };
-                    if to.send(report).is_err() {
-                        return;
-                    }
+        for namespace in &self.config.namespaces {
+            let api = Api::namespaced_with(self.client.clone(), namespace, &self.resource);
+            tokio::spawn(watch_namespace(
+                api,
+                namespace.clone(),
+                self.config.namespace().to_string(),
+                self.config.resync,
+                to.clone(),
+                stop.clone(),
+            ));
+        }
+    }
+}
+
+/// One namespace's watch (see [`KubeBackend::watch`]).
+async fn watch_namespace(
+    api: Api<DynamicObject>,
+    namespace: String,
+    home: String,
+    resync: std::time::Duration,
+    to: UnboundedSender<Observed>,
+    stop: CancellationToken,
+) {
+    let read = |obj: &DynamicObject| discovered(obj, &home);
+    loop {
+        let stream = watcher::watcher(api.clone(), watcher::Config::default()).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        let deadline = tokio::time::sleep(resync);
+        let mut deadline = std::pin::pin!(deadline);
+        let mut listing: Option<(Vec<Discovered>, chrono::DateTime<chrono::Utc>)> = None;
+        loop {
+            let event = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = to.closed() => return,
+                _ = &mut deadline => break,
+                e = stream.next() => e,
+            };
+            let report = match event {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, namespace = %namespace, "watching Sandboxes");
+                    continue;
                 }
+                Some(Ok(Event::Init)) => {
+                    listing = Some((Vec::new(), model::now()));
+                    continue;
+                }
+                Some(Ok(Event::InitApply(obj))) => {
+                    if let (Some((all, _)), Some(d)) = (&mut listing, read(&obj)) {
+                        if obj.metadata.deletion_timestamp.is_none() {
+                            all.push(d);
+                        }
+                    }
+                    continue;
+                }
+                Some(Ok(Event::InitDone)) => match listing.take() {
+                    Some((all, listed_at)) => Observed::Snapshot {
+                        namespace: namespace.clone(),
+                        all,
+                        listed_at,
+                    },
+                    None => continue,
+                },
+                Some(Ok(Event::Apply(obj))) => match read(&obj) {
+                    Some(d) if obj.metadata.deletion_timestamp.is_some() => Observed::Deleted(d.id),
+                    Some(d) => Observed::Applied(d),
+                    None => continue,
+                },
+                Some(Ok(Event::Delete(obj))) => match read(&obj) {
+                    Some(d) => Observed::Deleted(d.id),
+                    None => continue,
+                },
+            };
+            if to.send(report).is_err() {
+                return;
             }
-        });
+        }
     }
 }
 
@@ -211,23 +241,31 @@ mod tests {
             "metadata": {"name": "my-sandbox", "namespace": "default", "labels": {"user": "alice"}},
             "spec": {"operatingMode": "Running"},
             "status": {"podIPs": ["10.0.0.7"], "conditions": [{"type": "Ready", "status": "True"}]}
-        })))
+        })), "default")
         .expect("discovered");
         assert_eq!(d.owner, "alice");
         assert_eq!(d.name.as_deref(), Some("my-sandbox"));
         assert!(d.ready && !d.suspended && !d.created_here);
         assert_eq!(d.pod_ip.as_deref(), Some("10.0.0.7"));
         assert_eq!(d.id, derived_id("default", "my-sandbox"));
+        assert_eq!(
+            d.reference, "my-sandbox",
+            "in the namespace the API creates in"
+        );
         assert!(model::valid_id(&d.id));
 
-        let d = discovered(&sandbox(json!({
-            "apiVersion": "agents.x-k8s.io/v1alpha1", "kind": "Sandbox",
-            "metadata": {"name": "x", "namespace": "ns", "labels": {"user": "sandboxes"}},
-            "spec": {"replicas": 0},
-            "status": {"conditions": [{"type": "Ready", "status": "False"}]}
-        })))
+        let d = discovered(
+            &sandbox(json!({
+                "apiVersion": "agents.x-k8s.io/v1alpha1", "kind": "Sandbox",
+                "metadata": {"name": "x", "namespace": "ns", "labels": {"user": "sandboxes"}},
+                "spec": {"replicas": 0},
+                "status": {"conditions": [{"type": "Ready", "status": "False"}]}
+            })),
+            "default",
+        )
         .expect("discovered");
         assert_eq!(d.owner, "default", "a reserved user label is not a route");
         assert!(!d.ready && d.suspended && d.pod_ip.is_none());
+        assert_eq!(d.reference, "ns/x", "in another watched namespace");
     }
 }

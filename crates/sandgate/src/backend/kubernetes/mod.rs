@@ -58,8 +58,10 @@ pub enum KubeError {
 }
 
 pub struct KubeBackend {
+    client: Client,
+    /// The Sandboxes of the namespace the API creates in (the first configured).
     api: Api<DynamicObject>,
-    /// The namespace's pods, for exec (a Sandbox's pod is named after it).
+    /// That namespace's pods, for exec (a Sandbox's pod is named after it).
     pods: Api<Pod>,
     resource: ApiResource,
     config: KubeConfig,
@@ -110,13 +112,15 @@ impl KubeBackend {
             })?;
         tracing::info!(
             version = %resource.api_version,
-            namespace = %kc.namespace,
+            namespaces = %kc.namespaces.join(","),
             "found the Sandbox kind"
         );
-        let claims = claims::Claims::discover(&client, &kc.namespace).await?;
-        let pods = Api::namespaced(client.clone(), &kc.namespace);
-        let api = Api::namespaced_with(client, &kc.namespace, &resource);
+        let home = kc.namespace();
+        let claims = claims::Claims::discover(&client, home).await?;
+        let pods = Api::namespaced(client.clone(), home);
+        let api = Api::namespaced_with(client.clone(), home, &resource);
         Ok(KubeBackend {
+            client,
             api,
             pods,
             resource,
@@ -136,14 +140,17 @@ impl KubeBackend {
         self.runtimes.get(&sb.runtime)?.warm_pool.clone()
     }
 
-    /// Waits, bounded by [`START_WAIT`], for Sandbox `name` to be Ready with a pod IP, which
-    /// it returns; later changes come through the watch.
-    async fn wait_ready(&self, name: &str) -> Option<String> {
+    /// Waits, bounded by [`START_WAIT`], for Sandbox `name` of `api` to be Ready with a pod
+    /// IP, which it returns; later changes come through the watch.
+    async fn wait_ready(&self, api: &Api<DynamicObject>, name: &str) -> Option<String> {
         let deadline = tokio::time::Instant::now() + START_WAIT;
         let mut pause = Duration::from_millis(50);
         while tokio::time::Instant::now() < deadline {
-            let d = self.get(name).await.ok().flatten();
-            if let Some(d) = d.as_ref().and_then(discovered) {
+            let d = api.get_opt(name).await.ok().flatten();
+            if let Some(d) = d
+                .as_ref()
+                .and_then(|o| discovered(o, self.config.namespace()))
+            {
                 if d.ready && d.pod_ip.is_some() {
                     return d.pod_ip;
                 }
@@ -159,9 +166,36 @@ impl KubeBackend {
         self.config.service.replace("{name}", resource)
     }
 
-    /// The resource name of a sandbox: recorded at start or discovery, else its id.
-    fn resource_name(sb: &Sandbox) -> &str {
-        sb.backend_ref.as_deref().unwrap_or(&sb.id)
+    /// Where a sandbox's Sandbox is. Its reference (`backend_ref`, recorded at start or
+    /// discovery, else its id) is the resource's name in the namespace the API creates in,
+    /// `namespace/name` in another watched one.
+    fn locate<'a>(&'a self, sb: &'a Sandbox) -> Located<'a> {
+        let (namespace, name) = self.locate_name(sb);
+        let home = namespace == self.config.namespace();
+        Located {
+            namespace,
+            name,
+            reference: sb.backend_ref.as_deref().unwrap_or(&sb.id),
+            api: if home {
+                self.api.clone()
+            } else {
+                Api::namespaced_with(self.client.clone(), namespace, &self.resource)
+            },
+            pods: if home {
+                self.pods.clone()
+            } else {
+                Api::namespaced(self.client.clone(), namespace)
+            },
+        }
+    }
+
+    /// A sandbox's Sandbox's namespace and name (see [`KubeBackend::locate`]), without the
+    /// APIs.
+    fn locate_name<'a>(&'a self, sb: &'a Sandbox) -> (&'a str, &'a str) {
+        let reference = sb.backend_ref.as_deref().unwrap_or(&sb.id);
+        reference
+            .split_once('/')
+            .unwrap_or((self.config.namespace(), reference))
     }
 
     /// The spec change that suspends (`false`) or resumes a Sandbox in the served version.
@@ -227,9 +261,22 @@ impl KubeBackend {
         }
         Ok(obj)
     }
+}
 
-    async fn get(&self, name: &str) -> Result<Option<DynamicObject>, kube::Error> {
-        self.api.get_opt(name).await
+/// A sandbox's Sandbox: its namespace, name, the reference recorded for it, and the APIs of
+/// that namespace.
+struct Located<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    reference: &'a str,
+    api: Api<DynamicObject>,
+    pods: Api<Pod>,
+}
+
+impl Located<'_> {
+    /// Whether it is in the namespace the API creates in (where warm-pool claims are).
+    fn home(&self, backend: &KubeBackend) -> bool {
+        self.namespace == backend.config.namespace()
     }
 }
 
@@ -250,6 +297,12 @@ impl Backend for KubeBackend {
     fn stop_on_shutdown(&self) -> bool {
         // The cluster owns Sandboxes: they outlive the gateway.
         false
+    }
+
+    /// A stopped Sandbox is suspended in place: its name (a discovered one's is not its id)
+    /// and namespace still find it.
+    fn handle_outlives_stop(&self) -> bool {
+        true
     }
 
     async fn check_runtime(&self, runtime: &Runtime) -> Result<(), String> {
@@ -274,37 +327,39 @@ impl Backend for KubeBackend {
     }
 
     async fn start(&self, sb: &Sandbox) -> Result<Started, BackendError> {
-        let name = Self::resource_name(sb).to_string();
+        let at = self.locate(sb);
+        let name = at.name;
         let fail = |e: kube::Error| BackendError::Start(format!("Sandbox {name}: {e}"));
-        let existing = self.get(&name).await.map_err(fail)?;
+        let existing = at.api.get_opt(name).await.map_err(fail)?;
         if let (None, Some(pool)) = (&existing, self.warm_pool(sb)) {
             return self.start_claimed(sb, &pool).await;
         }
         if existing.is_some() {
             let patch = Patch::Merge(self.running_patch(true));
-            self.api
-                .patch(&name, &PatchParams::default(), &patch)
+            at.api
+                .patch(name, &PatchParams::default(), &patch)
                 .await
                 .map_err(fail)?;
         } else {
             let obj = self.object(sb)?;
-            self.api
+            at.api
                 .create(&PostParams::default(), &obj)
                 .await
                 .map_err(fail)?;
         }
         // A bounded wait for the pod: the watch reports whatever comes later.
         Ok(Started {
-            ip_address: self.wait_ready(&name).await,
-            backend_ref: Some(name),
+            ip_address: self.wait_ready(&at.api, name).await,
+            backend_ref: Some(at.reference.to_string()),
             netns_pid: None,
         })
     }
 
     async fn stop(&self, sb: &Sandbox) -> Result<(), BackendError> {
-        let name = Self::resource_name(sb);
+        let at = self.locate(sb);
+        let name = at.name;
         let patch = Patch::Merge(self.running_patch(false));
-        match self.api.patch(name, &PatchParams::default(), &patch).await {
+        match at.api.patch(name, &PatchParams::default(), &patch).await {
             Ok(_) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(BackendError::Stop(format!("Sandbox {name}: {e}"))),
@@ -312,9 +367,10 @@ impl Backend for KubeBackend {
     }
 
     async fn remove(&self, sb: &Sandbox) -> Result<(), BackendError> {
-        let name = Self::resource_name(sb);
+        let at = self.locate(sb);
+        let name = at.name;
         self.release_claim(sb).await?;
-        match self.api.delete(name, &DeleteParams::default()).await {
+        match at.api.delete(name, &DeleteParams::default()).await {
             Ok(_) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(BackendError::Stop(format!("Sandbox {name}: {e}"))),
@@ -322,17 +378,19 @@ impl Backend for KubeBackend {
     }
 
     async fn adopt(&self, sb: &Sandbox) -> Result<Option<Started>, BackendError> {
-        let name = Self::resource_name(sb).to_string();
-        let obj = self
-            .get(&name)
+        let at = self.locate(sb);
+        let name = at.name;
+        let obj = at
+            .api
+            .get_opt(name)
             .await
             .map_err(|e| BackendError::Start(format!("Sandbox {name}: {e}")))?;
         Ok(obj
             .as_ref()
-            .and_then(discovered)
+            .and_then(|o| discovered(o, self.config.namespace()))
             .filter(|d| !d.suspended)
             .map(|d| Started {
-                backend_ref: Some(name),
+                backend_ref: Some(d.reference),
                 ip_address: d.pod_ip,
                 netns_pid: None,
             }))
@@ -343,7 +401,8 @@ impl Backend for KubeBackend {
         if sb.status != model::Status::Running {
             return Err(ExecError::NotRunning);
         }
-        exec::run(&self.pods, Self::resource_name(sb), spec).await
+        let at = self.locate(sb);
+        exec::run(&at.pods, at.name, spec).await
     }
 
     /// A shell on a terminal in the Sandbox's pod: a `pods/exec` with a TTY.
@@ -356,7 +415,8 @@ impl Backend for KubeBackend {
         if sb.status != model::Status::Running {
             return Err(ExecError::NotRunning);
         }
-        pty::open(&self.pods, Self::resource_name(sb), spec, size).await
+        let at = self.locate(sb);
+        pty::open(&at.pods, at.name, spec, size).await
     }
 
     /// Files are reached through `pods/exec`, in the container's working directory.
@@ -365,9 +425,10 @@ impl Backend for KubeBackend {
     }
 
     fn service(&self, sb: &Sandbox) -> Option<super::ServiceRef> {
+        let at = self.locate_name(sb);
         Some(super::ServiceRef {
-            name: self.service_name(Self::resource_name(sb)),
-            namespace: self.config.namespace.clone(),
+            name: self.service_name(at.1),
+            namespace: at.0.to_string(),
         })
     }
 
@@ -383,6 +444,7 @@ impl Backend for KubeBackend {
         sb: &Sandbox,
         options: super::LogOptions,
     ) -> Result<LogStream, BackendError> {
-        logs::stream(&self.pods, Self::resource_name(sb), options).await
+        let at = self.locate(sb);
+        logs::stream(&at.pods, at.name, options).await
     }
 }

@@ -66,6 +66,8 @@ struct Inner {
     /// While `Some`, changes are kept here instead of reaching open watches: a watch that
     /// delivers events late ([`FakeKube::hold_watch`]).
     held: Option<Vec<Change>>,
+    /// namespace → how many times its Sandboxes were listed (not watched).
+    lists: BTreeMap<String, u64>,
 }
 
 #[derive(Clone)]
@@ -114,6 +116,7 @@ impl FakeKube {
                 logs: BTreeMap::new(),
                 ext: Default::default(),
                 held: None,
+                lists: BTreeMap::new(),
             })),
             changes,
             log_changes: Arc::new(tokio::sync::watch::channel(0).0),
@@ -239,6 +242,12 @@ impl FakeKube {
     fn has_pod(&self, ns: &str, name: &str) -> bool {
         self.get(ns, name)
             .is_some_and(|o| o["status"]["podIPs"].is_array())
+    }
+
+    /// How many times namespace `ns`'s Sandboxes were listed: a watch's list at its start,
+    /// after `410 Gone`, and at each resync.
+    pub fn lists(&self, ns: &str) -> u64 {
+        self.lock().lists.get(ns).copied().unwrap_or(0)
     }
 
     /// Every stored object's name.
@@ -439,7 +448,8 @@ async fn list_or_watch(
     if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
         return watch(fake, version, ns, &q);
     }
-    let inner = fake.lock();
+    let mut inner = fake.lock();
+    *inner.lists.entry(ns.clone()).or_default() += 1;
     let items: Vec<Value> = inner
         .objects
         .iter()
