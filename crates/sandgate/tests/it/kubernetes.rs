@@ -453,6 +453,53 @@ async fn exec_through_the_pod_exec_api() {
     );
 }
 
+/// A pod with a sidecar: commands and logs go to the container kubectl would pick (the pod
+/// template's `kubectl.kubernetes.io/default-container`, else the first), never to none (the
+/// API server refuses an exec or a log naming no container of a pod that has several).
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_and_logs_pick_the_default_container() {
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    let dirs = [
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    ];
+    let container = |name: &str, dir: Option<&tempfile::TempDir>| {
+        let mut c =
+            json!({"name": name, "image": "busybox", "env": [{"name": "WHO", "value": name}]});
+        if let Some(dir) = dir {
+            c["workingDir"] = json!(dir.path().to_str().expect("utf-8"));
+        }
+        c
+    };
+    // Annotated: the sidecar comes first, the annotation names the app.
+    let mut annotated = sandbox("annotated", Some("frank"));
+    annotated["spec"]["podTemplate"]["metadata"] =
+        json!({"annotations": {"kubectl.kubernetes.io/default-container": "app"}});
+    annotated["spec"]["podTemplate"]["spec"]["containers"] =
+        json!([container("proxy", None), container("app", Some(&dirs[0]))]);
+    fake.apply(annotated);
+    // Not annotated: the first.
+    let mut first = sandbox("first", Some("frank"));
+    first["spec"]["podTemplate"]["spec"]["containers"] =
+        json!([container("main", Some(&dirs[1])), container("proxy", None)]);
+    fake.apply(first);
+    let gw = gateway(&fake, pod).start().await;
+
+    for (name, who, dir) in [("annotated", "app", &dirs[0]), ("first", "main", &dirs[1])] {
+        let id = discovered_id(&gw, "frank", name).await;
+        let r = gw.exec(&id, &json!({"command": "pwd; echo $WHO"})).await;
+        assert_eq!(
+            r["stdout"],
+            format!("{}\n{who}\n", dir.path().display()),
+            "{name}: {r}"
+        );
+        fake.log("default", name, "hello");
+        let r = gw.get(&format!("/sandboxes/{id}/logs")).send().await;
+        assert_eq!(r.expect(200).text(), "hello\n", "{name}");
+    }
+}
+
 /// The gateway's id of a discovered Sandbox, once it is routable.
 async fn discovered_id(gw: &TestGateway, user: &str, name: &str) -> String {
     until(gw, Method::GET, &format!("/{user}/{name}/"), 200).await;

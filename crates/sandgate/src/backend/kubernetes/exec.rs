@@ -107,19 +107,23 @@ impl ExecControl for PodExecControl {
     }
 }
 
-/// Runs `spec` in `pod` through `pods/exec`: output, exit and a control that signals the
-/// command's processes by their tag.
+/// Runs `spec` in `pod` (in `container`, else the pod's only one) through `pods/exec`:
+/// output, exit and a control that signals the command's processes by their tag.
 pub(super) async fn run(
     pods: &Api<Pod>,
     pod: &str,
+    container: Option<&str>,
     spec: ExecSpec,
 ) -> Result<ExecHandle, ExecError> {
     let pod = pod.to_string();
-    let ap = AttachParams::default()
+    let mut ap = AttachParams::default()
         .stdin(spec.stdin)
         .max_stdin_buf_size(BUFFER)
         .max_stdout_buf_size(BUFFER)
         .max_stderr_buf_size(BUFFER);
+    if let Some(container) = container {
+        ap = ap.container(container);
+    }
     let mut attached: AttachedProcess = pods
         .exec(&pod, exec_argv(&spec), &ap)
         .await

@@ -13,8 +13,9 @@ use crate::backend::{BackendError, LogOptions, LogStream};
 /// How much one read of the log's body hands on at most.
 const CHUNK: usize = 16 * 1024;
 
-fn params(options: LogOptions) -> LogParams {
+fn params(container: Option<&str>, options: LogOptions) -> LogParams {
     LogParams {
+        container: container.map(str::to_string),
         follow: options.follow,
         tail_lines: options.tail.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
         timestamps: options.timestamps,
@@ -22,13 +23,14 @@ fn params(options: LogOptions) -> LogParams {
     }
 }
 
-/// Streams `pod`'s log as `options` ask.
+/// Streams the log of `pod`'s `container` (else its only one) as `options` ask.
 pub(super) async fn stream(
     pods: &Api<Pod>,
     pod: &str,
+    container: Option<&str>,
     options: LogOptions,
 ) -> Result<LogStream, BackendError> {
-    let reader = match pods.log_stream(pod, &params(options)).await {
+    let reader = match pods.log_stream(pod, &params(container, options)).await {
         Ok(reader) => reader,
         Err(kube::Error::Api(status)) if status.code == 404 => {
             return Ok(futures_util::stream::empty().boxed());
@@ -61,15 +63,20 @@ mod tests {
 
     #[test]
     fn options_become_the_log_parameters() {
-        let p = params(LogOptions {
-            follow: true,
-            tail: Some(3),
-            timestamps: true,
-        });
+        let p = params(
+            Some("app"),
+            LogOptions {
+                follow: true,
+                tail: Some(3),
+                timestamps: true,
+            },
+        );
         assert!(p.follow && p.timestamps);
         assert_eq!(p.tail_lines, Some(3));
-        let p = params(LogOptions::default());
+        assert_eq!(p.container.as_deref(), Some("app"));
+        let p = params(None, LogOptions::default());
         assert!(!p.follow && !p.timestamps);
         assert_eq!(p.tail_lines, None);
+        assert_eq!(p.container, None);
     }
 }

@@ -44,6 +44,8 @@ pub const LABEL_ID: &str = "sandgate.dev/sandbox";
 pub const ANNOTATION_NAME: &str = "sandgate.dev/name";
 /// The runtime recorded for Sandboxes the gateway discovered rather than created.
 pub const DISCOVERED_RUNTIME: &str = "kubernetes";
+/// The pod annotation naming the container `kubectl exec` and `kubectl logs` pick.
+pub const ANNOTATION_DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 /// How long a start waits for the Sandbox to report `Ready` and a pod IP.
 const START_WAIT: Duration = Duration::from_secs(20);
 
@@ -278,6 +280,38 @@ impl Located<'_> {
     fn home(&self, backend: &KubeBackend) -> bool {
         self.namespace == backend.config.namespace()
     }
+
+    /// The container of its pod that commands, terminals and logs use (see
+    /// [`default_container`]), read from the Sandbox: a pod with sidecars refuses an exec or
+    /// log that names none. `None` when the Sandbox cannot be read: the exec then says why.
+    async fn container(&self) -> Option<String> {
+        match self.api.get_opt(self.name).await {
+            Ok(obj) => obj.as_ref().and_then(default_container),
+            Err(e) => {
+                tracing::debug!(sandbox = %self.reference, error = %e, "reading the Sandbox's containers");
+                None
+            }
+        }
+    }
+}
+
+/// The container `kubectl` would pick in a Sandbox's pod: the one its pod template's
+/// `kubectl.kubernetes.io/default-container` annotation names, else the first.
+pub fn default_container(obj: &DynamicObject) -> Option<String> {
+    let template = obj.data.get("spec")?.get("podTemplate")?;
+    let containers = template.get("spec")?.get("containers")?.as_array()?;
+    let names = || {
+        containers
+            .iter()
+            .filter_map(|c| c.get("name").and_then(Value::as_str))
+    };
+    let named = template
+        .get("metadata")
+        .and_then(|m| m.get("annotations"))
+        .and_then(|a| a.get(ANNOTATION_DEFAULT_CONTAINER))
+        .and_then(Value::as_str)
+        .filter(|wanted| names().any(|n| n == *wanted));
+    named.or_else(|| names().next()).map(str::to_string)
 }
 
 fn is_not_found(e: &kube::Error) -> bool {
@@ -402,7 +436,8 @@ impl Backend for KubeBackend {
             return Err(ExecError::NotRunning);
         }
         let at = self.locate(sb);
-        exec::run(&at.pods, at.name, spec).await
+        let container = at.container().await;
+        exec::run(&at.pods, at.name, container.as_deref(), spec).await
     }
 
     /// A shell on a terminal in the Sandbox's pod: a `pods/exec` with a TTY.
@@ -416,7 +451,8 @@ impl Backend for KubeBackend {
             return Err(ExecError::NotRunning);
         }
         let at = self.locate(sb);
-        pty::open(&at.pods, at.name, spec, size).await
+        let container = at.container().await;
+        pty::open(&at.pods, at.name, container.as_deref(), spec, size).await
     }
 
     /// Files are reached through `pods/exec`, in the container's working directory.
@@ -445,6 +481,41 @@ impl Backend for KubeBackend {
         options: super::LogOptions,
     ) -> Result<LogStream, BackendError> {
         let at = self.locate(sb);
-        logs::stream(&at.pods, at.name, options).await
+        let container = at.container().await;
+        logs::stream(&at.pods, at.name, container.as_deref(), options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_pod_template(template: Value) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "agents.x-k8s.io/v1beta1", "kind": "Sandbox",
+            "metadata": {"name": "s", "namespace": "default"},
+            "spec": {"podTemplate": template}
+        }))
+        .expect("a Sandbox")
+    }
+
+    #[test]
+    fn the_default_container_is_the_annotated_one_else_the_first() {
+        let two = json!([{"name": "proxy"}, {"name": "app"}]);
+        let plain = with_pod_template(json!({"spec": {"containers": two}}));
+        assert_eq!(default_container(&plain).as_deref(), Some("proxy"));
+        let annotated = |name: &str| {
+            with_pod_template(json!({
+                "metadata": {"annotations": {ANNOTATION_DEFAULT_CONTAINER: name}},
+                "spec": {"containers": two}
+            }))
+        };
+        assert_eq!(default_container(&annotated("app")).as_deref(), Some("app"));
+        assert_eq!(
+            default_container(&annotated("gone")).as_deref(),
+            Some("proxy"),
+            "an annotation naming no container of the pod is ignored, as kubectl does"
+        );
+        assert_eq!(default_container(&with_pod_template(json!({}))), None);
     }
 }

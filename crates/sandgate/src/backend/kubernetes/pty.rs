@@ -29,6 +29,7 @@ fn terminal_size(size: TtySize) -> TerminalSize {
 pub(super) async fn open(
     pods: &Api<Pod>,
     pod: &str,
+    container: Option<&str>,
     mut spec: ExecSpec,
     size: TtySize,
 ) -> Result<PtyHandle, ExecError> {
@@ -38,9 +39,12 @@ pub(super) async fn open(
     spec.env
         .entry("TERM".into())
         .or_insert_with(|| "xterm-256color".into());
-    let ap = AttachParams::interactive_tty()
+    let mut ap = AttachParams::interactive_tty()
         .max_stdin_buf_size(BUFFER)
         .max_stdout_buf_size(BUFFER);
+    if let Some(container) = container {
+        ap = ap.container(container);
+    }
     let mut attached = pods
         .exec(pod, exec_argv(&spec), &ap)
         .await

@@ -730,7 +730,14 @@ async fn exec(
     };
     // Commands start in the container's working directory with its environment, as the
     // kubelet's do.
-    let container = &sandbox["spec"]["podTemplate"]["spec"]["containers"][0];
+    let query = req.uri().query().unwrap_or("").to_string();
+    let asked = url_pairs(&query)
+        .into_iter()
+        .find_map(|(k, v)| (k == "container").then_some(v));
+    let container = match pod_container(&sandbox, &name, asked.as_deref()) {
+        Ok(container) => container,
+        Err(message) => return status(400, "BadRequest", &message),
+    };
     let cwd = container["workingDir"].as_str().map(PathBuf::from);
     let env: Vec<(String, String)> = container["env"]
         .as_array()
@@ -738,7 +745,6 @@ async fn exec(
         .flatten()
         .filter_map(|e| Some((e["name"].as_str()?.into(), e["value"].as_str()?.into())))
         .collect();
-    let query = req.uri().query().unwrap_or("").to_string();
     let mut argv = Vec::new();
     let (mut stdin, mut tty) = (false, false);
     for (k, v) in url_pairs(&query) {
@@ -1000,6 +1006,38 @@ where
     }
 }
 
+/// The container of a Sandbox's pod an exec or a log asks for (`asked`), as the API server
+/// picks it: the one named, else the only one; a pod with several refuses a request naming
+/// none, and any pod one naming a container it does not have (both 400 with the real message,
+/// returned here).
+fn pod_container<'a>(
+    sandbox: &'a Value,
+    pod: &str,
+    asked: Option<&str>,
+) -> Result<&'a Value, String> {
+    let containers = sandbox["spec"]["podTemplate"]["spec"]["containers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    match (asked, containers) {
+        (None, [only]) => Ok(only),
+        (None, _) => {
+            let names: Vec<&str> = containers
+                .iter()
+                .filter_map(|c| c["name"].as_str())
+                .collect();
+            Err(format!(
+                "a container name must be specified for pod {pod}, choose one of: [{}]",
+                names.join(" ")
+            ))
+        }
+        (Some(asked), _) => containers
+            .iter()
+            .find(|c| c["name"] == asked)
+            .ok_or_else(|| format!("container {asked} is not valid for pod {pod}")),
+    }
+}
+
 /// `pods/{name}/log`: the pod's log buffer as plain text, its last `tailLines` lines, each
 /// line after its time with `timestamps=true`; with `follow=true` what is appended next,
 /// until the pod goes (its Sandbox is deleted or suspended) or the client leaves.
@@ -1013,6 +1051,10 @@ async fn pod_log(
     }
     if !fake.has_pod(&ns, &name) {
         return status(404, "NotFound", &format!("pods \"{name}\" not found"));
+    }
+    let sandbox = fake.get(&ns, &name).unwrap_or_default();
+    if let Err(message) = pod_container(&sandbox, &name, q.get("container").map(String::as_str)) {
+        return status(400, "BadRequest", &message);
     }
     let flag = |k: &str| q.get(k).is_some_and(|v| v == "true");
     let (follow, timestamps) = (flag("follow"), flag("timestamps"));
