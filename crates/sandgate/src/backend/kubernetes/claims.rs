@@ -77,6 +77,7 @@ impl From<ClaimError> for BackendError {
 }
 
 /// The namespace's SandboxClaims and SandboxWarmPools, in the served version.
+#[derive(Clone)]
 pub struct Claims {
     claims: Api<DynamicObject>,
     pools: Api<DynamicObject>,
@@ -273,6 +274,13 @@ pub fn claimed_by(obj: &DynamicObject) -> Option<&str> {
     controller_of(obj, CLAIM_KIND)
 }
 
+/// The claim of a gateway's claimed Sandbox: the claim controlling it is named by the sandbox
+/// id the Sandbox is labelled with.
+pub fn gateway_claim(obj: &DynamicObject) -> Option<&str> {
+    let id = obj.metadata.labels.as_ref()?.get(LABEL_ID)?;
+    claimed_by(obj).filter(|claim| claim == id)
+}
+
 /// A Sandbox a gateway's claim (named by a sandbox id) got but the gateway has not labelled
 /// yet: not shown until it carries the id, so no record appears under another id meanwhile.
 pub fn in_handover(obj: &DynamicObject) -> bool {
@@ -382,6 +390,10 @@ mod tests {
         );
         let labelled = sandbox(owner(CLAIM_KIND, &id), json!({LABEL_ID: id}));
         assert!(!in_handover(&labelled));
+        assert_eq!(gateway_claim(&labelled), Some(id.as_str()));
+        assert_eq!(gateway_claim(&ours), None, "not labelled yet");
+        let relabelled = sandbox(owner(CLAIM_KIND, &id), json!({LABEL_ID: model::new_id()}));
+        assert_eq!(gateway_claim(&relabelled), None, "another sandbox's label");
 
         let theirs = sandbox(owner(CLAIM_KIND, "my-claim"), json!({}));
         assert!(

@@ -145,12 +145,18 @@ impl KubeBackend {
     /// change. A watch retries with backoff while the API server is unreachable; nothing is
     /// reported meanwhile, so the route table keeps the last known state.
     pub fn watch(&self, to: UnboundedSender<Observed>, stop: CancellationToken) {
+        let home = self.config.namespace();
         for namespace in &self.config.namespaces {
             let api = Api::namespaced_with(self.client.clone(), namespace, &self.resource);
+            // Claims are made in the first namespace only.
+            let claims = self.claims.clone().filter(|_| namespace == home);
             tokio::spawn(watch_namespace(
-                api,
-                namespace.clone(),
-                self.config.namespace().to_string(),
+                Watched {
+                    api,
+                    namespace: namespace.clone(),
+                    home: home.to_string(),
+                    claims,
+                },
                 self.config.resync,
                 to.clone(),
                 stop.clone(),
@@ -159,16 +165,47 @@ impl KubeBackend {
     }
 }
 
-/// One namespace's watch (see [`KubeBackend::watch`]).
-async fn watch_namespace(
+/// What one namespace's watch watches.
+struct Watched {
     api: Api<DynamicObject>,
     namespace: String,
+    /// The namespace the API creates in.
     home: String,
+    /// That namespace's claims, when this is it and the cluster serves them.
+    claims: Option<super::claims::Claims>,
+}
+
+impl Watched {
+    /// A Sandbox is going: when it was claimed by a gateway, its claim goes too (deleted
+    /// with `kubectl`, the claim controller would otherwise make it another, which nobody
+    /// would ever see or delete). Deleting a claim that is already gone is no error.
+    fn release_claim_of(&self, obj: &DynamicObject) {
+        let (Some(claims), Some(claim)) = (&self.claims, super::claims::gateway_claim(obj)) else {
+            return;
+        };
+        let (claims, claim) = (claims.clone(), claim.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = claims.release(&claim).await {
+                tracing::warn!(claim = %claim, error = %e, "deleting the claim of a deleted Sandbox");
+            }
+        });
+    }
+}
+
+/// One namespace's watch (see [`KubeBackend::watch`]).
+async fn watch_namespace(
+    watched: Watched,
     resync: std::time::Duration,
     to: UnboundedSender<Observed>,
     stop: CancellationToken,
 ) {
-    let read = |obj: &DynamicObject| discovered(obj, &home);
+    let Watched {
+        api,
+        namespace,
+        home,
+        ..
+    } = &watched;
+    let read = |obj: &DynamicObject| discovered(obj, home);
     loop {
         let stream = watcher::watcher(api.clone(), watcher::Config::default()).default_backoff();
         let mut stream = std::pin::pin!(stream);
@@ -209,14 +246,20 @@ async fn watch_namespace(
                     None => continue,
                 },
                 Some(Ok(Event::Apply(obj))) => match read(&obj) {
-                    Some(d) if obj.metadata.deletion_timestamp.is_some() => Observed::Deleted(d.id),
+                    Some(d) if obj.metadata.deletion_timestamp.is_some() => {
+                        watched.release_claim_of(&obj);
+                        Observed::Deleted(d.id)
+                    }
                     Some(d) => Observed::Applied(d),
                     None => continue,
                 },
-                Some(Ok(Event::Delete(obj))) => match read(&obj) {
-                    Some(d) => Observed::Deleted(d.id),
-                    None => continue,
-                },
+                Some(Ok(Event::Delete(obj))) => {
+                    watched.release_claim_of(&obj);
+                    match read(&obj) {
+                        Some(d) => Observed::Deleted(d.id),
+                        None => continue,
+                    }
+                }
             };
             if to.send(report).is_err() {
                 return;

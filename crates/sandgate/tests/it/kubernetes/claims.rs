@@ -286,6 +286,51 @@ async fn a_restarted_gateway_readopts_a_claimed_sandbox() {
     assert!(fake.claim_names().is_empty(), "{:?}", fake.claim_names());
 }
 
+/// A claimed Sandbox deleted with `kubectl`: the record goes and so does its claim, so the
+/// claim controller's replacement (which nobody would see: claimed by a gateway, never
+/// labelled) is not left running; the pool refills.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_delete_of_a_claimed_sandbox_releases_its_claim() {
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    fake.add_pool(NS, "py", 1);
+    let gw = gateway(&fake, pod)
+        .config(|c| {
+            c.runtimes.insert("pooled".into(), pooled("py"));
+        })
+        .start()
+        .await;
+    let created = gw
+        .create(
+            &json!({"runtime": "pooled", "dev_server": true, "command": "x",
+            "name": "doomed", "owner": "gina"}),
+        )
+        .await;
+    let id = created["id"].as_str().expect("an id").to_string();
+    until(&gw, Method::GET, "/gina/doomed/", 200).await;
+    let claimed = fake.claimed(NS, &id);
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+
+    fake.remove(NS, &claimed[0]);
+    until(&gw, Method::GET, "/gina/doomed/", 404).await;
+    eventually(
+        SEEN,
+        "the claim and its replacement Sandbox are gone",
+        || async {
+            (fake.claim_names().is_empty() && fake.claimed(NS, &id).is_empty()).then_some(())
+        },
+    )
+    .await;
+    assert!(gw.list().await.iter().all(|s| s["id"] != id.as_str()));
+    assert_eq!(fake.pool_members(NS, "py").len(), 1, "the pool refilled");
+    assert_eq!(
+        fake.names().len(),
+        1,
+        "nothing else is left: {:?}",
+        fake.names()
+    );
+}
+
 /// `until` for any client (the real binary's).
 async fn until_client(gw: &crate::common::Client, path: &str, status: u16) {
     eventually(SEEN, &format!("GET {path} answers {status}"), || async {

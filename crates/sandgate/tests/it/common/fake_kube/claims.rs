@@ -14,12 +14,12 @@
 //!   the claim `Ready=False` `WarmPoolNotFound`; a pool told it cannot supply (its template
 //!   "missing") gives `TemplateNotFound` once it is empty; a held controller answers no claim;
 //! - deleting a claim or pool deletes the Sandboxes it controls (garbage collection, done at
-//!   once), and a pool member's deletion refills its pool.
+//!   once), a pool member's deletion refills its pool, and a claim whose Sandbox is deleted
+//!   directly gets another (from the pool, else cold).
 //!
 //! Not implemented: templates (`SandboxTemplate` is not served; members get a fixed pod
 //! template), patches and watches of claims and pools, claim `env`, lifecycle/expiry,
-//! `additionalPodMetadata`, `podIPs` mirrored after adoption, a Sandbox made again for a claim
-//! whose Sandbox was deleted directly, update strategies.
+//! `additionalPodMetadata`, `podIPs` mirrored after adoption, update strategies.
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -432,6 +432,14 @@ pub fn sandbox_deleted(fake: &FakeKube, inner: &mut Inner, ns: &str, obj: &Value
     if let Some(pool) = controller(obj, Kind::Pool) {
         fill(fake, inner, ns, &pool);
     }
+    // A claim whose Sandbox was deleted directly gets another.
+    if let Some(claim) = controller(obj, Kind::Claim) {
+        let key = (ns.to_string(), claim.clone());
+        if let Some(c) = inner.ext.claims.get_mut(&key) {
+            c["status"] = json!({});
+            bind(fake, inner, ns, &claim);
+        }
+    }
 }
 
 impl FakeKube {
@@ -485,5 +493,10 @@ impl FakeKube {
     /// The names of the Sandboxes pool `pool` controls (its unclaimed members).
     pub fn pool_members(&self, ns: &str, pool: &str) -> Vec<String> {
         controlled(&self.lock(), ns, Kind::Pool, pool)
+    }
+
+    /// The Sandboxes claim `claim` controls, by name.
+    pub fn claimed(&self, ns: &str, claim: &str) -> Vec<String> {
+        controlled(&self.lock(), ns, Kind::Claim, claim)
     }
 }
