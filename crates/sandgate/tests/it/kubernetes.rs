@@ -336,9 +336,32 @@ async fn lifecycle_on(versions: &[&'static str]) {
     let obj = fake.get("default", &id).expect("a Sandbox named by the id");
     assert_eq!(obj["metadata"]["labels"]["user"], "bob");
     assert_eq!(obj["metadata"]["annotations"]["sandgate.dev/name"], "made");
-    let container = &obj["spec"]["podTemplate"]["spec"]["containers"][0];
+    let template = &obj["spec"]["podTemplate"]["spec"];
+    let container = &template["containers"][0];
     assert_eq!(container["command"], json!(["/bin/sh", "-c", "serve"]));
     assert_eq!(container["resources"]["limits"]["memory"], "256Mi");
+    // Commands and files work in /sandbox, an emptyDir volume (as on Docker).
+    assert_eq!(container["workingDir"], "/sandbox");
+    assert_eq!(
+        container["volumeMounts"],
+        json!([{"name": "sandbox", "mountPath": "/sandbox"}])
+    );
+    assert_eq!(
+        template["volumes"],
+        json!([{"name": "sandbox", "emptyDir": {}}])
+    );
+    let r = gw
+        .req(
+            Method::PUT,
+            &format!("/sandboxes/{id}/files?path=notes/a.txt"),
+        )
+        .header("content-type", "application/octet-stream")
+        .body("written")
+        .send()
+        .await;
+    r.expect(201);
+    let r = gw.exec(&id, &json!({"command": "cat notes/a.txt"})).await;
+    assert_eq!(r["stdout"], "written", "{r}");
     let r = until(&gw, Method::GET, "/bob/made/hello", 200).await;
     assert_eq!(r.json()["path"], "/hello");
     until(&gw, Method::GET, &format!("/sandbox/{id}/hello"), 200).await;

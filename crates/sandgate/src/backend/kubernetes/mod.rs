@@ -47,6 +47,11 @@ pub const DISCOVERED_RUNTIME: &str = "kubernetes";
 /// The pod annotation naming the container `kubectl exec` and `kubectl logs` pick.
 pub const ANNOTATION_DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 /// How long a start waits for the Sandbox to report `Ready` and a pod IP.
+/// The working directory of the Sandboxes the gateway makes, where commands start and the
+/// files API's tree is (as on Docker): an `emptyDir` volume, writable whatever the image's
+/// user, living as long as the pod.
+pub const WORK_DIR: &str = "/sandbox";
+const WORK_VOLUME: &str = "sandbox";
 const START_WAIT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
@@ -211,7 +216,8 @@ impl KubeBackend {
     }
 
     /// The Sandbox to create for `sb`: its pod template from the runtime's image, the
-    /// sandbox's command, environment and limits; the `user` label from its owner.
+    /// sandbox's command, environment and limits, working in [`WORK_DIR`]; the `user` label
+    /// from its owner.
     fn object(&self, sb: &Sandbox) -> Result<DynamicObject, BackendError> {
         let runtime = self.runtimes.get(&sb.runtime).ok_or_else(|| {
             BackendError::Start(format!("runtime {:?} is no longer configured", sb.runtime))
@@ -234,6 +240,8 @@ impl KubeBackend {
             "image": runtime.image,
             "command": ["/bin/sh", "-c", sb.command],
             "env": env,
+            "workingDir": WORK_DIR,
+            "volumeMounts": [{"name": WORK_VOLUME, "mountPath": WORK_DIR}],
         });
         if !limits.is_empty() {
             container["resources"] = json!({"limits": limits});
@@ -242,7 +250,10 @@ impl KubeBackend {
             container["ports"] = json!([{"containerPort": port}]);
         }
         let mut spec = json!({
-            "podTemplate": {"spec": {"containers": [container]}},
+            "podTemplate": {"spec": {
+                "containers": [container],
+                "volumes": [{"name": WORK_VOLUME, "emptyDir": {}}],
+            }},
             "service": true,
         });
         if let Some(obj) = self.running_patch(true)["spec"].as_object() {

@@ -77,7 +77,8 @@ pub struct FakeKube {
     /// Bumped on every change and every log line: following logs re-check.
     log_changes: Arc<tokio::sync::watch::Sender<u64>>,
     pub kubeconfig: PathBuf,
-    _dir: Arc<tempfile::TempDir>,
+    /// The kubeconfig's directory, and the pods' `emptyDir` volumes under `volumes/`.
+    dir: Arc<tempfile::TempDir>,
 }
 
 type Shared = State<FakeKube>;
@@ -121,7 +122,7 @@ impl FakeKube {
             changes,
             log_changes: Arc::new(tokio::sync::watch::channel(0).0),
             kubeconfig,
-            _dir: Arc::new(dir),
+            dir: Arc::new(dir),
         };
         let app = Router::new()
             .route("/apis", get(api_groups))
@@ -250,6 +251,51 @@ impl FakeKube {
         self.lock().lists.get(ns).copied().unwrap_or(0)
     }
 
+    /// Where `dir` of a container of Sandbox `ns/name`'s pod is on this machine: an
+    /// `emptyDir` volume mounted there is a directory of the fake's, made on first use and
+    /// gone with the pod; any other path is itself.
+    fn host_dir(
+        &self,
+        ns: &str,
+        name: &str,
+        sandbox: &Value,
+        container: &Value,
+        dir: &str,
+    ) -> PathBuf {
+        let mounted = container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["mountPath"] == dir)
+            .and_then(|m| m["name"].as_str());
+        let empty_dir = mounted.filter(|volume| {
+            sandbox["spec"]["podTemplate"]["spec"]["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|v| v["name"] == *volume && v["emptyDir"].is_object())
+        });
+        match empty_dir {
+            Some(volume) => {
+                let path = self
+                    .dir
+                    .path()
+                    .join("volumes")
+                    .join(ns)
+                    .join(name)
+                    .join(volume);
+                std::fs::create_dir_all(&path).expect("an emptyDir volume");
+                path
+            }
+            None => PathBuf::from(dir),
+        }
+    }
+
+    /// The pod of Sandbox `ns/name` went: its `emptyDir` volumes go with it.
+    fn drop_volumes(&self, ns: &str, name: &str) {
+        let _ = std::fs::remove_dir_all(self.dir.path().join("volumes").join(ns).join(name));
+    }
+
     /// Every stored object's name.
     pub fn names(&self) -> Vec<String> {
         self.lock().objects.keys().map(|(_, n)| n.clone()).collect()
@@ -282,6 +328,7 @@ impl FakeKube {
             inner.objects.remove(&key);
             // The pod, and its log, go with the Sandbox.
             inner.logs.remove(&key);
+            self.drop_volumes(ns, name);
         } else {
             inner.objects.insert(key, obj.clone());
         }
@@ -318,6 +365,10 @@ impl FakeKube {
         let suspended =
             spec["operatingMode"] == "Suspended" || spec["replicas"].as_i64() == Some(0);
         let status = ready_status(name, ns, !suspended, suspended);
+        if suspended {
+            // No pod while suspended: its volumes went with it.
+            self.drop_volumes(ns, name);
+        }
         if obj["status"] != status {
             obj["status"] = status;
             self.store(inner, "MODIFIED", ns, name, obj);
@@ -738,7 +789,9 @@ async fn exec(
         Ok(container) => container,
         Err(message) => return status(400, "BadRequest", &message),
     };
-    let cwd = container["workingDir"].as_str().map(PathBuf::from);
+    let cwd = container["workingDir"]
+        .as_str()
+        .map(|dir| fake.host_dir(&ns, &name, &sandbox, container, dir));
     let env: Vec<(String, String)> = container["env"]
         .as_array()
         .into_iter()
