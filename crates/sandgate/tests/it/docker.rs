@@ -34,7 +34,7 @@ use crate::common::{
 /// busybox (every applet linked in /bin) and the fixture at `/sandgate-fixture`, with the
 /// shared libraries it needs; its entrypoint fails, so a sandbox runs only if the backend
 /// resets it.
-const TEST_IMAGE: &str = "sandgate-test-docker:latest";
+pub(crate) const TEST_IMAGE: &str = "sandgate-test-docker:latest";
 /// An image whose user does not exist (it has no `/etc/passwd`): creating a container works,
 /// starting it fails.
 const UNSTARTABLE_IMAGE: &str = "sandgate-test-unstartable:latest";
@@ -85,7 +85,7 @@ pub(crate) async fn engine_with_images() -> Option<Docker> {
 }
 
 /// Whether the gateway (this process, or the binary it runs) may enter namespaces.
-fn netns_or_skip() -> bool {
+pub(crate) fn netns_or_skip() -> bool {
     let ok = sandgate::backend::netns::available();
     if !ok {
         eprintln!("SKIPPED: no CAP_SYS_ADMIN here, so no namespace connector to test");

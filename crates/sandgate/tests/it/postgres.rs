@@ -4,6 +4,7 @@
 //! exactly one holds the lease on background duties (`/health` `leader`) and runs the idle
 //! reaper, counting use through the other; when it is killed the other takes the lease
 //! within a few seconds, serves on and lists every record; and the same the other way round.
+//! On the Docker backend, two replicas share one engine's containers the same way.
 //!
 //! The PostgreSQL server is a throwaway one the test starts (`common::postgres`); without
 //! PostgreSQL installed the test prints `SKIPPED:`, except under `CI=true`, where it fails.
@@ -284,4 +285,101 @@ async fn gateways_starting_together_make_one_owner_key() {
         })
         .await;
     }
+}
+
+/// The Docker backend behind two replicas on one engine: a container created through A is
+/// routed, run in, stopped and started through B; killed, A leaves it running, B (taking the
+/// lease) keeps routing it and deletes it; the engine keeps nothing of either gateway.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_gateways_on_one_postgres_share_docker_sandboxes() {
+    use crate::docker::{engine_with_images, gateway_id_of, inspect, netns_or_skip, running};
+    use sandgate::backend::docker::container_name;
+    let Some(docker) = engine_with_images().await else {
+        return;
+    };
+    if !netns_or_skip() {
+        return;
+    }
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("replicas_docker");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("sandgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "backend = \"docker\"\nstop_grace = 2\n[runtimes.shell]\nimage = \"{}\"\n",
+            crate::docker::TEST_IMAGE
+        ),
+    )
+    .expect("config");
+    let args = [
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--database-url",
+        &url,
+    ];
+    let mut a = SpawnedGateway::start(2, &args).await;
+    let b = SpawnedGateway::start(2, &args).await;
+    let leftovers = crate::docker::Leftovers::default();
+    leftovers.gateway(&gateway_id_of(a.data_dir()));
+    leftovers.gateway(&gateway_id_of(b.data_dir()));
+
+    let id = a
+        .create(&json!({"runtime": "shell", "command": "exec /sandgate-fixture"}))
+        .await["id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    let path = format!("/sandbox/{id}/");
+    let routed = time_until("B routes the container A created", || async {
+        let r = b.get(&path).try_send().await;
+        r.is_ok_and(|r| r.status == StatusCode::OK)
+    })
+    .await;
+    let r = b.exec(&id, &json!({"command": "echo through-b"})).await;
+    assert_eq!(r["stdout"], "through-b\n", "{r}");
+
+    // Stopped through B, started through A: one container, one record.
+    let container = inspect(&docker, &container_name(&id))
+        .await
+        .expect("the container");
+    b.post(&format!("/sandboxes/{id}/stop"))
+        .send()
+        .await
+        .expect(200);
+    assert!(!running(
+        &inspect(&docker, &container_name(&id)).await.expect("kept")
+    ));
+    assert_eq!(a.sandbox(&id).await["status"], "stopped");
+    a.post(&format!("/sandboxes/{id}/start"))
+        .send()
+        .await
+        .expect(200);
+    b.wait_ready(&id).await;
+    b.get(&path).send().await.expect(200);
+
+    // A dies: its container runs on, B takes the lease, routes and deletes it.
+    a.kill().await;
+    eventually(Duration::from_secs(5), "B takes the lease", || async {
+        leader(&b).await.then_some(())
+    })
+    .await;
+    let after = inspect(&docker, &container_name(&id)).await.expect("kept");
+    assert!(
+        running(&after) && after.id == container.id,
+        "the same container runs"
+    );
+    b.get(&path).send().await.expect(200);
+    assert_eq!(b.sandbox(&id).await["status"], "running", "{}", b.log());
+    b.delete(&format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .expect(200);
+    assert!(
+        inspect(&docker, &container_name(&id)).await.is_none(),
+        "removed"
+    );
+    eprintln!("docker replicas: B routed A's container after {routed:?}");
 }
