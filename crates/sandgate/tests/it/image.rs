@@ -581,6 +581,9 @@ fn the_manifests_and_dockerfiles_hold_what_they_promise() {
     for key in ["DATABASE_URL", "TOKEN_SECRET"] {
         assert!(secret_data.contains_key(key), "the Secret has no {key}");
     }
+    // Two replicas share one store: PostgreSQL (a `sqlite:` URL would give each pod its own).
+    let url = secret_data["DATABASE_URL"].as_str().expect("a URL");
+    assert!(url.starts_with("postgres://"), "{url}");
     assert!(
         secret_data["TOKEN_SECRET"]
             .as_str()
@@ -628,10 +631,10 @@ fn the_manifests_and_dockerfiles_hold_what_they_promise() {
     let replaced: BTreeMap<String, String> = shipped
         .iter()
         .map(|(k, v)| {
-            let v = if v.contains("REPLACE_ME") {
+            let v = if v == "REPLACE_ME" {
                 TOKEN_SECRET.to_string()
             } else {
-                v.clone()
+                v.replace("REPLACE_ME", "password")
             };
             (k.clone(), v)
         })
@@ -720,6 +723,8 @@ fn the_manifests_and_dockerfiles_hold_what_they_promise() {
     // pods/exec: `create` (SPDY, and WebSocket where upgrades are authorized as create),
     // `get` (WebSocket on older clusters).
     grant("", &["pods/exec"], &["create", "get"]);
+    // pods/log: the logs route reads the pod's log.
+    grant("", &["pods/log"], &["get"]);
     let extra: Vec<_> = granted.difference(&expected).collect();
     let missing: Vec<_> = expected.difference(&granted).collect();
     assert!(
