@@ -2,8 +2,9 @@
 //! can be installed here): discovery of `kubectl`-made Sandboxes and their routes, readiness
 //! (503 `sandbox_not_ready`), create/stop/start/delete through the API on v1beta1 and
 //! v1alpha1, a watch restarted by `410 Gone`, and an API-server outage during which the last
-//! known routes keep serving; commands and terminals through pod exec, logs through the pod's
-//! log. The pods are one HTTP fixture on 127.0.0.1 (every Sandbox's pod IP in the fake), so
+//! known routes keep serving; any port of the pod through the host route; several watched
+//! namespaces; commands and terminals through pod exec (in the container kubectl would pick),
+//! logs through the pod's log; two gateway replicas on one PostgreSQL store. The pods are one HTTP fixture on 127.0.0.1 (every Sandbox's pod IP in the fake), so
 //! the proxy really forwards.
 
 use std::net::SocketAddr;
@@ -97,12 +98,32 @@ async fn discovery_routes_and_readiness(lane: Lane) {
     let applied = std::time::Instant::now();
     fake.apply(sandbox("plain", None));
     let r = until(&gw, Method::GET, "/default/plain/x?y=1", 200).await;
-    // What the "within a second" looks like here (asserted only within SEEN).
-    eprintln!(
-        "a kubectl-made Sandbox was routed after {:?}",
-        applied.elapsed()
-    );
+    let seen = applied.elapsed();
+    eprintln!("a kubectl-made Sandbox was routed after {seen:?}");
+    assert!(seen < Duration::from_secs(1), "routed after {seen:?}");
     assert_eq!(r.json()["path"], "/x");
+
+    // Any port of the pod through the host route: a second server of the "pod" on another
+    // port than the path route's.
+    let other = self::pod().await;
+    let plain_id = discovered_id(&gw, "default", "plain").await;
+    let host = format!("{}-{plain_id}.localhost:{}", other.port(), gw.addr.port());
+    let r = gw.get("/by-host").header("host", &host).send().await;
+    assert_eq!(r.expect(200).json()["path"], "/by-host");
+    let (listener, unused) = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        (l, port)
+    };
+    drop(listener);
+    let host = format!("{unused}-{plain_id}.localhost:{}", gw.addr.port());
+    let r = gw.get("/").header("host", &host).send().await;
+    assert_eq!(
+        r.status.as_u16(),
+        502,
+        "a port nothing listens on: {:?}",
+        r.body
+    );
     // Seed 003's listing fields: path, service, namespace, ready; its /health shape.
     // `ready`: Ready in the cluster and (with health checks on) its port passed them.
     let plain = eventually(SEEN, "plain is listed ready", || async {
@@ -521,6 +542,85 @@ async fn exec_and_logs_pick_the_default_container() {
         let r = gw.get(&format!("/sandboxes/{id}/logs")).send().await;
         assert_eq!(r.expect(200).text(), "hello\n", "{name}");
     }
+}
+
+/// The Deployment's real setup: two gateway processes on one PostgreSQL store, both watching
+/// the cluster. A kubectl-made Sandbox is one record routed by both; one created through A
+/// is routed by B within a second; deleted through B, it is gone from both and from the
+/// cluster, and neither replica's watch brings it back; with A killed, B serves on.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_on_postgres_share_the_cluster() {
+    use crate::common::postgres::PgServer;
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("replicas_kube");
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    fake.apply(sandbox("shared", Some("alice")));
+    let (mut a, b, _config) = crate::postgres::two_replicas(
+        &format!(
+            "backend = \"kubernetes\"\n[kubernetes]\nkubeconfig = \"{}\"\nport = {}\n",
+            fake.kubeconfig.display(),
+            pod.port()
+        ),
+        &url,
+    )
+    .await;
+    let routed = |gw: &'static str, c: &crate::common::Client, path: &str, status: u16| {
+        let what = format!("{gw}: GET {path} answers {status}");
+        let (c, path) = (c.clone(), path.to_string());
+        async move {
+            eventually(SEEN, &what, || async {
+                let r = c.get(&path).try_send().await.ok()?;
+                (r.status.as_u16() == status).then_some(())
+            })
+            .await
+        }
+    };
+    routed("A", &a, "/alice/shared/", 200).await;
+    routed("B", &b, "/alice/shared/", 200).await;
+    for gw in [&a, &b] {
+        let listed = gw.list().await;
+        let shared: Vec<_> = listed.iter().filter(|s| s["name"] == "shared").collect();
+        assert_eq!(shared.len(), 1, "one record for both watches: {listed:?}");
+    }
+
+    // Created through A: B routes it within a second of A's answer.
+    let made = a
+        .create(
+            &json!({"runtime": "shell", "dev_server": true, "command": "serve",
+            "name": "made", "owner": "bob"}),
+        )
+        .await;
+    let answered = std::time::Instant::now();
+    let id = made["id"].as_str().expect("an id").to_string();
+    routed("B", &b, "/bob/made/", 200).await;
+    let took = answered.elapsed();
+    assert!(took < Duration::from_secs(1), "B routed it after {took:?}");
+
+    // Deleted through B: gone from the cluster and both replicas, and no late event of it
+    // (its stop's patch, seen by A's watch after B removed the record) brings it back.
+    b.delete(&format!("/sandboxes/{id}"))
+        .send()
+        .await
+        .expect(200);
+    assert!(fake.get("default", &id).is_none(), "{:?}", fake.names());
+    routed("A", &a, "/bob/made/", 404).await;
+    fake.apply(sandbox("marker", Some("ops")));
+    routed("A", &a, "/ops/marker/", 200).await;
+    routed("B", &b, "/ops/marker/", 200).await;
+    for gw in [&a, &b] {
+        assert!(gw.list().await.iter().all(|s| s["id"] != id.as_str()));
+        gw.get("/bob/made/").send().await.expect(404);
+    }
+
+    // A dies: B serves on, and sees the cluster change.
+    a.kill().await;
+    b.get("/alice/shared/").send().await.expect(200);
+    fake.remove("default", "shared");
+    routed("B", &b, "/alice/shared/", 404).await;
+    eprintln!("kubernetes replicas: B routed A's Sandbox after {took:?}");
 }
 
 /// The gateway's id of a discovered Sandbox, once it is routable.

@@ -36,6 +36,26 @@ where
     began.elapsed()
 }
 
+/// Two gateway processes (A started first, so A leads) sharing the store at `url`, both
+/// configured by `config` (TOML), which lives as long as the returned directory.
+pub(crate) async fn two_replicas(
+    config: &str,
+    url: &str,
+) -> (SpawnedGateway, SpawnedGateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sandgate.toml");
+    std::fs::write(&path, config).expect("config");
+    let args = [
+        "--config",
+        path.to_str().expect("utf-8"),
+        "--database-url",
+        url,
+    ];
+    let a = SpawnedGateway::start(2, &args).await;
+    let b = SpawnedGateway::start(2, &args).await;
+    (a, b, dir)
+}
+
 async fn leader(gw: &Client) -> bool {
     let v = gw.get("/health").send().await.expect(200).json();
     v["leader"].as_bool().expect("/health reports `leader`")
@@ -304,24 +324,14 @@ async fn two_gateways_on_one_postgres_share_docker_sandboxes() {
         return;
     };
     let url = server.database("replicas_docker");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("sandgate.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let (mut a, b, _config) = two_replicas(
+        &format!(
             "backend = \"docker\"\nstop_grace = 2\n[runtimes.shell]\nimage = \"{}\"\n",
             crate::docker::TEST_IMAGE
         ),
-    )
-    .expect("config");
-    let args = [
-        "--config",
-        config.to_str().expect("utf-8"),
-        "--database-url",
         &url,
-    ];
-    let mut a = SpawnedGateway::start(2, &args).await;
-    let b = SpawnedGateway::start(2, &args).await;
+    )
+    .await;
     let leftovers = crate::docker::Leftovers::default();
     leftovers.gateway(&gateway_id_of(a.data_dir()));
     leftovers.gateway(&gateway_id_of(b.data_dir()));
