@@ -37,8 +37,8 @@ pub enum BackendKind {
     Process,
     /// Containers on a Docker engine (`DOCKER_HOST`, else the local socket).
     Docker,
-    /// agent-sandbox `Sandbox` resources on a Kubernetes cluster (in-cluster config, else
-    /// `KUBECONFIG`).
+    /// agent-sandbox `Sandbox` resources on a Kubernetes cluster (`KUBECONFIG` or
+    /// `~/.kube/config`, else in-cluster config).
     Kubernetes,
 }
 
@@ -107,7 +107,8 @@ pub struct ServeArgs {
     /// or a comma-separated list: all are watched, the first gets what the API creates.
     #[arg(long, env = "SANDGATE_KUBE_NAMESPACE")]
     pub kube_namespace: Option<String>,
-    /// Kubernetes backend: a kubeconfig file (default: in-cluster config, else `KUBECONFIG`).
+    /// Kubernetes backend: a kubeconfig file (default: `KUBECONFIG` or `~/.kube/config`,
+    /// else the in-cluster config).
     #[arg(long, env = "SANDGATE_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// Kubernetes backend: the service name `/sandboxes` reports, `{name}` standing for the
@@ -452,7 +453,7 @@ pub struct KubeConfig {
     /// The namespaces whose `Sandbox` resources are watched (never empty); the first is where
     /// the API creates them.
     pub namespaces: Vec<String>,
-    /// A kubeconfig file (`None`: in-cluster config, else `KUBECONFIG`).
+    /// A kubeconfig file (`None`: `KUBECONFIG` or `~/.kube/config`, else in-cluster config).
     pub kubeconfig: Option<PathBuf>,
     /// The service name reported for a Sandbox, `{name}` standing for its name.
     pub service: String,

@@ -78,7 +78,8 @@ pub struct KubeBackend {
 }
 
 impl KubeBackend {
-    /// Loads the client configuration (`kubeconfig`, else in-cluster, else `KUBECONFIG`),
+    /// Loads the client configuration (`kubeconfig`, else `KUBECONFIG` or `~/.kube/config`,
+    /// else in-cluster: kube's `Config::infer`),
     /// and finds the newest served version of the Sandbox kind.
     pub async fn connect(config: &Config) -> Result<KubeBackend, KubeError> {
         let kc = &config.kubernetes;
