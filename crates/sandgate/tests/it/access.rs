@@ -1,10 +1,11 @@
 //! Request ids and the access log: every request gets an `x-request-id` (the client's if
 //! sane), which the sandbox receives and the response carries; W3C `traceparent` reaches the
 //! sandbox; one access-log line per request or upgraded stream when it ends, in JSON or
-//! text, with the fields an operator needs and nothing a terminal would colour.
+//! text, with the fields an operator needs (the credential's subject, never the credential)
+//! and nothing a terminal would colour.
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -202,6 +203,82 @@ async fn access_log_lines_in_json(lane: Lane) {
 }
 
 both_lanes!(access_log_lines_in_json);
+
+/// With authentication on: a line names the credential's subject (the key's id, never the
+/// key) and the Host the client sent; a sandbox whose port refuses gets flag `UF`.
+async fn access_log_names_subject_host_and_refusals(lane: Lane) {
+    let gw = SpawnedGateway::start_on(
+        lane,
+        4,
+        &[
+            "--log-format",
+            "json",
+            "--auth-enabled",
+            "true",
+            "--health-interval",
+            "0",
+        ],
+    )
+    .await;
+    let key = std::fs::read_to_string(gw.data_dir().join("admin.key")).expect("admin.key");
+    let key = key.trim().to_string();
+    let owner = gw.with_key(&key);
+    let sb = owner.create_fixture().await;
+    let r = owner
+        .get(&sb.path("/echo/x"))
+        .header("x-request-id", "with-subject")
+        .send()
+        .await;
+    r.expect(200);
+    let down = owner
+        .create_program("", "sleep 1000", json!({"dev_server": true}))
+        .await;
+    owner
+        .get(&down.path("/"))
+        .header("x-request-id", "refused")
+        .send()
+        .await
+        .expect(502);
+    let keys = owner.get("/auth/keys").send().await.expect(200).json();
+    let lines = eventually(READY_TIMEOUT, "both lines are written", || async {
+        let lines = access_lines(&gw.log());
+        let has = |id: &str| lines.iter().any(|l| l["request_id"] == id);
+        (has("with-subject") && has("refused")).then_some(lines)
+    })
+    .await;
+    let find = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["request_id"] == id)
+            .unwrap_or_else(|| panic!("no line for {id} in {lines:#?}"))
+            .clone()
+    };
+    let line = find("with-subject");
+    let subject = line["subject"].as_str().expect("a subject").to_string();
+    let key_ids: Vec<&str> = keys["keys"]
+        .as_array()
+        .or(keys.as_array())
+        .expect("a key list")
+        .iter()
+        .filter_map(|k| k["id"].as_str())
+        .collect();
+    assert!(
+        key_ids.contains(&subject.as_str()),
+        "{subject} not in {key_ids:?}"
+    );
+    assert_eq!(line["host"], gw.addr.to_string(), "{line}");
+    let refused = find("refused");
+    assert_eq!(refused["status"], 502, "{refused}");
+    assert_eq!(refused["flag"], "UF", "{refused}");
+    assert_eq!(refused["subject"], subject.as_str(), "{refused}");
+    // (The first start prints the generated key once, by design; no request line has it.)
+    assert!(
+        lines.iter().all(|l| !l.to_string().contains(&key)),
+        "the key reached an access line"
+    );
+}
+
+both_lanes!(access_log_names_subject_host_and_refusals);
 
 /// Text lines (the default) on a file: no colour codes, values printed plainly, one line per
 /// request with its id; `--access-log off` writes none.

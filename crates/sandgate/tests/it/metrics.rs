@@ -1,6 +1,7 @@
 //! `GET /metrics`: requests by method, status class and route template in both lanes (never a
-//! raw path or a sandbox id), upstream errors and retries, open streams, lifecycle
-//! operations, sandboxes by status, the process's figures; the exposition passes
+//! raw path or a sandbox id), upstream errors and retries, open streams (proxied, terminal,
+//! commands), lifecycle operations (create, stop, wake, start, delete), health checks and
+//! verdicts, sandboxes by status and health, the process's figures; the exposition passes
 //! `promtool check metrics` and a real Prometheus server scrapes it; the `--metrics-addr`
 //! listener needs no credential while the main listener's `/metrics` needs an owner's.
 
@@ -194,6 +195,106 @@ both_lanes!(
     requests_are_counted_by_route_template,
     open_streams_are_counted
 );
+
+/// The families a scrape of the request path does not reach: lifecycle operations other than
+/// create (stop, start, wake, delete), health checks by result, their verdicts' changes and
+/// the sandboxes by health, and the terminal and command streams the API opens.
+#[tokio::test(flavor = "multi_thread")]
+async fn lifecycle_health_and_api_streams_are_counted() {
+    let gw = TestGateway::builder()
+        .config(|c| c.health_interval = Some(Duration::from_millis(100)))
+        .start()
+        .await;
+    let count = |text: &str, series: &str| value(text, series).unwrap_or(0.0);
+    let operation = |op: &str| {
+        format!("sandgate_lifecycle_duration_seconds_count{{operation=\"{op}\",outcome=\"ok\"}}")
+    };
+
+    // Health: a dev server that answers passes and turns ready; one that never listens fails.
+    let sb = gw
+        .create_fixture_with("", json!({"mode": "persistent"}))
+        .await;
+    let down = gw
+        .create_program("", "sleep 1000", json!({"dev_server": true}))
+        .await;
+    let text = eventually(READY_TIMEOUT, "checks passed and failed", || async {
+        let text = scrape(&gw).await;
+        (count(&text, "sandgate_health_checks_total{result=\"pass\"}") >= 1.0
+            && count(&text, "sandgate_health_checks_total{result=\"fail\"}") >= 2.0
+            && count(&text, "sandgate_sandbox_health{state=\"not_ready\"}") == 1.0)
+            .then_some(text)
+    })
+    .await;
+    assert!(
+        count(&text, "sandgate_health_changes_total{to=\"ready\"}") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "sandgate_sandbox_health{state=\"ready\"}"),
+        Some(1.0),
+        "{text}"
+    );
+
+    // Stop, wake (a request to the stopped persistent sandbox), stop, start, delete.
+    gw.post(&format!("/sandboxes/{}/stop", sb.id))
+        .send()
+        .await
+        .expect(200);
+    gw.get(&sb.path("/")).send().await.expect(200);
+    gw.post(&format!("/sandboxes/{}/stop", sb.id))
+        .send()
+        .await
+        .expect(200);
+    gw.post(&format!("/sandboxes/{}/start", sb.id))
+        .send()
+        .await
+        .expect(200);
+    gw.delete_sandbox(&down.id).await;
+    let text = scrape(&gw).await;
+    for (op, at_least) in [
+        ("stop", 2.0),
+        ("wake", 1.0),
+        ("start", 1.0),
+        ("delete", 1.0),
+    ] {
+        assert!(
+            count(&text, &operation(op)) >= at_least,
+            "{op}: {}\n{text}",
+            count(&text, &operation(op))
+        );
+    }
+
+    // A terminal and a command socket are open streams while they last.
+    let terminal = gw
+        .websocket(&format!("/sandboxes/{}/pty?cols=80&rows=24", sb.id), None)
+        .await;
+    let commands = gw.websocket(&format!("/ws/{}", sb.id), None).await;
+    let text = scrape(&gw).await;
+    for kind in ["terminal", "commands"] {
+        assert_eq!(
+            value(&text, &format!("sandgate_open_streams{{kind=\"{kind}\"}}")),
+            Some(1.0),
+            "{kind}: {text}"
+        );
+    }
+    drop((terminal, commands));
+    eventually(
+        READY_TIMEOUT,
+        "the API streams are counted closed",
+        || async {
+            let text = scrape(&gw).await;
+            ["terminal", "commands"]
+                .iter()
+                .all(|k| {
+                    value(&text, &format!("sandgate_open_streams{{kind=\"{k}\"}}")) == Some(0.0)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    promtool_accepts(&scrape(&gw).await).await;
+    gw.shutdown().await;
+}
 
 /// A free port on 127.0.0.1 (bound and released: the gateway binds it next).
 fn free_addr() -> SocketAddr {
