@@ -305,6 +305,11 @@ pub async fn run(
         // Another gateway holds the lease: it reconciles; this one only routes.
         manager.resync_routes().await?;
     }
+    // On a shared store the lease holder also records the exits of sandboxes whose watcher
+    // (another gateway) died.
+    let ended_sweeper = changes
+        .is_some()
+        .then(|| tokio::spawn(lifecycle::sweep_ended(manager.clone(), following.clone())));
     let follower = changes.map(|changes| {
         tokio::spawn(lifecycle::follow_store(
             manager.clone(),
@@ -508,6 +513,9 @@ pub async fn run(
     following.cancel();
     if let Some(follower) = follower {
         let _ = follower.await;
+    }
+    if let Some(sweeper) = ended_sweeper {
+        let _ = sweeper.await;
     }
     observer.abort();
     drop(dir_lock);

@@ -75,6 +75,31 @@ pub async fn reap_idle(
     }
 }
 
+/// How often the lease holder of a shared store looks for sandboxes that ended unreported.
+pub const SWEEP_ENDED: Duration = Duration::from_secs(5);
+
+/// On a shared store: while this gateway holds the lease, every [`SWEEP_ENDED`] it looks for
+/// running sandboxes whose process or container ended with nobody watching
+/// ([`Manager::sweep_ended`]: a dead follower's), until cancelled.
+pub async fn sweep_ended(manager: Arc<Manager>, shutdown: CancellationToken) {
+    let mut suspects = std::collections::HashMap::new();
+    let mut tick = tokio::time::interval(SWEEP_ENDED);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !manager.leads() {
+            suspects.clear();
+            continue;
+        }
+        if let Err(e) = manager.sweep_ended(&mut suspects).await {
+            tracing::warn!(error = %e, "looking for sandboxes that ended unreported");
+        }
+    }
+}
+
 /// How long the filler lets a just-claimed sandbox have the machine before starting its
 /// replacement.
 const REFILL_DELAY: Duration = Duration::from_millis(50);

@@ -1217,14 +1217,61 @@ impl Manager {
     /// restarted after its backoff.
     pub async fn watch_exits(self: Arc<Self>, mut exits: UnboundedReceiver<Exit>) {
         while let Some(exit) = exits.recv().await {
-            if let Some((id, after)) = self.on_exit(exit).await {
-                let me = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(after).await;
-                    me.heal(&id).await;
-                });
+            self.exited(exit).await;
+        }
+    }
+
+    /// Applies an exit ([`Manager::on_exit`]); an instance that ended is restarted after its
+    /// backoff.
+    async fn exited(self: &Arc<Self>, exit: Exit) {
+        if let Some((id, after)) = self.on_exit(exit).await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                me.heal(&id).await;
+            });
+        }
+    }
+
+    /// On a shared store, by the lease holder: finds running sandboxes whose process or
+    /// container has ended although no gateway reported it (the one watching it died: a
+    /// follower's sandboxes are watched only by it until the lease changes hands). One seen
+    /// ended is a suspect; seen ended again at the next sweep with its record unchanged (a
+    /// live watcher would have recorded the exit within milliseconds), its exit is applied
+    /// here. `suspects` carries the suspects (id → generation and last write) between sweeps.
+    pub async fn sweep_ended(
+        self: &Arc<Self>,
+        suspects: &mut HashMap<String, (i64, chrono::DateTime<chrono::Utc>)>,
+    ) -> Result<(), Error> {
+        let running: Vec<Sandbox> = self
+            .store
+            .list()
+            .await?
+            .into_iter()
+            .filter(|sb| sb.status == Status::Running)
+            .collect();
+        let mut seen = HashMap::new();
+        for sb in running {
+            if !self.backend.ended(&sb).await {
+                continue;
+            }
+            let mark = (sb.generation, sb.updated_at);
+            if suspects.get(&sb.id) == Some(&mark) {
+                tracing::warn!(sandbox = %sb.id, "a sandbox ended unreported (its gateway is gone): recording the exit");
+                self.exited(Exit {
+                    id: sb.id.clone(),
+                    generation: sb.generation,
+                    code: None,
+                    signal: None,
+                    last_output: None,
+                })
+                .await;
+            } else {
+                seen.insert(sb.id, mark);
             }
         }
+        *suspects = seen;
+        Ok(())
     }
 
     /// Consumes the Kubernetes backend's reports of the cluster's Sandboxes until the

@@ -210,6 +210,14 @@ pub trait Backend: Send + Sync {
     /// After a gateway restart: whether the recorded sandbox still runs; if so the backend
     /// resumes watching it, will report its exit, and returns its (refreshed) handle.
     async fn adopt(&self, sandbox: &Sandbox) -> Result<Option<Started>, BackendError>;
+    /// Whether the sandbox's process or container has certainly ended, seen from outside
+    /// (by any gateway, not only the one watching it): on a shared store the lease holder
+    /// asks this of every running sandbox, so one whose watcher died is not `running` for
+    /// ever. `false` when it runs or cannot be told (the default).
+    async fn ended(&self, sandbox: &Sandbox) -> bool {
+        let _ = sandbox;
+        false
+    }
     /// Where the proxy connects for `port` of `sandbox`, or `None` if it does not expose it.
     /// A sandbox with its own network namespace exposes every port of it; one on the host
     /// network only its dev-server port, at its allocated host port.

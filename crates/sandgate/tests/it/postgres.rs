@@ -393,3 +393,50 @@ async fn two_gateways_on_one_postgres_share_docker_sandboxes() {
     );
     eprintln!("docker replicas: B routed A's container after {routed:?}");
 }
+
+/// A follower's sandbox outlives the follower's SIGKILL, but then nothing watches it: when
+/// it ends, the lease holder's sweep (every `lifecycle::SWEEP_ENDED`, confirmed at the next)
+/// records the exit, so it is not `running` for ever, and a start brings it back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_followers_sandbox_that_ends_is_recorded_by_the_leader() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.database("replicas_ended");
+    let (a, mut b, _config) = two_replicas("", &url).await;
+    assert!(leader(&a).await && !leader(&b).await);
+    let sb = b.create_fixture().await;
+    b.wait_ready(&sb.id).await;
+    b.kill().await;
+    a.get(&sb.path("/")).send().await.expect(200);
+
+    let pids = crate::common::sandbox_processes(&sb.id);
+    assert!(!pids.is_empty(), "the sandbox outlived its gateway");
+    for pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let killed = Instant::now();
+    eventually(
+        sandgate::lifecycle::SWEEP_ENDED * 4,
+        "the leader records the exit",
+        || async { (a.sandbox(&sb.id).await["status"] != "running").then_some(()) },
+    )
+    .await;
+    let noticed = killed.elapsed();
+    let v = a.sandbox(&sb.id).await;
+    assert_eq!(v["status"], "stopped", "{v}\n{}", a.log());
+    assert!(
+        noticed < sandgate::lifecycle::SWEEP_ENDED * 3,
+        "noticed after {noticed:?}"
+    );
+    a.post(&format!("/sandboxes/{}/start", sb.id))
+        .send()
+        .await
+        .expect(200);
+    a.wait_ready(&sb.id).await;
+    a.get(&sb.path("/")).send().await.expect(200);
+    eprintln!("a dead follower's ended sandbox was recorded after {noticed:?}");
+}

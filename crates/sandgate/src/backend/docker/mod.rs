@@ -658,6 +658,19 @@ impl Backend for DockerBackend {
         Ok(Some(started))
     }
 
+    /// Its container (by the recorded id) is gone or not running; an engine that cannot be
+    /// asked says nothing.
+    async fn ended(&self, sb: &Sandbox) -> bool {
+        let Some(cid) = &sb.backend_ref else {
+            return false;
+        };
+        match self.inspect(cid).await {
+            Ok(Some(info)) => info.state.as_ref().and_then(|s| s.running) == Some(false),
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
     async fn logs(&self, sb: &Sandbox, opts: super::LogOptions) -> Result<LogStream, BackendError> {
         let tail = opts
             .tail

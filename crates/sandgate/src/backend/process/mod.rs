@@ -746,6 +746,11 @@ impl Backend for ProcessBackend {
         }))
     }
 
+    /// Its leader (pid and start time, from the handle) no longer exists.
+    async fn ended(&self, sb: &Sandbox) -> bool {
+        parse_ref(sb).is_some_and(|r| !is_same_process(r))
+    }
+
     async fn logs(&self, sb: &Sandbox, opts: super::LogOptions) -> Result<LogStream, BackendError> {
         logs::stream(self.dir(sb).join(LOG_FILE), opts).await
     }
