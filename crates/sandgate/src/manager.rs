@@ -1099,7 +1099,9 @@ impl Manager {
     /// handle outlives a stop (see [`Backend::handle_outlives_stop`]).
     fn forget_handle(&self, sb: &mut Sandbox) {
         if self.backend.handle_outlives_stop() {
+            // The pod, and with it its address, is gone.
             sb.netns_pid = None;
+            sb.ip_address = None;
         } else {
             sb.clear_handle();
         }

@@ -421,6 +421,42 @@ async fn lifecycle_on(versions: &[&'static str]) {
     assert!(fake.names().is_empty(), "{:?}", fake.names());
 }
 
+/// Watch events older than a stop the gateway made (here held back until after it, as a
+/// lagging watch delivers them) do not undo it: the record is not rewritten by them, and a
+/// start right after works (it once met "cannot be started while creating").
+#[tokio::test(flavor = "multi_thread")]
+async fn events_older_than_a_stop_do_not_undo_it() {
+    let fake = FakeKube::start(&["v1alpha1"]).await;
+    let pod = pod().await;
+    let gw = gateway(&fake, pod).start().await;
+    fake.hold_watch();
+    let made = gw
+        .create(
+            &json!({"runtime": "shell", "dev_server": true, "command": "serve",
+            "name": "held", "owner": "hal"}),
+        )
+        .await;
+    assert_eq!(made["status"], "running", "{made}");
+    let id = made["id"].as_str().expect("an id").to_string();
+    let stopped = gw.post(&format!("/sandboxes/{id}/stop")).send().await;
+    assert_eq!(stopped.expect(200).json()["status"], "stopped");
+    let before = gw.sandbox(&id).await;
+
+    // The create's events (made, then Ready with a pod IP) and the stop's arrive now.
+    fake.release_watch();
+    fake.apply(sandbox("marker", Some("ops")));
+    until(&gw, Method::GET, "/ops/marker/", 200).await;
+    let after = gw.sandbox(&id).await;
+    assert_eq!(after["status"], "stopped", "{after}");
+    assert_eq!(
+        after["updated"], before["updated"],
+        "a stale event rewrote {after}"
+    );
+    let started = gw.post(&format!("/sandboxes/{id}/start")).send().await;
+    assert_eq!(started.expect(200).json()["status"], "running");
+    until(&gw, Method::GET, "/hal/held/", 200).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn lifecycle_v1beta1() {
     lifecycle_on(&["v1beta1", "v1alpha1"]).await;

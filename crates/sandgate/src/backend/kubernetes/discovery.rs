@@ -39,6 +39,8 @@ pub struct Discovered {
     pub suspended: bool,
     /// The pod's first IP.
     pub pod_ip: Option<String>,
+    /// `metadata.generation`: bumped by each change of the spec.
+    pub generation: i64,
 }
 
 /// What the watch reports to the manager.
@@ -126,6 +128,7 @@ pub fn discovered(obj: &DynamicObject, home: &str) -> Option<Discovered> {
         format!("{namespace}/{resource}")
     };
     Some(Discovered {
+        generation: meta.generation.unwrap_or(0),
         id,
         resource,
         namespace,
@@ -156,6 +159,7 @@ impl KubeBackend {
                     namespace: namespace.clone(),
                     home: home.to_string(),
                     claims,
+                    written: self.written.clone(),
                 },
                 self.config.resync,
                 to.clone(),
@@ -173,9 +177,25 @@ struct Watched {
     home: String,
     /// That namespace's claims, when this is it and the cluster serves them.
     claims: Option<super::claims::Claims>,
+    written: super::Written,
 }
 
 impl Watched {
+    /// Whether `d` is older than the gateway's own last change of its spec (see
+    /// [`super::Written`]).
+    fn stale(&self, d: &Discovered) -> bool {
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written
+            .get(&d.reference)
+            .is_some_and(|&generation| d.generation < generation)
+    }
+
+    /// The Sandbox is gone: nothing of it can be stale any more.
+    fn forget(&self, d: &Discovered) {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.remove(&d.reference);
+    }
+
     /// A Sandbox is going: when it was claimed by a gateway, its claim goes too (deleted
     /// with `kubectl`, the claim controller would otherwise make it another, which nobody
     /// would ever see or delete). Deleting a claim that is already gone is no error.
@@ -248,15 +268,20 @@ async fn watch_namespace(
                 Some(Ok(Event::Apply(obj))) => match read(&obj) {
                     Some(d) if obj.metadata.deletion_timestamp.is_some() => {
                         watched.release_claim_of(&obj);
+                        watched.forget(&d);
                         Observed::Deleted(d.id)
                     }
+                    Some(d) if watched.stale(&d) => continue,
                     Some(d) => Observed::Applied(d),
                     None => continue,
                 },
                 Some(Ok(Event::Delete(obj))) => {
                     watched.release_claim_of(&obj);
                     match read(&obj) {
-                        Some(d) => Observed::Deleted(d.id),
+                        Some(d) => {
+                            watched.forget(&d);
+                            Observed::Deleted(d.id)
+                        }
                         None => continue,
                     }
                 }

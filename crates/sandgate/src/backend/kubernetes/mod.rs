@@ -75,7 +75,15 @@ pub struct KubeBackend {
     runtimes: Runtimes,
     /// SandboxClaims and SandboxWarmPools, where the cluster serves them.
     claims: Option<claims::Claims>,
+    /// See [`Written`].
+    written: Written,
 }
+
+/// The `metadata.generation` each Sandbox had after the gateway's own last change of its spec
+/// (a create, a stop, a start), by reference: the watch drops events older than that, which
+/// a lagging watch delivers after the change (they would undo it for a moment, and make a
+/// start right after a stop fail as "creating").
+pub(super) type Written = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>;
 
 impl KubeBackend {
     /// Loads the client configuration (`kubeconfig`, else `KUBECONFIG` or `~/.kube/config`,
@@ -135,6 +143,7 @@ impl KubeBackend {
             config: kc.clone(),
             runtimes: Runtimes::new(&config.runtimes),
             claims,
+            written: Written::default(),
         })
     }
 
@@ -194,6 +203,14 @@ impl KubeBackend {
             } else {
                 Api::namespaced(self.client.clone(), namespace)
             },
+        }
+    }
+
+    /// Notes the generation of a Sandbox as the gateway's change of its spec left it.
+    fn wrote(&self, reference: &str, obj: &DynamicObject) {
+        if let Some(generation) = obj.metadata.generation {
+            let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            written.insert(reference.to_string(), generation);
         }
     }
 
@@ -380,19 +397,20 @@ impl Backend for KubeBackend {
         if let (None, Some(pool)) = (&existing, self.warm_pool(sb)) {
             return self.start_claimed(sb, &pool).await;
         }
-        if existing.is_some() {
+        let written = if existing.is_some() {
             let patch = Patch::Merge(self.running_patch(true));
             at.api
                 .patch(name, &PatchParams::default(), &patch)
                 .await
-                .map_err(fail)?;
+                .map_err(fail)?
         } else {
             let obj = self.object(sb)?;
             at.api
                 .create(&PostParams::default(), &obj)
                 .await
-                .map_err(fail)?;
-        }
+                .map_err(fail)?
+        };
+        self.wrote(at.reference, &written);
         // A bounded wait for the pod: the watch reports whatever comes later.
         Ok(Started {
             ip_address: self.wait_ready(&at.api, name).await,
@@ -406,7 +424,10 @@ impl Backend for KubeBackend {
         let name = at.name;
         let patch = Patch::Merge(self.running_patch(false));
         match at.api.patch(name, &PatchParams::default(), &patch).await {
-            Ok(_) => Ok(()),
+            Ok(written) => {
+                self.wrote(at.reference, &written);
+                Ok(())
+            }
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(BackendError::Stop(format!("Sandbox {name}: {e}"))),
         }

@@ -324,6 +324,22 @@ impl FakeKube {
         inner.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
         let key = (ns.to_string(), name.to_string());
+        // `metadata.generation`, as the API server keeps it: 1 when made, one more at each
+        // change of the spec; status and metadata changes leave it.
+        if kind != "DELETED" {
+            let generation = match inner.objects.get(&key) {
+                None => 1,
+                Some(old) => {
+                    let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                    if old["spec"] == obj["spec"] {
+                        g
+                    } else {
+                        g + 1
+                    }
+                }
+            };
+            obj["metadata"]["generation"] = json!(generation);
+        }
         if kind == "DELETED" {
             inner.objects.remove(&key);
             // The pod, and its log, go with the Sandbox.
