@@ -635,13 +635,16 @@ async fn two_replicas_on_postgres_share_the_cluster() {
     let took = answered.elapsed();
     assert!(took < Duration::from_secs(1), "B routed it after {took:?}");
 
-    // Deleted through B: gone from the cluster and both replicas, and no late event of it
-    // (its stop's patch, seen by A's watch after B removed the record) brings it back.
+    // Deleted through B while the watches lag (their events held until after B removed the
+    // record): gone from the cluster and both replicas, and A, which does not know of the
+    // deletion, never records it again from a late event (a delete makes no stop patch).
+    fake.hold_watch();
     b.delete(&format!("/sandboxes/{id}"))
         .send()
         .await
         .expect(200);
     assert!(fake.get("default", &id).is_none(), "{:?}", fake.names());
+    fake.release_watch();
     routed("A", &a, "/bob/made/", 404).await;
     fake.apply(sandbox("marker", Some("ops")));
     routed("A", &a, "/ops/marker/", 200).await;
@@ -650,6 +653,13 @@ async fn two_replicas_on_postgres_share_the_cluster() {
         assert!(gw.list().await.iter().all(|s| s["id"] != id.as_str()));
         gw.get("/bob/made/").send().await.expect(404);
     }
+    assert!(
+        !a.log()
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("discovered a Sandbox")),
+        "A recorded the deleted Sandbox again from a late event:\n{}",
+        a.log()
+    );
 
     // A dies: B serves on, and sees the cluster change.
     a.kill().await;

@@ -420,6 +420,12 @@ impl Backend for KubeBackend {
     }
 
     async fn stop(&self, sb: &Sandbox) -> Result<(), BackendError> {
+        if sb.status == model::Status::Deleting {
+            // Deleting the Sandbox (`remove`, next) takes its pod with it; suspending it first
+            // would only send every watch a late event of a Sandbox about to go, which another
+            // replica, not knowing of the deletion, could record as a new sandbox.
+            return Ok(());
+        }
         let at = self.locate(sb);
         let name = at.name;
         let patch = Patch::Merge(self.running_patch(false));
