@@ -1,6 +1,7 @@
 //! Health endpoints: `/health`, `/health/sandboxes` (what each sandbox's health checks say),
 //! `/health/proxy`, `/health/live` and `/health/ready`; a sandbox whose server fails its
-//! checks is not ready and answers 503 `sandbox_not_ready`, in both lanes.
+//! checks is not ready and answers 503 `sandbox_not_ready`, in both lanes; the checks' rise
+//! and fall thresholds (`health_rise`, `health_fall`) decide when it turns ready and not ready.
 
 use std::time::Duration;
 
@@ -31,6 +32,68 @@ async fn checked_gateway(lane: Lane) -> TestGateway {
         .config(|c| c.health_interval = Some(Duration::from_millis(100)))
         .start()
         .await
+}
+
+/// `(state, streak)` of sandbox `id` in `/health/sandboxes`.
+async fn check_state(gw: &crate::common::Client, id: &str) -> Option<(String, i64)> {
+    let v = gw.get("/health/sandboxes").try_send().await.ok()?.json();
+    let s = v["sandboxes"]
+        .as_array()?
+        .iter()
+        .find(|s| s["id"] == id)?
+        .clone();
+    Some((
+        s["health"]["state"].as_str()?.to_string(),
+        s["health"]["streak"].as_i64()?,
+    ))
+}
+
+/// With `health_rise` 3 and `health_fall` 3 (not the defaults, 1 and 2), a sandbox is judged
+/// ready only once 3 checks in a row passed, and stays ready through 2 failed ones: the state
+/// `/health/sandboxes` reports never turns before the streak reaches 3 either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn rise_and_fall_thresholds_are_configurable() {
+    let gw = TestGateway::builder()
+        .config(|c| {
+            c.health_interval = Some(Duration::from_millis(100));
+            c.health_rise = 3;
+            c.health_fall = 3;
+        })
+        .start()
+        .await;
+    let fixture = crate::common::fixture_program();
+    // The server runs beside a shell that outlives it: the sandbox stays running.
+    let sb = gw
+        .create_program(
+            &format!("{fixture} & echo $! > server.pid; wait; exec sleep 1000;"),
+            "true",
+            json!({}),
+        )
+        .await;
+    // Each state as first seen (the checker writes the streak before the state it leads to,
+    // and the report reads the state first).
+    let first_ready = eventually(READY_TIMEOUT, "the sandbox is judged ready", || async {
+        let (state, streak) = check_state(&gw, &sb.id).await?;
+        (state == "ready").then_some(streak)
+    })
+    .await;
+    assert!(
+        first_ready >= 3,
+        "ready after {first_ready} passes in a row"
+    );
+    gw.exec(&sb.id, &json!({"command": "kill $(cat server.pid)"}))
+        .await;
+    let first_not_ready = eventually(READY_TIMEOUT, "its checks fail", || async {
+        let (state, streak) = check_state(&gw, &sb.id).await?;
+        (state == "not_ready").then_some(streak)
+    })
+    .await;
+    assert!(
+        first_not_ready <= -3,
+        "not ready after {} failures in a row",
+        -first_not_ready
+    );
+    gw.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
