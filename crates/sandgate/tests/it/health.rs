@@ -1,7 +1,8 @@
 //! Health endpoints: `/health`, `/health/sandboxes` (what each sandbox's health checks say),
 //! `/health/proxy`, `/health/live` and `/health/ready`; a sandbox whose server fails its
-//! checks is not ready and answers 503 `sandbox_not_ready`, in both lanes; the checks' rise
-//! and fall thresholds (`health_rise`, `health_fall`) decide when it turns ready and not ready.
+//! checks is not ready and answers 503 `sandbox_not_ready`, in both lanes, unless it turns
+//! ready while the request waits briefly for it; the checks' rise and fall thresholds
+//! (`health_rise`, `health_fall`) decide when it turns ready and not ready.
 
 use std::time::Duration;
 
@@ -203,6 +204,53 @@ async fn a_sandbox_whose_server_is_down_is_not_ready(lane: Lane) {
 }
 
 both_lanes!(a_sandbox_whose_server_is_down_is_not_ready);
+
+/// A request to a running sandbox whose checks said not ready waits briefly for it: when its
+/// server starts listening during the wait, the request is answered by it (200), not with
+/// 503, and the pass the wait saw is recorded (ready, with no check of the checker's since).
+async fn a_request_waits_briefly_for_a_sandbox_to_turn_ready(lane: Lane) {
+    let gw = TestGateway::builder()
+        .lane(lane)
+        // After the first judgement, the checker leaves the sandbox alone for the test.
+        .config(|c| c.health_interval = Some(Duration::from_secs(600)))
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // The fixture starts listening only once the test says so.
+    let sb = gw
+        .create_program(
+            &format!("until [ -e {} ]; do sleep 0.05; done;", go.display()),
+            &crate::common::fixture_program(),
+            json!({}),
+        )
+        .await;
+    eventually(READY_TIMEOUT, "the sandbox is judged not ready", || async {
+        let (state, _) = check_state(&gw, &sb.id).await?;
+        (state == "not_ready").then_some(())
+    })
+    .await;
+    let request = tokio::spawn({
+        let (gw, path) = ((*gw).clone(), sb.path("/"));
+        async move { gw.get(&path).send().await }
+    });
+    // It waits (admitted, in flight) for the server, which starts now; a request answered
+    // without waiting is finished by then (and fails below).
+    eventually(READY_TIMEOUT, "the request is in flight", || async {
+        let v = gw.get("/health/proxy").send().await.json();
+        (v["in_flight"] == 1 || request.is_finished()).then_some(())
+    })
+    .await;
+    std::fs::write(&go, b"").unwrap();
+    let r = request.await.unwrap();
+    r.expect(200);
+    assert_eq!(r.text(), "fixture ok");
+    let (state, streak) = check_state(&gw, &sb.id).await.unwrap();
+    assert_eq!((state.as_str(), streak), ("ready", 1));
+    gw.shutdown().await;
+}
+
+both_lanes!(a_request_waits_briefly_for_a_sandbox_to_turn_ready);
 
 /// `/health/live` and `/health/ready` for Kubernetes probes; `/health/ready` turns 503 as
 /// soon as shutdown begins, while `--shutdown-delay` keeps the gateway serving.
