@@ -548,3 +548,73 @@ impl Routes {
         self.table.write().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> (Routes, Arc<Entry>) {
+        let routes = Routes::default();
+        routes.put(Sandbox::for_tests("sb-abcdefghijklmnop"));
+        let e = routes.get("sb-abcdefghijklmnop").unwrap();
+        (routes, e)
+    }
+
+    /// `rise` passes in a row make a port ready and `fall` failures in a row not ready; a
+    /// run broken by the other result starts again, so a flapping port keeps its state.
+    #[test]
+    fn rise_and_fall_thresholds_decide_readiness() {
+        let (_routes, e) = entry();
+        let check = |ok| e.record_check(ok, 3, 3);
+        assert_eq!(e.health(), Health::Unknown);
+        assert_eq!(check(true), None);
+        assert_eq!(check(true), None);
+        assert_eq!(e.health(), Health::Unknown, "not ready after 2 passes");
+        assert!(!e.ready(true));
+        assert_eq!(check(true), Some(Health::Ready));
+        assert!(e.ready(true));
+        assert_eq!(check(true), None);
+        // Two failures: still ready.
+        assert_eq!(check(false), None);
+        assert_eq!(check(false), None);
+        assert_eq!(e.health(), Health::Ready, "ready through 2 failures");
+        assert_eq!(e.health_report().streak, -2);
+        // A pass in between starts the count again.
+        assert_eq!(check(true), None);
+        assert_eq!(check(false), None);
+        assert_eq!(check(false), None);
+        assert_eq!(e.health(), Health::Ready);
+        assert_eq!(check(false), Some(Health::NotReady));
+        assert!(!e.ready(true));
+        assert_eq!(e.health_report().streak, -3);
+        // Back: not ready until 3 passes in a row.
+        assert_eq!(check(true), None);
+        assert_eq!(check(true), None);
+        assert_eq!(check(false), None);
+        assert_eq!(check(true), None);
+        assert_eq!(check(true), None);
+        assert_eq!(e.health(), Health::NotReady);
+        assert_eq!(check(true), Some(Health::Ready));
+        // Without checks (`checks_run` false) a running sandbox is ready whatever they said.
+        assert_eq!(check(false), None);
+        assert_eq!(check(false), None);
+        assert_eq!(check(false), Some(Health::NotReady));
+        assert!(e.ready(false));
+    }
+
+    /// A new incarnation (generation) of the sandbox starts unknown, whatever the last said.
+    #[test]
+    fn a_restarted_sandbox_starts_unjudged() {
+        let (routes, e) = entry();
+        e.record_check(true, 1, 1);
+        assert_eq!(e.health(), Health::Ready);
+        let mut sb = Sandbox::for_tests("sb-abcdefghijklmnop");
+        sb.generation = e.generation + 1;
+        routes.put(sb);
+        let e = routes.get("sb-abcdefghijklmnop").unwrap();
+        assert_eq!(e.health(), Health::Unknown);
+        assert_eq!(e.health_report().streak, 0);
+        assert_eq!(e.record_check(false, 1, 2), None);
+        assert_eq!(e.record_check(false, 1, 2), Some(Health::NotReady));
+    }
+}

@@ -195,6 +195,11 @@ async fn route(req: Request<Incoming>, redirect: &HeaderValue) -> Result<Resp, h
             "from-the-sandbox",
         ),
         "/1k" => octets(FixtureBody::Full(Some(Bytes::from_static(&ONE_K)))),
+        // A health check a test can fail: 500 while a file `sick` is in the working directory.
+        "/healthz" => match std::path::Path::new("sick").exists() {
+            true => text(StatusCode::INTERNAL_SERVER_ERROR, "sick"),
+            false => text(StatusCode::OK, "healthy"),
+        },
         "/sse" => sse(req.uri().query()),
         "/sse-hold" => sse_hold(),
         "/page" => respond(

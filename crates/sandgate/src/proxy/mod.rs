@@ -593,3 +593,31 @@ fn public_origin(scheme: &str, host: Option<&HeaderValue>) -> String {
         None => String::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a request that is harmless to repeat and carried no body goes again on a fresh
+    /// connection: a body may have been (partly) consumed, and a non-idempotent method may
+    /// have had its effect.
+    #[test]
+    fn only_idempotent_bodiless_requests_may_be_resent() {
+        for method in ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"] {
+            assert!(is_idempotent(method), "{method}");
+            assert!(may_resend(is_idempotent(method), false), "{method}");
+            assert!(
+                !may_resend(is_idempotent(method), true),
+                "{method} with a body"
+            );
+        }
+        for method in ["POST", "PATCH", "CONNECT", "get", "PROPFIND"] {
+            assert!(!is_idempotent(method), "{method}");
+            assert!(!may_resend(is_idempotent(method), false), "{method}");
+            assert!(
+                !may_resend(is_idempotent(method), true),
+                "{method} with a body"
+            );
+        }
+    }
+}

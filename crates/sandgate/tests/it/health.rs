@@ -1,6 +1,8 @@
 //! Health endpoints: `/health`, `/health/sandboxes` (what each sandbox's health checks say),
 //! `/health/proxy`, `/health/live` and `/health/ready`; a sandbox whose server fails its
-//! checks is not ready and answers 503 `sandbox_not_ready`, in both lanes.
+//! checks is not ready and answers 503 `sandbox_not_ready`, in both lanes, unless it turns
+//! ready while the request waits briefly for it; the checks' rise and fall thresholds
+//! (`health_rise`, `health_fall`) decide when it turns ready and not ready.
 
 use std::time::Duration;
 
@@ -31,6 +33,68 @@ async fn checked_gateway(lane: Lane) -> TestGateway {
         .config(|c| c.health_interval = Some(Duration::from_millis(100)))
         .start()
         .await
+}
+
+/// `(state, streak)` of sandbox `id` in `/health/sandboxes`.
+async fn check_state(gw: &crate::common::Client, id: &str) -> Option<(String, i64)> {
+    let v = gw.get("/health/sandboxes").try_send().await.ok()?.json();
+    let s = v["sandboxes"]
+        .as_array()?
+        .iter()
+        .find(|s| s["id"] == id)?
+        .clone();
+    Some((
+        s["health"]["state"].as_str()?.to_string(),
+        s["health"]["streak"].as_i64()?,
+    ))
+}
+
+/// With `health_rise` 3 and `health_fall` 3 (not the defaults, 1 and 2), a sandbox is judged
+/// ready only once 3 checks in a row passed, and stays ready through 2 failed ones: the state
+/// `/health/sandboxes` reports never turns before the streak reaches 3 either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn rise_and_fall_thresholds_are_configurable() {
+    let gw = TestGateway::builder()
+        .config(|c| {
+            c.health_interval = Some(Duration::from_millis(100));
+            c.health_rise = 3;
+            c.health_fall = 3;
+        })
+        .start()
+        .await;
+    let fixture = crate::common::fixture_program();
+    // The server runs beside a shell that outlives it: the sandbox stays running.
+    let sb = gw
+        .create_program(
+            &format!("{fixture} & echo $! > server.pid; wait; exec sleep 1000;"),
+            "true",
+            json!({}),
+        )
+        .await;
+    // Each state as first seen (the checker writes the streak before the state it leads to,
+    // and the report reads the state first).
+    let first_ready = eventually(READY_TIMEOUT, "the sandbox is judged ready", || async {
+        let (state, streak) = check_state(&gw, &sb.id).await?;
+        (state == "ready").then_some(streak)
+    })
+    .await;
+    assert!(
+        first_ready >= 3,
+        "ready after {first_ready} passes in a row"
+    );
+    gw.exec(&sb.id, &json!({"command": "kill $(cat server.pid)"}))
+        .await;
+    let first_not_ready = eventually(READY_TIMEOUT, "its checks fail", || async {
+        let (state, streak) = check_state(&gw, &sb.id).await?;
+        (state == "not_ready").then_some(streak)
+    })
+    .await;
+    assert!(
+        first_not_ready <= -3,
+        "not ready after {} failures in a row",
+        -first_not_ready
+    );
+    gw.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -140,6 +204,53 @@ async fn a_sandbox_whose_server_is_down_is_not_ready(lane: Lane) {
 }
 
 both_lanes!(a_sandbox_whose_server_is_down_is_not_ready);
+
+/// A request to a running sandbox whose checks said not ready waits briefly for it: when its
+/// server starts listening during the wait, the request is answered by it (200), not with
+/// 503, and the pass the wait saw is recorded (ready, with no check of the checker's since).
+async fn a_request_waits_briefly_for_a_sandbox_to_turn_ready(lane: Lane) {
+    let gw = TestGateway::builder()
+        .lane(lane)
+        // After the first judgement, the checker leaves the sandbox alone for the test.
+        .config(|c| c.health_interval = Some(Duration::from_secs(600)))
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // The fixture starts listening only once the test says so.
+    let sb = gw
+        .create_program(
+            &format!("until [ -e {} ]; do sleep 0.05; done;", go.display()),
+            &crate::common::fixture_program(),
+            json!({}),
+        )
+        .await;
+    eventually(READY_TIMEOUT, "the sandbox is judged not ready", || async {
+        let (state, _) = check_state(&gw, &sb.id).await?;
+        (state == "not_ready").then_some(())
+    })
+    .await;
+    let request = tokio::spawn({
+        let (gw, path) = ((*gw).clone(), sb.path("/"));
+        async move { gw.get(&path).send().await }
+    });
+    // It waits (admitted, in flight) for the server, which starts now; a request answered
+    // without waiting is finished by then (and fails below).
+    eventually(READY_TIMEOUT, "the request is in flight", || async {
+        let v = gw.get("/health/proxy").send().await.json();
+        (v["in_flight"] == 1 || request.is_finished()).then_some(())
+    })
+    .await;
+    std::fs::write(&go, b"").unwrap();
+    let r = request.await.unwrap();
+    r.expect(200);
+    assert_eq!(r.text(), "fixture ok");
+    let (state, streak) = check_state(&gw, &sb.id).await.unwrap();
+    assert_eq!((state.as_str(), streak), ("ready", 1));
+    gw.shutdown().await;
+}
+
+both_lanes!(a_request_waits_briefly_for_a_sandbox_to_turn_ready);
 
 /// `/health/live` and `/health/ready` for Kubernetes probes; `/health/ready` turns 503 as
 /// soon as shutdown begins, while `--shutdown-delay` keeps the gateway serving.

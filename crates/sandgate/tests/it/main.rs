@@ -33,6 +33,7 @@ mod preview;
 mod proxy;
 mod pty;
 mod replicas;
+mod resilience;
 mod restart;
 mod streaming;
 mod tls;

@@ -19,7 +19,7 @@ use crate::common::{
 };
 
 /// The value of one series (`name{labels}` exactly as exposed), if present.
-fn value(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn value(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| {
         l.strip_prefix(series)
             .and_then(|rest| rest.strip_prefix(' '))
@@ -37,7 +37,7 @@ fn requests(text: &str, method: &str, status: &str, route: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
-async fn scrape(gw: &Client) -> String {
+pub(crate) async fn scrape(gw: &Client) -> String {
     let r = gw.get("/metrics").send().await;
     r.expect(200);
     assert_eq!(

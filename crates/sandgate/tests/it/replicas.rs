@@ -2,9 +2,9 @@
 //! instances, each its own process and port; the proxy spreads requests over the ready ones
 //! by the strategy (round-robin, least-connections, random, sticky by client address); an
 //! instance that dies stops receiving traffic without failing an idempotent request, and is
-//! restarted; the
-//! instances are nobody's to address and follow their sandbox's stop, start and delete, and
-//! a gateway restart.
+//! restarted; one that is alive but fails its health checks, or whose circuit is open, gets
+//! no traffic until it recovers; the instances are nobody's to address and follow their
+//! sandbox's stop, start and delete, and a gateway restart.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -242,6 +242,136 @@ async fn a_killed_instance_fails_no_idempotent_request(lane: Lane) {
     assert_eq!(t.get(&victim), Some(&10), "{t:?}");
     gw.shutdown().await;
 }
+
+/// Instance `id`'s working directory (its fixture's).
+fn workdir(id: &str) -> std::path::PathBuf {
+    let pid = *sandbox_processes(id).first().expect("the instance runs");
+    std::fs::read_link(format!("/proc/{pid}/cwd")).expect("its working directory")
+}
+
+/// Waits until instance `id` of sandbox `sb` has `ready` as the API lists it.
+async fn instance_ready_is(gw: &Client, sb: &str, id: &str, ready: bool) {
+    eventually(
+        READY_TIMEOUT,
+        &format!("instance {id} has ready = {ready}"),
+        || async {
+            let v = gw.sandbox(sb).await;
+            let i = v["instances"].as_array()?.iter().find(|i| i["id"] == id)?;
+            (i["ready"] == ready).then_some(())
+        },
+    )
+    .await
+}
+
+/// An instance whose server runs and answers but fails its health checks (`health_path`
+/// answering 500) gets no request until its checks pass again; then it gets its share.
+async fn an_instance_failing_its_checks_gets_no_traffic_until_it_recovers(lane: Lane) {
+    let gw = TestGateway::builder()
+        .lane(lane)
+        .config(|c| {
+            c.load_balancer_strategy = Strategy::RoundRobin;
+            c.health_interval = Some(Duration::from_millis(100));
+        })
+        .start()
+        .await;
+    let sb = gw
+        .create_fixture_with("", json!({"replicas": 2, "health_path": "/healthz"}))
+        .await;
+    let ids = all_ready(&gw, &sb.id, 2).await;
+    let sick = workdir(&ids[1]).join("sick");
+    assert_ne!(workdir(&ids[0]), workdir(&ids[1]));
+    std::fs::write(&sick, b"").unwrap();
+    instance_ready_is(&gw, &sb.id, &ids[1], false).await;
+    // Alive: it answers on its own port.
+    let port = gw.sandbox(&sb.id).await["instances"][1]["allocated_port"]
+        .as_u64()
+        .unwrap();
+    let direct = crate::common::Req::new(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port as u16)),
+        http::Method::GET,
+        "/whoami",
+    )
+    .send()
+    .await;
+    assert_eq!(
+        (direct.status, direct.text()),
+        (StatusCode::OK, ids[1].clone())
+    );
+    let t = tally(&answers(&gw, &sb, 10).await);
+    assert_eq!(t.get(&ids[0]), Some(&10), "{t:?}");
+    // Well again: its share once its checks pass.
+    std::fs::remove_file(&sick).unwrap();
+    instance_ready_is(&gw, &sb.id, &ids[1], true).await;
+    let t = tally(&answers(&gw, &sb, 10).await);
+    assert_eq!(t.get(&ids[1]), Some(&5), "{t:?}");
+    gw.shutdown().await;
+}
+
+/// An instance that accepts connections but does not answer (its process stopped) times a
+/// request out, which opens its circuit (`circuit_failures` 1): then every request goes to
+/// the other instance, at once, until the open time is over and a trial finds it answering
+/// again (the process continued), which closes the circuit and gives it its share again.
+async fn an_instance_with_an_open_circuit_gets_no_traffic_until_it_recovers(lane: Lane) {
+    const TIMEOUT: Duration = Duration::from_millis(1000);
+    let gw = TestGateway::builder()
+        .lane(lane)
+        .config(|c| {
+            c.load_balancer_strategy = Strategy::RoundRobin;
+            c.proxy_timeout = TIMEOUT;
+            c.circuit_failures = 1;
+            c.circuit_open = Duration::from_secs(4);
+        })
+        .start()
+        .await;
+    let (sb, ids) = create_replicated(&gw, 2).await;
+    let stopped = sandbox_processes(&ids[1]);
+    let signal = |s| {
+        for &pid in &stopped {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s).unwrap();
+        }
+    };
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    // Taking turns, one of the next two requests goes to the stopped instance and times out.
+    let mut timed_out = 0;
+    for _ in 0..2 {
+        let r = gw.get(&sb.path("/whoami")).send().await;
+        match r.status {
+            StatusCode::OK => assert_eq!(r.text(), ids[0]),
+            _ => {
+                r.expect_error(504, "upstream_timeout");
+                timed_out += 1;
+            }
+        }
+    }
+    assert_eq!(timed_out, 1);
+    // Its circuit is open: everything goes to the other instance, none waits for a timeout.
+    for i in 0..10 {
+        let began = std::time::Instant::now();
+        let r = gw.get(&sb.path("/whoami")).send().await;
+        r.expect(200);
+        assert_eq!(r.text(), ids[0], "request {i}");
+        assert!(
+            began.elapsed() < TIMEOUT,
+            "request {i}: {:?}",
+            began.elapsed()
+        );
+    }
+    signal(nix::sys::signal::Signal::SIGCONT);
+    // Once the open time is over, a trial reaches it and closes the circuit.
+    eventually(READY_TIMEOUT, "the instance answers again", || async {
+        let r = gw.get(&sb.path("/whoami")).send().await;
+        (r.status == StatusCode::OK && r.text() == ids[1]).then_some(())
+    })
+    .await;
+    let t = tally(&answers(&gw, &sb, 10).await);
+    assert_eq!(t.get(&ids[1]), Some(&5), "{t:?}");
+    gw.shutdown().await;
+}
+
+both_lanes!(
+    an_instance_failing_its_checks_gets_no_traffic_until_it_recovers,
+    an_instance_with_an_open_circuit_gets_no_traffic_until_it_recovers,
+);
 
 both_lanes!(
     requests_take_turns_and_instances_are_nobodys,
