@@ -54,9 +54,10 @@ pub struct Breakers {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peek {
     Closed,
-    /// Open for this many more milliseconds.
+    /// Open for this many more milliseconds, or a trial under way that may take that long:
+    /// a request sent now would be refused (the balancer passes the port over).
     Open(u64),
-    /// Open time over (or a trial under way): the admission decides who tries.
+    /// Open time over (or a trial that outlived its time): the admission decides who tries.
     Expired,
 }
 
@@ -98,7 +99,10 @@ impl Breakers {
                 Some(left) if left > 0 => Peek::Open(left),
                 _ => Peek::Expired,
             },
-            HALF_OPEN => Peek::Expired,
+            HALF_OPEN => match (since(w) + open_ms).checked_sub(now_ms) {
+                Some(left) if left > 0 => Peek::Open(left),
+                _ => Peek::Expired,
+            },
             _ => Peek::Closed,
         }
     }
@@ -271,6 +275,10 @@ mod tests {
         assert_eq!(b.peek(1, 3000, 1015, OPEN_MS), Peek::Expired);
         assert_eq!(b.admit(1, 3000, 1015, OPEN_MS), Ok(true));
         assert!(b.admit(1, 3000, 1016, OPEN_MS).is_err());
+        // While the trial is under way the port is open to everyone else (the balancer
+        // sends other requests elsewhere), until the trial's time is up.
+        assert_eq!(b.peek(1, 3000, 1016, OPEN_MS), Peek::Open(999));
+        assert_eq!(b.peek(1, 3000, 2015, OPEN_MS), Peek::Expired);
         // The trial fails: open again from now.
         assert_eq!(fail(&b, true, 1100), Some(Transition::Opened));
         assert_eq!(b.peek(1, 3000, 1200, OPEN_MS), Peek::Open(900));
