@@ -2,8 +2,8 @@
 //! instances, each its own process and port; the proxy spreads requests over the ready ones
 //! by the strategy (round-robin, least-connections, random, sticky by client address); an
 //! instance that dies stops receiving traffic without failing an idempotent request, and is
-//! restarted; one that is alive but fails its health checks, or whose circuit is open, gets
-//! no traffic until it recovers; the instances are nobody's to address and follow their
+//! restarted; one that is alive but fails its health checks, or whose circuit is open (or
+//! on trial), gets no traffic until it recovers; the instances are nobody's to address and follow their
 //! sandbox's stop, start and delete, and a gateway restart.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -368,9 +368,67 @@ async fn an_instance_with_an_open_circuit_gets_no_traffic_until_it_recovers(lane
     gw.shutdown().await;
 }
 
+/// While an instance's half-open trial is under way (its process still stopped, so the
+/// trial hangs until the timeout), every other request goes to the other instance: none is
+/// sent to the instance on trial only to be refused with `503 circuit_open`.
+async fn a_trial_in_flight_leaves_the_other_requests_to_the_others(lane: Lane) {
+    use crate::metrics::{scrape, value};
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let gw = TestGateway::builder()
+        .lane(lane)
+        .config(|c| {
+            c.load_balancer_strategy = Strategy::RoundRobin;
+            c.proxy_timeout = TIMEOUT;
+            c.circuit_failures = 1;
+            c.circuit_open = Duration::from_millis(300);
+        })
+        .start()
+        .await;
+    let (sb, ids) = create_replicated(&gw, 2).await;
+    let stopped = sandbox_processes(&ids[1]);
+    let signal = |s| {
+        for &pid in &stopped {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s).unwrap();
+        }
+    };
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    let client: Client = (*gw).clone();
+    let half_opened = |text: &str| {
+        value(text, "sandgate_circuit_transitions_total{to=\"half_open\"}").unwrap_or(0.0)
+    };
+    // Requests in the background, one after another, until one is the trial (the circuit
+    // opened at the first timeout, and its open time passed): it hangs on the stopped
+    // process while the ones before it were answered.
+    let mut pending = Vec::new();
+    eventually(
+        READY_TIMEOUT * 2,
+        "a trial reaches the stopped instance",
+        || {
+            let c = client.clone();
+            let path = sb.path("/whoami");
+            pending.push(tokio::spawn(async move { c.get(&path).try_send().await }));
+            let c = client.clone();
+            async move { (half_opened(&scrape(&c).await) >= 1.0).then_some(()) }
+        },
+    )
+    .await;
+    // The trial is under way: the next requests all go to the other instance, at once.
+    for i in 0..10 {
+        let r = gw.get(&sb.path("/whoami")).send().await;
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {:?}", r.body);
+        assert_eq!(r.text(), ids[0], "request {i}");
+    }
+    signal(nix::sys::signal::Signal::SIGCONT);
+    for p in pending {
+        let _ = p.await;
+    }
+    gw.shutdown().await;
+}
+
 both_lanes!(
     an_instance_failing_its_checks_gets_no_traffic_until_it_recovers,
     an_instance_with_an_open_circuit_gets_no_traffic_until_it_recovers,
+    a_trial_in_flight_leaves_the_other_requests_to_the_others,
 );
 
 both_lanes!(
