@@ -307,30 +307,47 @@ async fn an_instance_failing_its_checks_gets_no_traffic_until_it_recovers(lane: 
     gw.shutdown().await;
 }
 
+/// A round-robin gateway whose circuits open at the first failure for `open`, a sandbox of
+/// two instances, and the second one's processes stopped (SIGSTOP: it accepts connections and
+/// answers nothing); the returned function signals them (SIGCONT to let them go on).
+async fn one_instance_stopped(
+    lane: Lane,
+    timeout: Duration,
+    open: Duration,
+) -> (
+    TestGateway,
+    TestSandbox,
+    Vec<String>,
+    impl Fn(nix::sys::signal::Signal),
+) {
+    let gw = TestGateway::builder()
+        .lane(lane)
+        .config(move |c| {
+            c.load_balancer_strategy = Strategy::RoundRobin;
+            c.proxy_timeout = timeout;
+            c.circuit_failures = 1;
+            c.circuit_open = open;
+        })
+        .start()
+        .await;
+    let (sb, ids) = create_replicated(&gw, 2).await;
+    let stopped = sandbox_processes(&ids[1]);
+    let signal = move |s| {
+        for &pid in &stopped {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s).unwrap();
+        }
+    };
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    (gw, sb, ids, signal)
+}
+
 /// An instance that accepts connections but does not answer (its process stopped) times a
 /// request out, which opens its circuit (`circuit_failures` 1): then every request goes to
 /// the other instance, at once, until the open time is over and a trial finds it answering
 /// again (the process continued), which closes the circuit and gives it its share again.
 async fn an_instance_with_an_open_circuit_gets_no_traffic_until_it_recovers(lane: Lane) {
     const TIMEOUT: Duration = Duration::from_millis(1000);
-    let gw = TestGateway::builder()
-        .lane(lane)
-        .config(|c| {
-            c.load_balancer_strategy = Strategy::RoundRobin;
-            c.proxy_timeout = TIMEOUT;
-            c.circuit_failures = 1;
-            c.circuit_open = Duration::from_secs(4);
-        })
-        .start()
-        .await;
-    let (sb, ids) = create_replicated(&gw, 2).await;
-    let stopped = sandbox_processes(&ids[1]);
-    let signal = |s| {
-        for &pid in &stopped {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s).unwrap();
-        }
-    };
-    signal(nix::sys::signal::Signal::SIGSTOP);
+    let (gw, sb, ids, signal) = one_instance_stopped(lane, TIMEOUT, Duration::from_secs(4)).await;
     // Taking turns, one of the next two requests goes to the stopped instance and times out.
     let mut timed_out = 0;
     for _ in 0..2 {
@@ -374,24 +391,8 @@ async fn an_instance_with_an_open_circuit_gets_no_traffic_until_it_recovers(lane
 async fn a_trial_in_flight_leaves_the_other_requests_to_the_others(lane: Lane) {
     use crate::metrics::{scrape, value};
     const TIMEOUT: Duration = Duration::from_secs(3);
-    let gw = TestGateway::builder()
-        .lane(lane)
-        .config(|c| {
-            c.load_balancer_strategy = Strategy::RoundRobin;
-            c.proxy_timeout = TIMEOUT;
-            c.circuit_failures = 1;
-            c.circuit_open = Duration::from_millis(300);
-        })
-        .start()
-        .await;
-    let (sb, ids) = create_replicated(&gw, 2).await;
-    let stopped = sandbox_processes(&ids[1]);
-    let signal = |s| {
-        for &pid in &stopped {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s).unwrap();
-        }
-    };
-    signal(nix::sys::signal::Signal::SIGSTOP);
+    let (gw, sb, ids, signal) =
+        one_instance_stopped(lane, TIMEOUT, Duration::from_millis(300)).await;
     let client: Client = (*gw).clone();
     let half_opened = |text: &str| {
         value(text, "sandgate_circuit_transitions_total{to=\"half_open\"}").unwrap_or(0.0)
