@@ -318,7 +318,7 @@ impl KubeBackend {
         }
         tracing::info!(sandbox = %sb.id, resource = %name, pool, took = ?claimed.elapsed(), "claimed a warm Sandbox");
         Ok(Started {
-            ip_address: self.wait_ready(&self.api, &name).await,
+            ip_address: self.wait_ready(&self.api, &name, &name).await,
             backend_ref: Some(name),
             netns_pid: None,
         })

@@ -39,8 +39,6 @@ pub struct Discovered {
     pub suspended: bool,
     /// The pod's first IP.
     pub pod_ip: Option<String>,
-    /// `metadata.generation`: bumped by each change of the spec.
-    pub generation: i64,
 }
 
 /// What the watch reports to the manager.
@@ -128,7 +126,6 @@ pub fn discovered(obj: &DynamicObject, home: &str) -> Option<Discovered> {
         format!("{namespace}/{resource}")
     };
     Some(Discovered {
-        generation: meta.generation.unwrap_or(0),
         id,
         resource,
         namespace,
@@ -159,7 +156,7 @@ impl KubeBackend {
                     namespace: namespace.clone(),
                     home: home.to_string(),
                     claims,
-                    written: self.written.clone(),
+                    seen: self.seen.clone(),
                 },
                 self.config.resync,
                 to.clone(),
@@ -177,25 +174,10 @@ struct Watched {
     home: String,
     /// That namespace's claims, when this is it and the cluster serves them.
     claims: Option<super::claims::Claims>,
-    written: super::Written,
+    seen: super::seen::Seen,
 }
 
 impl Watched {
-    /// Whether `d` is older than the gateway's own last change of its spec (see
-    /// [`super::Written`]).
-    fn stale(&self, d: &Discovered) -> bool {
-        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        written
-            .get(&d.reference)
-            .is_some_and(|&generation| d.generation < generation)
-    }
-
-    /// The Sandbox is gone: nothing of it can be stale any more.
-    fn forget(&self, d: &Discovered) {
-        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        written.remove(&d.reference);
-    }
-
     /// A Sandbox is going: when it was claimed by a gateway, its claim goes too (deleted
     /// with `kubectl`, the claim controller would otherwise make it another, which nobody
     /// would ever see or delete). Deleting a claim that is already gone is no error.
@@ -210,6 +192,10 @@ impl Watched {
             }
         });
     }
+}
+
+fn version(obj: &DynamicObject) -> Option<&str> {
+    obj.metadata.resource_version.as_deref()
 }
 
 /// One namespace's watch (see [`KubeBackend::watch`]).
@@ -251,6 +237,7 @@ async fn watch_namespace(
                 }
                 Some(Ok(Event::InitApply(obj))) => {
                     if let (Some((all, _)), Some(d)) = (&mut listing, read(&obj)) {
+                        watched.seen.listed(&d.reference, version(&obj));
                         if obj.metadata.deletion_timestamp.is_none() {
                             all.push(d);
                         }
@@ -268,10 +255,10 @@ async fn watch_namespace(
                 Some(Ok(Event::Apply(obj))) => match read(&obj) {
                     Some(d) if obj.metadata.deletion_timestamp.is_some() => {
                         watched.release_claim_of(&obj);
-                        watched.forget(&d);
+                        watched.seen.forget(&d.reference);
                         Observed::Deleted(d.id)
                     }
-                    Some(d) if watched.stale(&d) => continue,
+                    Some(d) if !watched.seen.fresh(&d.reference, version(&obj)) => continue,
                     Some(d) => Observed::Applied(d),
                     None => continue,
                 },
@@ -279,7 +266,7 @@ async fn watch_namespace(
                     watched.release_claim_of(&obj);
                     match read(&obj) {
                         Some(d) => {
-                            watched.forget(&d);
+                            watched.seen.forget(&d.reference);
                             Observed::Deleted(d.id)
                         }
                         None => continue,

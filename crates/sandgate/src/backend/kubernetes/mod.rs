@@ -14,6 +14,7 @@ mod discovery;
 mod exec;
 mod logs;
 mod pty;
+mod seen;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -75,15 +76,9 @@ pub struct KubeBackend {
     runtimes: Runtimes,
     /// SandboxClaims and SandboxWarmPools, where the cluster serves them.
     claims: Option<claims::Claims>,
-    /// See [`Written`].
-    written: Written,
+    /// What the gateway itself last saw of each Sandbox (against a lagging watch).
+    seen: seen::Seen,
 }
-
-/// The `metadata.generation` each Sandbox had after the gateway's own last change of its spec
-/// (a create, a stop, a start), by reference: the watch drops events older than that, which
-/// a lagging watch delivers after the change (they would undo it for a moment, and make a
-/// start right after a stop fail as "creating").
-pub(super) type Written = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>;
 
 impl KubeBackend {
     /// Loads the client configuration (`kubeconfig`, else `KUBECONFIG` or `~/.kube/config`,
@@ -143,7 +138,7 @@ impl KubeBackend {
             config: kc.clone(),
             runtimes: Runtimes::new(&config.runtimes),
             claims,
-            written: Written::default(),
+            seen: seen::Seen::default(),
         })
     }
 
@@ -157,19 +152,25 @@ impl KubeBackend {
         self.runtimes.get(&sb.runtime)?.warm_pool.clone()
     }
 
-    /// Waits, bounded by [`START_WAIT`], for Sandbox `name` of `api` to be Ready with a pod
-    /// IP, which it returns; later changes come through the watch.
-    async fn wait_ready(&self, api: &Api<DynamicObject>, name: &str) -> Option<String> {
+    /// Waits, bounded by [`START_WAIT`], for Sandbox `name` of `api` (recorded as
+    /// `reference`) to be Ready with a pod IP, which it returns; later changes come through
+    /// the watch, from the Ready state on (see [`seen`]).
+    async fn wait_ready(
+        &self,
+        api: &Api<DynamicObject>,
+        name: &str,
+        reference: &str,
+    ) -> Option<String> {
         let deadline = tokio::time::Instant::now() + START_WAIT;
         let mut pause = Duration::from_millis(50);
         while tokio::time::Instant::now() < deadline {
-            let d = api.get_opt(name).await.ok().flatten();
-            if let Some(d) = d
-                .as_ref()
-                .and_then(|o| discovered(o, self.config.namespace()))
-            {
-                if d.ready && d.pod_ip.is_some() {
-                    return d.pod_ip;
+            let obj = api.get_opt(name).await.ok().flatten();
+            if let Some(obj) = obj {
+                if let Some(d) = discovered(&obj, self.config.namespace()) {
+                    if d.ready && d.pod_ip.is_some() {
+                        self.saw(reference, &obj);
+                        return d.pod_ip;
+                    }
                 }
             }
             tokio::time::sleep(pause).await;
@@ -206,12 +207,10 @@ impl KubeBackend {
         }
     }
 
-    /// Notes the generation of a Sandbox as the gateway's change of its spec left it.
-    fn wrote(&self, reference: &str, obj: &DynamicObject) {
-        if let Some(generation) = obj.metadata.generation {
-            let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-            written.insert(reference.to_string(), generation);
-        }
+    /// Notes the state of a Sandbox the gateway itself saw (see [`seen`]).
+    fn saw(&self, reference: &str, obj: &DynamicObject) {
+        self.seen
+            .saw(reference, obj.metadata.resource_version.as_deref());
     }
 
     /// A sandbox's Sandbox's namespace and name (see [`KubeBackend::locate`]), without the
@@ -410,10 +409,10 @@ impl Backend for KubeBackend {
                 .await
                 .map_err(fail)?
         };
-        self.wrote(at.reference, &written);
+        self.saw(at.reference, &written);
         // A bounded wait for the pod: the watch reports whatever comes later.
         Ok(Started {
-            ip_address: self.wait_ready(&at.api, name).await,
+            ip_address: self.wait_ready(&at.api, name, at.reference).await,
             backend_ref: Some(at.reference.to_string()),
             netns_pid: None,
         })
@@ -431,7 +430,7 @@ impl Backend for KubeBackend {
         let patch = Patch::Merge(self.running_patch(false));
         match at.api.patch(name, &PatchParams::default(), &patch).await {
             Ok(written) => {
-                self.wrote(at.reference, &written);
+                self.saw(at.reference, &written);
                 Ok(())
             }
             Err(e) if is_not_found(&e) => Ok(()),
