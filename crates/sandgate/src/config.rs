@@ -499,6 +499,10 @@ pub struct RuntimeConfig {
     /// Kubernetes backend: the agent-sandbox `SandboxWarmPool` (in the backend's namespace) a
     /// create of this runtime claims a pre-warmed Sandbox from, through a `SandboxClaim`.
     pub warm_pool: Option<String>,
+    /// Kubernetes backend: the size of a persistent volume (a `volumeClaimTemplates` entry,
+    /// e.g. `"1Gi"`) for each Sandbox's `/sandbox`, so its files outlive a stop; absent: an
+    /// `emptyDir`.
+    pub volume_size: Option<String>,
 }
 
 /// The largest warm pool of one runtime.
@@ -1423,6 +1427,9 @@ impl Config {
             if let Some(pool) = &rt.warm_pool {
                 rtt.insert("warm_pool".into(), text(pool));
             }
+            if let Some(size) = &rt.volume_size {
+                rtt.insert("volume_size".into(), text(size));
+            }
             runtimes.insert(name.clone(), V::Table(rtt));
         }
         let mut docker = toml::Table::new();
@@ -1582,6 +1589,27 @@ impl Config {
                     return bad(format!(
                         "runtime {name:?}: warm (the gateway's own pool) and warm_pool (the \
                          cluster's) exclude each other"
+                    ));
+                }
+            }
+            if let Some(size) = &rt.volume_size {
+                if self.backend != BackendKind::Kubernetes {
+                    return bad(format!(
+                        "runtime {name:?}: volume_size sizes a Kubernetes persistent volume; it \
+                         needs the kubernetes backend, not {}",
+                        self.backend.as_str()
+                    ));
+                }
+                if !is_quantity(size) {
+                    return bad(format!(
+                        "runtime {name:?}: volume_size {size:?} is not a size like \"1Gi\" or \
+                         \"500Mi\""
+                    ));
+                }
+                if rt.warm_pool.is_some() {
+                    return bad(format!(
+                        "runtime {name:?}: volume_size does not apply to warm_pool Sandboxes \
+                         (their SandboxTemplate decides their volumes)"
                     ));
                 }
             }
@@ -1745,6 +1773,17 @@ fn lowercase_list(items: Vec<String>) -> Vec<String> {
         .map(|s| s.trim().to_ascii_lowercase())
         .filter(|s| !s.is_empty())
         .collect()
+}
+
+/// A storage size as Kubernetes quantities write one: a positive whole number and a binary
+/// or decimal suffix (`1Gi`, `500Mi`, `10G`).
+fn is_quantity(s: &str) -> bool {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, suffix) = s.split_at(digits);
+    !number.is_empty()
+        && number.bytes().any(|b| b != b'0')
+        && digits <= 12
+        && ["Ki", "Mi", "Gi", "Ti", "k", "M", "G", "T"].contains(&suffix)
 }
 
 /// A `tchar` of RFC 9110 §5.6.2.
@@ -2015,18 +2054,45 @@ mod tests {
         }
     }
 
+    /// `text` as the configuration file (written in `dir`), loaded with no environment.
+    fn load_file(dir: &std::path::Path, text: &str) -> Result<Config, ConfigError> {
+        let path = dir.join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        Config::load(&args, no_env)
+    }
+
+    #[test]
+    fn volume_size_is_a_kubernetes_quantity_on_the_kubernetes_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| load_file(dir.path(), text);
+        let kube = "backend = \"kubernetes\"\n[runtimes.py]\n";
+        let c = load(&format!("{kube}volume_size = \"2Gi\"\n")).unwrap();
+        assert_eq!(c.runtimes["py"].volume_size.as_deref(), Some("2Gi"));
+        assert!(c.to_toml().contains("volume_size = \"2Gi\""));
+        for bad in ["2 Gi", "Gi", "0Gi", "2GB", "-1Gi", "1.5Gi"] {
+            let err = load(&format!("{kube}volume_size = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("is not a size"), "{bad}: {err}");
+        }
+        let err = load("[runtimes.py]\nvolume_size = \"1Gi\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kubernetes backend"), "{err}");
+        let err = load(&format!("{kube}volume_size = \"1Gi\"\nwarm_pool = \"p\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SandboxTemplate"), "{err}");
+    }
+
     #[test]
     fn warm_pool_needs_the_kubernetes_backend() {
         let dir = tempfile::tempdir().unwrap();
-        let load = |text: &str| {
-            let path = dir.path().join("c.toml");
-            std::fs::write(&path, text).unwrap();
-            let args = ServeArgs {
-                config: Some(path),
-                ..Default::default()
-            };
-            Config::load(&args, no_env)
-        };
+        let load = |text: &str| load_file(dir.path(), text);
         let pooled = "[runtimes.py]\nwarm_pool = \"py-pool\"\n";
         let c = load(&format!("backend = \"kubernetes\"\n{pooled}")).unwrap();
         assert_eq!(c.runtimes["py"].warm_pool.as_deref(), Some("py-pool"));

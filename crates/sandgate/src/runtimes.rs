@@ -18,6 +18,10 @@ pub struct Runtime {
     pub image: String,
     /// Kubernetes backend: the `SandboxWarmPool` a create claims its Sandbox from.
     pub warm_pool: Option<String>,
+    /// Kubernetes backend: the size (a Kubernetes quantity, `1Gi`) of a persistent volume
+    /// claimed for each Sandbox's `/sandbox`, which then outlives a stop; `None`: an
+    /// `emptyDir`, emptied by a stop.
+    pub volume_size: Option<String>,
 }
 
 const NODE_SERVER: &str = r#"exec node -e 'const h=require("http"),f=require("fs"),p=require("path");h.createServer((q,s)=>{const u=decodeURIComponent(q.url.split("?")[0]);let t=p.join(process.cwd(),p.normalize(u));try{if(f.statSync(t).isDirectory())t=p.join(t,"index.html");f.createReadStream(t).on("error",()=>{s.writeHead(404);s.end("not found")}).pipe(s)}catch(e){s.writeHead(404);s.end("not found")}}).listen(process.env.PORT,process.env.HOST||"127.0.0.1")'"#;
@@ -38,6 +42,7 @@ fn builtins() -> Vec<Runtime> {
         }
         .into(),
         warm_pool: None,
+        volume_size: None,
     };
     vec![
         rt(
@@ -77,6 +82,7 @@ impl Runtimes {
                 dev_server: None,
                 image: "busybox:latest".into(),
                 warm_pool: None,
+                volume_size: None,
             });
             by_name.insert(
                 name.clone(),
@@ -86,6 +92,7 @@ impl Runtimes {
                     dev_server: rc.command.clone().or(base.dev_server),
                     image: rc.image.clone().unwrap_or(base.image),
                     warm_pool: rc.warm_pool.clone().or(base.warm_pool),
+                    volume_size: rc.volume_size.clone().or(base.volume_size),
                 },
             );
         }
@@ -137,6 +144,7 @@ mod tests {
                 image: Some("ruby:3".into()),
                 warm: None,
                 warm_pool: Some("ruby-pool".into()),
+                volume_size: None,
             },
         );
         let r = Runtimes::new(&conf);

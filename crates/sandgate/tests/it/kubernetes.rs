@@ -457,6 +457,66 @@ async fn events_older_than_a_stop_do_not_undo_it() {
     until(&gw, Method::GET, "/hal/held/", 200).await;
 }
 
+/// A runtime with `volume_size` gets a `volumeClaimTemplates` entry for `/sandbox`: its files
+/// outlive a stop and a start (the fake, like agent-sandbox's controller, puts the claim in
+/// place of the pod's volume of that name); without it `/sandbox` is an `emptyDir`, empty
+/// again after a stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_keeps_files_across_a_stop() {
+    let fake = FakeKube::start(&["v1beta1"]).await;
+    let pod = pod().await;
+    let gw = gateway(&fake, pod)
+        .config(|c| {
+            c.runtimes.insert(
+                "kept".into(),
+                sandgate::config::RuntimeConfig {
+                    volume_size: Some("2Gi".into()),
+                    ..Default::default()
+                },
+            );
+        })
+        .start()
+        .await;
+    for (runtime, kept) in [("kept", true), ("shell", false)] {
+        let made = gw
+            .create(&json!({"runtime": runtime, "command": "serve"}))
+            .await;
+        let id = made["id"].as_str().expect("an id").to_string();
+        let templates =
+            fake.get("default", &id).expect("the Sandbox")["spec"]["volumeClaimTemplates"].clone();
+        if kept {
+            assert_eq!(
+                templates,
+                json!([{"metadata": {"name": "sandbox"}, "spec": {"accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": "2Gi"}}}}])
+            );
+        } else {
+            assert!(templates.is_null(), "{templates}");
+        }
+        gw.req(Method::PUT, &format!("/sandboxes/{id}/files?path=a.txt"))
+            .header("content-type", "application/octet-stream")
+            .body("kept?")
+            .send()
+            .await
+            .expect(201);
+        for step in ["stop", "start"] {
+            gw.post(&format!("/sandboxes/{id}/{step}"))
+                .send()
+                .await
+                .expect(200);
+        }
+        let r = gw
+            .exec(
+                &id,
+                &json!({"command": "cat a.txt 2>/dev/null || echo gone"}),
+            )
+            .await;
+        let want = if kept { "kept?" } else { "gone\n" };
+        assert_eq!(r["stdout"], want, "{runtime}: {r}");
+        gw.delete_sandbox(&id).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn lifecycle_v1beta1() {
     lifecycle_on(&["v1beta1", "v1alpha1"]).await;

@@ -21,7 +21,7 @@ fn web_runtime(warm: usize) -> sandgate::config::RuntimeConfig {
         command: Some(format!("exec {}", fixture_program())),
         image: None,
         warm: Some(warm),
-        warm_pool: None,
+        ..Default::default()
     }
 }
 
@@ -316,7 +316,7 @@ async fn a_pool_that_cannot_start_backs_off_and_leaves_nothing() {
                     command: Some("exit 3".into()),
                     image: None,
                     warm: Some(1),
-                    warm_pool: None,
+                    ..Default::default()
                 },
             );
         })

@@ -50,7 +50,8 @@ pub const ANNOTATION_DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-co
 /// How long a start waits for the Sandbox to report `Ready` and a pod IP.
 /// The working directory of the Sandboxes the gateway makes, where commands start and the
 /// files API's tree is (as on Docker): an `emptyDir` volume, writable whatever the image's
-/// user, living as long as the pod.
+/// user, living as long as the pod; or, for a runtime with `volume_size`, a persistent
+/// volume claimed from a `volumeClaimTemplates` entry, which outlives a stop.
 pub const WORK_DIR: &str = "/sandbox";
 const WORK_VOLUME: &str = "sandbox";
 const START_WAIT: Duration = Duration::from_secs(20);
@@ -273,6 +274,18 @@ impl KubeBackend {
             }},
             "service": true,
         });
+        if let Some(size) = &runtime.volume_size {
+            // agent-sandbox's controller makes a PVC from each template and puts it in the
+            // pod in place of the volume of the same name (StatefulSet semantics): the
+            // emptyDir above becomes the claim, which outlives the pod.
+            spec["volumeClaimTemplates"] = json!([{
+                "metadata": {"name": WORK_VOLUME},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": size}},
+                },
+            }]);
+        }
         if let Some(obj) = self.running_patch(true)["spec"].as_object() {
             for (k, v) in obj {
                 spec[k] = v.clone();

@@ -251,9 +251,11 @@ impl FakeKube {
         self.lock().lists.get(ns).copied().unwrap_or(0)
     }
 
-    /// Where `dir` of a container of Sandbox `ns/name`'s pod is on this machine: an
-    /// `emptyDir` volume mounted there is a directory of the fake's, made on first use and
-    /// gone with the pod; any other path is itself.
+    /// Where `dir` of a container of Sandbox `ns/name`'s pod is on this machine: a volume
+    /// mounted there is a directory of the fake's, made on first use: one the Sandbox's
+    /// `volumeClaimTemplates` name (its claim, which the controller puts in place of the pod's
+    /// volume of that name) lives as long as the Sandbox, an `emptyDir` as long as the pod;
+    /// any other path is itself.
     fn host_dir(
         &self,
         ns: &str,
@@ -268,6 +270,13 @@ impl FakeKube {
             .flatten()
             .find(|m| m["mountPath"] == dir)
             .and_then(|m| m["name"].as_str());
+        let claimed = mounted.filter(|volume| {
+            sandbox["spec"]["volumeClaimTemplates"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|t| t["metadata"]["name"] == *volume)
+        });
         let empty_dir = mounted.filter(|volume| {
             sandbox["spec"]["podTemplate"]["spec"]["volumes"]
                 .as_array()
@@ -275,20 +284,20 @@ impl FakeKube {
                 .flatten()
                 .any(|v| v["name"] == *volume && v["emptyDir"].is_object())
         });
-        match empty_dir {
-            Some(volume) => {
-                let path = self
-                    .dir
-                    .path()
-                    .join("volumes")
-                    .join(ns)
-                    .join(name)
-                    .join(volume);
-                std::fs::create_dir_all(&path).expect("an emptyDir volume");
-                path
-            }
-            None => PathBuf::from(dir),
-        }
+        let kind = match (claimed, empty_dir) {
+            (Some(volume), _) => ("claims", volume),
+            (None, Some(volume)) => ("volumes", volume),
+            (None, None) => return PathBuf::from(dir),
+        };
+        let path = self
+            .dir
+            .path()
+            .join(kind.0)
+            .join(ns)
+            .join(name)
+            .join(kind.1);
+        std::fs::create_dir_all(&path).expect("a volume's directory");
+        path
     }
 
     /// The pod of Sandbox `ns/name` went: its `emptyDir` volumes go with it.
@@ -345,6 +354,8 @@ impl FakeKube {
             // The pod, and its log, go with the Sandbox.
             inner.logs.remove(&key);
             self.drop_volumes(ns, name);
+            // The Sandbox's claims go with it.
+            let _ = std::fs::remove_dir_all(self.dir.path().join("claims").join(ns).join(name));
         } else {
             inner.objects.insert(key, obj.clone());
         }
