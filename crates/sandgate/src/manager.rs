@@ -1287,7 +1287,7 @@ impl Manager {
     /// Folds one report of the cluster's Sandboxes into the store, then the route table.
     pub async fn observe(&self, report: Observed) {
         match report {
-            Observed::Applied(d) => self.observe_one(d).await,
+            Observed::Applied(d) => self.observe_one(d, false).await,
             Observed::Deleted(id) => {
                 // The cluster confirms the deletion: an event after this one is of a new
                 // Sandbox of the same name (re-created with kubectl), not a late one.
@@ -1307,7 +1307,7 @@ impl Manager {
                     listed(d.namespace.as_deref()) && !present.contains(deleted)
                 });
                 for d in all {
-                    self.observe_one(d).await;
+                    self.observe_one(d, true).await;
                 }
                 let known = match self.store.list().await {
                     Ok(known) => known,
@@ -1348,9 +1348,17 @@ impl Manager {
 
     /// A Sandbox as the cluster reports it: a new record for one created elsewhere (with
     /// `kubectl`), else its record's status and pod IP brought up to date.
-    async fn observe_one(&self, d: Discovered) {
+    async fn observe_one(&self, d: Discovered, listed: bool) {
         let lock = self.lock_for(&d.id);
         let _guard = lock.lock().await;
+        // Asked under the lock: a create, start or stop holding it has noted what it saw, and
+        // a report older than that (queued behind it) changes nothing.
+        if !self
+            .backend
+            .fresh(&d.reference, d.version.as_deref(), listed)
+        {
+            return;
+        }
         let status = if d.suspended {
             Status::Stopped
         } else if d.ready {

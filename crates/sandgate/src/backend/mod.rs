@@ -177,6 +177,14 @@ pub trait Backend: Send + Sync {
     fn handle_outlives_stop(&self) -> bool {
         false
     }
+    /// Kubernetes backend: whether a watch report of the resource `reference` at `version`
+    /// is news, asked under the sandbox's lock as the report is applied (`listed`: it comes
+    /// from a full list, which is always current). `false` for a report older than what the
+    /// gateway itself saw of it.
+    fn fresh(&self, reference: &str, version: Option<&str>, listed: bool) -> bool {
+        let _ = (reference, version, listed);
+        true
+    }
     /// Whether sandboxes of `runtime` can be created here (its program is installed, its image
     /// exists); the message says what is missing, for a 400.
     async fn check_runtime(&self, runtime: &Runtime) -> Result<(), String>;

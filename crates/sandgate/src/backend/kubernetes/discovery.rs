@@ -39,6 +39,8 @@ pub struct Discovered {
     pub suspended: bool,
     /// The pod's first IP.
     pub pod_ip: Option<String>,
+    /// The object's `resourceVersion`, to tell a report older than what the gateway saw.
+    pub version: Option<String>,
 }
 
 /// What the watch reports to the manager.
@@ -126,6 +128,7 @@ pub fn discovered(obj: &DynamicObject, home: &str) -> Option<Discovered> {
         format!("{namespace}/{resource}")
     };
     Some(Discovered {
+        version: meta.resource_version.clone(),
         id,
         resource,
         namespace,
@@ -194,10 +197,6 @@ impl Watched {
     }
 }
 
-fn version(obj: &DynamicObject) -> Option<&str> {
-    obj.metadata.resource_version.as_deref()
-}
-
 /// One namespace's watch (see [`KubeBackend::watch`]).
 async fn watch_namespace(
     watched: Watched,
@@ -237,7 +236,6 @@ async fn watch_namespace(
                 }
                 Some(Ok(Event::InitApply(obj))) => {
                     if let (Some((all, _)), Some(d)) = (&mut listing, read(&obj)) {
-                        watched.seen.listed(&d.reference, version(&obj));
                         if obj.metadata.deletion_timestamp.is_none() {
                             all.push(d);
                         }
@@ -258,7 +256,6 @@ async fn watch_namespace(
                         watched.seen.forget(&d.reference);
                         Observed::Deleted(d.id)
                     }
-                    Some(d) if !watched.seen.fresh(&d.reference, version(&obj)) => continue,
                     Some(d) => Observed::Applied(d),
                     None => continue,
                 },

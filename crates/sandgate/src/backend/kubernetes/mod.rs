@@ -380,6 +380,15 @@ impl Backend for KubeBackend {
         true
     }
 
+    /// See [`seen`].
+    fn fresh(&self, reference: &str, version: Option<&str>, listed: bool) -> bool {
+        if listed {
+            self.seen.listed(reference, version);
+            return true;
+        }
+        self.seen.fresh(reference, version)
+    }
+
     async fn check_runtime(&self, runtime: &Runtime) -> Result<(), String> {
         // Images are the cluster's to pull; a missing one shows in the Sandbox's status.
         // A warm pool must exist, and the cluster must serve claims.
@@ -409,7 +418,7 @@ impl Backend for KubeBackend {
         if let (None, Some(pool)) = (&existing, self.warm_pool(sb)) {
             return self.start_claimed(sb, &pool).await;
         }
-        let written = if existing.is_some() {
+        let answer = if existing.is_some() {
             let patch = Patch::Merge(self.running_patch(true));
             at.api
                 .patch(name, &PatchParams::default(), &patch)
@@ -422,10 +431,14 @@ impl Backend for KubeBackend {
                 .await
                 .map_err(fail)?
         };
-        self.saw(at.reference, &written);
-        // A bounded wait for the pod: the watch reports whatever comes later.
+        // A bounded wait for the pod: the watch reports whatever comes later (the Ready state
+        // it waited for is what the gateway saw; else the API's answer).
+        let ip_address = self.wait_ready(&at.api, name, at.reference).await;
+        if ip_address.is_none() {
+            self.saw(at.reference, &answer);
+        }
         Ok(Started {
-            ip_address: self.wait_ready(&at.api, name, at.reference).await,
+            ip_address,
             backend_ref: Some(at.reference.to_string()),
             netns_pid: None,
         })

@@ -1,9 +1,11 @@
 //! What the gateway itself last saw of each Sandbox, against a lagging watch: after its own
-//! create, stop or start it knows a state (the API's answer, or the Ready state a start
-//! waited for), and every watch event before that one is older news. Events come in order,
-//! so until the watch delivers that very `resourceVersion` (compared only for equality, as
-//! the API allows), the events it delivers for that Sandbox are dropped; a relist (current
-//! state) or [`AWAIT_AT_MOST`] ends the wait.
+//! create, stop or start it knows a state (the Ready state a start waited for, else the API's
+//! answer), and every watch report before that one is older news. Reports are applied in
+//! the watch's order, each under its sandbox's lock (`Backend::fresh`, from the manager), so
+//! a report queued behind the operation that noted the state is judged after it: until the
+//! report of that very `resourceVersion` (compared only for equality, as the API allows)
+//! comes, the reports of that Sandbox are dropped; a relist (current state) or
+//! [`AWAIT_AT_MOST`] ends the wait.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,8 +45,8 @@ impl Seen {
         }
     }
 
-    /// The watch delivers an event of `reference` at `version`: whether to apply it (`false`:
-    /// it is older than what the gateway saw).
+    /// A report of `reference` at `version` is being applied: whether to (`false`: it is
+    /// older than what the gateway saw).
     pub fn fresh(&self, reference: &str, version: Option<&str>) -> bool {
         let mut all = self.lock();
         let track = all.entry(reference.to_string()).or_default();
