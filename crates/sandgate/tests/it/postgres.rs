@@ -438,5 +438,12 @@ async fn a_dead_followers_sandbox_that_ends_is_recorded_by_the_leader() {
         .expect(200);
     a.wait_ready(&sb.id).await;
     a.get(&sb.path("/")).send().await.expect(200);
+    // Deleted here: on a shared store A's graceful stop leaves its sandboxes to the other
+    // replicas, and the test's safety net knows only the first incarnation's processes.
+    a.delete_sandbox(&sb.id).await;
+    assert!(
+        crate::common::sandbox_processes(&sb.id).is_empty(),
+        "the sandbox's processes outlived its deletion"
+    );
     eprintln!("a dead follower's ended sandbox was recorded after {noticed:?}");
 }
