@@ -332,7 +332,7 @@ impl KubeBackend {
             return Ok(());
         };
         let at = self.locate(sb);
-        if !at.home(self) {
+        if !at.home {
             // Claims are made in the namespace the API creates in; elsewhere, a Sandbox's
             // claim is its maker's business.
             return Ok(());

@@ -35,6 +35,23 @@ pub(super) fn exec_argv(spec: &ExecSpec) -> Vec<String> {
     argv
 }
 
+/// The exec's end: its closing `Status`, read once the message loop has ended (it ends with
+/// the status, then closes the output streams; dropping it instead would abort that).
+pub(super) fn exit_of(
+    mut attached: AttachedProcess,
+) -> futures_util::future::BoxFuture<'static, ExecExit> {
+    let status = attached.take_status();
+    async move {
+        let status = match status {
+            Some(status) => status.await,
+            None => None,
+        };
+        let _ = attached.join().await;
+        exec_exit(status)
+    }
+    .boxed()
+}
+
 /// What the exec API's closing `Status` says about the command.
 pub(super) fn exec_exit(
     status: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Status>,
@@ -142,22 +159,10 @@ pub(super) async fn run(
         (None, Some(e)) => e.boxed(),
         (None, None) => futures_util::stream::empty().boxed(),
     };
-    let status = attached.take_status();
-    let exit = async move {
-        let status = match status {
-            Some(status) => status.await,
-            None => None,
-        };
-        // The message loop ends with the status, then closes the output streams
-        // (dropping it instead would abort that).
-        let _ = attached.join().await;
-        exec_exit(status)
-    }
-    .boxed();
     Ok(ExecHandle {
         stdin,
         output,
-        exit,
+        exit: exit_of(attached),
         control: std::sync::Arc::new(PodExecControl {
             pods: pods.clone(),
             pod,

@@ -47,13 +47,13 @@ pub const ANNOTATION_NAME: &str = "sandgate.dev/name";
 pub const DISCOVERED_RUNTIME: &str = "kubernetes";
 /// The pod annotation naming the container `kubectl exec` and `kubectl logs` pick.
 pub const ANNOTATION_DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
-/// How long a start waits for the Sandbox to report `Ready` and a pod IP.
 /// The working directory of the Sandboxes the gateway makes, where commands start and the
 /// files API's tree is (as on Docker): an `emptyDir` volume, writable whatever the image's
 /// user, living as long as the pod; or, for a runtime with `volume_size`, a persistent
 /// volume claimed from a `volumeClaimTemplates` entry, which outlives a stop.
 pub const WORK_DIR: &str = "/sandbox";
 const WORK_VOLUME: &str = "sandbox";
+/// How long a start waits for the Sandbox to report `Ready` and a pod IP.
 const START_WAIT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +192,7 @@ impl KubeBackend {
         let (namespace, name) = self.locate_name(sb);
         let home = namespace == self.config.namespace();
         Located {
-            namespace,
+            home,
             name,
             reference: sb.backend_ref.as_deref().unwrap_or(&sb.id),
             api: if home {
@@ -306,10 +306,11 @@ impl KubeBackend {
     }
 }
 
-/// A sandbox's Sandbox: its namespace, name, the reference recorded for it, and the APIs of
-/// that namespace.
+/// A sandbox's Sandbox: whether it is in the first namespace, its name, the reference
+/// recorded for it, and the APIs of its namespace.
 struct Located<'a> {
-    namespace: &'a str,
+    /// In the namespace the API creates in (where warm-pool claims are).
+    home: bool,
     name: &'a str,
     reference: &'a str,
     api: Api<DynamicObject>,
@@ -317,11 +318,6 @@ struct Located<'a> {
 }
 
 impl Located<'_> {
-    /// Whether it is in the namespace the API creates in (where warm-pool claims are).
-    fn home(&self, backend: &KubeBackend) -> bool {
-        self.namespace == backend.config.namespace()
-    }
-
     /// The container of its pod that commands, terminals and logs use (see
     /// [`default_container`]), read from the Sandbox: a pod with sidecars refuses an exec or
     /// log that names none. `None` when the Sandbox cannot be read: the exec then says why.

@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, AttachParams, TerminalSize};
 
-use super::exec::{exec_argv, exec_exit, PodExecControl, BUFFER};
+use super::exec::{exec_argv, exit_of, PodExecControl, BUFFER};
 use crate::backend::exec::{ExecControl, ExecError, ExecSpec, PtyHandle, StartKind, TtySize};
 
 /// Sends a terminal size on the exec's resize channel.
@@ -66,21 +65,10 @@ pub(super) async fn open(
     // own, so a resize is never refused for a full queue.
     let resize: Resize = Box::new(move |s| sizes.clone().try_send(s).map_err(|e| e.to_string()));
     resize(terminal_size(size)).map_err(ExecError::Backend)?;
-    let status = attached.take_status();
-    let exit = async move {
-        let status = match status {
-            Some(status) => status.await,
-            None => None,
-        };
-        // The message loop ends with the status, then closes the output.
-        let _ = attached.join().await;
-        exec_exit(status)
-    }
-    .boxed();
     Ok(PtyHandle {
         input: Box::new(input),
         output: Box::new(output),
-        exit,
+        exit: exit_of(attached),
         control: Arc::new(PodTerminal {
             exec: PodExecControl {
                 pods: pods.clone(),
