@@ -1391,7 +1391,8 @@ impl Manager {
                 sb.backend_ref = Some(d.reference.clone());
                 self.save(&mut sb).await
             }
-            // A late event of a Sandbox deleted here (a status write from before the delete, say): not a new one.
+            // A late event of a Sandbox deleted here (a status write from before the delete,
+            // say): not a new one.
             Ok(None) if self.deleted_lately(&d.id) => return,
             Ok(None) => self.adopt_discovered(&d, status, ip).await,
             Err(e) => Err(e.into()),

@@ -62,15 +62,7 @@ async fn rise_and_fall_thresholds_are_configurable() {
         })
         .start()
         .await;
-    let fixture = crate::common::fixture_program();
-    // The server runs beside a shell that outlives it: the sandbox stays running.
-    let sb = gw
-        .create_program(
-            &format!("{fixture} & echo $! > server.pid; wait; exec sleep 1000;"),
-            "true",
-            json!({}),
-        )
-        .await;
+    let sb = create_killable_server(&gw).await;
     // Each state as first seen (the checker writes the streak before the state it leads to,
     // and the report reads the state first).
     let first_ready = eventually(READY_TIMEOUT, "the sandbox is judged ready", || async {
@@ -138,21 +130,25 @@ async fn health_sandboxes_reports_readiness() {
     gw.shutdown().await;
 }
 
+/// A sandbox whose fixture server runs beside a shell that outlives it (its pid in
+/// `server.pid` of the working tree): killing the server leaves the sandbox running.
+async fn create_killable_server(gw: &TestGateway) -> crate::common::TestSandbox {
+    let fixture = crate::common::fixture_program();
+    gw.create_program(
+        &format!("{fixture} & echo $! > server.pid; wait; exec sleep 1000;"),
+        "true",
+        json!({}),
+    )
+    .await
+}
+
 /// A running sandbox whose server went down fails its checks: `ready` turns false, and a
 /// request to it waits briefly, then gets `503 sandbox_not_ready` with `Retry-After` (not a
 /// 502 blaming the sandbox, nor a wait for `PROXY_TIMEOUT`); once the server is back, the
 /// next request goes through at once and the checks say ready again.
 async fn a_sandbox_whose_server_is_down_is_not_ready(lane: Lane) {
     let gw = checked_gateway(lane).await;
-    let fixture = crate::common::fixture_program();
-    // The server runs beside a shell that outlives it: the sandbox stays running.
-    let sb = gw
-        .create_program(
-            &format!("{fixture} & echo $! > server.pid; wait; exec sleep 1000;"),
-            "true",
-            json!({}),
-        )
-        .await;
+    let sb = create_killable_server(&gw).await;
     let state = |gw: &TestGateway, id: String| {
         let gw = (**gw).clone();
         async move {
@@ -187,7 +183,10 @@ async fn a_sandbox_whose_server_is_down_is_not_ready(lane: Lane) {
     );
     // Back: started again as a background command of the sandbox.
     gw.post(&format!("/sandboxes/{}/exec", sb.id))
-        .json(&json!({"command": format!("exec {fixture}"), "background": true}))
+        .json(
+            &json!({"command": format!("exec {}", crate::common::fixture_program()),
+            "background": true}),
+        )
         .send()
         .await
         .expect(202);
@@ -218,13 +217,7 @@ async fn a_request_waits_briefly_for_a_sandbox_to_turn_ready(lane: Lane) {
     let dir = tempfile::tempdir().unwrap();
     let go = dir.path().join("go");
     // The fixture starts listening only once the test says so.
-    let sb = gw
-        .create_program(
-            &format!("until [ -e {} ]; do sleep 0.05; done;", go.display()),
-            &crate::common::fixture_program(),
-            json!({}),
-        )
-        .await;
+    let sb = gw.create_fixture_held(&go).await;
     eventually(READY_TIMEOUT, "the sandbox is judged not ready", || async {
         let (state, _) = check_state(&gw, &sb.id).await?;
         (state == "not_ready").then_some(())

@@ -436,13 +436,7 @@ async fn an_open_circuit_answers_at_once_until_a_trial_closes_it(lane: Lane) {
     let dir = tempfile::tempdir().unwrap();
     let go = dir.path().join("go");
     // The fixture starts listening only once the test says so.
-    let sb = gw
-        .create_program(
-            &format!("until [ -e {} ]; do sleep 0.05; done;", go.display()),
-            &crate::common::fixture_program(),
-            json!({}),
-        )
-        .await;
+    let sb = gw.create_fixture_held(&go).await;
     for _ in 0..3 {
         gw.get(&sb.path("/")).send().await.expect(502);
     }

@@ -907,6 +907,18 @@ fn url_pairs(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A message of the exec protocol: the channel byte, then the data.
+fn frame(channel: u8, data: &[u8]) -> tokio_tungstenite::tungstenite::Message {
+    let mut v = Vec::with_capacity(data.len() + 1);
+    v.push(channel);
+    v.extend_from_slice(data);
+    tokio_tungstenite::tungstenite::Message::binary(v)
+}
+
+/// The `Status` an exec with no command ends with.
+const NO_COMMAND: &[u8] =
+    br#"{"metadata":{},"status":"Failure","message":"no command","reason":"BadRequest","code":400}"#;
+
 async fn run_exec<S>(
     ws: tokio_tungstenite::WebSocketStream<S>,
     argv: Vec<String>,
@@ -920,14 +932,8 @@ async fn run_exec<S>(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::Message;
     let (mut tx, mut rx) = ws.split();
-    let frame = |channel: u8, data: &[u8]| {
-        let mut v = Vec::with_capacity(data.len() + 1);
-        v.push(channel);
-        v.extend_from_slice(data);
-        Message::binary(v)
-    };
     let Some((program, args)) = argv.split_first() else {
-        let _ = tx.send(frame(3, br#"{"metadata":{},"status":"Failure","message":"no command","reason":"BadRequest","code":400}"#)).await;
+        let _ = tx.send(frame(3, NO_COMMAND)).await;
         return;
     };
     let mut command = tokio::process::Command::new(program);
@@ -1016,14 +1022,8 @@ where
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::Message;
     let (mut tx, mut rx) = ws.split();
-    let frame = |channel: u8, data: &[u8]| {
-        let mut v = Vec::with_capacity(data.len() + 1);
-        v.push(channel);
-        v.extend_from_slice(data);
-        Message::binary(v)
-    };
     let Some((program, args)) = argv.split_first() else {
-        let _ = tx.send(frame(3, br#"{"metadata":{},"status":"Failure","message":"no command","reason":"BadRequest","code":400}"#)).await;
+        let _ = tx.send(frame(3, NO_COMMAND)).await;
         return;
     };
     let spawned = pty_process::open().and_then(|(pty, pts)| {

@@ -730,6 +730,17 @@ impl Client {
         }
     }
 
+    /// Creates a fixture sandbox whose server starts listening only once the file `go`
+    /// exists (the test creates it when it wants the server up); does not wait for it.
+    pub async fn create_fixture_held(&self, go: &std::path::Path) -> TestSandbox {
+        self.create_program(
+            &format!("until [ -e {} ]; do sleep 0.05; done;", go.display()),
+            &fixture_program(),
+            json!({}),
+        )
+        .await
+    }
+
     /// Creates a sandbox running the fixture and waits until it answers through the proxy.
     pub async fn create_fixture(&self) -> TestSandbox {
         self.create_fixture_with("", json!({})).await
