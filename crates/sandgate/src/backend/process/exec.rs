@@ -266,11 +266,16 @@ pub(super) struct ProcessExec {
 
 impl ProcessExec {
     fn send(&self, signal: Signal) {
-        if group_alive(self.pgid) {
-            let _ = killpg(Pid::from_raw(self.pgid), signal);
-        }
+        let group = Pid::from_raw(self.pgid);
+        let to_group = group_alive(self.pgid) && killpg(group, signal).is_ok();
         for pid in tagged_processes(&self.tag) {
-            let _ = kill(Pid::from_raw(pid), signal);
+            let pid = Pid::from_raw(pid);
+            // One still in the group got it from killpg: signalled again, a handled signal
+            // (a shell's trap) would run twice. Only those that left the group are sent it.
+            if to_group && nix::unistd::getpgid(Some(pid)) == Ok(group) {
+                continue;
+            }
+            let _ = kill(pid, signal);
         }
     }
 }
